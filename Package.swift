@@ -1,0 +1,49 @@
+// swift-tools-version:6.1
+import PackageDescription
+
+let package = Package(
+    name: "virtnbd",
+    platforms: [.macOS(.v14)],
+    products: [
+        .executable(name: "virtnbd", targets: ["virtnbd"]),
+    ],
+    dependencies: [
+        .package(url: "https://github.com/apple/swift-nio", from: "2.101.2"),
+        .package(url: "https://github.com/apple/swift-argument-parser", from: "1.8.2"),
+        .package(url: "https://github.com/apple/swift-log", from: "1.16.2"),
+    ],
+    targets: [
+        // The C shim: memfd, eventfd, poll, fixed-width volatile access and fences.
+        .target(name: "CVirtShim"),
+        // NBD wire formats and state machines. Pure values, no I/O.
+        .target(name: "NBDProtocol", dependencies: [.product(name: "NIOCore", package: "swift-nio")]),
+        // DMA arena, rings, features, transport protocol.
+        .target(name: "Virtio", dependencies: ["CVirtShim", .product(name: "NIOCore", package: "swift-nio")]),
+        // The virtio-blk driver.
+        .target(name: "VirtioBlock", dependencies: ["Virtio", .product(name: "NIOCore", package: "swift-nio"), .product(name: "Logging", package: "swift-log")]),
+        // The in-process virtio-blk device (virtio-mmio register model, own thread).
+        .target(name: "VirtioEmulator", dependencies: ["Virtio", "CVirtShim", .product(name: "Logging", package: "swift-log")]),
+        // SwiftNIO glue: listeners and per-connection handlers.
+        .target(name: "NBDServer", dependencies: [
+            "NBDProtocol", "VirtioBlock",
+            .product(name: "NIOCore", package: "swift-nio"),
+            .product(name: "NIOPosix", package: "swift-nio"),
+            .product(name: "Logging", package: "swift-log"),
+        ]),
+        .executableTarget(name: "virtnbd", dependencies: [
+            "NBDServer", "VirtioBlock", "VirtioEmulator", "Virtio",
+            .product(name: "ArgumentParser", package: "swift-argument-parser"),
+            .product(name: "Logging", package: "swift-log"),
+            .product(name: "NIOCore", package: "swift-nio"),
+            .product(name: "NIOPosix", package: "swift-nio"),
+        ]),
+        .systemLibrary(name: "CNBD", path: "Tests/CNBD", pkgConfig: "libnbd", providers: [.apt(["libnbd-dev"])]),
+        .testTarget(name: "NBDProtocolTests", dependencies: ["NBDProtocol"]),
+        .testTarget(name: "VirtioTests", dependencies: ["Virtio", "VirtioBlock", "VirtioEmulator"]),
+        .testTarget(name: "IntegrationTests", dependencies: [
+            "CNBD", "NBDServer", "VirtioBlock", "VirtioEmulator",
+            .product(name: "NIOPosix", package: "swift-nio"),
+        ]),
+    ],
+    swiftLanguageModes: [.v6]
+)

@@ -1,0 +1,61 @@
+#define _GNU_SOURCE
+#include "cvirtshim.h"
+#include <sys/mman.h>
+#include <sys/eventfd.h>
+#include <poll.h>
+#include <errno.h>
+#include <fcntl.h>
+#include <unistd.h>
+#include <linux/falloc.h>
+
+int vshim_memfd_create(const char *name) { return memfd_create(name, MFD_CLOEXEC); }
+
+int vshim_eventfd(int nonblock) { return eventfd(0, EFD_CLOEXEC | (nonblock ? EFD_NONBLOCK : 0)); }
+
+int vshim_eventfd_signal(int fd) {
+    uint64_t one = 1;
+    for (;;) {
+        ssize_t n = write(fd, &one, sizeof one);
+        if (n == sizeof one) return 0;
+        if (n < 0 && errno == EINTR) continue;
+        return n < 0 ? -errno : -EIO;
+    }
+}
+
+uint64_t vshim_eventfd_drain(int fd) {
+    uint64_t v = 0;
+    for (;;) {
+        ssize_t n = read(fd, &v, sizeof v);
+        if (n == sizeof v) return v;
+        if (n < 0 && errno == EINTR) continue;
+        return 0;
+    }
+}
+
+int vshim_wait_readable(int fd, int timeout_ms) {
+    struct pollfd p = { .fd = fd, .events = POLLIN };
+    for (;;) {
+        int r = poll(&p, 1, timeout_ms);
+        if (r < 0 && errno == EINTR) continue;
+        if (r < 0) return -errno;
+        return r > 0 ? 1 : 0;
+    }
+}
+
+int vshim_wait_either(int a, int b, int timeout_ms) {
+    struct pollfd p[2] = { { .fd = a, .events = POLLIN }, { .fd = b, .events = POLLIN } };
+    for (;;) {
+        int r = poll(p, 2, timeout_ms);
+        if (r < 0 && errno == EINTR) continue;
+        if (r < 0) return -errno;
+        return (p[0].revents ? 1 : 0) | (p[1].revents ? 2 : 0);
+    }
+}
+
+int vshim_punch_hole(int fd, int64_t off, int64_t len) {
+    return fallocate(fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, off, len) == 0 ? 0 : -errno;
+}
+
+int vshim_zero_range(int fd, int64_t off, int64_t len) {
+    return fallocate(fd, FALLOC_FL_ZERO_RANGE | FALLOC_FL_KEEP_SIZE, off, len) == 0 ? 0 : -errno;
+}

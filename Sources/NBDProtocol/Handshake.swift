@@ -1,0 +1,181 @@
+// The server side of fixed newstyle negotiation ("Newstyle negotiation", "Option haggling"),
+// as a pure state machine: bytes in, actions out. No I/O.
+import NIOCore
+
+public enum HandshakeAction: Equatable {
+    /// Write these bytes to the client.
+    case send(ByteBuffer)
+    /// Close the connection (after writing anything already queued).
+    case close(reason: String)
+    /// Negotiation finished; transmission starts with this export.
+    case startTransmission(NBDExportInfo)
+}
+
+public struct HandshakeStateMachine {
+    /// Longest option payload the server buffers. Strings are at most 4096 bytes
+    /// ("Option haggling": "NBD strings ... MUST NOT exceed 4096 bytes"); longer options are
+    /// drained without buffering and answered NBD_REP_ERR_TOO_BIG.
+    public static let maxOptionLength = 16 * 1024
+
+    enum State: Equatable {
+        case awaitingClientFlags
+        case awaitingOption
+        case readingOption(option: UInt32, length: Int)
+        case discardingOption(option: UInt32, remaining: UInt64)
+        case finished
+    }
+
+    private(set) var state: State = .awaitingClientFlags
+    public private(set) var clientNoZeroes = false
+    public let catalog: NBDExportCatalog
+
+    public init(catalog: NBDExportCatalog) { self.catalog = catalog }
+
+    public var isFinished: Bool { state == .finished }
+
+    /// The 18-byte greeting the server sends first.
+    public func greeting() -> ByteBuffer {
+        var b = ByteBuffer()
+        b.writeInteger(NBDMagic.nbdmagic)
+        b.writeInteger(NBDMagic.ihaveopt)
+        b.writeInteger(NBDHandshakeFlags.fixedNewstyle | NBDHandshakeFlags.noZeroes)
+        return b
+    }
+
+    /// Consumes as much of `input` as forms complete messages and returns what to do.
+    public mutating func receive(_ input: inout ByteBuffer) -> [HandshakeAction] {
+        var out: [HandshakeAction] = []
+        while true {
+            switch state {
+            case .finished:
+                return out
+            case .awaitingClientFlags:
+                guard let flags: UInt32 = input.readInteger() else { return out }
+                // "The server MUST NOT ... if the client sets an unknown flag: it SHOULD drop the connection."
+                if flags & ~NBDHandshakeFlags.knownClientFlags != 0 {
+                    state = .finished
+                    return out + [.close(reason: "client sent unknown flags 0x\(String(flags, radix: 16))")]
+                }
+                clientNoZeroes = flags & NBDHandshakeFlags.clientNoZeroes != 0
+                state = .awaitingOption
+            case .awaitingOption:
+                guard input.readableBytes >= 16 else { return out }
+                let magic: UInt64 = input.readInteger()!
+                let option: UInt32 = input.readInteger()!
+                let length: UInt32 = input.readInteger()!
+                guard magic == NBDMagic.ihaveopt else {
+                    state = .finished
+                    return out + [.close(reason: "bad option magic 0x\(String(magic, radix: 16))")]
+                }
+                if Int(length) > Self.maxOptionLength {
+                    state = .discardingOption(option: option, remaining: UInt64(length))
+                } else {
+                    state = .readingOption(option: option, length: Int(length))
+                }
+            case .discardingOption(let option, let remaining):
+                let n = Int(min(UInt64(input.readableBytes), remaining))
+                input.moveReaderIndex(forwardBy: n)
+                if UInt64(n) < remaining {
+                    state = .discardingOption(option: option, remaining: remaining - UInt64(n))
+                    return out
+                }
+                state = .awaitingOption
+                out.append(.send(Self.optionReply(option, NBDReply.errTooBig, message: "option of more than \(Self.maxOptionLength) bytes")))
+            case .readingOption(let option, let length):
+                guard let data = input.readSlice(length: length) else { return out }
+                state = .awaitingOption
+                out += handle(option: option, data: data)
+            }
+        }
+    }
+
+    private mutating func handle(option: UInt32, data: ByteBuffer) -> [HandshakeAction] {
+        var data = data
+        guard let opt = NBDOption(rawValue: option) else {
+            return [.send(Self.optionReply(option, NBDReply.errUnsup, message: "option \(option) is not supported"))]
+        }
+        switch opt {
+        case .exportName:
+            // "NBD_OPT_EXPORT_NAME": the whole payload is the name; no error reply exists, so an
+            // unknown name closes the connection.
+            let name = data.readString(length: data.readableBytes) ?? ""
+            state = .finished
+            guard let e = catalog.lookup(name) else { return [.close(reason: "unknown export \"\(name)\" requested with NBD_OPT_EXPORT_NAME")] }
+            var b = ByteBuffer()
+            b.writeInteger(e.size)
+            b.writeInteger(e.flags.rawValue)
+            if !clientNoZeroes { b.writeRepeatingByte(0, count: 124) }
+            return [.send(b), .startTransmission(e)]
+        case .abort:
+            state = .finished
+            return [.send(Self.optionReply(option, NBDReply.ack)), .close(reason: "client sent NBD_OPT_ABORT")]
+        case .list:
+            guard data.readableBytes == 0 else { return [.send(Self.optionReply(option, NBDReply.errInvalid, message: "NBD_OPT_LIST takes no data"))] }
+            var out: [HandshakeAction] = []
+            for e in catalog.exports {
+                var p = ByteBuffer()
+                p.writeInteger(UInt32(e.name.utf8.count))
+                p.writeString(e.name)
+                p.writeString(e.description)
+                out.append(.send(Self.optionReply(option, NBDReply.server, payload: p)))
+            }
+            out.append(.send(Self.optionReply(option, NBDReply.ack)))
+            return out
+        case .info, .go:
+            guard let nameLen: UInt32 = data.readInteger(), Int(nameLen) <= data.readableBytes - 2,
+                  let name = data.readString(length: Int(nameLen)),
+                  let count: UInt16 = data.readInteger(), data.readableBytes == 2 * Int(count) else {
+                return [.send(Self.optionReply(option, NBDReply.errInvalid, message: "malformed NBD_OPT_INFO/GO payload"))]
+            }
+            var requested: [UInt16] = []
+            for _ in 0..<count { requested.append(data.readInteger()!) }
+            guard let e = catalog.lookup(name) else {
+                return [.send(Self.optionReply(option, NBDReply.errUnknown, message: "no export named \"\(name)\""))]
+            }
+            var out: [HandshakeAction] = []
+            var p = ByteBuffer()
+            p.writeInteger(NBDInfo.export); p.writeInteger(e.size); p.writeInteger(e.flags.rawValue)
+            out.append(.send(Self.optionReply(option, NBDReply.info, payload: p)))
+            if requested.contains(NBDInfo.name) {
+                var p = ByteBuffer(); p.writeInteger(NBDInfo.name); p.writeString(e.name)
+                out.append(.send(Self.optionReply(option, NBDReply.info, payload: p)))
+            }
+            if requested.contains(NBDInfo.description) {
+                var p = ByteBuffer(); p.writeInteger(NBDInfo.description); p.writeString(e.description)
+                out.append(.send(Self.optionReply(option, NBDReply.info, payload: p)))
+            }
+            // Block sizes are always sent: clients that did not ask may ignore them.
+            var bs = ByteBuffer()
+            bs.writeInteger(NBDInfo.blockSize); bs.writeInteger(e.minimumBlockSize); bs.writeInteger(e.preferredBlockSize); bs.writeInteger(e.maximumPayload)
+            out.append(.send(Self.optionReply(option, NBDReply.info, payload: bs)))
+            out.append(.send(Self.optionReply(option, NBDReply.ack)))
+            if opt == .go {
+                state = .finished
+                out.append(.startTransmission(e))
+            }
+            return out
+        case .startTLS:
+            return [.send(Self.optionReply(option, NBDReply.errPolicy, message: "TLS is not configured on this server"))]
+        default:
+            return [.send(Self.optionReply(option, NBDReply.errUnsup, message: "option \(option) is not supported"))]
+        }
+    }
+
+    /// "Option reply": magic, option, type, length, payload.
+    public static func optionReply(_ option: UInt32, _ type: UInt32, payload: ByteBuffer? = nil, message: String? = nil) -> ByteBuffer {
+        var b = ByteBuffer()
+        b.writeInteger(NBDMagic.optionReply)
+        b.writeInteger(option)
+        b.writeInteger(type)
+        if var p = payload {
+            b.writeInteger(UInt32(p.readableBytes))
+            b.writeBuffer(&p)
+        } else if let m = message {
+            b.writeInteger(UInt32(m.utf8.count))
+            b.writeString(m)
+        } else {
+            b.writeInteger(UInt32(0))
+        }
+        return b
+    }
+}

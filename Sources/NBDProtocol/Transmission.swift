@@ -1,0 +1,88 @@
+// "Transmission phase": request parsing and reply encoding. Pure values, no I/O.
+import NIOCore
+
+/// One request header ("Request message").
+public struct NBDRequest: Sendable, Equatable {
+    public var flags: NBDCommandFlags
+    public var type: UInt16
+    public var cookie: UInt64
+    public var offset: UInt64
+    public var length: UInt64
+    public var command: NBDCommand? { NBDCommand(rawValue: type) }
+    public init(flags: NBDCommandFlags, type: UInt16, cookie: UInt64, offset: UInt64, length: UInt64) {
+        self.flags = flags; self.type = type; self.cookie = cookie; self.offset = offset; self.length = length
+    }
+}
+
+public enum TransmissionEvent: Equatable {
+    /// A complete request; WRITE carries its payload.
+    case request(NBDRequest, payload: ByteBuffer?)
+    /// A WRITE whose payload exceeds the maximum: its payload is being drained without
+    /// buffering, and the request must be answered with `error`.
+    case rejected(NBDRequest, error: NBDErrno)
+}
+
+public enum TransmissionError: Error, Equatable, CustomStringConvertible {
+    case badMagic(UInt32)
+    public var description: String {
+        switch self {
+        case .badMagic(let m): return "request magic 0x\(String(m, radix: 16)) is not NBD_REQUEST_MAGIC; the client is out of sync, disconnecting"
+        }
+    }
+}
+
+public struct TransmissionParser {
+    public static let requestSize = 28
+    enum State: Equatable {
+        case header
+        case payload(NBDRequest)
+        case discarding(remaining: UInt64)
+    }
+    private var state: State = .header
+    public let maximumPayload: Int
+
+    public init(maximumPayload: Int) { self.maximumPayload = maximumPayload }
+
+    /// Parses the next event from `input`, or returns nil when more bytes are needed.
+    public mutating func next(_ input: inout ByteBuffer) throws(TransmissionError) -> TransmissionEvent? {
+        while true {
+            switch state {
+            case .discarding(let remaining):
+                let n = Int(min(UInt64(input.readableBytes), remaining))
+                input.moveReaderIndex(forwardBy: n)
+                if UInt64(n) < remaining { state = .discarding(remaining: remaining - UInt64(n)); return nil }
+                state = .header
+            case .payload(let r):
+                guard let p = input.readSlice(length: Int(r.length)) else { return nil }
+                state = .header
+                return .request(r, payload: p)
+            case .header:
+                guard input.readableBytes >= Self.requestSize else { return nil }
+                let magic: UInt32 = input.readInteger()!
+                guard magic == NBDMagic.request else { throw .badMagic(magic) }
+                let flags: UInt16 = input.readInteger()!
+                let type: UInt16 = input.readInteger()!
+                let cookie: UInt64 = input.readInteger()!
+                let offset: UInt64 = input.readInteger()!
+                let length: UInt32 = input.readInteger()!
+                let r = NBDRequest(flags: NBDCommandFlags(rawValue: flags), type: type, cookie: cookie, offset: offset, length: UInt64(length))
+                if type == NBDCommand.write.rawValue {
+                    if Int(length) > maximumPayload {
+                        state = .discarding(remaining: UInt64(length))
+                        return .rejected(r, error: .inval)
+                    }
+                    state = .payload(r)
+                    continue
+                }
+                return .request(r, payload: nil)
+            }
+        }
+    }
+
+    /// "Simple reply message": magic, error, cookie.
+    public static func simpleReply(cookie: UInt64, error: NBDErrno?, into b: inout ByteBuffer) {
+        b.writeInteger(NBDMagic.simpleReply)
+        b.writeInteger(error?.rawValue ?? 0)
+        b.writeInteger(cookie)
+    }
+}

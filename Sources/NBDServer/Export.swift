@@ -1,0 +1,36 @@
+import Logging
+import NBDProtocol
+import VirtioBlock
+
+/// One named export: its handshake description and the device behind it.
+public final class NBDExport: Sendable {
+    public let info: NBDExportInfo
+    public let device: BlockDevice
+
+    /// Derives the transmission flags from what the virtio device offers ("Transmission flags").
+    public init(name: String, description: String, device: BlockDevice, forceReadOnly: Bool = false) {
+        let g = device.geometry
+        var flags: NBDTransmissionFlags = [.hasFlags, .sendWriteZeroes, .canMultiConn]
+        if g.readOnly || forceReadOnly { flags.insert(.readOnly) }
+        if g.canFlush { flags.formUnion([.sendFlush, .sendFUA]) }
+        if g.canDiscard { flags.insert(.sendTrim) }
+        if flags.contains(.readOnly) { flags.subtract([.sendWriteZeroes, .sendTrim]) }
+        info = NBDExportInfo(name: name, description: description, size: device.size, flags: flags,
+                             minimumBlockSize: 1, preferredBlockSize: 4096, maximumPayload: 32 << 20)
+        self.device = device
+    }
+
+    public var readOnly: Bool { info.flags.contains(.readOnly) }
+}
+
+extension BlkError {
+    /// The NBD error a failed block operation is reported as ("Error values").
+    var nbdErrno: NBDErrno {
+        switch self {
+        case .ioError, .deviceBroken, .unsupported: return .io
+        case .shutdown: return .shutdown
+        case .invalid: return .inval
+        case .readOnly: return .perm
+        }
+    }
+}

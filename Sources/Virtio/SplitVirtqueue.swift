@@ -1,0 +1,173 @@
+// The driver side of a split virtqueue (VIRTIO 1.2 §2.7).
+//
+// Layout (§2.7.5–2.7.8), all little-endian:
+//   virtq_desc  {le64 addr; le32 len; le16 flags; le16 next}      16 B each, table aligned 16
+//   virtq_avail {le16 flags; le16 idx; le16 ring[N]; le16 used_event}       aligned 2
+//   virtq_used  {le16 flags; le16 idx; {le32 id; le32 len} ring[N]; le16 avail_event}  aligned 4
+//
+// The driver never trusts device-writable memory for its own bookkeeping: the free list and the
+// shape of every chain live in a private shadow (like Linux's desc_extra), and every id the device
+// returns through the used ring is checked against it.
+
+/// One buffer of a chain.
+public struct VirtqueueSegment: Sendable {
+    public var address: UInt64
+    public var length: UInt32
+    public var deviceWritable: Bool
+    public init(address: UInt64, length: UInt32, deviceWritable: Bool) {
+        self.address = address; self.length = length; self.deviceWritable = deviceWritable
+    }
+}
+
+/// The device broke the ring protocol. The queue cannot be trusted afterwards (§2.1.2: reset it).
+public enum VirtqueueError: Error, CustomStringConvertible, Equatable {
+    case usedIDOutOfRange(id: UInt32, queueSize: Int)
+    case usedIDNotInFlight(id: UInt16)
+    case usedIndexRunaway(used: UInt16, lastSeen: UInt16, queueSize: Int)
+    case usedLengthTooLarge(id: UInt16, length: UInt32, writable: UInt32)
+
+    public var description: String {
+        switch self {
+        case .usedIDOutOfRange(let id, let n): return "device returned used id \(id), but the queue has only \(n) descriptors; the device is faulty and must be reset"
+        case .usedIDNotInFlight(let id): return "device returned descriptor \(id), which is not the head of an in-flight chain; the device is faulty and must be reset"
+        case .usedIndexRunaway(let u, let l, let n): return "used.idx moved from \(l) to \(u), more than the queue size \(n); the device is faulty and must be reset"
+        case .usedLengthTooLarge(let id, let len, let w): return "device reported \(len) bytes written to chain \(id), which has only \(w) writable bytes"
+        }
+    }
+}
+
+public enum DescriptorFlags {
+    public static let next: UInt16 = 1
+    public static let write: UInt16 = 2
+    public static let indirect: UInt16 = 4
+}
+
+/// Byte sizes of the three areas for a queue of `size` entries.
+public struct SplitRingLayout: Sendable {
+    public let size: Int
+    public init(size: Int) { self.size = size }
+    public var descriptorTableBytes: Int { 16 * size }
+    public var availBytes: Int { 6 + 2 * size }
+    public var usedBytes: Int { 6 + 8 * size }
+    public static func isValidSize(_ n: Int) -> Bool { n > 0 && n <= 32768 && n & (n - 1) == 0 }
+}
+
+public final class SplitVirtqueue {
+    public let size: Int
+    public let descriptors: DMARegion
+    public let availRing: DMARegion
+    public let usedRing: DMARegion
+    private let mem: SharedMemory
+
+    private struct Shadow {
+        var next: UInt16 = 0
+        var chainLength: UInt16 = 0      // > 0 only on the head of an in-flight chain
+        var writableBytes: UInt32 = 0
+    }
+    private var shadow: [Shadow]
+    private var freeHead: UInt16 = 0
+    public private(set) var freeCount: Int
+    private var availIdx: UInt16 = 0       // our copy of avail.idx
+    private var lastKickIdx: UInt16 = 0    // avail.idx at the last notification decision
+    private var lastUsedIdx: UInt16 = 0
+    /// Whether VIRTIO_F_EVENT_IDX was negotiated (§2.7.10).
+    public var eventIndex = false
+
+    public init(arena: DMAArena, size: Int) throws {
+        precondition(SplitRingLayout.isValidSize(size), "queue size must be a power of two up to 32768")
+        let l = SplitRingLayout(size: size)
+        self.size = size
+        self.mem = arena.memory
+        descriptors = try arena.allocate(l.descriptorTableBytes, alignment: 16)
+        availRing = try arena.allocate(l.availBytes, alignment: 2)
+        usedRing = try arena.allocate(l.usedBytes, alignment: 4)
+        shadow = (0..<size).map { Shadow(next: UInt16(truncatingIfNeeded: $0 + 1)) }
+        freeCount = size
+    }
+
+    @inline(__always) private func descOffset(_ i: UInt16) -> Int { descriptors.offset + 16 * Int(i) }
+
+    /// Adds a chain of `count` segments; returns the head id, or nil when too few descriptors are free.
+    /// Device-readable segments must come before device-writable ones (§2.7.4.2).
+    public func add(count: Int, segment: (Int) -> VirtqueueSegment) -> UInt16? {
+        guard count > 0, count <= freeCount else { return nil }
+        let head = freeHead
+        var i = head
+        var writable: UInt32 = 0
+        for k in 0..<count {
+            let s = segment(k)
+            let o = descOffset(i)
+            let next = shadow[Int(i)].next
+            var flags: UInt16 = s.deviceWritable ? DescriptorFlags.write : 0
+            if k < count - 1 { flags |= DescriptorFlags.next }
+            mem.store64(o, s.address)
+            mem.store32(o + 8, s.length)
+            mem.store16(o + 12, flags)
+            mem.store16(o + 14, next)
+            if s.deviceWritable { writable &+= s.length }
+            if k < count - 1 { i = next } else { freeHead = next }
+        }
+        freeCount -= count
+        shadow[Int(head)].chainLength = UInt16(count)
+        shadow[Int(head)].writableBytes = writable
+        // The avail ring entry; avail.idx is published separately so that many chains go out at once.
+        mem.store16(availRing.offset + 4 + 2 * (Int(availIdx) & (size - 1)), head)
+        availIdx &+= 1
+        return head
+    }
+
+    /// Publishes every chain added since the last call. Returns whether the device wants a notification.
+    public func publish() -> Bool {
+        Fence.release()                                   // descriptors and ring entries before idx
+        mem.store16Release(availRing.offset + 2, availIdx)
+        Fence.full()                                      // idx before reading the device's suppression state
+        let old = lastKickIdx
+        lastKickIdx = availIdx
+        if old == availIdx { return false }
+        if eventIndex {
+            let availEvent = mem.load16(usedRing.offset + 4 + 8 * size)
+            return Self.needEvent(event: availEvent, new: availIdx, old: old)
+        }
+        return mem.load16(usedRing.offset) & 1 == 0      // VIRTQ_USED_F_NO_NOTIFY
+    }
+
+    /// vring_need_event (§2.7.10): true if `event` lies in (old, new].
+    @inline(__always) public static func needEvent(event: UInt16, new: UInt16, old: UInt16) -> Bool {
+        (new &- event &- 1) < (new &- old)
+    }
+
+    /// Takes the next used element, validated against the shadow, and frees its chain.
+    public func nextUsed() throws(VirtqueueError) -> (head: UInt16, length: UInt32)? {
+        let usedIdx = mem.load16Acquire(usedRing.offset + 2)
+        if usedIdx == lastUsedIdx { return nil }
+        guard Int(usedIdx &- lastUsedIdx) <= size else {
+            throw .usedIndexRunaway(used: usedIdx, lastSeen: lastUsedIdx, queueSize: size)
+        }
+        let e = usedRing.offset + 4 + 8 * (Int(lastUsedIdx) & (size - 1))
+        let id = mem.load32(e)
+        let len = mem.load32(e + 4)
+        guard id < UInt32(size) else { throw .usedIDOutOfRange(id: id, queueSize: size) }
+        let head = UInt16(id)
+        let n = shadow[Int(head)].chainLength
+        guard n > 0 else { throw .usedIDNotInFlight(id: head) }
+        let writable = shadow[Int(head)].writableBytes
+        lastUsedIdx &+= 1
+        // Free the chain from the shadow; the table in shared memory is never read back.
+        var tail = head
+        for _ in 1..<Int(n) { tail = shadow[Int(tail)].next }
+        shadow[Int(tail)].next = freeHead
+        freeHead = head
+        freeCount += Int(n)
+        shadow[Int(head)].chainLength = 0
+        if eventIndex { mem.store16(availRing.offset + 4 + 2 * size, lastUsedIdx) }  // used_event
+        guard len <= writable else { throw .usedLengthTooLarge(id: head, length: len, writable: writable) }
+        return (head, len)
+    }
+
+    /// The head id the next `add` will use (the first free descriptor).
+    public var nextFreeHead: UInt16 { freeHead }
+
+    /// Whether chain `head` is in flight (for tests and recovery).
+    public func isInFlight(_ head: UInt16) -> Bool { Int(head) < size && shadow[Int(head)].chainLength > 0 }
+    public var inFlightCount: Int { size - freeCount }
+}

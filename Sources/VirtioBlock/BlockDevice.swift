@@ -1,0 +1,265 @@
+// Byte-addressed block operations over the virtio-blk driver: what an NBD export calls.
+//
+// Every data transfer is split into 4 KiB-aligned virtio requests of up to
+// `driver.maxPagesPerRequest` pages. A write that does not cover whole 4 KiB blocks is
+// read-modify-written: the edge blocks are read, merged with the new bytes, and written back,
+// all while its blocks are held exclusively in `locks`, so overlapping requests never tear.
+import NIOCore
+import Synchronization
+import Virtio
+
+public final class BlockDevice: Sendable {
+    public static let block: UInt64 = 4096
+    public let driver: VirtioBlkDriver
+    public let locks = RangeLocks()
+    public var size: UInt64 { driver.geometry.capacityBytes & ~(Self.block - 1) }
+    public var geometry: BlkGeometry { driver.geometry }
+
+    public typealias ReadCompletion = @Sendable (Result<ByteBuffer, BlkError>) -> Void
+    public typealias Completion = @Sendable (Result<Void, BlkError>) -> Void
+
+    public init(driver: VirtioBlkDriver) { self.driver = driver }
+
+    @inline(__always) static func down(_ x: UInt64) -> UInt64 { x & ~(block - 1) }
+    @inline(__always) static func up(_ x: UInt64) -> UInt64 { (x + block - 1) & ~(block - 1) }
+
+    private func checkRange(_ offset: UInt64, _ length: UInt64) -> BlkError? {
+        let (end, o) = offset.addingReportingOverflow(length)
+        if o || end > size { return .invalid("range \(offset)+\(length) exceeds the export size \(size)") }
+        return nil
+    }
+
+    // MARK: read
+
+    /// Reads `length` bytes at `offset` into a new buffer.
+    public func read(offset: UInt64, length: Int, allocator: ByteBufferAllocator = .init(), _ done: @escaping ReadCompletion) {
+        if let e = checkRange(offset, UInt64(length)) { return done(.failure(e)) }
+        if length == 0 { return done(.success(allocator.buffer(capacity: 0))) }
+        let lo = Self.down(offset), hi = Self.up(offset + UInt64(length))
+        locks.acquire(lo, hi, exclusive: false) { token in
+            self.readLocked(offset: offset, length: length, allocator: allocator) { r in
+                self.locks.release(token)
+                done(r)
+            }
+        }
+    }
+
+    /// Reads with the range already held.
+    func readLocked(offset: UInt64, length: Int, allocator: ByteBufferAllocator, _ done: @escaping ReadCompletion) {
+        let lo = Self.down(offset), hi = Self.up(offset + UInt64(length))
+        let pagesTotal = Int((hi - lo) / Self.block)
+        let per = driver.maxPagesPerRequest
+        let chunks = (pagesTotal + per - 1) / per
+        var buf = allocator.buffer(capacity: length)
+        buf.moveWriterIndex(to: length)
+        let op = Aggregate(buffer: buf, remaining: chunks)
+        for c in 0..<chunks {
+            let firstPage = c * per
+            let n = min(per, pagesTotal - firstPage)
+            let chunkLo = lo + UInt64(firstPage) * Self.block
+            driver.submit(.read(sector: chunkLo / 512, pages: n)) { r in
+                switch r {
+                case .success(let io):
+                    // Copy the part of each page that the caller asked for.
+                    op.withBuffer { b in
+                        for i in 0..<n {
+                            let pageLo = chunkLo + UInt64(i) * Self.block
+                            let from = max(pageLo, offset), to = min(pageLo + Self.block, offset + UInt64(length))
+                            if from >= to { continue }
+                            io.memory.copyOut(io.offset(ofPage: i) + Int(from - pageLo), count: Int(to - from), into: &b, at: Int(from - offset))
+                        }
+                    }
+                    if let result = op.finish(nil) { done(result) }
+                case .failure(let e):
+                    if let result = op.finish(e) { done(result) }
+                }
+            }
+        }
+    }
+
+    // MARK: write
+
+    /// Writes the readable bytes of `data` at `offset`; with `fua`, they are on stable storage when `done` runs.
+    public func write(offset: UInt64, data: ByteBuffer, fua: Bool, _ done: @escaping Completion) {
+        guard !geometry.readOnly else { return done(.failure(.readOnly)) }
+        let length = UInt64(data.readableBytes)
+        if let e = checkRange(offset, length) { return done(.failure(e)) }
+        if length == 0 { return done(.success(())) }
+        let lo = Self.down(offset), hi = Self.up(offset + length)
+        locks.acquire(lo, hi, exclusive: true) { token in
+            self.writeLocked(offset: offset, data: data) { r in
+                self.finishWrite(r, fua: fua, token: token, done)
+            }
+        }
+    }
+
+    private func finishWrite(_ r: Result<Void, BlkError>, fua: Bool, token: Int, _ done: @escaping Completion) {
+        locks.release(token)
+        guard fua, case .success = r else { return done(r) }
+        flush(done)   // virtio-blk has no FUA bit: write, then flush (§5.2.6.1)
+    }
+
+    /// Writes with the range already held; reads the edge blocks first when unaligned.
+    func writeLocked(offset: UInt64, data: ByteBuffer, _ done: @escaping Completion) {
+        let length = UInt64(data.readableBytes)
+        let end = offset + length
+        let lo = Self.down(offset), hi = Self.up(end)
+        let single = hi - lo == Self.block
+        let needHead = offset > lo || end < lo + Self.block
+        let needTail = !single && end < hi
+        if !needHead && !needTail {
+            return writeBlocks(lo: lo, hi: hi, data: data, dataOffset: offset, head: nil, tail: nil, done)
+        }
+        // Read-modify-write: fetch the partially covered edge blocks first.
+        let tailLo = hi - Self.block
+        let edges = Aggregate(buffer: ByteBuffer(), remaining: (needHead ? 1 : 0) + (needTail ? 1 : 0))
+        let old = Mutex<(head: ByteBuffer?, tail: ByteBuffer?)>((nil, nil))
+        let edgeDone: @Sendable (Bool, Result<ByteBuffer, BlkError>) -> Void = { isHead, r in
+            var err: BlkError?
+            switch r {
+            case .success(let b): old.withLock { if isHead { $0.head = b } else { $0.tail = b } }
+            case .failure(let e): err = e
+            }
+            guard let all = edges.finish(err) else { return }
+            switch all {
+            case .failure(let e): done(.failure(e))
+            case .success:
+                let (h, t) = old.withLock { $0 }
+                self.writeBlocks(lo: lo, hi: hi, data: data, dataOffset: offset, head: h, tail: single ? h : t, done)
+            }
+        }
+        if needHead { readLocked(offset: lo, length: Int(Self.block), allocator: .init()) { edgeDone(true, $0) } }
+        if needTail { readLocked(offset: tailLo, length: Int(Self.block), allocator: .init()) { edgeDone(false, $0) } }
+    }
+
+    /// Writes whole blocks [lo, hi): the new bytes of `data` (which start at `dataOffset`) over the
+    /// old contents of the edge blocks `head` / `tail` where given.
+    private func writeBlocks(lo: UInt64, hi: UInt64, data: ByteBuffer, dataOffset: UInt64, head: ByteBuffer?, tail: ByteBuffer?, _ done: @escaping Completion) {
+        let pagesTotal = Int((hi - lo) / Self.block)
+        let per = driver.maxPagesPerRequest
+        let chunks = (pagesTotal + per - 1) / per
+        let op = Aggregate(buffer: ByteBuffer(), remaining: chunks)
+        let dataEnd = dataOffset + UInt64(data.readableBytes)
+        for c in 0..<chunks {
+            let firstPage = c * per
+            let n = min(per, pagesTotal - firstPage)
+            let chunkLo = lo + UInt64(firstPage) * Self.block
+            driver.submit(.write(sector: chunkLo / 512, pages: n), fill: { io in
+                for i in 0..<n {
+                    let pageLo = chunkLo + UInt64(i) * Self.block
+                    let page = io.offset(ofPage: i)
+                    if pageLo == lo, let h = head { io.memory.copyIn(from: h, skip: 0, count: Int(Self.block), to: page) }
+                    if pageLo == hi - Self.block, let t = tail { io.memory.copyIn(from: t, skip: 0, count: Int(Self.block), to: page) }
+                    let from = max(pageLo, dataOffset), to = min(pageLo + Self.block, dataEnd)
+                    if from < to { io.memory.copyIn(from: data, skip: Int(from - dataOffset), count: Int(to - from), to: page + Int(from - pageLo)) }
+                }
+            }) { r in
+                let err: BlkError? = { if case .failure(let e) = r { return e } else { return nil } }()
+                if let result = op.finish(err) { done(result.map { _ in () }) }
+            }
+        }
+    }
+
+    // MARK: flush, trim, zero
+
+    public func flush(_ done: @escaping Completion) {
+        guard geometry.canFlush else { return done(.success(())) }
+        driver.submit(.flush) { r in done(r.map { _ in () }) }
+    }
+
+    /// Discards the whole 4 KiB blocks inside [offset, offset+length). Partial blocks at the edges
+    /// are left as they are: TRIM is advisory (NBD spec, NBD_CMD_TRIM).
+    public func trim(offset: UInt64, length: UInt64, _ done: @escaping Completion) {
+        guard !geometry.readOnly else { return done(.failure(.readOnly)) }
+        if let e = checkRange(offset, length) { return done(.failure(e)) }
+        let lo = Self.up(offset), hi = Self.down(offset + length)
+        guard geometry.canDiscard, lo < hi else { return done(.success(())) }
+        locks.acquire(lo, hi, exclusive: true) { token in
+            self.sectorCommands(lo: lo, hi: hi, max: UInt64(self.geometry.maxDiscardSectors), make: { .discard(sector: $0, sectors: $1) }) { r in
+                self.locks.release(token); done(r)
+            }
+        }
+    }
+
+    /// Writes zeroes over [offset, offset+length). `mayUnmap` lets the device deallocate (no NO_HOLE).
+    public func writeZeroes(offset: UInt64, length: UInt64, mayUnmap: Bool, fua: Bool, _ done: @escaping Completion) {
+        guard !geometry.readOnly else { return done(.failure(.readOnly)) }
+        if let e = checkRange(offset, length) { return done(.failure(e)) }
+        if length == 0 { return done(.success(())) }
+        let end = offset + length
+        let lo = Self.down(offset), hi = Self.up(end)
+        locks.acquire(lo, hi, exclusive: true) { token in
+            let innerLo = Self.up(offset), innerHi = Self.down(end)
+            var parts: [(UInt64, UInt64)] = []       // unaligned pieces written as zero bytes
+            if innerLo >= innerHi { parts.append((offset, end)) } else {
+                if offset < innerLo { parts.append((offset, innerLo)) }
+                if innerHi < end { parts.append((innerHi, end)) }
+            }
+            let useDevice = self.geometry.canWriteZeroes && innerLo < innerHi
+            let join = Aggregate(buffer: ByteBuffer(), remaining: parts.count + (innerLo < innerHi ? 1 : 0))
+            let finish: @Sendable (Result<Void, BlkError>) -> Void = { r in
+                let err: BlkError? = { if case .failure(let e) = r { return e } else { return nil } }()
+                if let result = join.finish(err) { self.finishWrite(result.map { _ in () }, fua: fua, token: token, done) }
+            }
+            for (a, b) in parts { self.writeLocked(offset: a, data: Self.zeroes(Int(b - a)), finish) }
+            if innerLo < innerHi {
+                if useDevice {
+                    self.sectorCommands(lo: innerLo, hi: innerHi, max: UInt64(self.geometry.maxWriteZeroesSectors),
+                                        make: { .writeZeroes(sector: $0, sectors: $1, unmap: mayUnmap && self.geometry.writeZeroesMayUnmap) }, finish)
+                } else {
+                    self.zeroByWriting(lo: innerLo, hi: innerHi, finish)
+                }
+            }
+        }
+    }
+
+    private static func zeroes(_ n: Int) -> ByteBuffer {
+        var b = ByteBuffer()
+        b.writeRepeatingByte(0, count: n)
+        return b
+    }
+
+    /// Fallback when the device has no WRITE_ZEROES: write zero pages, 1 MiB at a time.
+    private func zeroByWriting(lo: UInt64, hi: UInt64, _ done: @escaping Completion) {
+        let step: UInt64 = 1 << 20
+        let n = min(step, hi - lo)
+        writeBlocks(lo: lo, hi: lo + n, data: Self.zeroes(Int(n)), dataOffset: lo, head: nil, tail: nil) { r in
+            guard case .success = r, lo + n < hi else { return done(r) }
+            self.zeroByWriting(lo: lo + n, hi: hi, done)
+        }
+    }
+
+    /// Issues DISCARD / WRITE_ZEROES over [lo, hi) in pieces of at most `max` sectors.
+    private func sectorCommands(lo: UInt64, hi: UInt64, max: UInt64, make: @escaping @Sendable (UInt64, UInt32) -> BlkCommand, _ done: @escaping Completion) {
+        let maxBytes = Swift.max(Self.block, Swift.min(max, UInt64(UInt32.max)) * 512 & ~(Self.block - 1))
+        let count = Int((hi - lo + maxBytes - 1) / maxBytes)
+        let op = Aggregate(buffer: ByteBuffer(), remaining: count)
+        var at = lo
+        while at < hi {
+            let n = Swift.min(maxBytes, hi - at)
+            driver.submit(make(at / 512, UInt32(n / 512))) { r in
+                let err: BlkError? = { if case .failure(let e) = r { return e } else { return nil } }()
+                if let result = op.finish(err) { done(result.map { _ in () }) }
+            }
+            at += n
+        }
+    }
+}
+
+/// Joins the pieces of one operation: counts them down, keeps the first error, owns the result buffer.
+final class Aggregate: Sendable {
+    private struct S { var buffer: ByteBuffer; var remaining: Int; var error: BlkError? }
+    private let s: Mutex<S>
+    init(buffer: ByteBuffer, remaining: Int) { s = Mutex(S(buffer: buffer, remaining: remaining)) }
+    func withBuffer(_ body: (inout ByteBuffer) -> Void) { s.withLock { body(&$0.buffer) } }
+    /// Returns the final result when the last piece finishes, nil before.
+    func finish(_ error: BlkError?) -> Result<ByteBuffer, BlkError>? {
+        s.withLock { st in
+            if st.error == nil, let e = error { st.error = e }
+            st.remaining -= 1
+            guard st.remaining == 0 else { return nil }
+            if let e = st.error { return .failure(e) }
+            return .success(st.buffer)
+        }
+    }
+}

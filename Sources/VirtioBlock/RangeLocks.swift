@@ -1,0 +1,55 @@
+import Synchronization
+
+/// Byte-range locks over 4 KiB blocks, so that overlapping requests in flight never tear each
+/// other: a read-modify-write holds its blocks exclusively from the read until the write is done.
+/// Readers share. Waiters are served in arrival order (no starvation).
+public final class RangeLocks: Sendable {
+    public typealias Grant = @Sendable (_ token: Int) -> Void
+    private struct Holder { var token: Int; var lo: UInt64; var hi: UInt64; var exclusive: Bool }
+    private struct Waiter { var holder: Holder; var grant: Grant }
+    private struct State { var active: [Holder] = []; var waiting: [Waiter] = []; var next = 0 }
+    private let state = Mutex(State())
+
+    public init() {}
+
+    private static func conflicts(_ a: Holder, _ b: Holder) -> Bool {
+        a.lo < b.hi && b.lo < a.hi && (a.exclusive || b.exclusive)
+    }
+
+    /// Calls `grant` (now, or later from the releasing thread) once [lo, hi) is held.
+    public func acquire(_ lo: UInt64, _ hi: UInt64, exclusive: Bool, _ grant: @escaping Grant) {
+        let go: Int? = state.withLock { s in
+            s.next += 1
+            let h = Holder(token: s.next, lo: lo, hi: hi, exclusive: exclusive)
+            if !s.active.contains(where: { Self.conflicts($0, h) }) && !s.waiting.contains(where: { Self.conflicts($0.holder, h) }) {
+                s.active.append(h)
+                return h.token
+            }
+            s.waiting.append(Waiter(holder: h, grant: grant))
+            return nil
+        }
+        if let t = go { grant(t) }
+    }
+
+    public func release(_ token: Int) {
+        let granted: [(Grant, Int)] = state.withLock { s in
+            s.active.removeAll { $0.token == token }
+            var out: [(Grant, Int)] = []
+            var i = 0
+            while i < s.waiting.count {
+                let w = s.waiting[i]
+                let blockedByActive = s.active.contains { Self.conflicts($0, w.holder) }
+                let blockedByEarlier = s.waiting[..<i].contains { Self.conflicts($0.holder, w.holder) }
+                if !blockedByActive && !blockedByEarlier {
+                    s.active.append(w.holder)
+                    out.append((w.grant, w.holder.token))
+                    s.waiting.remove(at: i)
+                } else { i += 1 }
+            }
+            return out
+        }
+        for (g, t) in granted { g(t) }
+    }
+
+    public var heldCount: Int { state.withLock { $0.active.count } }
+}

@@ -1,0 +1,108 @@
+// What the emulated disk stores its blocks in. The device thread is the only caller.
+import Virtio
+import CVirtShim
+#if canImport(Glibc)
+import Glibc
+#endif
+
+public enum BackendError: Error, CustomStringConvertible {
+    case open(path: String, errno: Int32)
+    case notRegular(path: String)
+    case badSize(path: String, size: Int64)
+    case io(op: String, errno: Int32)
+    public var description: String {
+        switch self {
+        case .open(let p, let e): return "cannot open \(p): \(String(cString: strerror(e))); check the path and permissions (use -r for a read-only file)"
+        case .notRegular(let p): return "\(p) is not a regular file or block device"
+        case .badSize(let p, let s): return "\(p) is \(s) bytes; an export needs at least 4096 bytes (give --size to create or grow it)"
+        case .io(let op, let e): return "\(op): \(String(cString: strerror(e)))"
+        }
+    }
+}
+
+public protocol BlockBackend: AnyObject {
+    var size: UInt64 { get }
+    var readOnly: Bool { get }
+    /// Reads `count` bytes at byte offset `at` into shared memory.
+    func read(at: UInt64, into mem: SharedMemory, offset: Int, count: Int) throws
+    func write(at: UInt64, from mem: SharedMemory, offset: Int, count: Int) throws
+    func flush() throws
+    /// Deallocates (reads return zeroes afterwards on both backends here).
+    func discard(at: UInt64, count: UInt64) throws
+    func writeZeroes(at: UInt64, count: UInt64, unmap: Bool) throws
+}
+
+/// Blocks in RAM: a memfd, so never-written pages cost nothing and DISCARD gives memory back.
+public final class RAMBackend: BlockBackend {
+    public let size: UInt64
+    public let readOnly: Bool
+    let store: SharedMemory
+    public init(size: UInt64, readOnly: Bool = false) throws {
+        self.size = size; self.readOnly = readOnly
+        store = try SharedMemory(size: Int(size), deviceBase: 0, name: "virtnbd-ram")
+    }
+    public func read(at: UInt64, into mem: SharedMemory, offset: Int, count: Int) throws {
+        mem.copy(from: store, at: Int(at), to: offset, count: count)
+    }
+    public func write(at: UInt64, from mem: SharedMemory, offset: Int, count: Int) throws {
+        store.copy(from: mem, at: offset, to: Int(at), count: count)
+    }
+    public func flush() throws {}
+    public func discard(at: UInt64, count: UInt64) throws { store.punchHole(Int(at), count: Int(count)) }
+    public func writeZeroes(at: UInt64, count: UInt64, unmap: Bool) throws { store.punchHole(Int(at), count: Int(count)) }
+}
+
+/// Blocks in a raw file (sparse where the filesystem allows). FLUSH is fdatasync.
+public final class FileBackend: BlockBackend {
+    public let size: UInt64
+    public let readOnly: Bool
+    public let path: String
+    let fd: Int32
+
+    /// Opens `path`; if it does not exist and `createSize` is given, creates it sparse.
+    public init(path: String, readOnly: Bool, createSize: UInt64? = nil) throws {
+        self.path = path; self.readOnly = readOnly
+        var flags = (readOnly ? O_RDONLY : O_RDWR) | O_CLOEXEC
+        if createSize != nil && !readOnly { flags |= O_CREAT }
+        let fd = open(path, flags, 0o644)
+        guard fd >= 0 else { throw BackendError.open(path: path, errno: errno) }
+        var st = stat()
+        guard fstat(fd, &st) == 0 else { close(fd); throw BackendError.io(op: "fstat \(path)", errno: errno) }
+        guard (st.st_mode & S_IFMT) == S_IFREG else { close(fd); throw BackendError.notRegular(path: path) }
+        var sz = Int64(st.st_size)
+        if let want = createSize, sz < Int64(want), !readOnly {
+            guard ftruncate(fd, off_t(want)) == 0 else { close(fd); throw BackendError.io(op: "ftruncate \(path)", errno: errno) }
+            sz = Int64(want)
+        }
+        let usable = sz & ~4095
+        guard usable >= 4096 else { close(fd); throw BackendError.badSize(path: path, size: sz) }
+        self.fd = fd
+        self.size = UInt64(usable)
+    }
+    deinit { close(fd) }
+    public func read(at: UInt64, into mem: SharedMemory, offset: Int, count: Int) throws {
+        try mem.pread(fd: fd, fileOffset: Int64(at), to: offset, count: count)
+    }
+    public func write(at: UInt64, from mem: SharedMemory, offset: Int, count: Int) throws {
+        try mem.pwrite(fd: fd, fileOffset: Int64(at), from: offset, count: count)
+    }
+    public func flush() throws {
+        guard fdatasync(fd) == 0 else { throw BackendError.io(op: "fdatasync \(path)", errno: errno) }
+    }
+    public func discard(at: UInt64, count: UInt64) throws {
+        let r = vshim_punch_hole(fd, Int64(at), Int64(count))
+        if r != 0 { try writeZeroes(at: at, count: count, unmap: false) }
+    }
+    public func writeZeroes(at: UInt64, count: UInt64, unmap: Bool) throws {
+        if unmap, vshim_punch_hole(fd, Int64(at), Int64(count)) == 0 { return }
+        if vshim_zero_range(fd, Int64(at), Int64(count)) == 0 { return }
+        let zeros = [UInt8](repeating: 0, count: 1 << 16)
+        var done: UInt64 = 0
+        while done < count {
+            let n = Int(min(UInt64(zeros.count), count - done))
+            let w = zeros.withUnsafeBytes { Glibc.pwrite(fd, $0.baseAddress, n, off_t(at + done)) }
+            if w < 0 { if errno == EINTR { continue }; throw BackendError.io(op: "pwrite zeroes \(path)", errno: errno) }
+            done += UInt64(w)
+        }
+    }
+}

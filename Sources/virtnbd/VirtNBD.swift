@@ -1,0 +1,134 @@
+import ArgumentParser
+import Dispatch
+import Foundation
+import Logging
+import NBDServer
+import NIOCore
+import NIOPosix
+
+@main
+struct VirtNBD: AsyncParsableCommand {
+    static let configuration = CommandConfiguration(
+        commandName: "virtnbd",
+        abstract: "An NBD server that exports a virtio-blk disk.",
+        discussion: "With neither --size nor --file it serves a simulated 512 KiB disk.",
+        subcommands: [Serve.self],
+        defaultSubcommand: Serve.self)
+}
+
+/// Parses sizes such as 512, 64K, 64M, 1G, 2T (binary units).
+struct ByteSize: ExpressibleByArgument {
+    let bytes: UInt64
+    init?(argument: String) {
+        let s = argument.trimmingCharacters(in: .whitespaces).uppercased()
+        let units: [Character: UInt64] = ["K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40]
+        var digits = Substring(s), mult: UInt64 = 1
+        if let last = s.last, let m = units[last] { mult = m; digits = s.dropLast() }
+        else if s.hasSuffix("B"), let u = s.dropLast().last, let m = units[u] { mult = m; digits = s.dropLast(2) }
+        guard let n = UInt64(digits) else { return nil }
+        let (v, o) = n.multipliedReportingOverflow(by: mult)
+        guard !o, v > 0 else { return nil }
+        bytes = v
+    }
+}
+
+struct Serve: AsyncParsableCommand {
+    static let configuration = CommandConfiguration(abstract: "Serve one export (the default command).")
+
+    @Option(name: [.short, .long], help: "TCP port.") var port: Int = 10809
+    @Option(name: .long, help: "Address to listen on.") var listen: String = "127.0.0.1"
+    @Option(name: [.customShort("U"), .long], help: "Listen on this Unix socket instead of TCP.") var unix: String?
+    @Option(name: [.short, .customLong("export-name")], help: "Export name.") var exportName: String = ""
+    @Option(name: .long, help: "Export description (shown by nbdinfo --list).") var description: String = ""
+    @Flag(name: [.short, .customLong("read-only")], help: "Export read-only.") var readOnly = false
+    @Option(name: .long, help: "Size of a RAM disk (e.g. 64M), or of a --file to create.") var size: ByteSize?
+    @Option(name: .long, help: "Serve this raw image file (created sparse with --size if missing).") var file: String?
+    @Option(name: .long, help: "Virtqueue size, a power of two up to 32768.") var queueSize: Int = 256
+    @Flag(name: [.short, .long], help: "Debug logging.") var verbose = false
+
+    func validate() throws {
+        guard queueSize > 0, queueSize <= 32768, queueSize & (queueSize - 1) == 0 else {
+            throw ValidationError("--queue-size must be a power of two between 1 and 32768, not \(queueSize)")
+        }
+        guard (1...65535).contains(port) || unix != nil else { throw ValidationError("--port must be 1-65535") }
+        guard exportName.utf8.count <= 4096 else { throw ValidationError("--export-name is limited to 4096 bytes") }
+    }
+
+    func run() async throws {
+        let level: Logger.Level = verbose ? .debug : .info
+        LoggingSystem.bootstrap { label in
+            var h = StreamLogHandler.standardError(label: label)
+            h.logLevel = level
+            return h
+        }
+        let logger = Logger(label: "virtnbd")
+
+        let disk: EmulatedDisk
+        do {
+            disk = try EmulatedDisk(size: size?.bytes, file: file, readOnly: readOnly, queueSize: queueSize, logger: logger)
+        } catch {
+            logger.critical("cannot start the device: \(error)")
+            throw ExitCode(1)
+        }
+        let export = NBDExport(name: exportName, description: description, device: disk.device, forceReadOnly: readOnly)
+        let group = MultiThreadedEventLoopGroup(numberOfThreads: System.coreCount)
+        let server = NBDServer(exports: [export], group: group, logger: logger)
+
+        let address: ListenAddress = unix.map { .unix(path: $0) } ?? .tcp(host: listen, port: port)
+        do {
+            try await server.listen(address)
+        } catch {
+            logger.critical("cannot listen on \(address): \(error); is another server using it?")
+            disk.shutdown()
+            throw ExitCode(1)
+        }
+        let uri = Self.uri(address, exportName)
+        logger.info("serving \(disk.label) as \(uri)", metadata: ["size": "\(export.info.size)", "read-only": "\(export.readOnly)"])
+        FileHandle.standardOutput.write(Data((uri + "\n").utf8))
+
+        await Self.waitForTerminationSignal()
+        logger.info("signal received: draining connections")
+        await server.shutdown()
+        disk.shutdown()
+        try? await group.shutdownGracefully()
+        if case .unix(let path) = address { unlink(path) }
+        logger.info("stopped; \(disk.emulator.stats.summary)")
+    }
+
+    static func uri(_ a: ListenAddress, _ name: String) -> String {
+        let enc = name.addingPercentEncoding(withAllowedCharacters: .urlPathAllowed) ?? name
+        switch a {
+        case .tcp(let host, let port):
+            let h = host.contains(":") ? "[\(host)]" : host
+            return "nbd://\(h):\(port)/\(enc)"
+        case .unix(let path):
+            return "nbd+unix:///\(enc)?socket=\(path)"
+        }
+    }
+
+    static func waitForTerminationSignal() async {
+        await withCheckedContinuation { (cont: CheckedContinuation<Void, Never>) in
+            let fired = SignalLatch(cont)
+            for sig in [SIGINT, SIGTERM] {
+                signal(sig, SIG_IGN)
+                let src = DispatchSource.makeSignalSource(signal: sig, queue: .global())
+                src.setEventHandler { fired.fire() }
+                src.resume()
+                SignalLatch.keep(src)
+            }
+        }
+    }
+}
+
+/// Resumes a continuation once, whichever signal comes first.
+final class SignalLatch: @unchecked Sendable {
+    private var cont: CheckedContinuation<Void, Never>?
+    private let lock = NSLock()
+    nonisolated(unsafe) private static var sources: [DispatchSourceSignal] = []
+    init(_ c: CheckedContinuation<Void, Never>) { cont = c }
+    func fire() {
+        lock.lock(); let c = cont; cont = nil; lock.unlock()
+        c?.resume()
+    }
+    static func keep(_ s: DispatchSourceSignal) { sources.append(s) }
+}
