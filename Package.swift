@@ -39,7 +39,7 @@ let package = Package(
         ]),
         .systemLibrary(name: "CNBD", path: "Tests/CNBD", pkgConfig: "libnbd", providers: [.apt(["libnbd-dev"])]),
         .testTarget(name: "NBDProtocolTests", dependencies: ["NBDProtocol"]),
-        .testTarget(name: "VirtioTests", dependencies: ["Virtio", "VirtioBlock", "VirtioEmulator"]),
+        .testTarget(name: "VirtioTests", dependencies: ["Virtio", "VirtioBlock", "VirtioEmulator", .product(name: "NIOCore", package: "swift-nio"), .product(name: "NIOConcurrencyHelpers", package: "swift-nio")]),
         .testTarget(name: "IntegrationTests", dependencies: [
             "CNBD", "NBDServer", "VirtioBlock", "VirtioEmulator",
             .product(name: "NIOPosix", package: "swift-nio"),
