@@ -67,6 +67,11 @@ public struct HandshakeStateMachine {
                     state = .finished
                     return out + [.close(reason: "bad option magic 0x\(String(magic, radix: 16))")]
                 }
+                if Int(length) > Self.maxOptionLength && option == NBDOption.exportName.rawValue {
+                    // EXPORT_NAME has no error reply: "the server MUST terminate the session".
+                    state = .finished
+                    return out + [.close(reason: "NBD_OPT_EXPORT_NAME of \(length) bytes is longer than any export name")]
+                }
                 if Int(length) > Self.maxOptionLength {
                     state = .discardingOption(option: option, remaining: UInt64(length))
                 } else {

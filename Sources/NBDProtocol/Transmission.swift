@@ -17,8 +17,9 @@ public struct NBDRequest: Sendable, Equatable {
 public enum TransmissionEvent: Equatable {
     /// A complete request; WRITE carries its payload.
     case request(NBDRequest, payload: ByteBuffer?)
-    /// A WRITE whose payload exceeds the maximum: its payload is being drained without
-    /// buffering, and the request must be answered with `error`.
+    /// A WRITE whose payload exceeded the maximum. Its payload has been drained without
+    /// buffering (the event comes once the last byte is consumed, so the reply never overtakes
+    /// the client's upload) and the request must be answered with `error`.
     case rejected(NBDRequest, error: NBDErrno)
 }
 
@@ -36,7 +37,7 @@ public struct TransmissionParser {
     enum State: Equatable {
         case header
         case payload(NBDRequest)
-        case discarding(remaining: UInt64)
+        case discarding(NBDRequest, remaining: UInt64)
     }
     private var state: State = .header
     public let maximumPayload: Int
@@ -47,11 +48,12 @@ public struct TransmissionParser {
     public mutating func next(_ input: inout ByteBuffer) throws(TransmissionError) -> TransmissionEvent? {
         while true {
             switch state {
-            case .discarding(let remaining):
+            case .discarding(let r, let remaining):
                 let n = Int(min(UInt64(input.readableBytes), remaining))
                 input.moveReaderIndex(forwardBy: n)
-                if UInt64(n) < remaining { state = .discarding(remaining: remaining - UInt64(n)); return nil }
+                if UInt64(n) < remaining { state = .discarding(r, remaining: remaining - UInt64(n)); return nil }
                 state = .header
+                return .rejected(r, error: .inval)
             case .payload(let r):
                 guard let p = input.readSlice(length: Int(r.length)) else { return nil }
                 state = .header
@@ -68,8 +70,10 @@ public struct TransmissionParser {
                 let r = NBDRequest(flags: NBDCommandFlags(rawValue: flags), type: type, cookie: cookie, offset: offset, length: UInt64(length))
                 if type == NBDCommand.write.rawValue {
                     if Int(length) > maximumPayload {
-                        state = .discarding(remaining: UInt64(length))
-                        return .rejected(r, error: .inval)
+                        // "Maximum payload": the spec lets a server disconnect, but draining keeps
+                        // the connection useful and costs no memory.
+                        state = .discarding(r, remaining: UInt64(length))
+                        continue
                     }
                     state = .payload(r)
                     continue

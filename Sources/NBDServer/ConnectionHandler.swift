@@ -119,13 +119,10 @@ final class NBDConnectionHandler: ChannelDuplexHandler {
         let (end, overflow) = r.offset.addingReportingOverflow(r.length)
         let inRange = !overflow && end <= size
         guard let cmd = r.command else { return reply(context: context, cookie: r.cookie, error: .inval, data: nil) }
-        // Flags the command may carry (those we advertised for it).
-        let allowed: NBDCommandFlags
-        switch cmd {
-        case .write, .trim: allowed = [.fua]
-        case .writeZeroes: allowed = [.fua, .noHole]
-        default: allowed = []
-        }
+        // Flags the command may carry. FUA "is valid for all commands" once SEND_FUA is
+        // advertised ("Command flags"); on READ and FLUSH it changes nothing.
+        var allowed: NBDCommandFlags = export.info.flags.contains(.sendFUA) ? [.fua] : []
+        if cmd == .writeZeroes { allowed.insert(.noHole) }
         guard r.flags.isSubset(of: allowed) else { return reply(context: context, cookie: r.cookie, error: .inval, data: nil) }
         let device = export.device
         let cookie = r.cookie

@@ -1,0 +1,186 @@
+// Byte-level checks against the real server over a Unix socket, for what libnbd cannot show.
+import Foundation
+import XCTest
+#if canImport(Glibc)
+import Glibc
+#endif
+
+/// A minimal blocking NBD client on a Unix socket, written from the spec.
+final class RawClient {
+    let fd: Int32
+
+    init(path: String) throws {
+        fd = socket(AF_UNIX, Int32(SOCK_STREAM.rawValue), 0)
+        guard fd >= 0 else { throw POSIXError(.init(rawValue: errno) ?? .EIO) }
+        var addr = sockaddr_un()
+        addr.sun_family = sa_family_t(AF_UNIX)
+        withUnsafeMutableBytes(of: &addr.sun_path) { p in
+            let b = Array(path.utf8)
+            p.copyBytes(from: b.prefix(p.count - 1))
+        }
+        let r = withUnsafePointer(to: &addr) { $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { connect(fd, $0, socklen_t(MemoryLayout<sockaddr_un>.size)) } }
+        guard r == 0 else { let e = errno; Glibc.close(fd); throw POSIXError(.init(rawValue: e) ?? .EIO) }
+        var tv = timeval(tv_sec: 5, tv_usec: 0)
+        setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &tv, socklen_t(MemoryLayout<timeval>.size))
+    }
+    deinit { Glibc.close(fd) }
+
+    func send(_ bytes: [UInt8]) throws {
+        var off = 0
+        while off < bytes.count {
+            let n = bytes[off...].withUnsafeBytes { Glibc.send(fd, $0.baseAddress, $0.count, Int32(MSG_NOSIGNAL)) }
+            if n < 0 { if errno == EINTR { continue }; throw POSIXError(.init(rawValue: errno) ?? .EIO) }
+            off += n
+        }
+    }
+
+    func recv(_ count: Int) throws -> [UInt8] {
+        var out = [UInt8](repeating: 0, count: count)
+        var off = 0
+        while off < count {
+            let n = out[off...].withUnsafeMutableBytes { Glibc.recv(fd, $0.baseAddress, $0.count, 0) }
+            if n == 0 { throw POSIXError(.ECONNRESET) }
+            if n < 0 { if errno == EINTR { continue }; throw POSIXError(.init(rawValue: errno) ?? .EIO) }
+            off += n
+        }
+        return out
+    }
+
+    /// Whether any byte arrives within `ms` milliseconds.
+    func hasData(withinMilliseconds ms: Int32) -> Bool {
+        var p = pollfd(fd: fd, events: Int16(POLLIN), revents: 0)
+        return poll(&p, 1, ms) > 0
+    }
+
+    /// Greeting, client flags, NBD_OPT_GO; returns the export size.
+    func negotiate(export: String) throws -> UInt64 {
+        var g = WireReader(try recv(18))
+        guard g.u64() == 0x4e42444d41474943, g.u64() == 0x49484156454F5054 else { throw POSIXError(.EPROTO) }
+        var w = Wire()
+        w.u32(3)                                        // C_FIXED_NEWSTYLE | C_NO_ZEROES
+        var data = Wire(); data.u32(UInt32(export.utf8.count)); data.str(export); data.u16(0)
+        w.u64(0x49484156454F5054); w.u32(7); w.u32(UInt32(data.bytes.count)); w.raw(data.bytes)
+        try send(w.bytes)
+        var size: UInt64 = 0
+        while true {
+            var h = WireReader(try recv(20))
+            guard h.u64() == 0x3e889045565a9, h.u32() == 7, let type = h.u32(), let len = h.u32() else { throw POSIXError(.EPROTO) }
+            var d = WireReader(try recv(Int(len)))
+            if type == 1 { return size }
+            guard type == 3 else { throw POSIXError(.ENOENT) }
+            if d.u16() == 0 { size = d.u64() ?? 0 }
+        }
+    }
+
+    static func request(flags: UInt16 = 0, type: UInt16, cookie: UInt64, offset: UInt64, length: UInt32) -> [UInt8] {
+        var w = Wire()
+        w.u32(0x25609513); w.u16(flags); w.u16(type); w.u64(cookie); w.u64(offset); w.u32(length)
+        return w.bytes
+    }
+
+    /// Reads one simple reply: (error, cookie).
+    func simpleReply() throws -> (error: UInt32, cookie: UInt64) {
+        var r = WireReader(try recv(16))
+        guard r.u32() == 0x67446698, let e = r.u32(), let c = r.u64() else { throw POSIXError(.EPROTO) }
+        return (e, c)
+    }
+}
+
+/// Wire/WireReader are test-local copies of the NBDProtocolTests helpers (test targets cannot share code).
+struct Wire {
+    var bytes: [UInt8] = []
+    mutating func u16(_ v: UInt16) { bytes += [UInt8(v >> 8), UInt8(v & 0xff)] }
+    mutating func u32(_ v: UInt32) { for s in stride(from: 24, through: 0, by: -8) { bytes.append(UInt8(truncatingIfNeeded: v >> UInt32(s))) } }
+    mutating func u64(_ v: UInt64) { for s in stride(from: 56, through: 0, by: -8) { bytes.append(UInt8(truncatingIfNeeded: v >> UInt64(s))) } }
+    mutating func str(_ s: String) { bytes += Array(s.utf8) }
+    mutating func raw(_ b: [UInt8]) { bytes += b }
+}
+
+struct WireReader {
+    let bytes: [UInt8]
+    var pos = 0
+    init(_ b: [UInt8]) { bytes = b }
+    mutating func uint(_ n: Int) -> UInt64? {
+        guard bytes.count - pos >= n else { return nil }
+        defer { pos += n }
+        return bytes[pos..<pos + n].reduce(0) { ($0 << 8) | UInt64($1) }
+    }
+    mutating func u16() -> UInt16? { uint(2).map { UInt16($0) } }
+    mutating func u32() -> UInt32? { uint(4).map { UInt32($0) } }
+    mutating func u64() -> UInt64? { uint(8) }
+}
+
+final class RawClientTests: XCTestCase {
+    func testTransmissionAfterGoWithSimpleReplies() async throws {
+        try await TestServer.with(try await TestServer.ram(size: 1 << 20)) { s in
+            let c = try RawClient(path: s.socketPath)
+            XCTAssertEqual(try c.negotiate(export: "disk"), 1 << 20)
+            let payload: [UInt8] = [0xde, 0xad, 0xbe, 0xef, 0x01]
+            try c.send(RawClient.request(type: 1, cookie: 0x1111_2222_3333_4444, offset: 4093, length: 5) + payload)
+            let w = try c.simpleReply()
+            XCTAssertEqual(w.error, 0); XCTAssertEqual(w.cookie, 0x1111_2222_3333_4444)
+            try c.send(RawClient.request(type: 0, cookie: 7, offset: 4092, length: 7))
+            let r = try c.simpleReply()
+            XCTAssertEqual(r.error, 0); XCTAssertEqual(r.cookie, 7)
+            XCTAssertEqual(try c.recv(7), [0] + payload + [0])
+            // Unknown command type: EINVAL, connection stays.
+            try c.send(RawClient.request(type: 0x55, cookie: 8, offset: 0, length: 0))
+            XCTAssertEqual(try c.simpleReply().error, 22)
+            // DISC: the server closes after it.
+            try c.send(RawClient.request(type: 2, cookie: 9, offset: 0, length: 0))
+            XCTAssertThrowsError(try c.recv(1), "the server closes the connection after NBD_CMD_DISC")
+        }
+    }
+
+    /// A WRITE above the maximum payload is refused with EINVAL and its payload skipped. The reply
+    /// must not be sent before the request (header and payload) has been received: libnbd, for
+    /// one, drops the connection ("no matching cookie found for server reply, this is probably a
+    /// bug in the server") when a reply arrives for a command it is still sending. nbdkit reads
+    /// the whole oversized payload before replying.
+    func testOversizedWriteIsAnsweredOnlyAfterItsPayloadIsReceived() async throws {
+        try await TestServer.with(try await TestServer.ram(size: 1 << 20)) { s in
+            let c = try RawClient(path: s.socketPath)
+            _ = try c.negotiate(export: "disk")
+            let len = (32 << 20) + 4096                  // advertised maximum payload is 32 MiB
+            let chunk = [UInt8](repeating: 0x33, count: 1 << 20)
+            try c.send(RawClient.request(type: 1, cookie: 42, offset: 0, length: UInt32(len)))
+            try c.send(chunk)                              // 1 MiB of the payload so far
+            XCTAssertFalse(c.hasData(withinMilliseconds: 300),
+                           "the server replied to a WRITE whose payload it has not received yet")
+            var sent = chunk.count
+            while sent < len { let n = min(chunk.count, len - sent); try c.send(Array(chunk.prefix(n))); sent += n }
+            let r = try c.simpleReply()
+            XCTAssertEqual(r.cookie, 42)
+            XCTAssertEqual(r.error, 22, "EINVAL")
+            // The payload was skipped, not parsed as requests, and not written.
+            try c.send(RawClient.request(type: 0, cookie: 43, offset: 0, length: 8))
+            let rr = try c.simpleReply()
+            XCTAssertEqual(rr.cookie, 43); XCTAssertEqual(rr.error, 0)
+            XCTAssertEqual(try c.recv(8), [UInt8](repeating: 0, count: 8))
+        }
+    }
+
+    func testHandshakeUnknownClientFlagsCloseTheConnection() async throws {
+        try await TestServer.with(try await TestServer.ram(size: 1 << 20)) { s in
+            let c = try RawClient(path: s.socketPath)
+            _ = try c.recv(18)
+            try c.send([0, 0, 0, 4])
+            XCTAssertThrowsError(try c.recv(1), "the server must close on unknown client flags")
+        }
+    }
+
+    func testOptAbortIsAckedThenClosed() async throws {
+        try await TestServer.with(try await TestServer.ram(size: 1 << 20)) { s in
+            let c = try RawClient(path: s.socketPath)
+            _ = try c.recv(18)
+            var w = Wire(); w.u32(1); w.u64(0x49484156454F5054); w.u32(2); w.u32(0)
+            try c.send(w.bytes)
+            var r = WireReader(try c.recv(20))
+            XCTAssertEqual(r.u64(), 0x3e889045565a9)
+            XCTAssertEqual(r.u32(), 2)
+            XCTAssertEqual(r.u32(), 1, "NBD_REP_ACK")
+            XCTAssertEqual(r.u32(), 0)
+            XCTAssertThrowsError(try c.recv(1), "closed after the ACK")
+        }
+    }
+}

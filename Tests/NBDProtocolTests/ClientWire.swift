@@ -1,0 +1,124 @@
+// A tiny client-side encoder/decoder for the tests, written from doc/proto.md
+// ("Newstyle negotiation", "Option haggling", "Request message", "Simple reply message").
+// It deliberately does not use the server's encoders or constants: every number is spelled out
+// here from the spec text, so the tests compare the server against the spec, not against itself.
+import NIOCore
+import XCTest
+
+enum Spec {
+    static let nbdmagic: UInt64 = 0x4e42444d41474943        // "NBDMAGIC"
+    static let ihaveopt: UInt64 = 0x49484156454F5054        // "IHAVEOPT"
+    static let optReplyMagic: UInt64 = 0x3e889045565a9
+    static let requestMagic: UInt32 = 0x25609513
+    static let simpleReplyMagic: UInt32 = 0x67446698
+
+    // Client flags
+    static let cFixedNewstyle: UInt32 = 1
+    static let cNoZeroes: UInt32 = 2
+
+    // Options
+    static let optExportName: UInt32 = 1, optAbort: UInt32 = 2, optList: UInt32 = 3, optStartTLS: UInt32 = 5
+    static let optInfo: UInt32 = 6, optGo: UInt32 = 7, optStructuredReply: UInt32 = 8
+
+    // Option replies
+    static let repAck: UInt32 = 1, repServer: UInt32 = 2, repInfo: UInt32 = 3
+    static let errUnsup: UInt32 = 0x8000_0001, errPolicy: UInt32 = 0x8000_0002, errInvalid: UInt32 = 0x8000_0003
+    static let errUnknown: UInt32 = 0x8000_0006, errTooBig: UInt32 = 0x8000_0009
+
+    // Info types
+    static let infoExport: UInt16 = 0, infoName: UInt16 = 1, infoDescription: UInt16 = 2, infoBlockSize: UInt16 = 3
+
+    // Commands
+    static let cmdRead: UInt16 = 0, cmdWrite: UInt16 = 1, cmdDisc: UInt16 = 2, cmdFlush: UInt16 = 3, cmdTrim: UInt16 = 4
+    static let cmdWriteZeroes: UInt16 = 6
+}
+
+/// Big-endian byte writer.
+struct Wire {
+    var bytes: [UInt8] = []
+    mutating func u8(_ v: UInt8) { bytes.append(v) }
+    mutating func u16(_ v: UInt16) { for s in stride(from: 8, through: 0, by: -8) { bytes.append(UInt8(truncatingIfNeeded: v >> UInt16(s))) } }
+    mutating func u32(_ v: UInt32) { for s in stride(from: 24, through: 0, by: -8) { bytes.append(UInt8(truncatingIfNeeded: v >> UInt32(s))) } }
+    mutating func u64(_ v: UInt64) { for s in stride(from: 56, through: 0, by: -8) { bytes.append(UInt8(truncatingIfNeeded: v >> UInt64(s))) } }
+    mutating func str(_ s: String) { bytes.append(contentsOf: Array(s.utf8)) }
+    mutating func raw(_ b: [UInt8]) { bytes.append(contentsOf: b) }
+}
+
+/// Big-endian byte reader that fails the test (via nil) on short input.
+struct WireReader {
+    let bytes: [UInt8]
+    var pos = 0
+    init(_ bytes: [UInt8]) { self.bytes = bytes }
+    var remaining: Int { bytes.count - pos }
+    mutating func take(_ n: Int) -> [UInt8]? {
+        guard n >= 0, remaining >= n else { return nil }
+        defer { pos += n }
+        return Array(bytes[pos..<pos + n])
+    }
+    mutating func uint(_ width: Int) -> UInt64? {
+        guard let b = take(width) else { return nil }
+        return b.reduce(0) { ($0 << 8) | UInt64($1) }
+    }
+    mutating func u16() -> UInt16? { uint(2).map { UInt16($0) } }
+    mutating func u32() -> UInt32? { uint(4).map { UInt32($0) } }
+    mutating func u64() -> UInt64? { uint(8) }
+}
+
+enum Client {
+    static func flags(_ f: UInt32) -> [UInt8] { var w = Wire(); w.u32(f); return w.bytes }
+
+    /// C: IHAVEOPT, option, length, data.
+    static func option(_ opt: UInt32, _ data: [UInt8] = [], magic: UInt64 = Spec.ihaveopt, lengthOverride: UInt32? = nil) -> [UInt8] {
+        var w = Wire()
+        w.u64(magic); w.u32(opt); w.u32(lengthOverride ?? UInt32(data.count)); w.raw(data)
+        return w.bytes
+    }
+
+    /// NBD_OPT_INFO / NBD_OPT_GO data: u32 name length, name, u16 count, u16 × count.
+    static func goData(name: String, infos: [UInt16], nameLengthOverride: UInt32? = nil, countOverride: UInt16? = nil) -> [UInt8] {
+        var w = Wire()
+        w.u32(nameLengthOverride ?? UInt32(name.utf8.count)); w.str(name)
+        w.u16(countOverride ?? UInt16(infos.count)); for i in infos { w.u16(i) }
+        return w.bytes
+    }
+
+    /// "Request message": magic, flags, type, cookie, offset, length (28 bytes), then payload.
+    static func request(flags: UInt16 = 0, type: UInt16, cookie: UInt64, offset: UInt64, length: UInt32, payload: [UInt8] = []) -> [UInt8] {
+        var w = Wire()
+        w.u32(Spec.requestMagic); w.u16(flags); w.u16(type); w.u64(cookie); w.u64(offset); w.u32(length); w.raw(payload)
+        return w.bytes
+    }
+}
+
+/// One decoded "option reply".
+struct OptReply: Equatable {
+    var option: UInt32
+    var type: UInt32
+    var data: [UInt8]
+    var isError: Bool { type & 0x8000_0000 != 0 }
+}
+
+/// Decodes a stream of option replies; fails the test on a bad magic or a truncated reply.
+func decodeOptionReplies(_ bytes: [UInt8], file: StaticString = #filePath, line: UInt = #line) -> [OptReply] {
+    var r = WireReader(bytes)
+    var out: [OptReply] = []
+    while r.remaining > 0 {
+        guard let magic = r.u64(), let opt = r.u32(), let type = r.u32(), let len = r.u32(), let data = r.take(Int(len)) else {
+            XCTFail("truncated option reply at byte \(r.pos) of \(bytes.count)", file: file, line: line)
+            return out
+        }
+        XCTAssertEqual(magic, Spec.optReplyMagic, "option reply magic", file: file, line: line)
+        out.append(OptReply(option: opt, type: type, data: data))
+    }
+    return out
+}
+
+extension ByteBuffer {
+    var allBytes: [UInt8] { getBytes(at: readerIndex, length: readableBytes) ?? [] }
+}
+
+func buffer(_ bytes: [UInt8]) -> ByteBuffer {
+    var b = ByteBuffer()
+    b.writeBytes(bytes)
+    return b
+}
