@@ -7,8 +7,23 @@ public enum HandshakeAction: Equatable {
     case send(ByteBuffer)
     /// Close the connection (after writing anything already queued).
     case close(reason: String)
-    /// Negotiation finished; transmission starts with this export.
-    case startTransmission(NBDExportInfo)
+    /// Negotiation finished; transmission starts with this session.
+    case startTransmission(NBDSession)
+}
+
+/// The result of negotiation: what transmission must honour.
+public struct NBDSession: Sendable, Equatable {
+    public var export: NBDExportInfo
+    /// NBD_OPT_STRUCTURED_REPLY was acknowledged ("Structured reply chunk message").
+    public var structuredReplies: Bool
+    /// The context id of `base:allocation` if SET_META_CONTEXT selected it.
+    public var allocationContext: UInt32?
+}
+
+/// Metadata contexts the server offers ("Metadata querying").
+public enum NBDMetaContext {
+    public static let baseAllocation = "base:allocation"
+    public static let baseAllocationID: UInt32 = 1
 }
 
 public struct HandshakeStateMachine {
@@ -27,6 +42,10 @@ public struct HandshakeStateMachine {
 
     private(set) var state: State = .awaitingClientFlags
     public private(set) var clientNoZeroes = false
+    public private(set) var structuredReplies = false
+    /// Export and contexts chosen by the last SET_META_CONTEXT.
+    private var metaExport: String?
+    private var allocationSelected = false
     public let catalog: NBDExportCatalog
 
     public init(catalog: NBDExportCatalog) { self.catalog = catalog }
@@ -108,9 +127,9 @@ public struct HandshakeStateMachine {
             guard let e = catalog.lookup(name) else { return [.close(reason: "unknown export \"\(name)\" requested with NBD_OPT_EXPORT_NAME")] }
             var b = ByteBuffer()
             b.writeInteger(e.size)
-            b.writeInteger(e.flags.rawValue)
+            b.writeInteger(flags(for: e).rawValue)
             if !clientNoZeroes { b.writeRepeatingByte(0, count: 124) }
-            return [.send(b), .startTransmission(e)]
+            return [.send(b), .startTransmission(session(for: e))]
         case .abort:
             state = .finished
             return [.send(Self.optionReply(option, NBDReply.ack)), .close(reason: "client sent NBD_OPT_ABORT")]
@@ -139,7 +158,7 @@ public struct HandshakeStateMachine {
             }
             var out: [HandshakeAction] = []
             var p = ByteBuffer()
-            p.writeInteger(NBDInfo.export); p.writeInteger(e.size); p.writeInteger(e.flags.rawValue)
+            p.writeInteger(NBDInfo.export); p.writeInteger(e.size); p.writeInteger(flags(for: e).rawValue)
             out.append(.send(Self.optionReply(option, NBDReply.info, payload: p)))
             if requested.contains(NBDInfo.name) {
                 var p = ByteBuffer(); p.writeInteger(NBDInfo.name); p.writeString(e.name)
@@ -156,14 +175,78 @@ public struct HandshakeStateMachine {
             out.append(.send(Self.optionReply(option, NBDReply.ack)))
             if opt == .go {
                 state = .finished
-                out.append(.startTransmission(e))
+                out.append(.startTransmission(session(for: e)))
             }
             return out
+        case .structuredReply:
+            guard data.readableBytes == 0 else { return [.send(Self.optionReply(option, NBDReply.errInvalid, message: "NBD_OPT_STRUCTURED_REPLY takes no data"))] }
+            structuredReplies = true
+            return [.send(Self.optionReply(option, NBDReply.ack))]
+        case .listMetaContext, .setMetaContext:
+            return metaContext(opt, data)
         case .startTLS:
             return [.send(Self.optionReply(option, NBDReply.errPolicy, message: "TLS is not configured on this server"))]
         default:
             return [.send(Self.optionReply(option, NBDReply.errUnsup, message: "option \(option) is not supported"))]
         }
+    }
+
+    /// Transmission flags as this client may see them: DF only with structured replies
+    /// ("NBD_FLAG_SEND_DF": the server MUST NOT set it unless structured replies were negotiated).
+    func flags(for e: NBDExportInfo) -> NBDTransmissionFlags {
+        var f = e.flags
+        if !structuredReplies { f.remove(.sendDF) }
+        return f
+    }
+
+    func session(for e: NBDExportInfo) -> NBDSession {
+        // Contexts chosen for another export do not carry over ("NBD_OPT_SET_META_CONTEXT").
+        let ctx = allocationSelected && metaExport.flatMap { catalog.lookup($0)?.name } == e.name ? NBDMetaContext.baseAllocationID : nil
+        var export = e
+        export.flags = flags(for: e)
+        return NBDSession(export: export, structuredReplies: structuredReplies, allocationContext: ctx)
+    }
+
+    /// "NBD_OPT_LIST_META_CONTEXT" / "NBD_OPT_SET_META_CONTEXT": u32 name length, name,
+    /// u32 query count, then each query as u32 length + string.
+    private mutating func metaContext(_ opt: NBDOption, _ input: ByteBuffer) -> [HandshakeAction] {
+        var data = input
+        let option = opt.rawValue
+        if opt == .setMetaContext && !structuredReplies {
+            return [.send(Self.optionReply(option, NBDReply.errInvalid, message: "SET_META_CONTEXT needs structured replies first"))]
+        }
+        guard let nameLen: UInt32 = data.readInteger(), Int(nameLen) <= data.readableBytes,
+              let name = data.readString(length: Int(nameLen)), let count: UInt32 = data.readInteger() else {
+            return [.send(Self.optionReply(option, NBDReply.errInvalid, message: "malformed meta context request"))]
+        }
+        var queries: [String] = []
+        for _ in 0..<count {
+            guard let l: UInt32 = data.readInteger(), Int(l) <= data.readableBytes, let q = data.readString(length: Int(l)) else {
+                return [.send(Self.optionReply(option, NBDReply.errInvalid, message: "meta context query length exceeds the option"))]
+            }
+            queries.append(q)
+        }
+        guard data.readableBytes == 0 else { return [.send(Self.optionReply(option, NBDReply.errInvalid, message: "trailing bytes after meta context queries"))] }
+        guard catalog.lookup(name) != nil else {
+            return [.send(Self.optionReply(option, NBDReply.errUnknown, message: "no export named \"\(name)\""))]
+        }
+        // A LIST with no queries lists everything; "base:" names the whole namespace.
+        let matches: Bool
+        if opt == .listMetaContext && queries.isEmpty { matches = true }
+        else { matches = queries.contains { $0 == NBDMetaContext.baseAllocation || (opt == .listMetaContext && $0 == "base:") } }
+        var out: [HandshakeAction] = []
+        if matches {
+            var p = ByteBuffer()
+            p.writeInteger(opt == .setMetaContext ? NBDMetaContext.baseAllocationID : 0)
+            p.writeString(NBDMetaContext.baseAllocation)
+            out.append(.send(Self.optionReply(option, NBDReply.metaContext, payload: p)))
+        }
+        if opt == .setMetaContext {
+            metaExport = name
+            allocationSelected = matches
+        }
+        out.append(.send(Self.optionReply(option, NBDReply.ack)))
+        return out
     }
 
     /// "Option reply": magic, option, type, length, payload.

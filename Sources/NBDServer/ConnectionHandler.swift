@@ -16,7 +16,7 @@ final class NBDConnectionHandler: ChannelDuplexHandler {
 
     private enum Phase {
         case handshake(HandshakeStateMachine)
-        case transmission(TransmissionParser, NBDExport)
+        case transmission(TransmissionParser, NBDExport, NBDSession)
         case closing
     }
     private var phase: Phase
@@ -74,15 +74,17 @@ final class NBDConnectionHandler: ChannelDuplexHandler {
                         context.writeAndFlush(wrapOutboundOut(ByteBuffer()), promise: nil)
                         context.close(promise: nil)
                         return
-                    case .startTransmission(let info):
+                    case .startTransmission(let session):
+                        let info = session.export
                         guard let e = exports[info.name] else { context.close(promise: nil); return }
-                        logger.debug("transmission started", metadata: ["export": "\(info.name)", "size": "\(info.size)"])
-                        phase = .transmission(TransmissionParser(maximumPayload: Int(info.maximumPayload)), e)
+                        logger.debug("transmission started", metadata: ["export": "\(info.name)", "size": "\(info.size)",
+                                                                        "structured": "\(session.structuredReplies)", "base:allocation": "\(session.allocationContext != nil)"])
+                        phase = .transmission(TransmissionParser(maximumPayload: Int(info.maximumPayload)), e, session)
                     }
                 }
                 context.flush()
                 if case .handshake = phase { return }
-            case .transmission(var parser, let export):
+            case .transmission(var parser, let export, let session):
                 if quiescing || inFlight >= Self.maxInFlight { return }
                 let event: TransmissionEvent?
                 do {
@@ -93,12 +95,12 @@ final class NBDConnectionHandler: ChannelDuplexHandler {
                     context.close(promise: nil)
                     return
                 }
-                phase = .transmission(parser, export)
+                phase = .transmission(parser, export, session)
                 guard let ev = event else { return }
                 switch ev {
                 case .rejected(let r, let err):
                     logger.debug("rejecting request", metadata: ["type": "\(r.type)", "length": "\(r.length)"])
-                    reply(context: context, cookie: r.cookie, error: err, data: nil)
+                    fail(context, r, session, err, "WRITE payload exceeds the maximum payload of \(export.info.maximumPayload) bytes")
                 case .request(let r, let payload):
                     if r.command == .disc {
                         logger.debug("client sent NBD_CMD_DISC")
@@ -106,7 +108,7 @@ final class NBDConnectionHandler: ChannelDuplexHandler {
                         closeWhenDrained(context: context)
                         return
                     }
-                    dispatch(context: context, request: r, payload: payload, export: export)
+                    dispatch(context: context, request: r, payload: payload, export: export, session: session)
                 }
             }
         }
@@ -114,58 +116,159 @@ final class NBDConnectionHandler: ChannelDuplexHandler {
 
     // MARK: requests
 
-    private func dispatch(context: ChannelHandlerContext, request r: NBDRequest, payload: ByteBuffer?, export: NBDExport) {
+    private func dispatch(context: ChannelHandlerContext, request r: NBDRequest, payload: ByteBuffer?, export: NBDExport, session: NBDSession) {
         let size = export.info.size
         let (end, overflow) = r.offset.addingReportingOverflow(r.length)
         let inRange = !overflow && end <= size
-        guard let cmd = r.command else { return reply(context: context, cookie: r.cookie, error: .inval, data: nil) }
-        // Flags the command may carry. FUA "is valid for all commands" once SEND_FUA is
-        // advertised ("Command flags"); on READ and FLUSH it changes nothing.
-        var allowed: NBDCommandFlags = export.info.flags.contains(.sendFUA) ? [.fua] : []
-        if cmd == .writeZeroes { allowed.insert(.noHole) }
-        guard r.flags.isSubset(of: allowed) else { return reply(context: context, cookie: r.cookie, error: .inval, data: nil) }
+        guard let cmd = r.command else { return fail(context, r, session, .inval, "unknown command \(r.type)") }
+        // Flags each command may carry ("Command flags"). FUA "is valid for all commands" once
+        // SEND_FUA is advertised; on READ, FLUSH, CACHE and BLOCK_STATUS it changes nothing.
+        var allowed: NBDCommandFlags = session.export.flags.contains(.sendFUA) ? [.fua] : []
+        switch cmd {
+        case .read where session.export.flags.contains(.sendDF): allowed.insert(.df)
+        case .writeZeroes: allowed.formUnion([.noHole, .fastZero])
+        case .blockStatus: allowed.insert(.reqOne)
+        default: break
+        }
+        guard r.flags.isSubset(of: allowed) else { return fail(context, r, session, .inval, "flags 0x\(String(r.flags.rawValue, radix: 16)) not valid for this command") }
         let device = export.device
         let cookie = r.cookie
+        let rangeError = "range \(r.offset)+\(r.length) exceeds the export size \(size)"
         switch cmd {
         case .read:
-            guard r.length <= UInt64(export.info.maximumPayload) else { return reply(context: context, cookie: cookie, error: .inval, data: nil) }
-            guard inRange else { return reply(context: context, cookie: cookie, error: .inval, data: nil) }
-            start(context) { done in device.read(offset: r.offset, length: Int(r.length), allocator: context.channel.allocator) { done($0) } }
-                completion: { this, ctx, result in
-                    switch result {
-                    case .success(let data): this.reply(context: ctx, cookie: cookie, error: nil, data: data)
-                    case .failure(let e): this.reply(context: ctx, cookie: cookie, error: e.nbdErrno, data: nil)
+            guard r.length <= UInt64(export.info.maximumPayload) else { return fail(context, r, session, .inval, "READ longer than the maximum payload") }
+            guard inRange else { return fail(context, r, session, .inval, rangeError) }
+            if session.structuredReplies && !r.flags.contains(.df) {
+                start(context) { done in device.readExtents(offset: r.offset, length: Int(r.length), allocator: context.channel.allocator) { done($0) } }
+                    completion: { this, ctx, result in
+                        switch result {
+                        case .success(let extents): this.replyExtents(context: ctx, cookie: cookie, extents: extents, length: r.length, offset: r.offset)
+                        case .failure(let e): this.fail(ctx, r, session, e.nbdErrno, "\(e)")
+                        }
                     }
-                }
+            } else {
+                start(context) { done in device.read(offset: r.offset, length: Int(r.length), allocator: context.channel.allocator) { done($0) } }
+                    completion: { this, ctx, result in
+                        switch result {
+                        case .success(let data):
+                            if session.structuredReplies { this.replyData(context: ctx, cookie: cookie, offset: r.offset, data: data) }
+                            else { this.reply(context: ctx, cookie: cookie, error: nil, data: data) }
+                        case .failure(let e): this.fail(ctx, r, session, e.nbdErrno, "\(e)")
+                        }
+                    }
+            }
         case .write:
-            guard !export.readOnly else { return reply(context: context, cookie: cookie, error: .perm, data: nil) }
-            guard inRange else { return reply(context: context, cookie: cookie, error: .nospc, data: nil) }
+            guard !export.readOnly else { return fail(context, r, session, .perm, "export is read-only") }
+            guard inRange else { return fail(context, r, session, .nospc, rangeError) }
             let data = payload ?? ByteBuffer()
             let fua = r.flags.contains(.fua)
-            startVoid(context, cookie) { done in device.write(offset: r.offset, data: data, fua: fua, done) }
+            startVoid(context, r, session) { done in device.write(offset: r.offset, data: data, fua: fua, done) }
         case .flush:
-            startVoid(context, cookie) { done in device.flush(done) }
+            startVoid(context, r, session) { done in device.flush(done) }
         case .trim:
-            guard !export.readOnly else { return reply(context: context, cookie: cookie, error: .perm, data: nil) }
-            guard inRange else { return reply(context: context, cookie: cookie, error: .inval, data: nil) }
+            guard !export.readOnly else { return fail(context, r, session, .perm, "export is read-only") }
+            guard inRange else { return fail(context, r, session, .inval, rangeError) }
             let fua = r.flags.contains(.fua)
-            startVoid(context, cookie) { done in
+            startVoid(context, r, session) { done in
                 device.trim(offset: r.offset, length: r.length) { res in
                     guard fua, case .success = res else { return done(res) }
                     device.flush(done)
                 }
             }
         case .writeZeroes:
-            guard !export.readOnly else { return reply(context: context, cookie: cookie, error: .perm, data: nil) }
-            guard inRange else { return reply(context: context, cookie: cookie, error: .nospc, data: nil) }
+            guard !export.readOnly else { return fail(context, r, session, .perm, "export is read-only") }
+            guard inRange else { return fail(context, r, session, .nospc, rangeError) }
+            // FAST_ZERO: without device WRITE_ZEROES, zeroing means writing every byte: fail fast.
+            if r.flags.contains(.fastZero) && !device.geometry.canWriteZeroes {
+                return fail(context, r, session, .notsup, "the device has no WRITE_ZEROES; zeroing would be slow")
+            }
             let fua = r.flags.contains(.fua), unmap = !r.flags.contains(.noHole)
-            startVoid(context, cookie) { done in device.writeZeroes(offset: r.offset, length: r.length, mayUnmap: unmap, fua: fua, done) }
+            startVoid(context, r, session) { done in device.writeZeroes(offset: r.offset, length: r.length, mayUnmap: unmap, fua: fua, done) }
+        case .cache:
+            // Advertised as SEND_CACHE: the device is local memory or a local file; nothing to prefetch.
+            guard inRange else { return fail(context, r, session, .inval, rangeError) }
+            reply(context: context, cookie: cookie, error: nil, data: nil)
+        case .blockStatus:
+            guard let ctx = session.allocationContext else { return fail(context, r, session, .inval, "no metadata context was negotiated") }
+            guard r.length > 0, inRange else { return fail(context, r, session, .inval, r.length == 0 ? "BLOCK_STATUS of length 0" : rangeError) }
+            replyBlockStatus(context: context, request: r, contextID: ctx, device: device)
         case .disc:
             break
-        case .cache, .blockStatus, .resize:
-            // Not advertised for this export.
-            reply(context: context, cookie: cookie, error: .inval, data: nil)
+        case .resize:
+            fail(context, r, session, .inval, "RESIZE is not supported")
         }
+    }
+
+    // MARK: replies
+
+    /// Answers a failed request: an ERROR chunk where structured replies are required, else a simple reply.
+    private func fail(_ context: ChannelHandlerContext, _ r: NBDRequest, _ session: NBDSession, _ err: NBDErrno, _ message: String) {
+        logger.debug("request failed", metadata: ["type": "\(r.type)", "offset": "\(r.offset)", "length": "\(r.length)", "error": "\(err)", "why": "\(message)"])
+        if session.structuredReplies && (r.command == .read || r.command == .blockStatus) {
+            guard context.channel.isActive else { return }
+            var b = context.channel.allocator.buffer(capacity: 32 + message.utf8.count)
+            StructuredReply.error(cookie: r.cookie, error: err, message: message, into: &b)
+            context.writeAndFlush(wrapOutboundOut(b), promise: nil)
+        } else {
+            reply(context: context, cookie: r.cookie, error: err, data: nil)
+        }
+    }
+
+    /// A READ as OFFSET_DATA and OFFSET_HOLE chunks; the last one carries DONE.
+    private func replyExtents(context: ChannelHandlerContext, cookie: UInt64, extents: [BlockDevice.Extent], length: UInt64, offset: UInt64) {
+        guard context.channel.isActive else { return }
+        var header = context.channel.allocator.buffer(capacity: 32 * extents.count)
+        for (i, e) in extents.enumerated() {
+            let last = i == extents.count - 1
+            switch e {
+            case .zero(let o, let n):
+                StructuredReply.offsetHole(cookie: cookie, offset: o, length: UInt32(n), done: last, into: &header)
+            case .data(let o, let d):
+                StructuredReply.offsetData(cookie: cookie, offset: o, dataLength: d.readableBytes, done: last, into: &header)
+                context.write(wrapOutboundOut(header), promise: nil)
+                context.write(wrapOutboundOut(d), promise: nil)
+                header = context.channel.allocator.buffer(capacity: 32)
+            }
+        }
+        if header.readableBytes > 0 { context.write(wrapOutboundOut(header), promise: nil) }
+        context.flush()
+    }
+
+    /// One OFFSET_DATA chunk with DONE (DF reads, and reads when structured replies are on).
+    private func replyData(context: ChannelHandlerContext, cookie: UInt64, offset: UInt64, data: ByteBuffer) {
+        guard context.channel.isActive else { return }
+        var header = context.channel.allocator.buffer(capacity: 32)
+        StructuredReply.offsetData(cookie: cookie, offset: offset, dataLength: data.readableBytes, done: true, into: &header)
+        context.write(wrapOutboundOut(header), promise: nil)
+        context.writeAndFlush(wrapOutboundOut(data), promise: nil)
+    }
+
+    /// base:allocation extents for [offset, offset+length), merged, clipped, REQ_ONE honoured.
+    private func replyBlockStatus(context: ChannelHandlerContext, request r: NBDRequest, contextID: UInt32, device: BlockDevice) {
+        let end = r.offset + r.length
+        var extents: [(length: UInt32, flags: UInt32)] = []
+        var at = r.offset
+        for run in device.allocation.extents(BlockDevice.down(r.offset), BlockDevice.up(end)) {
+            let a = max(run.start, r.offset), b = min(run.end, end)
+            guard a < b else { continue }
+            let f = run.state.baseAllocationFlags
+            // Descriptor lengths are u32: split long runs ("at most 2^32 - 1 bytes" each, kept 4 KiB aligned).
+            var left = b - a
+            while left > 0 {
+                let n = min(left, UInt64(UInt32.max) & ~4095)
+                if let l = extents.last, l.flags == f, UInt64(l.length) + n <= UInt64(UInt32.max) & ~4095 {
+                    extents[extents.count - 1].length += UInt32(n)
+                } else { extents.append((UInt32(n), f)) }
+                left -= n
+            }
+            at = b
+            if r.flags.contains(.reqOne) { break }
+        }
+        _ = at
+        if r.flags.contains(.reqOne) { extents = Array(extents.prefix(1)) }
+        var b = context.channel.allocator.buffer(capacity: 24 + 8 * extents.count)
+        StructuredReply.blockStatus(cookie: r.cookie, context: contextID, extents: extents, done: true, into: &b)
+        context.writeAndFlush(wrapOutboundOut(b), promise: nil)
     }
 
     /// Runs a block operation; its completion hops back to this channel's event loop.
@@ -185,13 +288,11 @@ final class NBDConnectionHandler: ChannelDuplexHandler {
         }
     }
 
-    private func startVoid(_ context: ChannelHandlerContext, _ cookie: UInt64, _ op: (@escaping @Sendable (Result<Void, BlkError>) -> Void) -> Void) {
+    private func startVoid(_ context: ChannelHandlerContext, _ r: NBDRequest, _ session: NBDSession, _ op: (@escaping @Sendable (Result<Void, BlkError>) -> Void) -> Void) {
         start(context, op) { this, ctx, result in
             switch result {
-            case .success: this.reply(context: ctx, cookie: cookie, error: nil, data: nil)
-            case .failure(let e):
-                this.logger.debug("request failed: \(e)")
-                this.reply(context: ctx, cookie: cookie, error: e.nbdErrno, data: nil)
+            case .success: this.reply(context: ctx, cookie: r.cookie, error: nil, data: nil)
+            case .failure(let e): this.fail(ctx, r, session, e.nbdErrno, "\(e)")
             }
         }
     }

@@ -10,11 +10,13 @@ public final class NBDExport: Sendable {
     /// Derives the transmission flags from what the virtio device offers ("Transmission flags").
     public init(name: String, description: String, device: BlockDevice, forceReadOnly: Bool = false) {
         let g = device.geometry
-        var flags: NBDTransmissionFlags = [.hasFlags, .sendWriteZeroes, .canMultiConn]
+        // Every connection shares one device whose completions are write-through to it, and a FLUSH
+        // on any connection flushes the device: multi-conn is safe ("NBD_FLAG_CAN_MULTI_CONN").
+        var flags: NBDTransmissionFlags = [.hasFlags, .sendWriteZeroes, .sendFastZero, .canMultiConn, .sendCache, .sendDF]
         if g.readOnly || forceReadOnly { flags.insert(.readOnly) }
         if g.canFlush { flags.formUnion([.sendFlush, .sendFUA]) }
         if g.canDiscard { flags.insert(.sendTrim) }
-        if flags.contains(.readOnly) { flags.subtract([.sendWriteZeroes, .sendTrim]) }
+        if flags.contains(.readOnly) { flags.subtract([.sendWriteZeroes, .sendTrim, .sendFastZero]) }
         info = NBDExportInfo(name: name, description: description, size: device.size, flags: flags,
                              minimumBlockSize: 1, preferredBlockSize: 4096, maximumPayload: 32 << 20)
         self.device = device

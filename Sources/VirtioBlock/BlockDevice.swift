@@ -18,10 +18,27 @@ public final class BlockDevice: Sendable {
     public typealias ReadCompletion = @Sendable (Result<ByteBuffer, BlkError>) -> Void
     public typealias Completion = @Sendable (Result<Void, BlkError>) -> Void
 
-    public init(driver: VirtioBlkDriver) { self.driver = driver }
+    /// What the server knows about zeroes and holes (NBD base:allocation).
+    public let allocation: AllocationMap
+    /// Whether a completed DISCARD reads back as zeroes (true for the emulator's RAM and file backends).
+    public let discardReadsZero: Bool
 
-    @inline(__always) static func down(_ x: UInt64) -> UInt64 { x & ~(block - 1) }
-    @inline(__always) static func up(_ x: UInt64) -> UInt64 { (x + block - 1) & ~(block - 1) }
+    /// - Parameters:
+    ///   - initial: the state of every block at start (`.holeZero` for a fresh RAM disk).
+    ///   - holes: ranges known to be holes that read as zero at start (a file's holes).
+    public init(driver: VirtioBlkDriver, initial: Allocation = .data, holes: [Range<UInt64>] = [], discardReadsZero: Bool = false) {
+        self.driver = driver
+        self.discardReadsZero = discardReadsZero
+        let size = driver.geometry.capacityBytes & ~(Self.block - 1)
+        allocation = AllocationMap(size: size, initial: initial)
+        for h in holes {
+            let lo = Self.up(h.lowerBound), hi = min(Self.down(h.upperBound), size)
+            allocation.set(lo, hi, .holeZero)
+        }
+    }
+
+    @inline(__always) public static func down(_ x: UInt64) -> UInt64 { x & ~(block - 1) }
+    @inline(__always) public static func up(_ x: UInt64) -> UInt64 { (x + block - 1) & ~(block - 1) }
 
     private func checkRange(_ offset: UInt64, _ length: UInt64) -> BlkError? {
         let (end, o) = offset.addingReportingOverflow(length)
@@ -40,6 +57,54 @@ public final class BlockDevice: Sendable {
             self.readLocked(offset: offset, length: length, allocator: allocator) { r in
                 self.locks.release(token)
                 done(r)
+            }
+        }
+    }
+
+    /// One piece of a sparse read.
+    public enum Extent: Sendable {
+        case data(offset: UInt64, ByteBuffer)
+        /// Known to read as zero: no device I/O was done for it.
+        case zero(offset: UInt64, length: UInt64)
+    }
+
+    /// Reads [offset, offset+length) as data and known-zero extents, in order. Known-zero ranges
+    /// cost no device I/O.
+    public func readExtents(offset: UInt64, length: Int, allocator: ByteBufferAllocator = .init(), _ done: @escaping @Sendable (Result<[Extent], BlkError>) -> Void) {
+        if let e = checkRange(offset, UInt64(length)) { return done(.failure(e)) }
+        if length == 0 { return done(.success([])) }
+        let end = offset + UInt64(length)
+        locks.acquire(Self.down(offset), Self.up(end), exclusive: false) { token in
+            // Coalesce into alternating data / zero pieces clipped to the request.
+            var pieces: [(UInt64, UInt64, Bool)] = []
+            for r in self.allocation.extents(Self.down(offset), Self.up(end)) {
+                let a = max(r.start, offset), b = min(r.end, end)
+                guard a < b else { continue }
+                let zero = r.state.readsAsZero
+                if let last = pieces.last, last.2 == zero { pieces[pieces.count - 1].1 = b } else { pieces.append((a, b, zero)) }
+            }
+            let parts = Mutex<[Extent?]>(Array(repeating: nil, count: pieces.count))
+            let join = Aggregate(buffer: ByteBuffer(), remaining: pieces.count)
+            let finish: @Sendable (BlkError?) -> Void = { err in
+                guard let r = join.finish(err) else { return }
+                self.locks.release(token)
+                switch r {
+                case .failure(let e): done(.failure(e))
+                case .success: done(.success(parts.withLock { $0.map { $0! } }))
+                }
+            }
+            for (i, p) in pieces.enumerated() {
+                if p.2 {
+                    parts.withLock { $0[i] = .zero(offset: p.0, length: p.1 - p.0) }
+                    finish(nil)
+                } else {
+                    self.readLocked(offset: p.0, length: Int(p.1 - p.0), allocator: allocator) { r in
+                        switch r {
+                        case .success(let b): parts.withLock { $0[i] = .data(offset: p.0, b) }; finish(nil)
+                        case .failure(let e): finish(e)
+                        }
+                    }
+                }
             }
         }
     }
@@ -155,7 +220,11 @@ public final class BlockDevice: Sendable {
                 }
             }) { r in
                 let err: BlkError? = { if case .failure(let e) = r { return e } else { return nil } }()
-                if let result = op.finish(err) { done(result.map { _ in () }) }
+                if let result = op.finish(err) {
+                    // Written, or possibly partly written on failure: either way no longer known zero.
+                    self.allocation.set(lo, hi, .data)
+                    done(result.map { _ in () })
+                }
             }
         }
     }
@@ -176,6 +245,9 @@ public final class BlockDevice: Sendable {
         guard geometry.canDiscard, lo < hi else { return done(.success(())) }
         locks.acquire(lo, hi, exclusive: true) { token in
             self.sectorCommands(lo: lo, hi: hi, max: UInt64(self.geometry.maxDiscardSectors), make: { .discard(sector: $0, sectors: $1) }) { r in
+                // A failed discard may have taken effect in part: only a full success is recorded as zero.
+                let ok: Bool = { if case .success = r { return true } else { return false } }()
+                self.allocation.set(lo, hi, ok ? (self.discardReadsZero ? .holeZero : .hole) : .data)
                 self.locks.release(token); done(r)
             }
         }
@@ -199,7 +271,14 @@ public final class BlockDevice: Sendable {
             let join = Aggregate(buffer: ByteBuffer(), remaining: parts.count + (innerLo < innerHi ? 1 : 0))
             let finish: @Sendable (Result<Void, BlkError>) -> Void = { r in
                 let err: BlkError? = { if case .failure(let e) = r { return e } else { return nil } }()
-                if let result = join.finish(err) { self.finishWrite(result.map { _ in () }, fua: fua, token: token, done) }
+                if let result = join.finish(err) {
+                    if innerLo < innerHi {
+                        let ok: Bool = { if case .success = result { return true } else { return false } }()
+                        let unmapped = useDevice && mayUnmap && self.geometry.writeZeroesMayUnmap && self.discardReadsZero
+                        self.allocation.set(innerLo, innerHi, ok ? (unmapped ? .holeZero : .zero) : .data)
+                    }
+                    self.finishWrite(result.map { _ in () }, fua: fua, token: token, done)
+                }
             }
             for (a, b) in parts { self.writeLocked(offset: a, data: Self.zeroes(Int(b - a)), finish) }
             if innerLo < innerHi {

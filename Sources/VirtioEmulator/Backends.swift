@@ -80,6 +80,24 @@ public final class FileBackend: BlockBackend {
         self.size = UInt64(usable)
     }
     deinit { close(fd) }
+
+    /// The file's holes (lseek SEEK_HOLE / SEEK_DATA), within the exported size.
+    public func holes() -> [Range<UInt64>] {
+        let seekData: Int32 = 3, seekHole: Int32 = 4     // <unistd.h> with _GNU_SOURCE
+        var out: [Range<UInt64>] = []
+        var pos: off_t = 0
+        let end = off_t(size)
+        while pos < end {
+            let hole = lseek(fd, pos, seekHole)
+            if hole < 0 || hole >= end { break }
+            var data = lseek(fd, hole, seekData)
+            if data < 0 || data > end { data = end }     // ENXIO: a hole runs to EOF
+            if data > hole { out.append(UInt64(hole)..<UInt64(data)) }
+            pos = data
+        }
+        return out
+    }
+
     public func read(at: UInt64, into mem: SharedMemory, offset: Int, count: Int) throws {
         try mem.pread(fd: fd, fileOffset: Int64(at), to: offset, count: count)
     }

@@ -15,15 +15,18 @@ struct EmulatedDisk {
 
     init(size: UInt64?, file: String?, readOnly: Bool, queueSize: Int, logger: Logger) throws {
         let backend: BlockBackend
+        // What the server knows about zeroes at start: a fresh RAM disk is all hole, a file has its holes.
+        var holes: [Range<UInt64>] = []
         if let path = file {
-            backend = try FileBackend(path: path, readOnly: readOnly, createSize: size)
+            let f = try FileBackend(path: path, readOnly: readOnly, createSize: size)
+            holes = f.holes()
+            backend = f
             label = "file \(path)"
-        } else if let s = size {
-            backend = try RAMBackend(size: s, readOnly: readOnly)
-            label = "RAM \(s) bytes"
         } else {
-            backend = try RAMBackend(size: Self.simulatedSize, readOnly: readOnly)
-            label = "simulated 512 KiB disk"
+            let s = size ?? Self.simulatedSize
+            backend = try RAMBackend(size: s, readOnly: readOnly)
+            holes = [0..<s]
+            label = size == nil ? "simulated 512 KiB disk" : "RAM \(s) bytes"
         }
         var cfg = EmulatorConfiguration()
         cfg.serial = file == nil && size == nil ? "virtnbd-simulated" : "virtnbd-emulator"
@@ -31,7 +34,7 @@ struct EmulatedDisk {
         emulator = try VirtioBlkEmulator(backend: backend, configuration: cfg, logger: elog)
         var dlog = logger; dlog[metadataKey: "component"] = "driver"
         driver = try VirtioBlkDriver(transport: try VirtioMMIOTransport(bus: emulator), queueSize: queueSize, logger: dlog)
-        device = BlockDevice(driver: driver)
+        device = BlockDevice(driver: driver, holes: holes, discardReadsZero: true)
     }
 
     func shutdown() {

@@ -36,7 +36,7 @@ func closeReasons(_ actions: [HandshakeAction]) -> [String] {
     actions.compactMap { a in if case .close(let r) = a { return r } else { return nil } }
 }
 func startedExports(_ actions: [HandshakeAction]) -> [NBDExportInfo] {
-    actions.compactMap { a in if case .startTransmission(let e) = a { return e } else { return nil } }
+    actions.compactMap { a in if case .startTransmission(let e) = a { return e.export } else { return nil } }
 }
 
 /// NBD_REP_INFO payloads of one reply stream, by info type.
@@ -330,9 +330,9 @@ final class HandshakeTests: XCTestCase {
         XCTAssertEqual(r2.last, OptReply(option: Spec.optList, type: Spec.repAck, data: []))
     }
 
-    func testStartTLSAndStructuredRepliesAreRefusedAndNegotiationContinues() {
-        // "NOTLS mode": STARTTLS gets ERR_POLICY or ERR_UNSUP. STRUCTURED_REPLY: clients handle ERR_UNSUP.
-        for (opt, allowed) in [(Spec.optStartTLS, [Spec.errPolicy, Spec.errUnsup]), (Spec.optStructuredReply, [Spec.errUnsup])] {
+    func testStartTLSIsRefusedAndStructuredRepliesAckedAndNegotiationContinues() {
+        // "NOTLS mode": STARTTLS gets ERR_POLICY or ERR_UNSUP. STRUCTURED_REPLY with no data: ACK.
+        for (opt, allowed) in [(Spec.optStartTLS, [Spec.errPolicy, Spec.errUnsup]), (Spec.optStructuredReply, [Spec.repAck])] {
             var n = Negotiation()
             let a = n.start(Client.option(opt))
             let replies = decodeOptionReplies(sentBytes(a))
