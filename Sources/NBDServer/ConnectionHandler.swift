@@ -28,8 +28,11 @@ final class NBDConnectionHandler: ChannelDuplexHandler {
     private var logger: Logger
     private let registry: ConnectionRegistry
     private let id: Int
+    private let handshakeTimeout: TimeAmount
+    private var handshakeTimer: Scheduled<Void>?
 
-    init(catalog: NBDExportCatalog, exports: [String: NBDExport], registry: ConnectionRegistry, id: Int, logger: Logger) {
+    init(catalog: NBDExportCatalog, exports: [String: NBDExport], registry: ConnectionRegistry, id: Int, handshakeTimeout: TimeAmount, logger: Logger) {
+        self.handshakeTimeout = handshakeTimeout
         self.phase = .handshake(HandshakeStateMachine(catalog: catalog))
         self.exports = exports
         self.registry = registry
@@ -41,12 +44,23 @@ final class NBDConnectionHandler: ChannelDuplexHandler {
     func channelActive(context: ChannelHandlerContext) {
         logger.debug("client connected", metadata: ["peer": "\(context.remoteAddress.map { "\($0)" } ?? "?")"])
         if case .handshake(let hs) = phase { context.writeAndFlush(wrapOutboundOut(hs.greeting()), promise: nil) }
+        // Slow or stalled clients must not hold a connection slot forever.
+        let bound = NIOLoopBound((self, context), eventLoop: context.eventLoop)
+        handshakeTimer = context.eventLoop.scheduleTask(in: handshakeTimeout) {
+            let (this, ctx) = bound.value
+            if case .handshake = this.phase {
+                this.logger.info("dropping client: handshake not finished within \(this.handshakeTimeout.nanoseconds / 1_000_000_000) s")
+                this.phase = .closing
+                ctx.close(promise: nil)
+            }
+        }
         context.fireChannelActive()
     }
 
     func channelInactive(context: ChannelHandlerContext) {
         logger.debug("client disconnected", metadata: ["in-flight": "\(inFlight)"])
         phase = .closing
+        handshakeTimer?.cancel()
         context.fireChannelInactive()
     }
 

@@ -12,18 +12,31 @@ final class ConnectionRegistry: Sendable {
         state.withLock { s in s.next += 1; s.channels[s.next] = c; return s.next }
     }
     func remove(_ id: Int) { _ = state.withLock { $0.channels.removeValue(forKey: id) } }
+    var count: Int { state.withLock { $0.channels.count } }
     var all: [Channel] { state.withLock { Array($0.channels.values) } }
 }
 
 public enum ListenAddress: Sendable, CustomStringConvertible {
     case tcp(host: String, port: Int)
     case unix(path: String)
+    /// An already bound and listening socket (systemd socket activation).
+    case boundSocket(fd: Int32)
     public var description: String {
         switch self {
         case .tcp(let h, let p): return "\(h):\(p)"
         case .unix(let p): return p
+        case .boundSocket(let fd): return "inherited socket fd \(fd)"
         }
     }
+}
+
+/// Per-connection limits.
+public struct ServerLimits: Sendable {
+    /// Clients beyond this many are closed before the greeting (0 = unlimited).
+    public var maxConnections = 0
+    /// A client that has not finished negotiating after this long is dropped.
+    public var handshakeTimeout: TimeAmount = .seconds(10)
+    public init() {}
 }
 
 public final class NBDServer: Sendable {
@@ -33,36 +46,62 @@ public final class NBDServer: Sendable {
     private let registry = ConnectionRegistry()
     private let listeners = Mutex<[Channel]>([])
 
-    public init(exports: [NBDExport], group: EventLoopGroup, logger: Logger) {
+    private let limits: ServerLimits
+
+    public init(exports: [NBDExport], group: EventLoopGroup, limits: ServerLimits = .init(), logger: Logger) {
         self.exports = exports
         self.group = group
+        self.limits = limits
         self.logger = logger
+    }
+
+    private func makeHandler(id: Int) -> NBDConnectionHandler {
+        let catalog = NBDExportCatalog(exports.map(\.info))
+        let byName = Dictionary(exports.map { ($0.info.name, $0) }, uniquingKeysWith: { a, _ in a })
+        return NBDConnectionHandler(catalog: catalog, exports: byName, registry: registry, id: id,
+                                    handshakeTimeout: limits.handshakeTimeout, logger: logger)
+    }
+
+    /// Serves exactly one client on stdin/stdout (`-s`); returns when it disconnects.
+    public func serveStdio() async throws {
+        let channel = try await NIOPipeBootstrap(group: group)
+            .channelInitializer { channel in
+                let id = self.registry.add(channel)
+                return channel.eventLoop.makeCompletedFuture {
+                    try channel.pipeline.syncOperations.addHandler(self.makeHandler(id: id))
+                }
+            }
+            .takingOwnershipOfDescriptors(input: 0, output: 1).get()
+        try await channel.closeFuture.get()
     }
 
     /// Binds a listener; returns the bound address (useful with port 0).
     @discardableResult
     public func listen(_ address: ListenAddress) async throws -> SocketAddress? {
-        let catalog = NBDExportCatalog(exports.map(\.info))
-        let byName = Dictionary(exports.map { ($0.info.name, $0) }, uniquingKeysWith: { a, _ in a })
         let registry = self.registry
         let logger = self.logger
+        let maxConnections = limits.maxConnections
         let bootstrap = ServerBootstrap(group: group)
             .serverChannelOption(.backlog, value: 256)
             .serverChannelOption(.socketOption(.so_reuseaddr), value: 1)
             .childChannelOption(.socketOption(.tcp_nodelay), value: 1)
             .childChannelOption(.recvAllocator, value: AdaptiveRecvByteBufferAllocator(minimum: 4096, initial: 256 << 10, maximum: 4 << 20))
             .childChannelInitializer { channel in
+                if maxConnections > 0 && registry.count >= maxConnections {
+                    logger.warning("refusing \(channel.remoteAddress.map { "\($0)" } ?? "client"): --max-connections \(maxConnections) reached")
+                    return channel.close()
+                }
                 let id = registry.add(channel)
                 channel.closeFuture.whenComplete { _ in registry.remove(id) }
                 return channel.eventLoop.makeCompletedFuture {
-                    try channel.pipeline.syncOperations.addHandler(
-                        NBDConnectionHandler(catalog: catalog, exports: byName, registry: registry, id: id, logger: logger))
+                    try channel.pipeline.syncOperations.addHandler(self.makeHandler(id: id))
                 }
             }
         let channel: Channel
         switch address {
         case .tcp(let host, let port): channel = try await bootstrap.bind(host: host, port: port).get()
         case .unix(let path): channel = try await bootstrap.bind(unixDomainSocketPath: path, cleanupExistingSocketFile: true).get()
+        case .boundSocket(let fd): channel = try await bootstrap.withBoundSocket(fd).get()
         }
         listeners.withLock { $0.append(channel) }
         return channel.localAddress

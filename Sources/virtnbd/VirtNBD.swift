@@ -35,7 +35,7 @@ struct ByteSize: ExpressibleByArgument {
 struct Serve: AsyncParsableCommand {
     static let configuration = CommandConfiguration(abstract: "Serve one export (the default command).")
 
-    @Option(name: [.short, .long], help: "TCP port.") var port: Int = 10809
+    @Option(name: [.short, .long], help: "TCP port (default 10809).") var port: Int?
     @Option(name: .long, help: "Address to listen on.") var listen: String = "127.0.0.1"
     @Option(name: [.customShort("U"), .long], help: "Listen on this Unix socket instead of TCP.") var unix: String?
     @Option(name: [.short, .customLong("export-name")], help: "Export name.") var exportName: String = ""
@@ -44,13 +44,19 @@ struct Serve: AsyncParsableCommand {
     @Option(name: .long, help: "Size of a RAM disk (e.g. 64M), or of a --file to create.") var size: ByteSize?
     @Option(name: .long, help: "Serve this raw image file (created sparse with --size if missing).") var file: String?
     @Option(name: .long, help: "Virtqueue size, a power of two up to 32768.") var queueSize: Int = 256
+    @Flag(name: [.short, .long], help: "Serve one client on stdin/stdout (for nbd_connect_command / nbdsh).") var stdio = false
+    @Option(name: .long, help: "Run CMD with $uri, $unixsocket, $port set, then stop the server and exit with CMD's status.") var run: String?
+    @Option(name: .long, help: "Refuse clients beyond this many at once (0 = no limit).") var maxConnections: Int = 0
+    @Option(name: .long, help: "Drop clients that have not finished negotiating after this many seconds.") var handshakeTimeout: Int = 10
     @Flag(name: [.short, .long], help: "Debug logging.") var verbose = false
 
     func validate() throws {
         guard queueSize > 0, queueSize <= 32768, queueSize & (queueSize - 1) == 0 else {
             throw ValidationError("--queue-size must be a power of two between 1 and 32768, not \(queueSize)")
         }
-        guard (1...65535).contains(port) || unix != nil else { throw ValidationError("--port must be 1-65535") }
+        if let p = port { guard (1...65535).contains(p) else { throw ValidationError("--port must be 1-65535") } }
+        guard maxConnections >= 0, handshakeTimeout > 0 else { throw ValidationError("--max-connections must be ≥ 0 and --handshake-timeout > 0") }
+        guard !(stdio && (run != nil || unix != nil)) else { throw ValidationError("--stdio serves stdin/stdout; it cannot be combined with --run or --unix") }
         guard exportName.utf8.count <= 4096 else { throw ValidationError("--export-name is limited to 4096 bytes") }
     }
 
@@ -72,27 +78,95 @@ struct Serve: AsyncParsableCommand {
         }
         let export = NBDExport(name: exportName, description: description, device: disk.device, forceReadOnly: readOnly)
         let group = MultiThreadedEventLoopGroup(numberOfThreads: System.coreCount)
-        let server = NBDServer(exports: [export], group: group, logger: logger)
+        var limits = ServerLimits()
+        limits.maxConnections = maxConnections
+        limits.handshakeTimeout = .seconds(Int64(handshakeTimeout))
+        let server = NBDServer(exports: [export], group: group, limits: limits, logger: logger)
+        let finish = {
+            disk.shutdown()
+            try? await group.shutdownGracefully()
+        }
 
-        let address: ListenAddress = unix.map { .unix(path: $0) } ?? .tcp(host: listen, port: port)
+        if stdio {
+            logger.info("serving \(disk.label) on stdin/stdout")
+            do { try await server.serveStdio() } catch { logger.error("stdio: \(error)") }
+            await server.shutdown()
+            await finish()
+            logger.info("client gone; \(disk.emulator.stats.summary)")
+            return
+        }
+
+        // Where to listen: an inherited socket (systemd), --unix, a private socket for --run, or TCP.
+        var address: ListenAddress
+        var tempDir: String?
+        if let fd = Self.socketActivationFD() {
+            address = .boundSocket(fd: fd)
+        } else if let u = unix {
+            address = .unix(path: u)
+        } else if run != nil && port == nil {
+            let dir = FileManager.default.temporaryDirectory.appendingPathComponent("virtnbd-\(getpid())").path
+            try? FileManager.default.createDirectory(atPath: dir, withIntermediateDirectories: true)
+            tempDir = dir
+            address = .unix(path: dir + "/nbd.sock")
+        } else {
+            address = .tcp(host: listen, port: port ?? 10809)
+        }
         do {
             try await server.listen(address)
         } catch {
             logger.critical("cannot listen on \(address): \(error); is another server using it?")
-            disk.shutdown()
+            await finish()
             throw ExitCode(1)
         }
         let uri = Self.uri(address, exportName)
         logger.info("serving \(disk.label) as \(uri)", metadata: ["size": "\(export.info.size)", "read-only": "\(export.readOnly)"])
-        FileHandle.standardOutput.write(Data((uri + "\n").utf8))
 
-        await Self.waitForTerminationSignal()
-        logger.info("signal received: draining connections")
+        var status: Int32 = 0
+        if let cmd = run {
+            status = await Self.runCommand(cmd, uri: uri, address: address, logger: logger)
+        } else {
+            if case .boundSocket = address {} else { FileHandle.standardOutput.write(Data((uri + "\n").utf8)) }
+            await Self.waitForTerminationSignal()
+            logger.info("signal received: draining connections")
+        }
         await server.shutdown()
-        disk.shutdown()
-        try? await group.shutdownGracefully()
+        await finish()
         if case .unix(let path) = address { unlink(path) }
+        if let d = tempDir { try? FileManager.default.removeItem(atPath: d) }
         logger.info("stopped; \(disk.emulator.stats.summary)")
+        if status != 0 { throw ExitCode(status) }
+    }
+
+    /// systemd socket activation (sd_listen_fds(3)): LISTEN_PID is us and LISTEN_FDS ≥ 1 → fd 3.
+    static func socketActivationFD() -> Int32? {
+        let env = ProcessInfo.processInfo.environment
+        guard let pid = env["LISTEN_PID"].flatMap(Int32.init), pid == getpid(),
+              let n = env["LISTEN_FDS"].flatMap(Int.init), n >= 1 else { return nil }
+        unsetenv("LISTEN_PID"); unsetenv("LISTEN_FDS"); unsetenv("LISTEN_FDNAMES")
+        return 3
+    }
+
+    /// `--run`: like nbdkit, run CMD through /bin/sh with $uri, $unixsocket and $port set.
+    static func runCommand(_ cmd: String, uri: String, address: ListenAddress, logger: Logger) async -> Int32 {
+        let p = Process()
+        p.executableURL = URL(fileURLWithPath: "/bin/sh")
+        p.arguments = ["-c", cmd]
+        var env = ProcessInfo.processInfo.environment
+        env["uri"] = uri
+        switch address {
+        case .unix(let path): env["unixsocket"] = path; env["nbd"] = uri
+        case .tcp(_, let port): env["port"] = "\(port)"; env["nbd"] = uri
+        case .boundSocket: break
+        }
+        p.environment = env
+        return await withCheckedContinuation { (c: CheckedContinuation<Int32, Never>) in
+            p.terminationHandler = { proc in c.resume(returning: proc.terminationStatus) }
+            do { try p.run() } catch {
+                logger.error("--run: cannot start /bin/sh: \(error)")
+                p.terminationHandler = nil
+                c.resume(returning: 127)
+            }
+        }
     }
 
     static func uri(_ a: ListenAddress, _ name: String) -> String {
@@ -103,6 +177,8 @@ struct Serve: AsyncParsableCommand {
             return "nbd://\(h):\(port)/\(enc)"
         case .unix(let path):
             return "nbd+unix:///\(enc)?socket=\(path)"
+        case .boundSocket:
+            return "nbd+systemd-socket-activation:///\(enc)"
         }
     }
 

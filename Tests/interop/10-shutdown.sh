@@ -1,0 +1,82 @@
+#!/usr/bin/env bash
+# Shutdown with a client connected: SIGTERM (and SIGINT) arrives while a client
+# holds an open connection after a flushed write.  Whether the server closes
+# that connection at once or waits for it is its policy; either way, once the
+# client has gone it must exit with status 0 (within STOP_TIMEOUT), and every
+# write that was acknowledged and flushed is in the backing file.
+. "$(dirname "$0")/lib.sh"
+need_cmd cmp
+
+disk="$T/disk.img"
+MiB=1048576
+
+# client.py URI OFFSET BYTE: write 1 MiB of BYTE at OFFSET, flush, say "flushed",
+# then hold the connection open until stdin closes.
+cat >"$T/client.py" <<'PY'
+import sys, nbd
+uri, off, byte = sys.argv[1], int(sys.argv[2]), int(sys.argv[3], 0)
+h = nbd.NBD()
+h.connect_uri(uri)
+h.pwrite(bytes([byte]) * (1 << 20), off)
+if h.can_flush():
+    h.flush()
+print("flushed", flush=True)
+sys.stdin.read()          # hold the connection until told to go
+try:
+    h.shutdown()          # NBD_CMD_DISC, if the server still listens
+except nbd.Error:
+    pass
+PY
+
+# hold_client URI OFFSET BYTE: start client.py; sets CLIENT_PID and CLIENT_FIFO.
+hold_client() {
+    CLIENT_FIFO="$T/fifo.$2"
+    mkfifo "$CLIENT_FIFO"
+    /usr/bin/python3 "$T/client.py" "$1" "$2" "$3" <"$CLIENT_FIFO" >"$T/client.$2.out" 2>&1 &
+    CLIENT_PID=$!
+    exec {CLIENT_FD}>"$CLIENT_FIFO"   # keep its stdin open
+    local i
+    for ((i = 0; i < 200; i++)); do
+        grep -q flushed "$T/client.$2.out" 2>/dev/null && return 0
+        kill -0 "$CLIENT_PID" 2>/dev/null || break
+        sleep 0.05
+    done
+    die "client did not write and flush" "$(cat "$T/client.$2.out")"
+}
+release_client() {  # let the client disconnect; kill it if it hangs
+    exec {CLIENT_FD}>&-
+    local i
+    for ((i = 0; i < 100; i++)); do kill -0 "$CLIENT_PID" 2>/dev/null || break; sleep 0.05; done
+    kill "$CLIENT_PID" 2>/dev/null; wait "$CLIENT_PID" 2>/dev/null
+}
+# signal_then_release SIG: signal the server while the client is connected,
+# note what the server does, let the client go, then the server must exit 0.
+signal_then_release() {
+    signal_server "$SERVER_PID" "$1" || return 1
+    sleep 1
+    if kill -0 "$SERVER_PID" 2>/dev/null; then
+        log "1s after SIG$1 the server still runs (waits for the connected client)"
+    else
+        log "the server exited within 1s of SIG$1 with a client connected"
+    fi
+    release_client
+    wait_server_exit "$SERVER_PID" "SIG$1 and the client's disconnect"
+}
+
+# --- SIGTERM with one idle connected client
+start_server --file "$disk" --size 8M
+hold_client "$URI" 0 0x5a
+pass "client wrote and flushed 1 MiB at offset 0, connection held open"
+signal_then_release TERM
+head -c $MiB /dev/zero | tr '\0' '\132' >"$T/expect"
+if cmp -n $MiB "$T/expect" "$disk" >"$T/cmp.out" 2>&1; then pass "flushed data is in the file after SIGTERM"; else fail "flushed data is in the file after SIGTERM" "$(cat "$T/cmp.out")"; fi
+
+# --- SIGINT with one idle connected client; the existing file keeps its data
+start_server --file "$disk"
+hold_client "$URI" $MiB 0xa5
+pass "client wrote and flushed 1 MiB at offset 1 MiB, connection held open"
+signal_then_release INT
+head -c $MiB /dev/zero | tr '\0' '\245' >>"$T/expect"
+if cmp -n $((2 * MiB)) "$T/expect" "$disk" >"$T/cmp.out" 2>&1; then pass "both writes are in the file after SIGINT"; else fail "both writes are in the file after SIGINT" "$(cat "$T/cmp.out")"; fi
+check_eq "file size unchanged" $((8 * MiB)) "$(stat -c %s "$disk")"
+finish
