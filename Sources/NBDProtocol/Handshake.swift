@@ -14,10 +14,18 @@ public enum HandshakeAction: Equatable {
 /// The result of negotiation: what transmission must honour.
 public struct NBDSession: Sendable, Equatable {
     public var export: NBDExportInfo
-    /// NBD_OPT_STRUCTURED_REPLY was acknowledged ("Structured reply chunk message").
+    /// NBD_OPT_STRUCTURED_REPLY (or EXTENDED_HEADERS) was acknowledged ("Structured reply chunk message").
     public var structuredReplies: Bool
+    /// NBD_OPT_EXTENDED_HEADERS was acknowledged: 32-byte requests and replies, no simple replies
+    /// (extension branch, "Extended reply chunk message").
+    public var extendedHeaders: Bool = false
     /// The context id of `base:allocation` if SET_META_CONTEXT selected it.
     public var allocationContext: UInt32?
+
+    public init(export: NBDExportInfo, structuredReplies: Bool, extendedHeaders: Bool = false, allocationContext: UInt32? = nil) {
+        self.export = export; self.structuredReplies = structuredReplies
+        self.extendedHeaders = extendedHeaders; self.allocationContext = allocationContext
+    }
 }
 
 /// Metadata contexts the server offers ("Metadata querying").
@@ -43,6 +51,7 @@ public struct HandshakeStateMachine {
     private(set) var state: State = .awaitingClientFlags
     public private(set) var clientNoZeroes = false
     public private(set) var structuredReplies = false
+    public private(set) var extendedHeaders = false
     /// Export and contexts chosen by the last SET_META_CONTEXT.
     private var metaExport: String?
     private var allocationSelected = false
@@ -124,6 +133,9 @@ public struct HandshakeStateMachine {
             // unknown name closes the connection.
             let name = data.readString(length: data.readableBytes) ?? ""
             state = .finished
+            if extendedHeaders {
+                return [.close(reason: "NBD_OPT_EXPORT_NAME after NBD_OPT_EXTENDED_HEADERS (the client MUST NOT)")]
+            }
             guard let e = catalog.lookup(name) else { return [.close(reason: "unknown export \"\(name)\" requested with NBD_OPT_EXPORT_NAME")] }
             var b = ByteBuffer()
             b.writeInteger(e.size)
@@ -180,6 +192,13 @@ public struct HandshakeStateMachine {
             return out
         case .structuredReply:
             guard data.readableBytes == 0 else { return [.send(Self.optionReply(option, NBDReply.errInvalid, message: "NBD_OPT_STRUCTURED_REPLY takes no data"))] }
+            // ERR_EXT_HEADER_REQD "is also used to indicate ... STRUCTURED_REPLY if extended headers have already been negotiated".
+            if extendedHeaders { return [.send(Self.optionReply(option, NBDReply.errExtHeaderReqd, message: "extended headers are already negotiated"))] }
+            structuredReplies = true
+            return [.send(Self.optionReply(option, NBDReply.ack))]
+        case .extendedHeaders:
+            guard data.readableBytes == 0 else { return [.send(Self.optionReply(option, NBDReply.errInvalid, message: "NBD_OPT_EXTENDED_HEADERS takes no data"))] }
+            extendedHeaders = true
             structuredReplies = true
             return [.send(Self.optionReply(option, NBDReply.ack))]
         case .listMetaContext, .setMetaContext:
@@ -204,7 +223,7 @@ public struct HandshakeStateMachine {
         let ctx = allocationSelected && metaExport.flatMap { catalog.lookup($0)?.name } == e.name ? NBDMetaContext.baseAllocationID : nil
         var export = e
         export.flags = flags(for: e)
-        return NBDSession(export: export, structuredReplies: structuredReplies, allocationContext: ctx)
+        return NBDSession(export: export, structuredReplies: structuredReplies, extendedHeaders: extendedHeaders, allocationContext: ctx)
     }
 
     /// "NBD_OPT_LIST_META_CONTEXT" / "NBD_OPT_SET_META_CONTEXT": u32 name length, name,

@@ -25,15 +25,18 @@ public enum TransmissionEvent: Equatable {
 
 public enum TransmissionError: Error, Equatable, CustomStringConvertible {
     case badMagic(UInt32)
+    case payloadTooLarge(UInt64)
     public var description: String {
         switch self {
-        case .badMagic(let m): return "request magic 0x\(String(m, radix: 16)) is not NBD_REQUEST_MAGIC; the client is out of sync, disconnecting"
+        case .badMagic(let m): return "request magic 0x\(String(m, radix: 16)) is not the negotiated request magic; the client is out of sync, disconnecting"
+        case .payloadTooLarge(let n): return "extended request announces a \(n)-byte payload, above the maximum; disconnecting as the extension says"
         }
     }
 }
 
 public struct TransmissionParser {
     public static let requestSize = 28
+    public static let extendedRequestSize = 32
     enum State: Equatable {
         case header
         case payload(NBDRequest)
@@ -41,8 +44,13 @@ public struct TransmissionParser {
     }
     private var state: State = .header
     public let maximumPayload: Int
+    /// 32-byte extended requests (NBD_OPT_EXTENDED_HEADERS) instead of 28-byte compact ones.
+    public let extendedHeaders: Bool
 
-    public init(maximumPayload: Int) { self.maximumPayload = maximumPayload }
+    public init(maximumPayload: Int, extendedHeaders: Bool = false) {
+        self.maximumPayload = maximumPayload
+        self.extendedHeaders = extendedHeaders
+    }
 
     /// Parses the next event from `input`, or returns nil when more bytes are needed.
     public mutating func next(_ input: inout ByteBuffer) throws(TransmissionError) -> TransmissionEvent? {
@@ -59,6 +67,7 @@ public struct TransmissionParser {
                 state = .header
                 return .request(r, payload: p)
             case .header:
+                if extendedHeaders { return try nextExtended(&input) }
                 guard input.readableBytes >= Self.requestSize else { return nil }
                 let magic: UInt32 = input.readInteger()!
                 guard magic == NBDMagic.request else { throw .badMagic(magic) }
@@ -81,6 +90,36 @@ public struct TransmissionParser {
                 return .request(r, payload: nil)
             }
         }
+    }
+
+    /// Extended request: magic, flags, type, cookie, offset, u64 length; a payload follows only
+    /// with NBD_CMD_FLAG_PAYLOAD_LEN (extension branch, "Request message").
+    private mutating func nextExtended(_ input: inout ByteBuffer) throws(TransmissionError) -> TransmissionEvent? {
+        guard input.readableBytes >= Self.extendedRequestSize else { return nil }
+        let magic: UInt32 = input.readInteger()!
+        guard magic == NBDMagic.extendedRequest else { throw .badMagic(magic) }
+        let flags = NBDCommandFlags(rawValue: input.readInteger()!)
+        let type: UInt16 = input.readInteger()!
+        let cookie: UInt64 = input.readInteger()!
+        let offset: UInt64 = input.readInteger()!
+        let length: UInt64 = input.readInteger()!
+        var r = NBDRequest(flags: flags, type: type, cookie: cookie, offset: offset, length: length)
+        guard flags.contains(.payloadLen) else {
+            // WRITE "MUST use the flag": without it there is no payload to read; refuse the request.
+            if type == NBDCommand.write.rawValue { return .rejected(r, error: .inval) }
+            return .request(r, payload: nil)
+        }
+        // "A server SHOULD initiate hard disconnect if ... PAYLOAD_LEN and a length larger than
+        // the maximum payload."
+        guard length <= UInt64(maximumPayload) else { throw .payloadTooLarge(length) }
+        r.flags.remove(.payloadLen)
+        if type == NBDCommand.write.rawValue {
+            state = .payload(r)
+        } else {
+            // A payload on a command that takes none: "gracefully consume" it, then EINVAL.
+            state = .discarding(r, remaining: length)
+        }
+        return try next(&input)
     }
 
     /// "Simple reply message": magic, error, cookie.

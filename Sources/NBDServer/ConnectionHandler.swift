@@ -93,7 +93,7 @@ final class NBDConnectionHandler: ChannelDuplexHandler {
                         guard let e = exports[info.name] else { context.close(promise: nil); return }
                         logger.debug("transmission started", metadata: ["export": "\(info.name)", "size": "\(info.size)",
                                                                         "structured": "\(session.structuredReplies)", "base:allocation": "\(session.allocationContext != nil)"])
-                        phase = .transmission(TransmissionParser(maximumPayload: Int(info.maximumPayload)), e, session)
+                        phase = .transmission(TransmissionParser(maximumPayload: Int(info.maximumPayload), extendedHeaders: session.extendedHeaders), e, session)
                     }
                 }
                 context.flush()
@@ -156,7 +156,7 @@ final class NBDConnectionHandler: ChannelDuplexHandler {
                 start(context) { done in device.readExtents(offset: r.offset, length: Int(r.length), allocator: context.channel.allocator) { done($0) } }
                     completion: { this, ctx, result in
                         switch result {
-                        case .success(let extents): this.replyExtents(context: ctx, cookie: cookie, extents: extents, length: r.length, offset: r.offset)
+                        case .success(let extents): this.replyExtents(context: ctx, request: r, session: session, extents: extents)
                         case .failure(let e): this.fail(ctx, r, session, e.nbdErrno, "\(e)")
                         }
                     }
@@ -165,7 +165,7 @@ final class NBDConnectionHandler: ChannelDuplexHandler {
                     completion: { this, ctx, result in
                         switch result {
                         case .success(let data):
-                            if session.structuredReplies { this.replyData(context: ctx, cookie: cookie, offset: r.offset, data: data) }
+                            if session.structuredReplies { this.replyData(context: ctx, request: r, session: session, data: data) }
                             else { this.reply(context: ctx, cookie: cookie, error: nil, data: data) }
                         case .failure(let e): this.fail(ctx, r, session, e.nbdErrno, "\(e)")
                         }
@@ -201,11 +201,11 @@ final class NBDConnectionHandler: ChannelDuplexHandler {
         case .cache:
             // Advertised as SEND_CACHE: the device is local memory or a local file; nothing to prefetch.
             guard inRange else { return fail(context, r, session, .inval, rangeError) }
-            reply(context: context, cookie: cookie, error: nil, data: nil)
+            succeed(context, r, session)
         case .blockStatus:
             guard let ctx = session.allocationContext else { return fail(context, r, session, .inval, "no metadata context was negotiated") }
             guard r.length > 0, inRange else { return fail(context, r, session, .inval, r.length == 0 ? "BLOCK_STATUS of length 0" : rangeError) }
-            replyBlockStatus(context: context, request: r, contextID: ctx, device: device)
+            replyBlockStatus(context: context, request: r, session: session, contextID: ctx, device: device)
         case .disc:
             break
         case .resize:
@@ -215,30 +215,45 @@ final class NBDConnectionHandler: ChannelDuplexHandler {
 
     // MARK: replies
 
-    /// Answers a failed request: an ERROR chunk where structured replies are required, else a simple reply.
+    private func framing(_ r: NBDRequest, _ session: NBDSession) -> ReplyFraming {
+        session.extendedHeaders ? .extended(offset: r.offset) : .structured
+    }
+
+    /// Answers a failed request: an ERROR chunk where structured replies are required (READ and
+    /// BLOCK_STATUS; everything once extended headers are on), else a simple reply.
     private func fail(_ context: ChannelHandlerContext, _ r: NBDRequest, _ session: NBDSession, _ err: NBDErrno, _ message: String) {
         logger.debug("request failed", metadata: ["type": "\(r.type)", "offset": "\(r.offset)", "length": "\(r.length)", "error": "\(err)", "why": "\(message)"])
-        if session.structuredReplies && (r.command == .read || r.command == .blockStatus) {
+        if session.extendedHeaders || (session.structuredReplies && (r.command == .read || r.command == .blockStatus)) {
             guard context.channel.isActive else { return }
-            var b = context.channel.allocator.buffer(capacity: 32 + message.utf8.count)
-            StructuredReply.error(cookie: r.cookie, error: err, message: message, into: &b)
+            var b = context.channel.allocator.buffer(capacity: 48 + message.utf8.count)
+            StructuredReply.error(cookie: r.cookie, error: err, message: message, framing: framing(r, session), into: &b)
             context.writeAndFlush(wrapOutboundOut(b), promise: nil)
         } else {
             reply(context: context, cookie: r.cookie, error: err, data: nil)
         }
     }
 
-    /// A READ as OFFSET_DATA and OFFSET_HOLE chunks; the last one carries DONE.
-    private func replyExtents(context: ChannelHandlerContext, cookie: UInt64, extents: [BlockDevice.Extent], length: UInt64, offset: UInt64) {
+    /// Answers a successful request without payload: a simple reply, or NONE+DONE with extended headers.
+    private func succeed(_ context: ChannelHandlerContext, _ r: NBDRequest, _ session: NBDSession) {
+        guard session.extendedHeaders else { return reply(context: context, cookie: r.cookie, error: nil, data: nil) }
         guard context.channel.isActive else { return }
+        var b = context.channel.allocator.buffer(capacity: 32)
+        StructuredReply.none(cookie: r.cookie, framing: framing(r, session), into: &b)
+        context.writeAndFlush(wrapOutboundOut(b), promise: nil)
+    }
+
+    /// A READ as OFFSET_DATA and OFFSET_HOLE chunks; the last one carries DONE.
+    private func replyExtents(context: ChannelHandlerContext, request r: NBDRequest, session: NBDSession, extents: [BlockDevice.Extent]) {
+        guard context.channel.isActive else { return }
+        let cookie = r.cookie, fr = framing(r, session)
         var header = context.channel.allocator.buffer(capacity: 32 * extents.count)
         for (i, e) in extents.enumerated() {
             let last = i == extents.count - 1
             switch e {
             case .zero(let o, let n):
-                StructuredReply.offsetHole(cookie: cookie, offset: o, length: UInt32(n), done: last, into: &header)
+                StructuredReply.offsetHole(cookie: cookie, offset: o, length: UInt32(n), done: last, framing: fr, into: &header)
             case .data(let o, let d):
-                StructuredReply.offsetData(cookie: cookie, offset: o, dataLength: d.readableBytes, done: last, into: &header)
+                StructuredReply.offsetData(cookie: cookie, offset: o, dataLength: d.readableBytes, done: last, framing: fr, into: &header)
                 context.write(wrapOutboundOut(header), promise: nil)
                 context.write(wrapOutboundOut(d), promise: nil)
                 header = context.channel.allocator.buffer(capacity: 32)
@@ -249,39 +264,42 @@ final class NBDConnectionHandler: ChannelDuplexHandler {
     }
 
     /// One OFFSET_DATA chunk with DONE (DF reads, and reads when structured replies are on).
-    private func replyData(context: ChannelHandlerContext, cookie: UInt64, offset: UInt64, data: ByteBuffer) {
+    private func replyData(context: ChannelHandlerContext, request r: NBDRequest, session: NBDSession, data: ByteBuffer) {
         guard context.channel.isActive else { return }
-        var header = context.channel.allocator.buffer(capacity: 32)
-        StructuredReply.offsetData(cookie: cookie, offset: offset, dataLength: data.readableBytes, done: true, into: &header)
+        var header = context.channel.allocator.buffer(capacity: 48)
+        StructuredReply.offsetData(cookie: r.cookie, offset: r.offset, dataLength: data.readableBytes, done: true, framing: framing(r, session), into: &header)
         context.write(wrapOutboundOut(header), promise: nil)
         context.writeAndFlush(wrapOutboundOut(data), promise: nil)
     }
 
     /// base:allocation extents for [offset, offset+length), merged, clipped, REQ_ONE honoured.
-    private func replyBlockStatus(context: ChannelHandlerContext, request r: NBDRequest, contextID: UInt32, device: BlockDevice) {
+    /// Compact replies carry u32 lengths; extended ones BLOCK_STATUS_EXT with u64 lengths.
+    private func replyBlockStatus(context: ChannelHandlerContext, request r: NBDRequest, session: NBDSession, contextID: UInt32, device: BlockDevice) {
         let end = r.offset + r.length
-        var extents: [(length: UInt32, flags: UInt32)] = []
-        var at = r.offset
+        let maxPiece: UInt64 = session.extendedHeaders ? UInt64.max : UInt64(UInt32.max) & ~4095
+        var extents: [(length: UInt64, flags: UInt32)] = []
         for run in device.allocation.extents(BlockDevice.down(r.offset), BlockDevice.up(end)) {
             let a = max(run.start, r.offset), b = min(run.end, end)
             guard a < b else { continue }
             let f = run.state.baseAllocationFlags
-            // Descriptor lengths are u32: split long runs ("at most 2^32 - 1 bytes" each, kept 4 KiB aligned).
             var left = b - a
             while left > 0 {
-                let n = min(left, UInt64(UInt32.max) & ~4095)
-                if let l = extents.last, l.flags == f, UInt64(l.length) + n <= UInt64(UInt32.max) & ~4095 {
-                    extents[extents.count - 1].length += UInt32(n)
-                } else { extents.append((UInt32(n), f)) }
+                let n = min(left, maxPiece)
+                if let l = extents.last, l.flags == f, maxPiece - l.length >= n { extents[extents.count - 1].length += n }
+                else { extents.append((n, f)) }
                 left -= n
             }
-            at = b
-            if r.flags.contains(.reqOne) { break }
+            // At most 2^20 descriptors per chunk ("NBD_REPLY_TYPE_BLOCK_STATUS").
+            if r.flags.contains(.reqOne) || extents.count >= 1 << 20 { break }
         }
-        _ = at
         if r.flags.contains(.reqOne) { extents = Array(extents.prefix(1)) }
-        var b = context.channel.allocator.buffer(capacity: 24 + 8 * extents.count)
-        StructuredReply.blockStatus(cookie: r.cookie, context: contextID, extents: extents, done: true, into: &b)
+        var b = context.channel.allocator.buffer(capacity: 40 + 16 * extents.count)
+        if session.extendedHeaders {
+            StructuredReply.blockStatusExt(cookie: r.cookie, context: contextID, extents: extents.map { ($0.length, UInt64($0.flags)) },
+                                           done: true, framing: framing(r, session), into: &b)
+        } else {
+            StructuredReply.blockStatus(cookie: r.cookie, context: contextID, extents: extents.map { (UInt32($0.length), $0.flags) }, done: true, into: &b)
+        }
         context.writeAndFlush(wrapOutboundOut(b), promise: nil)
     }
 
@@ -305,7 +323,7 @@ final class NBDConnectionHandler: ChannelDuplexHandler {
     private func startVoid(_ context: ChannelHandlerContext, _ r: NBDRequest, _ session: NBDSession, _ op: (@escaping @Sendable (Result<Void, BlkError>) -> Void) -> Void) {
         start(context, op) { this, ctx, result in
             switch result {
-            case .success: this.reply(context: ctx, cookie: r.cookie, error: nil, data: nil)
+            case .success: this.succeed(ctx, r, session)
             case .failure(let e): this.fail(ctx, r, session, e.nbdErrno, "\(e)")
             }
         }

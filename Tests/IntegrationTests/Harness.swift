@@ -20,11 +20,11 @@ final class TestDisk: @unchecked Sendable {
     let device: BlockDevice
     private var stopped = false
 
-    init(backend: BlockBackend) throws {
+    init(backend: BlockBackend, holes: [Range<UInt64>] = []) throws {
         var log = Logger(label: "test.disk"); log.logLevel = .warning
         emulator = try VirtioBlkEmulator(backend: backend, configuration: EmulatorConfiguration(), logger: log)
         driver = try VirtioBlkDriver(transport: try VirtioMMIOTransport(bus: emulator), queueSize: 256, logger: log)
-        device = BlockDevice(driver: driver)
+        device = BlockDevice(driver: driver, holes: holes, discardReadsZero: !holes.isEmpty)
     }
 
     static func ram(size: UInt64, readOnly: Bool = false) throws -> TestDisk {

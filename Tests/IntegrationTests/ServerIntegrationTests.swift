@@ -337,13 +337,15 @@ final class ServerIntegrationTests: XCTestCase {
                 let d: [UInt8] = [1]
                 try d.withUnsafeBytes { _ = try c.check("nbd_pwrite", nbd_pwrite(c.h, $0.baseAddress, 1, 0, UInt32(LIBNBD_CMD_FLAG_NO_HOLE))) }
             }
-            // DF is not advertised (no structured replies).
-            assertNBDError(EINVAL, "READ with DF") {
+            // REQ_ONE is only valid on BLOCK_STATUS; FAST_ZERO only on WRITE_ZEROES.
+            assertNBDError(EINVAL, "READ with REQ_ONE") {
                 var b = [UInt8](repeating: 0, count: 1)
-                try b.withUnsafeMutableBytes { _ = try c.check("nbd_pread", nbd_pread(c.h, $0.baseAddress, 1, 0, UInt32(LIBNBD_CMD_FLAG_DF))) }
+                try b.withUnsafeMutableBytes { _ = try c.check("nbd_pread", nbd_pread(c.h, $0.baseAddress, 1, 0, UInt32(LIBNBD_CMD_FLAG_REQ_ONE))) }
             }
-            // CACHE is not advertised.
-            assertNBDError(EINVAL, "CACHE") { _ = try c.check("nbd_cache", nbd_cache(c.h, 4096, 0, 0)) }
+            assertNBDError(EINVAL, "TRIM with FAST_ZERO") { _ = try c.check("nbd_trim", nbd_trim(c.h, 4096, 0, UInt32(LIBNBD_CMD_FLAG_FAST_ZERO))) }
+            // CACHE is advertised and accepted; past the end it is EINVAL.
+            XCTAssertEqual(nbd_cache(c.h, 4096, 0, 0), 0, "CACHE: \(NBDClient.lastError)")
+            assertNBDError(EINVAL, "CACHE past the end") { _ = try c.check("nbd_cache", nbd_cache(c.h, 4096, (1 << 20) - 100, 0)) }
             XCTAssertEqual(try c.pread(1, at: 0), [0], "the connection still works")
             c.close()
         }
