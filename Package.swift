@@ -11,6 +11,7 @@ let package = Package(
         .package(url: "https://github.com/apple/swift-nio", from: "2.101.2"),
         .package(url: "https://github.com/apple/swift-argument-parser", from: "1.8.2"),
         .package(url: "https://github.com/apple/swift-log", from: "1.16.2"),
+        .package(url: "https://github.com/apple/swift-nio-ssl", from: "2.37.6"),
     ],
     targets: [
         // The C shim: memfd, eventfd, poll, fixed-width volatile access and fences.
@@ -28,10 +29,11 @@ let package = Package(
             "NBDProtocol", "VirtioBlock",
             .product(name: "NIOCore", package: "swift-nio"),
             .product(name: "NIOPosix", package: "swift-nio"),
+            .product(name: "NIOSSL", package: "swift-nio-ssl"),
             .product(name: "Logging", package: "swift-log"),
         ]),
         .executableTarget(name: "virtnbd", dependencies: [
-            "NBDServer", "VirtioBlock", "VirtioEmulator", "Virtio",
+            "NBDServer", "NBDProtocol", "VirtioBlock", "VirtioEmulator", "Virtio",
             .product(name: "ArgumentParser", package: "swift-argument-parser"),
             .product(name: "Logging", package: "swift-log"),
             .product(name: "NIOCore", package: "swift-nio"),

@@ -9,6 +9,14 @@ public enum HandshakeAction: Equatable {
     case close(reason: String)
     /// Negotiation finished; transmission starts with this session.
     case startTransmission(NBDSession)
+    /// STARTTLS was acknowledged: after the queued bytes go out, wrap the connection in TLS and
+    /// continue with a fresh state machine (`HandshakeStateMachine(afterTLS:)`).
+    case startTLS
+}
+
+/// "TLS support": whether the server offers, requires or refuses STARTTLS.
+public enum NBDTLSPolicy: String, Sendable {
+    case off, on, require
 }
 
 /// The result of negotiation: what transmission must honour.
@@ -56,8 +64,25 @@ public struct HandshakeStateMachine {
     private var metaExport: String?
     private var allocationSelected = false
     public let catalog: NBDExportCatalog
+    public let tlsPolicy: NBDTLSPolicy
+    /// Whether this negotiation runs inside TLS.
+    public let tlsActive: Bool
 
-    public init(catalog: NBDExportCatalog) { self.catalog = catalog }
+    public init(catalog: NBDExportCatalog, tls: NBDTLSPolicy = .off) {
+        self.catalog = catalog
+        self.tlsPolicy = tls
+        self.tlsActive = false
+    }
+
+    /// The state machine that continues after STARTTLS. "All negotiation state from before
+    /// STARTTLS is forgotten": structured replies, meta contexts, extended headers.
+    public init(afterTLS previous: HandshakeStateMachine) {
+        catalog = previous.catalog
+        tlsPolicy = previous.tlsPolicy
+        tlsActive = true
+        clientNoZeroes = previous.clientNoZeroes
+        state = .awaitingOption
+    }
 
     public var isFinished: Bool { state == .finished }
 
@@ -124,6 +149,18 @@ public struct HandshakeStateMachine {
 
     private mutating func handle(option: UInt32, data: ByteBuffer) -> [HandshakeAction] {
         var data = data
+        // "NBD_OPT_STARTTLS": with TLS required, every option but STARTTLS, ABORT and EXPORT_NAME
+        // gets ERR_TLS_REQD until TLS is up; EXPORT_NAME cannot carry an error, so it closes.
+        if tlsPolicy == .require && !tlsActive {
+            switch NBDOption(rawValue: option) {
+            case .startTLS?, .abort?: break
+            case .exportName?:
+                state = .finished
+                return [.close(reason: "NBD_OPT_EXPORT_NAME without TLS, which this server requires")]
+            default:
+                return [.send(Self.optionReply(option, NBDReply.errTLSReqd, message: "this server requires TLS: use NBD_OPT_STARTTLS first"))]
+            }
+        }
         guard let opt = NBDOption(rawValue: option) else {
             return [.send(Self.optionReply(option, NBDReply.errUnsup, message: "option \(option) is not supported"))]
         }
@@ -204,7 +241,13 @@ public struct HandshakeStateMachine {
         case .listMetaContext, .setMetaContext:
             return metaContext(opt, data)
         case .startTLS:
-            return [.send(Self.optionReply(option, NBDReply.errPolicy, message: "TLS is not configured on this server"))]
+            guard tlsPolicy != .off else {
+                return [.send(Self.optionReply(option, NBDReply.errPolicy, message: "TLS is not configured on this server"))]
+            }
+            guard !tlsActive else { return [.send(Self.optionReply(option, NBDReply.errInvalid, message: "TLS is already active"))] }
+            guard data.readableBytes == 0 else { return [.send(Self.optionReply(option, NBDReply.errInvalid, message: "NBD_OPT_STARTTLS takes no data"))] }
+            state = .finished       // this machine is done; the handler continues with init(afterTLS:)
+            return [.send(Self.optionReply(option, NBDReply.ack)), .startTLS]
         default:
             return [.send(Self.optionReply(option, NBDReply.errUnsup, message: "option \(option) is not supported"))]
         }

@@ -3,6 +3,7 @@
 import Logging
 import NBDProtocol
 import NIOCore
+import NIOSSL
 import VirtioBlock
 
 final class NBDConnectionHandler: ChannelDuplexHandler {
@@ -30,10 +31,12 @@ final class NBDConnectionHandler: ChannelDuplexHandler {
     private let id: Int
     private let handshakeTimeout: TimeAmount
     private var handshakeTimer: Scheduled<Void>?
+    private let tls: TLSSettings
 
-    init(catalog: NBDExportCatalog, exports: [String: NBDExport], registry: ConnectionRegistry, id: Int, handshakeTimeout: TimeAmount, logger: Logger) {
+    init(catalog: NBDExportCatalog, exports: [String: NBDExport], registry: ConnectionRegistry, id: Int, handshakeTimeout: TimeAmount, tls: TLSSettings, logger: Logger) {
         self.handshakeTimeout = handshakeTimeout
-        self.phase = .handshake(HandshakeStateMachine(catalog: catalog))
+        self.tls = tls
+        self.phase = .handshake(HandshakeStateMachine(catalog: catalog, tls: tls.policy))
         self.exports = exports
         self.registry = registry
         self.id = id
@@ -87,6 +90,22 @@ final class NBDConnectionHandler: ChannelDuplexHandler {
                         phase = .closing
                         context.writeAndFlush(wrapOutboundOut(ByteBuffer()), promise: nil)
                         context.close(promise: nil)
+                        return
+                    case .startTLS:
+                        guard let ctx = tls.context else { context.close(promise: nil); return }
+                        // The ACK goes out in plaintext; everything after it is TLS. Bytes the client
+                        // sent before seeing the ACK are not part of either and are dropped.
+                        context.flush()
+                        input.clear()
+                        do {
+                            try context.pipeline.syncOperations.addHandler(NIOSSLServerHandler(context: ctx), position: .first)
+                        } catch {
+                            logger.error("cannot start TLS: \(error)")
+                            context.close(promise: nil)
+                            return
+                        }
+                        logger.debug("STARTTLS: TLS handshake starting")
+                        phase = .handshake(HandshakeStateMachine(afterTLS: hs))
                         return
                     case .startTransmission(let session):
                         let info = session.export

@@ -36,6 +36,8 @@ public struct ServerLimits: Sendable {
     public var maxConnections = 0
     /// A client that has not finished negotiating after this long is dropped.
     public var handshakeTimeout: TimeAmount = .seconds(10)
+    /// STARTTLS policy and credentials.
+    public var tls: TLSSettings = .off
     public init() {}
 }
 
@@ -59,7 +61,7 @@ public final class NBDServer: Sendable {
         let catalog = NBDExportCatalog(exports.map(\.info))
         let byName = Dictionary(exports.map { ($0.info.name, $0) }, uniquingKeysWith: { a, _ in a })
         return NBDConnectionHandler(catalog: catalog, exports: byName, registry: registry, id: id,
-                                    handshakeTimeout: limits.handshakeTimeout, logger: logger)
+                                    handshakeTimeout: limits.handshakeTimeout, tls: limits.tls, logger: logger)
     }
 
     /// Serves exactly one client on stdin/stdout (`-s`); returns when it disconnects.

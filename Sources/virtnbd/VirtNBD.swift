@@ -2,6 +2,7 @@ import ArgumentParser
 import Dispatch
 import Foundation
 import Logging
+import NBDProtocol
 import NBDServer
 import NIOCore
 import NIOPosix
@@ -48,6 +49,9 @@ struct Serve: AsyncParsableCommand {
     @Option(name: .long, help: "Run CMD with $uri, $unixsocket, $port set, then stop the server and exit with CMD's status.") var run: String?
     @Option(name: .long, help: "Refuse clients beyond this many at once (0 = no limit).") var maxConnections: Int = 0
     @Option(name: .long, help: "Drop clients that have not finished negotiating after this many seconds.") var handshakeTimeout: Int = 10
+    @Option(name: .long, help: "TLS: off, on (offer STARTTLS) or require (refuse plaintext).") var tls: NBDTLSPolicy = .off
+    @Option(name: .long, help: "Directory with ca-cert.pem, server-cert.pem, server-key.pem (as nbdkit/qemu).") var tlsCertificates: String?
+    @Option(name: .long, help: "PSK key file in psktool format (identity:hexkey lines).") var tlsPsk: String?
     @Flag(name: [.short, .long], help: "Debug logging.") var verbose = false
 
     func validate() throws {
@@ -79,6 +83,13 @@ struct Serve: AsyncParsableCommand {
         let export = NBDExport(name: exportName, description: description, device: disk.device, forceReadOnly: readOnly)
         let group = MultiThreadedEventLoopGroup(numberOfThreads: System.coreCount)
         var limits = ServerLimits()
+        do {
+            limits.tls = try TLSSettings.load(policy: tls, certificates: tlsCertificates, pskFile: tlsPsk)
+        } catch {
+            logger.critical("TLS setup failed: \(error)")
+            disk.shutdown()
+            throw ExitCode(1)
+        }
         limits.maxConnections = maxConnections
         limits.handshakeTimeout = .seconds(Int64(handshakeTimeout))
         let server = NBDServer(exports: [export], group: group, limits: limits, logger: logger)
@@ -118,7 +129,7 @@ struct Serve: AsyncParsableCommand {
             await finish()
             throw ExitCode(1)
         }
-        let uri = Self.uri(address, exportName)
+        let uri = Self.uri(address, exportName, tls: tls != .off)
         logger.info("serving \(disk.label) as \(uri)", metadata: ["size": "\(export.info.size)", "read-only": "\(export.readOnly)"])
 
         var status: Int32 = 0
@@ -169,16 +180,17 @@ struct Serve: AsyncParsableCommand {
         }
     }
 
-    static func uri(_ a: ListenAddress, _ name: String) -> String {
+    static func uri(_ a: ListenAddress, _ name: String, tls: Bool = false) -> String {
         let enc = name.addingPercentEncoding(withAllowedCharacters: .urlPathAllowed) ?? name
+        let scheme = tls ? "nbds" : "nbd"
         switch a {
         case .tcp(let host, let port):
             let h = host.contains(":") ? "[\(host)]" : host
-            return "nbd://\(h):\(port)/\(enc)"
+            return "\(scheme)://\(h):\(port)/\(enc)"
         case .unix(let path):
-            return "nbd+unix:///\(enc)?socket=\(path)"
+            return "\(scheme)+unix:///\(enc)?socket=\(path)"
         case .boundSocket:
-            return "nbd+systemd-socket-activation:///\(enc)"
+            return "\(scheme)+systemd-socket-activation:///\(enc)"
         }
     }
 
@@ -208,3 +220,5 @@ final class SignalLatch: @unchecked Sendable {
     }
     static func keep(_ s: DispatchSourceSignal) { sources.append(s) }
 }
+
+extension NBDTLSPolicy: ExpressibleByArgument {}

@@ -271,6 +271,8 @@ start_server() {
         fi
         if [[ -n "$SOCK" && ! -S "$SOCK" ]]; then sleep 0.05; continue; fi
         if [[ "$INTEROP_SERVER" == virtnbd && ! -s "$SERVER_OUT" ]]; then sleep 0.05; continue; fi
+        # START_WAIT=printed: the printed URI is enough (e.g. TLS servers a plain probe cannot reach).
+        if [[ "${START_WAIT:-probe}" == printed && -s "$SERVER_OUT" ]]; then ready=1; break; fi
         if nbdinfo --size "$URI" >/dev/null 2>&1; then ready=1; break; fi
         sleep 0.1
     done
