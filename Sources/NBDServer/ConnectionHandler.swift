@@ -4,6 +4,7 @@ import Logging
 import NBDProtocol
 import NIOCore
 import NIOSSL
+import Synchronization
 import VirtioBlock
 
 final class NBDConnectionHandler: ChannelDuplexHandler {
@@ -32,6 +33,9 @@ final class NBDConnectionHandler: ChannelDuplexHandler {
     private let handshakeTimeout: TimeAmount
     private var handshakeTimer: Scheduled<Void>?
     private let tls: TLSSettings
+    private let mailbox = CompletionMailbox()
+    private var batching = false
+    private var needsFlush = false
 
     init(catalog: NBDExportCatalog, exports: [String: NBDExport], registry: ConnectionRegistry, id: Int, handshakeTimeout: TimeAmount, tls: TLSSettings, logger: Logger) {
         self.handshakeTimeout = handshakeTimeout
@@ -246,7 +250,7 @@ final class NBDConnectionHandler: ChannelDuplexHandler {
             guard context.channel.isActive else { return }
             var b = context.channel.allocator.buffer(capacity: 48 + message.utf8.count)
             StructuredReply.error(cookie: r.cookie, error: err, message: message, framing: framing(r, session), into: &b)
-            context.writeAndFlush(wrapOutboundOut(b), promise: nil)
+            emit(context, b)
         } else {
             reply(context: context, cookie: r.cookie, error: err, data: nil)
         }
@@ -258,7 +262,7 @@ final class NBDConnectionHandler: ChannelDuplexHandler {
         guard context.channel.isActive else { return }
         var b = context.channel.allocator.buffer(capacity: 32)
         StructuredReply.none(cookie: r.cookie, framing: framing(r, session), into: &b)
-        context.writeAndFlush(wrapOutboundOut(b), promise: nil)
+        emit(context, b)
     }
 
     /// A READ as OFFSET_DATA and OFFSET_HOLE chunks; the last one carries DONE.
@@ -279,7 +283,7 @@ final class NBDConnectionHandler: ChannelDuplexHandler {
             }
         }
         if header.readableBytes > 0 { context.write(wrapOutboundOut(header), promise: nil) }
-        context.flush()
+        if batching { needsFlush = true } else { context.flush() }
     }
 
     /// One OFFSET_DATA chunk with DONE (DF reads, and reads when structured replies are on).
@@ -288,7 +292,7 @@ final class NBDConnectionHandler: ChannelDuplexHandler {
         var header = context.channel.allocator.buffer(capacity: 48)
         StructuredReply.offsetData(cookie: r.cookie, offset: r.offset, dataLength: data.readableBytes, done: true, framing: framing(r, session), into: &header)
         context.write(wrapOutboundOut(header), promise: nil)
-        context.writeAndFlush(wrapOutboundOut(data), promise: nil)
+        emit(context, data)
     }
 
     /// base:allocation extents for [offset, offset+length), merged, clipped, REQ_ONE honoured.
@@ -319,24 +323,50 @@ final class NBDConnectionHandler: ChannelDuplexHandler {
         } else {
             StructuredReply.blockStatus(cookie: r.cookie, context: contextID, extents: extents.map { (UInt32($0.length), $0.flags) }, done: true, into: &b)
         }
-        context.writeAndFlush(wrapOutboundOut(b), promise: nil)
+        emit(context, b)
     }
 
-    /// Runs a block operation; its completion hops back to this channel's event loop.
+    /// Runs a block operation. Its completion is posted to this connection's mailbox; the first
+    /// post of a batch schedules one drain on the event loop, which answers every completion that
+    /// has arrived and flushes the socket once (coalesced replies, one wakeup per batch).
     private func start<T: Sendable>(_ context: ChannelHandlerContext,
                                     _ op: (@escaping @Sendable (Result<T, BlkError>) -> Void) -> Void,
                                     completion: @escaping (NBDConnectionHandler, ChannelHandlerContext, Result<T, BlkError>) -> Void) {
         inFlight += 1
         let loop = context.eventLoop
         let bound = NIOLoopBound((self, context, completion), eventLoop: loop)
+        let mailbox = self.mailbox
         op { result in
-            loop.execute {
+            let first = mailbox.post {
                 let (this, ctx, completion) = bound.value
                 this.inFlight -= 1
                 completion(this, ctx, result)
-                this.afterCompletion(context: ctx)
+            }
+            if first {
+                loop.execute {
+                    let (this, ctx, _) = bound.value
+                    this.drainMailbox(context: ctx)
+                }
             }
         }
+    }
+
+    private func drainMailbox(context: ChannelHandlerContext) {
+        batching = true
+        while true {
+            let items = mailbox.take()
+            if items.isEmpty { break }
+            for item in items { item() }
+        }
+        batching = false
+        if needsFlush { needsFlush = false; context.flush() }
+        afterCompletion(context: context)
+    }
+
+    /// Writes a reply; flushes now, or once at the end of the current completion batch.
+    private func emit(_ context: ChannelHandlerContext, _ b: ByteBuffer) {
+        context.write(wrapOutboundOut(b), promise: nil)
+        if batching { needsFlush = true } else { context.flush() }
     }
 
     private func startVoid(_ context: ChannelHandlerContext, _ r: NBDRequest, _ session: NBDSession, _ op: (@escaping @Sendable (Result<Void, BlkError>) -> Void) -> Void) {
@@ -354,9 +384,9 @@ final class NBDConnectionHandler: ChannelDuplexHandler {
         TransmissionParser.simpleReply(cookie: cookie, error: error, into: &header)
         if let d = data {
             context.write(wrapOutboundOut(header), promise: nil)
-            context.writeAndFlush(wrapOutboundOut(d), promise: nil)
+            emit(context, d)
         } else {
-            context.writeAndFlush(wrapOutboundOut(header), promise: nil)
+            emit(context, header)
         }
     }
 
@@ -406,3 +436,24 @@ final class NBDConnectionHandler: ChannelDuplexHandler {
 
 /// Sent to every connection on shutdown: finish what is in flight, then close.
 struct QuiesceEvent {}
+
+/// Completions posted from the driver's thread for one connection, drained on its event loop.
+final class CompletionMailbox: Sendable {
+    private let items = Mutex<[@Sendable () -> Void]>([])
+
+    /// Adds an item; returns true if the mailbox was empty (the caller schedules a drain).
+    func post(_ item: @escaping @Sendable () -> Void) -> Bool {
+        items.withLock { i in
+            i.append(item)
+            return i.count == 1
+        }
+    }
+
+    func take() -> [@Sendable () -> Void] {
+        items.withLock { i in
+            let out = i
+            i = []
+            return out
+        }
+    }
+}
