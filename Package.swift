@@ -24,6 +24,10 @@ let package = Package(
         .target(name: "VirtioBlock", dependencies: ["Virtio", .product(name: "NIOCore", package: "swift-nio"), .product(name: "Logging", package: "swift-log")]),
         // The in-process virtio-blk device (virtio-mmio register model, own thread).
         .target(name: "VirtioEmulator", dependencies: ["Virtio", "CVirtShim", .product(name: "Logging", package: "swift-log")]),
+        // The vhost-user-blk front end: a VirtioTransport over a vhost-user Unix socket.
+        .target(name: "VhostUser", dependencies: ["Virtio", "CVirtShim", .product(name: "Logging", package: "swift-log")]),
+        // The VFIO virtio-pci transport: a virtio-blk PCI device bound to vfio-pci, driven from user space.
+        .target(name: "VFIO", dependencies: ["Virtio", "CVirtShim", .product(name: "Logging", package: "swift-log")]),
         // SwiftNIO glue: listeners and per-connection handlers.
         .target(name: "NBDServer", dependencies: [
             "NBDProtocol", "VirtioBlock",
@@ -33,7 +37,7 @@ let package = Package(
             .product(name: "Logging", package: "swift-log"),
         ]),
         .executableTarget(name: "virtnbd", dependencies: [
-            "NBDServer", "NBDProtocol", "VirtioBlock", "VirtioEmulator", "Virtio",
+            "NBDServer", "NBDProtocol", "VirtioBlock", "VirtioEmulator", "Virtio", "VhostUser", "VFIO",
             .product(name: "ArgumentParser", package: "swift-argument-parser"),
             .product(name: "Logging", package: "swift-log"),
             .product(name: "NIOCore", package: "swift-nio"),
@@ -42,6 +46,7 @@ let package = Package(
         .systemLibrary(name: "CNBD", path: "Tests/CNBD", pkgConfig: "libnbd", providers: [.apt(["libnbd-dev"])]),
         .testTarget(name: "NBDProtocolTests", dependencies: ["NBDProtocol"]),
         .testTarget(name: "VirtioTests", dependencies: ["Virtio", "VirtioBlock", "VirtioEmulator", .product(name: "NIOCore", package: "swift-nio"), .product(name: "NIOConcurrencyHelpers", package: "swift-nio")]),
+        .testTarget(name: "VhostUserTests", dependencies: ["VhostUser", "VirtioBlock", "Virtio", .product(name: "NIOCore", package: "swift-nio")]),
         .testTarget(name: "IntegrationTests", dependencies: [
             "CNBD", "NBDServer", "VirtioBlock", "VirtioEmulator",
             .product(name: "NIOPosix", package: "swift-nio"),

@@ -59,3 +59,14 @@ int vshim_punch_hole(int fd, int64_t off, int64_t len) {
 int vshim_zero_range(int fd, int64_t off, int64_t len) {
     return fallocate(fd, FALLOC_FL_ZERO_RANGE | FALLOC_FL_KEEP_SIZE, off, len) == 0 ? 0 : -errno;
 }
+
+int vshim_pwrite_zeroes(int fd, int64_t off, int64_t len) {
+    static const char zeros[65536];
+    while (len > 0) {
+        size_t n = len < (int64_t)sizeof zeros ? (size_t)len : sizeof zeros;
+        ssize_t w = pwrite(fd, zeros, n, off);
+        if (w < 0) { if (errno == EINTR) continue; return -errno; }
+        off += w; len -= w;
+    }
+    return 0;
+}

@@ -69,7 +69,7 @@ public final class VirtioBlkDriver: @unchecked Sendable {
         try transport.writeStatus([.acknowledge, .driver])
         // Steps 4-6: features.
         let offered = transport.readDeviceFeatures()
-        let wanted: VirtioFeatures = [.version1, .blkSizeMax, .blkSegMax, .blkBlkSize, .blkFlush, .blkRO, .blkDiscard, .blkWriteZeroes, .eventIdx]
+        let wanted: VirtioFeatures = [.version1, .accessPlatform, .blkSizeMax, .blkSegMax, .blkBlkSize, .blkFlush, .blkRO, .blkDiscard, .blkWriteZeroes, .eventIdx]
         let features = offered.intersection(wanted)
         guard features.contains(.version1) else {
             try? transport.writeStatus([.failed])
@@ -102,6 +102,8 @@ public final class VirtioBlkDriver: @unchecked Sendable {
                 writeZeroesMayUnmap: features.contains(.blkWriteZeroes) && cfg(56, 1) != 0)
             if gen == transport.configGeneration() { break }
         } while true
+        // Some devices (QEMU 7.2's vhost-user-blk) offer SIZE_MAX but leave it 0: no limit.
+        if g.sizeMax == 0 { g.sizeMax = UInt32.max }
         guard g.sizeMax >= UInt32(Self.pageSize) else {
             throw VirtioTransportError.deviceFailed("size_max \(g.sizeMax) is below 4096; 4 KiB segments are required")
         }
@@ -266,11 +268,13 @@ public final class VirtioBlkDriver: @unchecked Sendable {
         // Return pages, then start whatever now fits.
         var toLaunch: [(Pending, [Int32])] = []
         var toFail: [(Completion, BlkError)] = []
+        var newlyBroken = false
         state.withLock { s in
             for (slot, _, _) in finished { for p in slot.pages { arena.returnPage(p) } }
             s.inFlight -= finished.count
             if let f = failure, s.broken == nil {
                 s.broken = f
+                newlyBroken = true
                 for i in s.slots.indices { if let sl = s.slots[i] { toFail.append((sl.done, .deviceBroken(f))); s.slots[i] = nil; for p in sl.pages { arena.returnPage(p) } } }
             }
             if let f = s.broken {
@@ -284,7 +288,7 @@ public final class VirtioBlkDriver: @unchecked Sendable {
             }
             if s.waitingHead == s.waiting.count { s.waiting.removeAll(keepingCapacity: true); s.waitingHead = 0 }
         }
-        if let f = failure { logger.error("virtio-blk device failed: \(f)") }
+        if let f = failure, newlyBroken { logger.error("virtio-blk device failed: \(f); failing every request") }
         finished.removeAll(keepingCapacity: true)
         for (d, e) in toFail { d(.failure(e)) }
         for (p, pages) in toLaunch { launch(p, pages) }
@@ -336,4 +340,7 @@ public final class VirtioBlkDriver: @unchecked Sendable {
 public final class DriverStats: Sendable {
     public let kicks = Atomic<Int>(0), interrupts = Atomic<Int>(0), errors = Atomic<Int>(0)
     public init() {}
+    public var summary: String {
+        "driver_kicks=\(kicks.load(ordering: .relaxed)) driver_interrupts=\(interrupts.load(ordering: .relaxed)) driver_errors=\(errors.load(ordering: .relaxed))"
+    }
 }

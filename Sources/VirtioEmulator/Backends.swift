@@ -114,13 +114,7 @@ public final class FileBackend: BlockBackend {
     public func writeZeroes(at: UInt64, count: UInt64, unmap: Bool) throws {
         if unmap, vshim_punch_hole(fd, Int64(at), Int64(count)) == 0 { return }
         if vshim_zero_range(fd, Int64(at), Int64(count)) == 0 { return }
-        let zeros = [UInt8](repeating: 0, count: 1 << 16)
-        var done: UInt64 = 0
-        while done < count {
-            let n = Int(min(UInt64(zeros.count), count - done))
-            let w = zeros.withUnsafeBytes { Glibc.pwrite(fd, $0.baseAddress, n, off_t(at + done)) }
-            if w < 0 { if errno == EINTR { continue }; throw BackendError.io(op: "pwrite zeroes \(path)", errno: errno) }
-            done += UInt64(w)
-        }
+        let r = vshim_pwrite_zeroes(fd, Int64(at), Int64(count))
+        if r != 0 { throw BackendError.io(op: "pwrite zeroes \(path)", errno: -r) }
     }
 }

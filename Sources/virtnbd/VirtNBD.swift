@@ -45,6 +45,8 @@ struct Serve: AsyncParsableCommand {
     @Option(name: .long, help: "Size of a RAM disk (e.g. 64M), or of a --file to create.") var size: ByteSize?
     @Option(name: .long, help: "Serve this raw image file (created sparse with --size if missing).") var file: String?
     @Option(name: .long, help: "Virtqueue size, a power of two up to 32768.") var queueSize: Int = 256
+    @Option(name: .long, help: "The virtio-blk device: emulator (default), vhost-user:SOCKET, or vfio:PCI-ADDRESS.") var device: String = "emulator"
+
     @Flag(name: [.short, .long], help: "Serve one client on stdin/stdout (for nbd_connect_command / nbdsh).") var stdio = false
     @Option(name: .long, help: "Run CMD with $uri, $unixsocket, $port set, then stop the server and exit with CMD's status.") var run: String?
     @Option(name: .long, help: "Refuse clients beyond this many at once (0 = no limit).") var maxConnections: Int = 0
@@ -60,6 +62,12 @@ struct Serve: AsyncParsableCommand {
         }
         if let p = port { guard (1...65535).contains(p) else { throw ValidationError("--port must be 1-65535") } }
         guard maxConnections >= 0, handshakeTimeout > 0 else { throw ValidationError("--max-connections must be ≥ 0 and --handshake-timeout > 0") }
+        guard let spec = DeviceSpec(device) else {
+            throw ValidationError("--device must be emulator, vhost-user:/path/to.sock or vfio:0000:00:05.0, not \"\(device)\"")
+        }
+        if spec != .emulator && (size != nil || file != nil) {
+            throw ValidationError("--size and --file configure the emulator; they cannot be used with --device \(device)")
+        }
         guard !(stdio && (run != nil || unix != nil)) else { throw ValidationError("--stdio serves stdin/stdout; it cannot be combined with --run or --unix") }
         guard exportName.utf8.count <= 4096 else { throw ValidationError("--export-name is limited to 4096 bytes") }
     }
@@ -73,9 +81,9 @@ struct Serve: AsyncParsableCommand {
         }
         let logger = Logger(label: "virtnbd")
 
-        let disk: EmulatedDisk
+        let disk: ServedDisk
         do {
-            disk = try EmulatedDisk(size: size?.bytes, file: file, readOnly: readOnly, queueSize: queueSize, logger: logger)
+            disk = try DeviceSpec(device)!.open(size: size?.bytes, file: file, readOnly: readOnly, queueSize: queueSize, logger: logger)
         } catch {
             logger.critical("cannot start the device: \(error)")
             throw ExitCode(1)
@@ -103,7 +111,7 @@ struct Serve: AsyncParsableCommand {
             do { try await server.serveStdio() } catch { logger.error("stdio: \(error)") }
             await server.shutdown()
             await finish()
-            logger.info("client gone; \(disk.emulator.stats.summary)")
+            logger.info("client gone; \(disk.statsSummary)")
             return
         }
 
@@ -144,7 +152,7 @@ struct Serve: AsyncParsableCommand {
         await finish()
         if case .unix(let path) = address { unlink(path) }
         if let d = tempDir { try? FileManager.default.removeItem(atPath: d) }
-        logger.info("stopped; \(disk.emulator.stats.summary)")
+        logger.info("stopped; \(disk.statsSummary)")
         if status != 0 { throw ExitCode(status) }
     }
 

@@ -42,4 +42,6 @@ static inline void vshim_mmio_write32(volatile void *p, uint32_t v) { *(volatile
 int vshim_punch_hole(int fd, int64_t off, int64_t len);
 /// fallocate(fd, FALLOC_FL_ZERO_RANGE|FALLOC_FL_KEEP_SIZE, off, len). Returns 0 or -errno.
 int vshim_zero_range(int fd, int64_t off, int64_t len);
+/// Writes `len` zero bytes at `off` with pwrite (fallback when fallocate cannot zero). Returns 0 or -errno.
+int vshim_pwrite_zeroes(int fd, int64_t off, int64_t len);
 #endif

@@ -1,0 +1,409 @@
+// The vhost-user front end against a real backend: qemu-storage-daemon's vhost-user-blk export
+// (no root needed) on a sparse temp image. Skipped when qemu-storage-daemon is not installed.
+import Foundation
+import Logging
+import NIOCore
+import Synchronization
+import VhostUser
+import Virtio
+import VirtioBlock
+import XCTest
+#if canImport(Glibc)
+import Glibc
+#endif
+
+/// A qemu-storage-daemon serving one image as vhost-user-blk (or NBD) on a Unix socket.
+final class StorageDaemon: @unchecked Sendable {
+    static let binary = "/usr/bin/qemu-storage-daemon"
+    static let counter = Atomic<Int>(0)
+    let dir: String
+    let image: String
+    let socket: String
+    let process = Process()
+
+    enum Kind { case vhostUserBlk, nbd }
+
+    init(size: Int, kind: Kind = .vhostUserBlk, image existing: String? = nil) throws {
+        let n = Self.counter.add(1, ordering: .relaxed).newValue
+        dir = "/tmp/vu-\(getpid())-\(n)"
+        try FileManager.default.createDirectory(atPath: dir, withIntermediateDirectories: true)
+        image = existing ?? dir + "/disk.img"
+        socket = dir + "/vub.sock"
+        if existing == nil {
+            let fd = open(image, O_CREAT | O_RDWR | O_TRUNC, 0o644)
+            guard fd >= 0, ftruncate(fd, off_t(size)) == 0 else { throw POSIXError(.EIO) }
+            Glibc.close(fd)
+        }
+        process.executableURL = URL(fileURLWithPath: Self.binary)
+        let blockdev = "driver=file,node-name=disk,filename=\(image),discard=unmap"
+        switch kind {
+        case .vhostUserBlk:
+            process.arguments = ["--blockdev", blockdev,
+                                 "--export", "type=vhost-user-blk,id=exp0,node-name=disk,addr.type=unix,addr.path=\(socket),writable=on"]
+        case .nbd:
+            process.arguments = ["--blockdev", blockdev,
+                                 "--nbd-server", "addr.type=unix,addr.path=\(socket)",
+                                 "--export", "type=nbd,id=exp0,node-name=disk,name=disk,writable=on"]
+        }
+        _ = FileManager.default.createFile(atPath: dir + "/qsd.log", contents: nil)
+        let log = FileHandle(forWritingAtPath: dir + "/qsd.log")
+        process.standardOutput = log
+        process.standardError = log
+        try process.run()
+        // Wait for the socket to appear (bounded).
+        let deadline = Date().addingTimeInterval(15)
+        while !FileManager.default.fileExists(atPath: socket) {
+            guard process.isRunning, Date() < deadline else {
+                throw XCTSkip("qemu-storage-daemon did not create \(socket): \(daemonLog)")
+            }
+            usleep(20_000)
+        }
+    }
+
+    var daemonLog: String { (try? String(contentsOfFile: dir + "/qsd.log", encoding: .utf8)) ?? "" }
+
+    /// SIGTERM and wait (bounded) for it to exit.
+    func stop() {
+        guard process.isRunning else { return }
+        process.terminate()
+        waitExit(seconds: 10)
+    }
+    /// SIGKILL: the backend vanishes without a word.
+    func kill9() {
+        guard process.isRunning else { return }
+        Glibc.kill(process.processIdentifier, SIGKILL)
+        waitExit(seconds: 10)
+    }
+    private func waitExit(seconds: Double) {
+        let deadline = Date().addingTimeInterval(seconds)
+        while process.isRunning && Date() < deadline { usleep(10_000) }
+    }
+    func cleanup() {
+        stop()
+        try? FileManager.default.removeItem(atPath: dir)
+    }
+}
+
+/// Deterministic random numbers (seed printed on failure paths).
+struct SplitMix64: RandomNumberGenerator {
+    var state: UInt64
+    mutating func next() -> UInt64 {
+        state &+= 0x9E37_79B9_7F4A_7C15
+        var z = state
+        z = (z ^ (z >> 30)) &* 0xBF58_476D_1CE4_E5B9
+        z = (z ^ (z >> 27)) &* 0x94D0_49BB_1331_11EB
+        return z ^ (z >> 31)
+    }
+}
+
+final class VhostUserTests: XCTestCase {
+    static let diskSize = 64 << 20
+
+    var log: Logger {
+        var l = Logger(label: "test.vhost-user")
+        l.logLevel = ProcessInfo.processInfo.environment["VU_TEST_LOG"] != nil ? .debug : .warning
+        return l
+    }
+
+    override func setUpWithError() throws {
+        guard FileManager.default.isExecutableFile(atPath: StorageDaemon.binary) else {
+            throw XCTSkip("qemu-storage-daemon is not installed")
+        }
+    }
+
+    struct Rig {
+        let daemon: StorageDaemon
+        let transport: VhostUserTransport
+        let driver: VirtioBlkDriver
+        let dev: BlockDevice
+    }
+
+    func rig(queueSize: Int = 256, ioPages: Int = 4096) throws -> Rig {
+        let d = try StorageDaemon(size: Self.diskSize)
+        do {
+            let t = try VhostUserTransport(socketPath: d.socket, logger: log)
+            let drv = try VirtioBlkDriver(transport: t, queueSize: queueSize, ioPages: ioPages, logger: log)
+            return Rig(daemon: d, transport: t, driver: drv, dev: BlockDevice(driver: drv))
+        } catch {
+            print("daemon log:", d.daemonLog)
+            d.cleanup()
+            throw error
+        }
+    }
+
+    // MARK: blocking helpers with bounded waits
+
+    func blocking<T: Sendable>(_ what: String, seconds: Double = 60, _ start: (@escaping @Sendable (T) -> Void) -> Void) throws -> T {
+        let sem = DispatchSemaphore(value: 0)
+        let box = Mutex<T?>(nil)
+        start { v in box.withLock { $0 = v }; sem.signal() }
+        guard sem.wait(timeout: .now() + seconds) == .success else {
+            XCTFail("\(what) did not complete within \(seconds) s")
+            throw BlkError.ioError("timeout: \(what)")
+        }
+        return box.withLock { $0! }
+    }
+    func read(_ d: BlockDevice, _ off: Int, _ len: Int) throws -> [UInt8] {
+        var b = try blocking("read \(off)+\(len)") { d.read(offset: UInt64(off), length: len, $0) }.get()
+        return b.readBytes(length: b.readableBytes)!
+    }
+    func write(_ d: BlockDevice, _ off: Int, _ bytes: [UInt8], fua: Bool = false) throws {
+        try blocking("write \(off)+\(bytes.count)") { d.write(offset: UInt64(off), data: ByteBuffer(bytes: bytes), fua: fua, $0) }.get()
+    }
+    func readAll(_ d: BlockDevice) throws -> [UInt8] {
+        var out: [UInt8] = []
+        out.reserveCapacity(Self.diskSize)
+        let chunk = 4 << 20
+        for off in stride(from: 0, to: Self.diskSize, by: chunk) { out += try read(d, off, chunk) }
+        return out
+    }
+
+    // MARK: tests
+
+    func testBadSocketPathGivesClearError() throws {
+        let missing = "/tmp/vu-\(getpid())-does-not-exist.sock"
+        XCTAssertThrowsError(try VhostUserTransport(socketPath: missing, logger: log)) { e in
+            guard case VhostUserError.connectFailed(let p, let errno) = e else { return XCTFail("unexpected error \(e)") }
+            XCTAssertEqual(p, missing)
+            XCTAssertEqual(errno, ENOENT)
+            XCTAssertTrue("\(e)".contains("is the backend"), "\(e)")
+            XCTAssertTrue("\(e)".contains(missing), "\(e)")
+        }
+        // A regular file where the socket should be: nobody listening.
+        let file = "/tmp/vu-\(getpid())-not-a-socket"
+        _ = FileManager.default.createFile(atPath: file, contents: Data([1]))
+        defer { unlink(file) }
+        XCTAssertThrowsError(try VhostUserTransport(socketPath: file, logger: log)) { e in
+            guard case VhostUserError.connectFailed = e else { return XCTFail("unexpected error \(e)") }
+            XCTAssertTrue("\(e)".contains("cannot connect"), "\(e)")
+        }
+        let long = "/tmp/" + String(repeating: "x", count: 200)
+        XCTAssertThrowsError(try VhostUserTransport(socketPath: long, logger: log)) { e in
+            XCTAssertEqual(e as? VhostUserError, .badSocketPath(long))
+        }
+    }
+
+    /// The negotiated shape of qemu-storage-daemon 7.2's export (see notes, "vhost-user front end").
+    func testHandshakeAndGeometry() throws {
+        let r = try rig()
+        defer { r.driver.shutdown(); r.transport.close(); r.daemon.cleanup() }
+        let g = r.driver.geometry
+        XCTAssertEqual(g.capacityBytes, UInt64(Self.diskSize))
+        XCTAssertEqual(g.segMax, 126)
+        XCTAssertEqual(g.blockSize, 512)
+        XCTAssertTrue(g.canFlush && g.canDiscard && g.canWriteZeroes)
+        XCTAssertFalse(g.readOnly)
+        XCTAssertEqual(g.maxDiscardSectors, 32768)
+        XCTAssertEqual(g.maxWriteZeroesSectors, 32768)
+        XCTAssertEqual(r.driver.maxPagesPerRequest, 32)
+        XCTAssertTrue(r.driver.negotiated.contains([.version1, .eventIdx]))
+        // VHOST_USER_F_PROTOCOL_FEATURES is the transport's business, never a virtio feature.
+        XCTAssertNotEqual(r.transport.backendFeatures & (1 << 30), 0)
+        XCTAssertEqual(r.transport.readDeviceFeatures().rawValue & (1 << 30), 0)
+        XCTAssertEqual(r.transport.protocolFeatures & ((1 << 3) | (1 << 9)), (1 << 3) | (1 << 9))
+        XCTAssertEqual(r.transport.configSpace.count, 60)
+        XCTAssertEqual(r.transport.queueCount, 1)
+        XCTAssertTrue(r.transport.readStatus().contains([.acknowledge, .driver, .featuresOK, .driverOK]))
+        XCTAssertNil(r.transport.failureReason)
+    }
+
+    /// Concurrent random writes (aligned and not), flush, read-back; trim and write-zeroes; then the
+    /// image file itself must equal the model byte for byte.
+    func testConcurrentRandomIOTrimZeroesAndImageMatchesModel() throws {
+        let r = try rig()
+        var stopped = false
+        defer { if !stopped { r.driver.shutdown(); r.transport.close() }; r.daemon.cleanup() }
+        let seed = UInt64(truncatingIfNeeded: Date().timeIntervalSince1970.bitPattern)
+        var rng = SplitMix64(state: seed)
+        var model = [UInt8](repeating: 0, count: Self.diskSize)
+        let window = 1 << 20
+        let windows = Self.diskSize / window
+        for round in 0..<8 {
+            // 24 disjoint windows written at once; each write random in place, length and alignment.
+            let picked = Array((0..<windows).shuffled(using: &rng).prefix(24))
+            let group = DispatchGroup()
+            let failures = Mutex<[String]>([])
+            for (k, w) in picked.enumerated() {
+                let aligned = k % 3 == 0
+                var len = Int.random(in: 1...(300 << 10), using: &rng)
+                var off = w * window + Int.random(in: 0..<(window - len), using: &rng)
+                if aligned { off &= ~4095; len = max(4096, len & ~4095) }
+                let fill = UInt8(truncatingIfNeeded: round * 37 + k + 1)
+                var bytes = [UInt8](repeating: 0, count: len)
+                for i in stride(from: 0, to: len, by: 97) { bytes[i] = UInt8(truncatingIfNeeded: Int(fill) &+ i / 97) }
+                for i in 0..<min(len, 64) { bytes[i] = fill }
+                model.replaceSubrange(off..<(off + len), with: bytes)
+                let (o, l) = (off, len)
+                group.enter()
+                r.dev.write(offset: UInt64(o), data: ByteBuffer(bytes: bytes), fua: k == 5) { res in
+                    if case .failure(let e) = res { failures.withLock { $0.append("write \(o)+\(l): \(e)") } }
+                    group.leave()
+                }
+            }
+            XCTAssertEqual(group.wait(timeout: .now() + 60), .success, "round \(round) writes hung (seed \(seed))")
+            XCTAssertEqual(failures.withLock { $0 }, [], "seed \(seed)")
+            try blocking("flush") { r.dev.flush($0) }.get()
+            // Spot-check each window while the next round's writes have not started.
+            for w in picked {
+                XCTAssertEqual(try read(r.dev, w * window, window), Array(model[(w * window)..<((w + 1) * window)]), "round \(round) window \(w), seed \(seed)")
+            }
+        }
+        XCTAssertTrue(try readAll(r.dev) == model, "full read-back differs from the model (seed \(seed))")
+
+        // Trim whole blocks (qemu punches holes with discard=unmap: they read back as zeroes).
+        try blocking("trim") { r.dev.trim(offset: 3 << 20, length: 2 << 20, $0) }.get()
+        model.replaceSubrange((3 << 20)..<(5 << 20), with: repeatElement(0, count: 2 << 20))
+        // Write-zeroes, aligned and unaligned, with and without unmap.
+        for (off, len, unmap) in [(10 << 20, 1 << 20, true), ((12 << 20) + 1000, 70_000, false), ((20 << 20) + 4096, 40 << 20, true), (5, 3, false)] {
+            try blocking("write-zeroes \(off)+\(len)") { r.dev.writeZeroes(offset: UInt64(off), length: UInt64(len), mayUnmap: unmap, fua: false, $0) }.get()
+            model.replaceSubrange(off..<(off + len), with: repeatElement(0, count: len))
+        }
+        // Some data after the zeroes, overlapping their edges.
+        let tail = (0..<10_000).map { UInt8(truncatingIfNeeded: $0 &* 7 &+ 3) }
+        try write(r.dev, (10 << 20) - 5000, tail, fua: true)
+        model.replaceSubrange(((10 << 20) - 5000)..<((10 << 20) + 5000), with: tail)
+        XCTAssertTrue(try readAll(r.dev) == model, "read-back after trim/zeroes differs (seed \(seed))")
+
+        // Shut down cleanly, stop the daemon, and compare the image file.
+        r.driver.shutdown(flush: true)
+        r.transport.close()
+        stopped = true
+        r.daemon.stop()
+        let file = try Data(contentsOf: URL(fileURLWithPath: r.daemon.image))
+        XCTAssertEqual(file.count, Self.diskSize)
+        if file != Data(model) {
+            let first = zip(file, model).enumerated().first { $0.element.0 != $0.element.1 }?.offset ?? -1
+            XCTFail("image differs from the model, first at byte \(first) (seed \(seed))")
+        }
+    }
+
+    /// kill -9 the backend with requests in flight: they and everything after fail with
+    /// deviceBroken, within bounded time, and shutdown returns.
+    func testBackendKilledMidRunFailsRequestsWithoutHanging() throws {
+        let r = try rig()
+        defer { r.transport.close(); r.daemon.cleanup() }
+        let outcomes = Mutex<(ok: Int, broken: Int, other: [String])>((0, 0, []))
+        let inFlight = DispatchSemaphore(value: 64)
+        let group = DispatchGroup()
+        let chunk = 256 << 10
+        let payload = ByteBuffer(bytes: [UInt8](repeating: 0x5A, count: chunk))
+        var issued = 0
+        var killed = false
+        let started = Date()
+        while Date().timeIntervalSince(started) < 30 {
+            if !killed && outcomes.withLock({ $0.ok }) >= 200 {
+                r.daemon.kill9()
+                killed = true
+            }
+            if killed && outcomes.withLock({ $0.broken }) > 0 && issued % 64 == 0 { break }
+            guard inFlight.wait(timeout: .now() + 15) == .success else { XCTFail("requests stopped completing after the kill"); break }
+            group.enter()
+            let off = UInt64((issued * chunk) % Self.diskSize)
+            issued += 1
+            r.dev.write(offset: off, data: payload, fua: false) { res in
+                outcomes.withLock { o in
+                    switch res {
+                    case .success: o.ok += 1
+                    case .failure(.deviceBroken): o.broken += 1
+                    case .failure(let e): o.other.append("\(e)")
+                    }
+                }
+                inFlight.signal()
+                group.leave()
+            }
+        }
+        XCTAssertTrue(killed, "the daemon was never killed (completions: \(outcomes.withLock { $0.ok }))")
+        XCTAssertEqual(group.wait(timeout: .now() + 15), .success, "requests in flight at the kill never completed")
+        let o = outcomes.withLock { $0 }
+        XCTAssertGreaterThan(o.broken, 0)
+        XCTAssertEqual(o.other, [], "errors other than deviceBroken")
+        // The next request fails at once with the typed error.
+        let next: Result<Void, BlkError> = try blocking("write after the kill", seconds: 10) { r.dev.write(offset: 0, data: payload, fua: false, $0) }
+        guard case .failure(.deviceBroken) = next else { return XCTFail("expected deviceBroken, got \(next)") }
+        let flushed: Result<Void, BlkError> = try blocking("flush after the kill", seconds: 10) { r.dev.flush($0) }
+        guard case .failure(.deviceBroken) = flushed else { return XCTFail("expected deviceBroken, got \(flushed)") }
+        XCTAssertTrue(r.transport.readStatus().contains(.deviceNeedsReset))
+        XCTAssertNotNil(r.transport.failureReason)
+        // Control messages now fail with a typed error instead of blocking.
+        XCTAssertThrowsError(try r.transport.reset()) { e in
+            guard case VhostUserError.backendFailed = e else { return XCTFail("unexpected \(e)") }
+        }
+        // Shutdown (final flush + reset) must return.
+        let done = DispatchSemaphore(value: 0)
+        let drv = r.driver
+        Thread { drv.shutdown(flush: true); done.signal() }.start()
+        XCTAssertEqual(done.wait(timeout: .now() + 15), .success, "driver shutdown hung after the backend died")
+        print("kill test: \(o.ok) ok before the kill, \(o.broken) failed with deviceBroken, \(issued) issued")
+    }
+
+    /// The backend drops the connection right after the handshake: bringing the driver up fails with a
+    /// typed error naming the message, not a hang.
+    func testBackendGoneBeforeDriverStarts() throws {
+        let d = try StorageDaemon(size: Self.diskSize)
+        defer { d.cleanup() }
+        let t = try VhostUserTransport(socketPath: d.socket, logger: log)
+        d.kill9()
+        // Give the watch thread a moment; either way the driver must fail quickly with a typed error.
+        usleep(100_000)
+        let start = Date()
+        XCTAssertThrowsError(try VirtioBlkDriver(transport: t, queueSize: 128, logger: log)) { e in
+            XCTAssertTrue(e is VhostUserError, "\(type(of: e)): \(e)")
+            XCTAssertTrue("\(e)".contains("closed"), "\(e)")
+        }
+        XCTAssertLessThan(Date().timeIntervalSince(start), 5)
+        t.close()
+    }
+
+    /// Not asserted: sequential throughput through transport + driver + block layer.
+    func testThroughputReport() throws {
+        let r = try rig()
+        defer { r.driver.shutdown(); r.transport.close(); r.daemon.cleanup() }
+        let total = Self.diskSize, io = 1 << 20, depth = 16
+        var rng = SplitMix64(state: 42)
+        let data = ByteBuffer(bytes: (0..<io).map { _ in UInt8.random(in: 0...255, using: &rng) })
+        func run(_ label: String, _ op: (Int, @escaping @Sendable () -> Void) -> Void) -> Double {
+            let slots = DispatchSemaphore(value: depth), group = DispatchGroup()
+            let t0 = Date()
+            for off in stride(from: 0, to: total, by: io) {
+                slots.wait(); group.enter()
+                op(off) { slots.signal(); group.leave() }
+            }
+            _ = group.wait(timeout: .now() + 120)
+            let dt = Date().timeIntervalSince(t0)
+            let mbs = Double(total) / dt / 1e6
+            print(String(format: "vhost-user throughput: %@ %d MiB in %.3f s = %.1f MB/s (1 MiB requests, depth %d)", label, total >> 20, dt, mbs, depth))
+            return mbs
+        }
+        let failures = Mutex(0)
+        let dev = r.dev
+        let t0 = Date()
+        _ = run("write") { off, done in dev.write(offset: UInt64(off), data: data, fua: false) { if case .failure = $0 { failures.withLock { $0 += 1 } }; done() } }
+        try blocking("flush") { r.dev.flush($0) }.get()
+        let dt = Date().timeIntervalSince(t0)
+        print(String(format: "vhost-user throughput: write+flush %d MiB in %.3f s = %.1f MB/s", total >> 20, dt, Double(total) / dt / 1e6))
+        _ = run("read ") { off, done in dev.read(offset: UInt64(off), length: io) { if case .failure = $0 { failures.withLock { $0 += 1 } }; done() } }
+        XCTAssertEqual(failures.withLock { $0 }, 0)
+        // Peer in the same run: nbdcopy of 64 MiB random data into qemu-storage-daemon's own NBD export.
+        let nbdcopy = "/usr/bin/nbdcopy"
+        if FileManager.default.isExecutableFile(atPath: nbdcopy) {
+            let peer = try StorageDaemon(size: Self.diskSize, kind: .nbd)
+            defer { peer.cleanup() }
+            let src = peer.dir + "/random.bin"
+            var bytes = [UInt8](repeating: 0, count: total)
+            for i in stride(from: 0, to: total, by: 8) { withUnsafeBytes(of: rng.next()) { bytes.replaceSubrange(i..<(i + 8), with: $0) } }
+            XCTAssertTrue(FileManager.default.createFile(atPath: src, contents: Data(bytes)))
+            for (label, args) in [("write", [src, "nbd+unix:///disk?socket=\(peer.socket)"]),
+                                  ("read ", ["nbd+unix:///disk?socket=\(peer.socket)", "null:"])] {
+                let p = Process()
+                p.executableURL = URL(fileURLWithPath: nbdcopy)
+                p.arguments = ["--flush"] + args
+                let t0 = Date()
+                try p.run(); p.waitUntilExit()
+                let dt = Date().timeIntervalSince(t0)
+                XCTAssertEqual(p.terminationStatus, 0)
+                print(String(format: "qsd NBD peer:         %@ %d MiB in %.3f s = %.1f MB/s (nbdcopy, process start included)", label, total >> 20, dt, Double(total) / dt / 1e6))
+            }
+        }
+        print("driver stats: kicks \(r.driver.stats.kicks.load(ordering: .relaxed)) interrupts \(r.driver.stats.interrupts.load(ordering: .relaxed))")
+    }
+}
