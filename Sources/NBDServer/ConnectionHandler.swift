@@ -15,6 +15,10 @@ final class NBDConnectionHandler: ChannelDuplexHandler {
 
     /// Requests in flight before the handler stops reading the socket (backpressure).
     static let maxInFlight = 128
+    /// Bytes of request payload and reply data in flight before parsing pauses.
+    static let maxInFlightBytes = 64 << 20
+    /// Unparsed input buffered before the socket is no longer read (one maximum request).
+    static let maxBufferedInput = (32 << 20) + 64
 
     private enum Phase {
         case handshake(HandshakeStateMachine)
@@ -25,6 +29,7 @@ final class NBDConnectionHandler: ChannelDuplexHandler {
     private var input = ByteBuffer()
     private var inFlight = 0
     private var readPending = false
+    private var inFlightBytes = 0
     private var quiescing = false
     private let exports: [String: NBDExport]
     private var logger: Logger
@@ -122,7 +127,8 @@ final class NBDConnectionHandler: ChannelDuplexHandler {
                 context.flush()
                 if case .handshake = phase { return }
             case .transmission(var parser, let export, let session):
-                if quiescing || inFlight >= Self.maxInFlight { return }
+                // Parse no further while requests, their bytes or unsent replies are at their bounds.
+                if quiescing || inFlight >= Self.maxInFlight || inFlightBytes >= Self.maxInFlightBytes || !context.channel.isWritable { return }
                 let event: TransmissionEvent?
                 do {
                     event = try parser.next(&input)
@@ -176,7 +182,7 @@ final class NBDConnectionHandler: ChannelDuplexHandler {
             guard r.length <= UInt64(export.info.maximumPayload) else { return fail(context, r, session, .inval, "READ longer than the maximum payload") }
             guard inRange else { return fail(context, r, session, .inval, rangeError) }
             if session.structuredReplies && !r.flags.contains(.df) {
-                start(context) { done in device.readExtents(offset: r.offset, length: Int(r.length), allocator: context.channel.allocator) { done($0) } }
+                start(context, bytes: Int(r.length)) { done in device.readExtents(offset: r.offset, length: Int(r.length), allocator: context.channel.allocator) { done($0) } }
                     completion: { this, ctx, result in
                         switch result {
                         case .success(let extents): this.replyExtents(context: ctx, request: r, session: session, extents: extents)
@@ -184,7 +190,7 @@ final class NBDConnectionHandler: ChannelDuplexHandler {
                         }
                     }
             } else {
-                start(context) { done in device.read(offset: r.offset, length: Int(r.length), allocator: context.channel.allocator) { done($0) } }
+                start(context, bytes: Int(r.length)) { done in device.read(offset: r.offset, length: Int(r.length), allocator: context.channel.allocator) { done($0) } }
                     completion: { this, ctx, result in
                         switch result {
                         case .success(let data):
@@ -199,7 +205,7 @@ final class NBDConnectionHandler: ChannelDuplexHandler {
             guard inRange else { return fail(context, r, session, .nospc, rangeError) }
             let data = payload ?? ByteBuffer()
             let fua = r.flags.contains(.fua)
-            startVoid(context, r, session) { done in device.write(offset: r.offset, data: data, fua: fua, done) }
+            startVoid(context, r, session, bytes: data.readableBytes) { done in device.write(offset: r.offset, data: data, fua: fua, done) }
         case .flush:
             startVoid(context, r, session) { done in device.flush(done) }
         case .trim:
@@ -329,10 +335,11 @@ final class NBDConnectionHandler: ChannelDuplexHandler {
     /// Runs a block operation. Its completion is posted to this connection's mailbox; the first
     /// post of a batch schedules one drain on the event loop, which answers every completion that
     /// has arrived and flushes the socket once (coalesced replies, one wakeup per batch).
-    private func start<T: Sendable>(_ context: ChannelHandlerContext,
+    private func start<T: Sendable>(_ context: ChannelHandlerContext, bytes: Int = 0,
                                     _ op: (@escaping @Sendable (Result<T, BlkError>) -> Void) -> Void,
                                     completion: @escaping (NBDConnectionHandler, ChannelHandlerContext, Result<T, BlkError>) -> Void) {
         inFlight += 1
+        inFlightBytes += bytes
         let loop = context.eventLoop
         let bound = NIOLoopBound((self, context, completion), eventLoop: loop)
         let mailbox = self.mailbox
@@ -340,6 +347,7 @@ final class NBDConnectionHandler: ChannelDuplexHandler {
             let first = mailbox.post {
                 let (this, ctx, completion) = bound.value
                 this.inFlight -= 1
+                this.inFlightBytes -= bytes
                 completion(this, ctx, result)
             }
             if first {
@@ -369,8 +377,8 @@ final class NBDConnectionHandler: ChannelDuplexHandler {
         if batching { needsFlush = true } else { context.flush() }
     }
 
-    private func startVoid(_ context: ChannelHandlerContext, _ r: NBDRequest, _ session: NBDSession, _ op: (@escaping @Sendable (Result<Void, BlkError>) -> Void) -> Void) {
-        start(context, op) { this, ctx, result in
+    private func startVoid(_ context: ChannelHandlerContext, _ r: NBDRequest, _ session: NBDSession, bytes: Int = 0, _ op: (@escaping @Sendable (Result<Void, BlkError>) -> Void) -> Void) {
+        start(context, bytes: bytes, op) { this, ctx, result in
             switch result {
             case .success: this.succeed(ctx, r, session)
             case .failure(let e): this.fail(ctx, r, session, e.nbdErrno, "\(e)")
@@ -393,7 +401,7 @@ final class NBDConnectionHandler: ChannelDuplexHandler {
     private func afterCompletion(context: ChannelHandlerContext) {
         if case .closing = phase { closeWhenDrained(context: context); return }
         if quiescing { closeWhenDrained(context: context); return }
-        if readPending && inFlight < Self.maxInFlight {
+        if readPending && mayRead(context) {
             readPending = false
             context.read()
         }
@@ -408,12 +416,31 @@ final class NBDConnectionHandler: ChannelDuplexHandler {
 
     // MARK: backpressure and shutdown
 
+    /// Backpressure: the socket is read only while requests in flight, their bytes, unparsed
+    /// input and unsent replies are all bounded. A client that floods requests without reading
+    /// replies fills its own socket buffers instead of the server's memory.
+    private func mayRead(_ context: ChannelHandlerContext) -> Bool {
+        !quiescing && inFlight < Self.maxInFlight && inFlightBytes < Self.maxInFlightBytes
+            && input.readableBytes < Self.maxBufferedInput && context.channel.isWritable
+    }
+
     func read(context: ChannelHandlerContext) {
-        if inFlight >= Self.maxInFlight || quiescing {
+        guard mayRead(context) else {
             readPending = true
             return
         }
         context.read()
+    }
+
+    func channelWritabilityChanged(context: ChannelHandlerContext) {
+        if context.channel.isWritable {
+            if input.readableBytes > 0 { process(context: context) }
+            if readPending && mayRead(context) {
+                readPending = false
+                context.read()
+            }
+        }
+        context.fireChannelWritabilityChanged()
     }
 
     func userInboundEventTriggered(context: ChannelHandlerContext, event: Any) {

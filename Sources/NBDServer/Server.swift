@@ -87,6 +87,8 @@ public final class NBDServer: Sendable {
             .serverChannelOption(.backlog, value: 256)
             .serverChannelOption(.socketOption(.so_reuseaddr), value: 1)
             .childChannelOption(.socketOption(.tcp_nodelay), value: 1)
+            // Unsent replies beyond 16 MiB make the channel unwritable, which pauses reading.
+            .childChannelOption(.writeBufferWaterMark, value: .init(low: 4 << 20, high: 16 << 20))
             .childChannelOption(.recvAllocator, value: AdaptiveRecvByteBufferAllocator(minimum: 4096, initial: 256 << 10, maximum: 4 << 20))
             .childChannelInitializer { channel in
                 if maxConnections > 0 && registry.count >= maxConnections {

@@ -132,7 +132,7 @@ public final class VirtioBlkDriver: @unchecked Sendable {
             "capacity": "\(g.capacityBytes)", "features": "\(features)", "queue-size": "\(queueSize)",
             "seg-max": "\(g.segMax)", "pages-per-request": "\(maxPagesPerRequest)", "io-pages": "\(ioPages)"])
         let t = Thread { [unowned self] in self.completionLoop() }
-        t.name = "virtio-blk-completions"
+        t.name = "virtio-blk-irq"
         thread = t
         t.start()
     }

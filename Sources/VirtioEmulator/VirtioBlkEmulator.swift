@@ -85,7 +85,7 @@ public final class VirtioBlkEmulator: MMIOBus, @unchecked Sendable {
         stopFD = try EventFD()
         configSpace = Self.makeConfig(capacitySectors: backend.size / 512, c: configuration)
         let t = Thread { [unowned self] in self.run() }
-        t.name = "virtio-blk-emulator"
+        t.name = "virtio-blk-dev"   // ≤ 15 bytes: Linux thread names
         thread = t
         t.start()
     }

@@ -1,0 +1,90 @@
+// libFuzzer entry: TransmissionParser (Sources/NBDProtocol/Transmission.swift).
+// Compiled by Scripts/fuzz together with Sources/NBDProtocol/*.swift as module NBDProtocol.
+//
+// Input layout:
+//   byte 0   bit 0: extended headers (32-byte requests) instead of compact (28-byte);
+//            bits 1-2: maximum payload (0, 1, 4096, 32 MiB)
+//   byte 1   chunking: bits 0-3 log2 of the largest chunk; the rest, with byte 2, a PRNG seed
+//   byte 2   seed (high)
+//   rest     the client's byte stream in the transmission phase
+// The stream is parsed once whole and once split into chunks (as reads arrive); both must give
+// the same events and the same error. Invariants: a WRITE's payload is exactly its length and at
+// most the maximum payload; other requests carry none; with extended headers PAYLOAD_LEN never
+// reaches the handler.
+import NIOCore
+
+private enum Outcome: Equatable {
+    case request(NBDRequest, payload: [UInt8]?)
+    case rejected(NBDRequest, NBDErrno)
+    case error(TransmissionError)
+}
+
+private struct PRNG {
+    var s: UInt64
+    mutating func next() -> UInt64 { s ^= s << 13; s ^= s >> 7; s ^= s << 17; return s }
+}
+
+private func check(_ cond: @autoclosure () -> Bool, _ msg: @autoclosure () -> String) {
+    if !cond() { fatalError("transmission invariant violated: \(msg())") }
+}
+
+private func run(_ bytes: ArraySlice<UInt8>, extended: Bool, maxPayload: Int, maxChunk: Int?, seed: UInt64) -> [Outcome] {
+    var parser = TransmissionParser(maximumPayload: maxPayload, extendedHeaders: extended)
+    var prng = PRNG(s: seed)
+    var acc = ByteBuffer()
+    var out: [Outcome] = []
+    var pos = bytes.startIndex
+    var feeds = 0
+    while true {
+        let n = maxChunk.map { min(Int(prng.next() % UInt64($0 + 1)), bytes.endIndex - pos) } ?? (bytes.endIndex - pos)
+        acc.writeBytes(bytes[pos..<pos + n])
+        pos += n
+        feeds += 1
+        do {
+            while let e = try parser.next(&acc) {
+                switch e {
+                case .request(let r, let payload):
+                    // With extended headers the parser consumes PAYLOAD_LEN; in compact mode it is just
+                    // a flag the handler must refuse, so it may come through.
+                    if extended { check(!r.flags.contains(.payloadLen), "PAYLOAD_LEN left in flags of \(r)") }
+                    if r.type == NBDCommand.write.rawValue {
+                        guard let p = payload else { fatalError("WRITE without payload: \(r)") }
+                        check(UInt64(p.readableBytes) == r.length, "WRITE payload \(p.readableBytes) bytes for length \(r.length)")
+                        check(p.readableBytes <= maxPayload, "WRITE payload \(p.readableBytes) above maximum \(maxPayload)")
+                        out.append(.request(r, payload: Array(p.readableBytesView)))
+                    } else {
+                        check(payload == nil, "payload on non-WRITE \(r)")
+                        out.append(.request(r, payload: nil))
+                    }
+                    if !extended { check(r.length <= UInt64(UInt32.max), "compact length above 32 bits") }
+                case .rejected(let r, let err):
+                    check(err == .inval, "rejected with \(err)")
+                    out.append(.rejected(r, err))
+                }
+            }
+        } catch {
+            out.append(.error(error))
+            return out
+        }
+        if pos == bytes.endIndex { break }
+        if feeds % 8 == 0 { acc.discardReadBytes() }
+    }
+    return out
+}
+
+@_cdecl("LLVMFuzzerTestOneInput")
+public func fuzzTransmission(_ data: UnsafePointer<UInt8>, _ size: Int) -> CInt {
+    guard size >= 3 else { return 0 }
+    let bytes = Array(UnsafeBufferPointer(start: data, count: size))
+    let extended = bytes[0] & 1 != 0
+    let maxPayload = [0, 1, 4096, 32 << 20][Int(bytes[0] >> 1 & 3)]
+    let maxChunk = 1 << Int(bytes[1] & 15)
+    let seed = UInt64(bytes[1] >> 4) << 8 | UInt64(bytes[2]) | 0x9E37_79B9_0000_0000
+    let body = bytes[3...]
+    let whole = run(body, extended: extended, maxPayload: maxPayload, maxChunk: nil, seed: seed)
+    let split = run(body, extended: extended, maxPayload: maxPayload, maxChunk: maxChunk, seed: seed)
+    if whole != split {
+        fatalError("transmission: split feed differs from whole feed\nwhole: \(whole)\nsplit: \(split)")
+    }
+    return 0
+}
