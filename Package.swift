@@ -12,6 +12,7 @@ let package = Package(
         .package(url: "https://github.com/apple/swift-argument-parser", from: "1.8.2"),
         .package(url: "https://github.com/apple/swift-log", from: "1.16.2"),
         .package(url: "https://github.com/apple/swift-nio-ssl", from: "2.37.6"),
+        .package(url: "https://github.com/jpsim/Yams", from: "6.2.2"),
     ],
     targets: [
         // The C shim: memfd, eventfd, poll, fixed-width volatile access and fences.
@@ -36,8 +37,10 @@ let package = Package(
             .product(name: "NIOSSL", package: "swift-nio-ssl"),
             .product(name: "Logging", package: "swift-log"),
         ]),
+        // The operator's configuration file (YAML) and its merge with command-line flags. Pure values.
+        .target(name: "ServerConfig", dependencies: [.product(name: "Yams", package: "Yams")]),
         .executableTarget(name: "virtnbd", dependencies: [
-            "NBDServer", "NBDProtocol", "VirtioBlock", "VirtioEmulator", "Virtio", "VhostUser", "VFIO",
+            "NBDServer", "NBDProtocol", "VirtioBlock", "VirtioEmulator", "Virtio", "VhostUser", "VFIO", "ServerConfig",
             .product(name: "ArgumentParser", package: "swift-argument-parser"),
             .product(name: "Logging", package: "swift-log"),
             .product(name: "NIOCore", package: "swift-nio"),
@@ -45,6 +48,7 @@ let package = Package(
         ]),
         .systemLibrary(name: "CNBD", path: "Tests/CNBD", pkgConfig: "libnbd", providers: [.apt(["libnbd-dev"])]),
         .testTarget(name: "NBDProtocolTests", dependencies: ["NBDProtocol"]),
+        .testTarget(name: "ServerConfigTests", dependencies: ["ServerConfig"]),
         .testTarget(name: "VirtioTests", dependencies: ["Virtio", "VirtioBlock", "VirtioEmulator", .product(name: "NIOCore", package: "swift-nio"), .product(name: "NIOConcurrencyHelpers", package: "swift-nio")]),
         .testTarget(name: "VhostUserTests", dependencies: ["VhostUser", "VirtioBlock", "Virtio", .product(name: "NIOCore", package: "swift-nio")]),
         .testTarget(name: "IntegrationTests", dependencies: [

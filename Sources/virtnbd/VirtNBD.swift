@@ -6,6 +6,7 @@ import NBDProtocol
 import NBDServer
 import NIOCore
 import NIOPosix
+import ServerConfig
 
 @main
 struct VirtNBD: AsyncParsableCommand {
@@ -54,6 +55,7 @@ struct Serve: AsyncParsableCommand {
     @Option(name: .long, help: "TLS: off, on (offer STARTTLS) or require (refuse plaintext).") var tls: NBDTLSPolicy = .off
     @Option(name: .long, help: "Directory with ca-cert.pem, server-cert.pem, server-key.pem (as nbdkit/qemu).") var tlsCertificates: String?
     @Option(name: .long, help: "PSK key file in psktool format (identity:hexkey lines).") var tlsPsk: String?
+    @Option(name: .long, help: "YAML config file with listeners, limits, TLS and several exports (see Config/virtnbd.yaml). Flags override it.") var config: String?
     @Flag(name: [.short, .long], help: "Debug logging.") var verbose = false
 
     func validate() throws {
@@ -72,8 +74,78 @@ struct Serve: AsyncParsableCommand {
         guard exportName.utf8.count <= 4096 else { throw ValidationError("--export-name is limited to 4096 bytes") }
     }
 
+    /// One export to open: its name, description, device and read-only flag.
+    struct ExportPlan {
+        var name: String
+        var description: String
+        var device: DeviceSpec
+        var size: UInt64?
+        var file: String?
+        var readOnly: Bool
+        var queueSize: Int
+    }
+
+    /// Everything `run` needs, from the flags alone or from `--config` merged with the flags.
+    struct Plan {
+        var exports: [ExportPlan]
+        var listeners: [ListenAddress]
+        var maxConnections: Int
+        var handshakeTimeout: Int
+        var tls: NBDTLSPolicy
+        var tlsCertificates: String?
+        var tlsPsk: String?
+        var level: Logger.Level
+    }
+
+    func plan() throws -> Plan {
+        guard let path = config else {
+            var listeners: [ListenAddress] = [.tcp(host: listen, port: port ?? 10809)]
+            if let u = unix { listeners = [.unix(path: u)] }
+            return Plan(exports: [ExportPlan(name: exportName, description: description, device: DeviceSpec(device)!, size: size?.bytes,
+                                             file: file, readOnly: readOnly, queueSize: queueSize)],
+                        listeners: listeners, maxConnections: maxConnections, handshakeTimeout: handshakeTimeout,
+                        tls: tls, tlsCertificates: tlsCertificates, tlsPsk: tlsPsk, level: verbose ? .debug : .info)
+        }
+        // Only flags that differ from their defaults override the file (see README, "Configuration file").
+        let flags = CommandLineOverrides(
+            port: port, listen: listen == "127.0.0.1" ? nil : listen, unix: unix,
+            maxConnections: maxConnections == 0 ? nil : maxConnections, handshakeTimeout: handshakeTimeout == 10 ? nil : handshakeTimeout,
+            verbose: verbose, tls: tls == .off ? nil : TLSPolicy(rawValue: tls.rawValue), tlsCertificates: tlsCertificates, tlsPsk: tlsPsk,
+            exportName: exportName.isEmpty && size == nil && file == nil && device == "emulator" ? nil : exportName,
+            description: description.isEmpty ? nil : description, readOnly: readOnly, size: size?.bytes, file: file,
+            device: device == "emulator" ? nil : device, queueSize: queueSize == 256 ? nil : queueSize)
+        let cfg = try VirtNBDConfig.load(path: path).merged(with: flags)
+        var exports: [ExportPlan] = []
+        for e in cfg.exports {
+            var p = ExportPlan(name: e.name, description: e.description, device: .emulator, size: nil, file: nil, readOnly: e.readOnly, queueSize: e.queueSize)
+            switch e.device {
+            case .simulated: break
+            case .ram(let sz): p.size = sz
+            case .file(let fp, let sz): p.file = fp; p.size = sz
+            case .vhostUser(let sock): p.device = .vhostUser(path: sock)
+            case .vfio(let a): p.device = .vfio(address: a)
+            }
+            exports.append(p)
+        }
+        let listeners: [ListenAddress] = cfg.listeners.map {
+            switch $0 {
+            case .tcp(let h, let p): return .tcp(host: h, port: p)
+            case .unix(let u): return .unix(path: u)
+            }
+        }
+        return Plan(exports: exports, listeners: listeners, maxConnections: cfg.limits.maxConnections,
+                    handshakeTimeout: cfg.limits.handshakeTimeout, tls: NBDTLSPolicy(rawValue: cfg.serverTLSPolicy.rawValue) ?? .off,
+                    tlsCertificates: cfg.tls.certificates, tlsPsk: cfg.tls.psk,
+                    level: Logger.Level(rawValue: cfg.logLevel.rawValue) ?? .info)
+    }
+
     func run() async throws {
-        let level: Logger.Level = verbose ? .debug : .info
+        let plan: Plan
+        do { plan = try self.plan() } catch {
+            FileHandle.standardError.write(Data("virtnbd: \(error)\n".utf8))
+            throw ExitCode(1)
+        }
+        let level = plan.level
         LoggingSystem.bootstrap { label in
             var h = StreamLogHandler.standardError(label: label)
             h.logLevel = level
@@ -81,78 +153,91 @@ struct Serve: AsyncParsableCommand {
         }
         let logger = Logger(label: "virtnbd")
 
-        let disk: ServedDisk
-        do {
-            disk = try DeviceSpec(device)!.open(size: size?.bytes, file: file, readOnly: readOnly, queueSize: queueSize, logger: logger)
-        } catch {
-            logger.critical("cannot start the device: \(error)")
-            throw ExitCode(1)
+        var disks: [ServedDisk] = []
+        var exports: [NBDExport] = []
+        for e in plan.exports {
+            do {
+                var elog = logger; elog[metadataKey: "export"] = "\(e.name)"
+                let d = try e.device.open(size: e.size, file: e.file, readOnly: e.readOnly, queueSize: e.queueSize, logger: elog)
+                disks.append(d)
+                exports.append(NBDExport(name: e.name, description: e.description, device: d.device, forceReadOnly: e.readOnly))
+            } catch {
+                logger.critical("cannot start the device of export \"\(e.name)\": \(error)")
+                for d in disks { d.shutdown() }
+                throw ExitCode(1)
+            }
         }
-        let export = NBDExport(name: exportName, description: description, device: disk.device, forceReadOnly: readOnly)
+        let shutdownDisks = { for d in disks { d.shutdown() } }
+        let summary = { disks.map(\.statsSummary).joined(separator: " | ") }
         let group = MultiThreadedEventLoopGroup(numberOfThreads: System.coreCount)
         var limits = ServerLimits()
         do {
-            limits.tls = try TLSSettings.load(policy: tls, certificates: tlsCertificates, pskFile: tlsPsk)
+            limits.tls = try TLSSettings.load(policy: plan.tls, certificates: plan.tlsCertificates, pskFile: plan.tlsPsk)
         } catch {
             logger.critical("TLS setup failed: \(error)")
-            disk.shutdown()
+            shutdownDisks()
             throw ExitCode(1)
         }
-        limits.maxConnections = maxConnections
-        limits.handshakeTimeout = .seconds(Int64(handshakeTimeout))
-        let server = NBDServer(exports: [export], group: group, limits: limits, logger: logger)
+        limits.maxConnections = plan.maxConnections
+        limits.handshakeTimeout = .seconds(Int64(plan.handshakeTimeout))
+        let server = NBDServer(exports: exports, group: group, limits: limits, logger: logger)
         let finish = {
-            disk.shutdown()
+            shutdownDisks()
             try? await group.shutdownGracefully()
         }
 
         if stdio {
-            logger.info("serving \(disk.label) on stdin/stdout")
+            logger.info("serving \(disks.map(\.label).joined(separator: ", ")) on stdin/stdout")
             do { try await server.serveStdio() } catch { logger.error("stdio: \(error)") }
             await server.shutdown()
             await finish()
-            logger.info("client gone; \(disk.statsSummary)")
+            logger.info("client gone; \(summary())")
             return
         }
 
-        // Where to listen: an inherited socket (systemd), --unix, a private socket for --run, or TCP.
-        var address: ListenAddress
+        // Where to listen: an inherited socket (systemd), a private socket for --run, or the plan's listeners.
+        var addresses = plan.listeners
         var tempDir: String?
         if let fd = Self.socketActivationFD() {
-            address = .boundSocket(fd: fd)
-        } else if let u = unix {
-            address = .unix(path: u)
-        } else if run != nil && port == nil {
+            addresses = [.boundSocket(fd: fd)]
+        } else if run != nil && port == nil && unix == nil && config == nil {
             let dir = FileManager.default.temporaryDirectory.appendingPathComponent("virtnbd-\(getpid())").path
             try? FileManager.default.createDirectory(atPath: dir, withIntermediateDirectories: true)
             tempDir = dir
-            address = .unix(path: dir + "/nbd.sock")
-        } else {
-            address = .tcp(host: listen, port: port ?? 10809)
+            addresses = [.unix(path: dir + "/nbd.sock")]
         }
-        do {
-            try await server.listen(address)
-        } catch {
-            logger.critical("cannot listen on \(address): \(error); is another server using it?")
-            await finish()
-            throw ExitCode(1)
+        for address in addresses {
+            do {
+                try await server.listen(address)
+            } catch {
+                logger.critical("cannot listen on \(address): \(error); is another server using it?")
+                await server.shutdown()
+                await finish()
+                throw ExitCode(1)
+            }
         }
-        let uri = Self.uri(address, exportName, tls: tls != .off)
-        logger.info("serving \(disk.label) as \(uri)", metadata: ["size": "\(export.info.size)", "read-only": "\(export.readOnly)"])
+        let first = addresses[0]
+        let uri = Self.uri(first, exports[0].info.name, tls: plan.tls != .off)
+        for (e, d) in zip(exports, disks) {
+            for a in addresses {
+                logger.info("serving \(d.label) as \(Self.uri(a, e.info.name, tls: plan.tls != .off))",
+                            metadata: ["size": "\(e.info.size)", "read-only": "\(e.readOnly)"])
+            }
+        }
 
         var status: Int32 = 0
         if let cmd = run {
-            status = await Self.runCommand(cmd, uri: uri, address: address, logger: logger)
+            status = await Self.runCommand(cmd, uri: uri, address: first, logger: logger)
         } else {
-            if case .boundSocket = address {} else { FileHandle.standardOutput.write(Data((uri + "\n").utf8)) }
+            if case .boundSocket = first {} else { FileHandle.standardOutput.write(Data((uri + "\n").utf8)) }
             await Self.waitForTerminationSignal()
             logger.info("signal received: draining connections")
         }
         await server.shutdown()
         await finish()
-        if case .unix(let path) = address { unlink(path) }
+        for a in addresses { if case .unix(let path) = a { unlink(path) } }
         if let d = tempDir { try? FileManager.default.removeItem(atPath: d) }
-        logger.info("stopped; \(disk.statsSummary)")
+        logger.info("stopped; \(summary())")
         if status != 0 { throw ExitCode(status) }
     }
 

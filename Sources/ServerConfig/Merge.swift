@@ -1,0 +1,189 @@
+// Command-line flags and the configuration file, combined by one documented rule.
+//
+// THE RULE (like nbdkit and qemu-nbd: the command line is the last word)
+//
+// Global settings. A flag that is given replaces the file's value; a flag that is absent leaves it.
+//   -p/--port, --listen, -U/--unix  any of them replaces the file's whole `listen` list with the one
+//                                   address they describe (-U wins; else --listen (127.0.0.1) and
+//                                   -p (10809) with those defaults).
+//   --max-connections, --handshake-timeout  replace limits.*.
+//   -v                              raises log.level to debug (never lowers it from trace).
+//   --tls                           replaces tls.policy.
+//   --tls-certificates, --tls-psk   replace the file's credentials, both kinds: a flag's credential
+//                                   is the only one used.
+//
+// Export flags select an export by -e NAME (default "").
+//   With a device flag (--size, --file or --device): the flags define a whole export named NAME,
+//   exactly as without --config (--file, with --size to create it; --size alone: a RAM disk;
+//   --device vhost-user:SOCK or vfio:BDF; --device emulator alone: the simulated disk). It replaces the
+//   file's export of that name in place, or is appended after the file's exports. Nothing of the
+//   replaced export is kept.
+//   Without a device flag, with -e NAME: -r, --description and --queue-size modify the file's export
+//   NAME; it is an error if the file has none.
+//   Without a device flag or -e: -r makes every export read-only and --queue-size sets every
+//   export's queue; --description needs -e unless the file has exactly one export.
+//   -r only ever adds read-only: no flag makes a read-only export of the file writable.
+//
+// The merged configuration is validated again (listener/metrics collisions, TLS credentials, the
+// vhost-user queue limit, shared backing files); those errors name the flag as their key path.
+
+/// The flags of `virtnbd serve`, each nil (or false) when not given on the command line.
+public struct CommandLineOverrides: Sendable, Equatable {
+    public var port: Int?
+    public var listen: String?
+    public var unix: String?
+    public var maxConnections: Int?
+    public var handshakeTimeout: Int?
+    public var verbose = false
+    public var tls: TLSPolicy?
+    public var tlsCertificates: String?
+    public var tlsPsk: String?
+
+    public var exportName: String?
+    public var description: String?
+    public var readOnly = false
+    public var size: UInt64?
+    public var file: String?
+    /// `--device`: emulator, vhost-user:SOCKET or vfio:PCI-ADDRESS.
+    public var device: String?
+    public var queueSize: Int?
+
+    public init(port: Int? = nil, listen: String? = nil, unix: String? = nil, maxConnections: Int? = nil,
+                handshakeTimeout: Int? = nil, verbose: Bool = false, tls: TLSPolicy? = nil,
+                tlsCertificates: String? = nil, tlsPsk: String? = nil, exportName: String? = nil,
+                description: String? = nil, readOnly: Bool = false, size: UInt64? = nil, file: String? = nil,
+                device: String? = nil, queueSize: Int? = nil) {
+        self.port = port; self.listen = listen; self.unix = unix; self.maxConnections = maxConnections
+        self.handshakeTimeout = handshakeTimeout; self.verbose = verbose; self.tls = tls
+        self.tlsCertificates = tlsCertificates; self.tlsPsk = tlsPsk; self.exportName = exportName
+        self.description = description; self.readOnly = readOnly; self.size = size; self.file = file
+        self.device = device; self.queueSize = queueSize
+    }
+
+    var hasDeviceFlag: Bool { size != nil || file != nil || device != nil }
+
+    /// `--device`: nil for the emulator (then --size/--file choose), else the real device.
+    static func parseDevice(_ s: String) -> Device?? {
+        if s == "emulator" { return .some(nil) }
+        if s.hasPrefix("vhost-user:"), s.count > 11 { return .vhostUser(socket: String(s.dropFirst(11))) }
+        if s.hasPrefix("vfio:"), let a = Values.pciAddress(String(s.dropFirst(5))) { return .vfio(pciAddress: a) }
+        return nil
+    }
+
+    /// The export the flags define on their own (only meaningful with a device flag, or without --config).
+    func flagExport() -> ExportConfig {
+        let device: Device
+        if let d = self.device.flatMap(Self.parseDevice), let real = d { device = real }
+        else if let f = file { device = .file(path: f, size: size) }
+        else if let s = size { device = .ram(size: s) }
+        else { device = .simulated }
+        return ExportConfig(name: exportName ?? "", description: description ?? "", device: device,
+                            readOnly: readOnly, queueSize: queueSize ?? ExportConfig.defaultQueueSize)
+    }
+}
+
+extension VirtNBDConfig {
+    /// Without --config: the configuration today's flags describe (one export; the simulated disk
+    /// when neither --size nor --file is given).
+    public static func fromCommandLine(_ flags: CommandLineOverrides) throws(ConfigError) -> VirtNBDConfig {
+        var f = flags
+        if !f.hasDeviceFlag { f.device = "emulator" }   // the simulated disk
+        return try VirtNBDConfig(source: nil, exports: []).merged(with: f)
+    }
+
+    /// This (file) configuration with command-line flags applied by the rule above.
+    public func merged(with flags: CommandLineOverrides) throws(ConfigError) -> VirtNBDConfig {
+        let file = source ?? "command line"
+        func fail(_ kind: ConfigError.Kind, _ flag: String, _ problem: String, _ fix: String) -> ConfigError {
+            ConfigError(kind, file: file, line: nil, keyPath: flag, problem: problem, fix: fix)
+        }
+        var c = self
+
+        // Globals.
+        if let u = flags.unix {
+            c.listeners = [.unix(path: u)]
+        } else if flags.port != nil || flags.listen != nil {
+            let host = (flags.listen ?? "127.0.0.1").lowercased()
+            let port = flags.port ?? 10809
+            guard (1...65535).contains(port) else { throw fail(.badValue, "--port", "\(port) is not a port", "use 1 to 65535") }
+            c.listeners = [.tcp(host: host.hasPrefix("[") && host.hasSuffix("]") ? String(host.dropFirst().dropLast()) : host, port: port)]
+        }
+        if let m = flags.maxConnections {
+            guard m >= 0 else { throw fail(.badValue, "--max-connections", "\(m) is negative", "use 0 for no limit") }
+            c.limits.maxConnections = m
+        }
+        if let h = flags.handshakeTimeout {
+            guard h > 0 else { throw fail(.badValue, "--handshake-timeout", "\(h) is not positive", "give whole seconds, e.g. 10") }
+            c.limits.handshakeTimeout = h
+        }
+        if flags.verbose && c.logLevel > .debug { c.logLevel = .debug }
+        if let t = flags.tls { c.tls.policy = t }
+        if flags.tlsCertificates != nil || flags.tlsPsk != nil {
+            c.tls.certificates = flags.tlsCertificates
+            c.tls.psk = flags.tlsPsk
+        }
+
+        // Exports.
+        if let d = flags.device {
+            guard let parsed = CommandLineOverrides.parseDevice(d) else {
+                throw fail(.badValue, "--device", "\(Values.quoted(d)) is not a device", "use emulator, vhost-user:/path/to.sock or vfio:0000:00:05.0")
+            }
+            if parsed != nil && (flags.size != nil || flags.file != nil) {
+                throw fail(.badValue, "--device", "--size and --file configure the emulator", "drop them, or use --device emulator")
+            }
+        }
+        if let q = flags.queueSize, !Values.isPowerOfTwoQueueSize(q) {
+            throw fail(.badValue, "--queue-size", "\(q) is not a power of two from 1 to 32768", "use e.g. 256")
+        }
+        if flags.hasDeviceFlag {
+            let e = flags.flagExport()
+            if let i = c.exports.firstIndex(where: { $0.name == e.name }) { c.exports[i] = e } else { c.exports.append(e) }
+        } else if let name = flags.exportName {
+            guard let i = c.exports.firstIndex(where: { $0.name == name }) else {
+                let names = c.exports.map { Values.quoted($0.name) }.joined(separator: ", ")
+                throw fail(.noSuchExport, "--export-name", "no export \(Values.quoted(name)) (the file has \(names))",
+                           "name one of those, or add --size or --file to define a new export")
+            }
+            if let d = flags.description { c.exports[i].description = d }
+            if flags.readOnly { c.exports[i].readOnly = true }
+            if let q = flags.queueSize { c.exports[i].queueSize = q }
+        } else {
+            if flags.readOnly { for i in c.exports.indices { c.exports[i].readOnly = true } }
+            if let q = flags.queueSize { for i in c.exports.indices { c.exports[i].queueSize = q } }
+            if let d = flags.description {
+                guard c.exports.count == 1 else {
+                    throw fail(.ambiguousFlag, "--description", "the file has \(c.exports.count) exports", "say which one with -e NAME")
+                }
+                c.exports[0].description = d
+            }
+        }
+
+        // Validate the result.
+        for l in c.listeners {
+            if let m = c.metrics, case .success(let hp) = Values.hostPort(m), Values.collide(l, .tcp(host: hp.host, port: hp.port)) {
+                throw fail(.listenerCollision, flags.unix != nil ? "--unix" : "--port", "\(l) collides with metrics (\(m))", "listen on another port")
+            }
+            if case .unix(let p) = l, p.utf8.count > 107 {
+                throw fail(.badValue, "--unix", "a Unix socket path of \(p.utf8.count) bytes is longer than the 107 the kernel allows", "choose a shorter path")
+            }
+        }
+        for (i, e) in c.exports.enumerated() {
+            if case .vhostUser = e.device, e.queueSize > 1024 {
+                throw fail(.badValue, "--queue-size", "\(e.queueSize) is more than the 1024 a vhost-user ring holds (exports[\(i)] \(Values.quoted(e.name)))", "use 1024 or less")
+            }
+            if let j = c.exports[..<i].firstIndex(where: { ConfigParser.conflict($0, e) }) {
+                throw fail(.sharedDevice, "--file", "\(e.device) is also served by exports[\(j)] \(Values.quoted(c.exports[j].name))", "two exports may share a file only if both are read-only; add -r or use another file")
+            }
+        }
+        if c.tls.certificates != nil && c.tls.psk != nil {
+            throw fail(.tlsCredentials, "--tls-psk", "both --tls-certificates and --tls-psk are given", "give one of them")
+        }
+        if c.tls.certificates == nil && c.tls.psk == nil && c.serverTLSPolicy != .off {
+            let flag = flags.tls.map { "--tls \($0.rawValue)" } ?? "tls.policy"
+            let needs = c.tls.policy != .off ? c.tls.policy : .on
+            throw fail(.tlsCredentials, flag, "\(needs.rawValue) needs TLS credentials",
+                       "add --tls-certificates DIR (server-cert.pem, server-key.pem) or --tls-psk FILE (psktool format)")
+        }
+        return c
+    }
+}

@@ -1,0 +1,115 @@
+// Parsing and comparing single values. Shared by the file parser and the flag merge.
+
+enum Values {
+    /// 512, 64K, 64M, 1G, 2T, optionally followed by B (binary units), as `--size`.
+    static func size(_ text: String) -> UInt64? {
+        var s = Substring(text.uppercased())
+        while s.first == " " { s.removeFirst() }
+        while s.last == " " { s.removeLast() }
+        let units: [Character: UInt64] = ["K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40]
+        var mult: UInt64 = 1
+        if let last = s.last, let m = units[last] { mult = m; s = s.dropLast() }
+        else if s.hasSuffix("B"), let u = s.dropLast().last, let m = units[u] { mult = m; s = s.dropLast(2) }
+        guard !s.isEmpty, s.allSatisfy({ $0.isASCII && $0.isNumber }), let n = UInt64(s) else { return nil }
+        let (v, overflow) = n.multipliedReportingOverflow(by: mult)
+        guard !overflow, v > 0 else { return nil }
+        return v
+    }
+
+    enum HostPortProblem: Error { case noPort, badPort, unbracketedIPv6, emptyHost, spaces }
+
+    /// `host:port`, `[v6]:port`. The port is required and 1-65535.
+    static func hostPort(_ text: String) -> Result<(host: String, port: Int), HostPortProblem> {
+        let host: Substring, portText: Substring
+        if text.hasPrefix("[") {
+            guard let close = text.firstIndex(of: "]") else { return .failure(.unbracketedIPv6) }
+            host = text[text.index(after: text.startIndex)..<close]
+            let rest = text[text.index(after: close)...]
+            guard rest.hasPrefix(":") else { return .failure(.noPort) }
+            portText = rest.dropFirst()
+        } else {
+            let colons = text.filter { $0 == ":" }.count
+            if colons > 1 { return .failure(.unbracketedIPv6) }
+            guard colons == 1, let c = text.firstIndex(of: ":") else { return .failure(.noPort) }
+            host = text[..<c]
+            portText = text[text.index(after: c)...]
+        }
+        guard !host.isEmpty else { return .failure(.emptyHost) }
+        guard !host.contains(where: \.isWhitespace) else { return .failure(.spaces) }
+        guard !portText.isEmpty, portText.allSatisfy({ $0.isASCII && $0.isNumber }), let p = Int(portText), (1...65535).contains(p)
+        else { return .failure(.badPort) }
+        return .success((String(host).lowercased(), p))
+    }
+
+    /// `0000:00:05.0` or `00:05.0` (domain 0000 assumed), as VFIOTransport; returns the full form.
+    static func pciAddress(_ a: String) -> String? {
+        let s = a.lowercased()
+        let full = s.split(separator: ":", omittingEmptySubsequences: false).count == 2 ? "0000:" + s : s
+        let parts = full.split(separator: ":", omittingEmptySubsequences: false)
+        let hex = { (p: Substring, n: Int) in p.count == n && p.allSatisfy(\.isHexDigit) }
+        guard parts.count == 3, hex(parts[0], 4), hex(parts[1], 2) else { return nil }
+        let df = parts[2].split(separator: ".", omittingEmptySubsequences: false)
+        guard df.count == 2, hex(df[0], 2), let d = Int(df[0], radix: 16), d <= 0x1f,
+              df[1].count == 1, let f = Int(df[1]), f <= 7 else { return nil }
+        return full
+    }
+
+    static func isPowerOfTwoQueueSize(_ n: Int) -> Bool { n > 0 && n <= 32768 && n & (n - 1) == 0 }
+
+    /// Collapses `//` and `/./` so two spellings of one socket path compare equal.
+    static func normalisePath(_ p: String) -> String {
+        let absolute = p.hasPrefix("/")
+        let parts = p.split(separator: "/").filter { $0 != "." }
+        return (absolute ? "/" : "") + parts.joined(separator: "/")
+    }
+
+    /// Whether two listeners cannot both be bound. A wildcard (0.0.0.0) takes the port on every
+    /// IPv4 address, and `::` on every address (Linux's default dual stack, bindv6only=0).
+    static func collide(_ a: Listener, _ b: Listener) -> Bool {
+        switch (a, b) {
+        case (.unix(let p), .unix(let q)): return normalisePath(p) == normalisePath(q)
+        case (.tcp(let h, let p), .tcp(let k, let q)):
+            guard p == q else { return false }
+            if h == k || h == "::" || k == "::" { return true }
+            let v6 = { (x: String) in x.contains(":") }
+            return (h == "0.0.0.0" && !v6(k)) || (k == "0.0.0.0" && !v6(h))
+        default: return false
+        }
+    }
+
+    /// Resolves a relative path against the configuration file's directory.
+    static func resolve(_ path: String, against base: String?) -> String {
+        guard let base, !path.hasPrefix("/") else { return path }
+        return base.hasSuffix("/") ? base + path : base + "/" + path
+    }
+
+    /// The directory part of a path, or nil for a bare file name.
+    static func directory(of path: String) -> String? {
+        guard let slash = path.lastIndex(of: "/") else { return nil }
+        return slash == path.startIndex ? "/" : String(path[..<slash])
+    }
+
+    static func editDistance(_ a: String, _ b: String) -> Int {
+        let a = Array(a), b = Array(b)
+        if a.isEmpty { return b.count }
+        if b.isEmpty { return a.count }
+        var prev = Array(0...b.count)
+        for i in 1...a.count {
+            var cur = [i] + Array(repeating: 0, count: b.count)
+            for j in 1...b.count {
+                cur[j] = min(prev[j] + 1, cur[j - 1] + 1, prev[j - 1] + (a[i - 1] == b[j - 1] ? 0 : 1))
+            }
+            prev = cur
+        }
+        return prev[b.count]
+    }
+
+    /// "did you mean \"size\"?" for a near miss, else the list of known keys.
+    static func hint(for key: String, known: [String]) -> String {
+        let best = known.map { ($0, editDistance(key.lowercased(), $0)) }.min { $0.1 < $1.1 }
+        if let (k, d) = best, d <= max(2, k.count / 3) { return "did you mean \"\(k)\"?" }
+        return "known keys here: " + known.joined(separator: ", ")
+    }
+
+    static func quoted(_ s: String) -> String { "\"" + s + "\"" }
+}

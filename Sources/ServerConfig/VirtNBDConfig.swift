@@ -1,0 +1,134 @@
+// The operator's configuration: what virtnbd listens on, its limits, logging, TLS and every export.
+// Pure values: nothing here opens a socket or a device. `VirtNBDConfig.load(path:)` reads and
+// validates a YAML file (see Config/virtnbd.yaml); `merged(with:)` applies command-line flags.
+
+/// STARTTLS policy, as `--tls` (raw values match `NBDProtocol.NBDTLSPolicy`).
+public enum TLSPolicy: String, Sendable, Equatable, CaseIterable, Comparable {
+    case off, on, require
+    public static func < (a: TLSPolicy, b: TLSPolicy) -> Bool { a.rank < b.rank }
+    private var rank: Int { self == .off ? 0 : self == .on ? 1 : 2 }
+}
+
+/// Log levels with swift-log's names (`Logger.Level(rawValue:)` accepts every raw value).
+public enum LogLevel: String, Sendable, Equatable, CaseIterable, Comparable {
+    case trace, debug, info, notice, warning, error, critical
+    public static func < (a: LogLevel, b: LogLevel) -> Bool {
+        allCases.firstIndex(of: a)! < allCases.firstIndex(of: b)!
+    }
+}
+
+/// One place to accept clients.
+public enum Listener: Sendable, Hashable, CustomStringConvertible {
+    case tcp(host: String, port: Int)
+    case unix(path: String)
+
+    public var description: String {
+        switch self {
+        case .tcp(let h, let p): return h.contains(":") ? "[\(h)]:\(p)" : "\(h):\(p)"
+        case .unix(let p): return p
+        }
+    }
+}
+
+/// What an export's block device is.
+public enum Device: Sendable, Equatable, CustomStringConvertible {
+    /// The 512 KiB simulated disk served when nothing else is asked for.
+    case simulated
+    /// A RAM disk of `size` bytes.
+    case ram(size: UInt64)
+    /// A raw image; created sparse with `size` bytes if it does not exist and `size` is given.
+    case file(path: String, size: UInt64?)
+    /// A vhost-user-blk backend (e.g. qemu-storage-daemon) on this Unix socket.
+    case vhostUser(socket: String)
+    /// A virtio-blk PCI device bound to vfio-pci, full form `0000:00:05.0`.
+    case vfio(pciAddress: String)
+
+    /// The value of the `device:` key.
+    public var kind: String {
+        switch self {
+        case .simulated: return "simulated"
+        case .ram: return "ram"
+        case .file: return "file"
+        case .vhostUser: return "vhost-user"
+        case .vfio: return "vfio"
+        }
+    }
+
+    public var description: String {
+        switch self {
+        case .simulated: return "simulated 512 KiB disk"
+        case .ram(let s): return "RAM \(s) bytes"
+        case .file(let p, let s): return s.map { "file \(p) (created with \($0) bytes if missing)" } ?? "file \(p)"
+        case .vhostUser(let s): return "vhost-user \(s)"
+        case .vfio(let a): return "VFIO \(a)"
+        }
+    }
+}
+
+public struct ExportConfig: Sendable, Equatable {
+    public var name: String
+    public var description: String
+    public var device: Device
+    public var readOnly: Bool
+    /// Overrides the server's TLS policy for this export; nil = `tls.policy`.
+    public var tls: TLSPolicy?
+    public var queueSize: Int
+
+    public static let defaultQueueSize = 256
+
+    public init(name: String, description: String = "", device: Device, readOnly: Bool = false,
+                tls: TLSPolicy? = nil, queueSize: Int = ExportConfig.defaultQueueSize) {
+        self.name = name; self.description = description; self.device = device
+        self.readOnly = readOnly; self.tls = tls; self.queueSize = queueSize
+    }
+}
+
+public struct VirtNBDConfig: Sendable, Equatable {
+    public struct Limits: Sendable, Equatable {
+        /// 0 = no limit (`--max-connections`).
+        public var maxConnections = 0
+        /// Seconds (`--handshake-timeout`).
+        public var handshakeTimeout = 10
+        public init(maxConnections: Int = 0, handshakeTimeout: Int = 10) {
+            self.maxConnections = maxConnections; self.handshakeTimeout = handshakeTimeout
+        }
+    }
+
+    public struct TLS: Sendable, Equatable {
+        public var policy: TLSPolicy = .off
+        /// Directory with server-cert.pem, server-key.pem (and ca-cert.pem), as nbdkit/qemu.
+        public var certificates: String?
+        /// psktool key file.
+        public var psk: String?
+        public init(policy: TLSPolicy = .off, certificates: String? = nil, psk: String? = nil) {
+            self.policy = policy; self.certificates = certificates; self.psk = psk
+        }
+    }
+
+    public static let defaultListener = Listener.tcp(host: "127.0.0.1", port: 10809)
+
+    /// The file this configuration came from (nil when built from flags only); used in messages.
+    public var source: String?
+    public var listeners: [Listener]
+    public var limits: Limits
+    public var logLevel: LogLevel
+    /// `host:port` for a metrics endpoint; nil = none.
+    public var metrics: String?
+    public var tls: TLS
+    public var exports: [ExportConfig]
+
+    public init(source: String? = nil, listeners: [Listener] = [VirtNBDConfig.defaultListener], limits: Limits = .init(),
+                logLevel: LogLevel = .info, metrics: String? = nil, tls: TLS = .init(), exports: [ExportConfig] = []) {
+        self.source = source; self.listeners = listeners; self.limits = limits; self.logLevel = logLevel
+        self.metrics = metrics; self.tls = tls; self.exports = exports
+    }
+
+    /// The policy an export is served with: its own `tls:` or else the server's.
+    public func effectiveTLS(for export: ExportConfig) -> TLSPolicy { export.tls ?? tls.policy }
+
+    /// The policy the handshake starts with: `tls.policy`, raised to `on` (STARTTLS offered) when
+    /// an export's own override asks for TLS while the server-wide policy is off.
+    public var serverTLSPolicy: TLSPolicy {
+        exports.map(effectiveTLS(for:)).reduce(tls.policy) { max($0, $1 == .off ? .off : .on) }
+    }
+}

@@ -1,0 +1,494 @@
+import Foundation
+import XCTest
+@testable import ServerConfig
+
+/// Parses `yaml` as virtnbd.yaml and returns the error's message.
+private func message(_ yaml: String, file: StaticString = #filePath, line: UInt = #line) -> String {
+    do {
+        let c = try VirtNBDConfig.parse(yaml, file: "virtnbd.yaml")
+        XCTFail("expected an error, got \(c)", file: file, line: line)
+        return ""
+    } catch {
+        return error.description
+    }
+}
+
+private func kind(_ yaml: String) -> ConfigError.Kind? {
+    do { _ = try VirtNBDConfig.parse(yaml, file: "virtnbd.yaml"); return nil } catch { return error.kind }
+}
+
+final class GoodConfigTests: XCTestCase {
+    func testOneExportAndDefaults() throws {
+        let c = try VirtNBDConfig.parse("""
+            exports:
+              - name: disk
+                device: ram
+                size: 64M
+            """)
+        XCTAssertEqual(c.listeners, [.tcp(host: "127.0.0.1", port: 10809)])
+        XCTAssertEqual(c.limits, .init(maxConnections: 0, handshakeTimeout: 10))
+        XCTAssertEqual(c.logLevel, .info)
+        XCTAssertNil(c.metrics)
+        XCTAssertEqual(c.tls, .init())
+        XCTAssertEqual(c.exports, [ExportConfig(name: "disk", device: .ram(size: 64 << 20))])
+        XCTAssertEqual(c.source, "virtnbd.yaml")
+    }
+
+    func testThreeExportsRAMFileAndReadOnlyFile() throws {
+        let c = try VirtNBDConfig.parse("""
+            listen:
+              - 0.0.0.0:10809
+            limits:
+              max-connections: 32
+              handshake-timeout: 5
+            log:
+              level: warning
+            metrics: 127.0.0.1:9100
+            exports:
+              - name: scratch
+                description: "64 MiB of RAM, gone at exit"
+                device: ram
+                size: 64M
+                queue-size: 1024
+              - name: images
+                device: file
+                path: images/disk.img
+                size: 1G
+              - name: golden
+                device: file
+                path: /srv/golden.img
+                read-only: true
+            """, file: "/etc/virtnbd/virtnbd.yaml", baseDirectory: "/etc/virtnbd")
+        XCTAssertEqual(c.listeners, [.tcp(host: "0.0.0.0", port: 10809)])
+        XCTAssertEqual(c.limits, .init(maxConnections: 32, handshakeTimeout: 5))
+        XCTAssertEqual(c.logLevel, .warning)
+        XCTAssertEqual(c.metrics, "127.0.0.1:9100")
+        XCTAssertEqual(c.exports, [
+            ExportConfig(name: "scratch", description: "64 MiB of RAM, gone at exit", device: .ram(size: 64 << 20), queueSize: 1024),
+            ExportConfig(name: "images", device: .file(path: "/etc/virtnbd/images/disk.img", size: 1 << 30)),
+            ExportConfig(name: "golden", device: .file(path: "/srv/golden.img", size: nil), readOnly: true),
+        ])
+    }
+
+    func testUnixAndTCPListenersAndEveryDevice() throws {
+        let c = try VirtNBDConfig.parse("""
+            listen: [127.0.0.1:10809, "[::1]:10809", /run/virtnbd/nbd.sock]
+            tls:
+              policy: on
+              certificates: /etc/pki/virtnbd
+            exports:
+              - { name: "", device: simulated }
+              - { name: qsd, device: vhost-user, socket: /run/qsd/vhost.sock, tls: require }
+              - { name: pci, device: vfio, pci: "00:05.0", read-only: false }
+            """)
+        XCTAssertEqual(c.listeners, [.tcp(host: "127.0.0.1", port: 10809), .tcp(host: "::1", port: 10809), .unix(path: "/run/virtnbd/nbd.sock")])
+        XCTAssertEqual(c.listeners.map(\.description), ["127.0.0.1:10809", "[::1]:10809", "/run/virtnbd/nbd.sock"])
+        XCTAssertEqual(c.exports.map(\.device), [.simulated, .vhostUser(socket: "/run/qsd/vhost.sock"), .vfio(pciAddress: "0000:00:05.0")])
+        XCTAssertEqual(c.effectiveTLS(for: c.exports[0]), .on)
+        XCTAssertEqual(c.effectiveTLS(for: c.exports[1]), .require)
+        XCTAssertEqual(c.serverTLSPolicy, .on)
+    }
+
+    func testYAML11WordsStayText() throws {
+        // `off` and `no` are booleans in YAML 1.1; virtnbd reads the text as written.
+        let c = try VirtNBDConfig.parse("""
+            tls: { policy: off }
+            exports:
+              - { name: no, device: ram, size: 1G, tls: off }
+            """)
+        XCTAssertEqual(c.exports[0].name, "no")
+        XCTAssertEqual(c.exports[0].tls, .off)
+    }
+
+    func testExportOverrideRaisesServerPolicyToOn() throws {
+        let c = try VirtNBDConfig.parse("""
+            tls: { psk: keys.psk }
+            exports:
+              - { name: open, device: ram, size: 1M }
+              - { name: secret, device: ram, size: 1M, tls: require }
+            """, baseDirectory: "/etc/virtnbd")
+        XCTAssertEqual(c.tls.psk, "/etc/virtnbd/keys.psk")
+        XCTAssertEqual(c.serverTLSPolicy, .on)
+        XCTAssertEqual(c.effectiveTLS(for: c.exports[0]), .off)
+    }
+
+    func testSharedReadOnlyFileIsAllowed() throws {
+        XCTAssertNoThrow(try VirtNBDConfig.parse("""
+            exports:
+              - { name: a, device: file, path: /x.img, read-only: true }
+              - { name: b, device: file, path: //x.img, read-only: true }
+            """))
+    }
+
+    func testExampleConfigInRepository() throws {
+        let root = URL(fileURLWithPath: #filePath).deletingLastPathComponent().deletingLastPathComponent().deletingLastPathComponent()
+        let path = root.appendingPathComponent("Config/virtnbd.yaml").path
+        let c = try VirtNBDConfig.load(path: path)
+        XCTAssertEqual(c.exports.map(\.name), ["scratch", "images", "golden"])
+        XCTAssertEqual(c.exports.map(\.device.kind), ["ram", "file", "file"])
+        XCTAssertEqual(c.exports.map(\.readOnly), [false, false, true])
+    }
+
+    func testLoadFromDiskResolvesRelativePaths() throws {
+        let dir = FileManager.default.temporaryDirectory.appendingPathComponent("virtnbd-cfg-\(getpid())")
+        try FileManager.default.createDirectory(at: dir, withIntermediateDirectories: true)
+        defer { try? FileManager.default.removeItem(at: dir) }
+        let path = dir.appendingPathComponent("a.yaml").path
+        try "exports: [{ name: d, device: file, path: d.img }]\n".write(toFile: path, atomically: true, encoding: .utf8)
+        let c = try VirtNBDConfig.load(path: path)
+        XCTAssertEqual(c.exports[0].device, .file(path: dir.path + "/d.img", size: nil))
+        XCTAssertEqual(c.source, path)
+    }
+}
+
+final class ConfigErrorTests: XCTestCase {
+    func testBadSize() {
+        XCTAssertEqual(message("""
+            exports:
+              - name: a
+                device: ram
+                size: 64M
+              - name: b
+                device: ram
+                size: 64Q
+            """), #"virtnbd.yaml:7: exports[1].size: "64Q" is not a size; use a number with K, M, G or T (e.g. 64M)"#)
+        XCTAssertEqual(message("exports: [{ name: a, device: ram, size: 0 }]"),
+                       #"virtnbd.yaml:1: exports[0].size: "0" is not a size; use a number with K, M, G or T (e.g. 64M)"#)
+        XCTAssertEqual(message("exports: [{ name: a, device: ram, size: 99999999T }]"),
+                       #"virtnbd.yaml:1: exports[0].size: "99999999T" is not a size; use a number with K, M, G or T (e.g. 64M)"#)
+        XCTAssertEqual(message("exports: [{ name: a, device: file, path: /a, size: 1.5G }]"),
+                       #"virtnbd.yaml:1: exports[0].size: "1.5G" is not a size; use a number with K, M, G or T (e.g. 64M)"#)
+    }
+
+    func testUnknownKeysWithHints() {
+        XCTAssertEqual(message("""
+            exports:
+              - name: a
+                device: ram
+                sise: 1M
+            """), #"virtnbd.yaml:4: exports[0].sise: unknown key; did you mean "size"?"#)
+        XCTAssertEqual(message("""
+            limits:
+              max-conections: 3
+            exports: [{ name: a, device: simulated }]
+            """), #"virtnbd.yaml:2: limits.max-conections: unknown key; did you mean "max-connections"?"#)
+        XCTAssertEqual(message("""
+            export:
+              - name: a
+            """), #"virtnbd.yaml:1: export: unknown key; did you mean "exports"?"#)
+        XCTAssertEqual(message("""
+            tls:
+              policy: on
+              cert: /x
+            exports: [{ name: a, device: simulated }]
+            """), #"virtnbd.yaml:3: tls.cert: unknown key; known keys here: policy, certificates, psk"#)
+    }
+
+    func testDuplicateExportNames() {
+        XCTAssertEqual(message("""
+            exports:
+              - name: disk
+                device: ram
+                size: 1M
+              - name: other
+                device: simulated
+              - name: disk
+                device: simulated
+            """), #"virtnbd.yaml:7: exports[2].name: "disk" is already the name of exports[0] (line 2); give every export its own name"#)
+    }
+
+    func testDuplicateKey() {
+        XCTAssertEqual(message("""
+            exports:
+              - name: disk
+                device: ram
+                size: 1M
+                size: 2M
+            """), #"virtnbd.yaml:5: size: appears twice in one mapping (first on line 4); keep one of them"#)
+    }
+
+    func testMissingDeviceAndParameters() {
+        XCTAssertEqual(message("""
+            exports:
+              - name: a
+                device: ram
+                size: 1M
+              - name: b
+                size: 1M
+            """), "virtnbd.yaml:5: exports[1]: no device; add device: ram, file, vhost-user, vfio or simulated")
+        XCTAssertEqual(message("""
+            exports:
+              - name: a
+                device: file
+            """), "virtnbd.yaml:3: exports[0].path: device: file needs path; add path: /var/lib/virtnbd/disk.img")
+        XCTAssertEqual(message("""
+            exports:
+              - name: a
+                device: ram
+            """), "virtnbd.yaml:3: exports[0].size: device: ram needs size; add size: 64M")
+        XCTAssertEqual(message("""
+            exports:
+              - name: a
+                device: ram
+                size: 1M
+                path: /x.img
+            """), "virtnbd.yaml:5: exports[0].path: not used by device: ram; remove it (only device: file takes path)")
+        XCTAssertEqual(message("""
+            exports:
+              - name: a
+                device: disk
+            """), #"virtnbd.yaml:3: exports[0].device: "disk" is not one of ram, file, vhost-user, vfio, simulated; use ram, file, vhost-user, vfio or simulated"#)
+        XCTAssertEqual(message("""
+            exports:
+              - device: ram
+                size: 1M
+            """), #"virtnbd.yaml:2: exports[0].name: missing; add name: disk (name: "" is the default export)"#)
+        XCTAssertEqual(message("listen: [127.0.0.1:10809]"),
+                       #"virtnbd.yaml: exports: missing: the file defines no export; add an exports list, e.g. exports: [{ name: disk, device: ram, size: 64M }]"#)
+    }
+
+    func testListenerCollisionsAndAddresses() {
+        XCTAssertEqual(message("""
+            listen:
+              - 127.0.0.1:10809
+              - /run/nbd.sock
+              - 0.0.0.0:10809
+            exports: [{ name: a, device: simulated }]
+            """), "virtnbd.yaml:4: listen[2]: 0.0.0.0:10809 collides with listen[0] (127.0.0.1:10809, line 2); use another port or path, or remove one of them")
+        XCTAssertEqual(message("""
+            listen: [/run/nbd.sock, //run/./nbd.sock]
+            exports: [{ name: a, device: simulated }]
+            """), "virtnbd.yaml:1: listen[1]: //run/./nbd.sock collides with listen[0] (/run/nbd.sock, line 1); use another port or path, or remove one of them")
+        XCTAssertEqual(message("""
+            listen: ["[::]:10809", 192.168.0.1:10809]
+            exports: [{ name: a, device: simulated }]
+            """), "virtnbd.yaml:1: listen[1]: 192.168.0.1:10809 collides with listen[0] ([::]:10809, line 1); use another port or path, or remove one of them")
+        XCTAssertEqual(message("""
+            metrics: 127.0.0.1:10809
+            exports: [{ name: a, device: simulated }]
+            """), "virtnbd.yaml:1: metrics: 127.0.0.1:10809 collides with the default listener 127.0.0.1:10809; give metrics its own port, e.g. 127.0.0.1:9100")
+        XCTAssertEqual(message("""
+            listen:
+              - 127.0.0.1
+            exports: [{ name: a, device: simulated }]
+            """), #"virtnbd.yaml:2: listen[0]: "127.0.0.1" has no port; write host:port (e.g. 127.0.0.1:10809 or [::1]:10809) or an absolute path for a Unix socket"#)
+        XCTAssertEqual(message("""
+            listen: ["::1:10809"]
+            exports: [{ name: a, device: simulated }]
+            """), #"virtnbd.yaml:1: listen[0]: "::1:10809" is ambiguous; put IPv6 addresses in brackets, e.g. [::1]:10809"#)
+        XCTAssertEqual(message("""
+            listen: [localhost:70000]
+            exports: [{ name: a, device: simulated }]
+            """), #"virtnbd.yaml:1: listen[0]: "localhost:70000" has no valid port; use a port from 1 to 65535, e.g. 127.0.0.1:10809"#)
+        XCTAssertTrue(message("listen: [/\(String(repeating: "s", count: 120))]\nexports: [{ name: a, device: simulated }]")
+            .hasPrefix("virtnbd.yaml:1: listen[0]: a Unix socket path of 121 bytes is longer than the 107 the kernel allows"))
+    }
+
+    func testTLSRequireWithoutCredentials() {
+        XCTAssertEqual(message("""
+            tls:
+              policy: require
+            exports: [{ name: a, device: simulated }]
+            """), "virtnbd.yaml:2: tls.policy: require needs TLS credentials; set tls.certificates (a directory with server-cert.pem and server-key.pem) or tls.psk (a psktool key file)")
+        XCTAssertEqual(message("""
+            exports:
+              - name: a
+                device: simulated
+                tls: require
+            """), "virtnbd.yaml:4: exports[0].tls: require needs TLS credentials; set tls.certificates (a directory with server-cert.pem and server-key.pem) or tls.psk (a psktool key file)")
+        XCTAssertEqual(message("""
+            tls:
+              certificates: /etc/pki/virtnbd
+              psk: /etc/virtnbd/keys.psk
+            exports: [{ name: a, device: simulated }]
+            """), "virtnbd.yaml:3: tls.psk: both tls.certificates (line 2) and tls.psk are set; keep one of them: X.509 certificates or a PSK file")
+        XCTAssertEqual(message("""
+            tls: { policy: maybe }
+            exports: [{ name: a, device: simulated }]
+            """), #"virtnbd.yaml:1: tls.policy: "maybe" is not one of off, on, require; use off, on or require"#)
+    }
+
+    func testValuesAndTypes() {
+        XCTAssertEqual(message("""
+            exports:
+              - name: a
+                device: simulated
+                read-only: yes
+            """), #"virtnbd.yaml:4: exports[0].read-only: "yes" is not true or false; write true or false"#)
+        XCTAssertEqual(message("""
+            exports:
+              - name: a
+                device: simulated
+                queue-size: 100
+            """), "virtnbd.yaml:4: exports[0].queue-size: 100 is not a power of two; use a power of two from 1 to 32768, e.g. 256")
+        XCTAssertEqual(message("""
+            exports:
+              - { name: q, device: vhost-user, socket: /s, queue-size: 4096 }
+            """), "virtnbd.yaml:2: exports[0].queue-size: 4096 is more than the 1024 a vhost-user ring holds; use 1024 or less")
+        XCTAssertEqual(message("""
+            exports:
+              - { name: p, device: vfio, pci: "0000:00:5.0" }
+            """), #"virtnbd.yaml:2: exports[0].pci: "0000:00:5.0" is not a PCI address; write domain:bus:device.function as lspci -D shows it, e.g. 0000:00:05.0"#)
+        XCTAssertEqual(message("""
+            limits:
+              handshake-timeout: -1
+            exports: [{ name: a, device: simulated }]
+            """), #"virtnbd.yaml:2: limits.handshake-timeout: "-1" is not a whole number from 1 to 86400; give whole seconds, e.g. 10"#)
+        XCTAssertEqual(message("""
+            log: { level: loud }
+            exports: [{ name: a, device: simulated }]
+            """), #"virtnbd.yaml:1: log.level: "loud" is not one of trace, debug, info, notice, warning, error, critical; use trace, debug, info, notice, warning, error or critical"#)
+        XCTAssertEqual(message("""
+            exports:
+              name: a
+            """), #"virtnbd.yaml:2: exports: expected a list of exports, found a mapping (key: value lines); start each export with "- name: …" under exports:"#)
+        XCTAssertEqual(message("""
+            exports:
+              - name:
+                device: simulated
+            """), #"virtnbd.yaml:2: exports[0].name: no value; write name: disk (name: "" is the default export)"#)
+        XCTAssertEqual(message("exports: []"), "virtnbd.yaml:1: exports: an empty list; add at least one export, e.g. - { name: disk, device: ram, size: 64M }")
+        XCTAssertEqual(message(""), "virtnbd.yaml: holds no settings; add at least an exports list (see Config/virtnbd.yaml)")
+    }
+
+    func testSharedBackingStore() {
+        XCTAssertEqual(message("""
+            exports:
+              - name: a
+                device: file
+                path: /srv/a.img
+              - name: b
+                device: file
+                path: /srv/a.img
+                read-only: true
+            """), "virtnbd.yaml:7: exports[1].path: /srv/a.img is also served by exports[0] (line 4); two exports may share a file only if both are read-only")
+    }
+
+    func testSyntaxErrors() {
+        XCTAssertEqual(message("exports:\n  - name: a\n\tdevice: ram\n"),
+                       "virtnbd.yaml:3: a tab in the indentation; indent with spaces only (YAML forbids tabs)")
+        XCTAssertEqual(message("exports:\n  - name: \"a\n    device: ram\n"),
+                       #"virtnbd.yaml:2: YAML syntax: while scanning a quoted scalar: found unexpected end of stream; check the indentation, a missing ":" or an unclosed quote on this line or the one before"#)
+        XCTAssertEqual(message("exports:\n  - name: a\n    device: ram\n  size: 1M\n"),
+                       #"virtnbd.yaml:4: YAML syntax: while parsing a block collection: did not find expected '-' indicator; check the indentation, a missing ":" or an unclosed quote on this line or the one before"#)
+        XCTAssertEqual(kind("exports: [ { name: a }"), .syntax)
+    }
+
+    func testUnreadableFile() {
+        do {
+            _ = try VirtNBDConfig.load(path: "/nonexistent/virtnbd.yaml")
+            XCTFail("expected an error")
+        } catch {
+            XCTAssertEqual(error.kind, .unreadable)
+            XCTAssertEqual(error.description, "/nonexistent/virtnbd.yaml: no such file; check the path given to --config (an example is Config/virtnbd.yaml)")
+        }
+    }
+}
+
+final class MergeTests: XCTestCase {
+    let file = try! VirtNBDConfig.parse("""
+        listen: [0.0.0.0:10809, /run/virtnbd/nbd.sock]
+        limits: { max-connections: 8 }
+        log: { level: warning }
+        tls: { policy: on, certificates: /etc/pki/virtnbd }
+        exports:
+          - { name: scratch, device: ram, size: 64M }
+          - { name: images, device: file, path: /srv/disk.img }
+          - { name: golden, device: file, path: /srv/golden.img, read-only: true }
+        """)
+
+    func testNoFlagsChangeNothing() throws {
+        XCTAssertEqual(try file.merged(with: .init()), file)
+    }
+
+    func testGlobalFlagsReplaceFileValues() throws {
+        let m = try file.merged(with: .init(port: 10900, maxConnections: 2, handshakeTimeout: 3, verbose: true, tls: .require, tlsPsk: "/k.psk"))
+        XCTAssertEqual(m.listeners, [.tcp(host: "127.0.0.1", port: 10900)], "a listener flag replaces the whole list")
+        XCTAssertEqual(m.limits, .init(maxConnections: 2, handshakeTimeout: 3))
+        XCTAssertEqual(m.logLevel, .debug)
+        XCTAssertEqual(m.tls, .init(policy: .require, certificates: nil, psk: "/k.psk"), "a credential flag replaces both credentials")
+        XCTAssertEqual(m.exports, file.exports)
+        XCTAssertEqual(try file.merged(with: .init(port: 1, unix: "/tmp/x.sock")).listeners, [.unix(path: "/tmp/x.sock")])
+        XCTAssertEqual(try file.merged(with: .init(listen: "::")).listeners, [.tcp(host: "::", port: 10809)])
+    }
+
+    func testVerboseNeverLowersTrace() throws {
+        var c = file; c.logLevel = .trace
+        XCTAssertEqual(try c.merged(with: .init(verbose: true)).logLevel, .trace)
+    }
+
+    func testDeviceFlagsReplaceTheNamedExportInPlace() throws {
+        let m = try file.merged(with: .init(exportName: "images", readOnly: true, size: 1 << 20))
+        XCTAssertEqual(m.exports.map(\.name), ["scratch", "images", "golden"])
+        XCTAssertEqual(m.exports[1], ExportConfig(name: "images", device: .ram(size: 1 << 20), readOnly: true))
+    }
+
+    func testDeviceFlagsAppendANewExport() throws {
+        let m = try file.merged(with: .init(description: "extra", file: "/srv/new.img", queueSize: 512))
+        XCTAssertEqual(m.exports.count, 4)
+        XCTAssertEqual(m.exports[3], ExportConfig(name: "", description: "extra", device: .file(path: "/srv/new.img", size: nil), queueSize: 512))
+    }
+
+    func testDeviceFlagDefinesAnExport() throws {
+        let m = try file.merged(with: .init(exportName: "scratch", device: "vfio:0000:00:05.0", queueSize: 64))
+        XCTAssertEqual(m.exports[0], ExportConfig(name: "scratch", device: .vfio(pciAddress: "0000:00:05.0"), queueSize: 64))
+        XCTAssertThrowsError(try file.merged(with: .init(exportName: "q", device: "vhost-user:/q.sock", queueSize: 4096))) { e in
+            XCTAssertEqual((e as? ConfigError)?.description,
+                           #"virtnbd.yaml: --queue-size: 4096 is more than the 1024 a vhost-user ring holds (exports[3] "q"); use 1024 or less"#)
+        }
+    }
+
+    func testExportNameAloneModifiesThatExport() throws {
+        let m = try file.merged(with: .init(exportName: "scratch", description: "d", readOnly: true, queueSize: 64))
+        XCTAssertEqual(m.exports[0], ExportConfig(name: "scratch", description: "d", device: .ram(size: 64 << 20), readOnly: true, queueSize: 64))
+        XCTAssertEqual(Array(m.exports[1...]), Array(file.exports[1...]))
+    }
+
+    func testFlagsWithoutNameApplyToEveryExport() throws {
+        let m = try file.merged(with: .init(readOnly: true, queueSize: 128))
+        XCTAssertEqual(m.exports.map(\.readOnly), [true, true, true])
+        XCTAssertEqual(m.exports.map(\.queueSize), [128, 128, 128])
+    }
+
+    func testMergeErrorsNameTheFlag() {
+        XCTAssertThrowsError(try file.merged(with: .init(exportName: "nope"))) { e in
+            XCTAssertEqual((e as? ConfigError)?.description,
+                           #"virtnbd.yaml: --export-name: no export "nope" (the file has "scratch", "images", "golden"); name one of those, or add --size or --file to define a new export"#)
+        }
+        XCTAssertThrowsError(try file.merged(with: .init(description: "x"))) { e in
+            XCTAssertEqual((e as? ConfigError)?.description, "virtnbd.yaml: --description: the file has 3 exports; say which one with -e NAME")
+        }
+        XCTAssertThrowsError(try file.merged(with: .init(exportName: "again", file: "/srv/disk.img"))) { e in
+            XCTAssertEqual((e as? ConfigError)?.description,
+                           #"virtnbd.yaml: --file: file /srv/disk.img is also served by exports[1] "images"; two exports may share a file only if both are read-only; add -r or use another file"#)
+        }
+        XCTAssertThrowsError(try file.merged(with: .init(tlsCertificates: "/c", tlsPsk: "/k"))) { e in
+            XCTAssertEqual((e as? ConfigError)?.kind, .tlsCredentials)
+        }
+        XCTAssertThrowsError(try file.merged(with: .init(queueSize: 3))) { e in
+            XCTAssertEqual((e as? ConfigError)?.description, "virtnbd.yaml: --queue-size: 3 is not a power of two from 1 to 32768; use e.g. 256")
+        }
+    }
+
+    func testWithoutConfigFlagsDescribeOneExportAsToday() throws {
+        let d = try VirtNBDConfig.fromCommandLine(.init())
+        XCTAssertEqual(d, VirtNBDConfig(source: nil, exports: [ExportConfig(name: "", device: .simulated)]))
+        let r = try VirtNBDConfig.fromCommandLine(.init(port: 10900, exportName: "disk", readOnly: true, size: 64 << 20))
+        XCTAssertEqual(r.listeners, [.tcp(host: "127.0.0.1", port: 10900)])
+        XCTAssertEqual(r.exports, [ExportConfig(name: "disk", device: .ram(size: 64 << 20), readOnly: true)])
+        let f = try VirtNBDConfig.fromCommandLine(.init(unix: "/tmp/n.sock", size: 1 << 30, file: "new.img"))
+        XCTAssertEqual(f.exports, [ExportConfig(name: "", device: .file(path: "new.img", size: 1 << 30))])
+        XCTAssertEqual(try VirtNBDConfig.fromCommandLine(.init(device: "vhost-user:/run/qsd.sock")).exports,
+                       [ExportConfig(name: "", device: .vhostUser(socket: "/run/qsd.sock"))])
+        XCTAssertThrowsError(try VirtNBDConfig.fromCommandLine(.init(size: 1 << 20, device: "vfio:00:05.0"))) { e in
+            XCTAssertEqual((e as? ConfigError)?.description, "command line: --device: --size and --file configure the emulator; drop them, or use --device emulator")
+        }
+        XCTAssertThrowsError(try VirtNBDConfig.fromCommandLine(.init(device: "vfio:nope"))) { e in
+            XCTAssertEqual((e as? ConfigError)?.description, #"command line: --device: "vfio:nope" is not a device; use emulator, vhost-user:/path/to.sock or vfio:0000:00:05.0"#)
+        }
+        XCTAssertThrowsError(try VirtNBDConfig.fromCommandLine(.init(tls: .require))) { e in
+            XCTAssertEqual((e as? ConfigError)?.description,
+                           "command line: --tls require: require needs TLS credentials; add --tls-certificates DIR (server-cert.pem, server-key.pem) or --tls-psk FILE (psktool format)")
+        }
+    }
+}
