@@ -33,7 +33,6 @@ final class NBDConnectionHandler: ChannelDuplexHandler {
     private var quiescing = false
     private let exports: [String: NBDExport]
     private var logger: Logger
-    private let registry: ConnectionRegistry
     private let id: Int
     private let handshakeTimeout: TimeAmount
     private var handshakeTimer: Scheduled<Void>?
@@ -42,12 +41,11 @@ final class NBDConnectionHandler: ChannelDuplexHandler {
     private var batching = false
     private var needsFlush = false
 
-    init(catalog: NBDExportCatalog, exports: [String: NBDExport], registry: ConnectionRegistry, id: Int, handshakeTimeout: TimeAmount, tls: TLSSettings, logger: Logger) {
+    init(catalog: NBDExportCatalog, exports: [String: NBDExport], id: Int, handshakeTimeout: TimeAmount, tls: TLSSettings, logger: Logger) {
         self.handshakeTimeout = handshakeTimeout
         self.tls = tls
         self.phase = .handshake(HandshakeStateMachine(catalog: catalog, tls: tls.policy))
         self.exports = exports
-        self.registry = registry
         self.id = id
         self.logger = logger
         self.logger[metadataKey: "conn"] = "\(id)"

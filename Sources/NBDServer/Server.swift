@@ -60,7 +60,7 @@ public final class NBDServer: Sendable {
     private func makeHandler(id: Int) -> NBDConnectionHandler {
         let catalog = NBDExportCatalog(exports.map(\.info))
         let byName = Dictionary(exports.map { ($0.info.name, $0) }, uniquingKeysWith: { a, _ in a })
-        return NBDConnectionHandler(catalog: catalog, exports: byName, registry: registry, id: id,
+        return NBDConnectionHandler(catalog: catalog, exports: byName, id: id,
                                     handshakeTimeout: limits.handshakeTimeout, tls: limits.tls, logger: logger)
     }
 

@@ -1,4 +1,7 @@
 import Logging
+import VFIO
+import VhostUser
+import Virtio
 import VirtioBlock
 
 /// What an export is served from: any virtio-blk device behind the block layer.
@@ -14,11 +17,49 @@ protocol ServedDisk {
 extension EmulatedDisk: ServedDisk {
     var statsSummary: String { emulator.stats.summary + " " + device.driver.stats.summary }
 }
-extension VhostUserDisk: ServedDisk {
+/// A device reached through a transport that must be closed after the driver stops
+/// (vhost-user: stop the ring, close the socket; VFIO: reset, disable interrupts, unmap DMA).
+/// Nothing is known about such a device's contents, so every block starts out as data.
+struct TransportDisk: ServedDisk {
+    let driver: VirtioBlkDriver
+    let device: BlockDevice
+    let label: String
+    private let close: () -> Void
+
+    init(transport: VirtioTransport, close: @escaping () -> Void, label: String, queueSize: Int, logger: Logger) throws {
+        var dlog = logger; dlog[metadataKey: "component"] = "driver"
+        do {
+            driver = try VirtioBlkDriver(transport: transport, queueSize: queueSize, logger: dlog)
+        } catch {
+            close()
+            throw error
+        }
+        device = BlockDevice(driver: driver)
+        self.label = label
+        self.close = close
+    }
+
     var statsSummary: String { driver.stats.summary }
-}
-extension VFIODisk: ServedDisk {
-    var statsSummary: String { driver.stats.summary }
+
+    /// Flushes, resets the device, then closes the transport. Safe with a dead backend.
+    func shutdown() {
+        driver.shutdown(flush: true)
+        close()
+    }
+
+    /// A vhost-user-blk backend (e.g. qemu-storage-daemon); `queueSize` ≤ 1024 (libvhost-user's limit).
+    static func vhostUser(socketPath: String, queueSize: Int, logger: Logger) throws -> TransportDisk {
+        var tlog = logger; tlog[metadataKey: "component"] = "vhost-user"
+        let t = try VhostUserTransport(socketPath: socketPath, logger: tlog)
+        return try TransportDisk(transport: t, close: { t.close() }, label: "vhost-user \(socketPath)", queueSize: queueSize, logger: logger)
+    }
+
+    /// A virtio-blk PCI device bound to vfio-pci (e.g. 0000:00:05.0).
+    static func vfio(pciAddress: String, queueSize: Int, logger: Logger) throws -> TransportDisk {
+        var tlog = logger; tlog[metadataKey: "component"] = "vfio"
+        let t = try VFIOTransport(pciAddress: pciAddress, logger: tlog)
+        return try TransportDisk(transport: t, close: { t.close() }, label: "VFIO virtio-blk \(t.pciAddress)", queueSize: queueSize, logger: logger)
+    }
 }
 
 /// `--device`: where the virtio-blk device is.
@@ -38,8 +79,8 @@ enum DeviceSpec: Equatable {
     func open(size: UInt64?, file: String?, readOnly: Bool, queueSize: Int, logger: Logger) throws -> ServedDisk {
         switch self {
         case .emulator: return try EmulatedDisk(size: size, file: file, readOnly: readOnly, queueSize: queueSize, logger: logger)
-        case .vhostUser(let path): return try VhostUserDisk(socketPath: path, queueSize: queueSize, logger: logger)
-        case .vfio(let bdf): return try VFIODisk(pciAddress: bdf, queueSize: queueSize, logger: logger)
+        case .vhostUser(let path): return try TransportDisk.vhostUser(socketPath: path, queueSize: queueSize, logger: logger)
+        case .vfio(let bdf): return try TransportDisk.vfio(pciAddress: bdf, queueSize: queueSize, logger: logger)
         }
     }
 }
