@@ -52,7 +52,7 @@ public struct SplitRingLayout: Sendable {
     public static func isValidSize(_ n: Int) -> Bool { n > 0 && n <= 32768 && n & (n - 1) == 0 }
 }
 
-public final class SplitVirtqueue {
+public final class SplitVirtqueue: DriverVirtqueue {
     public let size: Int
     public let descriptors: DMARegion
     public let availRing: DMARegion
@@ -72,6 +72,7 @@ public final class SplitVirtqueue {
     private var lastUsedIdx: UInt16 = 0
     /// Whether VIRTIO_F_EVENT_IDX was negotiated (§2.7.10).
     public var eventIndex = false
+    private var interruptsOn = true
 
     public init(arena: DMAArena, size: Int) throws {
         precondition(SplitRingLayout.isValidSize(size), "queue size must be a power of two up to 32768")
@@ -87,28 +88,56 @@ public final class SplitVirtqueue {
 
     @inline(__always) private func descOffset(_ i: UInt16) -> Int { descriptors.offset + 16 * Int(i) }
 
+    public var addresses: QueueAddresses {
+        QueueAddresses(descriptors: descriptors.deviceAddress, driverArea: availRing.deviceAddress, deviceArea: usedRing.deviceAddress)
+    }
+
     /// Adds a chain of `count` segments; returns the head id, or nil when too few descriptors are free.
-    /// Device-readable segments must come before device-writable ones (§2.7.4.2).
-    public func add(count: Int, segment: (Int) -> VirtqueueSegment) -> UInt16? {
-        guard count > 0, count <= freeCount else { return nil }
+    /// Device-readable segments must come before device-writable ones (§2.7.4.2). With `indirect`
+    /// the chain is written into that table (§2.7.5.3) and takes one ring descriptor.
+    public func add(count: Int, indirect: DMARegion? = nil, segment: (Int) -> VirtqueueSegment) -> UInt16? {
+        let ringCount = indirect == nil ? count : 1
+        guard count > 0, ringCount <= freeCount else { return nil }
         let head = freeHead
-        var i = head
         var writable: UInt32 = 0
-        for k in 0..<count {
-            let s = segment(k)
-            let o = descOffset(i)
-            let next = shadow[Int(i)].next
-            var flags: UInt16 = s.deviceWritable ? DescriptorFlags.write : 0
-            if k < count - 1 { flags |= DescriptorFlags.next }
-            mem.store64(o, s.address)
-            mem.store32(o + 8, s.length)
-            mem.store16(o + 12, flags)
-            mem.store16(o + 14, next)
-            if s.deviceWritable { writable &+= s.length }
-            if k < count - 1 { i = next } else { freeHead = next }
+        if let table = indirect {
+            precondition(table.length >= 16 * count && count <= 0xFFFF, "indirect table too small for \(count) segments")
+            for k in 0..<count {
+                let s = segment(k)
+                let o = table.offset + 16 * k
+                var flags: UInt16 = s.deviceWritable ? DescriptorFlags.write : 0
+                if k < count - 1 { flags |= DescriptorFlags.next }
+                mem.store64(o, s.address)
+                mem.store32(o + 8, s.length)
+                mem.store16(o + 12, flags)
+                mem.store16(o + 14, UInt16(truncatingIfNeeded: k + 1))
+                if s.deviceWritable { writable &+= s.length }
+            }
+            let o = descOffset(head)
+            mem.store64(o, table.deviceAddress)
+            mem.store32(o + 8, UInt32(16 * count))
+            mem.store16(o + 12, DescriptorFlags.indirect)
+            mem.store16(o + 14, 0)
+            freeHead = shadow[Int(head)].next
+        } else {
+            var i = head
+            for k in 0..<count {
+                let s = segment(k)
+                let o = descOffset(i)
+                let next = shadow[Int(i)].next
+                var flags: UInt16 = s.deviceWritable ? DescriptorFlags.write : 0
+                if k < count - 1 { flags |= DescriptorFlags.next }
+                mem.store64(o, s.address)
+                mem.store32(o + 8, s.length)
+                mem.store16(o + 12, flags)
+                mem.store16(o + 14, next)
+                if s.deviceWritable { writable &+= s.length }
+                if k < count - 1 { i = next } else { freeHead = next }
+            }
         }
-        freeCount -= count
-        shadow[Int(head)].chainLength = UInt16(count)
+        freeCount -= ringCount
+        shadow[Int(head)].chainLength = UInt16(ringCount)
+        inFlightCount += 1
         shadow[Int(head)].writableBytes = writable
         // The avail ring entry; avail.idx is published separately so that many chains go out at once.
         mem.store16(availRing.offset + 4 + 2 * (Int(availIdx) & (size - 1)), head)
@@ -137,7 +166,7 @@ public final class SplitVirtqueue {
     }
 
     /// Takes the next used element, validated against the shadow, and frees its chain.
-    public func nextUsed() throws(VirtqueueError) -> (head: UInt16, length: UInt32)? {
+    public func nextUsed() throws(VirtqueueError) -> (id: UInt16, length: UInt32)? {
         let usedIdx = mem.load16Acquire(usedRing.offset + 2)
         if usedIdx == lastUsedIdx { return nil }
         guard Int(usedIdx &- lastUsedIdx) <= size else {
@@ -159,15 +188,30 @@ public final class SplitVirtqueue {
         freeHead = head
         freeCount += Int(n)
         shadow[Int(head)].chainLength = 0
-        if eventIndex { mem.store16(availRing.offset + 4 + 2 * size, lastUsedIdx) }  // used_event
+        inFlightCount -= 1
+        if eventIndex && interruptsOn { mem.store16(availRing.offset + 4 + 2 * size, lastUsedIdx) }  // used_event
         guard len <= writable else { throw .usedLengthTooLarge(id: head, length: len, writable: writable) }
         return (head, len)
     }
 
     /// The head id the next `add` will use (the first free descriptor).
-    public var nextFreeHead: UInt16 { freeHead }
+    public var nextFreeID: UInt16 { freeHead }
+
+    /// Without EVENT_IDX: VIRTQ_AVAIL_F_NO_INTERRUPT (§2.7.7). With it, used_event simply stops
+    /// moving, so the device interrupts at most once more.
+    public func disableInterrupts() {
+        interruptsOn = false
+        if !eventIndex { mem.store16(availRing.offset, 1) }
+    }
+
+    public func enableInterrupts() -> Bool {
+        interruptsOn = true
+        if eventIndex { mem.store16(availRing.offset + 4 + 2 * size, lastUsedIdx) } else { mem.store16(availRing.offset, 0) }
+        Fence.full()                                      // the request before re-checking used.idx
+        return mem.load16Acquire(usedRing.offset + 2) != lastUsedIdx
+    }
 
     /// Whether chain `head` is in flight (for tests and recovery).
     public func isInFlight(_ head: UInt16) -> Bool { Int(head) < size && shadow[Int(head)].chainLength > 0 }
-    public var inFlightCount: Int { size - freeCount }
+    public private(set) var inFlightCount = 0
 }

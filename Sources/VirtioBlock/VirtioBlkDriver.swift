@@ -38,7 +38,7 @@ public final class VirtioBlkDriver: @unchecked Sendable {
         var command: BlkCommand
     }
     private struct State {
-        var queue: SplitVirtqueue
+        var queue: any DriverVirtqueue
         var slots: [Slot?]
         var waiting: [Pending] = []
         var waitingHead = 0
@@ -122,8 +122,8 @@ public final class VirtioBlkDriver: @unchecked Sendable {
         // Per-head request slots: header at +0, discard/zeroes segment at +16, status at +32.
         headers = try arena.allocate(64 * queueSize, alignment: 64)
         try transport.attachMemory(arena.memory)
-        doorbells = try transport.setupQueue(0, size: queueSize, descriptors: q.descriptors.deviceAddress,
-                                             driverArea: q.availRing.deviceAddress, deviceArea: q.usedRing.deviceAddress)
+        doorbells = try transport.setupQueue(0, size: queueSize, descriptors: q.addresses.descriptors,
+                                             driverArea: q.addresses.driverArea, deviceArea: q.addresses.deviceArea)
         stopFD = try EventFD()
         state = Mutex(State(queue: q, slots: Array(repeating: nil, count: queueSize)))
         // Step 8: DRIVER_OK.
@@ -190,7 +190,7 @@ public final class VirtioBlkDriver: @unchecked Sendable {
             let n = descriptorCount(p.command)
             s.reservedDescriptors -= n
             // Header and status live in the per-head slot of the chain add() is about to build.
-            let head = s.queue.nextFreeHead
+            let head = s.queue.nextFreeID
             let h = headers.offset + 64 * Int(head)
             let hAddr = headers.deviceAddress + UInt64(64 * Int(head))
             var sector: UInt64 = 0
@@ -208,7 +208,7 @@ public final class VirtioBlkDriver: @unchecked Sendable {
             let isRead: Bool
             switch p.command { case .read, .getID: isRead = true; default: isRead = false }
             let seg = isSegmentCommand(p.command)
-            let got = s.queue.add(count: n) { k in
+            let got = s.queue.add(count: n, indirect: nil) { k in
                 if k == 0 { return VirtqueueSegment(address: hAddr, length: 16, deviceWritable: false) }
                 if k == n - 1 { return VirtqueueSegment(address: hAddr + 32, length: 1, deviceWritable: true) }
                 if seg { return VirtqueueSegment(address: hAddr + 16, length: 16, deviceWritable: false) }

@@ -33,7 +33,7 @@ public struct EmulatorConfiguration: Sendable {
     public enum CompletionOrder: Sendable { case inOrder, reversed }
     public var maxQueueSize = 32768
     /// Features the device offers; the RO bit is added for read-only backends.
-    public var features: VirtioFeatures = [.version1, .blkSizeMax, .blkSegMax, .blkBlkSize, .blkFlush, .blkDiscard, .blkWriteZeroes, .eventIdx]
+    public var features: VirtioFeatures = [.version1, .blkSizeMax, .blkSegMax, .blkBlkSize, .blkFlush, .blkDiscard, .blkWriteZeroes, .eventIdx, .indirectDesc]
     public var segMax: UInt32 = 254
     public var sizeMax: UInt32 = 1 << 20
     public var maxDiscardSectors: UInt32 = 1 << 22
@@ -66,7 +66,7 @@ public final class VirtioBlkEmulator: MMIOBus, @unchecked Sendable {
         var queue = QueueRegs()
         var interruptStatus: UInt32 = 0
         var memory: SharedMemory?
-        var live: DeviceSplitQueue?
+        var live: (any DeviceVirtqueue)?
         var generation = 0
     }
     private let regs = Mutex(Registers())
@@ -175,6 +175,7 @@ public final class VirtioBlkEmulator: MMIOBus, @unchecked Sendable {
                     break
                 }
                 q.eventIndex = VirtioFeatures(rawValue: r.driverFeatures).contains(.eventIdx)
+                q.indirect = VirtioFeatures(rawValue: r.driverFeatures).contains(.indirectDesc)
                 r.queue.ready = true
                 r.live = q
             case MMIORegister.interruptACK: r.interruptStatus &= ~value
@@ -205,7 +206,7 @@ public final class VirtioBlkEmulator: MMIOBus, @unchecked Sendable {
     private func run() {
         defer { done.signal() }
         var chain = DescriptorChain()
-        var completed: [(UInt16, UInt32)] = []
+        var completed: [(id: UInt16, slots: Int, length: UInt32)] = []
         var header = [UInt8](repeating: 0, count: 16)
         while true {
             let (_, stop) = kick.wait(orUntil: stopFD)
@@ -219,9 +220,9 @@ public final class VirtioBlkEmulator: MMIOBus, @unchecked Sendable {
             do {
                 repeat {
                     q.setNotifications(enabled: false)
-                    while let head = try q.pop() {
-                        let len = process(head: head, queue: q, chain: &chain, header: &header, features: features)
-                        completed.append((head, len))
+                    while try q.pop(into: &chain) {
+                        let len = process(chain: chain, mem: q.mem, header: &header, features: features)
+                        completed.append((chain.head, chain.ringSlots, len))
                         if completed.count >= 64 { flushCompleted(&completed, q) }
                     }
                     flushCompleted(&completed, q)
@@ -237,10 +238,10 @@ public final class VirtioBlkEmulator: MMIOBus, @unchecked Sendable {
         }
     }
 
-    private func flushCompleted(_ completed: inout [(UInt16, UInt32)], _ q: DeviceSplitQueue) {
+    private func flushCompleted(_ completed: inout [(id: UInt16, slots: Int, length: UInt32)], _ q: any DeviceVirtqueue) {
         if completed.isEmpty { return }
         if config.completionOrder == .reversed { completed.reverse() }
-        for (h, l) in completed { q.pushUsed(head: h, length: l) }
+        for c in completed { q.pushUsed(id: c.id, ringSlots: c.slots, length: c.length) }
         completed.removeAll(keepingCapacity: true)
         if q.publishUsed() { raiseInterrupt(config: false) }
     }
@@ -252,13 +253,11 @@ public final class VirtioBlkEmulator: MMIOBus, @unchecked Sendable {
     }
 
     /// Executes one request; returns the used length (bytes written into device-writable buffers).
-    private func process(head: UInt16, queue q: DeviceSplitQueue, chain: inout DescriptorChain, header: inout [UInt8], features: VirtioFeatures) -> UInt32 {
-        let mem = q.mem
-        do {
-            try q.walk(head, into: &chain)
-        } catch {
+    private func process(chain: DescriptorChain, mem: SharedMemory, header: inout [UInt8], features: VirtioFeatures) -> UInt32 {
+        let head = chain.head
+        if let fault = chain.fault {
             stats.badChains.add(1, ordering: .relaxed)
-            logger.debug("rejecting chain \(head): \(error)")
+            logger.debug("rejecting chain \(head): \(fault)")
             return failChain(chain, mem)
         }
         // The status byte is the last device-writable byte (§5.2.6).

@@ -30,7 +30,7 @@ final class SplitVirtqueueTests: XCTestCase {
         var used: UInt16 = 0
         deviceComplete(arena, q, id: UInt32(heads[2]), len: 0, usedIdx: &used)
         let r = try XCTUnwrap(try q.nextUsed())
-        XCTAssertEqual(r.head, heads[2])
+        XCTAssertEqual(r.id, heads[2])
         XCTAssertEqual(q.freeCount, 2)
         XCTAssertNil(q.add(count: 3) { _ in self.seg() }, "3 descriptors do not fit in 2")
         XCTAssertNotNil(q.add(count: 2) { _ in self.seg() })
@@ -43,7 +43,7 @@ final class SplitVirtqueueTests: XCTestCase {
         var used: UInt16 = 0
         for h in heads.reversed() { deviceComplete(arena, q, id: UInt32(h), len: 16, usedIdx: &used) }
         var got: [UInt16] = []
-        while let u = try q.nextUsed() { got.append(u.head); XCTAssertEqual(u.length, 16) }
+        while let u = try q.nextUsed() { got.append(u.id); XCTAssertEqual(u.length, 16) }
         XCTAssertEqual(got, heads.reversed())
         XCTAssertEqual(q.freeCount, 16)
     }
@@ -114,16 +114,16 @@ final class SplitVirtqueueTests: XCTestCase {
                 }
                 _ = q.publish()
                 var popped: [UInt16] = []
-                while let h = try dev.pop() {
+                while let h = try dev.popHead() {
                     try dev.walk(h, into: &chain)
                     XCTAssertEqual(chain.readable.count, 2); XCTAssertEqual(chain.writable.count, 1)
                     popped.append(h)
                 }
                 XCTAssertEqual(Set(popped), heads)
-                for h in popped.reversed() { dev.pushUsed(head: h, length: 16) }
+                for h in popped.reversed() { dev.pushUsed(id: h, length: 16) }
                 _ = dev.publishUsed()
                 var got: Set<UInt16> = []
-                while let u = try q.nextUsed() { got.insert(u.head) }
+                while let u = try q.nextUsed() { got.insert(u.id) }
                 XCTAssertEqual(got, heads)
                 completed += batch
                 batch = batch % 10 + 1

@@ -202,7 +202,7 @@ private func queueMode(mem: SharedMemory, size: Int, desc: UInt64, avail: UInt64
     var pops = 0
     while pops < 70_000 {
         let head: UInt16?
-        do { head = try q.pop() } catch { break }
+        do { head = try q.popHead() } catch { break }
         guard let head else { break }
         pops += 1
         var ok = true
@@ -217,7 +217,7 @@ private func queueMode(mem: SharedMemory, size: Int, desc: UInt64, avail: UInt64
         // Touch every byte the device may use, as the request code would.
         for s in chain.readable where s.length > 0 { _ = mem.load8(s.offset); _ = mem.load8(s.offset + s.length - 1) }
         for s in chain.writable where s.length > 0 { mem.store8(s.offset + s.length - 1, 0xEE) }
-        q.pushUsed(head: head, length: UInt32(truncatingIfNeeded: w))
+        q.pushUsed(id: head, length: UInt32(truncatingIfNeeded: w))
         pending += 1
         if pending >= 64 { _ = q.publishUsed(); pending = 0 }
     }
