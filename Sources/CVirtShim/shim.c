@@ -70,3 +70,7 @@ int vshim_pwrite_zeroes(int fd, int64_t off, int64_t len) {
     }
     return 0;
 }
+
+static _Thread_local int vshim_lane;
+int vshim_lane_get(void) { return vshim_lane; }
+void vshim_lane_set(int lane) { vshim_lane = lane; }

@@ -4,6 +4,7 @@ import NBDProtocol
 import NIOCore
 import NIOPosix
 import Synchronization
+import VirtioBlock
 
 /// Tracks live connections so shutdown can drain them.
 final class ConnectionRegistry: Sendable {
@@ -55,6 +56,8 @@ public final class NBDServer: Sendable {
         self.group = group
         self.limits = limits
         self.logger = logger
+        // One virtqueue lane per event loop: a loop's requests never contend with another loop's.
+        for (i, loop) in group.makeIterator().enumerated() { loop.execute { VirtioBlkDriver.useLane(i) } }
     }
 
     private func makeHandler(id: Int) -> NBDConnectionHandler {

@@ -175,13 +175,13 @@ public final class VhostUserTransport: VirtioTransport, @unchecked Sendable {
         control.lock(); defer { control.unlock() }
         health.withLock { $0.status = [] }
         driverFeatures = []
-        guard !live.isEmpty else { return }
-        let indices = live.keys.sorted()
+        // A dead backend cannot be reset, whether or not queues are still live.
         defer {
             live.removeAll()
             health.withLock { $0.calls.removeAll() }
         }
         try checkUsable(.getVringBase)
+        let indices = live.keys.sorted()
         for i in indices {
             var w = WireWriter(); w.u32(UInt32(i)); w.u32(0)
             try command(.setVringEnable, w.bytes, fds: [])

@@ -64,3 +64,11 @@ public final class DMAArena: @unchecked Sendable {
     @inline(__always) public func pageOffset(_ p: Int32) -> Int { Int(p) * Self.pageSize }
     @inline(__always) public func pageDeviceAddress(_ p: Int32) -> UInt64 { memory.deviceBase + UInt64(Int(p) * Self.pageSize) }
 }
+
+extension DMARegion {
+    /// The part of this region at `offset` (relative) of `length` bytes.
+    public func slice(at offset: Int, length: Int) -> DMARegion {
+        precondition(offset >= 0 && length >= 0 && offset + length <= self.length, "slice outside the region")
+        return DMARegion(offset: self.offset + offset, length: length, deviceAddress: deviceAddress + UInt64(offset))
+    }
+}

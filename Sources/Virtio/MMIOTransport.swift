@@ -23,6 +23,12 @@ public protocol MMIOBus: AnyObject, Sendable {
     func readConfig8(_ offset: Int) -> UInt8
     func attachMemory(_ memory: SharedMemory) throws
     var interrupt: EventFD { get }
+    /// The interrupt of one queue (an MSI-X vector per queue); buses with one line return `interrupt`.
+    func interrupt(forQueue queue: Int) -> EventFD
+}
+
+extension MMIOBus {
+    public func interrupt(forQueue queue: Int) -> EventFD { interrupt }
 }
 
 /// The driver side of virtio-mmio: turns transport calls into register accesses.
@@ -86,7 +92,7 @@ public final class VirtioMMIOTransport: VirtioTransport, @unchecked Sendable {
         guard bus.read32(MMIORegister.queueReady) == 1 else { throw VirtioTransportError.deviceFailed("queue \(index) refused its addresses") }
         let bus = self.bus
         let q = UInt32(index)
-        return QueueDoorbells(kick: { bus.write32(MMIORegister.queueNotify, q) }, interrupt: bus.interrupt)
+        return QueueDoorbells(kick: { bus.write32(MMIORegister.queueNotify, q) }, interrupt: bus.interrupt(forQueue: index))
     }
     public func readConfig(offset: Int, width: Int) -> UInt64 {
         var v: UInt64 = 0

@@ -194,6 +194,18 @@ public final class SplitVirtqueue: DriverVirtqueue {
         return (head, len)
     }
 
+    public func reset() {
+        mem.zero(descriptors.offset, count: descriptors.length)
+        mem.zero(availRing.offset, count: availRing.length)
+        mem.zero(usedRing.offset, count: usedRing.length)
+        shadow = (0..<size).map { Shadow(next: UInt16(truncatingIfNeeded: $0 + 1)) }
+        freeHead = 0
+        freeCount = size
+        inFlightCount = 0
+        availIdx = 0; lastKickIdx = 0; lastUsedIdx = 0
+        interruptsOn = true
+    }
+
     /// The head id the next `add` will use (the first free descriptor).
     public var nextFreeID: UInt16 { freeHead }
 

@@ -1,5 +1,6 @@
 // What the driver needs from a virtqueue, whatever its format: split (VIRTIO 1.2 §2.7) or
 // packed (§2.8). `VirtioBlkDriver` is written against this protocol only.
+import CVirtShim
 
 /// The two ring formats (§2.6). Packed needs VIRTIO_F_RING_PACKED.
 public enum RingFormat: String, Sendable, CaseIterable, CustomStringConvertible {
@@ -54,7 +55,17 @@ public protocol DriverVirtqueue: AnyObject {
     /// Asks for an interrupt on the next used buffer. Returns true if used buffers are already
     /// pending (the caller must reap them: the device may not interrupt for those).
     func enableInterrupts() -> Bool
+    /// Forgets every chain and zeroes the rings, as after a device reset (§2.1.2, §3.1.1): the
+    /// queue is as new and can be set up again at the same addresses.
+    func reset()
 }
 
 /// Driver ring descriptors one request needs, given whether it goes indirect.
 @inline(__always) public func ringDescriptors(segments: Int, indirect: Bool) -> Int { indirect ? 1 : segments }
+
+/// Which virtqueue a thread's requests use. Each NIO event loop thread is given its own lane at
+/// start, so loops never share a queue (or its lock); other threads use lane 0.
+public enum IOLane {
+    public static var current: Int { Int(vshim_lane_get()) }
+    public static func set(_ lane: Int) { vshim_lane_set(Int32(truncatingIfNeeded: lane)) }
+}

@@ -12,7 +12,9 @@ public final class BlockDevice: Sendable {
     public static let block: UInt64 = 4096
     public let driver: VirtioBlkDriver
     public let locks = RangeLocks()
-    public var size: UInt64 { driver.geometry.capacityBytes & ~(Self.block - 1) }
+    /// The size at start, or less if the device has since shrunk (growth needs a restart: the
+    /// allocation map and every client's view of the size were made for the old size).
+    public var size: UInt64 { min(driver.geometry.capacityBytes, driver.capacityBytes) & ~(Self.block - 1) }
     public var geometry: BlkGeometry { driver.geometry }
 
     public typealias ReadCompletion = @Sendable (Result<ByteBuffer, BlkError>) -> Void

@@ -1,28 +1,80 @@
-// The virtio-blk driver: feature negotiation (VIRTIO 1.2 §3.1.1), requests as
-// header / data / status chains (§5.2.6), many in flight, completed in whatever order the device
-// uses. It talks to the device only through `VirtioTransport`.
+// The virtio-blk driver: feature negotiation as a policy (VIRTIO 1.2 §3.1.1), requests as
+// header / data / status chains (§5.2.6), many in flight on one or more queues (VIRTIO_BLK_F_MQ),
+// completed in whatever order the device uses, and recovery by reset (§2.1.2).
+//
+// Each queue is a `Lane` with its own ring, lock, page pool, request slots and completion thread:
+// a submitting thread uses the lane `IOLane.current` names (one per NIO event loop), so event
+// loops never share a lock on the fast path. The driver talks to the device only through
+// `VirtioTransport` and to the rings only through `DriverVirtqueue` (split or packed).
 import Foundation
 import Logging
 import Synchronization
 import Virtio
 
+/// How the driver sets the device up. Everything both sides support is offered by default;
+/// these switches turn things off or force a choice (`--ring`, `--queues`, `--no-event-idx`, …).
+public struct DriverOptions: Sendable, Equatable {
+    /// Preferred ring format; packed falls back to split when the device lacks VIRTIO_F_RING_PACKED.
+    public var ring: RingFormat = .split
+    /// Request queues wanted; capped by the device's num_queues (1 without VIRTIO_BLK_F_MQ).
+    public var queues = 1
+    /// Descriptors per queue: split rings need a power of two, packed rings any size; ≤ 32768.
+    public var queueSize = 256
+    /// Offer VIRTIO_F_EVENT_IDX (else the NO_NOTIFY / NO_INTERRUPT flags suppress notifications).
+    public var eventIndex = true
+    /// Offer VIRTIO_F_INDIRECT_DESC (multi-page requests then take one ring descriptor).
+    public var indirect = true
+    /// 4 KiB data pages in the arena, shared out among the queues; bounds the bytes in flight.
+    public var ioPages = 4096
+    /// After a completion, poll the ring this long before sleeping on the interrupt again (0 = never poll).
+    public var pollMicroseconds = 0
+    /// A request the device has not completed after this many seconds makes the driver reset the
+    /// device and resubmit (0 = wait forever).
+    public var requestTimeoutSeconds = 30.0
+    public init() {}
+
+    /// Why a choice cannot work, before any device is touched.
+    public func validate() throws(VirtioTransportError) {
+        guard queues >= 1, queues <= 64 else { throw .deviceFailed("--queues must be 1-64, not \(queues)") }
+        switch ring {
+        case .split:
+            guard SplitRingLayout.isValidSize(queueSize) else {
+                throw .deviceFailed("queue size \(queueSize) is not a power of two between 1 and 32768 (split rings need one; packed rings take any size)")
+            }
+        case .packed:
+            guard queueSize >= 2, queueSize <= 32768 else { throw .deviceFailed("queue size \(queueSize) is not between 2 and 32768") }
+        }
+        guard ioPages >= 1 else { throw .deviceFailed("ioPages must be at least 1") }
+    }
+}
+
 public final class VirtioBlkDriver: @unchecked Sendable {
     public static let pageSize = 4096
     /// Data segments per request (each one 4 KiB page).
     public let maxPagesPerRequest: Int
+    /// The shape read at start; `capacityBytes` follows later config changes.
     public let geometry: BlkGeometry
     public let negotiated: VirtioFeatures
     public let queueSize: Int
+    /// The ring format in use (after any fallback).
+    public let ring: RingFormat
     public let stats = DriverStats()
+    public var queueCount: Int { lanes.count }
+    /// Current capacity, re-read on every configuration change (§2.5.1).
+    public var capacityBytes: UInt64 { capacity.load(ordering: .relaxed) }
 
     private let transport: VirtioTransport
     private let arena: DMAArena
-    private let headers: DMARegion
-    private let doorbells: QueueDoorbells
-    private let stopFD: EventFD
+    private let options: DriverOptions
     private let logger: Logger
-    private var thread: Thread?
-    private let threadDone = DispatchSemaphore(value: 0)
+    private let lanes: [Lane]
+    private let stopFD: EventFD
+    private let capacity: Atomic<UInt64>
+    /// Bumped by each reset; a lane that saw a failure in epoch e asks for a reset of epoch e only.
+    private let epoch = Atomic<Int>(0)
+    private let recovery = NSLock()
+    private let threadsDone = DispatchSemaphore(value: 0)
+    private var threadCount = 0
 
     public typealias Completion = @Sendable (Result<IOPages, BlkError>) -> Void
     public typealias Fill = @Sendable (IOPages) -> Void
@@ -31,60 +83,87 @@ public final class VirtioBlkDriver: @unchecked Sendable {
         var command: BlkCommand
         var fill: Fill?
         var done: Completion
+        /// Pages already holding the data (a resubmission after a reset).
+        var pages: [Int32]?
+        var retried = false
     }
     private struct Slot {
         var pages: [Int32]
         var done: Completion
         var command: BlkCommand
+        var submitted: ContinuousClock.Instant
+        var retried: Bool
     }
-    private struct State {
+    private struct LaneState {
         var queue: any DriverVirtqueue
+        var doorbells: QueueDoorbells
         var slots: [Slot?]
+        var freePages: [Int32]
         var waiting: [Pending] = []
         var waitingHead = 0
         var reservedDescriptors = 0
+        /// Accepted and not yet completed (waiting or on the ring).
         var inFlight = 0
         var broken: String?
         var closing = false
+        /// The device is being reset: nothing goes to the ring, new requests wait.
+        var resetting = false
     }
-    private let state: Mutex<State>
-    private let drained = NSCondition()
-
-    /// Brings the device up and starts the completion thread.
-    /// - Parameters:
-    ///   - queueSize: split-ring size, a power of two ≤ 32768 (and ≤ the device maximum).
-    ///   - ioPages: 4 KiB data pages in the arena; bounds the bytes in flight.
-    public init(transport: VirtioTransport, queueSize: Int = 256, ioPages: Int = 4096, logger: Logger = Logger(label: "virtnbd.driver")) throws {
-        guard SplitRingLayout.isValidSize(queueSize) else {
-            throw VirtioTransportError.deviceFailed("queue size \(queueSize) is not a power of two between 1 and 32768")
+    private final class Lane: @unchecked Sendable {
+        let index: Int
+        /// Per-id request slot: header at +0, discard/zeroes segment at +16, status at +32.
+        let headers: DMARegion
+        /// Per-id indirect table (nil without VIRTIO_F_INDIRECT_DESC).
+        let tables: DMARegion?
+        let tableStride: Int
+        let addresses: QueueAddresses
+        let state: Mutex<LaneState>
+        init(index: Int, headers: DMARegion, tables: DMARegion?, tableStride: Int, addresses: QueueAddresses, state: sending LaneState) {
+            self.index = index; self.headers = headers; self.tables = tables; self.tableStride = tableStride
+            self.addresses = addresses; self.state = Mutex(state)
         }
+    }
+
+    /// Brings the device up and starts one completion thread per queue.
+    public init(transport: VirtioTransport, options: DriverOptions = .init(), logger: Logger = Logger(label: "virtnbd.driver")) throws {
+        try options.validate()
         guard transport.deviceID == 2 else { throw VirtioTransportError.wrongDevice(expected: 2, found: transport.deviceID) }
         self.transport = transport
         self.logger = logger
-        self.queueSize = queueSize
+        self.options = options
 
         // §3.1.1 steps 1-3: reset, ACKNOWLEDGE, DRIVER.
         try transport.reset()
         try transport.writeStatus([.acknowledge])
         try transport.writeStatus([.acknowledge, .driver])
-        // Steps 4-6: features.
+        // Steps 4-6: offer everything both sides support, minus what the options turn off.
         let offered = transport.readDeviceFeatures()
-        let wanted: VirtioFeatures = [.version1, .accessPlatform, .blkSizeMax, .blkSegMax, .blkBlkSize, .blkFlush, .blkRO, .blkDiscard, .blkWriteZeroes, .eventIdx]
+        var wanted: VirtioFeatures = [.version1, .accessPlatform, .blkSizeMax, .blkSegMax, .blkBlkSize, .blkFlush, .blkRO, .blkDiscard, .blkWriteZeroes]
+        if options.eventIndex { wanted.insert(.eventIdx) }
+        if options.indirect { wanted.insert(.indirectDesc) }
+        if options.queues > 1 { wanted.insert(.blkMQ) }
+        if options.ring == .packed { wanted.insert(.ringPacked) }
         let features = offered.intersection(wanted)
         guard features.contains(.version1) else {
             try? transport.writeStatus([.failed])
             throw VirtioTransportError.featuresRejected(offered)
         }
-        try transport.writeDriverFeatures(features)
-        try transport.writeStatus([.acknowledge, .driver, .featuresOK])
-        guard transport.readStatus().contains(.featuresOK) else {
-            try? transport.writeStatus([.failed])
-            throw VirtioTransportError.featuresRejected(features)
-        }
+        try Self.negotiate(transport, features)
         negotiated = features
+        var ring = options.ring
+        if ring == .packed && !features.contains(.ringPacked) {
+            logger.warning("the device does not offer VIRTIO_F_RING_PACKED; using a split ring")
+            ring = .split
+        }
+        self.ring = ring
+        let queueSize = options.queueSize
+        if ring == .split && !SplitRingLayout.isValidSize(queueSize) {
+            throw VirtioTransportError.deviceFailed("queue size \(queueSize) is not a power of two, which the split ring the device forces needs")
+        }
 
         // Config space (§5.2.4), read under the generation counter (§2.5.1).
         var g: BlkGeometry
+        var numQueues = 1
         repeat {
             let gen = transport.configGeneration()
             let cfg = { (o: Int, w: Int) in transport.readConfig(offset: o, width: w) }
@@ -100,6 +179,7 @@ public final class VirtioBlkDriver: @unchecked Sendable {
                 maxDiscardSectors: features.contains(.blkDiscard) ? UInt32(cfg(36, 4)) : 0,
                 maxWriteZeroesSectors: features.contains(.blkWriteZeroes) ? UInt32(cfg(48, 4)) : 0,
                 writeZeroesMayUnmap: features.contains(.blkWriteZeroes) && cfg(56, 1) != 0)
+            numQueues = features.contains(.blkMQ) ? max(1, Int(cfg(34, 2))) : 1
             if gen == transport.configGeneration() { break }
         } while true
         // Some devices (QEMU 7.2's vhost-user-blk) offer SIZE_MAX but leave it 0: no limit.
@@ -109,90 +189,163 @@ public final class VirtioBlkDriver: @unchecked Sendable {
         }
         guard g.blockSize <= 4096 else { throw VirtioTransportError.deviceFailed("blk_size \(g.blockSize) > 4096 is not supported") }
         geometry = g
-        maxPagesPerRequest = max(1, min(Int(g.segMax), 32, queueSize - 2))
+        capacity = Atomic(g.capacityBytes)
+        let useIndirect = features.contains(.indirectDesc)
+        // Without indirect tables a request's descriptors must fit in the ring (header + pages + status).
+        maxPagesPerRequest = max(1, min(Int(g.segMax), 32, useIndirect ? 32 : queueSize - 2))
+        let nQueues = min(options.queues, numQueues, transport.queueCount > 0 ? transport.queueCount : 1)
+        if nQueues < options.queues {
+            logger.warning("asked for \(options.queues) queues; the device offers \(numQueues); using \(nQueues)")
+        }
+        for q in 0..<nQueues {
+            let maxQ = transport.maxQueueSize(q)
+            guard maxQ > 0 else { throw VirtioTransportError.queueUnavailable(index: q) }
+            guard queueSize <= maxQ else { throw VirtioTransportError.queueTooLarge(index: q, requested: queueSize, max: maxQ) }
+        }
+        self.queueSize = queueSize
 
-        // Step 7: queues, in the arena.
-        let maxQ = transport.maxQueueSize(0)
-        guard maxQ > 0 else { throw VirtioTransportError.queueUnavailable(index: 0) }
-        guard queueSize <= maxQ else { throw VirtioTransportError.queueTooLarge(index: 0, requested: queueSize, max: maxQ) }
-        let l = SplitRingLayout(size: queueSize)
-        arena = try DMAArena(structureBytes: l.descriptorTableBytes + l.availBytes + l.usedBytes + 64 * queueSize + 4096, ioPages: ioPages)
-        let q = try SplitVirtqueue(arena: arena, size: queueSize)
-        q.eventIndex = features.contains(.eventIdx)
-        // Per-head request slots: header at +0, discard/zeroes segment at +16, status at +32.
-        headers = try arena.allocate(64 * queueSize, alignment: 64)
+        // Step 7: queues, headers and indirect tables in one arena; pages shared out per queue.
+        let split = SplitRingLayout(size: queueSize)
+        // Packed: the descriptor ring plus two 4-byte event suppression structures (§2.8.10).
+        let ringBytes = ring == .split ? split.descriptorTableBytes + split.availBytes + split.usedBytes + 64 : 16 * queueSize + 64
+        let tableStride = 16 * (maxPagesPerRequest + 3)
+        let perQueue = ringBytes + 64 * queueSize + (useIndirect ? tableStride * queueSize + 64 : 0) + 4096
+        let pagesPerQueue = max(maxPagesPerRequest, options.ioPages / nQueues)
+        let arena = try DMAArena(structureBytes: perQueue * nQueues, ioPages: pagesPerQueue * nQueues)
+        self.arena = arena
+        var laneList: [Lane] = []
+        let firstPage = arena.poolFirstPage
+        var pool = (0..<(pagesPerQueue * nQueues)).map { Int32(firstPage + $0) }
+        // The device sees the whole memfd, so rings allocated after attaching are visible too.
         try transport.attachMemory(arena.memory)
-        doorbells = try transport.setupQueue(0, size: queueSize, descriptors: q.addresses.descriptors,
-                                             driverArea: q.addresses.driverArea, deviceArea: q.addresses.deviceArea)
+        for q in 0..<nQueues {
+            let vq = try Self.makeQueue(ring, arena: arena, size: queueSize)
+            vq.eventIndex = features.contains(.eventIdx)
+            let addresses = vq.addresses
+            let headers = try arena.allocate(64 * queueSize, alignment: 64)
+            let tables = useIndirect ? try arena.allocate(tableStride * queueSize, alignment: 16) : nil
+            let d = try transport.setupQueue(q, size: queueSize, descriptors: addresses.descriptors,
+                                             driverArea: addresses.driverArea, deviceArea: addresses.deviceArea)
+            let mine = Array(pool.suffix(pagesPerQueue)); pool.removeLast(pagesPerQueue)
+            laneList.append(Lane(index: q, headers: headers, tables: tables, tableStride: tableStride, addresses: addresses,
+                                 state: LaneState(queue: vq, doorbells: d, slots: Array(repeating: nil, count: queueSize), freePages: mine)))
+        }
+        lanes = laneList
         stopFD = try EventFD()
-        state = Mutex(State(queue: q, slots: Array(repeating: nil, count: queueSize)))
         // Step 8: DRIVER_OK.
         try transport.writeStatus([.acknowledge, .driver, .featuresOK, .driverOK])
         logger.info("virtio-blk ready", metadata: [
-            "capacity": "\(g.capacityBytes)", "features": "\(features)", "queue-size": "\(queueSize)",
-            "seg-max": "\(g.segMax)", "pages-per-request": "\(maxPagesPerRequest)", "io-pages": "\(ioPages)"])
-        let t = Thread { [unowned self] in self.completionLoop() }
-        t.name = "virtio-blk-irq"
-        thread = t
-        t.start()
+            "capacity": "\(g.capacityBytes)", "features": "\(features)", "ring": "\(ring)", "queues": "\(nQueues)",
+            "queue-size": "\(queueSize)", "seg-max": "\(g.segMax)", "pages-per-request": "\(maxPagesPerRequest)",
+            "io-pages": "\(pagesPerQueue * nQueues)"])
+        let generation = transport.configGeneration()
+        for lane in lanes {
+            let t = Thread { [unowned self] in self.completionLoop(lane, configGeneration: generation) }
+            t.name = "virtio-blk-irq\(lane.index)"
+            threadCount += 1
+            t.start()
+        }
     }
 
-    deinit { stopThread() }
+    /// Sends the calling thread's requests to queue `lane` (modulo the queue count).
+    public static func useLane(_ lane: Int) { IOLane.set(lane) }
+
+    /// The compatibility initialiser: one split queue of `queueSize`.
+    public convenience init(transport: VirtioTransport, queueSize: Int, ioPages: Int = 4096, logger: Logger = Logger(label: "virtnbd.driver")) throws {
+        var o = DriverOptions()
+        o.queueSize = queueSize
+        o.ioPages = ioPages
+        try self.init(transport: transport, options: o, logger: logger)
+    }
+
+    deinit { stopThreads() }
+
+    /// §3.1.1 steps 5-6: write the features, set FEATURES_OK, check the device kept it.
+    private static func negotiate(_ transport: VirtioTransport, _ features: VirtioFeatures) throws {
+        try transport.writeDriverFeatures(features)
+        try transport.writeStatus([.acknowledge, .driver, .featuresOK])
+        guard transport.readStatus().contains(.featuresOK) else {
+            try? transport.writeStatus([.failed])
+            throw VirtioTransportError.featuresRejected(features)
+        }
+    }
+
+    /// A ring of the chosen format in the arena.
+    private static func makeQueue(_ ring: RingFormat, arena: DMAArena, size: Int) throws -> any DriverVirtqueue {
+        switch ring {
+        case .split: return try SplitVirtqueue(arena: arena, size: size)
+        case .packed: throw VirtioTransportError.deviceFailed("packed rings are not built into this driver yet; use --ring split")
+        }
+    }
 
     // MARK: submission
 
-    /// Issues one request. `fill` runs before the request is made available (writes copy their data
-    /// into the pages there); `done` runs on the completion thread with the pages, which return to
-    /// the pool when it returns. Requests that do not fit wait, first come first served.
+    private enum Decision { case launch([Int32]), wait, fail(BlkError) }
+
+    /// Issues one request on the calling thread's lane. `fill` runs before the request is made
+    /// available (writes copy their data into the pages there); `done` runs on the completion
+    /// thread with the pages, which return to the pool when it returns. Requests that do not fit
+    /// wait, first come first served.
     public func submit(_ command: BlkCommand, fill: Fill? = nil, done: @escaping Completion) {
         precondition(command.pages <= maxPagesPerRequest, "callers split requests to maxPagesPerRequest")
+        let lane = lanes[IOLane.current % lanes.count]
         let p = Pending(command: command, fill: fill, done: done)
-        let start: (Pending, [Int32])?? = state.withLock { s in
-            if let b = s.broken { _ = b; return .some(nil) }
-            if s.closing { return .some(nil) }
+        let d: Decision = lane.state.withLock { s in
+            if let b = s.broken { return .fail(.deviceBroken(b)) }
+            if s.closing { return .fail(.shutdown) }
             s.inFlight += 1
-            if s.waitingHead == s.waiting.count, let pages = reserve(&s, p.command) { return .some((p, pages)) }
+            if !s.resetting, s.waitingHead == s.waiting.count, let pages = reserve(&s, lane, command) { return .launch(pages) }
             s.waiting.append(p)
-            return nil
+            return .wait
         }
-        switch start {
-        case .some(.some(let (p, pages))): launch(p, pages)
-        case .some(.none):
-            let reason = state.withLock { $0.broken }
-            done(.failure(reason.map { .deviceBroken($0) } ?? .shutdown))
-        case .none: break
+        switch d {
+        case .launch(let pages): launch(lane, p, pages)
+        case .fail(let e): done(.failure(e))
+        case .wait: break
         }
     }
 
-    /// Takes pages and reserves descriptors, or returns nil if either is short.
-    private func reserve(_ s: inout State, _ c: BlkCommand) -> [Int32]? {
-        let descs = descriptorCount(c)
-        guard s.queue.freeCount - s.reservedDescriptors >= descs, arena.freePageCount >= c.pages else { return nil }
-        s.reservedDescriptors += descs
-        var pages: [Int32] = []
-        pages.reserveCapacity(c.pages)
-        for _ in 0..<c.pages { pages.append(arena.takePage()!) }
-        return pages
-    }
     private func isSegmentCommand(_ c: BlkCommand) -> Bool {
         if case .discard = c { return true }
         if case .writeZeroes = c { return true }
         return false
     }
     private func descriptorCount(_ c: BlkCommand) -> Int { c.pages + 2 + (isSegmentCommand(c) ? 1 : 0) }
+    /// Requests of more than one data page go through an indirect table when there is one.
+    @inline(__always) private func goesIndirect(_ lane: Lane, _ c: BlkCommand) -> Bool { lane.tables != nil && descriptorCount(c) > 3 }
+    private func ringCost(_ lane: Lane, _ c: BlkCommand) -> Int { ringDescriptors(segments: descriptorCount(c), indirect: goesIndirect(lane, c)) }
+
+    /// Takes pages and reserves ring descriptors, or returns nil if either is short.
+    private func reserve(_ s: inout LaneState, _ lane: Lane, _ c: BlkCommand, pages given: [Int32]? = nil) -> [Int32]? {
+        let descs = ringCost(lane, c)
+        guard s.queue.freeCount - s.reservedDescriptors >= descs, given != nil || s.freePages.count >= c.pages else { return nil }
+        s.reservedDescriptors += descs
+        if let g = given { return g }
+        var pages: [Int32] = []
+        pages.reserveCapacity(c.pages)
+        for _ in 0..<c.pages { pages.append(s.freePages.removeLast()) }
+        return pages
+    }
 
     /// Fills data (outside the lock), builds the chain, publishes it and kicks if the device wants.
-    private func launch(_ p: Pending, _ pages: [Int32]) {
-        let io = IOPages(pages: pages, memory: arena.memory, arena: arena)
-        p.fill?(io)
+    private func launch(_ lane: Lane, _ p: Pending, _ pages: [Int32]) {
+        if p.pages == nil, let fill = p.fill { fill(IOPages(pages: pages, memory: arena.memory, arena: arena)) }
         let mem = arena.memory
-        let kick: Bool = state.withLock { s in
+        let kick: QueueDoorbells? = lane.state.withLock { s in
             let n = descriptorCount(p.command)
-            s.reservedDescriptors -= n
-            // Header and status live in the per-head slot of the chain add() is about to build.
-            let head = s.queue.nextFreeID
-            let h = headers.offset + 64 * Int(head)
-            let hAddr = headers.deviceAddress + UInt64(64 * Int(head))
+            let indirect = goesIndirect(lane, p.command)
+            s.reservedDescriptors -= ringDescriptors(segments: n, indirect: indirect)
+            if s.resetting {
+                // The device went away between reserve and launch: wait for the reset, data kept.
+                var again = p
+                again.pages = pages
+                s.waiting.append(again)
+                return nil
+            }
+            // Header and status live in the per-id slot of the chain add() is about to build.
+            let id = Int(s.queue.nextFreeID)
+            let h = lane.headers.offset + 64 * id
+            let hAddr = lane.headers.deviceAddress + UInt64(64 * id)
             var sector: UInt64 = 0
             switch p.command {
             case .read(let sec, _), .write(let sec, _): sector = sec
@@ -208,55 +361,81 @@ public final class VirtioBlkDriver: @unchecked Sendable {
             let isRead: Bool
             switch p.command { case .read, .getID: isRead = true; default: isRead = false }
             let seg = isSegmentCommand(p.command)
-            let got = s.queue.add(count: n, indirect: nil) { k in
+            let table = indirect ? lane.tables!.slice(at: lane.tableStride * id, length: lane.tableStride) : nil
+            let got = s.queue.add(count: n, indirect: table) { k in
                 if k == 0 { return VirtqueueSegment(address: hAddr, length: 16, deviceWritable: false) }
                 if k == n - 1 { return VirtqueueSegment(address: hAddr + 32, length: 1, deviceWritable: true) }
                 if seg { return VirtqueueSegment(address: hAddr + 16, length: 16, deviceWritable: false) }
                 let len: UInt32 = { if case .getID = p.command { return 20 } else { return UInt32(Self.pageSize) } }()
                 return VirtqueueSegment(address: arena.pageDeviceAddress(pages[k - 1]), length: len, deviceWritable: isRead)
             }
-            precondition(got == head, "reserved descriptors must be available")
-            s.slots[Int(head)] = Slot(pages: pages, done: p.done, command: p.command)
-            return s.queue.publish()
+            precondition(got.map(Int.init) == id, "reserved descriptors must be available")
+            s.slots[id] = Slot(pages: pages, done: p.done, command: p.command, submitted: .now, retried: p.retried)
+            return s.queue.publish() ? s.doorbells : nil
         }
-        if kick {
+        if let d = kick {
             stats.kicks.add(1, ordering: .relaxed)
-            doorbells.kick()
+            d.kick()
         }
     }
 
     // MARK: completion
 
-    private func completionLoop() {
-        defer { threadDone.signal() }
-        var finished: [(Slot, UInt8, UInt16)] = []
+    private func completionLoop(_ lane: Lane, configGeneration: UInt32) {
+        defer { threadsDone.signal() }
+        var finished: [(Slot, UInt8)] = []
+        var lastGeneration = configGeneration
+        let timeout = options.requestTimeoutSeconds
         while true {
-            let (_, stop) = doorbells.interrupt.wait(orUntil: stopFD)
+            let (interrupt, busy) = lane.state.withLock { ($0.doorbells.interrupt, $0.inFlight > 0) }
+            // While requests are out, wake once a second to look for ones the device sits on.
+            let (_, stop) = interrupt.wait(orUntil: stopFD, timeoutMilliseconds: busy && timeout > 0 ? 1000 : -1)
             if stop { return }
-            doorbells.interrupt.drain()
+            interrupt.drain()
             stats.interrupts.add(1, ordering: .relaxed)
-            reap(into: &finished)
+            if lane.index == 0 { checkConfig(&lastGeneration) }
+            let n = reap(lane, into: &finished)
+            if options.pollMicroseconds > 0 && n > 0 {
+                // Adaptive polling: while completions keep coming, poll instead of taking interrupts;
+                // after a quiet window, re-arm the interrupt (and poll on if buffers slipped in).
+                let window = Duration.microseconds(options.pollMicroseconds)
+                repeat {
+                    lane.state.withLock { $0.queue.disableInterrupts() }
+                    var deadline = ContinuousClock.now + window
+                    while ContinuousClock.now < deadline {
+                        if reap(lane, into: &finished, checkStatus: false) > 0 { deadline = .now + window }
+                    }
+                } while lane.state.withLock({ $0.queue.enableInterrupts() })
+            }
+            if timeout > 0 { checkTimeouts(lane, limit: timeout) }
         }
     }
 
-    private func reap(into finished: inout [(Slot, UInt8, UInt16)]) {
+    /// Completes what the device has used; returns how many.
+    @discardableResult
+    private func reap(_ lane: Lane, into finished: inout [(Slot, UInt8)], checkStatus: Bool = true) -> Int {
         let mem = arena.memory
         var failure: String?
-        state.withLock { s in
+        let seen = epoch.load(ordering: .acquiring)
+        let usable = lane.state.withLock { s -> Bool in
+            guard !s.resetting, s.broken == nil else { return false }
             do {
-                while let (head, _) = try s.queue.nextUsed() {
-                    guard let slot = s.slots[Int(head)] else { continue }
-                    s.slots[Int(head)] = nil
-                    finished.append((slot, mem.load8(headers.offset + 64 * Int(head) + 32), head))
+                while let (id, _) = try s.queue.nextUsed() {
+                    guard let slot = s.slots[Int(id)] else { continue }
+                    s.slots[Int(id)] = nil
+                    finished.append((slot, mem.load8(lane.headers.offset + 64 * Int(id) + 32)))
                 }
             } catch {
                 failure = "\(error)"
             }
+            return true
         }
-        if failure == nil, finished.isEmpty, transport.readStatus().contains(.deviceNeedsReset) {
+        guard usable else { return 0 }
+        if checkStatus, failure == nil, finished.isEmpty, transport.readStatus().contains(.deviceNeedsReset) {
             failure = "the device set DEVICE_NEEDS_RESET"
         }
-        for (slot, status, _) in finished {
+        let count = finished.count
+        for (slot, status) in finished {
             let io = IOPages(pages: slot.pages, memory: mem, arena: arena)
             switch status {
             case 0: slot.done(.success(io))
@@ -266,33 +445,143 @@ public final class VirtioBlkDriver: @unchecked Sendable {
             }
         }
         // Return pages, then start whatever now fits.
-        var toLaunch: [(Pending, [Int32])] = []
-        var toFail: [(Completion, BlkError)] = []
-        var newlyBroken = false
-        state.withLock { s in
-            for (slot, _, _) in finished { for p in slot.pages { arena.returnPage(p) } }
+        let toLaunch: [(Pending, [Int32])] = lane.state.withLock { s in
+            for (slot, _) in finished { s.freePages.append(contentsOf: slot.pages) }
             s.inFlight -= finished.count
-            if let f = failure, s.broken == nil {
-                s.broken = f
-                newlyBroken = true
-                for i in s.slots.indices { if let sl = s.slots[i] { toFail.append((sl.done, .deviceBroken(f))); s.slots[i] = nil; for p in sl.pages { arena.returnPage(p) } } }
-            }
-            if let f = s.broken {
-                for i in s.waitingHead..<s.waiting.count { toFail.append((s.waiting[i].done, .deviceBroken(f))) }
-                s.waiting.removeAll(); s.waitingHead = 0
-                s.inFlight -= toFail.count
-            }
-            while s.waitingHead < s.waiting.count, let pages = reserve(&s, s.waiting[s.waitingHead].command) {
-                toLaunch.append((s.waiting[s.waitingHead], pages))
-                s.waitingHead += 1
-            }
-            if s.waitingHead == s.waiting.count { s.waiting.removeAll(keepingCapacity: true); s.waitingHead = 0 }
+            return takeWaiting(&s, lane)
         }
-        if let f = failure, newlyBroken { logger.error("virtio-blk device failed: \(f); failing every request") }
         finished.removeAll(keepingCapacity: true)
-        for (d, e) in toFail { d(.failure(e)) }
-        for (p, pages) in toLaunch { launch(p, pages) }
-        drained.lock(); drained.broadcast(); drained.unlock()
+        for (p, pages) in toLaunch { launch(lane, p, pages) }
+        if let f = failure { recover(reason: f, seenEpoch: seen) }
+        return count
+    }
+
+    /// Waiting requests that now fit, in order.
+    private func takeWaiting(_ s: inout LaneState, _ lane: Lane) -> [(Pending, [Int32])] {
+        var out: [(Pending, [Int32])] = []
+        guard !s.resetting else { return out }
+        while s.waitingHead < s.waiting.count, let pages = reserve(&s, lane, s.waiting[s.waitingHead].command, pages: s.waiting[s.waitingHead].pages) {
+            out.append((s.waiting[s.waitingHead], pages))
+            s.waitingHead += 1
+        }
+        if s.waitingHead == s.waiting.count { s.waiting.removeAll(keepingCapacity: true); s.waitingHead = 0 }
+        return out
+    }
+
+    private func checkTimeouts(_ lane: Lane, limit: Double) {
+        let seen = epoch.load(ordering: .acquiring)
+        let now = ContinuousClock.now
+        let late: Slot? = lane.state.withLock { s in
+            guard !s.resetting, s.broken == nil, s.inFlight > 0 else { return nil }
+            return s.slots.lazy.compactMap { $0 }.first { now - $0.submitted > .seconds(limit) }
+        }
+        if let l = late {
+            stats.timeouts.add(1, ordering: .relaxed)
+            recover(reason: "\(describe(l.command)) was not completed within \(limit) s", seenEpoch: seen)
+        }
+    }
+
+    /// A configuration change (§2.5.1): re-read the capacity under the generation counter.
+    private func checkConfig(_ last: inout UInt32) {
+        let gen = transport.configGeneration()
+        guard gen != last else { return }
+        var bytes: UInt64
+        var g = gen
+        repeat {
+            bytes = transport.readConfig(offset: 0, width: 8) &* 512
+            let again = transport.configGeneration()
+            if again == g { break }
+            g = again
+        } while true
+        last = g
+        let old = capacity.exchange(bytes, ordering: .relaxed)
+        if old != bytes {
+            stats.configChanges.add(1, ordering: .relaxed)
+            logger.notice("device capacity changed from \(old) to \(bytes) bytes", metadata: ["generation": "\(g)"])
+        }
+    }
+
+    // MARK: recovery
+
+    /// Resets the device and brings it back (§2.1.2: DEVICE_NEEDS_RESET; or a request timed out).
+    /// Every virtio-blk request is idempotent, so each one in flight is resubmitted once; one that
+    /// already was, and everything when the reset itself fails, completes with an error.
+    private func recover(reason: String, seenEpoch: Int) {
+        recovery.lock(); defer { recovery.unlock() }
+        guard epoch.load(ordering: .acquiring) == seenEpoch, lanes.allSatisfy({ l in l.state.withLock { $0.broken == nil && !$0.closing } }) else { return }
+        logger.warning("resetting the virtio-blk device: \(reason)")
+        stats.resets.add(1, ordering: .relaxed)
+        var retry: [(Lane, Pending, [Int32])] = []
+        var fail: [(Completion, BlkError)] = []
+        for lane in lanes {
+            lane.state.withLock { s in
+                s.resetting = true
+                for i in s.slots.indices {
+                    guard let sl = s.slots[i] else { continue }
+                    s.slots[i] = nil
+                    if sl.retried {
+                        fail.append((sl.done, .ioError("\(describe(sl.command)) failed again after a device reset")))
+                        s.freePages.append(contentsOf: sl.pages)
+                        s.inFlight -= 1
+                    } else {
+                        retry.append((lane, Pending(command: sl.command, fill: nil, done: sl.done, pages: sl.pages, retried: true), sl.pages))
+                    }
+                }
+            }
+        }
+        do {
+            try transport.reset()
+            try transport.writeStatus([.acknowledge])
+            try transport.writeStatus([.acknowledge, .driver])
+            try Self.negotiate(transport, negotiated)
+            for lane in lanes {
+                let d = try lane.state.withLock { s in
+                    s.queue.reset()
+                    return try transport.setupQueue(lane.index, size: queueSize, descriptors: lane.addresses.descriptors,
+                                                    driverArea: lane.addresses.driverArea, deviceArea: lane.addresses.deviceArea)
+                }
+                lane.state.withLock { $0.doorbells = d }
+            }
+            try transport.writeStatus([.acknowledge, .driver, .featuresOK, .driverOK])
+            guard !transport.readStatus().contains(.deviceNeedsReset) else {
+                throw VirtioTransportError.deviceFailed("the device still needs a reset after one")
+            }
+        } catch {
+            let why = "\(reason); the reset failed: \(error)"
+            logger.error("virtio-blk device failed: \(why); failing every request")
+            epoch.add(1, ordering: .releasing)
+            for lane in lanes {
+                lane.state.withLock { s in
+                    s.broken = why
+                    s.resetting = false
+                    for i in s.waitingHead..<s.waiting.count { fail.append((s.waiting[i].done, .deviceBroken(why))) }
+                    s.inFlight -= s.waiting.count - s.waitingHead
+                    s.waiting.removeAll(); s.waitingHead = 0
+                }
+            }
+            for (lane, p, pages) in retry {
+                lane.state.withLock { s in s.freePages.append(contentsOf: pages); s.inFlight -= 1 }
+                fail.append((p.done, .deviceBroken(why)))
+            }
+            for (d, e) in fail { d(.failure(e)) }
+            return
+        }
+        epoch.add(1, ordering: .releasing)
+        logger.notice("virtio-blk device reset; resubmitting \(retry.count) request(s), \(fail.count) failed")
+        var launches: [(Lane, Pending, [Int32])] = []
+        for lane in lanes {
+            lane.state.withLock { s in
+                s.resetting = false
+                // Resubmissions go first; a fresh ring has room for everything that was on it.
+                for (l, p, pages) in retry where l === lane {
+                    s.reservedDescriptors += ringCost(lane, p.command)
+                    launches.append((lane, p, pages))
+                }
+                for (p, pages) in takeWaiting(&s, lane) { launches.append((lane, p, pages)) }
+            }
+        }
+        for (d, e) in fail { d(.failure(e)) }
+        for (lane, p, pages) in launches { launch(lane, p, pages) }
     }
 
     private func describe(_ c: BlkCommand) -> String {
@@ -318,29 +607,30 @@ public final class VirtioBlkDriver: @unchecked Sendable {
             }
             sem.wait()
         }
-        state.withLock { $0.closing = true }
-        drained.lock()
-        while state.withLock({ $0.inFlight > 0 && $0.broken == nil }) { _ = drained.wait(until: Date().addingTimeInterval(0.1)) }
-        drained.unlock()
+        for lane in lanes { lane.state.withLock { $0.closing = true } }
+        while lanes.contains(where: { l in l.state.withLock { $0.inFlight > 0 && $0.broken == nil } }) {
+            Thread.sleep(forTimeInterval: 0.01)
+        }
         try? transport.reset()
-        stopThread()
+        stopThreads()
     }
 
-    private func stopThread() {
-        guard thread != nil else { return }
+    private func stopThreads() {
+        guard threadCount > 0 else { return }
         stopFD.signal()
-        threadDone.wait()
-        thread = nil
+        for _ in 0..<threadCount { threadsDone.wait() }
+        threadCount = 0
     }
 
-    public var inFlightCount: Int { state.withLock { $0.inFlight } }
+    public var inFlightCount: Int { lanes.reduce(0) { n, l in n + l.state.withLock { $0.inFlight } } }
 }
 
 /// Counters the driver keeps.
 public final class DriverStats: Sendable {
     public let kicks = Atomic<Int>(0), interrupts = Atomic<Int>(0), errors = Atomic<Int>(0)
+    public let resets = Atomic<Int>(0), timeouts = Atomic<Int>(0), configChanges = Atomic<Int>(0)
     public init() {}
     public var summary: String {
-        "driver_kicks=\(kicks.load(ordering: .relaxed)) driver_interrupts=\(interrupts.load(ordering: .relaxed)) driver_errors=\(errors.load(ordering: .relaxed))"
+        "driver_kicks=\(kicks.load(ordering: .relaxed)) driver_interrupts=\(interrupts.load(ordering: .relaxed)) driver_errors=\(errors.load(ordering: .relaxed)) driver_resets=\(resets.load(ordering: .relaxed)) driver_timeouts=\(timeouts.load(ordering: .relaxed))"
     }
 }

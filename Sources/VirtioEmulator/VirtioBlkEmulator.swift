@@ -32,7 +32,10 @@ public final class EmulatorStats: Sendable {
 public struct EmulatorConfiguration: Sendable {
     public enum CompletionOrder: Sendable { case inOrder, reversed }
     public var maxQueueSize = 32768
-    /// Features the device offers; the RO bit is added for read-only backends.
+    /// Request queues the device offers (VIRTIO_BLK_F_MQ when more than one). Each has its own
+    /// kick and interrupt eventfds and its own device thread.
+    public var queues = 4
+    /// Features the device offers; the RO bit is added for read-only backends, MQ for several queues.
     public var features: VirtioFeatures = [.version1, .blkSizeMax, .blkSegMax, .blkBlkSize, .blkFlush, .blkDiscard, .blkWriteZeroes, .eventIdx, .indirectDesc]
     public var segMax: UInt32 = 254
     public var sizeMax: UInt32 = 1 << 20
@@ -44,18 +47,31 @@ public struct EmulatorConfiguration: Sendable {
     public init() {}
 }
 
+#if DEBUG
+/// Misbehaviour on purpose, for the driver's recovery tests. Debug builds only: a release binary
+/// has no way to make its device misbehave.
+public struct EmulatorFaults: Sendable {
+    /// Requests (counted from 1 over all queues) the device takes but never completes.
+    public var swallow: Set<Int> = []
+    /// After this many requests the device sets DEVICE_NEEDS_RESET (once).
+    public var needsResetAfter: Int?
+    public init() {}
+}
+#endif
+
 public final class VirtioBlkEmulator: MMIOBus, @unchecked Sendable {
     public let stats = EmulatorStats()
-    public let interrupt: EventFD
-    private let kick: EventFD
+    /// Interrupt of queue 0 (virtio-mmio's one line); `interrupt(forQueue:)` has the others (as MSI-X vectors would).
+    public var interrupt: EventFD { interrupts[0] }
+    private let interrupts: [EventFD]
+    private let kicks: [EventFD]
     private let stopFD: EventFD
     private let backend: BlockBackend
     private let config: EmulatorConfiguration
     private let offered: VirtioFeatures
-    private let configSpace: [UInt8]
     private let logger: Logger
 
-    /// Register state, shared by driver threads (register accesses) and the device thread.
+    /// Register state, shared by driver threads (register accesses) and the device threads.
     private struct QueueRegs { var num: UInt32 = 0; var ready = false; var desc: UInt64 = 0; var driver: UInt64 = 0; var device: UInt64 = 0 }
     private struct Registers {
         var status: UInt32 = 0
@@ -63,51 +79,92 @@ public final class VirtioBlkEmulator: MMIOBus, @unchecked Sendable {
         var driverFeaturesSel: UInt32 = 0
         var driverFeatures: UInt64 = 0
         var queueSel: UInt32 = 0
-        var queue = QueueRegs()
+        var queues: [QueueRegs]
         var interruptStatus: UInt32 = 0
         var memory: SharedMemory?
-        var live: (any DeviceVirtqueue)?
-        var generation = 0
+        var live: [(any DeviceVirtqueue)?]
+        var generation: UInt32 = 0
+        var configSpace: [UInt8]
+        var capacityBytes: UInt64
+        #if DEBUG
+        var faults = EmulatorFaults()
+        var requests = 0
+        #endif
+        init(queues n: Int, memory: SharedMemory?, generation: UInt32, configSpace: [UInt8], capacityBytes: UInt64) {
+            queues = Array(repeating: QueueRegs(), count: n)
+            live = Array(repeating: nil, count: n)
+            self.memory = memory; self.generation = generation; self.configSpace = configSpace; self.capacityBytes = capacityBytes
+        }
     }
-    private let regs = Mutex(Registers())
-    private var thread: Thread?
+    private let regs: Mutex<Registers>
+    /// What the device reports as its size (`setCapacity`); requests beyond it get IOERR.
+    private let capacity: Atomic<UInt64>
+    private var threads: [Thread] = []
     private let done = DispatchSemaphore(value: 0)
 
     public init(backend: BlockBackend, configuration: EmulatorConfiguration = .init(), logger: Logger = Logger(label: "virtnbd.emulator")) throws {
         self.backend = backend
         self.config = configuration
         self.logger = logger
+        let n = max(1, min(configuration.queues, 64))
         var f = configuration.features
         if backend.readOnly { f.insert(.blkRO); f.remove(.blkDiscard); f.remove(.blkWriteZeroes) }
+        if n > 1 { f.insert(.blkMQ) } else { f.remove(.blkMQ) }
         offered = f
-        interrupt = try EventFD()
-        kick = try EventFD()
+        interrupts = try (0..<n).map { _ in try EventFD() }
+        kicks = try (0..<n).map { _ in try EventFD() }
         stopFD = try EventFD()
-        configSpace = Self.makeConfig(capacitySectors: backend.size / 512, c: configuration)
-        let t = Thread { [unowned self] in self.run() }
-        t.name = "virtio-blk-dev"   // ≤ 15 bytes: Linux thread names
-        thread = t
-        t.start()
+        capacity = Atomic(backend.size)
+        regs = Mutex(Registers(queues: n, memory: nil, generation: 0,
+                               configSpace: Self.makeConfig(capacitySectors: backend.size / 512, queues: n, c: configuration),
+                               capacityBytes: backend.size))
+        for q in 0..<n {
+            let t = Thread { [unowned self] in self.run(queue: q) }
+            t.name = "virtio-blk-dev\(q)"   // ≤ 15 bytes: Linux thread names
+            threads.append(t)
+            t.start()
+        }
     }
 
-    /// Stops the device thread (the backend is flushed by the driver before this).
+    public var queueCount: Int { kicks.count }
+    public func interrupt(forQueue q: Int) -> EventFD { interrupts[q < interrupts.count ? q : 0] }
+
+    /// Stops the device threads (the backend is flushed by the driver before this).
     public func shutdown() {
-        guard thread != nil else { return }
+        guard !threads.isEmpty else { return }
         stopFD.signal()
-        done.wait()
-        thread = nil
+        for _ in threads { done.wait() }
+        threads = []
     }
-    deinit { if thread != nil { stopFD.signal(); done.wait() } }
+    deinit { if !threads.isEmpty { stopFD.signal(); for _ in threads { done.wait() } } }
+
+    /// Changes the capacity the device reports (e.g. after the backing store grew), bumps the
+    /// config generation and raises a configuration-change interrupt (§2.5.1, §4.2.2 ISR bit 1).
+    /// Reads and writes are still bounded by the backend's real size.
+    public func setCapacity(bytes: UInt64) {
+        regs.withLock { r in
+            r.capacityBytes = min(bytes, backend.size) & ~511
+            capacity.store(r.capacityBytes, ordering: .relaxed)
+            for i in 0..<8 { r.configSpace[i] = UInt8(truncatingIfNeeded: (r.capacityBytes / 512) >> (8 * UInt64(i))) }
+            r.generation &+= 1
+        }
+        raiseInterrupt(queue: nil)
+    }
+
+    #if DEBUG
+    /// Installs misbehaviour for recovery tests (debug builds only).
+    public func inject(_ faults: EmulatorFaults) { regs.withLock { $0.faults = faults; $0.requests = 0 } }
+    #endif
 
     /// Config space layout (§5.2.4).
-    static func makeConfig(capacitySectors: UInt64, c: EmulatorConfiguration) -> [UInt8] {
+    static func makeConfig(capacitySectors: UInt64, queues: Int, c: EmulatorConfiguration) -> [UInt8] {
         var b = [UInt8](repeating: 0, count: 60)
         func put(_ off: Int, _ v: UInt64, _ w: Int) { for i in 0..<w { b[off + i] = UInt8(truncatingIfNeeded: v >> (8 * UInt64(i))) } }
         put(0, capacitySectors, 8)
         put(8, UInt64(c.sizeMax), 4)
         put(12, UInt64(c.segMax), 4)
         put(20, 4096, 4)                         // blk_size
-        put(34, 1, 2)                            // num_queues
+        put(34, UInt64(queues), 2)               // num_queues
         put(36, UInt64(c.maxDiscardSectors), 4)
         put(40, 1, 4)                            // max_discard_seg
         put(44, 8, 4)                            // discard_sector_alignment (4 KiB)
@@ -127,6 +184,8 @@ public final class VirtioBlkEmulator: MMIOBus, @unchecked Sendable {
 
     public func read32(_ offset: Int) -> UInt32 {
         regs.withLock { r in
+            let sel = Int(r.queueSel)
+            let valid = sel < r.queues.count
             switch offset {
             case MMIORegister.magic: return MMIORegister.magicValue
             case MMIORegister.version: return 2
@@ -135,12 +194,12 @@ public final class VirtioBlkEmulator: MMIOBus, @unchecked Sendable {
             case MMIORegister.deviceFeatures:
                 return r.deviceFeaturesSel == 0 ? UInt32(truncatingIfNeeded: offered.rawValue)
                     : r.deviceFeaturesSel == 1 ? UInt32(truncatingIfNeeded: offered.rawValue >> 32) : 0
-            case MMIORegister.queueNumMax: return r.queueSel == 0 ? UInt32(config.maxQueueSize) : 0
-            case MMIORegister.queueNum: return r.queue.num
-            case MMIORegister.queueReady: return r.queueSel == 0 && r.queue.ready ? 1 : 0
+            case MMIORegister.queueNumMax: return valid ? UInt32(config.maxQueueSize) : 0
+            case MMIORegister.queueNum: return valid ? r.queues[sel].num : 0
+            case MMIORegister.queueReady: return valid && r.queues[sel].ready ? 1 : 0
             case MMIORegister.interruptStatus: return r.interruptStatus
             case MMIORegister.status: return r.status
-            case MMIORegister.configGeneration: return 0
+            case MMIORegister.configGeneration: return r.generation
             default: return 0
             }
         }
@@ -148,10 +207,14 @@ public final class VirtioBlkEmulator: MMIOBus, @unchecked Sendable {
 
     public func write32(_ offset: Int, _ value: UInt32) {
         if offset == MMIORegister.queueNotify {
-            kick.signal()
+            if Int(value) < kicks.count { kicks[Int(value)].signal() }
             return
         }
         regs.withLock { r in
+            let sel = Int(r.queueSel)
+            let valid = sel < r.queues.count
+            func low(_ v: inout UInt64) { v = (v & ~0xFFFF_FFFF) | UInt64(value) }
+            func high(_ v: inout UInt64) { v = (v & 0xFFFF_FFFF) | UInt64(value) << 32 }
             switch offset {
             case MMIORegister.deviceFeaturesSel: r.deviceFeaturesSel = value
             case MMIORegister.driverFeaturesSel: r.driverFeaturesSel = value
@@ -159,29 +222,32 @@ public final class VirtioBlkEmulator: MMIOBus, @unchecked Sendable {
                 if r.driverFeaturesSel == 0 { r.driverFeatures = (r.driverFeatures & ~0xFFFF_FFFF) | UInt64(value) }
                 else if r.driverFeaturesSel == 1 { r.driverFeatures = (r.driverFeatures & 0xFFFF_FFFF) | UInt64(value) << 32 }
             case MMIORegister.queueSel: r.queueSel = value
-            case MMIORegister.queueNum where r.queueSel == 0: r.queue.num = value
-            case MMIORegister.queueDescLow where r.queueSel == 0: r.queue.desc = (r.queue.desc & ~0xFFFF_FFFF) | UInt64(value)
-            case MMIORegister.queueDescHigh where r.queueSel == 0: r.queue.desc = (r.queue.desc & 0xFFFF_FFFF) | UInt64(value) << 32
-            case MMIORegister.queueDriverLow where r.queueSel == 0: r.queue.driver = (r.queue.driver & ~0xFFFF_FFFF) | UInt64(value)
-            case MMIORegister.queueDriverHigh where r.queueSel == 0: r.queue.driver = (r.queue.driver & 0xFFFF_FFFF) | UInt64(value) << 32
-            case MMIORegister.queueDeviceLow where r.queueSel == 0: r.queue.device = (r.queue.device & ~0xFFFF_FFFF) | UInt64(value)
-            case MMIORegister.queueDeviceHigh where r.queueSel == 0: r.queue.device = (r.queue.device & 0xFFFF_FFFF) | UInt64(value) << 32
-            case MMIORegister.queueReady where r.queueSel == 0:
-                if value == 0 { r.queue.ready = false; r.live = nil; break }
-                guard let mem = r.memory, Int(r.queue.num) <= config.maxQueueSize,
-                      let q = DeviceSplitQueue(mem: mem, size: Int(r.queue.num), descAddr: r.queue.desc, driverAddr: r.queue.driver, deviceAddr: r.queue.device)
+            case MMIORegister.queueNum where valid: r.queues[sel].num = value
+            case MMIORegister.queueDescLow where valid: low(&r.queues[sel].desc)
+            case MMIORegister.queueDescHigh where valid: high(&r.queues[sel].desc)
+            case MMIORegister.queueDriverLow where valid: low(&r.queues[sel].driver)
+            case MMIORegister.queueDriverHigh where valid: high(&r.queues[sel].driver)
+            case MMIORegister.queueDeviceLow where valid: low(&r.queues[sel].device)
+            case MMIORegister.queueDeviceHigh where valid: high(&r.queues[sel].device)
+            case MMIORegister.queueReady where valid:
+                if value == 0 { r.queues[sel].ready = false; r.live[sel] = nil; break }
+                let features = VirtioFeatures(rawValue: r.driverFeatures)
+                let q = r.queues[sel]
+                guard let mem = r.memory, Int(q.num) <= config.maxQueueSize,
+                      let dq = makeQueue(packed: features.contains(.ringPacked), mem: mem, q)
                 else {
-                    logger.warning("driver configured queue 0 with an invalid size or placement; queue stays disabled")
+                    logger.warning("driver configured queue \(sel) with an invalid size or placement; queue stays disabled")
                     break
                 }
-                q.eventIndex = VirtioFeatures(rawValue: r.driverFeatures).contains(.eventIdx)
-                q.indirect = VirtioFeatures(rawValue: r.driverFeatures).contains(.indirectDesc)
-                r.queue.ready = true
-                r.live = q
+                dq.eventIndex = features.contains(.eventIdx)
+                dq.indirect = features.contains(.indirectDesc)
+                r.queues[sel].ready = true
+                r.live[sel] = dq
             case MMIORegister.interruptACK: r.interruptStatus &= ~value
             case MMIORegister.status:
                 if value == 0 {
-                    r = Registers(memory: r.memory, generation: r.generation + 1)
+                    r = Registers(queues: r.queues.count, memory: r.memory, generation: r.generation &+ 1,
+                                  configSpace: r.configSpace, capacityBytes: r.capacityBytes)
                     return
                 }
                 var v = value
@@ -189,67 +255,101 @@ public final class VirtioBlkEmulator: MMIOBus, @unchecked Sendable {
                 if v & UInt32(VirtioStatus.featuresOK.rawValue) != 0 && (!offered.isSuperset(of: drv) || !drv.contains(.version1)) {
                     v &= ~UInt32(VirtioStatus.featuresOK.rawValue)   // §2.2.2: refuse unsupported feature sets
                 }
-                r.status = v
+                // The device's own NEEDS_RESET bit survives driver status writes until reset.
+                r.status = v | (r.status & UInt32(VirtioStatus.deviceNeedsReset.rawValue))
             default: break
             }
         }
-        if offset == MMIORegister.status { kick.signal() }   // DRIVER_OK may make work available
+        if offset == MMIORegister.status { for k in kicks { k.signal() } }   // DRIVER_OK may make work available
+    }
+
+    /// The queue format the driver negotiated, placed where it said (nil: bad size or placement).
+    private func makeQueue(packed: Bool, mem: SharedMemory, _ q: QueueRegs) -> (any DeviceVirtqueue)? {
+        DeviceSplitQueue(mem: mem, size: Int(q.num), descAddr: q.desc, driverAddr: q.driver, deviceAddr: q.device)
     }
 
     public func readConfig8(_ offset: Int) -> UInt8 {
         let o = offset - MMIORegister.config
-        return o >= 0 && o < configSpace.count ? configSpace[o] : 0
+        return regs.withLock { r in o >= 0 && o < r.configSpace.count ? r.configSpace[o] : 0 }
     }
 
-    // MARK: the device thread
+    // MARK: the device threads, one per queue
 
-    private func run() {
+    private func run(queue index: Int) {
         defer { done.signal() }
         var chain = DescriptorChain()
         var completed: [(id: UInt16, slots: Int, length: UInt32)] = []
         var header = [UInt8](repeating: 0, count: 16)
+        let kick = kicks[index]
         while true {
             let (_, stop) = kick.wait(orUntil: stopFD)
             if stop { return }
             kick.drain()
             stats.kicks.add(1, ordering: .relaxed)
             let (queue, driverOK, features) = regs.withLock { r in
-                (r.live, r.status & UInt32(VirtioStatus.driverOK.rawValue) != 0 && r.status & UInt32(VirtioStatus.deviceNeedsReset.rawValue) == 0, VirtioFeatures(rawValue: r.driverFeatures))
+                (r.live[index], r.status & UInt32(VirtioStatus.driverOK.rawValue) != 0 && r.status & UInt32(VirtioStatus.deviceNeedsReset.rawValue) == 0, VirtioFeatures(rawValue: r.driverFeatures))
             }
             guard let q = queue, driverOK else { continue }
             do {
                 repeat {
                     q.setNotifications(enabled: false)
                     while try q.pop(into: &chain) {
+                        #if DEBUG
+                        switch checkFaults() {
+                        case .swallow: continue
+                        case .needsReset: throw DeviceFault.injected
+                        case .none: break
+                        }
+                        #endif
                         let len = process(chain: chain, mem: q.mem, header: &header, features: features)
                         completed.append((chain.head, chain.ringSlots, len))
-                        if completed.count >= 64 { flushCompleted(&completed, q) }
+                        if completed.count >= 64 { flushCompleted(&completed, q, index) }
                     }
-                    flushCompleted(&completed, q)
+                    flushCompleted(&completed, q, index)
                     q.setNotifications(enabled: true)
                 } while q.hasAvailable
             } catch {
                 stats.badChains.add(1, ordering: .relaxed)
-                logger.error("virtqueue 0 is broken: \(error); setting DEVICE_NEEDS_RESET")
-                flushCompleted(&completed, q)
-                regs.withLock { $0.status |= UInt32(VirtioStatus.deviceNeedsReset.rawValue); $0.live = nil }
-                raiseInterrupt(config: true)
+                logger.error("virtqueue \(index) is broken: \(error); setting DEVICE_NEEDS_RESET")
+                flushCompleted(&completed, q, index)
+                regs.withLock { r in
+                    r.status |= UInt32(VirtioStatus.deviceNeedsReset.rawValue)
+                    for i in r.live.indices { r.live[i] = nil }
+                }
+                raiseInterrupt(queue: nil)
             }
         }
     }
 
-    private func flushCompleted(_ completed: inout [(id: UInt16, slots: Int, length: UInt32)], _ q: any DeviceVirtqueue) {
+    #if DEBUG
+    private enum DeviceFault: Error, CustomStringConvertible {
+        case injected
+        var description: String { "fault injected by a test" }
+    }
+    private enum FaultAction { case none, swallow, needsReset }
+    private func checkFaults() -> FaultAction {
+        regs.withLock { r in
+            r.requests += 1
+            if r.faults.swallow.contains(r.requests) { return .swallow }
+            if let n = r.faults.needsResetAfter, r.requests > n { r.faults.needsResetAfter = nil; return .needsReset }
+            return .none
+        }
+    }
+    #endif
+
+    private func flushCompleted(_ completed: inout [(id: UInt16, slots: Int, length: UInt32)], _ q: any DeviceVirtqueue, _ index: Int) {
         if completed.isEmpty { return }
         if config.completionOrder == .reversed { completed.reverse() }
         for c in completed { q.pushUsed(id: c.id, ringSlots: c.slots, length: c.length) }
         completed.removeAll(keepingCapacity: true)
-        if q.publishUsed() { raiseInterrupt(config: false) }
+        if q.publishUsed() { raiseInterrupt(queue: index) }
     }
 
-    private func raiseInterrupt(config: Bool) {
-        regs.withLock { $0.interruptStatus |= config ? 2 : 1 }
+    /// Raises queue `queue`'s interrupt, or a configuration-change interrupt on every vector (nil).
+    private func raiseInterrupt(queue: Int?) {
+        regs.withLock { $0.interruptStatus |= queue == nil ? 2 : 1 }
         stats.interrupts.add(1, ordering: .relaxed)
-        interrupt.signal()
+        if let q = queue { interrupts[q].signal() } else { for i in interrupts { i.signal() } }
     }
 
     /// Executes one request; returns the used length (bytes written into device-writable buffers).
@@ -341,7 +441,7 @@ public final class VirtioBlkEmulator: MMIOBus, @unchecked Sendable {
     private func inRange(_ sector: UInt64, _ bytes: UInt64) -> Bool {
         let (start, o1) = sector.multipliedReportingOverflow(by: 512)
         let (end, o2) = start.addingReportingOverflow(bytes)
-        return !o1 && !o2 && end <= backend.size
+        return !o1 && !o2 && end <= backend.size && end <= capacity.load(ordering: .relaxed)
     }
     private func finish(_ mem: SharedMemory, _ statusOffset: Int, _ status: UInt8, _ len: UInt32) -> UInt32 {
         mem.store8(statusOffset, status)

@@ -13,7 +13,7 @@ struct EmulatedDisk {
     let device: BlockDevice
     let label: String
 
-    init(size: UInt64?, file: String?, readOnly: Bool, queueSize: Int, logger: Logger) throws {
+    init(size: UInt64?, file: String?, readOnly: Bool, options: DriverOptions, logger: Logger) throws {
         let backend: BlockBackend
         // What the server knows about zeroes at start: a fresh RAM disk is all hole, a file has its holes.
         var holes: [Range<UInt64>] = []
@@ -30,10 +30,11 @@ struct EmulatedDisk {
         }
         var cfg = EmulatorConfiguration()
         cfg.serial = file == nil && size == nil ? "virtnbd-simulated" : "virtnbd-emulator"
+        cfg.queues = options.queues
         var elog = logger; elog[metadataKey: "component"] = "emulator"
         emulator = try VirtioBlkEmulator(backend: backend, configuration: cfg, logger: elog)
         var dlog = logger; dlog[metadataKey: "component"] = "driver"
-        driver = try VirtioBlkDriver(transport: try VirtioMMIOTransport(bus: emulator), queueSize: queueSize, logger: dlog)
+        driver = try VirtioBlkDriver(transport: try VirtioMMIOTransport(bus: emulator), options: options, logger: dlog)
         device = BlockDevice(driver: driver, holes: holes, discardReadsZero: true)
     }
 

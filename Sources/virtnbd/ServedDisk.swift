@@ -26,10 +26,10 @@ struct TransportDisk: ServedDisk {
     let label: String
     private let close: () -> Void
 
-    init(transport: VirtioTransport, close: @escaping () -> Void, label: String, queueSize: Int, logger: Logger) throws {
+    init(transport: VirtioTransport, close: @escaping () -> Void, label: String, options: DriverOptions, logger: Logger) throws {
         var dlog = logger; dlog[metadataKey: "component"] = "driver"
         do {
-            driver = try VirtioBlkDriver(transport: transport, queueSize: queueSize, logger: dlog)
+            driver = try VirtioBlkDriver(transport: transport, options: options, logger: dlog)
         } catch {
             close()
             throw error
@@ -48,17 +48,17 @@ struct TransportDisk: ServedDisk {
     }
 
     /// A vhost-user-blk backend (e.g. qemu-storage-daemon); `queueSize` ≤ 1024 (libvhost-user's limit).
-    static func vhostUser(socketPath: String, queueSize: Int, logger: Logger) throws -> TransportDisk {
+    static func vhostUser(socketPath: String, options: DriverOptions, logger: Logger) throws -> TransportDisk {
         var tlog = logger; tlog[metadataKey: "component"] = "vhost-user"
         let t = try VhostUserTransport(socketPath: socketPath, logger: tlog)
-        return try TransportDisk(transport: t, close: { t.close() }, label: "vhost-user \(socketPath)", queueSize: queueSize, logger: logger)
+        return try TransportDisk(transport: t, close: { t.close() }, label: "vhost-user \(socketPath)", options: options, logger: logger)
     }
 
     /// A virtio-blk PCI device bound to vfio-pci (e.g. 0000:00:05.0).
-    static func vfio(pciAddress: String, queueSize: Int, logger: Logger) throws -> TransportDisk {
+    static func vfio(pciAddress: String, options: DriverOptions, logger: Logger) throws -> TransportDisk {
         var tlog = logger; tlog[metadataKey: "component"] = "vfio"
         let t = try VFIOTransport(pciAddress: pciAddress, logger: tlog)
-        return try TransportDisk(transport: t, close: { t.close() }, label: "VFIO virtio-blk \(t.pciAddress)", queueSize: queueSize, logger: logger)
+        return try TransportDisk(transport: t, close: { t.close() }, label: "VFIO virtio-blk \(t.pciAddress)", options: options, logger: logger)
     }
 }
 
@@ -76,11 +76,11 @@ enum DeviceSpec: Equatable {
         else { return nil }
     }
 
-    func open(size: UInt64?, file: String?, readOnly: Bool, queueSize: Int, logger: Logger) throws -> ServedDisk {
+    func open(size: UInt64?, file: String?, readOnly: Bool, options: DriverOptions, logger: Logger) throws -> ServedDisk {
         switch self {
-        case .emulator: return try EmulatedDisk(size: size, file: file, readOnly: readOnly, queueSize: queueSize, logger: logger)
-        case .vhostUser(let path): return try TransportDisk.vhostUser(socketPath: path, queueSize: queueSize, logger: logger)
-        case .vfio(let bdf): return try TransportDisk.vfio(pciAddress: bdf, queueSize: queueSize, logger: logger)
+        case .emulator: return try EmulatedDisk(size: size, file: file, readOnly: readOnly, options: options, logger: logger)
+        case .vhostUser(let path): return try TransportDisk.vhostUser(socketPath: path, options: options, logger: logger)
+        case .vfio(let bdf): return try TransportDisk.vfio(pciAddress: bdf, options: options, logger: logger)
         }
     }
 }

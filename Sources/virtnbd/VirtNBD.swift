@@ -7,6 +7,8 @@ import NBDServer
 import NIOCore
 import NIOPosix
 import ServerConfig
+import Virtio
+import VirtioBlock
 
 @main
 struct VirtNBD: AsyncParsableCommand {
@@ -17,6 +19,8 @@ struct VirtNBD: AsyncParsableCommand {
         subcommands: [Serve.self],
         defaultSubcommand: Serve.self)
 }
+
+extension RingFormat: ExpressibleByArgument {}
 
 /// Parses sizes such as 512, 64K, 64M, 1G, 2T (binary units).
 struct ByteSize: ExpressibleByArgument {
@@ -45,7 +49,13 @@ struct Serve: AsyncParsableCommand {
     @Flag(name: [.short, .customLong("read-only")], help: "Export read-only.") var readOnly = false
     @Option(name: .long, help: "Size of a RAM disk (e.g. 64M), or of a --file to create.") var size: ByteSize?
     @Option(name: .long, help: "Serve this raw image file (created sparse with --size if missing).") var file: String?
-    @Option(name: .long, help: "Virtqueue size, a power of two up to 32768.") var queueSize: Int = 256
+    @Option(name: .long, help: "Virtqueue size, up to 32768 (a power of two for split rings).") var queueSize: Int = 256
+    @Option(name: .long, help: "Virtqueue format: split or packed (packed falls back to split if the device lacks it).") var ring: RingFormat = .split
+    @Option(name: .long, help: "Request virtqueues per device, one per event loop (VIRTIO_BLK_F_MQ; capped by the device).") var queues: Int = 1
+    @Flag(name: .customLong("no-event-idx"), help: "Do not negotiate VIRTIO_F_EVENT_IDX (use the NO_NOTIFY/NO_INTERRUPT flags).") var noEventIdx = false
+    @Flag(name: .customLong("no-indirect"), help: "Do not negotiate VIRTIO_F_INDIRECT_DESC.") var noIndirect = false
+    @Option(name: .customLong("poll-us"), help: "Poll the used ring this many microseconds after a completion before sleeping (0 = interrupts only).") var pollMicroseconds: Int = 0
+    @Option(name: .long, help: "Reset the device and resubmit when a request takes longer than this many seconds (0 = never).") var requestTimeout: Double = 30
     @Option(name: .long, help: "The virtio-blk device: emulator (default), vhost-user:SOCKET, or vfio:PCI-ADDRESS.") var device: String = "emulator"
 
     @Flag(name: [.short, .long], help: "Serve one client on stdin/stdout (for nbd_connect_command / nbdsh).") var stdio = false
@@ -59,8 +69,11 @@ struct Serve: AsyncParsableCommand {
     @Flag(name: [.short, .long], help: "Debug logging.") var verbose = false
 
     func validate() throws {
-        guard queueSize > 0, queueSize <= 32768, queueSize & (queueSize - 1) == 0 else {
-            throw ValidationError("--queue-size must be a power of two between 1 and 32768, not \(queueSize)")
+        do { try driverOptions(queueSize: queueSize).validate() } catch {
+            throw ValidationError("\(error)".replacingOccurrences(of: "device failed: ", with: ""))
+        }
+        guard pollMicroseconds >= 0, pollMicroseconds <= 1_000_000, requestTimeout >= 0 else {
+            throw ValidationError("--poll-us must be 0-1000000 and --request-timeout ≥ 0")
         }
         if let p = port { guard (1...65535).contains(p) else { throw ValidationError("--port must be 1-65535") } }
         guard maxConnections >= 0, handshakeTimeout > 0 else { throw ValidationError("--max-connections must be ≥ 0 and --handshake-timeout > 0") }
@@ -72,6 +85,19 @@ struct Serve: AsyncParsableCommand {
         }
         guard !(stdio && (run != nil || unix != nil)) else { throw ValidationError("--stdio serves stdin/stdout; it cannot be combined with --run or --unix") }
         guard exportName.utf8.count <= 4096 else { throw ValidationError("--export-name is limited to 4096 bytes") }
+    }
+
+    /// The virtio policy the flags ask for (every export's driver uses it).
+    func driverOptions(queueSize: Int) -> DriverOptions {
+        var o = DriverOptions()
+        o.ring = ring
+        o.queues = queues
+        o.queueSize = queueSize
+        o.eventIndex = !noEventIdx
+        o.indirect = !noIndirect
+        o.pollMicroseconds = pollMicroseconds
+        o.requestTimeoutSeconds = requestTimeout
+        return o
     }
 
     /// One export to open: its name, description, device and read-only flag.
@@ -158,7 +184,7 @@ struct Serve: AsyncParsableCommand {
         for e in plan.exports {
             do {
                 var elog = logger; elog[metadataKey: "export"] = "\(e.name)"
-                let d = try e.device.open(size: e.size, file: e.file, readOnly: e.readOnly, queueSize: e.queueSize, logger: elog)
+                let d = try e.device.open(size: e.size, file: e.file, readOnly: e.readOnly, options: driverOptions(queueSize: e.queueSize), logger: elog)
                 disks.append(d)
                 exports.append(NBDExport(name: e.name, description: e.description, device: d.device, forceReadOnly: e.readOnly))
             } catch {

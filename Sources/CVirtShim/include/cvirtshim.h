@@ -44,4 +44,7 @@ int vshim_punch_hole(int fd, int64_t off, int64_t len);
 int vshim_zero_range(int fd, int64_t off, int64_t len);
 /// Writes `len` zero bytes at `off` with pwrite (fallback when fallocate cannot zero). Returns 0 or -errno.
 int vshim_pwrite_zeroes(int fd, int64_t off, int64_t len);
+/// The calling thread's I/O lane: which virtqueue its requests go to (0 until set).
+int vshim_lane_get(void);
+void vshim_lane_set(int lane);
 #endif
