@@ -383,6 +383,7 @@ public final class VirtioBlkDriver: @unchecked Sendable {
 
     private func completionLoop(_ lane: Lane, configGeneration: UInt32) {
         defer { threadsDone.signal() }
+        IOLane.set(lane.index)   // follow-up requests issued from completions stay on this queue
         var finished: [(Slot, UInt8)] = []
         var lastGeneration = configGeneration
         let timeout = options.requestTimeoutSeconds
