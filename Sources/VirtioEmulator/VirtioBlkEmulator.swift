@@ -246,8 +246,12 @@ public final class VirtioBlkEmulator: MMIOBus, @unchecked Sendable {
             case MMIORegister.interruptACK: r.interruptStatus &= ~value
             case MMIORegister.status:
                 if value == 0 {
-                    r = Registers(queues: r.queues.count, memory: r.memory, generation: r.generation &+ 1,
-                                  configSpace: r.configSpace, capacityBytes: r.capacityBytes)
+                    var fresh = Registers(queues: r.queues.count, memory: r.memory, generation: r.generation &+ 1,
+                                          configSpace: r.configSpace, capacityBytes: r.capacityBytes)
+                    #if DEBUG
+                    fresh.faults = r.faults; fresh.requests = r.requests   // injected faults outlive resets
+                    #endif
+                    r = fresh
                     return
                 }
                 var v = value
