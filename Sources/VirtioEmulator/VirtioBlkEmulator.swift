@@ -44,6 +44,9 @@ public struct EmulatorConfiguration: Sendable {
     public var serial = "virtnbd-emulator"
     /// Order in which a batch's completions are published (reversed exercises out-of-order handling).
     public var completionOrder: CompletionOrder = .inOrder
+    /// After draining a queue, keep polling it this long before re-enabling notifications and
+    /// sleeping on the kick eventfd (0 = sleep at once).
+    public var pollMicroseconds = 0
     public init() {}
 }
 
@@ -294,10 +297,15 @@ public final class VirtioBlkEmulator: MMIOBus, @unchecked Sendable {
                 (r.live[index], r.status & UInt32(VirtioStatus.driverOK.rawValue) != 0 && r.status & UInt32(VirtioStatus.deviceNeedsReset.rawValue) == 0, VirtioFeatures(rawValue: r.driverFeatures))
             }
             guard let q = queue, driverOK else { continue }
+            let window = Duration.microseconds(config.pollMicroseconds)
             do {
                 repeat {
                     q.setNotifications(enabled: false)
-                    while try q.pop(into: &chain) {
+                    var deadline = ContinuousClock.now + window
+                    repeat {
+                        var got = false
+                        while try q.pop(into: &chain) {
+                            got = true
                         #if DEBUG
                         switch checkFaults() {
                         case .swallow: continue
@@ -305,11 +313,13 @@ public final class VirtioBlkEmulator: MMIOBus, @unchecked Sendable {
                         case .none: break
                         }
                         #endif
-                        let len = process(chain: chain, mem: q.mem, header: &header, features: features)
-                        completed.append((chain.head, chain.ringSlots, len))
-                        if completed.count >= 64 { flushCompleted(&completed, q, index) }
-                    }
-                    flushCompleted(&completed, q, index)
+                            let len = process(chain: chain, mem: q.mem, header: &header, features: features)
+                            completed.append((chain.head, chain.ringSlots, len))
+                            if completed.count >= 64 { flushCompleted(&completed, q, index) }
+                        }
+                        flushCompleted(&completed, q, index)
+                        if got { deadline = .now + window }
+                    } while window > .zero && ContinuousClock.now < deadline
                     q.setNotifications(enabled: true)
                 } while q.hasAvailable
             } catch {
