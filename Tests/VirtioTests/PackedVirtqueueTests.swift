@@ -586,27 +586,36 @@ final class PackedVirtqueueTests: XCTestCase {
         XCTAssertEqual(try p.q.nextUsed()?.id, a)
     }
 
-    /// A device scribbling on the ring: the driver throws or returns, never traps, and its
-    /// accounting stays within the ring.
+    /// An honest device interleaved with one scribbling on the ring: the driver throws or returns,
+    /// never traps, and its accounting stays within the ring.
     func testRandomHostileDeviceNeverTrapsTheDriver() throws {
         var rng = SplitMix64(seed: 0xD41)
         var errors = 0, reaped = 0
+        var chain = DescriptorChain()
         for iteration in 0..<300 {
             let size = [1, 2, 5, 8, 13][iteration % 5]
             let p = try makePair(size: size, eventIdx: iteration % 2 == 0)
             for _ in 0..<40 {
-                switch rng.next() % 4 {
-                case 0:
+                switch rng.next() % 6 {
+                case 0, 1:
                     let n = Int.random(in: 1...size, using: &rng)
                     _ = p.q.add(count: n) { k in VirtqueueSegment(address: p.mem.deviceBase, length: UInt32(k + 1), deviceWritable: k % 2 == 1) }
                     _ = p.q.publish()
-                case 1:
+                case 2:
+                    // The honest device (its own state may be confused by the scribbles: it may throw).
+                    do {
+                        var done: [(UInt16, Int, UInt32)] = []
+                        while try p.dev.pop(into: &chain) { done.append((chain.head, chain.ringSlots, UInt32(chain.writableBytes))) }
+                        for d in done.reversed() { p.dev.pushUsed(id: d.0, ringSlots: d.1, length: d.2) }
+                        _ = p.dev.publishUsed()
+                    } catch {}
+                case 3:
                     let pos = Int.random(in: 0..<size, using: &rng)
                     let o = p.q.descriptors.offset + 16 * pos
                     p.mem.store32(o + 8, UInt32(truncatingIfNeeded: rng.next() % 3 == 0 ? rng.next() : rng.next() % 8))
                     p.mem.store16(o + 12, UInt16(truncatingIfNeeded: rng.next() % 2 == 0 ? rng.next() : rng.next() % UInt64(size + 1)))
                     p.mem.store16(o + 14, rng.next() % 2 == 0 ? UInt16(truncatingIfNeeded: rng.next()) : PackedRingLayout.usedBits(wrap: rng.next() % 2 == 0) | DescriptorFlags.write)
-                case 2:
+                case 4:
                     p.mem.store32(p.q.deviceEvent.offset, UInt32(truncatingIfNeeded: rng.next()))
                     _ = p.q.enableInterrupts()
                 default:
@@ -618,7 +627,7 @@ final class PackedVirtqueueTests: XCTestCase {
             }
         }
         XCTAssertGreaterThan(errors, 100)
-        XCTAssertGreaterThan(reaped, 100)
+        XCTAssertGreaterThan(reaped, 300)
     }
 
     // MARK: 5: random hostile rings fed to the device
@@ -672,7 +681,7 @@ final class PackedVirtqueueTests: XCTestCase {
             m.store16(o + 14, f)
         }
 
-        for iteration in 0..<4000 {
+        for iteration in 0..<6000 {
             let size = [1, 2, 3, 5, 8, 13, 16, 64][iteration % 8]
             let dev = try XCTUnwrap(DevicePackedQueue(mem: m, size: size, descAddr: ring.deviceAddress, driverAddr: drvArea.deviceAddress, deviceAddr: devArea.deviceAddress))
             dev.eventIndex = rng.next() % 2 == 0
@@ -705,9 +714,10 @@ final class PackedVirtqueueTests: XCTestCase {
             _ = dev.publishUsed()
             _ = dev.hasAvailable
         }
+        print("random hostile rings: \(popped) chains popped, \(clean) clean, faults \(faults.sorted { $0.key < $1.key })")
         // The walk must have met every kind of fault, and good chains too.
-        XCTAssertGreaterThan(clean, 500)
-        XCTAssertGreaterThan(popped, 4000)
+        XCTAssertGreaterThan(clean, 300)
+        XCTAssertGreaterThan(popped, 3000)
         for kind in ["addressOutOfRange", "readableAfterWritable", "indirectNotNegotiated", "badIndirect", "unterminated", "notAvailable", "queue badBufferID"] {
             XCTAssertGreaterThan(faults[kind] ?? 0, 0, "no \(kind) fault seen in \(faults)")
         }
