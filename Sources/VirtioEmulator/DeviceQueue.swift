@@ -21,6 +21,9 @@ public enum ChainFault: Error, Equatable, CustomStringConvertible {
     case badIndirect(index: UInt16, reason: String)
     /// Packed ring: a chain that does not end within the ring (§2.8.6).
     case unterminated(head: UInt16)
+    /// Packed ring: a chain whose NEXT leads to a slot the driver has not made available, i.e. the
+    /// head was exposed before the rest of the chain (§2.8.17.1).
+    case notAvailable(head: UInt16, index: UInt16)
 
     public var description: String {
         switch self {
@@ -32,6 +35,7 @@ public enum ChainFault: Error, Equatable, CustomStringConvertible {
         case .tooLong(let b): return "chain totals \(b) bytes, more than 2^32"
         case .badIndirect(let i, let why): return "indirect descriptor \(i): \(why)"
         case .unterminated(let h): return "chain from \(h) never clears NEXT within the ring"
+        case .notAvailable(let h, let i): return "chain from \(h) continues into descriptor \(i), which the driver has not made available"
         }
     }
 }
