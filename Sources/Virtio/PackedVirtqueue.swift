@@ -129,6 +129,21 @@ public final class PackedVirtqueue: DriverVirtqueue {
 
     @inline(__always) private func descOffset(_ position: Int) -> Int { descriptors.offset + 16 * position }
 
+    public func reset() {
+        mem.zero(descriptors.offset, count: descriptors.length)
+        mem.zero(driverEvent.offset, count: driverEvent.length)
+        mem.zero(deviceEvent.offset, count: deviceEvent.length)
+        shadow = (0..<size).map { Shadow(nextFreeID: UInt16(truncatingIfNeeded: $0 + 1)) }
+        freeIDHead = 0
+        freeCount = size
+        inFlightCount = 0
+        nextAvail = 0; availWrap = true
+        nextUsedPos = 0; usedWrap = true
+        pendingHeads.removeAll(keepingCapacity: true); pendingSlots = 0
+        interruptsOn = true
+        writeDriverEvent()
+    }
+
     public var addresses: QueueAddresses {
         QueueAddresses(descriptors: descriptors.deviceAddress, driverArea: driverEvent.deviceAddress, deviceArea: deviceEvent.deviceAddress)
     }

@@ -207,7 +207,8 @@ public final class VirtioBlkDriver: @unchecked Sendable {
         // Step 7: queues, headers and indirect tables in one arena; pages shared out per queue.
         let split = SplitRingLayout(size: queueSize)
         // Packed: the descriptor ring plus two 4-byte event suppression structures (§2.8.10).
-        let ringBytes = ring == .split ? split.descriptorTableBytes + split.availBytes + split.usedBytes + 64 : 16 * queueSize + 64
+        let ringBytes = ring == .split ? split.descriptorTableBytes + split.availBytes + split.usedBytes + 64
+                                       : PackedRingLayout(size: queueSize).descriptorRingBytes + 2 * PackedRingLayout.eventSuppressionBytes + 64
         let tableStride = 16 * (maxPagesPerRequest + 3)
         let perQueue = ringBytes + 64 * queueSize + (useIndirect ? tableStride * queueSize + 64 : 0) + 4096
         let pagesPerQueue = max(maxPagesPerRequest, options.ioPages / nQueues)
@@ -274,7 +275,7 @@ public final class VirtioBlkDriver: @unchecked Sendable {
     private static func makeQueue(_ ring: RingFormat, arena: DMAArena, size: Int) throws -> any DriverVirtqueue {
         switch ring {
         case .split: return try SplitVirtqueue(arena: arena, size: size)
-        case .packed: throw VirtioTransportError.deviceFailed("packed rings are not built into this driver yet; use --ring split")
+        case .packed: return try PackedVirtqueue(arena: arena, size: size)
         }
     }
 

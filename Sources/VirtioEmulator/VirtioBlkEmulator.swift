@@ -36,7 +36,7 @@ public struct EmulatorConfiguration: Sendable {
     /// kick and interrupt eventfds and its own device thread.
     public var queues = 4
     /// Features the device offers; the RO bit is added for read-only backends, MQ for several queues.
-    public var features: VirtioFeatures = [.version1, .blkSizeMax, .blkSegMax, .blkBlkSize, .blkFlush, .blkDiscard, .blkWriteZeroes, .eventIdx, .indirectDesc]
+    public var features: VirtioFeatures = [.version1, .blkSizeMax, .blkSegMax, .blkBlkSize, .blkFlush, .blkDiscard, .blkWriteZeroes, .eventIdx, .indirectDesc, .ringPacked]
     public var segMax: UInt32 = 254
     public var sizeMax: UInt32 = 1 << 20
     public var maxDiscardSectors: UInt32 = 1 << 22
@@ -272,7 +272,8 @@ public final class VirtioBlkEmulator: MMIOBus, @unchecked Sendable {
 
     /// The queue format the driver negotiated, placed where it said (nil: bad size or placement).
     private func makeQueue(packed: Bool, mem: SharedMemory, _ q: QueueRegs) -> (any DeviceVirtqueue)? {
-        DeviceSplitQueue(mem: mem, size: Int(q.num), descAddr: q.desc, driverAddr: q.driver, deviceAddr: q.device)
+        packed ? DevicePackedQueue(mem: mem, size: Int(q.num), descAddr: q.desc, driverAddr: q.driver, deviceAddr: q.device)
+               : DeviceSplitQueue(mem: mem, size: Int(q.num), descAddr: q.desc, driverAddr: q.driver, deviceAddr: q.device)
     }
 
     public func readConfig8(_ offset: Int) -> UInt8 {

@@ -17,7 +17,7 @@ final class MatrixTests: XCTestCase {
 
     static var cells: [Cell] {
         var out: [Cell] = []
-        for ring in [RingFormat.split] {
+        for ring in RingFormat.allCases {
             for e in [true, false] { for i in [true, false] { for q in [1, 4] { out.append(Cell(ring: ring, eventIdx: e, indirect: i, queues: q)) } } }
         }
         return out

@@ -38,7 +38,7 @@ else pass "neither EVENT_IDX nor INDIRECT_DESC negotiated"; fi
 round_trip "packed, odd queue size 100, adaptive polling" --ring packed --queue-size 100 --poll-us 50
 
 # Bad switches are refused before anything starts.
-expect_fail "--queue-size 100 with a split ring is refused" "$VIRTNBD" --size 1M --ring split --queue-size 100 -U "$T/x.sock"
-expect_fail "--queues 0 is refused" "$VIRTNBD" --size 1M --queues 0 -U "$T/x.sock"
-expect_fail "--ring ring-of-fire is refused" "$VIRTNBD" --size 1M --ring ring-of-fire -U "$T/x.sock"
+expect_fail "--queue-size 100 with a split ring is refused" 'power of two' "$VIRTNBD" --size 1M --ring split --queue-size 100 -U "$T/x.sock"
+expect_fail "--queues 0 is refused" 'queues must be 1-64' "$VIRTNBD" --size 1M --queues 0 -U "$T/x.sock"
+expect_fail "--ring ring-of-fire is refused" 'ring' "$VIRTNBD" --size 1M --ring ring-of-fire -U "$T/x.sock"
 finish
