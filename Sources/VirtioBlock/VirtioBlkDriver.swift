@@ -108,6 +108,8 @@ public final class VirtioBlkDriver: @unchecked Sendable {
         var closing = false
         /// The device is being reset: nothing goes to the ring, new requests wait.
         var resetting = false
+        /// A caller reaps this queue itself (`pollCompletions`); interrupts stay off.
+        var polled = false
     }
     private final class Lane: @unchecked Sendable {
         let index: Int
@@ -410,10 +412,24 @@ public final class VirtioBlkDriver: @unchecked Sendable {
                     while ContinuousClock.now < deadline {
                         if reap(lane, into: &finished, checkStatus: false) > 0 { deadline = .now + window }
                     }
-                } while lane.state.withLock({ $0.queue.enableInterrupts() })
+                } while lane.state.withLock({ !$0.polled && $0.queue.enableInterrupts() })
             }
             if timeout > 0 { checkTimeouts(lane, limit: timeout) }
         }
+    }
+
+    /// Completes, on the calling thread, whatever the device has used on this thread's queue, and
+    /// returns how many (for callers that spin instead of waiting, like io_uring's IOPOLL). The
+    /// first call turns the queue's interrupts off: from then on the caller must keep polling
+    /// (the completion thread still sweeps once a second when a request timeout is set).
+    @discardableResult
+    public func pollCompletions() -> Int {
+        let lane = lanes[IOLane.current % lanes.count]
+        lane.state.withLock { s in
+            if !s.polled { s.polled = true; s.queue.disableInterrupts() }
+        }
+        var finished: [(Slot, UInt8)] = []
+        return reap(lane, into: &finished, checkStatus: false)
     }
 
     /// Completes what the device has used; returns how many.
@@ -583,6 +599,7 @@ public final class VirtioBlkDriver: @unchecked Sendable {
                     launches.append((lane, p, pages))
                 }
                 for (p, pages) in takeWaiting(&s, lane) { launches.append((lane, p, pages)) }
+                if s.polled { s.queue.disableInterrupts() }
             }
         }
         for (d, e) in fail { d(.failure(e)) }
