@@ -19,7 +19,8 @@
 //            bit 2 device base 0x1_0000_0000 instead of 0; bit 3 queue addresses from the input;
 //            bit 4 queue mode; bits 5-7 drop EVENT_IDX / FLUSH / DISCARD+WRITE_ZEROES from the
 //            driver features
-//   byte 1   queue size: bits 0-4 c; size = 1 << c for c < 16, else c (not a power of two)
+//   byte 1   queue size: bits 0-4 c; size = 1 << c for c < 16, else c (not a power of two);
+//            bit 5 packed ring (VIRTIO_F_RING_PACKED); bit 6 indirect descriptors negotiated
 //   if byte 0 bit 3: 3 × u64 little-endian: desc, avail (driver), used (device) addresses
 //   rest     the arena image from offset 0 (the descriptor table sits at offset 0 by default,
 //            then the avail ring, then the used ring; anything after is data)
@@ -60,7 +61,8 @@ private final class Harness {
         var small = EmulatorConfiguration()
         small.maxQueueSize = 256
         small.maxDiscardSectors = 8
-        let configs = [EmulatorConfiguration(), reversed, EmulatorConfiguration(), small]
+        var configs = [EmulatorConfiguration(), reversed, EmulatorConfiguration(), small]
+        for i in configs.indices { configs[i].queues = 1 }   // one device thread each, watched below
         // Each emulator starts one device thread; find it as the task that appears with it (its
         // name "virtio-blk-emulator" is longer than the kernel's 15 bytes, so it never shows).
         func tasks() -> Set<String> { Set((try? FileManager.default.contentsOfDirectory(atPath: "/proc/self/task")) ?? []) }
@@ -144,6 +146,13 @@ public func fuzzDevice(_ data: UnsafePointer<UInt8>, _ size: Int) -> CInt {
     if sel & 0x20 != 0 { features.remove(.eventIdx) }
     if sel & 0x40 != 0 { features.remove(.blkFlush) }
     if sel & 0x80 != 0 { features.remove(.blkDiscard); features.remove(.blkWriteZeroes) }
+    let packed = input.bytes[1] & 0x20 != 0
+    if packed { features.insert(.ringPacked) }
+    if input.bytes[1] & 0x40 != 0 { features.insert(.indirectDesc) }
+    if packed && sel & 8 == 0 {
+        // Packed layout: descriptor ring, then the two 4-byte event suppression structures.
+        availAddr = base + UInt64(16 * qsize); usedAddr = availAddr + 4
+    }
 
     // The arena image.
     let image = input.pos < input.bytes.count ? Array(input.bytes[input.pos...].prefix(arenaSize)) : []
@@ -151,7 +160,8 @@ public func fuzzDevice(_ data: UnsafePointer<UInt8>, _ size: Int) -> CInt {
     mem.write(image, at: 0)
 
     if sel & 0x10 != 0 {
-        queueMode(mem: mem, size: qsize, desc: descAddr, avail: availAddr, used: usedAddr, eventIndex: features.contains(.eventIdx))
+        queueMode(mem: mem, size: qsize, desc: descAddr, avail: availAddr, used: usedAddr, eventIndex: features.contains(.eventIdx),
+                  packed: packed, indirect: features.contains(.indirectDesc))
         return 0
     }
 
@@ -176,11 +186,17 @@ public func fuzzDevice(_ data: UnsafePointer<UInt8>, _ size: Int) -> CInt {
     }
     emu.write32(MMIORegister.queueReady, 1)
     let ready = emu.read32(MMIORegister.queueReady) == 1
-    let expectReady = SplitRingLayout.isValidSize(qsize) && qsize <= (which == 3 ? 256 : 32768)
-        && descAddr % 16 == 0 && availAddr % 2 == 0 && usedAddr % 4 == 0
-        && mem.offset(ofDeviceAddress: descAddr, length: 16 * qsize) != nil
-        && mem.offset(ofDeviceAddress: availAddr, length: 6 + 2 * qsize) != nil
-        && mem.offset(ofDeviceAddress: usedAddr, length: 6 + 8 * qsize) != nil
+    let expectReady = packed
+        ? PackedRingLayout.isValidSize(qsize) && qsize <= (which == 3 ? 256 : 32768)
+            && descAddr % 16 == 0 && availAddr % 4 == 0 && usedAddr % 4 == 0
+            && mem.offset(ofDeviceAddress: descAddr, length: 16 * qsize) != nil
+            && mem.offset(ofDeviceAddress: availAddr, length: 4) != nil
+            && mem.offset(ofDeviceAddress: usedAddr, length: 4) != nil
+        : SplitRingLayout.isValidSize(qsize) && qsize <= (which == 3 ? 256 : 32768)
+            && descAddr % 16 == 0 && availAddr % 2 == 0 && usedAddr % 4 == 0
+            && mem.offset(ofDeviceAddress: descAddr, length: 16 * qsize) != nil
+            && mem.offset(ofDeviceAddress: availAddr, length: 6 + 2 * qsize) != nil
+            && mem.offset(ofDeviceAddress: usedAddr, length: 6 + 8 * qsize) != nil
     check(ready == expectReady, "queue ready \(ready), expected \(expectReady) (size \(qsize) desc 0x\(String(descAddr, radix: 16)) avail 0x\(String(availAddr, radix: 16)) used 0x\(String(usedAddr, radix: 16)))")
     emu.write32(MMIORegister.status, 15)
     emu.write32(MMIORegister.queueNotify, 0)
@@ -193,31 +209,34 @@ public func fuzzDevice(_ data: UnsafePointer<UInt8>, _ size: Int) -> CInt {
     return 0
 }
 
-/// DeviceSplitQueue alone, on the caller's thread.
-private func queueMode(mem: SharedMemory, size: Int, desc: UInt64, avail: UInt64, used: UInt64, eventIndex: Bool) {
-    guard let q = DeviceSplitQueue(mem: mem, size: size, descAddr: desc, driverAddr: avail, deviceAddr: used) else { return }
+/// A device queue (split or packed) alone, on the caller's thread.
+private func queueMode(mem: SharedMemory, size: Int, desc: UInt64, avail: UInt64, used: UInt64, eventIndex: Bool, packed: Bool, indirect: Bool) {
+    let made: (any DeviceVirtqueue)? = packed
+        ? DevicePackedQueue(mem: mem, size: size, descAddr: desc, driverAddr: avail, deviceAddr: used)
+        : DeviceSplitQueue(mem: mem, size: size, descAddr: desc, driverAddr: avail, deviceAddr: used)
+    guard let q = made else { return }
     q.eventIndex = eventIndex
+    q.indirect = indirect
     var chain = DescriptorChain()
     var pending = 0
     var pops = 0
     while pops < 70_000 {
-        let head: UInt16?
-        do { head = try q.popHead() } catch { break }
-        guard let head else { break }
+        do { guard try q.pop(into: &chain) else { break } } catch { break }
         pops += 1
-        var ok = true
-        do { try q.walk(head, into: &chain) } catch { ok = false }
-        check(chain.head == head, "chain head \(chain.head) for \(head)")
+        let ok = chain.fault == nil
+        check(Int(chain.head) < max(size, 1) || packed, "chain id \(chain.head) outside a split queue of \(size)")
+        check(chain.ringSlots >= 1 && chain.ringSlots <= size, "chain takes \(chain.ringSlots) ring slots of \(size)")
         var r = 0, w = 0
         for s in chain.readable { check(s.offset >= 0 && s.length >= 0 && s.offset <= mem.size - s.length, "readable segment \(s) outside memory"); r += s.length }
         for s in chain.writable { check(s.offset >= 0 && s.length >= 0 && s.offset <= mem.size - s.length, "writable segment \(s) outside memory"); w += s.length }
         check(r == chain.readableBytes && w == chain.writableBytes, "byte counts \(chain.readableBytes)/\(chain.writableBytes) vs segments \(r)/\(w)")
-        check(chain.readable.count + chain.writable.count <= size, "chain of \(chain.readable.count + chain.writable.count) descriptors in a queue of \(size)")
+        // An indirect table holds at most (its length / 16) entries; without one a chain fits the ring.
+        check(indirect || chain.readable.count + chain.writable.count <= size, "chain of \(chain.readable.count + chain.writable.count) descriptors in a queue of \(size)")
         if ok { check(UInt64(r) + UInt64(w) <= UInt64(UInt32.max), "accepted chain of \(r + w) bytes") }
         // Touch every byte the device may use, as the request code would.
         for s in chain.readable where s.length > 0 { _ = mem.load8(s.offset); _ = mem.load8(s.offset + s.length - 1) }
         for s in chain.writable where s.length > 0 { mem.store8(s.offset + s.length - 1, 0xEE) }
-        q.pushUsed(id: head, length: UInt32(truncatingIfNeeded: w))
+        q.pushUsed(id: chain.head, ringSlots: chain.ringSlots, length: UInt32(truncatingIfNeeded: w))
         pending += 1
         if pending >= 64 { _ = q.publishUsed(); pending = 0 }
     }
