@@ -197,7 +197,7 @@ public final class VirtioBlkDriver: @unchecked Sendable {
         maxPagesPerRequest = max(1, min(Int(g.segMax), 32, useIndirect ? 32 : queueSize - 2))
         let nQueues = min(options.queues, numQueues, transport.queueCount > 0 ? transport.queueCount : 1)
         if nQueues < options.queues {
-            logger.warning("asked for \(options.queues) queues; the device offers \(numQueues); using \(nQueues)")
+            logger.notice("asked for \(options.queues) queues; the device offers \(numQueues); using \(nQueues)")
         }
         for q in 0..<nQueues {
             let maxQ = transport.maxQueueSize(q)

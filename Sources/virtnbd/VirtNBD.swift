@@ -51,7 +51,7 @@ struct Serve: AsyncParsableCommand {
     @Option(name: .long, help: "Serve this raw image file (created sparse with --size if missing).") var file: String?
     @Option(name: .long, help: "Virtqueue size, up to 32768 (a power of two for split rings).") var queueSize: Int = 256
     @Option(name: .long, help: "Virtqueue format: split or packed (packed falls back to split if the device lacks it).") var ring: RingFormat = .split
-    @Option(name: .long, help: "Request virtqueues per device, one per event loop (VIRTIO_BLK_F_MQ; capped by the device).") var queues: Int = 1
+    @Option(name: .long, help: "Request virtqueues per device (VIRTIO_BLK_F_MQ; capped by the device). Default: one per event loop (one per CPU).") var queues: Int?
     @Flag(name: .customLong("no-event-idx"), help: "Do not negotiate VIRTIO_F_EVENT_IDX (use the NO_NOTIFY/NO_INTERRUPT flags).") var noEventIdx = false
     @Flag(name: .customLong("no-indirect"), help: "Do not negotiate VIRTIO_F_INDIRECT_DESC.") var noIndirect = false
     @Option(name: .customLong("poll-us"), help: "Poll the used ring this many microseconds after a completion before sleeping (0 = interrupts only).") var pollMicroseconds: Int = 0
@@ -91,7 +91,7 @@ struct Serve: AsyncParsableCommand {
     func driverOptions(queueSize: Int) -> DriverOptions {
         var o = DriverOptions()
         o.ring = ring
-        o.queues = queues
+        o.queues = queues ?? System.coreCount
         o.queueSize = queueSize
         o.eventIndex = !noEventIdx
         o.indirect = !noIndirect
