@@ -4,6 +4,9 @@ import Logging
 import NBDProtocol
 import NIOCore
 import NIOPosix
+#if canImport(Glibc)
+import Glibc
+#endif
 
 public final class NBDClient: Sendable {
     public let uri: NBDURI
@@ -110,7 +113,7 @@ public final class NBDClient: Sendable {
             case .tcp(let h, let p): target = "\(h):\(p)"
             case .unix(let path): target = "Unix socket \(path)"
             }
-            throw NBDClientError.connectFailed(target, reason: "\(error)")
+            throw NBDClientError.connectFailed(target, reason: connectFailureReason(error))
         }
         let handler = try await channel.eventLoop.submit {
             NIOLoopBound(try channel.pipeline.syncOperations.handler(type: NBDClientHandler.self), eventLoop: channel.eventLoop)
@@ -178,5 +181,22 @@ public final class NBDClient: Sendable {
     public func disconnect() async {
         let h = handler
         try? await channel.eventLoop.flatSubmit { h.value.disconnect() }.get()
+    }
+}
+
+/// The OS's words for a failed connect ("Connection refused", "No such file or directory")
+/// instead of NIO's nested error descriptions.
+func connectFailureReason(_ error: Error) -> String {
+    switch error {
+    case let e as IOError:
+        return String(cString: strerror(e.errnoCode))
+    case let e as NIOConnectionError:
+        if let f = e.connectionErrors.first { return connectFailureReason(f.error) }
+        if let d = e.dnsAError ?? e.dnsAAAAError { return "cannot resolve \(e.host): \(d)" }
+        return "no address found for \(e.host)"
+    case ChannelError.connectTimeout:
+        return "no answer within 10 s"
+    default:
+        return "\(error)"
     }
 }

@@ -37,7 +37,8 @@ public enum NBDClientError: Error, CustomStringConvertible {
         case .serverClosed(let during):
             return "the server closed the connection during \(during); see the server's log for why"
         case .unknownExport(let name, let message):
-            return "the server has no export named \"\(name)\"\(message.isEmpty ? "" : " (\(message))"); list the exports with `virtnbd info --list URI`"
+            let extra = message.isEmpty || message.contains("\"\(name)\"") ? "" : " (the server says: \(message))"
+            return "the server has no export named \"\(name)\"\(extra); list the exports with `virtnbd info --list URI`"
         case .tlsRequired(let option):
             return "the server requires TLS (it refused \(option) without it); virtnbd's client does not speak TLS yet, so use nbdinfo or nbdcopy with an nbds:// URI"
         case .optionRefused(let option, let reply, let message):
