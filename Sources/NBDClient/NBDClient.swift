@@ -63,7 +63,9 @@ public final class NBDClient: Sendable {
         var out: [NBDExportDetails] = []
         var inTransmission = false
         for entry in names {
-            let contexts = try await hs.listMetaContexts(export: entry.name)
+            // An empty query lists every context; a server that lists none that way is asked for base:allocation.
+            var contexts = try await hs.listMetaContexts(export: entry.name)
+            if contexts == [] { contexts = try await hs.listMetaContexts(export: entry.name, queries: [NBDMetaContext.baseAllocation]) }
             var d: NBDExportDetails
             if let i = try await hs.info(.info, export: entry.name) {
                 d = i

@@ -47,7 +47,21 @@ head -c $((size / 2)) "$T/src.img" >>"$T/mixed.img"
 expect_ok "virtnbd copy stdin -> export (half zeroes)" bash -c "'$VIRTNBD' copy - '$URI' <'$T/mixed.img'"
 expect_ok "nbdcopy export -> file" nbdcopy "$URI" "$T/mixed-back.img"
 check_eq "sha256 of the half-zero image" "$(sha256_of "$T/mixed.img")" "$(sha256_of "$T/mixed-back.img" 2>&1)"
-rm -f "$T/mixed.img" "$T/mixed-back.img"
+# Reading it back with virtnbd copy exercises OFFSET_HOLE chunks for the zeroed half.
+expect_ok "virtnbd copy export -> file (half zeroes)" vn copy "$URI" "$T/mixed-vn.img"
+check_eq "sha256 of the half-zero image read by virtnbd copy" "$(sha256_of "$T/mixed.img")" "$(sha256_of "$T/mixed-vn.img" 2>&1)"
+alloc=$(( $(stat -c '%b * %B' "$T/mixed-vn.img") ))
+if (( alloc <= size / 2 + 1048576 )); then pass "the zero half stays a hole in the output file ($alloc bytes allocated)"
+else fail "the zero half stays a hole in the output file" "allocated: $alloc bytes of $size"; fi
+rm -f "$T/mixed.img" "$T/mixed-back.img" "$T/mixed-vn.img"
+
+# Alternating 4 KiB zero and data blocks: nbdcopy writes the zero blocks as holes, so one 64 KiB
+# READ comes back as interleaved OFFSET_DATA and OFFSET_HOLE chunks that the client assembles.
+/usr/bin/python3 -c 'import os,sys; f=open(sys.argv[1],"wb"); [f.write(bytes(4096) if i % 3 == 0 else os.urandom(4096)) for i in range(4096)]' "$T/alt.img"
+expect_ok "nbdcopy alternating zero/data blocks -> export" nbdcopy "$T/alt.img" "$URI"
+expect_ok "virtnbd copy export -> file in 64 KiB requests (data and hole chunks mixed)" vn copy --request-size 64K "$URI" "$T/alt-back.img"
+check_eq "the first 16 MiB match the alternating image" "$(sha256_of "$T/alt.img")" "$(head -c $((16 * 1024 * 1024)) "$T/alt-back.img" | sha256sum | cut -d' ' -f1)"
+rm -f "$T/alt.img" "$T/alt-back.img"
 
 # A short file writes only its own length.
 printf 'hello' >"$T/small.img"
@@ -116,6 +130,9 @@ expect_fail "nbds:// is refused with a clear message" "does not speak TLS" vn in
 expect_ok "virtnbd --size 1M still serves (default subcommand, via --run)" \
     "$VIRTNBD" --size 1M --run "'$VIRTNBD' info --json \"\$uri\""
 check_eq "export-size through --run and virtnbd info" "1048576" "$(grep -o '"export-size": [0-9]*' "$LAST_OUT" | grep -o '[0-9]*$')"
+expect_ok "virtnbd serve --size 2M still serves (explicit subcommand)" \
+    "$VIRTNBD" serve --size 2M --run "'$VIRTNBD' info --json \"\$uri\""
+check_eq "export-size through serve --run and virtnbd info" "2097152" "$(grep -o '"export-size": [0-9]*' "$LAST_OUT" | grep -o '[0-9]*$')"
 
 stop_server
 finish
