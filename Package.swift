@@ -43,10 +43,17 @@ let package = Package(
             .product(name: "NIOSSL", package: "swift-nio-ssl"),
             .product(name: "Logging", package: "swift-log"),
         ]),
+        // The NBD client: URI parsing, negotiation, pipelined requests (used by `virtnbd info` / `copy`).
+        .target(name: "NBDClient", dependencies: [
+            "NBDProtocol",
+            .product(name: "NIOCore", package: "swift-nio"),
+            .product(name: "NIOPosix", package: "swift-nio"),
+            .product(name: "Logging", package: "swift-log"),
+        ]),
         // The operator's configuration file (YAML) and its merge with command-line flags. Pure values.
         .target(name: "ServerConfig", dependencies: [.product(name: "Yams", package: "Yams")]),
         .executableTarget(name: "virtnbd", dependencies: [
-            "NBDServer", "NBDProtocol", "VirtioBlock", "VirtioEmulator", "Virtio", "VhostUser", "VFIO", "ServerConfig",
+            "NBDServer", "NBDProtocol", "NBDClient", "VirtioBlock", "VirtioEmulator", "Virtio", "VhostUser", "VFIO", "ServerConfig",
             .product(name: "ArgumentParser", package: "swift-argument-parser"),
             .product(name: "Logging", package: "swift-log"),
             .product(name: "NIOCore", package: "swift-nio"),
@@ -56,6 +63,7 @@ let package = Package(
         .executableTarget(name: "virtqueue-bench", dependencies: ["Virtio", "VirtioBlock", "VirtioEmulator"]),
         .systemLibrary(name: "CNBD", path: "Tests/CNBD", pkgConfig: "libnbd", providers: [.apt(["libnbd-dev"])]),
         .testTarget(name: "NBDProtocolTests", dependencies: ["NBDProtocol"]),
+        .testTarget(name: "NBDClientTests", dependencies: ["NBDClient", "NBDProtocol", .product(name: "NIOCore", package: "swift-nio")]),
         .testTarget(name: "ServerConfigTests", dependencies: ["ServerConfig"]),
         .testTarget(name: "VirtioTests", dependencies: ["Virtio", "VirtioBlock", "VirtioEmulator", .product(name: "NIOCore", package: "swift-nio"), .product(name: "NIOConcurrencyHelpers", package: "swift-nio")]),
         .testTarget(name: "VhostUserTests", dependencies: ["VhostUser", "VirtioBlock", "Virtio", .product(name: "NIOCore", package: "swift-nio")]),

@@ -16,7 +16,7 @@ struct VirtNBD: AsyncParsableCommand {
         commandName: "virtnbd",
         abstract: "An NBD server that exports a virtio-blk disk.",
         discussion: "With neither --size nor --file it serves a simulated 512 KiB disk.",
-        subcommands: [Serve.self],
+        subcommands: [Serve.self, Info.self, Copy.self],
         defaultSubcommand: Serve.self)
 }
 
