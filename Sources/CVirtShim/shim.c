@@ -7,6 +7,7 @@
 #include <fcntl.h>
 #include <unistd.h>
 #include <linux/falloc.h>
+#include <sys/prctl.h>
 
 int vshim_memfd_create(const char *name) { return memfd_create(name, MFD_CLOEXEC); }
 
@@ -69,4 +70,8 @@ int vshim_pwrite_zeroes(int fd, int64_t off, int64_t len) {
         off += w; len -= w;
     }
     return 0;
+}
+
+int vshim_set_parent_death_signal(int sig) {
+    return prctl(PR_SET_PDEATHSIG, (unsigned long)sig, 0UL, 0UL, 0UL) == 0 ? 0 : -errno;
 }

@@ -44,4 +44,8 @@ int vshim_punch_hole(int fd, int64_t off, int64_t len);
 int vshim_zero_range(int fd, int64_t off, int64_t len);
 /// Writes `len` zero bytes at `off` with pwrite (fallback when fallocate cannot zero). Returns 0 or -errno.
 int vshim_pwrite_zeroes(int fd, int64_t off, int64_t len);
+
+/// prctl(PR_SET_PDEATHSIG, sig): the kernel sends `sig` to this process when the thread that
+/// created it exits (prctl is variadic, so Swift cannot call it). Returns 0 or -errno.
+int vshim_set_parent_death_signal(int sig);
 #endif
