@@ -44,6 +44,9 @@ public final class ExportMetrics: Sendable {
             }
         }
 
+        /// Whether requests of this kind go to the virtio device (and have a latency).
+        public var reachesDevice: Bool { self == .read || self == .write || self == .flush || self == .trim || self == .writeZeroes }
+
         init(_ command: NBDCommand?) {
             switch command {
             case .read: self = .read
@@ -63,7 +66,8 @@ public final class ExportMetrics: Sendable {
     public let export: String
     private let requests: [Counter]
     private let errors: [Counter]
-    private let latency: [Metrics.Timer]
+    /// Only for the ops that reach the device; nil for the others.
+    private let latency: [Metrics.Timer?]
     private let bytesRead: Counter
     private let bytesWritten: Counter
     private let inFlight: Meter
@@ -81,7 +85,7 @@ public final class ExportMetrics: Sendable {
         let e = [("export", export)]
         requests = Op.allCases.map { Counter(label: Name.requests, dimensions: e + [("op", $0.label)]) }
         errors = Op.allCases.map { Counter(label: Name.requestErrors, dimensions: e + [("op", $0.label)]) }
-        latency = Op.allCases.map { Metrics.Timer(label: Name.requestDuration, dimensions: e + [("op", $0.label)]) }
+        latency = Op.allCases.map { $0.reachesDevice ? Metrics.Timer(label: Name.requestDuration, dimensions: e + [("op", $0.label)]) : nil }
         bytesRead = Counter(label: Name.readBytes, dimensions: e)
         bytesWritten = Counter(label: Name.writtenBytes, dimensions: e)
         inFlight = Meter(label: Name.requestsInFlight, dimensions: e)
@@ -103,7 +107,7 @@ public final class ExportMetrics: Sendable {
     /// A device request finished after `nanoseconds`.
     @inline(__always) func finished(_ op: Op, nanoseconds: UInt64) {
         inFlight.decrement()
-        latency[op.rawValue].recordNanoseconds(Int64(clamping: nanoseconds))
+        latency[op.rawValue]?.recordNanoseconds(Int64(clamping: nanoseconds))
     }
 
     func connected() { connectionsActive.increment(); connectionsTotal.increment() }
@@ -126,7 +130,7 @@ public final class ExportMetrics: Sendable {
     /// Removes this export's series (its export was removed and its device shut down).
     public func destroy() {
         for m in requests + errors + [bytesRead, bytesWritten, connectionsTotal, kicks, interrupts, deviceErrors] { m.destroy() }
-        for t in latency { t.destroy() }
+        for t in latency { t?.destroy() }
         for m in [inFlight, connectionsActive, queueDepth] { m.destroy() }
     }
 }

@@ -121,7 +121,7 @@ public final class NBDServer: Sendable {
         for c in channels { c.pipeline.fireUserInboundEventTriggered(QuiesceEvent()) }
         for c in channels { try? await c.closeFuture.get() }
         if !removed.isEmpty {
-            logger.info("exports removed: \(removed.map { "\"\($0.info.name)\"" }.joined(separator: ", ")); \(channels.count) client(s) finished")
+            logger.info("no longer served: \(removed.map { "\"\($0.info.name)\"" }.joined(separator: ", ")); \(channels.count) client(s) finished")
         }
         return removed
     }
