@@ -63,9 +63,12 @@ final class ExportDirectory: Sendable {
     var catalog: NBDExportCatalog { state.withLock { $0.catalog } }
 
     /// The export `info` names, if it is still served as negotiated; registers the connection as its user.
+    /// (The handshake hides SEND_DF from clients without structured replies; that flag is not compared.)
     func attach(_ info: NBDExportInfo, connection: Int) -> NBDExport? {
+        var negotiated = info
+        negotiated.flags.remove(.sendDF)
         let e: NBDExport? = state.withLock { s in
-            guard let e = s.exports.first(where: { $0.info == info }) else { return nil }
+            guard let e = s.exports.first(where: { var i = $0.info; i.flags.remove(.sendDF); return i == negotiated }) else { return nil }
             s.users[ObjectIdentifier(e), default: []].insert(connection)
             return e
         }

@@ -105,6 +105,9 @@ kill -HUP "$pid"
 for _ in $(seq 50); do [[ "$(nbdinfo --size "$(uri extra)" 2>/dev/null)" == 8388608 ]] && break; sleep 0.1; done
 check_eq "a changed export is reopened with its new size" 8388608 "$(nbdinfo --size "$(uri extra)" 2>&1)"
 
+expect_ok "a client without structured replies (no SEND_DF) still reaches an export after the reloads" \
+    nbdsh -c "h.set_request_structured_replies(False); h.connect_uri('$(uri golden)'); assert h.pread(512, 0) == open('$T/golden.img', 'rb').read(512)"
+
 touch "$T/stop"
 rc=0; wait "$busy" || rc=$?
 check_eq "the busy client of scratch exits 0" 0 "$rc"
