@@ -152,6 +152,9 @@ final class NBDConnectionHandler: ChannelDuplexHandler {
                 phase = .transmission(parser, export, session)
                 guard let ev = event else { return }
                 switch ev {
+                case .rejected(let r, _), .request(let r, _): export.metrics.request(ExportMetrics.Op(r.command))
+                }
+                switch ev {
                 case .rejected(let r, let err):
                     logger.debug("rejecting request", metadata: ["type": "\(r.type)", "length": "\(r.length)"])
                     fail(context, r, session, err, "WRITE payload exceeds the maximum payload of \(export.info.maximumPayload) bytes")
@@ -172,7 +175,6 @@ final class NBDConnectionHandler: ChannelDuplexHandler {
 
     private func dispatch(context: ChannelHandlerContext, request r: NBDRequest, payload: ByteBuffer?, export: NBDExport, session: NBDSession) {
         let metrics = export.metrics
-        metrics.request(ExportMetrics.Op(r.command))
         let size = export.info.size
         let (end, overflow) = r.offset.addingReportingOverflow(r.length)
         let inRange = !overflow && end <= size

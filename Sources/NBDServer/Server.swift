@@ -11,6 +11,8 @@ final class ConnectionRegistry: Sendable {
     func add(_ c: Channel) -> Int {
         state.withLock { s in s.next += 1; s.channels[s.next] = c; return s.next }
     }
+    /// An id for a connection that is refused before it is registered (for its log line).
+    func nextID() -> Int { state.withLock { s in s.next += 1; return s.next } }
     func remove(_ id: Int) { _ = state.withLock { $0.channels.removeValue(forKey: id) } }
     var count: Int { state.withLock { $0.channels.count } }
     var all: [Channel] { state.withLock { Array($0.channels.values) } }
@@ -161,7 +163,8 @@ public final class NBDServer: Sendable {
             .childChannelOption(.recvAllocator, value: AdaptiveRecvByteBufferAllocator(minimum: 4096, initial: 256 << 10, maximum: 4 << 20))
             .childChannelInitializer { channel in
                 if maxConnections > 0 && registry.count >= maxConnections {
-                    logger.warning("refusing \(channel.remoteAddress.map { "\($0)" } ?? "client"): --max-connections \(maxConnections) reached")
+                    logger.warning("refusing \(channel.remoteAddress.map { "\($0)" } ?? "client"): --max-connections \(maxConnections) reached",
+                                   metadata: ["conn": "\(registry.nextID())"])
                     return channel.close()
                 }
                 let id = registry.add(channel)
