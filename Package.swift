@@ -19,6 +19,8 @@ let package = Package(
         .package(url: "https://github.com/apple/swift-log", from: "1.16.2"),
         .package(url: "https://github.com/apple/swift-nio-ssl", from: "2.37.6"),
         .package(url: "https://github.com/jpsim/Yams", from: "6.2.2"),
+        .package(url: "https://github.com/apple/swift-metrics", from: "2.13.0"),
+        .package(url: "https://github.com/swift-server/swift-prometheus", from: "2.4.1"),
     ],
     targets: [
         // The C shim: memfd, eventfd, poll, fixed-width volatile access and fences.
@@ -42,6 +44,7 @@ let package = Package(
             .product(name: "NIOPosix", package: "swift-nio"),
             .product(name: "NIOSSL", package: "swift-nio-ssl"),
             .product(name: "Logging", package: "swift-log"),
+            .product(name: "Metrics", package: "swift-metrics"),
         ]),
         // The NBD client: URI parsing, negotiation, pipelined requests (used by `virtnbd info` / `copy`).
         .target(name: "NBDClient", dependencies: [
@@ -53,11 +56,14 @@ let package = Package(
         // The operator's configuration file (YAML) and its merge with command-line flags. Pure values.
         .target(name: "ServerConfig", dependencies: [.product(name: "Yams", package: "Yams")]),
         .executableTarget(name: "virtnbd", dependencies: [
-            "NBDServer", "NBDProtocol", "NBDClient", "VirtioBlock", "VirtioEmulator", "Virtio", "VhostUser", "VFIO", "ServerConfig",
+            "NBDServer", "NBDProtocol", "NBDClient", "VirtioBlock", "VirtioEmulator", "Virtio", "VhostUser", "VFIO", "ServerConfig", "CVirtShim",
             .product(name: "ArgumentParser", package: "swift-argument-parser"),
             .product(name: "Logging", package: "swift-log"),
             .product(name: "NIOCore", package: "swift-nio"),
             .product(name: "NIOPosix", package: "swift-nio"),
+            .product(name: "NIOHTTP1", package: "swift-nio"),
+            .product(name: "Metrics", package: "swift-metrics"),
+            .product(name: "Prometheus", package: "swift-prometheus"),
         ]),
         // The virtqueue round-trip microbenchmark (driver → emulator → completion), release builds.
         .executableTarget(name: "virtqueue-bench", dependencies: ["Virtio", "VirtioBlock", "VirtioEmulator"]),

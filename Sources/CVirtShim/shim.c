@@ -7,6 +7,7 @@
 #include <fcntl.h>
 #include <unistd.h>
 #include <linux/falloc.h>
+#include <sys/prctl.h>
 
 int vshim_memfd_create(const char *name) { return memfd_create(name, MFD_CLOEXEC); }
 
@@ -74,3 +75,6 @@ int vshim_pwrite_zeroes(int fd, int64_t off, int64_t len) {
 static _Thread_local int vshim_lane;
 int vshim_lane_get(void) { return vshim_lane; }
 void vshim_lane_set(int lane) { vshim_lane = lane; }
+int vshim_set_parent_death_signal(int sig) {
+    return prctl(PR_SET_PDEATHSIG, (unsigned long)sig, 0UL, 0UL, 0UL) == 0 ? 0 : -errno;
+}

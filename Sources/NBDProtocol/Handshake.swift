@@ -63,7 +63,8 @@ public struct HandshakeStateMachine {
     /// Export and contexts chosen by the last SET_META_CONTEXT.
     private var metaExport: String?
     private var allocationSelected = false
-    public let catalog: NBDExportCatalog
+    /// The exports offered; the server may replace it between calls to `receive` (configuration reload).
+    public var catalog: NBDExportCatalog
     public let tlsPolicy: NBDTLSPolicy
     /// Whether this negotiation runs inside TLS.
     public let tlsActive: Bool

@@ -31,7 +31,9 @@ final class NBDConnectionHandler: ChannelDuplexHandler {
     private var readPending = false
     private var inFlightBytes = 0
     private var quiescing = false
-    private let exports: [String: NBDExport]
+    private let directory: ExportDirectory
+    /// The export this connection is attached to, once transmission starts.
+    private var attached: NBDExport?
     private var logger: Logger
     private let id: Int
     private let handshakeTimeout: TimeAmount
@@ -41,11 +43,11 @@ final class NBDConnectionHandler: ChannelDuplexHandler {
     private var batching = false
     private var needsFlush = false
 
-    init(catalog: NBDExportCatalog, exports: [String: NBDExport], id: Int, handshakeTimeout: TimeAmount, tls: TLSSettings, logger: Logger) {
+    init(directory: ExportDirectory, id: Int, handshakeTimeout: TimeAmount, tls: TLSSettings, logger: Logger) {
         self.handshakeTimeout = handshakeTimeout
         self.tls = tls
-        self.phase = .handshake(HandshakeStateMachine(catalog: catalog, tls: tls.policy))
-        self.exports = exports
+        self.phase = .handshake(HandshakeStateMachine(catalog: directory.catalog, tls: tls.policy))
+        self.directory = directory
         self.id = id
         self.logger = logger
         self.logger[metadataKey: "conn"] = "\(id)"
@@ -70,6 +72,7 @@ final class NBDConnectionHandler: ChannelDuplexHandler {
     func channelInactive(context: ChannelHandlerContext) {
         logger.debug("client disconnected", metadata: ["in-flight": "\(inFlight)"])
         phase = .closing
+        if let e = attached { directory.detach(e, connection: id); attached = nil }
         handshakeTimer?.cancel()
         context.fireChannelInactive()
     }
@@ -87,6 +90,8 @@ final class NBDConnectionHandler: ChannelDuplexHandler {
             case .closing:
                 return
             case .handshake(var hs):
+                // The exports as they are now: a reload may have added or removed some since the last option.
+                hs.catalog = directory.catalog
                 let actions = hs.receive(&input)
                 phase = .handshake(hs)
                 for a in actions {
@@ -116,8 +121,16 @@ final class NBDConnectionHandler: ChannelDuplexHandler {
                         return
                     case .startTransmission(let session):
                         let info = session.export
-                        guard let e = exports[info.name] else { context.close(promise: nil); return }
-                        logger.debug("transmission started", metadata: ["export": "\(info.name)", "size": "\(info.size)",
+                        guard let e = directory.attach(info, connection: id) else {
+                            // Removed or changed by a reload between the client's GO and now.
+                            logger.info("closing: export \"\(info.name)\" was removed or changed by a configuration reload during the handshake")
+                            phase = .closing
+                            context.close(promise: nil)
+                            return
+                        }
+                        attached = e
+                        logger[metadataKey: "export"] = "\(info.name)"
+                        logger.debug("transmission started", metadata: ["size": "\(info.size)",
                                                                         "structured": "\(session.structuredReplies)", "base:allocation": "\(session.allocationContext != nil)"])
                         phase = .transmission(TransmissionParser(maximumPayload: Int(info.maximumPayload), extendedHeaders: session.extendedHeaders), e, session)
                     }
@@ -139,6 +152,9 @@ final class NBDConnectionHandler: ChannelDuplexHandler {
                 phase = .transmission(parser, export, session)
                 guard let ev = event else { return }
                 switch ev {
+                case .rejected(let r, _), .request(let r, _): export.metrics.request(ExportMetrics.Op(r.command))
+                }
+                switch ev {
                 case .rejected(let r, let err):
                     logger.debug("rejecting request", metadata: ["type": "\(r.type)", "length": "\(r.length)"])
                     fail(context, r, session, err, "WRITE payload exceeds the maximum payload of \(export.info.maximumPayload) bytes")
@@ -158,6 +174,7 @@ final class NBDConnectionHandler: ChannelDuplexHandler {
     // MARK: requests
 
     private func dispatch(context: ChannelHandlerContext, request r: NBDRequest, payload: ByteBuffer?, export: NBDExport, session: NBDSession) {
+        let metrics = export.metrics
         let size = export.info.size
         let (end, overflow) = r.offset.addingReportingOverflow(r.length)
         let inRange = !overflow && end <= size
@@ -180,18 +197,21 @@ final class NBDConnectionHandler: ChannelDuplexHandler {
             guard r.length <= UInt64(export.info.maximumPayload) else { return fail(context, r, session, .inval, "READ longer than the maximum payload") }
             guard inRange else { return fail(context, r, session, .inval, rangeError) }
             if session.structuredReplies && !r.flags.contains(.df) {
-                start(context, bytes: Int(r.length)) { done in device.readExtents(offset: r.offset, length: Int(r.length), allocator: context.channel.allocator) { done($0) } }
+                start(context, .read, bytes: Int(r.length)) { done in device.readExtents(offset: r.offset, length: Int(r.length), allocator: context.channel.allocator) { done($0) } }
                     completion: { this, ctx, result in
                         switch result {
-                        case .success(let extents): this.replyExtents(context: ctx, request: r, session: session, extents: extents)
+                        case .success(let extents):
+                            metrics.read(bytes: Int(r.length))
+                            this.replyExtents(context: ctx, request: r, session: session, extents: extents)
                         case .failure(let e): this.fail(ctx, r, session, e.nbdErrno, "\(e)")
                         }
                     }
             } else {
-                start(context, bytes: Int(r.length)) { done in device.read(offset: r.offset, length: Int(r.length), allocator: context.channel.allocator) { done($0) } }
+                start(context, .read, bytes: Int(r.length)) { done in device.read(offset: r.offset, length: Int(r.length), allocator: context.channel.allocator) { done($0) } }
                     completion: { this, ctx, result in
                         switch result {
                         case .success(let data):
+                            metrics.read(bytes: data.readableBytes)
                             if session.structuredReplies { this.replyData(context: ctx, request: r, session: session, data: data) }
                             else { this.reply(context: ctx, cookie: cookie, error: nil, data: data) }
                         case .failure(let e): this.fail(ctx, r, session, e.nbdErrno, "\(e)")
@@ -203,7 +223,8 @@ final class NBDConnectionHandler: ChannelDuplexHandler {
             guard inRange else { return fail(context, r, session, .nospc, rangeError) }
             let data = payload ?? ByteBuffer()
             let fua = r.flags.contains(.fua)
-            startVoid(context, r, session, bytes: data.readableBytes) { done in device.write(offset: r.offset, data: data, fua: fua, done) }
+            let n = data.readableBytes
+            startVoid(context, r, session, bytes: n, succeeded: { metrics.wrote(bytes: n) }) { done in device.write(offset: r.offset, data: data, fua: fua, done) }
         case .flush:
             startVoid(context, r, session) { done in device.flush(done) }
         case .trim:
@@ -249,6 +270,7 @@ final class NBDConnectionHandler: ChannelDuplexHandler {
     /// Answers a failed request: an ERROR chunk where structured replies are required (READ and
     /// BLOCK_STATUS; everything once extended headers are on), else a simple reply.
     private func fail(_ context: ChannelHandlerContext, _ r: NBDRequest, _ session: NBDSession, _ err: NBDErrno, _ message: String) {
+        attached?.metrics.failed(ExportMetrics.Op(r.command))
         logger.debug("request failed", metadata: ["type": "\(r.type)", "offset": "\(r.offset)", "length": "\(r.length)", "error": "\(err)", "why": "\(message)"])
         if session.extendedHeaders || (session.structuredReplies && (r.command == .read || r.command == .blockStatus)) {
             guard context.channel.isActive else { return }
@@ -333,7 +355,7 @@ final class NBDConnectionHandler: ChannelDuplexHandler {
     /// Runs a block operation. Its completion is posted to this connection's mailbox; the first
     /// post of a batch schedules one drain on the event loop, which answers every completion that
     /// has arrived and flushes the socket once (coalesced replies, one wakeup per batch).
-    private func start<T: Sendable>(_ context: ChannelHandlerContext, bytes: Int = 0,
+    private func start<T: Sendable>(_ context: ChannelHandlerContext, _ kind: ExportMetrics.Op, bytes: Int = 0,
                                     _ op: (@escaping @Sendable (Result<T, BlkError>) -> Void) -> Void,
                                     completion: @escaping (NBDConnectionHandler, ChannelHandlerContext, Result<T, BlkError>) -> Void) {
         inFlight += 1
@@ -341,11 +363,16 @@ final class NBDConnectionHandler: ChannelDuplexHandler {
         let loop = context.eventLoop
         let bound = NIOLoopBound((self, context, completion), eventLoop: loop)
         let mailbox = self.mailbox
+        // Latency: from dispatch until the completion is taken up on the event loop (before the reply is written).
+        let metrics = attached?.metrics
+        let began = NIODeadline.now()
+        metrics?.started()
         op { result in
             let first = mailbox.post {
                 let (this, ctx, completion) = bound.value
                 this.inFlight -= 1
                 this.inFlightBytes -= bytes
+                metrics?.finished(kind, nanoseconds: UInt64(clamping: (NIODeadline.now() - began).nanoseconds))
                 completion(this, ctx, result)
             }
             if first {
@@ -375,10 +402,13 @@ final class NBDConnectionHandler: ChannelDuplexHandler {
         if batching { needsFlush = true } else { context.flush() }
     }
 
-    private func startVoid(_ context: ChannelHandlerContext, _ r: NBDRequest, _ session: NBDSession, bytes: Int = 0, _ op: (@escaping @Sendable (Result<Void, BlkError>) -> Void) -> Void) {
-        start(context, bytes: bytes, op) { this, ctx, result in
+    private func startVoid(_ context: ChannelHandlerContext, _ r: NBDRequest, _ session: NBDSession, bytes: Int = 0,
+                           succeeded: (() -> Void)? = nil, _ op: (@escaping @Sendable (Result<Void, BlkError>) -> Void) -> Void) {
+        start(context, ExportMetrics.Op(r.command), bytes: bytes, op) { this, ctx, result in
             switch result {
-            case .success: this.succeed(ctx, r, session)
+            case .success:
+                succeeded?()
+                this.succeed(ctx, r, session)
             case .failure(let e): this.fail(ctx, r, session, e.nbdErrno, "\(e)")
             }
         }

@@ -6,6 +6,8 @@ import VirtioBlock
 public final class NBDExport: Sendable {
     public let info: NBDExportInfo
     public let device: BlockDevice
+    /// This export's series (label `export="NAME"`).
+    public let metrics: ExportMetrics
 
     /// Derives the transmission flags from what the virtio device offers ("Transmission flags").
     public init(name: String, description: String, device: BlockDevice, forceReadOnly: Bool = false) {
@@ -20,6 +22,7 @@ public final class NBDExport: Sendable {
         info = NBDExportInfo(name: name, description: description, size: device.size, flags: flags,
                              minimumBlockSize: 1, preferredBlockSize: 4096, maximumPayload: 32 << 20)
         self.device = device
+        metrics = ExportMetrics(export: name)
     }
 
     public var readOnly: Bool { info.flags.contains(.readOnly) }

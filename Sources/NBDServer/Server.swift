@@ -12,9 +12,12 @@ final class ConnectionRegistry: Sendable {
     func add(_ c: Channel) -> Int {
         state.withLock { s in s.next += 1; s.channels[s.next] = c; return s.next }
     }
+    /// An id for a connection that is refused before it is registered (for its log line).
+    func nextID() -> Int { state.withLock { s in s.next += 1; return s.next } }
     func remove(_ id: Int) { _ = state.withLock { $0.channels.removeValue(forKey: id) } }
     var count: Int { state.withLock { $0.channels.count } }
     var all: [Channel] { state.withLock { Array($0.channels.values) } }
+    func channels(_ ids: [Int]) -> [Channel] { state.withLock { s in ids.compactMap { s.channels[$0] } } }
 }
 
 public enum ListenAddress: Sendable, CustomStringConvertible {
@@ -42,8 +45,60 @@ public struct ServerLimits: Sendable {
     public init() {}
 }
 
+/// The exports being served, swapped as a whole on reload. A connection reads the current
+/// catalog before each step of its handshake and attaches to its export when transmission starts;
+/// attaching and swapping hold the same lock, so once `replace` returns no new client can reach a
+/// removed export, and the connections it reports are all the ones that use it.
+final class ExportDirectory: Sendable {
+    private struct State {
+        var exports: [NBDExport]
+        var catalog: NBDExportCatalog
+        /// Connection ids in transmission, by export.
+        var users: [ObjectIdentifier: Set<Int>] = [:]
+    }
+    private let state: Mutex<State>
+
+    init(_ exports: [NBDExport]) {
+        state = Mutex(State(exports: exports, catalog: NBDExportCatalog(exports.map(\.info))))
+    }
+
+    var exports: [NBDExport] { state.withLock { $0.exports } }
+    var catalog: NBDExportCatalog { state.withLock { $0.catalog } }
+
+    /// The export `info` names, if it is still served as negotiated; registers the connection as its user.
+    /// (The handshake hides SEND_DF from clients without structured replies; that flag is not compared.)
+    func attach(_ info: NBDExportInfo, connection: Int) -> NBDExport? {
+        var negotiated = info
+        negotiated.flags.remove(.sendDF)
+        let e: NBDExport? = state.withLock { s in
+            guard let e = s.exports.first(where: { var i = $0.info; i.flags.remove(.sendDF); return i == negotiated }) else { return nil }
+            s.users[ObjectIdentifier(e), default: []].insert(connection)
+            return e
+        }
+        e?.metrics.connected()
+        return e
+    }
+
+    func detach(_ export: NBDExport, connection: Int) {
+        let removed = state.withLock { s in s.users[ObjectIdentifier(export)]?.remove(connection) != nil }
+        if removed { export.metrics.disconnected() }
+    }
+
+    /// Serves `exports` from now on; returns those no longer served and the connections using them.
+    func replace(with exports: [NBDExport]) -> (removed: [NBDExport], connections: [Int]) {
+        state.withLock { s in
+            let keep = Set(exports.map(ObjectIdentifier.init))
+            let removed = s.exports.filter { !keep.contains(ObjectIdentifier($0)) }
+            let conns = removed.flatMap { s.users[ObjectIdentifier($0)] ?? [] }
+            s.exports = exports
+            s.catalog = NBDExportCatalog(exports.map(\.info))
+            return (removed, conns)
+        }
+    }
+}
+
 public final class NBDServer: Sendable {
-    public let exports: [NBDExport]
+    private let directory: ExportDirectory
     private let group: EventLoopGroup
     private let logger: Logger
     private let registry = ConnectionRegistry()
@@ -52,7 +107,7 @@ public final class NBDServer: Sendable {
     private let limits: ServerLimits
 
     public init(exports: [NBDExport], group: EventLoopGroup, limits: ServerLimits = .init(), logger: Logger) {
-        self.exports = exports
+        self.directory = ExportDirectory(exports)
         self.group = group
         self.limits = limits
         self.logger = logger
@@ -60,11 +115,27 @@ public final class NBDServer: Sendable {
         for (i, loop) in group.makeIterator().enumerated() { loop.execute { VirtioBlkDriver.useLane(i) } }
     }
 
+    /// The exports served now (the handshake's list, in order).
+    public var exports: [NBDExport] { directory.exports }
+
+    /// Serves `exports` from now on (configuration reload). Exports kept are the same objects as
+    /// before; their clients are not disturbed. New connections see the new list at once. Clients
+    /// of an export that is no longer in the list finish their in-flight requests and are
+    /// disconnected; this returns the removed exports once all of those connections have closed,
+    /// so that their devices can be shut down.
+    public func replaceExports(_ exports: [NBDExport]) async -> [NBDExport] {
+        let (removed, ids) = directory.replace(with: exports)
+        let channels = registry.channels(ids)
+        for c in channels { c.pipeline.fireUserInboundEventTriggered(QuiesceEvent()) }
+        for c in channels { try? await c.closeFuture.get() }
+        if !removed.isEmpty {
+            logger.info("no longer served: \(removed.map { "\"\($0.info.name)\"" }.joined(separator: ", ")); \(channels.count) client(s) finished")
+        }
+        return removed
+    }
+
     private func makeHandler(id: Int) -> NBDConnectionHandler {
-        let catalog = NBDExportCatalog(exports.map(\.info))
-        let byName = Dictionary(exports.map { ($0.info.name, $0) }, uniquingKeysWith: { a, _ in a })
-        return NBDConnectionHandler(catalog: catalog, exports: byName, id: id,
-                                    handshakeTimeout: limits.handshakeTimeout, tls: limits.tls, logger: logger)
+        NBDConnectionHandler(directory: directory, id: id, handshakeTimeout: limits.handshakeTimeout, tls: limits.tls, logger: logger)
     }
 
     /// Serves exactly one client on stdin/stdout (`-s`); returns when it disconnects.
@@ -95,7 +166,8 @@ public final class NBDServer: Sendable {
             .childChannelOption(.recvAllocator, value: AdaptiveRecvByteBufferAllocator(minimum: 4096, initial: 256 << 10, maximum: 4 << 20))
             .childChannelInitializer { channel in
                 if maxConnections > 0 && registry.count >= maxConnections {
-                    logger.warning("refusing \(channel.remoteAddress.map { "\($0)" } ?? "client"): --max-connections \(maxConnections) reached")
+                    logger.warning("refusing \(channel.remoteAddress.map { "\($0)" } ?? "client"): --max-connections \(maxConnections) reached",
+                                   metadata: ["conn": "\(registry.nextID())"])
                     return channel.close()
                 }
                 let id = registry.add(channel)

@@ -11,6 +11,7 @@
 //   --tls                           replaces tls.policy.
 //   --tls-certificates, --tls-psk   replace the file's credentials, both kinds: a flag's credential
 //                                   is the only one used.
+//   --metrics                       replaces `metrics`.
 //
 // Export flags select an export by -e NAME (default "").
 //   With a device flag (--size, --file or --device): the flags define a whole export named NAME,
@@ -38,6 +39,8 @@ public struct CommandLineOverrides: Sendable, Equatable {
     public var tls: TLSPolicy?
     public var tlsCertificates: String?
     public var tlsPsk: String?
+    /// `--metrics HOST:PORT`.
+    public var metrics: String?
 
     public var exportName: String?
     public var description: String?
@@ -52,12 +55,12 @@ public struct CommandLineOverrides: Sendable, Equatable {
                 handshakeTimeout: Int? = nil, verbose: Bool = false, tls: TLSPolicy? = nil,
                 tlsCertificates: String? = nil, tlsPsk: String? = nil, exportName: String? = nil,
                 description: String? = nil, readOnly: Bool = false, size: UInt64? = nil, file: String? = nil,
-                device: String? = nil, queueSize: Int? = nil) {
+                device: String? = nil, queueSize: Int? = nil, metrics: String? = nil) {
         self.port = port; self.listen = listen; self.unix = unix; self.maxConnections = maxConnections
         self.handshakeTimeout = handshakeTimeout; self.verbose = verbose; self.tls = tls
         self.tlsCertificates = tlsCertificates; self.tlsPsk = tlsPsk; self.exportName = exportName
         self.description = description; self.readOnly = readOnly; self.size = size; self.file = file
-        self.device = device; self.queueSize = queueSize
+        self.device = device; self.queueSize = queueSize; self.metrics = metrics
     }
 
     var hasDeviceFlag: Bool { size != nil || file != nil || device != nil }
@@ -118,6 +121,10 @@ extension VirtNBDConfig {
         }
         if flags.verbose && c.logLevel > .debug { c.logLevel = .debug }
         if let t = flags.tls { c.tls.policy = t }
+        if let m = flags.metrics {
+            let hp = try VirtNBDConfig.hostPort(m, flag: "--metrics", file: file)
+            c.metrics = Listener.tcp(host: hp.host, port: hp.port).description
+        }
         if flags.tlsCertificates != nil || flags.tlsPsk != nil {
             c.tls.certificates = flags.tlsCertificates
             c.tls.psk = flags.tlsPsk
@@ -161,7 +168,8 @@ extension VirtNBDConfig {
         // Validate the result.
         for l in c.listeners {
             if let m = c.metrics, case .success(let hp) = Values.hostPort(m), Values.collide(l, .tcp(host: hp.host, port: hp.port)) {
-                throw fail(.listenerCollision, flags.unix != nil ? "--unix" : "--port", "\(l) collides with metrics (\(m))", "listen on another port")
+                throw fail(.listenerCollision, flags.metrics != nil ? "--metrics" : flags.unix != nil ? "--unix" : "--port", "\(l) collides with metrics (\(m))",
+                           flags.metrics != nil ? "give --metrics its own port, e.g. 127.0.0.1:9100" : "listen on another port")
             }
             if case .unix(let p) = l, p.utf8.count > 107 {
                 throw fail(.badValue, "--unix", "a Unix socket path of \(p.utf8.count) bytes is longer than the 107 the kernel allows", "choose a shorter path")
@@ -185,5 +193,28 @@ extension VirtNBDConfig {
                        "add --tls-certificates DIR (server-cert.pem, server-key.pem) or --tls-psk FILE (psktool format)")
         }
         return c
+    }
+}
+
+extension VirtNBDConfig {
+    /// `host:port` or `[v6]:port` as a flag gives it (`--metrics`), checked like the file's values.
+    public static func hostPort(_ text: String, flag: String, file: String = "command line") throws(ConfigError) -> (host: String, port: Int) {
+        func fail(_ problem: String, _ fix: String) -> ConfigError {
+            ConfigError(.badValue, file: file, line: nil, keyPath: flag, problem: problem, fix: fix)
+        }
+        switch Values.hostPort(text) {
+        case .success(let hp): return hp
+        case .failure(.noPort): throw fail("\(Values.quoted(text)) has no port", "write host:port, e.g. 127.0.0.1:9100")
+        case .failure(.badPort): throw fail("\(Values.quoted(text)) has no valid port", "use a port from 1 to 65535, e.g. 127.0.0.1:9100")
+        case .failure(.unbracketedIPv6): throw fail("\(Values.quoted(text)) is ambiguous", "put IPv6 addresses in brackets, e.g. [::1]:9100")
+        case .failure(.emptyHost): throw fail("\(Values.quoted(text)) has no host", "name the address to bind, e.g. 127.0.0.1:9100")
+        case .failure(.spaces): throw fail("\(Values.quoted(text)) contains spaces", "write host:port, e.g. 127.0.0.1:9100")
+        }
+    }
+
+    /// Where the metrics endpoint listens, parsed from `metrics` (nil: no endpoint).
+    public var metricsEndpoint: (host: String, port: Int)? {
+        guard let m = metrics, case .success(let hp) = Values.hostPort(m) else { return nil }
+        return hp
     }
 }

@@ -2,6 +2,7 @@ import ArgumentParser
 import Dispatch
 import Foundation
 import Logging
+import Metrics
 import NBDProtocol
 import NBDServer
 import NIOCore
@@ -65,7 +66,10 @@ struct Serve: AsyncParsableCommand {
     @Option(name: .long, help: "TLS: off, on (offer STARTTLS) or require (refuse plaintext).") var tls: NBDTLSPolicy = .off
     @Option(name: .long, help: "Directory with ca-cert.pem, server-cert.pem, server-key.pem (as nbdkit/qemu).") var tlsCertificates: String?
     @Option(name: .long, help: "PSK key file in psktool format (identity:hexkey lines).") var tlsPsk: String?
-    @Option(name: .long, help: "YAML config file with listeners, limits, TLS and several exports (see Config/virtnbd.yaml). Flags override it.") var config: String?
+    @Option(name: .long, help: "YAML config file with listeners, limits, TLS and several exports (see Config/virtnbd.yaml). Flags override it. SIGHUP re-reads it.") var config: String?
+    @Option(name: .long, help: ArgumentHelp("Serve Prometheus metrics at http://HOST:PORT/metrics.", valueName: "host:port")) var metrics: String?
+    @Option(name: [.customShort("P"), .long], help: ArgumentHelp("Write the server's pid to FILE once it listens; removed on exit.", valueName: "file")) var pidfile: String?
+    @Flag(name: .long, help: "Shut down gracefully when the parent process exits (Linux PR_SET_PDEATHSIG).") var exitWithParent = false
     @Flag(name: [.short, .long], help: "Debug logging.") var verbose = false
 
     func validate() throws {
@@ -85,6 +89,10 @@ struct Serve: AsyncParsableCommand {
         }
         guard !(stdio && (run != nil || unix != nil)) else { throw ValidationError("--stdio serves stdin/stdout; it cannot be combined with --run or --unix") }
         guard exportName.utf8.count <= 4096 else { throw ValidationError("--export-name is limited to 4096 bytes") }
+        if let m = metrics {
+            do { _ = try VirtNBDConfig.hostPort(m, flag: "--metrics") } catch { throw ValidationError("\(error)") }
+        }
+        if let p = pidfile, p.isEmpty { throw ValidationError("-P/--pidfile needs a file name") }
     }
 
     /// The virtio policy the flags ask for (every export's driver uses it).
@@ -101,14 +109,15 @@ struct Serve: AsyncParsableCommand {
     }
 
     /// One export to open: its name, description, device and read-only flag.
-    struct ExportPlan {
+    struct ExportPlan: Equatable {
         var name: String
         var description: String
         var device: DeviceSpec
         var size: UInt64?
         var file: String?
         var readOnly: Bool
-        var queueSize: Int
+        /// The virtio policy (ring, queues, features, queue size) of this export's driver.
+        var driver: DriverOptions
     }
 
     /// Everything `run` needs, from the flags alone or from `--config` merged with the flags.
@@ -121,6 +130,15 @@ struct Serve: AsyncParsableCommand {
         var tlsCertificates: String?
         var tlsPsk: String?
         var level: Logger.Level
+        /// `host:port` of the metrics endpoint.
+        var metrics: String?
+
+        /// The settings a reload cannot change (they take effect on restart), for a warning.
+        var restartOnly: [String: String] {
+            ["listen": listeners.map(\.description).joined(separator: ", "), "limits.max-connections": "\(maxConnections)",
+             "limits.handshake-timeout": "\(handshakeTimeout)", "tls.policy": tls.rawValue, "tls.certificates": tlsCertificates ?? "-",
+             "tls.psk": tlsPsk ?? "-", "log.level": "\(level)", "metrics": metrics ?? "-"]
+        }
     }
 
     func plan() throws -> Plan {
@@ -128,9 +146,9 @@ struct Serve: AsyncParsableCommand {
             var listeners: [ListenAddress] = [.tcp(host: listen, port: port ?? 10809)]
             if let u = unix { listeners = [.unix(path: u)] }
             return Plan(exports: [ExportPlan(name: exportName, description: description, device: DeviceSpec(device)!, size: size?.bytes,
-                                             file: file, readOnly: readOnly, queueSize: queueSize)],
+                                             file: file, readOnly: readOnly, driver: driverOptions(queueSize: queueSize))],
                         listeners: listeners, maxConnections: maxConnections, handshakeTimeout: handshakeTimeout,
-                        tls: tls, tlsCertificates: tlsCertificates, tlsPsk: tlsPsk, level: verbose ? .debug : .info)
+                        tls: tls, tlsCertificates: tlsCertificates, tlsPsk: tlsPsk, level: verbose ? .debug : .info, metrics: metrics)
         }
         // Only flags that differ from their defaults override the file (see README, "Configuration file").
         let flags = CommandLineOverrides(
@@ -139,11 +157,11 @@ struct Serve: AsyncParsableCommand {
             verbose: verbose, tls: tls == .off ? nil : TLSPolicy(rawValue: tls.rawValue), tlsCertificates: tlsCertificates, tlsPsk: tlsPsk,
             exportName: exportName.isEmpty && size == nil && file == nil && device == "emulator" ? nil : exportName,
             description: description.isEmpty ? nil : description, readOnly: readOnly, size: size?.bytes, file: file,
-            device: device == "emulator" ? nil : device, queueSize: queueSize == 256 ? nil : queueSize)
+            device: device == "emulator" ? nil : device, queueSize: queueSize == 256 ? nil : queueSize, metrics: metrics)
         let cfg = try VirtNBDConfig.load(path: path).merged(with: flags)
         var exports: [ExportPlan] = []
         for e in cfg.exports {
-            var p = ExportPlan(name: e.name, description: e.description, device: .emulator, size: nil, file: nil, readOnly: e.readOnly, queueSize: e.queueSize)
+            var p = ExportPlan(name: e.name, description: e.description, device: .emulator, size: nil, file: nil, readOnly: e.readOnly, driver: driverOptions(queueSize: e.queueSize))
             switch e.device {
             case .simulated: break
             case .ram(let sz): p.size = sz
@@ -162,11 +180,12 @@ struct Serve: AsyncParsableCommand {
         return Plan(exports: exports, listeners: listeners, maxConnections: cfg.limits.maxConnections,
                     handshakeTimeout: cfg.limits.handshakeTimeout, tls: NBDTLSPolicy(rawValue: cfg.serverTLSPolicy.rawValue) ?? .off,
                     tlsCertificates: cfg.tls.certificates, tlsPsk: cfg.tls.psk,
-                    level: Logger.Level(rawValue: cfg.logLevel.rawValue) ?? .info)
+                    level: Logger.Level(rawValue: cfg.logLevel.rawValue) ?? .info, metrics: cfg.metrics)
     }
 
     func run() async throws {
-        let plan: Plan
+        let parentAtStart = getppid()
+        var plan: Plan
         do { plan = try self.plan() } catch {
             FileHandle.standardError.write(Data("virtnbd: \(error)\n".utf8))
             throw ExitCode(1)
@@ -178,93 +197,174 @@ struct Serve: AsyncParsableCommand {
             return h
         }
         let logger = Logger(label: "virtnbd")
+        // Before any export exists: each export makes its metrics through the bootstrapped factory.
+        let registry = plan.metrics != nil ? MetricsBackend.bootstrap() : nil
+        let reloads = (ok: Counter(label: "virtnbd_config_reloads_total", dimensions: [("result", "ok")]),
+                       failed: Counter(label: "virtnbd_config_reloads_total", dimensions: [("result", "error")]))
 
-        var disks: [ServedDisk] = []
-        var exports: [NBDExport] = []
-        for e in plan.exports {
-            do {
-                var elog = logger; elog[metadataKey: "export"] = "\(e.name)"
-                let d = try e.device.open(size: e.size, file: e.file, readOnly: e.readOnly, options: driverOptions(queueSize: e.queueSize), logger: elog)
-                disks.append(d)
-                exports.append(NBDExport(name: e.name, description: e.description, device: d.device, forceReadOnly: e.readOnly))
-            } catch {
-                logger.critical("cannot start the device of export \"\(e.name)\": \(error)")
-                for d in disks { d.shutdown() }
+        // Signals first: from here on SIGINT/SIGTERM drain instead of killing, and SIGHUP reloads.
+        let events = ServerEvents()
+        events.handleSignals(reload: true)
+        if exitWithParent {
+            do { try ParentWatch.start(events: events, parentAtStart: parentAtStart, logger: logger) } catch {
+                logger.critical("\(error)")
                 throw ExitCode(1)
             }
         }
-        let shutdownDisks = { for d in disks { d.shutdown() } }
-        let summary = { disks.map(\.statsSummary).joined(separator: " | ") }
+
+        var exports: ExportSet
+        do { exports = try ExportSet.open(plan.exports, logger: logger) } catch {
+            logger.critical("\(error)")
+            throw ExitCode(1)
+        }
         let group = MultiThreadedEventLoopGroup(numberOfThreads: System.coreCount)
         var limits = ServerLimits()
         do {
             limits.tls = try TLSSettings.load(policy: plan.tls, certificates: plan.tlsCertificates, pskFile: plan.tlsPsk)
         } catch {
             logger.critical("TLS setup failed: \(error)")
-            shutdownDisks()
+            exports.closeAll()
             throw ExitCode(1)
         }
         limits.maxConnections = plan.maxConnections
         limits.handshakeTimeout = .seconds(Int64(plan.handshakeTimeout))
-        let server = NBDServer(exports: exports, group: group, limits: limits, logger: logger)
-        let finish = {
-            shutdownDisks()
-            try? await group.shutdownGracefully()
-        }
-
-        if stdio {
-            logger.info("serving \(disks.map(\.label).joined(separator: ", ")) on stdin/stdout")
-            do { try await server.serveStdio() } catch { logger.error("stdio: \(error)") }
-            await server.shutdown()
-            await finish()
-            logger.info("client gone; \(summary())")
-            return
-        }
-
-        // Where to listen: an inherited socket (systemd), a private socket for --run, or the plan's listeners.
-        var addresses = plan.listeners
+        let server = NBDServer(exports: exports.exports, group: group, limits: limits, logger: logger)
+        var endpoint: MetricsEndpoint?
+        var addresses: [ListenAddress] = []
         var tempDir: String?
-        if let fd = Self.socketActivationFD() {
-            addresses = [.boundSocket(fd: fd)]
-        } else if run != nil && port == nil && unix == nil && config == nil {
-            let dir = FileManager.default.temporaryDirectory.appendingPathComponent("virtnbd-\(getpid())").path
-            try? FileManager.default.createDirectory(atPath: dir, withIntermediateDirectories: true)
-            tempDir = dir
-            addresses = [.unix(path: dir + "/nbd.sock")]
+        var pid: PidFile?
+
+        /// Stops accepting, drains every client, flushes and resets every device.
+        func teardown() async {
+            await server.shutdown()
+            await endpoint?.close()
+            exports.closeAll()
+            try? await group.shutdownGracefully()
+            for a in addresses { if case .unix(let path) = a { unlink(path) } }
+            if let d = tempDir { try? FileManager.default.removeItem(atPath: d) }
+            pid?.remove()
         }
-        for address in addresses {
+
+        if let registry, let m = plan.metrics, let hp = try? VirtNBDConfig.hostPort(m, flag: "metrics") {
             do {
-                try await server.listen(address)
+                endpoint = try await MetricsEndpoint.start(host: hp.host, port: hp.port, group: group, registry: registry,
+                                                           beforeScrape: { for e in server.exports { e.metrics.sample(e.device) } }, logger: logger)
+                logger.info("metrics at http://\(m)/metrics")
             } catch {
-                logger.critical("cannot listen on \(address): \(error); is another server using it?")
-                await server.shutdown()
-                await finish()
+                logger.critical("cannot listen for metrics on \(m): \(error); is another server using it? Choose another --metrics port")
+                await teardown()
                 throw ExitCode(1)
             }
         }
-        let first = addresses[0]
-        let uri = Self.uri(first, exports[0].info.name, tls: plan.tls != .off)
-        for (e, d) in zip(exports, disks) {
-            for a in addresses {
-                logger.info("serving \(d.label) as \(Self.uri(a, e.info.name, tls: plan.tls != .off))",
-                            metadata: ["size": "\(e.info.size)", "read-only": "\(e.readOnly)"])
+
+        if stdio {
+            logger.info("serving \(exports.live.map(\.disk.label).joined(separator: ", ")) on stdin/stdout")
+            Task {
+                do { try await server.serveStdio() } catch { logger.error("stdio: \(error)") }
+                events.post(.clientGone)
+            }
+        } else {
+            // Where to listen: an inherited socket (systemd), a private socket for --run, or the plan's listeners.
+            addresses = plan.listeners
+            if let fd = Self.socketActivationFD() {
+                addresses = [.boundSocket(fd: fd)]
+            } else if run != nil && port == nil && unix == nil && config == nil {
+                let dir = FileManager.default.temporaryDirectory.appendingPathComponent("virtnbd-\(getpid())").path
+                try? FileManager.default.createDirectory(atPath: dir, withIntermediateDirectories: true)
+                tempDir = dir
+                addresses = [.unix(path: dir + "/nbd.sock")]
+            }
+            for address in addresses {
+                do {
+                    try await server.listen(address)
+                } catch {
+                    logger.critical("cannot listen on \(address): \(error); is another server using it?")
+                    await teardown()
+                    throw ExitCode(1)
+                }
+            }
+            for l in exports.live { logServing(l, addresses, tls: plan.tls, logger) }
+        }
+        if let path = pidfile {
+            do { pid = try PidFile.write(path) } catch {
+                logger.critical("\(error)")
+                await teardown()
+                throw ExitCode(1)
+            }
+        }
+        if !stdio, let first = addresses.first {
+            let uri = Self.uri(first, exports.live.first?.export.info.name ?? "", tls: plan.tls != .off)
+            if let cmd = run {
+                Task { events.post(.commandExited(await Self.runCommand(cmd, uri: uri, address: first, logger: logger))) }
+            } else if case .boundSocket = first {} else {
+                FileHandle.standardOutput.write(Data((uri + "\n").utf8))
             }
         }
 
         var status: Int32 = 0
-        if let cmd = run {
-            status = await Self.runCommand(cmd, uri: uri, address: first, logger: logger)
-        } else {
-            if case .boundSocket = first {} else { FileHandle.standardOutput.write(Data((uri + "\n").utf8)) }
-            await Self.waitForTerminationSignal()
-            logger.info("signal received: draining connections")
+        loop: for await event in events.stream {
+            switch event {
+            case .reload:
+                if let summary = await reload(&exports, &plan, server: server, logger: logger) {
+                    reloads.ok.increment()
+                    let new = Set(summary.added + summary.changed)
+                    for l in exports.live where new.contains(l.plan.name) { logServing(l, addresses, tls: plan.tls, logger) }
+                } else if config != nil {
+                    reloads.failed.increment()
+                }
+            case .terminate(let sig):
+                logger.info("\(sig == SIGINT ? "SIGINT" : "SIGTERM") received: draining connections")
+                break loop
+            case .parentExited:
+                logger.info("parent process exited (--exit-with-parent): draining connections")
+                break loop
+            case .commandExited(let s):
+                status = s
+                break loop
+            case .clientGone:
+                logger.info("client gone")
+                break loop
+            }
         }
-        await server.shutdown()
-        await finish()
-        for a in addresses { if case .unix(let path) = a { unlink(path) } }
-        if let d = tempDir { try? FileManager.default.removeItem(atPath: d) }
-        logger.info("stopped; \(summary())")
+        await teardown()
+        logger.info("stopped; \(exports.live.map(\.disk.statsSummary).joined(separator: " | "))")
         if status != 0 { throw ExitCode(status) }
+    }
+
+    private func logServing(_ l: LiveExport, _ addresses: [ListenAddress], tls: NBDTLSPolicy, _ logger: Logger) {
+        for a in addresses {
+            logger.info("serving \(l.disk.label) as \(Self.uri(a, l.export.info.name, tls: tls != .off))",
+                        metadata: ["size": "\(l.export.info.size)", "read-only": "\(l.export.readOnly)"])
+        }
+    }
+
+    /// SIGHUP: re-reads --config (merged with the flags again) and applies its exports. A file that
+    /// does not parse, or an export whose device cannot be opened, leaves everything as it was.
+    /// Returns what changed, or nil when the running configuration stays.
+    private func reload(_ exports: inout ExportSet, _ plan: inout Plan, server: NBDServer, logger: Logger) async -> ReloadSummary? {
+        guard let path = config else {
+            logger.notice("SIGHUP: nothing to reload (virtnbd was started without --config)")
+            return nil
+        }
+        logger.info("SIGHUP: reloading \(path)")
+        let next: Plan
+        do { next = try self.plan() } catch {
+            logger.error("reload failed, the running configuration stays: \(error)")
+            return nil
+        }
+        let before = plan.restartOnly
+        for (key, value) in next.restartOnly.sorted(by: { $0.key < $1.key }) where before[key] != value {
+            logger.warning("reload: \(key) changed from \(before[key] ?? "-") to \(value); that takes effect when virtnbd restarts")
+        }
+        do {
+            let summary = try await exports.reload(to: next.exports, server: server, logger: logger)
+            logger.info("configuration reloaded: \(summary)")
+            plan.exports = next.exports
+            return summary
+        } catch {
+            logger.error("reload failed, the running configuration stays: \(error)")
+            return nil
+        }
     }
 
     /// systemd socket activation (sd_listen_fds(3)): LISTEN_PID is us and LISTEN_FDS ≥ 1 → fd 3.
@@ -312,32 +412,6 @@ struct Serve: AsyncParsableCommand {
             return "\(scheme)+systemd-socket-activation:///\(enc)"
         }
     }
-
-    static func waitForTerminationSignal() async {
-        await withCheckedContinuation { (cont: CheckedContinuation<Void, Never>) in
-            let fired = SignalLatch(cont)
-            for sig in [SIGINT, SIGTERM] {
-                signal(sig, SIG_IGN)
-                let src = DispatchSource.makeSignalSource(signal: sig, queue: .global())
-                src.setEventHandler { fired.fire() }
-                src.resume()
-                SignalLatch.keep(src)
-            }
-        }
-    }
-}
-
-/// Resumes a continuation once, whichever signal comes first.
-final class SignalLatch: @unchecked Sendable {
-    private var cont: CheckedContinuation<Void, Never>?
-    private let lock = NSLock()
-    nonisolated(unsafe) private static var sources: [DispatchSourceSignal] = []
-    init(_ c: CheckedContinuation<Void, Never>) { cont = c }
-    func fire() {
-        lock.lock(); let c = cont; cont = nil; lock.unlock()
-        c?.resume()
-    }
-    static func keep(_ s: DispatchSourceSignal) { sources.append(s) }
 }
 
 extension NBDTLSPolicy: ExpressibleByArgument {}

@@ -470,6 +470,23 @@ final class MergeTests: XCTestCase {
         }
     }
 
+    func testMetricsFlagReplacesTheFileValue() throws {
+        var c = file; c.metrics = "127.0.0.1:9100"
+        XCTAssertEqual(try c.merged(with: .init()).metrics, "127.0.0.1:9100")
+        let m = try c.merged(with: .init(metrics: "[::1]:9200"))
+        XCTAssertEqual(m.metrics, "[::1]:9200")
+        XCTAssertEqual(m.metricsEndpoint?.host, "::1")
+        XCTAssertEqual(m.metricsEndpoint?.port, 9200)
+        XCTAssertNil(file.metricsEndpoint)
+        XCTAssertThrowsError(try file.merged(with: .init(metrics: "9100"))) { e in
+            XCTAssertEqual((e as? ConfigError)?.description, #"virtnbd.yaml: --metrics: "9100" has no port; write host:port, e.g. 127.0.0.1:9100"#)
+        }
+        XCTAssertThrowsError(try file.merged(with: .init(metrics: "127.0.0.1:10809"))) { e in
+            XCTAssertEqual((e as? ConfigError)?.description,
+                           "virtnbd.yaml: --metrics: 0.0.0.0:10809 collides with metrics (127.0.0.1:10809); give --metrics its own port, e.g. 127.0.0.1:9100")
+        }
+    }
+
     func testWithoutConfigFlagsDescribeOneExportAsToday() throws {
         let d = try VirtNBDConfig.fromCommandLine(.init())
         XCTAssertEqual(d, VirtNBDConfig(source: nil, exports: [ExportConfig(name: "", device: .simulated)]))

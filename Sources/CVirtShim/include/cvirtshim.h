@@ -47,4 +47,8 @@ int vshim_pwrite_zeroes(int fd, int64_t off, int64_t len);
 /// The calling thread's I/O lane: which virtqueue its requests go to (0 until set).
 int vshim_lane_get(void);
 void vshim_lane_set(int lane);
+
+/// prctl(PR_SET_PDEATHSIG, sig): the kernel sends `sig` to this process when the thread that
+/// created it exits (prctl is variadic, so Swift cannot call it). Returns 0 or -errno.
+int vshim_set_parent_death_signal(int sig);
 #endif

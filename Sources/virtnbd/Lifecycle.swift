@@ -1,0 +1,104 @@
+// Process lifecycle: signals, --exit-with-parent, --pidfile. Everything that can end or change the
+// running server arrives as one `ServerEvent` on one stream, handled in order by `Serve.run`.
+import CVirtShim
+import Dispatch
+import Foundation
+import Logging
+
+enum ServerEvent: Sendable {
+    /// SIGINT or SIGTERM (also the parent-death signal of --exit-with-parent): drain and exit 0.
+    case terminate(signal: Int32)
+    /// SIGHUP: re-read --config.
+    case reload
+    /// --exit-with-parent without prctl: the parent process went away.
+    case parentExited
+    /// --run: the command exited with this status.
+    case commandExited(Int32)
+    /// --stdio: the one client disconnected.
+    case clientGone
+}
+
+/// The event stream and the signal sources feeding it.
+final class ServerEvents: Sendable {
+    let stream: AsyncStream<ServerEvent>
+    private let continuation: AsyncStream<ServerEvent>.Continuation
+    nonisolated(unsafe) private static var sources: [DispatchSourceSignal] = []
+
+    init() {
+        (stream, continuation) = AsyncStream.makeStream(of: ServerEvent.self, bufferingPolicy: .unbounded)
+    }
+
+    func post(_ e: ServerEvent) { continuation.yield(e) }
+
+    /// Turns SIGINT and SIGTERM (and SIGHUP when `reload`) into events. Their default actions
+    /// (ending the process) are disabled first, so a signal is never lost between the two steps.
+    /// Call once, from the main task.
+    func handleSignals(reload: Bool) {
+        var signals = [SIGINT, SIGTERM]
+        if reload { signals.append(SIGHUP) }
+        for sig in signals {
+            signal(sig, SIG_IGN)
+            let src = DispatchSource.makeSignalSource(signal: sig, queue: .global())
+            src.setEventHandler { [self] in post(sig == SIGHUP ? .reload : .terminate(signal: sig)) }
+            src.resume()
+            Self.sources.append(src)
+        }
+    }
+}
+
+/// Why `--exit-with-parent` cannot be honoured.
+struct ParentWatchError: Error, CustomStringConvertible {
+    let errno: Int32
+    var description: String {
+        "--exit-with-parent: prctl(PR_SET_PDEATHSIG) failed: \(String(cString: strerror(errno))); run virtnbd without --exit-with-parent, or under a supervisor that stops it"
+    }
+}
+
+enum ParentWatch {
+    /// `--exit-with-parent`, like nbdkit's: the kernel sends SIGTERM when the parent exits, which
+    /// `ServerEvents` turns into a graceful shutdown. If the parent is already gone (we were
+    /// re-parented before prctl took effect), posts `.parentExited` at once.
+    static func start(events: ServerEvents, parentAtStart: pid_t, logger: Logger) throws(ParentWatchError) {
+        let rc = vshim_set_parent_death_signal(SIGTERM)
+        guard rc == 0 else { throw ParentWatchError(errno: -rc) }
+        if getppid() != parentAtStart {
+            logger.notice("--exit-with-parent: the parent process (pid \(parentAtStart)) has already exited")
+            events.post(.parentExited)
+        }
+    }
+}
+
+/// `-P/--pidfile`: written once the server listens, removed when it exits.
+struct PidFile {
+    let path: String
+
+    struct WriteError: Error, CustomStringConvertible {
+        let path: String
+        let reason: String
+        var description: String { "cannot write the pid file \(path): \(reason); check that its directory exists and is writable, or drop -P/--pidfile" }
+    }
+
+    /// Writes "PID\n" to a temporary file beside `path`, then renames it: a reader sees the whole file or none.
+    static func write(_ path: String) throws(WriteError) -> PidFile {
+        let tmp = path + ".tmp.\(getpid())"
+        let data = Data("\(getpid())\n".utf8)
+        do {
+            try data.write(to: URL(fileURLWithPath: tmp))
+        } catch {
+            throw WriteError(path: path, reason: "\(error.localizedDescription)")
+        }
+        guard rename(tmp, path) == 0 else {
+            let e = errno
+            unlink(tmp)
+            throw WriteError(path: path, reason: String(cString: strerror(e)))
+        }
+        return PidFile(path: path)
+    }
+
+    /// Removes the file if it still holds our pid (another instance may have taken the path over).
+    func remove() {
+        guard let text = try? String(contentsOfFile: path, encoding: .utf8),
+              text.trimmingCharacters(in: .whitespacesAndNewlines) == "\(getpid())" else { return }
+        unlink(path)
+    }
+}

@@ -1,0 +1,113 @@
+// The exports of the running server: opened at start, changed by SIGHUP (configuration reload).
+// Owned by `Serve.run`'s task; reloads are handled one at a time, in the order the signals came.
+import Logging
+import NBDServer
+
+/// One export being served: the plan it was opened from, its device, and its NBD side.
+struct LiveExport {
+    let plan: Serve.ExportPlan
+    let disk: ServedDisk
+    let export: NBDExport
+
+    /// Opens the export's device.
+    static func open(_ p: Serve.ExportPlan, logger: Logger) throws(ExportOpenError) -> LiveExport {
+        var elog = logger; elog[metadataKey: "export"] = "\(p.name)"
+        let d: ServedDisk
+        do { d = try p.device.open(size: p.size, file: p.file, readOnly: p.readOnly, options: p.driver, logger: elog) }
+        catch { throw ExportOpenError(name: p.name, underlying: "\(error)") }
+        return LiveExport(plan: p, disk: d, export: NBDExport(name: p.name, description: p.description, device: d.device, forceReadOnly: p.readOnly))
+    }
+
+    /// Drains, flushes and resets the device; removes the export's metrics series.
+    func close() {
+        disk.shutdown()
+        export.metrics.destroy()
+    }
+}
+
+struct ExportOpenError: Error, CustomStringConvertible {
+    let name: String
+    let underlying: String
+    var description: String { "cannot start the device of export \"\(name)\": \(underlying)" }
+}
+
+/// What a reload did, for the log.
+struct ReloadSummary: CustomStringConvertible {
+    var added: [String] = [], removed: [String] = [], changed: [String] = [], unchanged = 0
+    /// Changed exports whose new device could not be opened: no longer served.
+    var lost: [String] = []
+
+    var description: String {
+        func list(_ n: [String]) -> String { n.isEmpty ? "none" : n.map { "\"\($0)\"" }.joined(separator: ", ") }
+        var s = "added \(list(added)); removed \(list(removed)); changed \(list(changed)); \(unchanged) unchanged"
+        if !lost.isEmpty { s += "; NOT SERVED (device failed to open): \(list(lost))" }
+        return s
+    }
+}
+
+struct ExportSet {
+    private(set) var live: [LiveExport]
+
+    init(_ live: [LiveExport]) { self.live = live }
+
+    /// Opens every planned export, or none: on a failure the devices already opened are shut down.
+    static func open(_ plans: [Serve.ExportPlan], logger: Logger) throws(ExportOpenError) -> ExportSet {
+        var live: [LiveExport] = []
+        for p in plans {
+            do { live.append(try LiveExport.open(p, logger: logger)) }
+            catch { for l in live { l.close() }; throw error }
+        }
+        return ExportSet(live)
+    }
+
+    var exports: [NBDExport] { live.map(\.export) }
+
+    /// Serves `plans` from now on, touching only exports whose plan differs:
+    /// 1. the devices of new exports are opened; if one fails, nothing changes and the error is thrown;
+    /// 2. the server's catalog is swapped: new exports appear, removed and changed ones disappear;
+    ///    clients of those finish their in-flight requests and are disconnected, then their
+    ///    devices are shut down; clients of unchanged exports are not touched;
+    /// 3. the devices of changed exports are opened again (after the old one is closed, as they
+    ///    may share a file) and appear in the catalog.
+    mutating func reload(to plans: [Serve.ExportPlan], server: NBDServer, logger: Logger) async throws(ExportOpenError) -> ReloadSummary {
+        var summary = ReloadSummary()
+        let old = Dictionary(live.map { ($0.plan.name, $0) }, uniquingKeysWith: { a, _ in a })
+        let newNames = Set(plans.map(\.name))
+        var opened: [String: LiveExport] = [:]
+        for p in plans where old[p.name] == nil {
+            do { opened[p.name] = try LiveExport.open(p, logger: logger) }
+            catch { for o in opened.values { o.close() }; throw error }
+            summary.added.append(p.name)
+        }
+        summary.removed = live.map(\.plan.name).filter { !newNames.contains($0) }
+        let changed = plans.filter { p in old[p.name].map { $0.plan != p } ?? false }
+        summary.changed = changed.map(\.name)
+        summary.unchanged = plans.count - summary.added.count - changed.count
+
+        // Step 2: in the new file's order, without the changed exports for now.
+        let step2 = plans.compactMap { p -> LiveExport? in
+            if let o = old[p.name] { return o.plan == p ? o : nil }
+            return opened[p.name]
+        }
+        let retired = await server.replaceExports(step2.map(\.export))
+        for l in live where retired.contains(where: { $0 === l.export }) { l.close() }
+        live = step2
+
+        // Step 3.
+        guard !changed.isEmpty else { return summary }
+        var reopened: [String: LiveExport] = [:]
+        for p in changed {
+            do { reopened[p.name] = try LiveExport.open(p, logger: logger) }
+            catch {
+                logger.error("\(error); the export is not served until a reload opens it")
+                summary.lost.append(p.name)
+            }
+        }
+        live = plans.compactMap { p in reopened[p.name] ?? live.first { $0.plan.name == p.name } }
+        _ = await server.replaceExports(live.map(\.export))
+        return summary
+    }
+
+    /// Shuts down every device (the server has drained its clients).
+    func closeAll() { for l in live { l.close() } }
+}
