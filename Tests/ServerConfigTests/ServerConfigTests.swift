@@ -516,9 +516,13 @@ final class AllowConfigTests: XCTestCase {
             exports: [{ name: a, device: simulated }]
             """), #"virtnbd.yaml:3: allow[1]: "10.0.0.1/8" has bits set after the prefix; write the network 10.0.0.0/8, or the single host with /32"#)
         XCTAssertEqual(message("""
-            allow: [::1/129]
+            allow:
+              - ::1/129
             exports: [{ name: a, device: simulated }]
-            """), #"virtnbd.yaml:1: allow[0]: "::1/129" has no valid prefix length; after the / write a whole number from 0 to 128"#)
+            """), #"virtnbd.yaml:2: allow[0]: "::1/129" has no valid prefix length; after the / write a whole number from 0 to 128"#)
+        // In a flow list ([…]) YAML needs IPv6 quoted: a leading ":" is not plain text there.
+        XCTAssertEqual(try VirtNBDConfig.parse(#"allow: ["::1/128", 10.0.0.0/8]"# + "\nexports: [{ name: a, device: simulated }]").allow.description,
+                       "::1/128, 10.0.0.0/8")
         XCTAssertEqual(message("""
             allow: [localhost]
             exports: [{ name: a, device: simulated }]
