@@ -37,9 +37,11 @@ let package = Package(
         .target(name: "VhostUser", dependencies: ["Virtio", "CVirtShim", .product(name: "Logging", package: "swift-log")]),
         // The VFIO virtio-pci transport: a virtio-blk PCI device bound to vfio-pci, driven from user space.
         .target(name: "VFIO", dependencies: ["Virtio", "CVirtShim", .product(name: "Logging", package: "swift-log")]),
+        // Client address rules (--allow CIDR). Pure values.
+        .target(name: "AccessControl"),
         // SwiftNIO glue: listeners and per-connection handlers.
         .target(name: "NBDServer", dependencies: [
-            "NBDProtocol", "VirtioBlock",
+            "NBDProtocol", "VirtioBlock", "AccessControl",
             .product(name: "NIOCore", package: "swift-nio"),
             .product(name: "NIOPosix", package: "swift-nio"),
             .product(name: "NIOSSL", package: "swift-nio-ssl"),
@@ -54,9 +56,9 @@ let package = Package(
             .product(name: "Logging", package: "swift-log"),
         ]),
         // The operator's configuration file (YAML) and its merge with command-line flags. Pure values.
-        .target(name: "ServerConfig", dependencies: [.product(name: "Yams", package: "Yams")]),
+        .target(name: "ServerConfig", dependencies: ["AccessControl", .product(name: "Yams", package: "Yams")]),
         .executableTarget(name: "virtnbd", dependencies: [
-            "NBDServer", "NBDProtocol", "NBDClient", "VirtioBlock", "VirtioEmulator", "Virtio", "VhostUser", "VFIO", "ServerConfig", "CVirtShim",
+            "NBDServer", "NBDProtocol", "NBDClient", "VirtioBlock", "VirtioEmulator", "Virtio", "VhostUser", "VFIO", "ServerConfig", "CVirtShim", "AccessControl",
             .product(name: "ArgumentParser", package: "swift-argument-parser"),
             .product(name: "Logging", package: "swift-log"),
             .product(name: "NIOCore", package: "swift-nio"),
@@ -70,7 +72,8 @@ let package = Package(
         .systemLibrary(name: "CNBD", path: "Tests/CNBD", pkgConfig: "libnbd", providers: [.apt(["libnbd-dev"])]),
         .testTarget(name: "NBDProtocolTests", dependencies: ["NBDProtocol"]),
         .testTarget(name: "NBDClientTests", dependencies: ["NBDClient", "NBDProtocol", .product(name: "NIOCore", package: "swift-nio")]),
-        .testTarget(name: "ServerConfigTests", dependencies: ["ServerConfig"]),
+        .testTarget(name: "ServerConfigTests", dependencies: ["ServerConfig", "AccessControl"]),
+        .testTarget(name: "AccessControlTests", dependencies: ["AccessControl"]),
         .testTarget(name: "VirtioTests", dependencies: ["Virtio", "VirtioBlock", "VirtioEmulator", .product(name: "NIOCore", package: "swift-nio"), .product(name: "NIOConcurrencyHelpers", package: "swift-nio")]),
         .testTarget(name: "VhostUserTests", dependencies: ["VhostUser", "VirtioBlock", "Virtio", .product(name: "NIOCore", package: "swift-nio")]),
         .testTarget(name: "IntegrationTests", dependencies: [

@@ -1,4 +1,5 @@
 // Listeners: TCP and Unix sockets, each connection with its own NBDConnectionHandler.
+import AccessControl
 import Logging
 import NBDProtocol
 import NIOCore
@@ -42,6 +43,8 @@ public struct ServerLimits: Sendable {
     public var handshakeTimeout: TimeAmount = .seconds(10)
     /// STARTTLS policy and credentials.
     public var tls: TLSSettings = .off
+    /// TCP peers outside every network are closed before the greeting (empty = everyone may connect).
+    public var allow = AccessList()
     public init() {}
 }
 
@@ -157,6 +160,7 @@ public final class NBDServer: Sendable {
         let registry = self.registry
         let logger = self.logger
         let maxConnections = limits.maxConnections
+        let allow = limits.allow
         let bootstrap = ServerBootstrap(group: group)
             .serverChannelOption(.backlog, value: 256)
             .serverChannelOption(.socketOption(.so_reuseaddr), value: 1)
@@ -165,6 +169,7 @@ public final class NBDServer: Sendable {
             .childChannelOption(.writeBufferWaterMark, value: .init(low: 4 << 20, high: 16 << 20))
             .childChannelOption(.recvAllocator, value: AdaptiveRecvByteBufferAllocator(minimum: 4096, initial: 256 << 10, maximum: 4 << 20))
             .childChannelInitializer { channel in
+                guard allow.admits(channel.remoteAddress, logger: logger) else { return channel.close() }
                 if maxConnections > 0 && registry.count >= maxConnections {
                     logger.warning("refusing \(channel.remoteAddress.map { "\($0)" } ?? "client"): --max-connections \(maxConnections) reached",
                                    metadata: ["conn": "\(registry.nextID())"])

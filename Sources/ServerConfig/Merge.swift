@@ -3,6 +3,7 @@
 // THE RULE (like nbdkit and qemu-nbd: the command line is the last word)
 //
 // Global settings. A flag that is given replaces the file's value; a flag that is absent leaves it.
+//   --allow                         replaces the file's whole `allow` list.
 //   -p/--port, --listen, -U/--unix  any of them replaces the file's whole `listen` list with the one
 //                                   address they describe (-U wins; else --listen (127.0.0.1) and
 //                                   -p (10809) with those defaults).
@@ -28,11 +29,15 @@
 // The merged configuration is validated again (listener/metrics collisions, TLS credentials, the
 // vhost-user queue limit, shared backing files); those errors name the flag as their key path.
 
+import AccessControl
+
 /// The flags of `virtnbd serve`, each nil (or false) when not given on the command line.
 public struct CommandLineOverrides: Sendable, Equatable {
     public var port: Int?
     public var listen: String?
     public var unix: String?
+    /// `--allow` (already parsed, every occurrence); nil when not given.
+    public var allow: AccessList?
     public var maxConnections: Int?
     public var handshakeTimeout: Int?
     public var verbose = false
@@ -55,12 +60,12 @@ public struct CommandLineOverrides: Sendable, Equatable {
                 handshakeTimeout: Int? = nil, verbose: Bool = false, tls: TLSPolicy? = nil,
                 tlsCertificates: String? = nil, tlsPsk: String? = nil, exportName: String? = nil,
                 description: String? = nil, readOnly: Bool = false, size: UInt64? = nil, file: String? = nil,
-                device: String? = nil, queueSize: Int? = nil, metrics: String? = nil) {
+                device: String? = nil, queueSize: Int? = nil, metrics: String? = nil, allow: AccessList? = nil) {
         self.port = port; self.listen = listen; self.unix = unix; self.maxConnections = maxConnections
         self.handshakeTimeout = handshakeTimeout; self.verbose = verbose; self.tls = tls
         self.tlsCertificates = tlsCertificates; self.tlsPsk = tlsPsk; self.exportName = exportName
         self.description = description; self.readOnly = readOnly; self.size = size; self.file = file
-        self.device = device; self.queueSize = queueSize; self.metrics = metrics
+        self.device = device; self.queueSize = queueSize; self.metrics = metrics; self.allow = allow
     }
 
     var hasDeviceFlag: Bool { size != nil || file != nil || device != nil }
@@ -111,6 +116,7 @@ extension VirtNBDConfig {
             guard (1...65535).contains(port) else { throw fail(.badValue, "--port", "\(port) is not a port", "use 1 to 65535") }
             c.listeners = [.tcp(host: host.hasPrefix("[") && host.hasSuffix("]") ? String(host.dropFirst().dropLast()) : host, port: port)]
         }
+        if let a = flags.allow { c.allow = a }
         if let m = flags.maxConnections {
             guard m >= 0 else { throw fail(.badValue, "--max-connections", "\(m) is negative", "use 0 for no limit") }
             c.limits.maxConnections = m

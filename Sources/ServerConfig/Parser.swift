@@ -1,6 +1,7 @@
 // YAML → VirtNBDConfig, with every check located at the line of the offending key or value.
 // Scalars are read as the text the operator wrote (no YAML 1.1 typing: `off` stays "off",
 // `0000:00:05.0` stays a PCI address), then converted by virtnbd's own rules.
+import AccessControl
 import Foundation
 import Yams
 
@@ -33,7 +34,7 @@ extension VirtNBDConfig {
 
 /// The keys each mapping accepts.
 enum Keys {
-    static let root = ["listen", "limits", "log", "metrics", "tls", "exports"]
+    static let root = ["listen", "allow", "limits", "log", "metrics", "tls", "exports"]
     static let limits = ["max-connections", "handshake-timeout"]
     static let log = ["level"]
     static let tls = ["policy", "certificates", "psk"]
@@ -223,6 +224,9 @@ struct ConfigParser {
         if let node = top["listen"] {
             (cfg.listeners, listenerLines) = try listeners(node)
         }
+        if let node = top["allow"] {
+            cfg.allow = try allowList(node)
+        }
         if let node = top["limits"] {
             let t = try table(node, "limits", known: Keys.limits, example: "limits: { max-connections: 16, handshake-timeout: 10 }")
             if let v = t["max-connections"] {
@@ -304,6 +308,29 @@ struct ConfigParser {
             return .unix(path: s)
         }
         return .tcp(host: try hostPort(s, node, path), port: try port(s, node, path))
+    }
+
+    /// `allow: [10.0.0.0/8, ::1/128]` or one network as a single value.
+    func allowList(_ node: Node) throws(ConfigError) -> AccessList {
+        let example = "allow: [127.0.0.0/8, ::1/128]"
+        let items: [Node]
+        switch node {
+        case .sequence(let s): items = Array(s)
+        case .scalar: items = [node]
+        default: throw error(.wrongType, node, "allow", "expected a list of networks, found \(Self.what(node))", "write \(example)")
+        }
+        guard !items.isEmpty else {
+            throw error(.missingValue, node, "allow", "an empty list would refuse every TCP client", "list the networks allowed, e.g. \(example), or leave allow out to allow everyone")
+        }
+        var out: [IPNetwork] = []
+        for (i, item) in items.enumerated() {
+            let path = "allow[\(i)]"
+            let s = try string(item, path, fix: "write a network in CIDR notation, e.g. 10.0.0.0/8 or ::1/128")
+            do { out.append(try IPNetwork(parsing: s)) } catch {
+                throw self.error(.badValue, item, path, error.problem, error.fix)
+            }
+        }
+        return AccessList(out)
     }
 
     private func parsedHostPort(_ s: String, _ node: Node, _ path: String) throws(ConfigError) -> (host: String, port: Int) {

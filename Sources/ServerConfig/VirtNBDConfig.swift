@@ -2,6 +2,8 @@
 // Pure values: nothing here opens a socket or a device. `VirtNBDConfig.load(path:)` reads and
 // validates a YAML file (see Config/virtnbd.yaml); `merged(with:)` applies command-line flags.
 
+import AccessControl
+
 /// STARTTLS policy, as `--tls` (raw values match `NBDProtocol.NBDTLSPolicy`).
 public enum TLSPolicy: String, Sendable, Equatable, CaseIterable, Comparable {
     case off, on, require
@@ -110,6 +112,8 @@ public struct VirtNBDConfig: Sendable, Equatable {
     /// The file this configuration came from (nil when built from flags only); used in messages.
     public var source: String?
     public var listeners: [Listener]
+    /// Client networks allowed to connect over TCP (`allow:`, `--allow`); empty = everyone.
+    public var allow: AccessList
     public var limits: Limits
     public var logLevel: LogLevel
     /// `host:port` for a metrics endpoint; nil = none.
@@ -117,9 +121,10 @@ public struct VirtNBDConfig: Sendable, Equatable {
     public var tls: TLS
     public var exports: [ExportConfig]
 
-    public init(source: String? = nil, listeners: [Listener] = [VirtNBDConfig.defaultListener], limits: Limits = .init(),
-                logLevel: LogLevel = .info, metrics: String? = nil, tls: TLS = .init(), exports: [ExportConfig] = []) {
-        self.source = source; self.listeners = listeners; self.limits = limits; self.logLevel = logLevel
+    public init(source: String? = nil, listeners: [Listener] = [VirtNBDConfig.defaultListener], allow: AccessList = .init(),
+                limits: Limits = .init(), logLevel: LogLevel = .info, metrics: String? = nil, tls: TLS = .init(),
+                exports: [ExportConfig] = []) {
+        self.source = source; self.listeners = listeners; self.allow = allow; self.limits = limits; self.logLevel = logLevel
         self.metrics = metrics; self.tls = tls; self.exports = exports
     }
 

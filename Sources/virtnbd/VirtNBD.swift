@@ -1,3 +1,4 @@
+import AccessControl
 import ArgumentParser
 import Dispatch
 import Foundation
@@ -45,6 +46,7 @@ struct Serve: AsyncParsableCommand {
     @Option(name: [.short, .long], help: "TCP port (default 10809).") var port: Int?
     @Option(name: .long, help: "Address to listen on.") var listen: String = "127.0.0.1"
     @Option(name: [.customShort("U"), .long], help: "Listen on this Unix socket instead of TCP.") var unix: String?
+    @Option(name: .long, help: ArgumentHelp("Only TCP clients in this network may connect (CIDR, e.g. 10.0.0.0/8 or ::1/128; repeatable, or comma-separated). Default: everyone. Unix-socket clients are not filtered.", valueName: "cidr")) var allow: [String] = []
     @Option(name: [.short, .customLong("export-name")], help: "Export name.") var exportName: String = ""
     @Option(name: .long, help: "Export description (shown by nbdinfo --list).") var description: String = ""
     @Flag(name: [.short, .customLong("read-only")], help: "Export read-only.") var readOnly = false
@@ -93,6 +95,13 @@ struct Serve: AsyncParsableCommand {
             do { _ = try VirtNBDConfig.hostPort(m, flag: "--metrics") } catch { throw ValidationError("\(error)") }
         }
         if let p = pidfile, p.isEmpty { throw ValidationError("-P/--pidfile needs a file name") }
+        do { _ = try allowList() } catch { throw ValidationError("--allow: \(error)") }
+    }
+
+    /// `--allow`, every occurrence and comma-separated item; nil when not given.
+    func allowList() throws(IPNetworkError) -> AccessList? {
+        guard !allow.isEmpty else { return nil }
+        return try AccessList(parsing: allow.flatMap { $0.split(separator: ",", omittingEmptySubsequences: false).map(String.init) })
     }
 
     /// The virtio policy the flags ask for (every export's driver uses it).
@@ -124,6 +133,7 @@ struct Serve: AsyncParsableCommand {
     struct Plan {
         var exports: [ExportPlan]
         var listeners: [ListenAddress]
+        var allow: AccessList
         var maxConnections: Int
         var handshakeTimeout: Int
         var tls: NBDTLSPolicy
@@ -147,7 +157,7 @@ struct Serve: AsyncParsableCommand {
             if let u = unix { listeners = [.unix(path: u)] }
             return Plan(exports: [ExportPlan(name: exportName, description: description, device: DeviceSpec(device)!, size: size?.bytes,
                                              file: file, readOnly: readOnly, driver: driverOptions(queueSize: queueSize))],
-                        listeners: listeners, maxConnections: maxConnections, handshakeTimeout: handshakeTimeout,
+                        listeners: listeners, allow: try allowList() ?? AccessList(), maxConnections: maxConnections, handshakeTimeout: handshakeTimeout,
                         tls: tls, tlsCertificates: tlsCertificates, tlsPsk: tlsPsk, level: verbose ? .debug : .info, metrics: metrics)
         }
         // Only flags that differ from their defaults override the file (see README, "Configuration file").
@@ -157,7 +167,7 @@ struct Serve: AsyncParsableCommand {
             verbose: verbose, tls: tls == .off ? nil : TLSPolicy(rawValue: tls.rawValue), tlsCertificates: tlsCertificates, tlsPsk: tlsPsk,
             exportName: exportName.isEmpty && size == nil && file == nil && device == "emulator" ? nil : exportName,
             description: description.isEmpty ? nil : description, readOnly: readOnly, size: size?.bytes, file: file,
-            device: device == "emulator" ? nil : device, queueSize: queueSize == 256 ? nil : queueSize, metrics: metrics)
+            device: device == "emulator" ? nil : device, queueSize: queueSize == 256 ? nil : queueSize, metrics: metrics, allow: try allowList())
         let cfg = try VirtNBDConfig.load(path: path).merged(with: flags)
         var exports: [ExportPlan] = []
         for e in cfg.exports {
@@ -177,7 +187,7 @@ struct Serve: AsyncParsableCommand {
             case .unix(let u): return .unix(path: u)
             }
         }
-        return Plan(exports: exports, listeners: listeners, maxConnections: cfg.limits.maxConnections,
+        return Plan(exports: exports, listeners: listeners, allow: cfg.allow, maxConnections: cfg.limits.maxConnections,
                     handshakeTimeout: cfg.limits.handshakeTimeout, tls: NBDTLSPolicy(rawValue: cfg.serverTLSPolicy.rawValue) ?? .off,
                     tlsCertificates: cfg.tls.certificates, tlsPsk: cfg.tls.psk,
                     level: Logger.Level(rawValue: cfg.logLevel.rawValue) ?? .info, metrics: cfg.metrics)
@@ -227,6 +237,7 @@ struct Serve: AsyncParsableCommand {
             throw ExitCode(1)
         }
         limits.maxConnections = plan.maxConnections
+        limits.allow = plan.allow
         limits.handshakeTimeout = .seconds(Int64(plan.handshakeTimeout))
         let server = NBDServer(exports: exports.exports, group: group, limits: limits, logger: logger)
         var endpoint: MetricsEndpoint?

@@ -1,3 +1,4 @@
+import AccessControl
 import Foundation
 import XCTest
 @testable import ServerConfig
@@ -507,5 +508,61 @@ final class MergeTests: XCTestCase {
             XCTAssertEqual((e as? ConfigError)?.description,
                            "command line: --tls require: require needs TLS credentials; add --tls-certificates DIR (server-cert.pem, server-key.pem) or --tls-psk FILE (psktool format)")
         }
+    }
+}
+
+final class AllowConfigTests: XCTestCase {
+    func testAllowListAndSingleValue() throws {
+        let c = try VirtNBDConfig.parse("""
+            allow:
+              - 10.0.0.0/8
+              - ::1/128
+              - 192.168.1.7
+            exports: [{ name: a, device: simulated }]
+            """)
+        XCTAssertEqual(c.allow.description, "10.0.0.0/8, ::1/128, 192.168.1.7/32")
+        XCTAssertEqual(try VirtNBDConfig.parse("allow: 127.0.0.0/8\nexports: [{ name: a, device: simulated }]").allow.description, "127.0.0.0/8")
+        XCTAssertTrue(try VirtNBDConfig.parse("exports: [{ name: a, device: simulated }]").allow.allowsEveryone, "no allow: everyone")
+    }
+
+    func testBadAllowEntriesNameTheLine() {
+        XCTAssertEqual(message("""
+            allow:
+              - 10.0.0.0/8
+              - 10.0.0.1/8
+            exports: [{ name: a, device: simulated }]
+            """), #"virtnbd.yaml:3: allow[1]: "10.0.0.1/8" has bits set after the prefix; write the network 10.0.0.0/8, or the single host with /32"#)
+        XCTAssertEqual(message("""
+            allow:
+              - ::1/129
+            exports: [{ name: a, device: simulated }]
+            """), #"virtnbd.yaml:2: allow[0]: "::1/129" has no valid prefix length; after the / write a whole number from 0 to 128"#)
+        // In a flow list ([…]) YAML needs IPv6 quoted: a leading ":" is not plain text there.
+        XCTAssertEqual(try VirtNBDConfig.parse(#"allow: ["::1/128", 10.0.0.0/8]"# + "\nexports: [{ name: a, device: simulated }]").allow.description,
+                       "::1/128, 10.0.0.0/8")
+        XCTAssertEqual(message("""
+            allow: [localhost]
+            exports: [{ name: a, device: simulated }]
+            """), #"virtnbd.yaml:1: allow[0]: "localhost" is not an IPv4 or IPv6 address; write e.g. 10.0.0.0/8, 192.168.1.7 or fd00::/8 (no brackets, no port, no host names)"#)
+        XCTAssertEqual(message("""
+            allow: []
+            exports: [{ name: a, device: simulated }]
+            """), "virtnbd.yaml:1: allow: an empty list would refuse every TCP client; list the networks allowed, e.g. allow: [127.0.0.0/8, ::1/128], or leave allow out to allow everyone")
+        XCTAssertEqual(kind("allow: { net: 10.0.0.0/8 }\nexports: [{ name: a, device: simulated }]"), .wrongType)
+        XCTAssertEqual(kind("allow:\nexports: [{ name: a, device: simulated }]"), .missingValue)
+    }
+
+    func testAllowFlagReplacesTheFileList() throws {
+        let file = try VirtNBDConfig.parse("allow: [10.0.0.0/8]\nexports: [{ name: a, device: simulated }]")
+        XCTAssertEqual(try file.merged(with: .init()).allow, file.allow, "no --allow keeps the file's list")
+        let flag = try AccessList(parsing: ["127.0.0.1", "::1/128"])
+        XCTAssertEqual(try file.merged(with: .init(allow: flag)).allow, flag)
+        XCTAssertEqual(try VirtNBDConfig.fromCommandLine(.init(allow: flag)).allow, flag)
+    }
+
+    func testExampleConfigAllowsLoopback() throws {
+        let root = URL(fileURLWithPath: #filePath).deletingLastPathComponent().deletingLastPathComponent().deletingLastPathComponent()
+        let c = try VirtNBDConfig.load(path: root.appendingPathComponent("Config/virtnbd.yaml").path)
+        XCTAssertEqual(c.allow.description, "127.0.0.0/8, ::1/128")
     }
 }

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Read-only exports (-r): reads work, writes/trim/write-zeroes fail (EPERM from
-# the server when the client does not stop them itself), and the backing file
+# the server when the client does not stop them itself, with or without FUA,
+# FAST_ZERO or NO_HOLE), FLUSH succeeds (it writes nothing), and the backing file
 # is unchanged afterwards.
 . "$(dirname "$0")/lib.sh"
 need_cmd qemu-io nbdcopy cmp
@@ -43,6 +44,24 @@ expect_err("server refuses TRIM on a read-only export", lambda: h.trim(4096, 0),
            {errno.EPERM} if h.can_trim() else {errno.EPERM, errno.EINVAL})
 expect_err("server refuses WRITE_ZEROES on a read-only export", lambda: h.zero(4096, 0),
            {errno.EPERM} if h.can_zero() else {errno.EPERM, errno.EINVAL})
+# The same commands with their flags (FUA, FAST_ZERO, NO_HOLE): still EPERM (EINVAL is also
+# acceptable when the flag was not advertised).
+fua = nbd.CMD_FLAG_FUA
+expect_err("server refuses WRITE+FUA on a read-only export", lambda: h.pwrite(b"\xab" * 4096, 0, fua),
+           {errno.EPERM} if h.can_fua() else {errno.EPERM, errno.EINVAL})
+expect_err("server refuses WRITE_ZEROES+FAST_ZERO on a read-only export", lambda: h.zero(4096, 0, nbd.CMD_FLAG_FAST_ZERO),
+           {errno.EPERM} if h.can_fast_zero() else {errno.EPERM, errno.EINVAL})
+expect_err("server refuses WRITE_ZEROES+NO_HOLE on a read-only export", lambda: h.zero(4096, 0, nbd.CMD_FLAG_NO_HOLE),
+           {errno.EPERM} if h.can_zero() else {errno.EPERM, errno.EINVAL})
+# FLUSH writes nothing: the spec asks for EPERM only on writes, trims and zeroes ("Error values"),
+# and nbdkit -r advertises and serves FLUSH. So do we, when advertised.
+if h.can_flush():
+    try:
+        h.flush(); out(True, "FLUSH on a read-only export succeeds (it writes nothing; as nbdkit -r)")
+    except nbd.Error as e:
+        out(False, "FLUSH on a read-only export succeeds (it writes nothing; as nbdkit -r)", e.string)
+else:
+    out(True, "FLUSH not advertised on this read-only export (nothing to check)")
 after = bytes(h.pread(4096, 0))
 out(after == before, "same connection still reads, data unchanged after refused writes")
 h.shutdown()

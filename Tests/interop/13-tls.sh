@@ -38,6 +38,52 @@ except nbd.Error as e:
     print(("ok|" if "TLS" in str(e) or "tls" in str(e) else "fail|") + "plaintext OPT_GO is refused with a TLS error|" + str(e))
 PY
 run_py_checks "$T/plain.py" "nbd://localhost:$port/"
+# On the wire, under --tls require no plaintext option reveals anything: LIST, INFO, GO,
+# STRUCTURED_REPLY, SET/LIST_META_CONTEXT each get exactly NBD_REP_ERR_TLS_REQD (no REP_SERVER
+# name, no REP_INFO size or flags), and EXPORT_NAME, which has no error reply, is hung up on.
+cat >"$T/wire.py" <<'PY'
+import socket, struct, sys
+port = int(sys.argv[1])
+REPLY_MAGIC, IHAVEOPT, TLS_REQD = 0x3e889045565a9, 0x49484156454F5054, 0x80000005
+def out(ok, desc, detail=""):
+    print(("ok|" if ok else "fail|") + desc + ("|" + detail if detail else ""), flush=True)
+def recvn(s, n):
+    b = b""
+    while len(b) < n:
+        c = s.recv(n - len(b))
+        if not c: raise EOFError("closed after %d of %d bytes" % (len(b), n))
+        b += c
+    return b
+def connect():
+    s = socket.create_connection(("127.0.0.1", port), timeout=10)
+    assert recvn(s, 18)[:16] == b"NBDMAGICIHAVEOPT"
+    s.sendall(struct.pack(">I", 3))
+    return s
+def replies(s, opt, data=b""):
+    s.sendall(struct.pack(">QII", IHAVEOPT, opt, len(data)) + data)
+    got = []
+    while True:
+        magic, o, typ, ln = struct.unpack(">QIII", recvn(s, 20))
+        assert magic == REPLY_MAGIC and o == opt, (hex(magic), o)
+        recvn(s, ln); got.append(typ)
+        if typ == 1 or typ & 0x80000000: return got
+go = struct.pack(">I", 0) + struct.pack(">H", 1) + struct.pack(">H", 0)   # default export, ask for INFO_EXPORT
+meta = struct.pack(">I", 0) + struct.pack(">I", 1) + struct.pack(">I", 15) + b"base:allocation"
+s = connect()
+for opt, name, data in ((3, "OPT_LIST", b""), (6, "OPT_INFO", go), (7, "OPT_GO", go), (8, "OPT_STRUCTURED_REPLY", b""),
+                        (9, "OPT_LIST_META_CONTEXT", meta), (10, "OPT_SET_META_CONTEXT", meta)):
+    r = replies(s, opt, data)
+    out(r == [TLS_REQD], "--tls require: plaintext %s gets only NBD_REP_ERR_TLS_REQD" % name, "replies: %s" % [hex(t) for t in r])
+s.close()
+s = connect()
+s.sendall(struct.pack(">QII", IHAVEOPT, 1, 0))   # OPT_EXPORT_NAME ""
+try:
+    b = s.recv(1)
+    out(b == b"", "--tls require: plaintext OPT_EXPORT_NAME is closed without size or flags", "got %r" % b)
+except ConnectionResetError:
+    out(True, "--tls require: plaintext OPT_EXPORT_NAME is closed without size or flags")
+PY
+run_py_checks "$T/wire.py" "$port"
 stop_server
 
 # PSK: psktool's "identity:hexkey" format.
