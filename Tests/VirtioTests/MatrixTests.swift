@@ -44,7 +44,7 @@ final class MatrixTests: XCTestCase {
         for c in Self.cells {
             let (emu, drv, dev) = try makeRig(c)
             try randomWorkload(dev, cell: c, seed: UInt64(c.description.hashValue & 0xFFFF))
-            try wrapIndices(drv, cell: c, requests: 3 * 65536 + 777)
+            try wrapIndices(drv, cell: c, requests: 2 * 65536 + 777)
             // The data is still right after all that.
             try randomWorkload(dev, cell: c, seed: 7)
             XCTAssertEqual(emu.stats.badChains.load(ordering: .relaxed), 0, "\(c)")
