@@ -40,6 +40,10 @@ public final class AllocationMap: Sendable {
             // Index of the first run that ends after `start`.
             var lo = 0, hi = r.count
             while lo < hi { let m = (lo + hi) / 2; if r[m].end <= start { lo = m + 1 } else { hi = m } }
+            // Nothing changes (the common case: writes over data): no array surgery.
+            if state == .data ? (lo == r.count || r[lo].start >= end) : (lo < r.count && r[lo].start <= start && r[lo].end >= end && r[lo].state == state) {
+                return
+            }
             var replacement: [Run] = []
             var i = lo
             // Keep the part of an overlapping run before `start`.
