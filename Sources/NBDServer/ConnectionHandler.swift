@@ -1,10 +1,10 @@
 // One client connection: feeds bytes to the pure handshake and transmission state machines of
 // NBDProtocol and turns requests into BlockDevice calls. Replies go out in completion order.
+import Virtio
 import Logging
 import NBDProtocol
 import NIOCore
 import NIOSSL
-import Synchronization
 import VirtioBlock
 
 final class NBDConnectionHandler: ChannelDuplexHandler {
@@ -495,7 +495,7 @@ struct QuiesceEvent {}
 
 /// Completions posted from the driver's thread for one connection, drained on its event loop.
 final class CompletionMailbox: Sendable {
-    private let items = Mutex<[@Sendable () -> Void]>([])
+    private let items = Locked<[@Sendable () -> Void]>([])
 
     /// Adds an item; returns true if the mailbox was empty (the caller schedules a drain).
     func post(_ item: @escaping @Sendable () -> Void) -> Bool {

@@ -3,9 +3,9 @@
 // What the virtio driver counts itself (kicks, interrupts, errors, virtqueue depth) is read at
 // scrape time by `sample()`, not on the request path. Without a metrics backend bootstrapped
 // (no --metrics) swift-metrics hands out no-op handlers.
+import Virtio
 import Metrics
 import NBDProtocol
-import Synchronization
 import VirtioBlock
 
 public final class ExportMetrics: Sendable {
@@ -78,7 +78,7 @@ public final class ExportMetrics: Sendable {
     private let interrupts: Counter
     private let deviceErrors: Counter
     /// Driver counters at the previous scrape; the Prometheus counters grow by the difference.
-    private let sampled = Mutex<(kicks: Int, interrupts: Int, errors: Int)>((0, 0, 0))
+    private let sampled = Locked<(kicks: Int, interrupts: Int, errors: Int)>((0, 0, 0))
 
     public init(export: String) {
         self.export = export

@@ -1,15 +1,15 @@
 // Listeners: TCP and Unix sockets, each connection with its own NBDConnectionHandler.
+import Virtio
 import AccessControl
 import Logging
 import NBDProtocol
 import NIOCore
 import NIOPosix
-import Synchronization
 import VirtioBlock
 
 /// Tracks live connections so shutdown can drain them.
 final class ConnectionRegistry: Sendable {
-    private let state = Mutex<(next: Int, channels: [Int: Channel])>((0, [:]))
+    private let state = Locked<(next: Int, channels: [Int: Channel])>((0, [:]))
     func add(_ c: Channel) -> Int {
         state.withLock { s in s.next += 1; s.channels[s.next] = c; return s.next }
     }
@@ -59,10 +59,10 @@ final class ExportDirectory: Sendable {
         /// Connection ids in transmission, by export.
         var users: [ObjectIdentifier: Set<Int>] = [:]
     }
-    private let state: Mutex<State>
+    private let state: Locked<State>
 
     init(_ exports: [NBDExport]) {
-        state = Mutex(State(exports: exports, catalog: NBDExportCatalog(exports.map(\.info))))
+        state = Locked(State(exports: exports, catalog: NBDExportCatalog(exports.map(\.info))))
     }
 
     var exports: [NBDExport] { state.withLock { $0.exports } }
@@ -105,7 +105,7 @@ public final class NBDServer: Sendable {
     private let group: EventLoopGroup
     private let logger: Logger
     private let registry = ConnectionRegistry()
-    private let listeners = Mutex<[Channel]>([])
+    private let listeners = Locked<[Channel]>([])
 
     private let limits: ServerLimits
 

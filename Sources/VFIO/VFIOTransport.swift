@@ -9,7 +9,6 @@
 // Register accesses go through MappedBAR (BAR.swift), the only file here with unsafe pointers.
 import Foundation
 import Logging
-import Synchronization
 import Virtio
 import CVirtShim
 #if canImport(Glibc)
@@ -77,7 +76,7 @@ public final class VFIOTransport: VirtioTransport, @unchecked Sendable {
 
     private struct Mapping { let memory: SharedMemory; let iova: UInt64; let size: Int }
     private struct State { var mappings: [Mapping] = []; var closed = false }
-    private let state = Mutex(State())
+    private let state = Locked(State())
 
     /// Takes over the virtio-blk device at `pciAddress` (e.g. "0000:00:05.0" or "00:05.0"), which must
     /// be bound to vfio-pci, maps its registers and routes MSI-X vector 0 to an eventfd.

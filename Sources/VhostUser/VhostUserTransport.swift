@@ -18,7 +18,6 @@
 import CVirtShim
 import Foundation
 import Logging
-import Synchronization
 import Virtio
 #if canImport(Glibc)
 import Glibc
@@ -54,7 +53,7 @@ public final class VhostUserTransport: VirtioTransport, @unchecked Sendable {
         var failure: String?
         var calls: [Int: EventFD] = [:]
     }
-    private let health = Mutex(Health())
+    private let health = Locked(Health())
     private var watch: HangupWatch?
 
     /// Connects to a vhost-user backend and reads what a virtio-blk driver needs before negotiation.

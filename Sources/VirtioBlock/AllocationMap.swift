@@ -1,4 +1,4 @@
-import Synchronization
+import Virtio
 
 /// What the server knows about a range of the export, at 4 KiB granularity. Only ranges the
 /// server itself made or opened as holes/zeroes are recorded; everything else is `.data`.
@@ -25,12 +25,12 @@ public final class AllocationMap: Sendable {
         public var end: UInt64
         public var state: Allocation
     }
-    private let runs: Mutex<[Run]>
+    private let runs: Locked<[Run]>
     public let size: UInt64
 
     public init(size: UInt64, initial: Allocation = .data) {
         self.size = size
-        runs = Mutex(initial == .data || size == 0 ? [] : [Run(start: 0, end: size, state: initial)])
+        runs = Locked(initial == .data || size == 0 ? [] : [Run(start: 0, end: size, state: initial)])
     }
 
     /// Sets [start, end) to `state`, merging with equal neighbours.

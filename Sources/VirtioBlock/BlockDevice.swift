@@ -5,7 +5,6 @@
 // read-modify-written: the edge blocks are read, merged with the new bytes, and written back,
 // all while its blocks are held exclusively in `locks`, so overlapping requests never tear.
 import NIOCore
-import Synchronization
 import Virtio
 
 public final class BlockDevice: Sendable {
@@ -85,7 +84,7 @@ public final class BlockDevice: Sendable {
                 let zero = r.state.readsAsZero
                 if let last = pieces.last, last.2 == zero { pieces[pieces.count - 1].1 = b } else { pieces.append((a, b, zero)) }
             }
-            let parts = Mutex<[Extent?]>(Array(repeating: nil, count: pieces.count))
+            let parts = Locked<[Extent?]>(Array(repeating: nil, count: pieces.count))
             let join = Aggregate(buffer: ByteBuffer(), remaining: pieces.count)
             let finish: @Sendable (BlkError?) -> Void = { err in
                 guard let r = join.finish(err) else { return }
@@ -180,7 +179,7 @@ public final class BlockDevice: Sendable {
         // Read-modify-write: fetch the partially covered edge blocks first.
         let tailLo = hi - Self.block
         let edges = Aggregate(buffer: ByteBuffer(), remaining: (needHead ? 1 : 0) + (needTail ? 1 : 0))
-        let old = Mutex<(head: ByteBuffer?, tail: ByteBuffer?)>((nil, nil))
+        let old = Locked<(head: ByteBuffer?, tail: ByteBuffer?)>((nil, nil))
         let edgeDone: @Sendable (Bool, Result<ByteBuffer, BlkError>) -> Void = { isHead, r in
             var err: BlkError?
             switch r {
@@ -330,8 +329,8 @@ public final class BlockDevice: Sendable {
 /// Joins the pieces of one operation: counts them down, keeps the first error, owns the result buffer.
 final class Aggregate: Sendable {
     private struct S { var buffer: ByteBuffer; var remaining: Int; var error: BlkError? }
-    private let s: Mutex<S>
-    init(buffer: ByteBuffer, remaining: Int) { s = Mutex(S(buffer: buffer, remaining: remaining)) }
+    private let s: Locked<S>
+    init(buffer: ByteBuffer, remaining: Int) { s = Locked(S(buffer: buffer, remaining: remaining)) }
     func withBuffer(_ body: (inout ByteBuffer) -> Void) { s.withLock { body(&$0.buffer) } }
     /// Returns the final result when the last piece finishes, nil before.
     func finish(_ error: BlkError?) -> Result<ByteBuffer, BlkError>? {

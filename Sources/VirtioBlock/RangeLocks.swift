@@ -1,4 +1,4 @@
-import Synchronization
+import Virtio
 
 /// Byte-range locks over 4 KiB blocks, so that overlapping requests in flight never tear each
 /// other: a read-modify-write holds its blocks exclusively from the read until the write is done.
@@ -8,7 +8,7 @@ public final class RangeLocks: Sendable {
     private struct Holder { var token: Int; var lo: UInt64; var hi: UInt64; var exclusive: Bool }
     private struct Waiter { var holder: Holder; var grant: Grant }
     private struct State { var active: [Holder] = []; var waiting: [Waiter] = []; var next = 0 }
-    private let state = Mutex(State())
+    private let state = Locked(State())
 
     public init() {}
 

@@ -119,10 +119,10 @@ public final class VirtioBlkDriver: @unchecked Sendable {
         let tables: DMARegion?
         let tableStride: Int
         let addresses: QueueAddresses
-        let state: Mutex<LaneState>
+        let state: Locked<LaneState>
         init(index: Int, headers: DMARegion, tables: DMARegion?, tableStride: Int, addresses: QueueAddresses, state: sending LaneState) {
             self.index = index; self.headers = headers; self.tables = tables; self.tableStride = tableStride
-            self.addresses = addresses; self.state = Mutex(state)
+            self.addresses = addresses; self.state = Locked(state)
         }
     }
 
@@ -390,6 +390,9 @@ public final class VirtioBlkDriver: @unchecked Sendable {
         var finished: [(Slot, UInt8)] = []
         var lastGeneration = configGeneration
         let timeout = options.requestTimeoutSeconds
+        // The timeout sweep scans every slot of the lane under its lock: once a second is enough
+        // (a request is late after `timeout` seconds, so finding it up to 1 s later is fine).
+        var nextSweep = ContinuousClock.now + .seconds(1)
         while true {
             let interrupt = lane.state.withLock { $0.doorbells.interrupt }
             // With a request timeout, wake once a second to look for requests the device sits on
@@ -414,7 +417,10 @@ public final class VirtioBlkDriver: @unchecked Sendable {
                     }
                 } while lane.state.withLock({ !$0.polled && $0.queue.enableInterrupts() })
             }
-            if timeout > 0 { checkTimeouts(lane, limit: timeout) }
+            if timeout > 0, ContinuousClock.now >= nextSweep {
+                checkTimeouts(lane, limit: timeout)
+                nextSweep = .now + .seconds(1)
+            }
         }
     }
 

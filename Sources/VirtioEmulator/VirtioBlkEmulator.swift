@@ -99,7 +99,7 @@ public final class VirtioBlkEmulator: MMIOBus, @unchecked Sendable {
             self.memory = memory; self.generation = generation; self.configSpace = configSpace; self.capacityBytes = capacityBytes
         }
     }
-    private let regs: Mutex<Registers>
+    private let regs: Locked<Registers>
     /// What the device reports as its size (`setCapacity`); requests beyond it get IOERR.
     private let capacity: Atomic<UInt64>
     private var threads: [Thread] = []
@@ -118,7 +118,7 @@ public final class VirtioBlkEmulator: MMIOBus, @unchecked Sendable {
         kicks = try (0..<n).map { _ in try EventFD() }
         stopFD = try EventFD()
         capacity = Atomic(backend.size)
-        regs = Mutex(Registers(queues: n, memory: nil, generation: 0,
+        regs = Locked(Registers(queues: n, memory: nil, generation: 0,
                                configSpace: Self.makeConfig(capacitySectors: backend.size / 512, queues: n, c: configuration),
                                capacityBytes: backend.size))
         for q in 0..<n {
@@ -156,7 +156,13 @@ public final class VirtioBlkEmulator: MMIOBus, @unchecked Sendable {
 
     #if DEBUG
     /// Installs misbehaviour for recovery tests (debug builds only).
-    public func inject(_ faults: EmulatorFaults) { regs.withLock { $0.faults = faults; $0.requests = 0 } }
+    public func inject(_ faults: EmulatorFaults) {
+        regs.withLock { $0.faults = faults; $0.requests = 0 }
+        faultsArmed.store(!faults.swallow.isEmpty || faults.needsResetAfter != nil, ordering: .releasing)
+    }
+    /// Whether `inject` armed anything: without faults the per-request hook takes no lock (the
+    /// register lock is shared by every queue's thread).
+    private let faultsArmed = Atomic<Bool>(false)
     #endif
 
     /// Config space layout (§5.2.4).
@@ -343,7 +349,8 @@ public final class VirtioBlkEmulator: MMIOBus, @unchecked Sendable {
     }
     private enum FaultAction { case none, swallow, needsReset }
     private func checkFaults() -> FaultAction {
-        regs.withLock { r in
+        guard faultsArmed.load(ordering: .acquiring) else { return .none }
+        return regs.withLock { r in
             r.requests += 1
             if r.faults.swallow.contains(r.requests) { return .swallow }
             if let n = r.faults.needsResetAfter, r.requests > n { r.faults.needsResetAfter = nil; return .needsReset }

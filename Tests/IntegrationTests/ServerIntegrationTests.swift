@@ -2,7 +2,6 @@
 import CNBD
 import Foundation
 import NBDServer
-import Synchronization
 import VirtioBlock
 import VirtioEmulator
 import XCTest

@@ -135,7 +135,7 @@ final class VhostUserTests: XCTestCase {
 
     func blocking<T: Sendable>(_ what: String, seconds: Double = 60, _ start: (@escaping @Sendable (T) -> Void) -> Void) throws -> T {
         let sem = DispatchSemaphore(value: 0)
-        let box = Mutex<T?>(nil)
+        let box = Locked<T?>(nil)
         start { v in box.withLock { $0 = v }; sem.signal() }
         guard sem.wait(timeout: .now() + seconds) == .success else {
             XCTFail("\(what) did not complete within \(seconds) s")
@@ -222,7 +222,7 @@ final class VhostUserTests: XCTestCase {
             // 24 disjoint windows written at once; each write random in place, length and alignment.
             let picked = Array((0..<windows).shuffled(using: &rng).prefix(24))
             let group = DispatchGroup()
-            let failures = Mutex<[String]>([])
+            let failures = Locked<[String]>([])
             for (k, w) in picked.enumerated() {
                 let aligned = k % 3 == 0
                 var len = Int.random(in: 1...(300 << 10), using: &rng)
@@ -282,7 +282,7 @@ final class VhostUserTests: XCTestCase {
     func testBackendKilledMidRunFailsRequestsWithoutHanging() throws {
         let r = try rig()
         defer { r.transport.close(); r.daemon.cleanup() }
-        let outcomes = Mutex<(ok: Int, broken: Int, other: [String])>((0, 0, []))
+        let outcomes = Locked<(ok: Int, broken: Int, other: [String])>((0, 0, []))
         let inFlight = DispatchSemaphore(value: 64)
         let group = DispatchGroup()
         let chunk = 256 << 10
@@ -374,7 +374,7 @@ final class VhostUserTests: XCTestCase {
             print(String(format: "vhost-user throughput: %@ %d MiB in %.3f s = %.1f MB/s (1 MiB requests, depth %d)", label, total >> 20, dt, mbs, depth))
             return mbs
         }
-        let failures = Mutex(0)
+        let failures = Locked(0)
         let dev = r.dev
         let t0 = Date()
         _ = run("write") { off, done in dev.write(offset: UInt64(off), data: data, fua: false) { if case .failure = $0 { failures.withLock { $0 += 1 } }; done() } }
