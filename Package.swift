@@ -74,10 +74,12 @@ let package = Package(
         .testTarget(name: "NBDClientTests", dependencies: ["NBDClient", "NBDProtocol", .product(name: "NIOCore", package: "swift-nio")]),
         .testTarget(name: "ServerConfigTests", dependencies: ["ServerConfig", "AccessControl"]),
         .testTarget(name: "AccessControlTests", dependencies: ["AccessControl"]),
-        .testTarget(name: "VirtioTests", dependencies: ["Virtio", "VirtioBlock", "VirtioEmulator", .product(name: "NIOCore", package: "swift-nio"), .product(name: "NIOConcurrencyHelpers", package: "swift-nio")]),
-        .testTarget(name: "VhostUserTests", dependencies: ["VhostUser", "VirtioBlock", "Virtio", .product(name: "NIOCore", package: "swift-nio")]),
+        // Shared by the test targets (a seeded generator); not a product.
+        .target(name: "TestSupport", path: "Tests/TestSupport"),
+        .testTarget(name: "VirtioTests", dependencies: ["TestSupport", "Virtio", "VirtioBlock", "VirtioEmulator", .product(name: "NIOCore", package: "swift-nio"), .product(name: "NIOConcurrencyHelpers", package: "swift-nio")]),
+        .testTarget(name: "VhostUserTests", dependencies: ["TestSupport", "VhostUser", "VirtioBlock", "Virtio", .product(name: "NIOCore", package: "swift-nio")]),
         .testTarget(name: "IntegrationTests", dependencies: [
-            "CNBD", "NBDServer", "VirtioBlock", "VirtioEmulator",
+            "TestSupport", "CNBD", "NBDServer", "VirtioBlock", "VirtioEmulator",
             .product(name: "NIOPosix", package: "swift-nio"),
         ]),
     ],

@@ -12,7 +12,6 @@ import ServerConfig
 import Virtio
 import VirtioBlock
 
-@main
 struct VirtNBD: AsyncParsableCommand {
     static let configuration = CommandConfiguration(
         commandName: "virtnbd",

@@ -1,4 +1,5 @@
 // The real server (NIO listener + handler + virtio-blk driver + in-process device) driven by libnbd.
+import TestSupport
 import CNBD
 import Foundation
 import NBDServer
@@ -71,7 +72,7 @@ final class ServerIntegrationTests: XCTestCase {
         try await TestServer.with(try await TestServer.ram(size: Self.size)) { s in
             let c = try NBDClient(socket: s.socketPath, export: "disk")
             var model = DiskModel(size: Int(Self.size))
-            var rng = SplitMix64(seed: 1)
+            var rng = SplitMix(seed: 1)
             let cases: [(UInt64, Int)] = [
                 (0, 1), (4095, 1), (4096, 1), (1, 511), (513, 511), (4095, 2), (8191, 4095), (12_345, 4097),
                 (0, 4096), (4096, 4097), (3 << 20 | 1, 100 << 10), (5 << 20 + 4093, 100 << 10 + 7),
@@ -96,7 +97,7 @@ final class ServerIntegrationTests: XCTestCase {
         try await TestServer.with(try await TestServer.ram(size: Self.size)) { s in
             let c = try NBDClient(socket: s.socketPath, export: "disk")
             var model = DiskModel(size: Int(Self.size))
-            var rng = SplitMix64(seed: 2)
+            var rng = SplitMix(seed: 2)
             func randomOp() -> (UInt64, Int) {
                 let len = Int.random(in: 4096...65_536, using: &rng)
                 return (UInt64.random(in: 0...(Self.size - UInt64(len)), using: &rng), len)
@@ -127,7 +128,7 @@ final class ServerIntegrationTests: XCTestCase {
         try await TestServer.with(try await TestServer.ram(size: 1 << 20)) { s in
             let c = try NBDClient(socket: s.socketPath, export: "disk")
             var model = DiskModel(size: 1 << 20)
-            var rng = SplitMix64(seed: 3)
+            var rng = SplitMix(seed: 3)
             var ops: [NBDClient.Op] = []
             for _ in 0..<64 {
                 // All inside a 48 KiB window, so almost every write overlaps several others.
@@ -148,7 +149,7 @@ final class ServerIntegrationTests: XCTestCase {
         try await TestServer.with(try await TestServer.ram(size: 1 << 20)) { s in
             let c = try NBDClient(socket: s.socketPath, export: "disk")
             var model = DiskModel(size: 1 << 20)
-            var rng = SplitMix64(seed: 4)
+            var rng = SplitMix(seed: 4)
             var ops: [NBDClient.Op] = []
             var expected: [Int: [UInt8]] = [:]
             for i in 0..<96 {
@@ -187,7 +188,7 @@ final class ServerIntegrationTests: XCTestCase {
     func testTrimThenRangeIsReadable() async throws {
         try await TestServer.with(try await TestServer.ram(size: 1 << 20)) { s in
             let c = try NBDClient(socket: s.socketPath, export: "disk")
-            let data = SplitMix64(seed: 5).bytesOf(65_536)
+            let data = SplitMix(seed: 5).bytesOf(65_536)
             try c.pwrite(data, at: 0)
             try c.trim(40_000, at: 1000)            // unaligned edges: whole blocks inside may be discarded
             let after = try c.pread(65_536, at: 0)
@@ -209,7 +210,7 @@ final class ServerIntegrationTests: XCTestCase {
         try await TestServer.with(try await TestServer.ram(size: 1 << 20)) { s in
             let c = try NBDClient(socket: s.socketPath, export: "disk")
             var model = DiskModel(size: 1 << 20)
-            var rng = SplitMix64(seed: 6)
+            var rng = SplitMix(seed: 6)
             let fill = rng.bytes(1 << 20)
             try c.pwrite(fill, at: 0)
             model.write(fill, at: 0)
@@ -240,7 +241,7 @@ final class ServerIntegrationTests: XCTestCase {
             let c = try NBDClient(socket: s.socketPath, export: "disk")
             let maxPayload = Int(nbd_get_block_size(c.h, LIBNBD_SIZE_MAXIMUM))
             XCTAssertEqual(maxPayload, 32 << 20)
-            let data = SplitMix64(seed: 11).bytesOf(maxPayload)
+            let data = SplitMix(seed: 11).bytesOf(maxPayload)
             try c.pwrite(data, at: 4097)
             assertBytes(try c.pread(maxPayload, at: 4097), data, "32 MiB read back")
             // Zero 24 MiB from byte 1000 (NO_HOLE): the data just past it survives.
@@ -370,7 +371,7 @@ final class ServerIntegrationTests: XCTestCase {
         try await TestServer.with(try await TestServer.ram(size: 1 << 20)) { s in
             let c = try NBDClient(socket: s.socketPath, export: "disk")
             var model = DiskModel(size: 1 << 20)
-            var rng = SplitMix64(seed: 10)
+            var rng = SplitMix(seed: 10)
             var ops: [NBDClient.Op] = []
             var expected: [Int: [UInt8]] = [:]
             for i in 0..<600 {
@@ -398,7 +399,7 @@ final class ServerIntegrationTests: XCTestCase {
         let fileSize: UInt64 = 1 << 20
         let disk = try TestDisk(backend: try FileBackend(path: path, readOnly: false, createSize: fileSize))
         var model = DiskModel(size: Int(fileSize))
-        var rng = SplitMix64(seed: 7)
+        var rng = SplitMix(seed: 7)
         let server = try await TestServer.start([.init(name: "file", disk: disk)])
         try await TestServer.with(server) { s in
             let c = try NBDClient(socket: s.socketPath, export: "file")
@@ -423,7 +424,7 @@ final class ServerIntegrationTests: XCTestCase {
             let a = try NBDClient(socket: s.socketPath, export: "disk")
             let b = try NBDClient(socket: s.socketPath, export: "disk")
             XCTAssertTrue(try a.flag("can_multi_conn", nbd_can_multi_conn(a.h)))
-            var rng = SplitMix64(seed: 8)
+            var rng = SplitMix(seed: 8)
             for round in 0..<10 {
                 let (w, r) = round % 2 == 0 ? (a, b) : (b, a)
                 let off = UInt64(round) * 7777 + 13
@@ -445,7 +446,7 @@ final class ServerIntegrationTests: XCTestCase {
 
     func testDisconnectAndReconnectKeepsData() async throws {
         try await TestServer.with(try await TestServer.ram(size: 1 << 20)) { s in
-            let d = SplitMix64(seed: 9).bytesOf(10_000)
+            let d = SplitMix(seed: 9).bytesOf(10_000)
             do {
                 let c = try NBDClient(socket: s.socketPath, export: "disk")
                 try c.pwrite(d, at: 12_345)
@@ -458,6 +459,6 @@ final class ServerIntegrationTests: XCTestCase {
     }
 }
 
-extension SplitMix64 {
+extension SplitMix {
     func bytesOf(_ n: Int) -> [UInt8] { var g = self; return g.bytes(n) }
 }

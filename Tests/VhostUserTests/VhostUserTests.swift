@@ -1,5 +1,6 @@
 // The vhost-user front end against a real backend: qemu-storage-daemon's vhost-user-blk export
 // (no root needed) on a sparse temp image. Skipped when qemu-storage-daemon is not installed.
+import TestSupport
 import Foundation
 import Logging
 import NIOCore
@@ -81,18 +82,6 @@ final class StorageDaemon: @unchecked Sendable {
     func cleanup() {
         stop()
         try? FileManager.default.removeItem(atPath: dir)
-    }
-}
-
-/// Deterministic random numbers (seed printed on failure paths).
-struct SplitMix64: RandomNumberGenerator {
-    var state: UInt64
-    mutating func next() -> UInt64 {
-        state &+= 0x9E37_79B9_7F4A_7C15
-        var z = state
-        z = (z ^ (z >> 30)) &* 0xBF58_476D_1CE4_E5B9
-        z = (z ^ (z >> 27)) &* 0x94D0_49BB_1331_11EB
-        return z ^ (z >> 31)
     }
 }
 
@@ -214,7 +203,7 @@ final class VhostUserTests: XCTestCase {
         var stopped = false
         defer { if !stopped { r.driver.shutdown(); r.transport.close() }; r.daemon.cleanup() }
         let seed = UInt64(truncatingIfNeeded: Date().timeIntervalSince1970.bitPattern)
-        var rng = SplitMix64(state: seed)
+        var rng = SplitMix(seed: seed)
         var model = [UInt8](repeating: 0, count: Self.diskSize)
         let window = 1 << 20
         let windows = Self.diskSize / window
@@ -359,7 +348,7 @@ final class VhostUserTests: XCTestCase {
         let r = try rig()
         defer { r.driver.shutdown(); r.transport.close(); r.daemon.cleanup() }
         let total = Self.diskSize, io = 1 << 20, depth = 16
-        var rng = SplitMix64(state: 42)
+        var rng = SplitMix(seed: 42)
         let data = ByteBuffer(bytes: (0..<io).map { _ in UInt8.random(in: 0...255, using: &rng) })
         func run(_ label: String, _ op: (Int, @escaping @Sendable () -> Void) -> Void) -> Double {
             let slots = DispatchSemaphore(value: depth), group = DispatchGroup()
