@@ -306,6 +306,7 @@ final class NBDConnectionHandler: ChannelDuplexHandler {
                 StructuredReply.offsetData(cookie: cookie, offset: o, dataLength: d.readableBytes, done: last, framing: fr, into: &header)
                 context.write(wrapOutboundOut(header), promise: nil)
                 context.write(wrapOutboundOut(d), promise: nil)
+                if last { if batching { needsFlush = true } else { context.flush() }; return }
                 header = context.channel.allocator.buffer(capacity: 32)
             }
         }

@@ -66,6 +66,16 @@ public final class AllocationMap: Sendable {
         }
     }
 
+    /// Whether all of [start, end) is plain data (the common case), without building extents.
+    public func isAllData(_ start: UInt64, _ end: UInt64) -> Bool {
+        runs.withLock { r in
+            if r.isEmpty { return true }
+            var lo = 0, hi = r.count
+            while lo < hi { let m = (lo + hi) / 2; if r[m].end <= start { lo = m + 1 } else { hi = m } }
+            return lo == r.count || r[lo].start >= end
+        }
+    }
+
     /// The extents covering [start, end), in order, with data gaps filled in.
     public func extents(_ start: UInt64, _ end: UInt64) -> [Run] {
         guard start < end else { return [] }

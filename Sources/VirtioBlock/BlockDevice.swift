@@ -76,6 +76,14 @@ public final class BlockDevice: Sendable {
         if length == 0 { return done(.success([])) }
         let end = offset + UInt64(length)
         locks.acquire(Self.down(offset), Self.up(end), exclusive: false) { token in
+            // The common case, all data: one read, no bookkeeping for pieces.
+            if self.allocation.isAllData(Self.down(offset), Self.up(end)) {
+                self.readLocked(offset: offset, length: length, allocator: allocator) { r in
+                    self.locks.release(token)
+                    done(r.map { [.data(offset: offset, $0)] })
+                }
+                return
+            }
             // Coalesce into alternating data / zero pieces clipped to the request.
             var pieces: [(UInt64, UInt64, Bool)] = []
             for r in self.allocation.extents(Self.down(offset), Self.up(end)) {
@@ -115,6 +123,22 @@ public final class BlockDevice: Sendable {
         let lo = Self.down(offset), hi = Self.up(offset + UInt64(length))
         let pagesTotal = Int((hi - lo) / Self.block)
         let per = driver.maxPagesPerRequest
+        if pagesTotal <= per {
+            // One device request (every 4 KiB read): the buffer is made and filled in its
+            // completion and handed on, with no shared join state.
+            driver.submit(.read(sector: lo / 512, pages: pagesTotal)) { r in
+                switch r {
+                case .success(let io):
+                    var buf = allocator.buffer(capacity: length)
+                    buf.moveWriterIndex(to: length)
+                    Self.copyOut(io, pages: pagesTotal, from: lo, range: offset, length, into: &buf)
+                    done(.success(buf))
+                case .failure(let e):
+                    done(.failure(e))
+                }
+            }
+            return
+        }
         let chunks = (pagesTotal + per - 1) / per
         var buf = allocator.buffer(capacity: length)
         buf.moveWriterIndex(to: length)
@@ -126,20 +150,23 @@ public final class BlockDevice: Sendable {
             driver.submit(.read(sector: chunkLo / 512, pages: n)) { r in
                 switch r {
                 case .success(let io):
-                    // Copy the part of each page that the caller asked for.
-                    op.withBuffer { b in
-                        for i in 0..<n {
-                            let pageLo = chunkLo + UInt64(i) * Self.block
-                            let from = max(pageLo, offset), to = min(pageLo + Self.block, offset + UInt64(length))
-                            if from >= to { continue }
-                            io.memory.copyOut(io.offset(ofPage: i) + Int(from - pageLo), count: Int(to - from), into: &b, at: Int(from - offset))
-                        }
-                    }
+                    op.withBuffer { b in Self.copyOut(io, pages: n, from: chunkLo, range: offset, length, into: &b) }
                     if let result = op.finish(nil) { done(result) }
                 case .failure(let e):
                     if let result = op.finish(e) { done(result) }
                 }
             }
+        }
+    }
+
+    /// Copies the part of `pages` device pages, starting at disk offset `chunkLo`, that lies in
+    /// [offset, offset+length) into `buffer`, which holds that range from its index 0.
+    private static func copyOut(_ io: IOPages, pages: Int, from chunkLo: UInt64, range offset: UInt64, _ length: Int, into buffer: inout ByteBuffer) {
+        for i in 0..<pages {
+            let pageLo = chunkLo + UInt64(i) * block
+            let from = max(pageLo, offset), to = min(pageLo + block, offset + UInt64(length))
+            if from >= to { continue }
+            io.memory.copyOut(io.offset(ofPage: i) + Int(from - pageLo), count: Int(to - from), into: &buffer, at: Int(from - offset))
         }
     }
 
