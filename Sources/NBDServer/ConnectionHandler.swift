@@ -198,7 +198,7 @@ final class NBDConnectionHandler: ChannelDuplexHandler {
             guard r.length <= UInt64(export.info.maximumPayload) else { return fail(context, r, session, .inval, "READ longer than the maximum payload") }
             guard inRange else { return fail(context, r, session, .inval, rangeError()) }
             if session.structuredReplies && !r.flags.contains(.df) {
-                start(context, .read, bytes: Int(r.length)) { done in device.readExtents(offset: r.offset, length: Int(r.length), allocator: context.channel.allocator) { done($0) } }
+                start(context, .read, bytes: Int(r.length)) { done in device.readExtents(offset: r.offset, length: Int(r.length), allocator: context.channel.allocator, done) }
                     completion: { this, ctx, result in
                         switch result {
                         case .success(let extents):
@@ -208,7 +208,7 @@ final class NBDConnectionHandler: ChannelDuplexHandler {
                         }
                     }
             } else {
-                start(context, .read, bytes: Int(r.length)) { done in device.read(offset: r.offset, length: Int(r.length), allocator: context.channel.allocator) { done($0) } }
+                start(context, .read, bytes: Int(r.length)) { done in device.read(offset: r.offset, length: Int(r.length), allocator: context.channel.allocator, done) }
                     completion: { this, ctx, result in
                         switch result {
                         case .success(let data):

@@ -230,22 +230,25 @@ public final class BlockDevice: Sendable {
     private func writeBlocks(lo: UInt64, hi: UInt64, data: ByteBuffer, dataOffset: UInt64, head: ByteBuffer?, tail: ByteBuffer?, _ done: @escaping Completion) {
         let pagesTotal = Int((hi - lo) / Self.block)
         let per = driver.maxPagesPerRequest
+        if pagesTotal <= per {
+            // One device request (every write up to the request size): no join object.
+            driver.submit(.write(sector: lo / 512, pages: pagesTotal), fill: { io in
+                Self.fill(io, pages: pagesTotal, from: lo, blocks: lo, hi, data: data, at: dataOffset, head: head, tail: tail)
+            }) { r in
+                // Written, or possibly partly written on failure: either way no longer known zero.
+                self.allocation.set(lo, hi, .data)
+                done(r.map { _ in () })
+            }
+            return
+        }
         let chunks = (pagesTotal + per - 1) / per
         let op = Aggregate(buffer: ByteBuffer(), remaining: chunks)
-        let dataEnd = dataOffset + UInt64(data.readableBytes)
         for c in 0..<chunks {
             let firstPage = c * per
             let n = min(per, pagesTotal - firstPage)
             let chunkLo = lo + UInt64(firstPage) * Self.block
             driver.submit(.write(sector: chunkLo / 512, pages: n), fill: { io in
-                for i in 0..<n {
-                    let pageLo = chunkLo + UInt64(i) * Self.block
-                    let page = io.offset(ofPage: i)
-                    if pageLo == lo, let h = head { io.memory.copyIn(from: h, skip: 0, count: Int(Self.block), to: page) }
-                    if pageLo == hi - Self.block, let t = tail { io.memory.copyIn(from: t, skip: 0, count: Int(Self.block), to: page) }
-                    let from = max(pageLo, dataOffset), to = min(pageLo + Self.block, dataEnd)
-                    if from < to { io.memory.copyIn(from: data, skip: Int(from - dataOffset), count: Int(to - from), to: page + Int(from - pageLo)) }
-                }
+                Self.fill(io, pages: n, from: chunkLo, blocks: lo, hi, data: data, at: dataOffset, head: head, tail: tail)
             }) { r in
                 let err: BlkError? = { if case .failure(let e) = r { return e } else { return nil } }()
                 if let result = op.finish(err) {
@@ -254,6 +257,22 @@ public final class BlockDevice: Sendable {
                     done(result.map { _ in () })
                 }
             }
+        }
+    }
+
+    /// Fills `pages` device pages that hold disk blocks from `chunkLo` on, for a write of blocks
+    /// [lo, hi): the old `head` / `tail` edge blocks first where given, then the bytes of `data`
+    /// (which start at disk offset `dataOffset`) over them.
+    private static func fill(_ io: IOPages, pages: Int, from chunkLo: UInt64, blocks lo: UInt64, _ hi: UInt64,
+                             data: ByteBuffer, at dataOffset: UInt64, head: ByteBuffer?, tail: ByteBuffer?) {
+        let dataEnd = dataOffset + UInt64(data.readableBytes)
+        for i in 0..<pages {
+            let pageLo = chunkLo + UInt64(i) * block
+            let page = io.offset(ofPage: i)
+            if pageLo == lo, let h = head { io.memory.copyIn(from: h, skip: 0, count: Int(block), to: page) }
+            if pageLo == hi - block, let t = tail { io.memory.copyIn(from: t, skip: 0, count: Int(block), to: page) }
+            let from = max(pageLo, dataOffset), to = min(pageLo + block, dataEnd)
+            if from < to { io.memory.copyIn(from: data, skip: Int(from - dataOffset), count: Int(to - from), to: page + Int(from - pageLo)) }
         }
     }
 

@@ -39,6 +39,10 @@ final class DevicePackedQueue: DeviceVirtqueue {
               let d = mem.offset(ofDeviceAddress: descAddr, length: l.descriptorRingBytes),
               let dr = mem.offset(ofDeviceAddress: driverAddr, length: PackedRingLayout.eventSuppressionBytes),
               let dv = mem.offset(ofDeviceAddress: deviceAddr, length: PackedRingLayout.eventSuppressionBytes) else { return nil }
+        // The device event suppression area is written by the device on every notification
+        // change; inside the descriptor ring those stores would flip AVAIL bits and the device
+        // would feed itself forever (see DeviceSplitQueue). Such a queue stays disabled.
+        guard !overlaps(dv, PackedRingLayout.eventSuppressionBytes, d, l.descriptorRingBytes) else { return nil }
         self.mem = mem; self.size = size; desc = d; driverEvent = dr; deviceEvent = dv
         inFlight = [Bool](repeating: false, count: size)
     }

@@ -164,6 +164,11 @@ final class DeviceSplitQueue: DeviceVirtqueue {
               let d = mem.offset(ofDeviceAddress: descAddr, length: l.descriptorTableBytes),
               let a = mem.offset(ofDeviceAddress: driverAddr, length: l.availBytes),
               let u = mem.offset(ofDeviceAddress: deviceAddr, length: l.usedBytes) else { return nil }
+        // The used ring is the one area the device writes; if it overlapped the descriptor table
+        // or the avail ring, the device's own used.idx / used.flags / avail_event stores would
+        // make new buffers appear, and the device thread would feed itself forever (found by the
+        // device fuzz target). The spec does not name this case; such a queue stays disabled.
+        guard !overlaps(u, l.usedBytes, d, l.descriptorTableBytes), !overlaps(u, l.usedBytes, a, l.availBytes) else { return nil }
         self.mem = mem; self.size = size; desc = d; avail = a; used = u
     }
 
@@ -242,3 +247,6 @@ final class DeviceSplitQueue: DeviceVirtqueue {
 
     var hasAvailable: Bool { mem.load16Acquire(avail + 2) != lastAvail }
 }
+
+/// Whether [a, a+alen) and [b, b+blen) share a byte.
+@inline(__always) func overlaps(_ a: Int, _ alen: Int, _ b: Int, _ blen: Int) -> Bool { a < b + blen && b < a + alen }

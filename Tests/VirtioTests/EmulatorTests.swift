@@ -235,6 +235,44 @@ final class EmulatorTests: XCTestCase {
         d.emu.shutdown()
     }
 
+    /// A queue whose device-written area overlaps a driver-written ring area stays disabled: the
+    /// device's own stores would otherwise make new buffers appear forever (the device fuzz target
+    /// found a split ring with avail at 0x6 and used at 0x8 that kept its thread busy).
+    func testOverlappingRingAreasAreRefused() throws {
+        let emu = try VirtioBlkEmulator(backend: try RAMBackend(size: 1 << 20))
+        defer { emu.shutdown() }
+        let arena = try DMAArena(structureBytes: 256 << 10, ioPages: 0)
+        try emu.attachMemory(arena.memory)
+        let base = arena.memory.deviceBase
+        func ready(packed: Bool, size: Int, desc: UInt64, driver: UInt64, device: UInt64) -> Bool {
+            var f: VirtioFeatures = [.version1]
+            if packed { f.insert(.ringPacked) }
+            emu.write32(MMIORegister.status, 0)
+            emu.write32(MMIORegister.status, 3)
+            emu.write32(MMIORegister.driverFeaturesSel, 0); emu.write32(MMIORegister.driverFeatures, UInt32(truncatingIfNeeded: f.rawValue))
+            emu.write32(MMIORegister.driverFeaturesSel, 1); emu.write32(MMIORegister.driverFeatures, UInt32(truncatingIfNeeded: f.rawValue >> 32))
+            emu.write32(MMIORegister.status, 11)
+            emu.write32(MMIORegister.queueSel, 0)
+            emu.write32(MMIORegister.queueNum, UInt32(size))
+            for (r, a) in [(MMIORegister.queueDescLow, base + desc), (MMIORegister.queueDriverLow, base + driver), (MMIORegister.queueDeviceLow, base + device)] {
+                emu.write32(r, UInt32(truncatingIfNeeded: a)); emu.write32(r + 4, UInt32(truncatingIfNeeded: a >> 32))
+            }
+            emu.write32(MMIORegister.queueReady, 1)
+            return emu.read32(MMIORegister.queueReady) == 1
+        }
+        // Split, size 16: desc 256 bytes, avail 38, used 134.
+        XCTAssertTrue(ready(packed: false, size: 16, desc: 0, driver: 256, device: 296), "disjoint areas are accepted")
+        XCTAssertTrue(ready(packed: false, size: 16, desc: 0, driver: 256, device: 256 + 40), "used right after avail is accepted")
+        XCTAssertFalse(ready(packed: false, size: 16, desc: 0, driver: 256, device: 292), "used ring over avail's used_event")
+        XCTAssertFalse(ready(packed: false, size: 16, desc: 0x1000, driver: 6, device: 8), "the fuzzer's placement: used over avail.idx")
+        XCTAssertFalse(ready(packed: false, size: 16, desc: 0, driver: 256, device: 252), "used ring over the descriptor table")
+        XCTAssertTrue(ready(packed: false, size: 16, desc: 0, driver: 0, device: 512), "desc and avail may share (the device only reads both)")
+        // Packed, size 16: descriptor ring 256 bytes, event areas 4 bytes each.
+        XCTAssertTrue(ready(packed: true, size: 16, desc: 0, driver: 256, device: 260), "disjoint packed areas are accepted")
+        XCTAssertFalse(ready(packed: true, size: 16, desc: 0, driver: 256, device: 252), "device event area inside the descriptor ring")
+        XCTAssertTrue(ready(packed: true, size: 16, desc: 0, driver: 128, device: 256), "the driver event area is only read by the device")
+    }
+
     func testFeatureNegotiationRefusesUnofferedFeatures() throws {
         let emu = try VirtioBlkEmulator(backend: try RAMBackend(size: 1 << 20, readOnly: true))
         emu.write32(MMIORegister.status, 3)

@@ -192,11 +192,16 @@ public func fuzzDevice(_ data: UnsafePointer<UInt8>, _ size: Int) -> CInt {
             && mem.offset(ofDeviceAddress: descAddr, length: 16 * qsize) != nil
             && mem.offset(ofDeviceAddress: availAddr, length: 4) != nil
             && mem.offset(ofDeviceAddress: usedAddr, length: 4) != nil
+            // the device-written event area must not lie in the descriptor ring
+            && !(usedAddr < descAddr &+ UInt64(16 * qsize) && descAddr < usedAddr &+ 4)
         : SplitRingLayout.isValidSize(qsize) && qsize <= (which == 3 ? 256 : 32768)
             && descAddr % 16 == 0 && availAddr % 2 == 0 && usedAddr % 4 == 0
             && mem.offset(ofDeviceAddress: descAddr, length: 16 * qsize) != nil
             && mem.offset(ofDeviceAddress: availAddr, length: 6 + 2 * qsize) != nil
             && mem.offset(ofDeviceAddress: usedAddr, length: 6 + 8 * qsize) != nil
+            // the device-written used ring must not overlap the descriptor table or avail ring
+            && !(usedAddr < descAddr &+ UInt64(16 * qsize) && descAddr < usedAddr &+ UInt64(6 + 8 * qsize))
+            && !(usedAddr < availAddr &+ UInt64(6 + 2 * qsize) && availAddr < usedAddr &+ UInt64(6 + 8 * qsize))
     check(ready == expectReady, "queue ready \(ready), expected \(expectReady) (size \(qsize) desc 0x\(String(descAddr, radix: 16)) avail 0x\(String(availAddr, radix: 16)) used 0x\(String(usedAddr, radix: 16)))")
     emu.write32(MMIORegister.status, 15)
     emu.write32(MMIORegister.queueNotify, 0)
