@@ -16,6 +16,11 @@ final class AllocationMapTests: XCTestCase {
                 let state = [Allocation.data, .hole, .zero, .holeZero].randomElement(using: &rng)!
                 map.set(UInt64(lo) * b, UInt64(hi) * b, state)
                 for i in lo..<hi { model[i] = state }
+                // The read fast path's question, for a random range.
+                let qlo = Int.random(in: 0..<blocks, using: &rng)
+                let qhi = Int.random(in: (qlo + 1)...min(blocks, qlo + 8), using: &rng)
+                XCTAssertEqual(map.isAllData(UInt64(qlo) * b, UInt64(qhi) * b), model[qlo..<qhi].allSatisfy { $0 == .data },
+                               "isAllData [\(qlo), \(qhi)) after step \(step), initial \(initial)")
                 if step % 100 == 0 || step == 2999 {
                     var got = [Allocation]()
                     for run in map.extents(0, UInt64(blocks) * b) {
