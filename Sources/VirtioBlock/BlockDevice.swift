@@ -74,44 +74,54 @@ public final class BlockDevice: Sendable {
     public func readExtents(offset: UInt64, length: Int, allocator: ByteBufferAllocator = .init(), _ done: @escaping @Sendable (Result<[Extent], BlkError>) -> Void) {
         if let e = checkRange(offset, UInt64(length)) { return done(.failure(e)) }
         if length == 0 { return done(.success([])) }
+        let lo = Self.down(offset), hi = Self.up(offset + UInt64(length))
+        if let token = locks.tryAcquire(lo, hi, exclusive: false) {
+            readExtentsHeld(token, offset: offset, length: length, allocator: allocator, done)
+        } else {
+            locks.acquire(lo, hi, exclusive: false) { token in
+                self.readExtentsHeld(token, offset: offset, length: length, allocator: allocator, done)
+            }
+        }
+    }
+
+    /// `readExtents` once its range lock (`token`) is held.
+    private func readExtentsHeld(_ token: Int, offset: UInt64, length: Int, allocator: ByteBufferAllocator, _ done: @escaping @Sendable (Result<[Extent], BlkError>) -> Void) {
         let end = offset + UInt64(length)
-        locks.acquire(Self.down(offset), Self.up(end), exclusive: false) { token in
-            // The common case, all data: one read, no bookkeeping for pieces.
-            if self.allocation.isAllData(Self.down(offset), Self.up(end)) {
-                self.readLocked(offset: offset, length: length, allocator: allocator) { r in
-                    self.locks.release(token)
-                    done(r.map { [.data(offset: offset, $0)] })
-                }
-                return
-            }
-            // Coalesce into alternating data / zero pieces clipped to the request.
-            var pieces: [(UInt64, UInt64, Bool)] = []
-            for r in self.allocation.extents(Self.down(offset), Self.up(end)) {
-                let a = max(r.start, offset), b = min(r.end, end)
-                guard a < b else { continue }
-                let zero = r.state.readsAsZero
-                if let last = pieces.last, last.2 == zero { pieces[pieces.count - 1].1 = b } else { pieces.append((a, b, zero)) }
-            }
-            let parts = Locked<[Extent?]>(Array(repeating: nil, count: pieces.count))
-            let join = Aggregate(buffer: ByteBuffer(), remaining: pieces.count)
-            let finish: @Sendable (BlkError?) -> Void = { err in
-                guard let r = join.finish(err) else { return }
+        // The common case, all data: one read, no bookkeeping for pieces.
+        if self.allocation.isAllData(Self.down(offset), Self.up(end)) {
+            self.readLocked(offset: offset, length: length, allocator: allocator) { r in
                 self.locks.release(token)
-                switch r {
-                case .failure(let e): done(.failure(e))
-                case .success: done(.success(parts.withLock { $0.map { $0! } }))
-                }
+                done(r.map { [.data(offset: offset, $0)] })
             }
-            for (i, p) in pieces.enumerated() {
-                if p.2 {
-                    parts.withLock { $0[i] = .zero(offset: p.0, length: p.1 - p.0) }
-                    finish(nil)
-                } else {
-                    self.readLocked(offset: p.0, length: Int(p.1 - p.0), allocator: allocator) { r in
-                        switch r {
-                        case .success(let b): parts.withLock { $0[i] = .data(offset: p.0, b) }; finish(nil)
-                        case .failure(let e): finish(e)
-                        }
+            return
+        }
+        // Coalesce into alternating data / zero pieces clipped to the request.
+        var pieces: [(UInt64, UInt64, Bool)] = []
+        for r in self.allocation.extents(Self.down(offset), Self.up(end)) {
+            let a = max(r.start, offset), b = min(r.end, end)
+            guard a < b else { continue }
+            let zero = r.state.readsAsZero
+            if let last = pieces.last, last.2 == zero { pieces[pieces.count - 1].1 = b } else { pieces.append((a, b, zero)) }
+        }
+        let parts = Locked<[Extent?]>(Array(repeating: nil, count: pieces.count))
+        let join = Aggregate(buffer: ByteBuffer(), remaining: pieces.count)
+        let finish: @Sendable (BlkError?) -> Void = { err in
+            guard let r = join.finish(err) else { return }
+            self.locks.release(token)
+            switch r {
+            case .failure(let e): done(.failure(e))
+            case .success: done(.success(parts.withLock { $0.map { $0! } }))
+            }
+        }
+        for (i, p) in pieces.enumerated() {
+            if p.2 {
+                parts.withLock { $0[i] = .zero(offset: p.0, length: p.1 - p.0) }
+                finish(nil)
+            } else {
+                self.readLocked(offset: p.0, length: Int(p.1 - p.0), allocator: allocator) { r in
+                    switch r {
+                    case .success(let b): parts.withLock { $0[i] = .data(offset: p.0, b) }; finish(nil)
+                    case .failure(let e): finish(e)
                     }
                 }
             }
@@ -179,9 +189,11 @@ public final class BlockDevice: Sendable {
         if let e = checkRange(offset, length) { return done(.failure(e)) }
         if length == 0 { return done(.success(())) }
         let lo = Self.down(offset), hi = Self.up(offset + length)
-        locks.acquire(lo, hi, exclusive: true) { token in
-            self.writeLocked(offset: offset, data: data) { r in
-                self.finishWrite(r, fua: fua, token: token, done)
+        if let token = locks.tryAcquire(lo, hi, exclusive: true) {
+            writeLocked(offset: offset, data: data) { r in self.finishWrite(r, fua: fua, token: token, done) }
+        } else {
+            locks.acquire(lo, hi, exclusive: true) { token in
+                self.writeLocked(offset: offset, data: data) { r in self.finishWrite(r, fua: fua, token: token, done) }
             }
         }
     }

@@ -16,6 +16,19 @@ public final class RangeLocks: Sendable {
         a.lo < b.hi && b.lo < a.hi && (a.exclusive || b.exclusive)
     }
 
+    /// Takes [lo, hi) and returns its token if nothing holds or waits for an overlapping range
+    /// (the common case); nil otherwise, and then the caller queues with `acquire`. Callers use it
+    /// first so that an uncontended request needs no grant closure.
+    public func tryAcquire(_ lo: UInt64, _ hi: UInt64, exclusive: Bool) -> Int? {
+        state.withLock { s in
+            let h = Holder(token: s.next + 1, lo: lo, hi: hi, exclusive: exclusive)
+            guard !s.active.contains(where: { Self.conflicts($0, h) }) && !s.waiting.contains(where: { Self.conflicts($0.holder, h) }) else { return nil }
+            s.next += 1
+            s.active.append(h)
+            return h.token
+        }
+    }
+
     /// Calls `grant` (now, or later from the releasing thread) once [lo, hi) is held.
     public func acquire(_ lo: UInt64, _ hi: UInt64, exclusive: Bool, _ grant: @escaping Grant) {
         let go: Int? = state.withLock { s in
