@@ -46,7 +46,12 @@ public final class RangeLocks: Sendable {
 
     public func release(_ token: Int) {
         let granted: [(Grant, Int)] = state.withLock { s in
-            s.active.removeAll { $0.token == token }
+            // The order of `active` does not matter: swap the holder out instead of shifting.
+            if let i = s.active.firstIndex(where: { $0.token == token }) {
+                s.active.swapAt(i, s.active.count - 1)
+                s.active.removeLast()
+            }
+            if s.waiting.isEmpty { return [] }
             var out: [(Grant, Int)] = []
             var i = 0
             while i < s.waiting.count {
