@@ -21,15 +21,11 @@ public enum StructuredReply {
 
     /// magic, flags, type, cookie, [offset,] payload length (u32, or u64 when extended).
     public static func header(cookie: UInt64, type: UInt16, done: Bool, length: Int, framing: ReplyFraming = .structured, into b: inout ByteBuffer) {
-        b.writeInteger(framing.extended ? NBDMagic.extendedReply : NBDMagic.structuredReply)
-        b.writeInteger(done ? flagDone : 0)
-        b.writeInteger(type)
-        b.writeInteger(cookie)
+        // One writeMultipleIntegers per header (one capacity check, not one per field).
         if framing.extended {
-            b.writeInteger(framing.requestOffset)
-            b.writeInteger(UInt64(length))
+            b.writeMultipleIntegers(NBDMagic.extendedReply, done ? flagDone : 0, type, cookie, framing.requestOffset, UInt64(length))
         } else {
-            b.writeInteger(UInt32(length))
+            b.writeMultipleIntegers(NBDMagic.structuredReply, done ? flagDone : 0, type, cookie, UInt32(length))
         }
     }
 

@@ -124,8 +124,6 @@ public struct TransmissionParser {
 
     /// "Simple reply message": magic, error, cookie.
     public static func simpleReply(cookie: UInt64, error: NBDErrno?, into b: inout ByteBuffer) {
-        b.writeInteger(NBDMagic.simpleReply)
-        b.writeInteger(error?.rawValue ?? 0)
-        b.writeInteger(cookie)
+        b.writeMultipleIntegers(NBDMagic.simpleReply, error?.rawValue ?? 0, cookie)
     }
 }
