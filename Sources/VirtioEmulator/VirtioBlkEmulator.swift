@@ -68,6 +68,12 @@ public final class VirtioBlkEmulator: MMIOBus, @unchecked Sendable {
     public var interrupt: EventFD { interrupts[0] }
     private let interrupts: [EventFD]
     private let kicks: [EventFD]
+    /// Held by queue i's device thread while it works through a batch of that queue. A reset
+    /// takes each one after clearing the registers (a barrier), so once the driver's status-0
+    /// write returns no device thread still touches the old rings: §2.1.2 / §4.2.2.1 — after a
+    /// reset the device must not use the queues any more, or a used entry published late would
+    /// complete a request the driver has already resubmitted.
+    private let processing: [Locked<Void>]
     private let stopFD: EventFD
     private let backend: BlockBackend
     private let config: EmulatorConfiguration
@@ -116,6 +122,7 @@ public final class VirtioBlkEmulator: MMIOBus, @unchecked Sendable {
         offered = f
         interrupts = try (0..<n).map { _ in try EventFD() }
         kicks = try (0..<n).map { _ in try EventFD() }
+        processing = (0..<n).map { _ in Locked(()) }
         stopFD = try EventFD()
         capacity = Atomic(backend.size)
         regs = Locked(Registers(queues: n, memory: nil, generation: 0,
@@ -273,6 +280,10 @@ public final class VirtioBlkEmulator: MMIOBus, @unchecked Sendable {
             default: break
             }
         }
+        if offset == MMIORegister.status && value == 0 {
+            // Reset: wait until no device thread is inside a batch of the old queues.
+            for p in processing { p.withLock { _ in } }
+        }
         if offset == MMIORegister.status { for k in kicks { k.signal() } }   // DRIVER_OK may make work available
     }
 
@@ -300,10 +311,13 @@ public final class VirtioBlkEmulator: MMIOBus, @unchecked Sendable {
             if stop { return }
             kick.drain()
             stats.kicks.add(1, ordering: .relaxed)
+            // The queue is looked up inside the batch lock, so a reset either comes before (the
+            // lookup finds no queue) or waits for the batch to end.
+            processing[index].withLock { _ in
             let (queue, driverOK, features) = regs.withLock { r in
                 (r.live[index], r.status & UInt32(VirtioStatus.driverOK.rawValue) != 0 && r.status & UInt32(VirtioStatus.deviceNeedsReset.rawValue) == 0, VirtioFeatures(rawValue: r.driverFeatures))
             }
-            guard let q = queue, driverOK else { continue }
+            guard let q = queue, driverOK else { return }
             let window = Duration.microseconds(config.pollMicroseconds)
             do {
                 repeat {
@@ -338,6 +352,7 @@ public final class VirtioBlkEmulator: MMIOBus, @unchecked Sendable {
                     for i in r.live.indices { r.live[i] = nil }
                 }
                 raiseInterrupt(queue: nil)
+            }
             }
         }
     }
