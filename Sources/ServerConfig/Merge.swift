@@ -11,7 +11,8 @@
 //   -v                              raises log.level to debug (never lowers it from trace).
 //   --tls                           replaces tls.policy.
 //   --tls-certificates, --tls-psk   replace the file's credentials, both kinds: a flag's credential
-//                                   is the only one used.
+//                                   is the only one used. Without --tls they raise an `off` policy
+//                                   to `on` (credentials on the command line mean "use TLS").
 //   --metrics                       replaces `metrics`.
 //
 // Export flags select an export by -e NAME (default "").
@@ -20,14 +21,19 @@
 //   --device vhost-user:SOCK or vfio:BDF; --device emulator alone: the simulated disk). It replaces the
 //   file's export of that name in place, or is appended after the file's exports. Nothing of the
 //   replaced export is kept.
-//   Without a device flag, with -e NAME: -r, --description and --queue-size modify the file's export
-//   NAME; it is an error if the file has none.
-//   Without a device flag or -e: -r makes every export read-only and --queue-size sets every
-//   export's queue; --description needs -e unless the file has exactly one export.
+//   Without a device flag, with -e NAME: -r, --description, --queue-size and --max-payload modify
+//   the file's export NAME; it is an error if the file has none.
+//   Without a device flag or -e: -r makes every export read-only, --queue-size and --max-payload
+//   set every export's; --description needs -e unless the file has exactly one export.
 //   -r only ever adds read-only: no flag makes a read-only export of the file writable.
 //
-// The merged configuration is validated again (listener/metrics collisions, TLS credentials, the
-// vhost-user queue limit, shared backing files); those errors name the flag as their key path.
+// A flag that is given always wins, whatever its value (`--listen 127.0.0.1`, `--max-connections 0`
+// are not "defaults" to be dropped): every field below is nil unless the flag was on the command
+// line, and the defaults live only in `VirtNBDConfig` / `ExportConfig`.
+//
+// The merged configuration is validated again (listener/metrics collisions, TLS credentials, queue
+// sizes for the ring format, the vhost-user queue limit, shared backing files); those errors name
+// the flag, or the file's key when the value came from the file.
 
 import AccessControl
 
@@ -55,17 +61,23 @@ public struct CommandLineOverrides: Sendable, Equatable {
     /// `--device`: emulator, vhost-user:SOCKET or vfio:PCI-ADDRESS.
     public var device: String?
     public var queueSize: Int?
+    /// `--max-payload` in bytes.
+    public var maxPayload: UInt64?
+    /// `--ring packed`: queue sizes need not be powers of two.
+    public var packedRing = false
 
     public init(port: Int? = nil, listen: String? = nil, unix: String? = nil, maxConnections: Int? = nil,
                 handshakeTimeout: Int? = nil, verbose: Bool = false, tls: TLSPolicy? = nil,
                 tlsCertificates: String? = nil, tlsPsk: String? = nil, exportName: String? = nil,
                 description: String? = nil, readOnly: Bool = false, size: UInt64? = nil, file: String? = nil,
-                device: String? = nil, queueSize: Int? = nil, metrics: String? = nil, allow: AccessList? = nil) {
+                device: String? = nil, queueSize: Int? = nil, metrics: String? = nil, allow: AccessList? = nil,
+                maxPayload: UInt64? = nil, packedRing: Bool = false) {
         self.port = port; self.listen = listen; self.unix = unix; self.maxConnections = maxConnections
         self.handshakeTimeout = handshakeTimeout; self.verbose = verbose; self.tls = tls
         self.tlsCertificates = tlsCertificates; self.tlsPsk = tlsPsk; self.exportName = exportName
         self.description = description; self.readOnly = readOnly; self.size = size; self.file = file
         self.device = device; self.queueSize = queueSize; self.metrics = metrics; self.allow = allow
+        self.maxPayload = maxPayload; self.packedRing = packedRing
     }
 
     var hasDeviceFlag: Bool { size != nil || file != nil || device != nil }
@@ -86,7 +98,8 @@ public struct CommandLineOverrides: Sendable, Equatable {
         else if let s = size { device = .ram(size: s) }
         else { device = .simulated }
         return ExportConfig(name: exportName ?? "", description: description ?? "", device: device,
-                            readOnly: readOnly, queueSize: queueSize ?? ExportConfig.defaultQueueSize)
+                            readOnly: readOnly, queueSize: queueSize ?? ExportConfig.defaultQueueSize,
+                            maxPayload: maxPayload.map { UInt32($0) } ?? ExportConfig.defaultMaxPayload)
     }
 }
 
@@ -134,6 +147,7 @@ extension VirtNBDConfig {
         if flags.tlsCertificates != nil || flags.tlsPsk != nil {
             c.tls.certificates = flags.tlsCertificates
             c.tls.psk = flags.tlsPsk
+            if flags.tls == nil && c.tls.policy == .off { c.tls.policy = .on }
         }
 
         // Exports.
@@ -145,8 +159,14 @@ extension VirtNBDConfig {
                 throw fail(.badValue, "--device", "--size and --file configure the emulator", "drop them, or use --device emulator")
             }
         }
-        if let q = flags.queueSize, !Values.isPowerOfTwoQueueSize(q) {
-            throw fail(.badValue, "--queue-size", "\(q) is not a power of two from 1 to 32768", "use e.g. 256")
+        if let q = flags.queueSize, !(1...32768).contains(q) {
+            throw fail(.badValue, "--queue-size", "\(q) is not from 1 to 32768", "use e.g. 256")
+        }
+        if let sz = flags.size, sz < Values.minimumDiskSize {
+            throw fail(.badValue, "--size", "\(sz) bytes is less than one 4 KiB block", "use at least 4K, e.g. 64M")
+        }
+        if let p = flags.maxPayload, !ExportConfig.maxPayloadRange.contains(p) {
+            throw fail(.badValue, "--max-payload", "\(p) bytes is not from 4K to 1G", "use e.g. 64M (the default)")
         }
         if flags.hasDeviceFlag {
             let e = flags.flagExport()
@@ -160,9 +180,11 @@ extension VirtNBDConfig {
             if let d = flags.description { c.exports[i].description = d }
             if flags.readOnly { c.exports[i].readOnly = true }
             if let q = flags.queueSize { c.exports[i].queueSize = q }
+            if let p = flags.maxPayload { c.exports[i].maxPayload = UInt32(p) }
         } else {
             if flags.readOnly { for i in c.exports.indices { c.exports[i].readOnly = true } }
             if let q = flags.queueSize { for i in c.exports.indices { c.exports[i].queueSize = q } }
+            if let p = flags.maxPayload { for i in c.exports.indices { c.exports[i].maxPayload = UInt32(p) } }
             if let d = flags.description {
                 guard c.exports.count == 1 else {
                     throw fail(.ambiguousFlag, "--description", "the file has \(c.exports.count) exports", "say which one with -e NAME")
@@ -172,16 +194,27 @@ extension VirtNBDConfig {
         }
 
         // Validate the result.
-        for l in c.listeners {
+        let listenersFromFlags = flags.unix != nil || flags.port != nil || flags.listen != nil
+        for (i, l) in c.listeners.enumerated() {
             if let m = c.metrics, case .success(let hp) = Values.hostPort(m), Values.collide(l, .tcp(host: hp.host, port: hp.port)) {
-                throw fail(.listenerCollision, flags.metrics != nil ? "--metrics" : flags.unix != nil ? "--unix" : "--port", "\(l) collides with metrics (\(m))",
-                           flags.metrics != nil ? "give --metrics its own port, e.g. 127.0.0.1:9100" : "listen on another port")
+                let listener = listenersFromFlags ? "the NBD listener -p/--listen (\(l))"
+                    : source != nil && c.listeners != [VirtNBDConfig.defaultListener] ? "listen[\(i)] (\(l))" : "the NBD listener \(l)"
+                if flags.metrics != nil {
+                    throw fail(.listenerCollision, "--metrics", "\(m) collides with \(listener)", "give --metrics its own port, e.g. 127.0.0.1:9100")
+                }
+                throw fail(.listenerCollision, flags.listen != nil && flags.port == nil ? "--listen" : "--port",
+                           "\(l) collides with metrics (\(m))", "choose another port with -p, or move metrics")
             }
             if case .unix(let p) = l, p.utf8.count > 107 {
                 throw fail(.badValue, "--unix", "a Unix socket path of \(p.utf8.count) bytes is longer than the 107 the kernel allows", "choose a shorter path")
             }
         }
         for (i, e) in c.exports.enumerated() {
+            // The flag's value, or the file's for an export it left alone.
+            let queueKey = flags.queueSize == e.queueSize || (flags.hasDeviceFlag && e.name == (flags.exportName ?? "")) ? "--queue-size" : "exports[\(i)].queue-size"
+            if let problem = Values.queueSizeProblem(e.queueSize, packed: flags.packedRing) {
+                throw fail(.badValue, queueKey, "\(e.queueSize) \(problem)", flags.packedRing ? "use e.g. 256" : "use e.g. \(Values.nearestPowerOfTwo(e.queueSize)), or --ring packed, which takes any size from 2 to 32768")
+            }
             if case .vhostUser = e.device, e.queueSize > 1024 {
                 throw fail(.badValue, "--queue-size", "\(e.queueSize) is more than the 1024 a vhost-user ring holds (exports[\(i)] \(Values.quoted(e.name)))", "use 1024 or less")
             }

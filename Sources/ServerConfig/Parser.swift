@@ -38,7 +38,7 @@ enum Keys {
     static let limits = ["max-connections", "handshake-timeout"]
     static let log = ["level"]
     static let tls = ["policy", "certificates", "psk"]
-    static let export = ["name", "description", "device", "size", "path", "socket", "pci", "read-only", "tls", "queue-size"]
+    static let export = ["name", "description", "device", "size", "path", "socket", "pci", "read-only", "tls", "queue-size", "max-payload"]
     static let devices = ["ram", "file", "vhost-user", "vfio", "simulated"]
     /// Device parameters and the devices that take them.
     static let deviceParameters: [String: [String]] = ["size": ["ram", "file"], "path": ["file"], "socket": ["vhost-user"], "pci": ["vfio"]]
@@ -140,9 +140,19 @@ struct ConfigParser {
     }
 
     func size(_ node: Node, _ path: String) throws(ConfigError) -> UInt64 {
-        let fix = "use a number with K, M, G or T (e.g. 64M)"
-        let s = try string(node, path, fix: fix)
-        guard let v = Values.size(s) else { throw error(.badValue, node, path, "\(Values.quoted(s)) is not a size", fix) }
+        let s = try string(node, path, fix: SizeProblem.howTo)
+        switch ByteSizeText.parse(s) {
+        case .success(let v): return v
+        case .failure(let p): throw error(.badValue, node, path, "\(Values.quoted(s)) is not a size (\(p))", SizeProblem.howTo)
+        }
+    }
+
+    /// A disk's size: at least one 4 KiB block (virtnbd serves whole blocks).
+    func diskSize(_ node: Node, _ path: String) throws(ConfigError) -> UInt64 {
+        let v = try size(node, path)
+        guard v >= Values.minimumDiskSize else {
+            throw error(.badValue, node, path, "\(v) bytes is less than one 4 KiB block", "use at least 4K, e.g. 64M")
+        }
         return v
     }
 
@@ -418,10 +428,15 @@ struct ConfigParser {
         if let v = t["read-only"] { e.readOnly = try bool(v, t.path("read-only")) }
         if let v = t["tls"] { e.tls = TLSPolicy(rawValue: try oneOf(v, t.path("tls"), TLSPolicy.allCases.map(\.rawValue)))!; lines.tls = v.mark?.line }
         if let v = t["queue-size"] {
-            let fix = "use a power of two from 1 to 32768, e.g. 256"
-            let n = try int(v, t.path("queue-size"), 1...32768, fix: fix)
-            guard Values.isPowerOfTwoQueueSize(n) else { throw error(.badValue, v, t.path("queue-size"), "\(n) is not a power of two", fix) }
-            e.queueSize = n
+            // A power of two for split rings (the default), checked with the ring format in `merged(with:)`.
+            e.queueSize = try int(v, t.path("queue-size"), 1...32768, fix: "use a power of two from 1 to 32768, e.g. 256 (with --ring packed any size from 2)")
+        }
+        if let v = t["max-payload"] {
+            let n = try size(v, t.path("max-payload"))
+            guard ExportConfig.maxPayloadRange.contains(n) else {
+                throw error(.badValue, v, t.path("max-payload"), "\(n) bytes is not from 4K to 1G", "use e.g. 64M (the default)")
+            }
+            e.maxPayload = UInt32(n)
         }
 
         guard let deviceNode = t["device"] else {
@@ -443,10 +458,10 @@ struct ConfigParser {
         }
         switch kind {
         case "ram":
-            e.device = .ram(size: try size(try required("size", "64M"), t.path("size")))
+            e.device = .ram(size: try diskSize(try required("size", "64M"), t.path("size")))
         case "file":
             let p = try required("path", "/var/lib/virtnbd/disk.img")
-            e.device = .file(path: try filePath(p, t.path("path"), example: "/var/lib/virtnbd/disk.img"), size: try t["size"].map { (v) throws(ConfigError) in try size(v, t.path("size")) })
+            e.device = .file(path: try filePath(p, t.path("path"), example: "/var/lib/virtnbd/disk.img"), size: try t["size"].map { (v) throws(ConfigError) in try diskSize(v, t.path("size")) })
             lines.device = p.mark?.line
         case "vhost-user":
             let s = try required("socket", "/run/qsd/vhost-blk.sock")

@@ -1,19 +1,54 @@
 // Parsing and comparing single values. Shared by the file parser and the flag merge.
 
-enum Values {
-    /// 512, 64K, 64M, 1G, 2T, optionally followed by B (binary units), as `--size`.
-    static func size(_ text: String) -> UInt64? {
-        var s = Substring(text.uppercased())
+/// Why a text is not a size, for `--size`, `--max-payload` and the file's `size:`.
+public enum SizeProblem: Error, Sendable, Equatable, CustomStringConvertible {
+    case empty, negative, fraction, zero, overflow
+    case unit(String)
+
+    /// What a size looks like, the fix every message ends with.
+    public static let howTo = "use a whole number with K, M, G or T (binary units; KiB, MiB, GiB, TiB and KB… mean the same), e.g. 64M"
+
+    public var description: String {
+        switch self {
+        case .empty: return "no number"
+        case .negative: return "a size cannot be negative"
+        case .fraction: return "sizes are whole numbers, e.g. 1536K rather than 1.5M"
+        case .zero: return "a size must be more than 0"
+        case .overflow: return "larger than 16 EiB"
+        case .unit(let u): return "\"\(u)\" is not a unit"
+        }
+    }
+}
+
+/// Sizes as the command line and the configuration file write them.
+public enum ByteSizeText {
+    /// 512, 64K, 64M, 1G, 2T, optionally followed by B or iB (binary units either way).
+    public static func parse(_ text: String) -> Result<UInt64, SizeProblem> {
+        var s = Substring(text)
         while s.first == " " { s.removeFirst() }
         while s.last == " " { s.removeLast() }
-        let units: [Character: UInt64] = ["K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40]
-        var mult: UInt64 = 1
-        if let last = s.last, let m = units[last] { mult = m; s = s.dropLast() }
-        else if s.hasSuffix("B"), let u = s.dropLast().last, let m = units[u] { mult = m; s = s.dropLast(2) }
-        guard !s.isEmpty, s.allSatisfy({ $0.isASCII && $0.isNumber }), let n = UInt64(s) else { return nil }
+        if s.hasPrefix("-") { return .failure(.negative) }
+        let digits = s.prefix { $0.isASCII && $0.isNumber }
+        let written = s.dropFirst(digits.count)
+        if written.hasPrefix(".") || written.hasPrefix(",") { return .failure(.fraction) }
+        guard !digits.isEmpty else { return .failure(.empty) }
+        let units: [String: UInt64] = ["": 1, "B": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40]
+        var unit = written.uppercased()
+        if unit.count == 3, unit.hasSuffix("IB") { unit.removeLast(2) } else if unit.count == 2, unit.hasSuffix("B") { unit.removeLast() }
+        guard let mult = units[unit], unit != "B" || written.count == 1 else { return .failure(.unit(String(written))) }
+        guard let n = UInt64(digits) else { return .failure(.overflow) }
         let (v, overflow) = n.multipliedReportingOverflow(by: mult)
-        guard !overflow, v > 0 else { return nil }
-        return v
+        if overflow { return .failure(.overflow) }
+        if v == 0 { return .failure(.zero) }
+        return .success(v)
+    }
+}
+
+enum Values {
+    /// A size as `--size` takes it; nil when it is not one (see `ByteSizeText`).
+    static func size(_ text: String) -> UInt64? {
+        if case .success(let v) = ByteSizeText.parse(text) { return v }
+        return nil
     }
 
     enum HostPortProblem: Error { case noPort, badPort, unbracketedIPv6, emptyHost, spaces }
@@ -54,7 +89,24 @@ enum Values {
         return full
     }
 
+    /// The smallest disk virtnbd serves: one 4 KiB block (sizes are rounded down to whole blocks).
+    static let minimumDiskSize: UInt64 = 4096
+
     static func isPowerOfTwoQueueSize(_ n: Int) -> Bool { n > 0 && n <= 32768 && n & (n - 1) == 0 }
+
+    /// Why a virtqueue cannot have `n` entries: split rings (the default) need a power of two
+    /// from 1 to 32768, packed rings any size from 2 to 32768 (as `DriverOptions.validate`).
+    static func queueSizeProblem(_ n: Int, packed: Bool) -> String? {
+        if packed { return (2...32768).contains(n) ? nil : "is not from 2 to 32768 (a packed ring's sizes)" }
+        return isPowerOfTwoQueueSize(n) ? nil : "is not a power of two from 1 to 32768, which a split ring (the default) needs"
+    }
+
+    /// The power of two nearest `n` within 1...32768 (for a suggestion).
+    static func nearestPowerOfTwo(_ n: Int) -> Int {
+        var p = 1
+        while p < 32768 && p * 2 <= max(n, 1) { p *= 2 }
+        return p < 32768 && n - p > p * 2 - n ? p * 2 : p
+    }
 
     /// Collapses `//` and `/./` so two spellings of one socket path compare equal.
     static func normalisePath(_ p: String) -> String {

@@ -75,13 +75,19 @@ public struct ExportConfig: Sendable, Equatable {
     /// Overrides the server's TLS policy for this export; nil = `tls.policy`.
     public var tls: TLSPolicy?
     public var queueSize: Int
+    /// The largest READ or WRITE payload a client may send (NBD_INFO_BLOCK_SIZE's maximum).
+    public var maxPayload: UInt32
 
     public static let defaultQueueSize = 256
+    public static let defaultMaxPayload: UInt32 = 64 << 20
+    /// `max-payload` / `--max-payload`: 4 KiB to 1 GiB.
+    public static let maxPayloadRange: ClosedRange<UInt64> = 4096...(1 << 30)
 
     public init(name: String, description: String = "", device: Device, readOnly: Bool = false,
-                tls: TLSPolicy? = nil, queueSize: Int = ExportConfig.defaultQueueSize) {
+                tls: TLSPolicy? = nil, queueSize: Int = ExportConfig.defaultQueueSize,
+                maxPayload: UInt32 = ExportConfig.defaultMaxPayload) {
         self.name = name; self.description = description; self.device = device
-        self.readOnly = readOnly; self.tls = tls; self.queueSize = queueSize
+        self.readOnly = readOnly; self.tls = tls; self.queueSize = queueSize; self.maxPayload = maxPayload
     }
 }
 

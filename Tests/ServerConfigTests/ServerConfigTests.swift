@@ -152,13 +152,16 @@ final class ConfigErrorTests: XCTestCase {
               - name: b
                 device: ram
                 size: 64Q
-            """), #"virtnbd.yaml:7: exports[1].size: "64Q" is not a size; use a number with K, M, G or T (e.g. 64M)"#)
+            """), #"virtnbd.yaml:7: exports[1].size: "64Q" is not a size ("Q" is not a unit); use a whole number with K, M, G or T (binary units; KiB, MiB, GiB, TiB and KB… mean the same), e.g. 64M"#)
         XCTAssertEqual(message("exports: [{ name: a, device: ram, size: 0 }]"),
-                       #"virtnbd.yaml:1: exports[0].size: "0" is not a size; use a number with K, M, G or T (e.g. 64M)"#)
+                       #"virtnbd.yaml:1: exports[0].size: "0" is not a size (a size must be more than 0); use a whole number with K, M, G or T (binary units; KiB, MiB, GiB, TiB and KB… mean the same), e.g. 64M"#)
         XCTAssertEqual(message("exports: [{ name: a, device: ram, size: 99999999T }]"),
-                       #"virtnbd.yaml:1: exports[0].size: "99999999T" is not a size; use a number with K, M, G or T (e.g. 64M)"#)
+                       #"virtnbd.yaml:1: exports[0].size: "99999999T" is not a size (larger than 16 EiB); use a whole number with K, M, G or T (binary units; KiB, MiB, GiB, TiB and KB… mean the same), e.g. 64M"#)
         XCTAssertEqual(message("exports: [{ name: a, device: file, path: /a, size: 1.5G }]"),
-                       #"virtnbd.yaml:1: exports[0].size: "1.5G" is not a size; use a number with K, M, G or T (e.g. 64M)"#)
+                       #"virtnbd.yaml:1: exports[0].size: "1.5G" is not a size (sizes are whole numbers, e.g. 1536K rather than 1.5M); use a whole number with K, M, G or T (binary units; KiB, MiB, GiB, TiB and KB… mean the same), e.g. 64M"#)
+        XCTAssertEqual(message("exports: [{ name: a, device: ram, size: 1K }]"),
+                       "virtnbd.yaml:1: exports[0].size: 1024 bytes is less than one 4 KiB block; use at least 4K, e.g. 64M")
+        XCTAssertEqual(try VirtNBDConfig.parse("exports: [{ name: a, device: ram, size: 64MiB }]").exports[0].device, .ram(size: 64 << 20))
     }
 
     func testUnknownKeysWithHints() {
@@ -316,12 +319,20 @@ final class ConfigErrorTests: XCTestCase {
                 device: simulated
                 read-only: yes
             """), #"virtnbd.yaml:4: exports[0].read-only: "yes" is not true or false; write true or false"#)
-        XCTAssertEqual(message("""
+        // A queue size that is not a power of two is a split ring's problem only: checked with the ring in merged(with:).
+        let odd = try! VirtNBDConfig.parse("""
             exports:
               - name: a
                 device: simulated
                 queue-size: 100
-            """), "virtnbd.yaml:4: exports[0].queue-size: 100 is not a power of two; use a power of two from 1 to 32768, e.g. 256")
+            """)
+        XCTAssertThrowsError(try odd.merged(with: .init())) { e in
+            XCTAssertEqual((e as? ConfigError)?.description,
+                           "virtnbd.yaml: exports[0].queue-size: 100 is not a power of two from 1 to 32768, which a split ring (the default) needs; use e.g. 128, or --ring packed, which takes any size from 2 to 32768")
+        }
+        XCTAssertEqual(try odd.merged(with: .init(packedRing: true)).exports[0].queueSize, 100)
+        XCTAssertEqual(message("exports: [{ name: a, device: simulated, queue-size: 40000 }]"),
+                       #"virtnbd.yaml:1: exports[0].queue-size: "40000" is not a whole number from 1 to 32768; use a power of two from 1 to 32768, e.g. 256 (with --ring packed any size from 2)"#)
         XCTAssertEqual(message("""
             exports:
               - { name: q, device: vhost-user, socket: /s, queue-size: 4096 }
@@ -467,7 +478,8 @@ final class MergeTests: XCTestCase {
             XCTAssertEqual((e as? ConfigError)?.kind, .tlsCredentials)
         }
         XCTAssertThrowsError(try file.merged(with: .init(queueSize: 3))) { e in
-            XCTAssertEqual((e as? ConfigError)?.description, "virtnbd.yaml: --queue-size: 3 is not a power of two from 1 to 32768; use e.g. 256")
+            XCTAssertEqual((e as? ConfigError)?.description,
+                           "virtnbd.yaml: --queue-size: 3 is not a power of two from 1 to 32768, which a split ring (the default) needs; use e.g. 2, or --ring packed, which takes any size from 2 to 32768")
         }
     }
 
@@ -484,7 +496,7 @@ final class MergeTests: XCTestCase {
         }
         XCTAssertThrowsError(try file.merged(with: .init(metrics: "127.0.0.1:10809"))) { e in
             XCTAssertEqual((e as? ConfigError)?.description,
-                           "virtnbd.yaml: --metrics: 0.0.0.0:10809 collides with metrics (127.0.0.1:10809); give --metrics its own port, e.g. 127.0.0.1:9100")
+                           "virtnbd.yaml: --metrics: 127.0.0.1:10809 collides with listen[0] (0.0.0.0:10809); give --metrics its own port, e.g. 127.0.0.1:9100")
         }
     }
 
@@ -507,6 +519,80 @@ final class MergeTests: XCTestCase {
         XCTAssertThrowsError(try VirtNBDConfig.fromCommandLine(.init(tls: .require))) { e in
             XCTAssertEqual((e as? ConfigError)?.description,
                            "command line: --tls require: require needs TLS credentials; add --tls-certificates DIR (server-cert.pem, server-key.pem) or --tls-psk FILE (psktool format)")
+        }
+    }
+
+    func testAFlagEqualToItsDefaultStillWins() throws {
+        // The file narrows nothing here: every flag below has its default value, and each must still win.
+        let f = try VirtNBDConfig.parse("""
+            listen: [0.0.0.0:10809]
+            limits: { max-connections: 1, handshake-timeout: 3 }
+            exports:
+              - { name: a, device: ram, size: 1M, queue-size: 64, max-payload: 1M }
+            """)
+        let m = try f.merged(with: .init(listen: "127.0.0.1", maxConnections: 0, handshakeTimeout: 10, queueSize: 256, maxPayload: 64 << 20))
+        XCTAssertEqual(m.listeners, [.tcp(host: "127.0.0.1", port: 10809)])
+        XCTAssertEqual(m.limits, .init(maxConnections: 0, handshakeTimeout: 10))
+        XCTAssertEqual(m.exports[0].queueSize, 256)
+        XCTAssertEqual(m.exports[0].maxPayload, 64 << 20)
+        XCTAssertEqual(try f.merged(with: .init(port: 10809)).listeners, [.tcp(host: "127.0.0.1", port: 10809)])
+        XCTAssertEqual(try f.merged(with: .init()), f, "no flags: the file as written")
+    }
+
+    func testSizeText() {
+        XCTAssertEqual(try ByteSizeText.parse("64MiB").get(), 64 << 20)
+        XCTAssertEqual(try ByteSizeText.parse("1GiB").get(), 1 << 30)
+        XCTAssertEqual(try ByteSizeText.parse("64mb").get(), 64 << 20)
+        XCTAssertEqual(try ByteSizeText.parse(" 2T ").get(), 2 << 40)
+        XCTAssertEqual(try ByteSizeText.parse("512").get(), 512)
+        XCTAssertEqual(try ByteSizeText.parse("512B").get(), 512)
+        let bad: [(String, SizeProblem)] = [("12Q", .unit("Q")), ("0", .zero), ("1.5M", .fraction), ("-1", .negative), ("", .empty),
+                                            ("M", .empty), ("99999999T", .overflow), ("4BB", .unit("BB")), ("1 M", .unit(" M"))]
+        for (text, problem) in bad {
+            XCTAssertEqual(ByteSizeText.parse(text), .failure(problem), text)
+        }
+    }
+
+    func testMaxPayload() throws {
+        let c = try VirtNBDConfig.parse("""
+            exports:
+              - { name: a, device: ram, size: 1M, max-payload: 2M }
+              - { name: b, device: ram, size: 1M }
+            """)
+        XCTAssertEqual(c.exports.map(\.maxPayload), [2 << 20, ExportConfig.defaultMaxPayload])
+        XCTAssertEqual(ExportConfig.defaultMaxPayload, 64 << 20)
+        XCTAssertEqual(try c.merged(with: .init(maxPayload: 1 << 20)).exports.map(\.maxPayload), [1 << 20, 1 << 20])
+        XCTAssertEqual(try c.merged(with: .init(exportName: "b", maxPayload: 4096)).exports.map(\.maxPayload), [2 << 20, 4096])
+        XCTAssertEqual(try VirtNBDConfig.fromCommandLine(.init(size: 1 << 20, maxPayload: 1 << 30)).exports[0].maxPayload, 1 << 30)
+        XCTAssertEqual(message("exports: [{ name: a, device: ram, size: 1M, max-payload: 2G }]"),
+                       "virtnbd.yaml:1: exports[0].max-payload: 2147483648 bytes is not from 4K to 1G; use e.g. 64M (the default)")
+        XCTAssertThrowsError(try VirtNBDConfig.fromCommandLine(.init(maxPayload: 1024))) { e in
+            XCTAssertEqual((e as? ConfigError)?.description, "command line: --max-payload: 1024 bytes is not from 4K to 1G; use e.g. 64M (the default)")
+        }
+    }
+
+    func testCredentialFlagsImplyTLSOn() throws {
+        XCTAssertEqual(try VirtNBDConfig.fromCommandLine(.init(tlsCertificates: "/pki")).tls, .init(policy: .on, certificates: "/pki"))
+        XCTAssertEqual(try VirtNBDConfig.fromCommandLine(.init(tlsPsk: "/k.psk")).tls.policy, .on)
+        XCTAssertEqual(try VirtNBDConfig.fromCommandLine(.init(tls: .off, tlsCertificates: "/pki")).tls.policy, .off, "an explicit --tls off stays off")
+        XCTAssertEqual(try VirtNBDConfig.fromCommandLine(.init(tls: .require, tlsCertificates: "/pki")).tls.policy, .require)
+        XCTAssertEqual(try file.merged(with: .init(tlsPsk: "/k.psk")).tls.policy, .on, "the file's policy stays")
+        var req = file; req.tls.policy = .require
+        XCTAssertEqual(try req.merged(with: .init(tlsPsk: "/k.psk")).tls.policy, .require)
+    }
+
+    func testMetricsCollisionNamesBothSides() {
+        XCTAssertThrowsError(try VirtNBDConfig.fromCommandLine(.init(port: 20034, metrics: "127.0.0.1:20034"))) { e in
+            XCTAssertEqual((e as? ConfigError)?.description,
+                           "command line: --metrics: 127.0.0.1:20034 collides with the NBD listener -p/--listen (127.0.0.1:20034); give --metrics its own port, e.g. 127.0.0.1:9100")
+        }
+        var c = file; c.metrics = "127.0.0.1:9100"
+        XCTAssertThrowsError(try c.merged(with: .init(port: 9100))) { e in
+            XCTAssertEqual((e as? ConfigError)?.description,
+                           "virtnbd.yaml: --port: 127.0.0.1:9100 collides with metrics (127.0.0.1:9100); choose another port with -p, or move metrics")
+        }
+        XCTAssertThrowsError(try VirtNBDConfig.fromCommandLine(.init(size: 1000))) { e in
+            XCTAssertEqual((e as? ConfigError)?.description, "command line: --size: 1000 bytes is less than one 4 KiB block; use at least 4K, e.g. 64M")
         }
     }
 }
