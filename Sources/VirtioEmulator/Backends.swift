@@ -9,12 +9,15 @@ public enum BackendError: Error, CustomStringConvertible {
     case open(path: String, errno: Int32)
     case notRegular(path: String)
     case badSize(path: String, size: Int64)
+    /// An existing image whose size is not the one asked for: images are never resized.
+    case sizeMismatch(path: String, size: Int64, wanted: UInt64)
     case io(op: String, errno: Int32)
     public var description: String {
         switch self {
         case .open(let p, let e): return "cannot open \(p): \(String(cString: strerror(e))); check the path and permissions (use -r for a read-only file)"
         case .notRegular(let p): return "\(p) is not a regular file or block device"
-        case .badSize(let p, let s): return "\(p) is \(s) bytes; an export needs at least 4096 bytes (give --size to create or grow it)"
+        case .badSize(let p, let s): return "\(p) is \(s) bytes; an export needs at least 4096 bytes (make the image larger first, e.g. truncate -s 1M \(p))"
+        case .sizeMismatch(let p, let s, let w): return "\(p) already exists with \(s) bytes, not \(w); an existing image is never resized"
         case .io(let op, let e): return "\(op): \(String(cString: strerror(e)))"
         }
     }
@@ -59,20 +62,34 @@ public final class FileBackend: BlockBackend {
     public let path: String
     let fd: Int32
 
-    /// Opens `path`; if it does not exist and `createSize` is given, creates it sparse.
+    /// Opens `path`. With `createSize` a missing file is created sparse with that size, and an
+    /// existing one must already have exactly that size: an image is never resized (`.sizeMismatch`).
     public init(path: String, readOnly: Bool, createSize: UInt64? = nil) throws {
         self.path = path; self.readOnly = readOnly
-        var flags = (readOnly ? O_RDONLY : O_RDWR) | O_CLOEXEC
-        if createSize != nil && !readOnly { flags |= O_CREAT }
-        let fd = open(path, flags, 0o644)
+        var fd: Int32 = -1
+        var created = false
+        if createSize != nil && !readOnly {
+            fd = open(path, O_RDWR | O_CLOEXEC | O_CREAT | O_EXCL, 0o644)
+            if fd >= 0 { created = true } else if errno != EEXIST { throw BackendError.open(path: path, errno: errno) }
+        }
+        if fd < 0 { fd = open(path, (readOnly ? O_RDONLY : O_RDWR) | O_CLOEXEC) }
         guard fd >= 0 else { throw BackendError.open(path: path, errno: errno) }
         var st = stat()
         guard fstat(fd, &st) == 0 else { close(fd); throw BackendError.io(op: "fstat \(path)", errno: errno) }
         guard (st.st_mode & S_IFMT) == S_IFREG else { close(fd); throw BackendError.notRegular(path: path) }
         var sz = Int64(st.st_size)
-        if let want = createSize, sz < Int64(want), !readOnly {
-            guard ftruncate(fd, off_t(want)) == 0 else { close(fd); throw BackendError.io(op: "ftruncate \(path)", errno: errno) }
-            sz = Int64(want)
+        if let want = createSize {
+            if created {
+                guard ftruncate(fd, off_t(want)) == 0 else {
+                    let e = errno
+                    close(fd); unlink(path)
+                    throw BackendError.io(op: "ftruncate \(path)", errno: e)
+                }
+                sz = Int64(want)
+            } else if sz != Int64(want) {
+                close(fd)
+                throw BackendError.sizeMismatch(path: path, size: sz, wanted: want)
+            }
         }
         let usable = sz & ~4095
         guard usable >= 4096 else { close(fd); throw BackendError.badSize(path: path, size: sz) }

@@ -13,12 +13,16 @@ struct EmulatedDisk {
     let device: BlockDevice
     let label: String
 
-    init(size: UInt64?, file: String?, readOnly: Bool, options: DriverOptions, logger: Logger) throws {
+    /// `sizeKey` names where `size` came from (`--size`, or the file's key) for a size-mismatch message.
+    init(size: UInt64?, sizeKey: String = "--size", file: String?, readOnly: Bool, options: DriverOptions, logger: Logger) throws {
         let backend: BlockBackend
         // What the server knows about zeroes at start: a fresh RAM disk is all hole, a file has its holes.
         var holes: [Range<UInt64>] = []
         if let path = file {
-            let f = try FileBackend(path: path, readOnly: readOnly, createSize: size)
+            let f: FileBackend
+            do { f = try FileBackend(path: path, readOnly: readOnly, createSize: size) } catch BackendError.sizeMismatch(let p, let have, let want) {
+                throw ImageSizeError(path: p, size: UInt64(max(have, 0)), wanted: want, key: sizeKey)
+            }
             holes = f.holes()
             backend = f
             label = "file \(path)"
@@ -41,5 +45,14 @@ struct EmulatedDisk {
     func shutdown() {
         driver.shutdown(flush: true)
         emulator.shutdown()
+    }
+}
+
+/// `--file EXISTING --size N` with a different size: virtnbd never resizes an image.
+struct ImageSizeError: Error, CustomStringConvertible {
+    let path: String, size: UInt64, wanted: UInt64, key: String
+    var description: String {
+        "\(path) already exists with \(size) bytes (\(humanSize(size))), not the \(humanSize(wanted)) of \(key); virtnbd never resizes an "
+            + "existing image (a size applies only when it creates one): drop \(key) to serve the file as it is, or resize it first (truncate -s \(humanSize(wanted)) \(path))"
     }
 }

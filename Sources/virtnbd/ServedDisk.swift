@@ -76,9 +76,9 @@ enum DeviceSpec: Equatable {
         else { return nil }
     }
 
-    func open(size: UInt64?, file: String?, readOnly: Bool, options: DriverOptions, logger: Logger) throws -> ServedDisk {
+    func open(size: UInt64?, sizeKey: String = "--size", file: String?, readOnly: Bool, options: DriverOptions, logger: Logger) throws -> ServedDisk {
         switch self {
-        case .emulator: return try EmulatedDisk(size: size, file: file, readOnly: readOnly, options: options, logger: logger)
+        case .emulator: return try EmulatedDisk(size: size, sizeKey: sizeKey, file: file, readOnly: readOnly, options: options, logger: logger)
         case .vhostUser(let path): return try TransportDisk.vhostUser(socketPath: path, options: options, logger: logger)
         case .vfio(let bdf): return try TransportDisk.vfio(pciAddress: bdf, options: options, logger: logger)
         }
