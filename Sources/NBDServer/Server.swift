@@ -35,6 +35,19 @@ public enum ListenAddress: Sendable, CustomStringConvertible {
     }
 }
 
+/// A client for a log line: `127.0.0.1:40120`, `[::1]:40120`, or the Unix socket it came in on.
+func clientName(_ channel: Channel) -> String {
+    switch channel.remoteAddress {
+    case .some(.unixDomainSocket):
+        return "a client of Unix socket \(channel.localAddress?.pathname ?? "?")"
+    case .some(let a):
+        guard let ip = a.ipAddress, let port = a.port else { return "\(a)" }
+        return ip.contains(":") ? "[\(ip)]:\(port)" : "\(ip):\(port)"
+    case .none:
+        return "a client"
+    }
+}
+
 /// Per-connection limits.
 public struct ServerLimits: Sendable {
     /// Clients beyond this many are closed before the greeting (0 = unlimited).
@@ -171,7 +184,7 @@ public final class NBDServer: Sendable {
             .childChannelInitializer { channel in
                 guard allow.admits(channel.remoteAddress, logger: logger) else { return channel.close() }
                 if maxConnections > 0 && registry.count >= maxConnections {
-                    logger.warning("refusing \(channel.remoteAddress.map { "\($0)" } ?? "client"): --max-connections \(maxConnections) reached",
+                    logger.warning("refusing \(clientName(channel)): the limit of \(maxConnections) connection(s) (--max-connections / limits.max-connections) is reached; closed before the greeting",
                                    metadata: ["conn": "\(registry.nextID())"])
                     return channel.close()
                 }
