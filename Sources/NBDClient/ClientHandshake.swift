@@ -126,10 +126,10 @@ struct ClientHandshake {
         }
     }
 
-    /// NBD_OPT_INFO or NBD_OPT_GO with INFO_DESCRIPTION and INFO_BLOCK_SIZE requested.
+    /// NBD_OPT_INFO or NBD_OPT_GO with INFO_NAME, INFO_DESCRIPTION and INFO_BLOCK_SIZE requested.
     /// Returns nil when the server answers NBD_REP_ERR_UNSUP (it predates these options).
     func info(_ option: NBDOption, export: String) async throws -> NBDExportDetails? {
-        try await send(NBDClientOption.info(option, exportName: export, requests: [NBDInfo.description, NBDInfo.blockSize]))
+        try await send(NBDClientOption.info(option, exportName: export, requests: [NBDInfo.name, NBDInfo.description, NBDInfo.blockSize]))
         var d = NBDExportDetails(name: export)
         var sawExport = false
         while true {

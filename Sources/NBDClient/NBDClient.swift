@@ -25,10 +25,13 @@ public final class NBDClient: Sendable {
         self.uri = uri; self.export = export; self.negotiation = negotiation; self.channel = channel; self.handler = handler
     }
 
-    /// Connects and enters transmission with the URI's export.
-    public static func connect(to uri: NBDURI, group: EventLoopGroup = MultiThreadedEventLoopGroup.singleton, logger: Logger) async throws -> NBDClient {
-        let (channel, handler) = try await open(uri, group: group, logger: logger)
+    /// Connects and enters transmission with the URI's export. `timeout` bounds the connect and,
+    /// separately, the handshake (a listener that never greets); nil waits forever.
+    public static func connect(to uri: NBDURI, timeout: TimeAmount? = .seconds(10), group: EventLoopGroup = MultiThreadedEventLoopGroup.singleton,
+                               logger: Logger) async throws -> NBDClient {
+        let (channel, handler) = try await open(uri, timeout: timeout, group: group, logger: logger)
         do {
+          return try await withHandshakeTimeout(timeout, channel, uri) {
             var hs = ClientHandshake(loop: channel.eventLoop, handler: handler, logger: logger)
             try await hs.start()
             _ = try await hs.structuredReplies()
@@ -43,6 +46,7 @@ public final class NBDClient: Sendable {
             try await channel.eventLoop.submit { handler.value.startTransmission() }.get()
             logger.debug("connected", metadata: ["uri": "\(uri)", "size": "\(details.size)", "flags": "0x\(String(details.flags.rawValue, radix: 16))"])
             return NBDClient(uri: uri, export: details, negotiation: hs.negotiation, channel: channel, handler: handler)
+          }
         } catch {
             try? await channel.close()
             throw error
@@ -51,10 +55,11 @@ public final class NBDClient: Sendable {
 
     /// Negotiates without entering transmission and reports on the URI's export, or with
     /// `list` on every export the server lists (NBD_OPT_LIST, then NBD_OPT_INFO for each).
-    public static func query(_ uri: NBDURI, list: Bool, group: EventLoopGroup = MultiThreadedEventLoopGroup.singleton,
+    public static func query(_ uri: NBDURI, list: Bool, timeout: TimeAmount? = .seconds(10), group: EventLoopGroup = MultiThreadedEventLoopGroup.singleton,
                              logger: Logger) async throws -> (NBDNegotiation, [NBDExportDetails]) {
-        let (channel, handler) = try await open(uri, group: group, logger: logger)
+        let (channel, handler) = try await open(uri, timeout: timeout, group: group, logger: logger)
         defer { channel.close(promise: nil) }
+        return try await withHandshakeTimeout(timeout, channel, uri) {
         var hs = ClientHandshake(loop: channel.eventLoop, handler: handler, logger: logger)
         try await hs.start()
         _ = try await hs.structuredReplies()
@@ -75,7 +80,9 @@ public final class NBDClient: Sendable {
             } else {
                 d = NBDExportDetails(name: entry.name)
             }
-            d.name = entry.name
+            // The server's own name for it (NBD_INFO_NAME, as nbdinfo shows: the default export's
+            // real name for an empty one); the name asked for when the server sends none.
+            if d.name.isEmpty { d.name = entry.name }
             if d.description.isEmpty { d.description = entry.description }
             d.metaContexts = contexts
             out.append(d)
@@ -88,12 +95,32 @@ public final class NBDClient: Sendable {
             await hs.abort()
         }
         return (hs.negotiation, out)
+        }
     }
 
-    private static func open(_ uri: NBDURI, group: EventLoopGroup, logger: Logger) async throws -> (Channel, NIOLoopBound<NBDClientHandler>) {
+    /// Runs the handshake `body`; if it takes longer than `timeout`, closes the connection and
+    /// throws `.timedOut` instead of whatever the closed connection made the handshake throw.
+    private static func withHandshakeTimeout<T>(_ timeout: TimeAmount?, _ channel: Channel, _ uri: NBDURI,
+                                                _ body: () async throws -> T) async throws -> T {
+        guard let timeout else { return try await body() }
+        let timer = channel.eventLoop.scheduleTask(in: timeout) { channel.close(promise: nil) }
+        do {
+            let result = try await body()
+            timer.cancel()
+            return result
+        } catch {
+            timer.cancel()
+            if (try? await timer.futureResult.get()) != nil {
+                throw NBDClientError.timedOut(uri.targetDescription, seconds: Double(timeout.nanoseconds) / 1e9)
+            }
+            throw error
+        }
+    }
+
+    private static func open(_ uri: NBDURI, timeout: TimeAmount?, group: EventLoopGroup, logger: Logger) async throws -> (Channel, NIOLoopBound<NBDClientHandler>) {
         if uri.tls { throw NBDClientError.tlsNotSupported(uri.text) }
         var bootstrap = ClientBootstrap(group: group)
-            .connectTimeout(.seconds(10))
+            .connectTimeout(timeout ?? .hours(24 * 365))
             .channelOption(.recvAllocator, value: AdaptiveRecvByteBufferAllocator(minimum: 4096, initial: 256 << 10, maximum: 4 << 20))
             .channelInitializer { ch in
                 ch.eventLoop.makeCompletedFuture {
@@ -110,12 +137,7 @@ public final class NBDClient: Sendable {
                 channel = try await bootstrap.connect(unixDomainSocketPath: path).get()
             }
         } catch {
-            let target: String
-            switch uri.transport {
-            case .tcp(let h, let p): target = "\(h):\(p)"
-            case .unix(let path): target = "Unix socket \(path)"
-            }
-            throw NBDClientError.connectFailed(target, reason: connectFailureReason(error))
+            throw NBDClientError.connectFailed(uri.targetDescription, reason: connectFailureReason(error, timeout: timeout))
         }
         let handler = try await channel.eventLoop.submit {
             NIOLoopBound(try channel.pipeline.syncOperations.handler(type: NBDClientHandler.self), eventLoop: channel.eventLoop)
@@ -188,16 +210,26 @@ public final class NBDClient: Sendable {
 
 /// The OS's words for a failed connect ("Connection refused", "No such file or directory")
 /// instead of NIO's nested error descriptions.
-func connectFailureReason(_ error: Error) -> String {
+extension NBDURI {
+    /// `127.0.0.1:10809` or `Unix socket /run/nbd.sock`, for messages.
+    var targetDescription: String {
+        switch transport {
+        case .tcp(let h, let p): return h.contains(":") ? "[\(h)]:\(p)" : "\(h):\(p)"
+        case .unix(let path): return "Unix socket \(path)"
+        }
+    }
+}
+
+func connectFailureReason(_ error: Error, timeout: TimeAmount? = nil) -> String {
     switch error {
     case let e as IOError:
         return String(cString: strerror(e.errnoCode))
     case let e as NIOConnectionError:
-        if let f = e.connectionErrors.first { return connectFailureReason(f.error) }
+        if let f = e.connectionErrors.first { return connectFailureReason(f.error, timeout: timeout) }
         if let d = e.dnsAError ?? e.dnsAAAAError { return "cannot resolve \(e.host): \(d)" }
         return "no address found for \(e.host)"
     case ChannelError.connectTimeout:
-        return "no answer within 10 s"
+        return "no answer within \(timeout.map { "\(Double($0.nanoseconds) / 1e9)" } ?? "10") s"
     default:
         return "\(error)"
     }

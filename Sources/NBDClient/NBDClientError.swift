@@ -6,6 +6,8 @@ public enum NBDClientError: Error, CustomStringConvertible {
     case badURI(NBDURIError)
     case tlsNotSupported(String)
     case connectFailed(String, reason: String)
+    /// Connected, but the handshake did not finish in time (not an NBD server, or a stuck one).
+    case timedOut(String, seconds: Double)
     case wire(NBDClientWireError)
     case replies(NBDReplyParseError)
     case serverClosed(during: String)
@@ -30,6 +32,9 @@ public enum NBDClientError: Error, CustomStringConvertible {
             return "\(uri): virtnbd's client does not speak TLS yet; use nbdinfo or nbdcopy for nbds:// URIs"
         case .connectFailed(let target, let reason):
             return "cannot connect to \(target): \(reason); is an NBD server running there (check the host, port or socket path)?"
+        case .timedOut(let target, let seconds):
+            let s = seconds == seconds.rounded() ? "\(Int(seconds))" : "\(seconds)"
+            return "\(target) accepted the connection but did not complete an NBD handshake within \(s) s; it is probably not an NBD server (check the host, port or socket path), or give it longer with --timeout"
         case .wire(let e):
             return e.description
         case .replies(let e):
@@ -48,7 +53,7 @@ public enum NBDClientError: Error, CustomStringConvertible {
         case .commandFailed(let cmd, let offset, let length, let errno, let message):
             return "\(cmd) of \(length) bytes at offset \(offset) failed with \(NBDErrno.name(errno))\(message.isEmpty ? "" : ": \(message)")"
         case .readOnly:
-            return "the export is read-only; writing needs a writable export (virtnbd without -r)"
+            return "the export is read-only; writing needs a writable export (a virtnbd export without -r, and without read-only: true in a --config file)"
         case .unsupported(let cmd, let flag):
             return "the export does not support \(cmd) (\(flag) is not set)"
         case .outOfRange(let offset, let length, let size):

@@ -20,6 +20,7 @@ struct Copy: AsyncParsableCommand {
     @Argument(help: "Destination: a file, - (stdout) or an NBD URI.") var destination: String
     @Option(name: .long, help: "Requests in flight at once.") var requests: Int = 16
     @Option(name: .long, help: "Bytes per request (e.g. 256K).") var requestSize: ByteSize = ByteSize(argument: "256K")!
+    @Option(name: .long, help: "Seconds to wait for the connection and, again, for the handshake (0 = forever).") var timeout: Double = 10
     @Flag(name: .long, help: "Never draw the progress bar (it is drawn only when stderr is a terminal).") var noProgress = false
     @Flag(name: [.short, .long], help: "Debug logging on stderr.") var verbose = false
 
@@ -29,6 +30,7 @@ struct Copy: AsyncParsableCommand {
             throw ValidationError(s ? "both SRC and DST are NBD URIs; one side must be a local file (or -)"
                                     : "neither SRC nor DST is an NBD URI (nbd://… or nbd+unix://…); one side must be an export")
         }
+        try checkTimeout(timeout)
         guard (1...1024).contains(requests) else { throw ValidationError("--requests must be between 1 and 1024") }
         guard requestSize.bytes <= 32 << 20 else { throw ValidationError("--request-size must be at most 32M") }
     }
@@ -39,7 +41,7 @@ struct Copy: AsyncParsableCommand {
         do {
             let uri: NBDURI
             do { uri = try NBDURI(parsing: toExport ? destination : source) } catch { throw NBDClientError.badURI(error) }
-            let client = try await NBDClient.connect(to: uri, logger: logger)
+            let client = try await NBDClient.connect(to: uri, timeout: timeAmount(timeout), logger: logger)
             let progress = ProgressBar(enabled: !noProgress && isatty(2) == 1)
             do {
                 let chunk = max(1, min(Int(requestSize.bytes), client.maximumPayload))

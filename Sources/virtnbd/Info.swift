@@ -4,6 +4,7 @@ import Foundation
 import Logging
 import NBDClient
 import NBDProtocol
+import NIOCore
 
 struct Info: AsyncParsableCommand {
     static let configuration = CommandConfiguration(
@@ -12,15 +13,18 @@ struct Info: AsyncParsableCommand {
 
     @Flag(name: .long, help: "List every export the server offers (NBD_OPT_LIST).") var list = false
     @Flag(name: .long, help: "Print JSON (the keys nbdinfo --json uses).") var json = false
+    @Option(name: .long, help: "Seconds to wait for the connection and, again, for the handshake (0 = forever).") var timeout: Double = 10
     @Flag(name: [.short, .long], help: "Debug logging on stderr.") var verbose = false
     @Argument(help: "The NBD URI.") var uri: String
+
+    func validate() throws { try checkTimeout(timeout) }
 
     func run() async throws {
         let logger = bootstrapToolLogging(verbose: verbose)
         do {
             let parsed: NBDURI
             do { parsed = try NBDURI(parsing: uri) } catch { throw NBDClientError.badURI(error) }
-            let (negotiation, exports) = try await NBDClient.query(parsed, list: list, logger: logger)
+            let (negotiation, exports) = try await NBDClient.query(parsed, list: list, timeout: timeAmount(timeout), logger: logger)
             let text = json ? Self.json(negotiation, exports, base: parsed) : Self.text(negotiation, exports, base: parsed)
             FileHandle.standardOutput.write(Data(text.utf8))
         } catch {
@@ -131,6 +135,15 @@ func bootstrapToolLogging(verbose: Bool) -> Logger {
         return h
     }
     return Logger(label: "virtnbd")
+}
+
+/// `--timeout S` of the client subcommands: positive seconds, or 0 for none.
+func checkTimeout(_ t: Double) throws {
+    guard t >= 0, t <= 86400 else { throw ValidationError("--timeout must be 0 (wait forever) to 86400 seconds") }
+}
+
+func timeAmount(_ seconds: Double) -> TimeAmount? {
+    seconds == 0 ? nil : .nanoseconds(Int64(seconds * 1e9))
 }
 
 /// Prints `virtnbd CMD: error` on stderr; the caller throws the returned exit status 1.
