@@ -39,10 +39,10 @@ public struct DriverOptions: Sendable, Equatable {
         switch ring {
         case .split:
             guard SplitRingLayout.isValidSize(queueSize) else {
-                throw .deviceFailed("queue size \(queueSize) is not a power of two between 1 and 32768 (split rings need one; packed rings take any size)")
+                throw .deviceFailed("queue size \(queueSize) is not a power of two from 1 to 32768, which a split ring needs (a packed ring takes any size from 2 to 32768)")
             }
         case .packed:
-            guard queueSize >= 2, queueSize <= 32768 else { throw .deviceFailed("queue size \(queueSize) is not between 2 and 32768") }
+            guard queueSize >= 2, queueSize <= 32768 else { throw .deviceFailed("queue size \(queueSize) is not from 2 to 32768 (a packed ring's sizes)") }
         }
         guard ioPages >= 1 else { throw .deviceFailed("ioPages must be at least 1") }
     }
