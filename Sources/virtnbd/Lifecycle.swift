@@ -1,5 +1,5 @@
 // Process lifecycle: signals, --exit-with-parent, --pidfile. Everything that can end or change the
-// running server arrives as one `ServerEvent` on one stream, handled in order by `Serve.run`.
+// running server arrives as one `ServerEvent` on one stream, handled in order by `ServeOptions.serve`.
 import CVirtShim
 import Dispatch
 import Foundation

@@ -1,21 +1,22 @@
 // The exports of the running server: opened at start, changed by SIGHUP (configuration reload).
-// Owned by `Serve.run`'s task; reloads are handled one at a time, in the order the signals came.
+// Owned by `ServeOptions.serve`'s task; reloads are handled one at a time, in the order the signals came.
 import Logging
 import NBDServer
 
 /// One export being served: the plan it was opened from, its device, and its NBD side.
 struct LiveExport {
-    let plan: Serve.ExportPlan
+    let plan: ServeOptions.ExportPlan
     let disk: ServedDisk
     let export: NBDExport
 
     /// Opens the export's device.
-    static func open(_ p: Serve.ExportPlan, logger: Logger) throws(ExportOpenError) -> LiveExport {
+    static func open(_ p: ServeOptions.ExportPlan, logger: Logger) throws(ExportOpenError) -> LiveExport {
         var elog = logger; elog[metadataKey: "export"] = "\(p.name)"
         let d: ServedDisk
-        do { d = try p.device.open(size: p.size, file: p.file, readOnly: p.readOnly, options: p.driver, logger: elog) }
+        do { d = try p.device.open(size: p.size, sizeKey: p.sizeKey, file: p.file, readOnly: p.readOnly, options: p.driver, logger: elog) }
         catch { throw ExportOpenError(name: p.name, underlying: "\(error)") }
-        return LiveExport(plan: p, disk: d, export: NBDExport(name: p.name, description: p.description, device: d.device, forceReadOnly: p.readOnly))
+        return LiveExport(plan: p, disk: d, export: NBDExport(name: p.name, description: p.description, device: d.device,
+                                                              forceReadOnly: p.readOnly, maximumPayload: p.maxPayload))
     }
 
     /// Drains, flushes and resets the device; removes the export's metrics series.
@@ -51,7 +52,7 @@ struct ExportSet {
     init(_ live: [LiveExport]) { self.live = live }
 
     /// Opens every planned export, or none: on a failure the devices already opened are shut down.
-    static func open(_ plans: [Serve.ExportPlan], logger: Logger) throws(ExportOpenError) -> ExportSet {
+    static func open(_ plans: [ServeOptions.ExportPlan], logger: Logger) throws(ExportOpenError) -> ExportSet {
         var live: [LiveExport] = []
         for p in plans {
             do { live.append(try LiveExport.open(p, logger: logger)) }
@@ -69,7 +70,7 @@ struct ExportSet {
     ///    devices are shut down; clients of unchanged exports are not touched;
     /// 3. the devices of changed exports are opened again (after the old one is closed, as they
     ///    may share a file) and appear in the catalog.
-    mutating func reload(to plans: [Serve.ExportPlan], server: NBDServer, logger: Logger) async throws(ExportOpenError) -> ReloadSummary {
+    mutating func reload(to plans: [ServeOptions.ExportPlan], server: NBDServer, logger: Logger) async throws(ExportOpenError) -> ReloadSummary {
         var summary = ReloadSummary()
         let old = Dictionary(live.map { ($0.plan.name, $0) }, uniquingKeysWith: { a, _ in a })
         let newNames = Set(plans.map(\.name))

@@ -12,89 +12,145 @@ import ServerConfig
 import Virtio
 import VirtioBlock
 
+/// `virtnbd [serve] [OPTIONS]`: the root command is the server, so `virtnbd --help` lists the serve
+/// options (as `nbdkit --help` does) and the subcommands; `virtnbd serve …` is the same command.
 struct VirtNBD: AsyncParsableCommand {
     static let configuration = CommandConfiguration(
         commandName: "virtnbd",
         abstract: "An NBD server that exports a virtio-blk disk.",
-        discussion: "With neither --size nor --file it serves a simulated 512 KiB disk.",
-        subcommands: [Serve.self, Info.self, Copy.self],
-        defaultSubcommand: Serve.self)
+        usage: """
+            virtnbd [serve] [--size SIZE | --file PATH | --device SPEC | --config FILE] [OPTIONS]
+            virtnbd info [--list] [--json] [--timeout S] URI
+            virtnbd copy SRC DST
+            """,
+        discussion: "With neither --size nor --file it serves a simulated 512 KiB disk. -V/--version prints the versions.",
+        subcommands: [Serve.self, Info.self, Copy.self])
+
+    @OptionGroup var options: ServeOptions
+
+    func validate() throws { try options.validate() }
+    func run() async throws { try await options.serve() }
+
+    /// Parses and runs, exiting like nbdkit: 0, 1 for usage errors and failures, or --run's status.
+    static func runMain() async {
+        do {
+            var command = try parseAsRoot()
+            if var a = command as? AsyncParsableCommand { try await a.run() } else { try command.run() }
+        } catch {
+            if exitCode(for: error) == .validationFailure {
+                FileHandle.standardError.write(Data((fullMessage(for: error) + "\n").utf8))
+                Foundation.exit(1)
+            }
+            exit(withError: error)
+        }
+    }
+}
+
+/// `virtnbd serve`, the same as `virtnbd` with no subcommand.
+struct Serve: AsyncParsableCommand {
+    static let configuration = CommandConfiguration(abstract: "Serve exports (the default command; `virtnbd --help` lists the options).")
+    @OptionGroup var options: ServeOptions
+    func validate() throws { try options.validate() }
+    func run() async throws { try await options.serve() }
 }
 
 extension RingFormat: ExpressibleByArgument {}
 
-/// Parses sizes such as 512, 64K, 64M, 1G, 2T (binary units).
+/// Parses sizes such as 512, 64K, 64M, 1G, 2T, 64MiB (binary units), as the configuration file.
 struct ByteSize: ExpressibleByArgument {
     let bytes: UInt64
+    init(bytes: UInt64) { self.bytes = bytes }
     init?(argument: String) {
-        let s = argument.trimmingCharacters(in: .whitespaces).uppercased()
-        let units: [Character: UInt64] = ["K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40]
-        var digits = Substring(s), mult: UInt64 = 1
-        if let last = s.last, let m = units[last] { mult = m; digits = s.dropLast() }
-        else if s.hasSuffix("B"), let u = s.dropLast().last, let m = units[u] { mult = m; digits = s.dropLast(2) }
-        guard let n = UInt64(digits) else { return nil }
-        let (v, o) = n.multipliedReportingOverflow(by: mult)
-        guard !o, v > 0 else { return nil }
+        guard case .success(let v) = ByteSizeText.parse(argument) else { return nil }
         bytes = v
+    }
+    /// For `@Option(transform:)`: the message says what a size is.
+    static func parse(_ text: String) throws -> ByteSize {
+        switch ByteSizeText.parse(text) {
+        case .success(let v): return ByteSize(bytes: v)
+        case .failure(let p): throw ValidationError("\(p); \(SizeProblem.howTo)")
+        }
     }
 }
 
-struct Serve: AsyncParsableCommand {
-    static let configuration = CommandConfiguration(abstract: "Serve one export (the default command).")
-
+/// The serve options, shared by `virtnbd` and `virtnbd serve`. Every option that the
+/// configuration file also sets is optional: nil means "not on the command line", and the
+/// defaults are applied once, after merging (ServerConfig's `VirtNBDConfig` / `ExportConfig`).
+struct ServeOptions: ParsableArguments {
     @Option(name: [.short, .long], help: "TCP port (default 10809).") var port: Int?
-    @Option(name: .long, help: "Address to listen on.") var listen: String = "127.0.0.1"
+    @Option(name: .long, help: "Address to listen on (default 127.0.0.1).") var listen: String?
     @Option(name: [.customShort("U"), .long], help: "Listen on this Unix socket instead of TCP.") var unix: String?
     @Option(name: .long, help: ArgumentHelp("Only TCP clients in this network may connect (CIDR, e.g. 10.0.0.0/8 or ::1/128; repeatable, or comma-separated). Default: everyone. Unix-socket clients are not filtered.", valueName: "cidr")) var allow: [String] = []
-    @Option(name: [.short, .customLong("export-name")], help: "Export name.") var exportName: String = ""
-    @Option(name: .long, help: "Export description (shown by nbdinfo --list).") var description: String = ""
+    @Option(name: [.short, .customLong("export-name")], help: "Export name (default \"\").") var exportName: String?
+    @Option(name: .long, help: "Export description (shown by nbdinfo --list).") var description: String?
     @Flag(name: [.short, .customLong("read-only")], help: "Export read-only.") var readOnly = false
-    @Option(name: .long, help: "Size of a RAM disk (e.g. 64M), or of a --file to create.") var size: ByteSize?
+    @Option(name: .long, parsing: .unconditional, help: "Size of a RAM disk (e.g. 64M), or of a --file to create (an existing file keeps its size).", transform: ByteSize.parse) var size: ByteSize?
     @Option(name: .long, help: "Serve this raw image file (created sparse with --size if missing).") var file: String?
-    @Option(name: .long, help: "Virtqueue size, up to 32768 (a power of two for split rings).") var queueSize: Int = 256
+    @Option(name: .long, help: "Virtqueue size (default 256): a power of two from 1 to 32768 for split rings, any size from 2 to 32768 for packed.") var queueSize: Int?
+    @Option(name: .long, parsing: .unconditional, help: ArgumentHelp("Largest READ or WRITE a client may send, 4K to 1G (default 64M).", valueName: "size"), transform: ByteSize.parse) var maxPayload: ByteSize?
     @Option(name: .long, help: "Virtqueue format: split or packed (packed falls back to split if the device lacks it).") var ring: RingFormat = .split
     @Option(name: .long, help: "Request virtqueues per device (VIRTIO_BLK_F_MQ; capped by the device). Default: one per event loop (one per CPU).") var queues: Int?
     @Flag(name: .customLong("no-event-idx"), help: "Do not negotiate VIRTIO_F_EVENT_IDX (use the NO_NOTIFY/NO_INTERRUPT flags).") var noEventIdx = false
     @Flag(name: .customLong("no-indirect"), help: "Do not negotiate VIRTIO_F_INDIRECT_DESC.") var noIndirect = false
     @Option(name: .customLong("poll-us"), help: "Poll the used ring this many microseconds after a completion before sleeping (0 = interrupts only).") var pollMicroseconds: Int = 0
     @Option(name: .long, help: "Reset the device and resubmit when a request takes longer than this many seconds (0 = never).") var requestTimeout: Double = 30
-    @Option(name: .long, help: "The virtio-blk device: emulator (default), vhost-user:SOCKET, or vfio:PCI-ADDRESS.") var device: String = "emulator"
+    @Option(name: .long, help: "The virtio-blk device: emulator (default), vhost-user:SOCKET, or vfio:PCI-ADDRESS.") var device: String?
 
     @Flag(name: [.short, .long], help: "Serve one client on stdin/stdout (for nbd_connect_command / nbdsh).") var stdio = false
     @Option(name: .long, help: "Run CMD with $uri, $unixsocket, $port set, then stop the server and exit with CMD's status.") var run: String?
-    @Option(name: .long, help: "Refuse clients beyond this many at once (0 = no limit).") var maxConnections: Int = 0
-    @Option(name: .long, help: "Drop clients that have not finished negotiating after this many seconds.") var handshakeTimeout: Int = 10
-    @Option(name: .long, help: "TLS: off, on (offer STARTTLS) or require (refuse plaintext).") var tls: NBDTLSPolicy = .off
+    @Option(name: .long, help: "Refuse clients beyond this many at once (default 0 = no limit).") var maxConnections: Int?
+    @Option(name: .long, help: "Drop clients that have not finished negotiating after this many seconds (default 10).") var handshakeTimeout: Int?
+    @Option(name: .long, help: "TLS: off, on (offer STARTTLS) or require (refuse plaintext). Default off, or on with --tls-certificates/--tls-psk.") var tls: NBDTLSPolicy?
     @Option(name: .long, help: "Directory with ca-cert.pem, server-cert.pem, server-key.pem (as nbdkit/qemu).") var tlsCertificates: String?
     @Option(name: .long, help: "PSK key file in psktool format (identity:hexkey lines).") var tlsPsk: String?
     @Option(name: .long, help: "YAML config file with listeners, limits, TLS and several exports (see Config/virtnbd.yaml). Flags override it. SIGHUP re-reads it.") var config: String?
     @Option(name: .long, help: ArgumentHelp("Serve Prometheus metrics at http://HOST:PORT/metrics.", valueName: "host:port")) var metrics: String?
     @Option(name: [.customShort("P"), .long], help: ArgumentHelp("Write the server's pid to FILE once it listens; removed on exit.", valueName: "file")) var pidfile: String?
     @Flag(name: .long, help: "Shut down gracefully when the parent process exits (Linux PR_SET_PDEATHSIG).") var exitWithParent = false
-    @Flag(name: [.short, .long], help: "Debug logging.") var verbose = false
+    @Flag(name: [.short, .long], help: "Debug logging (in -s/--run mode: any logging beyond warnings).") var verbose = false
+    @Flag(name: [.customShort("V"), .long], help: "Print virtnbd's version and its components' (Swift, SwiftNIO, NIOSSL/BoringSSL) and exit.") var version = false
 
     func validate() throws {
-        do { try driverOptions(queueSize: queueSize).validate() } catch {
+        if version { return }
+        // Queue sizes are checked with the ring format and the file's exports in ServerConfig's merge.
+        do { try driverOptions(queueSize: 256).validate() } catch {
             throw ValidationError("\(error)".replacingOccurrences(of: "device failed: ", with: ""))
         }
         guard pollMicroseconds >= 0, pollMicroseconds <= 1_000_000, requestTimeout >= 0 else {
             throw ValidationError("--poll-us must be 0-1000000 and --request-timeout ≥ 0")
         }
-        if let p = port { guard (1...65535).contains(p) else { throw ValidationError("--port must be 1-65535") } }
-        guard maxConnections >= 0, handshakeTimeout > 0 else { throw ValidationError("--max-connections must be ≥ 0 and --handshake-timeout > 0") }
-        guard let spec = DeviceSpec(device) else {
-            throw ValidationError("--device must be emulator, vhost-user:/path/to.sock or vfio:0000:00:05.0, not \"\(device)\"")
+        if let p = port { guard (1...65535).contains(p) else { throw ValidationError("--port must be 1-65535, not \(p)") } }
+        if let m = maxConnections, m < 0 { throw ValidationError("--max-connections must be 0 (no limit) or more, not \(m)") }
+        if let h = handshakeTimeout, h <= 0 { throw ValidationError("--handshake-timeout must be at least 1 second, not \(h)") }
+        if let d = device {
+            guard let spec = DeviceSpec(d) else {
+                throw ValidationError("--device must be emulator, vhost-user:/path/to.sock or vfio:0000:00:05.0, not \"\(d)\"")
+            }
+            if spec != .emulator && (size != nil || file != nil) {
+                throw ValidationError("--size and --file configure the emulator; they cannot be used with --device \(d)")
+            }
         }
-        if spec != .emulator && (size != nil || file != nil) {
-            throw ValidationError("--size and --file configure the emulator; they cannot be used with --device \(device)")
-        }
-        guard !(stdio && (run != nil || unix != nil)) else { throw ValidationError("--stdio serves stdin/stdout; it cannot be combined with --run or --unix") }
-        guard exportName.utf8.count <= 4096 else { throw ValidationError("--export-name is limited to 4096 bytes") }
+        if let e = exportName, e.utf8.count > 4096 { throw ValidationError("--export-name is limited to 4096 bytes") }
+        try refuseContradictions()
         if let m = metrics {
-            do { _ = try VirtNBDConfig.hostPort(m, flag: "--metrics") } catch { throw ValidationError("\(error)") }
+            do { _ = try VirtNBDConfig.hostPort(m, flag: "--metrics") } catch { throw ValidationError(Self.message(error)) }
         }
         if let p = pidfile, p.isEmpty { throw ValidationError("-P/--pidfile needs a file name") }
         do { _ = try allowList() } catch { throw ValidationError("--allow: \(error)") }
+    }
+
+    /// Flags that ask for two different things (the configuration file refuses its own contradictions).
+    func refuseContradictions() throws {
+        let tcp = [port.map { "-p \($0)" }, listen.map { "--listen \($0)" }].compactMap { $0 }
+        if unix != nil, let t = tcp.first {
+            throw ValidationError("-U/--unix listens on a Unix socket only, so \(t) would be ignored; give either -U or -p/--listen (several listeners: --config with listen: [...])")
+        }
+        if stdio, let other = (tcp + [unix.map { _ in "-U/--unix" }, run.map { _ in "--run" }].compactMap { $0 }).first {
+            throw ValidationError("-s/--stdio serves one client on stdin/stdout and listens nowhere, so it cannot be combined with \(other)")
+        }
+        if Self.activationRequested(), let other = (tcp + [unix.map { _ in "-U/--unix" }, stdio ? "-s/--stdio" : nil].compactMap { $0 }).first {
+            throw ValidationError("virtnbd was handed a listening socket (socket activation: LISTEN_PID/LISTEN_FDS), so it cannot also follow \(other); drop \(other), or unset LISTEN_FDS")
+        }
     }
 
     /// `--allow`, every occurrence and comma-separated item; nil when not given.
@@ -126,9 +182,13 @@ struct Serve: AsyncParsableCommand {
         var readOnly: Bool
         /// The virtio policy (ring, queues, features, queue size) of this export's driver.
         var driver: DriverOptions
+        /// NBD_INFO_BLOCK_SIZE's maximum payload.
+        var maxPayload: UInt32
+        /// Where `size` came from, for messages: `--size` or `exports[1].size in FILE`.
+        var sizeKey = "--size"
     }
 
-    /// Everything `run` needs, from the flags alone or from `--config` merged with the flags.
+    /// Everything `run` needs: the flags merged over `--config` (or over nothing), defaults applied.
     struct Plan {
         var exports: [ExportPlan]
         var listeners: [ListenAddress]
@@ -150,27 +210,29 @@ struct Serve: AsyncParsableCommand {
         }
     }
 
-    func plan() throws -> Plan {
-        guard let path = config else {
-            var listeners: [ListenAddress] = [.tcp(host: listen, port: port ?? 10809)]
-            if let u = unix { listeners = [.unix(path: u)] }
-            return Plan(exports: [ExportPlan(name: exportName, description: description, device: DeviceSpec(device)!, size: size?.bytes,
-                                             file: file, readOnly: readOnly, driver: driverOptions(queueSize: queueSize))],
-                        listeners: listeners, allow: try allowList() ?? AccessList(), maxConnections: maxConnections, handshakeTimeout: handshakeTimeout,
-                        tls: tls, tlsCertificates: tlsCertificates, tlsPsk: tlsPsk, level: verbose ? .debug : .info, metrics: metrics)
-        }
-        // Only flags that differ from their defaults override the file (see README, "Configuration file").
-        let flags = CommandLineOverrides(
-            port: port, listen: listen == "127.0.0.1" ? nil : listen, unix: unix,
-            maxConnections: maxConnections == 0 ? nil : maxConnections, handshakeTimeout: handshakeTimeout == 10 ? nil : handshakeTimeout,
-            verbose: verbose, tls: tls == .off ? nil : TLSPolicy(rawValue: tls.rawValue), tlsCertificates: tlsCertificates, tlsPsk: tlsPsk,
-            exportName: exportName.isEmpty && size == nil && file == nil && device == "emulator" ? nil : exportName,
-            description: description.isEmpty ? nil : description, readOnly: readOnly, size: size?.bytes, file: file,
-            device: device == "emulator" ? nil : device, queueSize: queueSize == 256 ? nil : queueSize, metrics: metrics, allow: try allowList())
-        let cfg = try VirtNBDConfig.load(path: path).merged(with: flags)
+    /// The flags exactly as given: nil (or false) for every flag not on the command line.
+    func overrides() throws -> CommandLineOverrides {
+        CommandLineOverrides(
+            port: port, listen: listen, unix: unix, maxConnections: maxConnections, handshakeTimeout: handshakeTimeout,
+            verbose: verbose, tls: tls.map { TLSPolicy(rawValue: $0.rawValue)! }, tlsCertificates: tlsCertificates, tlsPsk: tlsPsk,
+            exportName: exportName, description: description, readOnly: readOnly, size: size?.bytes, file: file,
+            device: device, queueSize: queueSize, metrics: metrics, allow: try allowList(),
+            maxPayload: maxPayload?.bytes, packedRing: ring == .packed)
+    }
+
+    /// Captive modes (a client or command owns this process): quiet unless -v.
+    func captive(activated: Bool) -> Bool { stdio || run != nil || (activated && config == nil) }
+
+    func plan(activated: Bool) throws -> Plan {
+        let flags = try overrides()
+        let cfg = try config.map { (path) throws(ConfigError) in try VirtNBDConfig.load(path: path).merged(with: flags) }
+            ?? VirtNBDConfig.fromCommandLine(flags)
+        let flagExport = size != nil || file != nil || device != nil ? (exportName ?? "") : nil
         var exports: [ExportPlan] = []
-        for e in cfg.exports {
-            var p = ExportPlan(name: e.name, description: e.description, device: .emulator, size: nil, file: nil, readOnly: e.readOnly, driver: driverOptions(queueSize: e.queueSize))
+        for (i, e) in cfg.exports.enumerated() {
+            var p = ExportPlan(name: e.name, description: e.description, device: .emulator, size: nil, file: nil, readOnly: e.readOnly,
+                               driver: driverOptions(queueSize: e.queueSize), maxPayload: e.maxPayload)
+            if let path = config, e.name != flagExport { p.sizeKey = "exports[\(i)].size in \(path)" }
             switch e.device {
             case .simulated: break
             case .ram(let sz): p.size = sz
@@ -186,17 +248,47 @@ struct Serve: AsyncParsableCommand {
             case .unix(let u): return .unix(path: u)
             }
         }
+        var level = Logger.Level(rawValue: cfg.logLevel.rawValue) ?? .info
+        if captive(activated: activated) && !verbose && level == .info { level = .warning }
         return Plan(exports: exports, listeners: listeners, allow: cfg.allow, maxConnections: cfg.limits.maxConnections,
                     handshakeTimeout: cfg.limits.handshakeTimeout, tls: NBDTLSPolicy(rawValue: cfg.serverTLSPolicy.rawValue) ?? .off,
-                    tlsCertificates: cfg.tls.certificates, tlsPsk: cfg.tls.psk,
-                    level: Logger.Level(rawValue: cfg.logLevel.rawValue) ?? .info, metrics: cfg.metrics)
+                    tlsCertificates: cfg.tls.certificates, tlsPsk: cfg.tls.psk, level: level, metrics: cfg.metrics)
     }
 
-    func run() async throws {
+    /// A configuration error as one line: a flag's problem without the "command line:" prefix.
+    static func message(_ error: Error) -> String {
+        if let c = error as? ConfigError, c.file == "command line" { return "\(c.keyPath): \(c.problem); \(c.fix)" }
+        return "\(error)"
+    }
+
+    /// Where a listener came from, for the fix in a bind error.
+    func listenerKey(_ index: Int, _ a: ListenAddress) -> String {
+        if case .boundSocket = a { return "the .socket unit" }
+        if let path = config, port == nil && listen == nil && unix == nil { return "listen[\(index)] in \(path)" }
+        if case .unix = a { return "-U" }
+        return "-p/--listen"
+    }
+
+    func serve() async throws {
+        if version {
+            FileHandle.standardOutput.write(Data(Versions.text.utf8))
+            return
+        }
         let parentAtStart = getppid()
+        if stdio, let problem = Self.stdioProblem() {
+            FileHandle.standardError.write(Data("virtnbd: \(problem)\n".utf8))
+            throw ExitCode(1)
+        }
+        // systemd / libnbd socket activation: LISTEN_PID is us and LISTEN_FDS ≥ 1 → fd 3.
+        let activation = Self.socketActivationFD()
+        if let fd = activation, let problem = Self.inheritedSocketProblem(fd) {
+            FileHandle.standardError.write(Data("virtnbd: \(problem)\n".utf8))
+            throw ExitCode(1)
+        }
+        let activated = activation != nil
         var plan: Plan
-        do { plan = try self.plan() } catch {
-            FileHandle.standardError.write(Data("virtnbd: \(error)\n".utf8))
+        do { plan = try self.plan(activated: activated) } catch {
+            FileHandle.standardError.write(Data("virtnbd: \(Self.message(error))\n".utf8))
             throw ExitCode(1)
         }
         let level = plan.level
@@ -261,7 +353,8 @@ struct Serve: AsyncParsableCommand {
                                                            beforeScrape: { for e in server.exports { e.metrics.sample(e.device) } }, logger: logger)
                 logger.info("metrics at http://\(m)/metrics")
             } catch {
-                logger.critical("cannot listen for metrics on \(m): \(error); is another server using it? Choose another --metrics port")
+                let key = metrics != nil ? "--metrics" : "metrics in \(config ?? "the configuration")"
+                logger.critical("\(Self.bindFailure(.tcp(host: hp.host, port: hp.port), error, key: key, what: "metrics"))")
                 await teardown()
                 throw ExitCode(1)
             }
@@ -274,26 +367,27 @@ struct Serve: AsyncParsableCommand {
                 events.post(.clientGone)
             }
         } else {
-            // Where to listen: an inherited socket (systemd), a private socket for --run, or the plan's listeners.
+            // Where to listen: an inherited socket (socket activation), a private socket for --run, or the plan's listeners.
             addresses = plan.listeners
-            if let fd = Self.socketActivationFD() {
+            if let fd = activation {
                 addresses = [.boundSocket(fd: fd)]
-            } else if run != nil && port == nil && unix == nil && config == nil {
+            } else if run != nil && port == nil && listen == nil && unix == nil && config == nil {
                 let dir = FileManager.default.temporaryDirectory.appendingPathComponent("virtnbd-\(getpid())").path
                 try? FileManager.default.createDirectory(atPath: dir, withIntermediateDirectories: true)
                 tempDir = dir
                 addresses = [.unix(path: dir + "/nbd.sock")]
             }
-            for address in addresses {
+            for (i, address) in addresses.enumerated() {
                 do {
                     try await server.listen(address)
                 } catch {
-                    logger.critical("cannot listen on \(address): \(error); is another server using it?")
+                    logger.critical("\(Self.bindFailure(address, error, key: listenerKey(i, address), what: "NBD clients"))")
                     await teardown()
                     throw ExitCode(1)
                 }
             }
-            for l in exports.live { logServing(l, addresses, tls: plan.tls, logger) }
+            logger.info("limits: max-connections \(plan.maxConnections == 0 ? "0 (no limit)" : "\(plan.maxConnections)"), handshake-timeout \(plan.handshakeTimeout) s")
+            for l in exports.live { logServing(l, exports.live, addresses, tls: plan.tls, logger) }
         }
         if let path = pidfile {
             do { pid = try PidFile.write(path) } catch {
@@ -303,11 +397,14 @@ struct Serve: AsyncParsableCommand {
             }
         }
         if !stdio, let first = addresses.first {
-            let uri = Self.uri(first, exports.live.first?.export.info.name ?? "", tls: plan.tls != .off)
+            let tls = plan.tls != .off
             if let cmd = run {
+                let uri = Self.uri(first, Self.defaultExport(exports.live)?.export.info.name ?? "", tls: tls)
                 Task { events.post(.commandExited(await Self.runCommand(cmd, uri: uri, address: first, logger: logger))) }
             } else if case .boundSocket = first {} else {
-                FileHandle.standardOutput.write(Data((uri + "\n").utf8))
+                // Every export on every listener, in the file's order (exports, then listeners).
+                let lines = exports.live.flatMap { l in addresses.map { Self.uri($0, l.export.info.name, tls: tls) + "\n" } }
+                FileHandle.standardOutput.write(Data(lines.joined().utf8))
             }
         }
 
@@ -315,10 +412,10 @@ struct Serve: AsyncParsableCommand {
         loop: for await event in events.stream {
             switch event {
             case .reload:
-                if let summary = await reload(&exports, &plan, server: server, logger: logger) {
+                if let summary = await reload(&exports, &plan, server: server, activated: activated, logger: logger) {
                     reloads.ok.increment()
                     let new = Set(summary.added + summary.changed)
-                    for l in exports.live where new.contains(l.plan.name) { logServing(l, addresses, tls: plan.tls, logger) }
+                    for l in exports.live where new.contains(l.plan.name) { logServing(l, exports.live, addresses, tls: plan.tls, logger) }
                 } else if config != nil {
                     reloads.failed.increment()
                 }
@@ -341,25 +438,31 @@ struct Serve: AsyncParsableCommand {
         if status != 0 { throw ExitCode(status) }
     }
 
-    private func logServing(_ l: LiveExport, _ addresses: [ListenAddress], tls: NBDTLSPolicy, _ logger: Logger) {
+    /// The export an empty name reaches: the one named "", else the first (as nbdkit and qemu-nbd).
+    static func defaultExport(_ live: [LiveExport]) -> LiveExport? {
+        live.first { $0.export.info.name.isEmpty } ?? live.first
+    }
+
+    private func logServing(_ l: LiveExport, _ all: [LiveExport], _ addresses: [ListenAddress], tls: NBDTLSPolicy, _ logger: Logger) {
+        let isDefault = Self.defaultExport(all)?.plan.name == l.plan.name && !l.export.info.name.isEmpty
         for a in addresses {
-            logger.info("serving \(l.disk.label) as \(Self.uri(a, l.export.info.name, tls: tls != .off))",
-                        metadata: ["size": "\(l.export.info.size)", "read-only": "\(l.export.readOnly)"])
+            logger.info("serving \(l.disk.label) as \(Self.uri(a, l.export.info.name, tls: tls != .off))\(isDefault ? " (the default export: \(Self.uri(a, "", tls: tls != .off)) reaches it too)" : "")",
+                        metadata: ["size": "\(l.export.info.size)", "read-only": "\(l.export.readOnly)", "max-payload": "\(l.export.info.maximumPayload)"])
         }
     }
 
     /// SIGHUP: re-reads --config (merged with the flags again) and applies its exports. A file that
     /// does not parse, or an export whose device cannot be opened, leaves everything as it was.
     /// Returns what changed, or nil when the running configuration stays.
-    private func reload(_ exports: inout ExportSet, _ plan: inout Plan, server: NBDServer, logger: Logger) async -> ReloadSummary? {
+    private func reload(_ exports: inout ExportSet, _ plan: inout Plan, server: NBDServer, activated: Bool, logger: Logger) async -> ReloadSummary? {
         guard let path = config else {
             logger.notice("SIGHUP: nothing to reload (virtnbd was started without --config)")
             return nil
         }
         logger.info("SIGHUP: reloading \(path)")
         let next: Plan
-        do { next = try self.plan() } catch {
-            logger.error("reload failed, the running configuration stays: \(error)")
+        do { next = try self.plan(activated: activated) } catch {
+            logger.error("reload failed, the running configuration stays: \(Self.message(error))")
             return nil
         }
         let before = plan.restartOnly
@@ -377,20 +480,95 @@ struct Serve: AsyncParsableCommand {
         }
     }
 
-    /// systemd socket activation (sd_listen_fds(3)): LISTEN_PID is us and LISTEN_FDS ≥ 1 → fd 3.
-    static func socketActivationFD() -> Int32? {
+    /// Whether LISTEN_PID is us and LISTEN_FDS ≥ 1 (sd_listen_fds(3)); leaves the environment alone.
+    static func activationRequested() -> Bool {
         let env = ProcessInfo.processInfo.environment
         guard let pid = env["LISTEN_PID"].flatMap(Int32.init), pid == getpid(),
-              let n = env["LISTEN_FDS"].flatMap(Int.init), n >= 1 else { return nil }
+              let n = env["LISTEN_FDS"].flatMap(Int.init), n >= 1 else { return false }
+        return true
+    }
+
+    /// Socket activation (systemd, or libnbd's `[ CMD ]`): fd 3, with the variables removed.
+    static func socketActivationFD() -> Int32? {
+        guard activationRequested() else { return nil }
         unsetenv("LISTEN_PID"); unsetenv("LISTEN_FDS"); unsetenv("LISTEN_FDNAMES")
         return 3
     }
 
-    /// `--run`: like nbdkit, run CMD through /bin/sh with $uri, $unixsocket and $port set.
+    /// What a descriptor is, and whether NIO can serve NBD on it (a pipe or a socket).
+    static func descriptorKind(_ fd: Int32) -> (usable: Bool, what: String) {
+        var st = stat()
+        guard fstat(fd, &st) == 0 else { return (false, "closed") }
+        switch st.st_mode & S_IFMT {
+        case S_IFIFO: return (true, "a pipe")
+        case S_IFSOCK: return (true, "a socket")
+        case S_IFCHR: return (false, isatty(fd) == 1 ? "a terminal" : "a character device such as /dev/null")
+        case S_IFREG: return (false, "a regular file")
+        case S_IFDIR: return (false, "a directory")
+        case S_IFBLK: return (false, "a block device")
+        default: return (false, "neither a pipe nor a socket")
+        }
+    }
+
+    /// `-s`: stdin and stdout must be a pipe or socket to the client (NIO cannot poll anything else).
+    static func stdioProblem() -> String? {
+        let i = descriptorKind(0), o = descriptorKind(1)
+        if i.usable && o.usable { return nil }
+        let which = !i.usable && !o.usable ? (i.what == o.what ? "stdin and stdout are \(i.what)" : "stdin is \(i.what) and stdout \(o.what)")
+            : !i.usable ? "stdin is \(i.what)" : "stdout is \(o.what)"
+        return "-s/--stdio speaks NBD on stdin and stdout, which must be a pipe or socket to the client, but \(which); let the client start virtnbd (e.g. nbdsh: h.connect_command(['virtnbd', '-s', ...])), or listen with -U PATH or -p PORT"
+    }
+
+    /// Socket activation hands over fd 3; it must be a listening socket.
+    static func inheritedSocketProblem(_ fd: Int32) -> String? {
+        let k = descriptorKind(fd)
+        var listening: Int32 = 0
+        var len = socklen_t(MemoryLayout<Int32>.size)
+        if k.what == "a socket", getsockopt(fd, SOL_SOCKET, SO_ACCEPTCONN, &listening, &len) == 0, listening != 0 { return nil }
+        let what = k.what == "a socket" ? "a socket that is not listening" : k.what
+        return "LISTEN_PID and LISTEN_FDS hand virtnbd a listening socket as fd \(fd) (socket activation), but fd \(fd) is \(what); start virtnbd from a .socket unit or a client's [ virtnbd ... ], or unset LISTEN_FDS"
+    }
+
+    /// One line for a socket that cannot be bound: the address, the OS's reason, and the fix.
+    static func bindFailure(_ a: ListenAddress, _ error: Error, key: String, what: String) -> String {
+        let place: String
+        switch a {
+        case .tcp(let h, let p): place = h.contains(":") ? "[\(h)]:\(p)" : "\(h):\(p)"
+        case .unix(let p): place = "Unix socket \(p)"
+        case .boundSocket(let fd): place = "the inherited socket (fd \(fd))"
+        }
+        let head = "cannot listen for \(what) on \(place)"
+        var unresolved: String?
+        if let e = error as? SocketAddressError.UnknownHost { unresolved = "\(e.host) (\(e.errorDescription))" }
+        if let e = error as? SocketAddressError, case .unknown(let host, _) = e { unresolved = host }
+        if let host = unresolved {
+            return "\(head): cannot resolve \(host); give an address of this host with \(key) (0.0.0.0 or :: for all of them)"
+        }
+        guard let code = (error as? IOError)?.errnoCode else { return "\(head): \(error); check \(key)" }
+        let reason = String(cString: strerror(code))
+        let fix: String
+        switch (code, a) {
+        case (EADDRINUSE, .tcp(_, let p)):
+            fix = "another process is already listening on port \(p) (another virtnbd, nbdkit or qemu-nbd? see ss -ltnp); stop it, or choose another port with \(key)"
+        case (EADDRNOTAVAIL, .tcp(let h, _)):
+            fix = "\(h) is not an address of this host (see ip -brief address); with \(key) give one of its addresses, 0.0.0.0 or :: for all of them, or 127.0.0.1 for local clients only"
+        case (EACCES, .tcp(_, let p)) where p < 1024:
+            fix = "ports below 1024 need root or CAP_NET_BIND_SERVICE; choose a port from 1024 up (NBD's is 10809) with \(key)"
+        case (EACCES, .unix(let p)), (EPERM, .unix(let p)):
+            fix = "virtnbd's user may not create a file in \((p as NSString).deletingLastPathComponent); choose another path with \(key)"
+        case (ENOENT, .unix(let p)):
+            fix = "the directory \((p as NSString).deletingLastPathComponent) does not exist; create it, or choose another path with \(key)"
+        case (EAFNOSUPPORT, .tcp(let h, _)):
+            fix = "\(h) is an IPv6 address and this host has no IPv6; use an IPv4 address with \(key)"
+        default:
+            fix = "check \(key)"
+        }
+        return "\(head): \(reason); \(fix)"
+    }
+
+    /// `--run`: like nbdkit, run CMD through /bin/sh with $uri, $unixsocket and $port set. Returns
+    /// its exit status, or 128 + N when a signal N killed it (as shells report it).
     static func runCommand(_ cmd: String, uri: String, address: ListenAddress, logger: Logger) async -> Int32 {
-        let p = Process()
-        p.executableURL = URL(fileURLWithPath: "/bin/sh")
-        p.arguments = ["-c", cmd]
         var env = ProcessInfo.processInfo.environment
         env["uri"] = uri
         switch address {
@@ -398,15 +576,53 @@ struct Serve: AsyncParsableCommand {
         case .tcp(_, let port): env["port"] = "\(port)"; env["nbd"] = uri
         case .boundSocket: break
         }
-        p.environment = env
-        return await withCheckedContinuation { (c: CheckedContinuation<Int32, Never>) in
-            p.terminationHandler = { proc in c.resume(returning: proc.terminationStatus) }
-            do { try p.run() } catch {
-                logger.error("--run: cannot start /bin/sh: \(error)")
-                p.terminationHandler = nil
-                c.resume(returning: 127)
-            }
+        let pid: pid_t
+        do { pid = try spawnShell(cmd, environment: env) } catch {
+            logger.error("--run: cannot start /bin/sh: \(String(cString: strerror(error.code)))")
+            return 127
         }
+        return await withCheckedContinuation { (c: CheckedContinuation<Int32, Never>) in
+            let t = Thread {
+                var status: Int32 = 0
+                while waitpid(pid, &status, 0) < 0 && errno == EINTR {}
+                let signal = status & 0x7f
+                if signal != 0 && signal != 0x7f {
+                    logger.warning("--run: the command was killed by signal \(signal)")
+                    c.resume(returning: 128 + signal)
+                } else {
+                    c.resume(returning: (status >> 8) & 0xff)
+                }
+            }
+            t.name = "virtnbd-run-wait"
+            t.start()
+        }
+    }
+
+    struct SpawnError: Error { let code: Int32 }
+
+    /// Starts `/bin/sh -c CMD` with the default action for the signals virtnbd itself ignores
+    /// (SIGINT, SIGTERM and SIGHUP become events here; NIO ignores SIGPIPE): an ignored signal
+    /// would stay ignored in the command, which could then neither be stopped nor end a pipeline.
+    static func spawnShell(_ cmd: String, environment: [String: String]) throws(SpawnError) -> pid_t {
+        var attr = posix_spawnattr_t()
+        posix_spawnattr_init(&attr)
+        defer { posix_spawnattr_destroy(&attr) }
+        var defaults = sigset_t()
+        sigemptyset(&defaults)
+        for sig in [SIGINT, SIGTERM, SIGHUP, SIGPIPE, SIGQUIT] { sigaddset(&defaults, sig) }
+        posix_spawnattr_setsigdefault(&attr, &defaults)
+        var unblocked = sigset_t()
+        sigemptyset(&unblocked)
+        posix_spawnattr_setsigmask(&attr, &unblocked)
+        posix_spawnattr_setflags(&attr, Int16(POSIX_SPAWN_SETSIGDEF | POSIX_SPAWN_SETSIGMASK))
+        let args: [String] = ["/bin/sh", "-c", cmd]
+        let argv: [UnsafeMutablePointer<CChar>?] = args.map { strdup($0) } + [nil]
+        let envp: [UnsafeMutablePointer<CChar>?] = environment.map { strdup("\($0.key)=\($0.value)") } + [nil]
+        defer { for p in argv + envp { free(p) } }
+        var pid = pid_t()
+        let rc = posix_spawn(&pid, "/bin/sh", nil, &attr, argv, envp)
+        guard rc == 0 else { throw SpawnError(code: rc) }
+        return pid
     }
 
     static func uri(_ a: ListenAddress, _ name: String, tls: Bool = false) -> String {
