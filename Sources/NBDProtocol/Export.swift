@@ -9,8 +9,13 @@ public struct NBDExportInfo: Sendable, Equatable {
     public var preferredBlockSize: UInt32
     public var maximumPayload: UInt32
 
+    /// The maximum payload advertised unless configured (`--max-payload`): 64 MiB, as nbdkit.
+    /// nbd's own tester client sends 50 MB requests without asking for block sizes.
+    public static let defaultMaximumPayload: UInt32 = 64 << 20
+
     public init(name: String, description: String = "", size: UInt64, flags: NBDTransmissionFlags,
-                minimumBlockSize: UInt32 = 1, preferredBlockSize: UInt32 = 4096, maximumPayload: UInt32 = 32 << 20) {
+                minimumBlockSize: UInt32 = 1, preferredBlockSize: UInt32 = 4096,
+                maximumPayload: UInt32 = NBDExportInfo.defaultMaximumPayload) {
         self.name = name; self.description = description; self.size = size; self.flags = flags.union(.hasFlags)
         self.minimumBlockSize = minimumBlockSize; self.preferredBlockSize = preferredBlockSize; self.maximumPayload = maximumPayload
     }

@@ -275,6 +275,12 @@ public struct HandshakeStateMachine {
     private mutating func metaContext(_ opt: NBDOption, _ input: ByteBuffer) -> [HandshakeAction] {
         var data = input
         let option = opt.rawValue
+        // SET_META_CONTEXT "replaces all previously-set metadata contexts (including when this
+        // command fails)": forget the old selection before anything can fail.
+        if opt == .setMetaContext {
+            metaExport = nil
+            allocationSelected = false
+        }
         if opt == .setMetaContext && !structuredReplies {
             return [.send(Self.optionReply(option, NBDReply.errInvalid, message: "SET_META_CONTEXT needs structured replies first"))]
         }

@@ -76,7 +76,7 @@ for k in export-name export-size is_read_only can_flush can_fua can_trim can_zer
     check_eq "virtnbd info --json $k matches nbdinfo" "$(json_field "$T/nbdinfo.json" "$k")" "$(json_field "$T/vn.json" "$k")"
 done
 check_eq "virtnbd info --json description" "tool test" "$(json_field "$T/vn.json" description)"
-check_eq "virtnbd info --json block_size_maximum (virtnbd's maximum payload)" "33554432" "$(json_field "$T/vn.json" block_size_maximum)"
+check_eq "virtnbd info --json block_size_maximum (virtnbd's maximum payload)" "67108864" "$(json_field "$T/vn.json" block_size_maximum)"
 
 expect_ok "virtnbd info (text)" vn info "$URI"
 check_match "text: export-size line" $'export-size: 67108864 \\(64M\\)' "$(cat "$LAST_OUT")"

@@ -15,7 +15,7 @@ import NIOCore
 
 private enum Outcome: Equatable {
     case request(NBDRequest, payload: [UInt8]?)
-    case rejected(NBDRequest, NBDErrno)
+    case rejected(NBDRequest, RequestRejection)
     case error(TransmissionError)
 }
 
@@ -57,9 +57,10 @@ private func run(_ bytes: ArraySlice<UInt8>, extended: Bool, maxPayload: Int, ma
                         out.append(.request(r, payload: nil))
                     }
                     if !extended { check(r.length <= UInt64(UInt32.max), "compact length above 32 bits") }
-                case .rejected(let r, let err):
-                    check(err == .inval, "rejected with \(err)")
-                    out.append(.rejected(r, err))
+                case .rejected(let r, let reason):
+                    check(reason.errno == .inval, "rejected with \(reason.errno)")
+                    check(!reason.message.isEmpty, "a rejection without a message")
+                    out.append(.rejected(r, reason))
                 }
             }
         } catch {
