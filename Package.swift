@@ -81,6 +81,7 @@ let package = Package(
         .testTarget(name: "IntegrationTests", dependencies: [
             "TestSupport", "CNBD", "NBDServer", "VirtioBlock", "VirtioEmulator",
             .product(name: "NIOPosix", package: "swift-nio"),
+            .product(name: "NIOEmbedded", package: "swift-nio"),
         ]),
     ],
     swiftLanguageModes: [.v6]

@@ -48,7 +48,10 @@ final class TestServer: @unchecked Sendable {
     let disks: [TestDisk]
     private var stopped = false
 
-    struct ExportSpec { var name: String; var description = ""; var disk: TestDisk; var forceReadOnly = false }
+    struct ExportSpec {
+        var name: String; var description = ""; var disk: TestDisk; var forceReadOnly = false
+        var maximumPayload: UInt32 = 64 << 20
+    }
 
     private init(group: MultiThreadedEventLoopGroup, server: NBDServer, socketPath: String, disks: [TestDisk]) {
         self.group = group; self.server = server; self.socketPath = socketPath; self.disks = disks
@@ -57,7 +60,8 @@ final class TestServer: @unchecked Sendable {
     static func start(_ exports: [ExportSpec]) async throws -> TestServer {
         let group = MultiThreadedEventLoopGroup(numberOfThreads: 2)
         var log = Logger(label: "test.server"); log.logLevel = .warning
-        let nbdExports = exports.map { NBDExport(name: $0.name, description: $0.description, device: $0.disk.device, forceReadOnly: $0.forceReadOnly) }
+        let nbdExports = exports.map { NBDExport(name: $0.name, description: $0.description, device: $0.disk.device, forceReadOnly: $0.forceReadOnly,
+                                              maximumPayload: $0.maximumPayload) }
         let server = NBDServer(exports: nbdExports, group: group, logger: log)
         let n = counter.add(1, ordering: .relaxed).newValue
         let path = "/tmp/virtnbd-it-\(getpid())-\(n).sock"

@@ -123,7 +123,7 @@ final class TLSAndContextTests: XCTestCase {
         for (what, payload) in failures {
             var n = machine(.off)
             n.start(Client.option(Spec.optStructuredReply))
-            var r = decodeOptionReplies(sentBytes(n.feed(Client.option(Self.optSetMeta, Self.metaQuery(export: "disk", ["base:allocation"]))))))
+            var r = decodeOptionReplies(sentBytes(n.feed(Client.option(Self.optSetMeta, Self.metaQuery(export: "disk", ["base:allocation"])))))
             XCTAssertEqual(r.map(\.type), [Self.repMeta, Spec.repAck])
             r = decodeOptionReplies(sentBytes(n.feed(Client.option(Self.optSetMeta, payload))))
             XCTAssertTrue(r.allSatisfy { $0.type & 0x8000_0000 != 0 } && r.count == 1, "\(what): \(r.map(\.type))")
@@ -141,6 +141,7 @@ final class TLSAndContextTests: XCTestCase {
         let r = decodeOptionReplies(sentBytes(n.feed(Client.option(Self.optSetMeta, Self.metaQuery(export: "disk", ["qemu:dirty-bitmap:x"])))))
         XCTAssertEqual(r.map(\.type), [Spec.repAck])
         let go = n.feed(Client.option(Spec.optGo, Client.goData(name: "disk", infos: [])))
-        XCTAssertNil(try XCTUnwrap(go.compactMap { if case .startTransmission(let s) = $0 { return s } else { return nil } }.first).allocationContext)
+        let s = try XCTUnwrap(go.compactMap { (a: HandshakeAction) -> NBDSession? in if case .startTransmission(let s) = a { return s } else { return nil } }.first)
+        XCTAssertNil(s.allocationContext)
     }
 }

@@ -46,7 +46,8 @@ final class TransmissionRulesTests: XCTestCase {
         let valid: [UInt16: UInt16] = [0: df, 1: 0, 3: 0, 4: 0, 5: 0, 6: noHole | fastZero, 7: reqOne]
         for mode in Mode.allCases {
             let r = rules(mode)
-            for cmd: UInt16 in [0, 1, 3, 4, 5, 6, 7] {
+            // BLOCK_STATUS needs a context, which needs structured replies (testBlockStatusNeedsANegotiatedContext).
+            for cmd: UInt16 in mode == .simple ? [0, 1, 3, 4, 5, 6] : [0, 1, 3, 4, 5, 6, 7] {
                 for bit in 0..<16 {
                     let flag = UInt16(1) << bit
                     var ok = flag == fua || (valid[cmd]! & flag) != 0
