@@ -81,13 +81,21 @@ public enum RequestDecision: Sendable, Equatable {
     case fail(NBDErrno, String)
 }
 
-/// The rules for one connection: the negotiated session and the export's facts.
+/// The rules for one connection: what the session negotiated and the export's facts. Only the
+/// scalars the rules read are kept (no names or descriptions): the value is captured by every
+/// request's completion.
 public struct TransmissionRules: Sendable, Equatable {
-    public let session: NBDSession
+    /// Structured replies (NBD_OPT_STRUCTURED_REPLY, or implied by extended headers).
+    public let structuredReplies: Bool
+    public let extendedHeaders: Bool
+    /// The base:allocation context id, if SET_META_CONTEXT selected it for this export.
+    public let allocationContext: UInt32?
     public let export: ExportFacts
 
     public init(session: NBDSession, export: ExportFacts) {
-        self.session = session
+        structuredReplies = session.structuredReplies || session.extendedHeaders
+        extendedHeaders = session.extendedHeaders
+        allocationContext = session.allocationContext
         self.export = export
     }
 
@@ -124,7 +132,7 @@ public struct TransmissionRules: Sendable, Equatable {
             if r.length > export.maximumPayload {
                 // Structured replies: "permitted to reject large read requests up front with
                 // NBD_EOVERFLOW"; simple replies: the client "MUST NOT" ask, EINVAL.
-                let e: NBDErrno = session.structuredReplies ? .overflow : .inval
+                let e: NBDErrno = structuredReplies ? .overflow : .inval
                 return .fail(e, "READ of \(r.length) bytes exceeds the maximum payload of \(export.maximumPayload) bytes")
             }
             guard inRange else { return .fail(.inval, rangeError()) }
@@ -133,7 +141,7 @@ public struct TransmissionRules: Sendable, Equatable {
             // reply to any request"): a content chunk "MUST describe at least one byte", so there
             // is none to send. qemu-nbd answers the same way.
             if r.length == 0 { return .succeed }
-            let shape: ReadReplyShape = !session.structuredReplies ? .simple : (r.flags.contains(.df) ? .contiguous : .sparse)
+            let shape: ReadReplyShape = !structuredReplies ? .simple : (r.flags.contains(.df) ? .contiguous : .sparse)
             return .run(.read(offset: r.offset, length: r.length, reply: shape))
         case .write:
             guard !export.readOnly else { return .fail(.perm, export.readOnlyMessage) }
@@ -162,7 +170,7 @@ public struct TransmissionRules: Sendable, Equatable {
             guard inRange else { return .fail(.inval, rangeError()) }
             return .succeed
         case .blockStatus:
-            guard let ctx = session.allocationContext else {
+            guard let ctx = allocationContext else {
                 return .fail(.inval, "no metadata context was negotiated (NBD_OPT_SET_META_CONTEXT)")
             }
             // "The client SHOULD NOT request a status length of 0"; a reply needs "at least one
@@ -182,7 +190,7 @@ public struct TransmissionRules: Sendable, Equatable {
         .fail(rejection.errno, rejection.message)
     }
 
-    public var replies: ReplyEncoder { ReplyEncoder(session: session) }
+    public var replies: ReplyEncoder { ReplyEncoder(structured: structuredReplies, extended: extendedHeaders) }
 }
 
 /// Frames replies as the session requires: simple replies, structured chunks, or extended chunks.
@@ -190,9 +198,13 @@ public struct ReplyEncoder: Sendable {
     public let structured: Bool
     public let extended: Bool
 
+    public init(structured: Bool, extended: Bool) {
+        self.structured = structured || extended
+        self.extended = extended
+    }
+
     public init(session: NBDSession) {
-        structured = session.structuredReplies || session.extendedHeaders
-        extended = session.extendedHeaders
+        self.init(structured: session.structuredReplies, extended: session.extendedHeaders)
     }
 
     public func framing(_ r: NBDRequest) -> ReplyFraming {

@@ -233,7 +233,7 @@ final class NBDConnectionHandler: ChannelDuplexHandler {
             let runs = device.allocation.extents(BlockDevice.down(offset), BlockDevice.up(offset + length)).lazy
                 .map { (start: $0.start, end: $0.end, flags: $0.state.baseAllocationFlags) }
             let descriptors = BlockStatusDescriptors.merge(runs, offset: offset, length: length,
-                                                           extended: rules.session.extendedHeaders, reqOne: reqOne)
+                                                           extended: rules.extendedHeaders, reqOne: reqOne)
             guard context.channel.isActive else { return }
             var b = context.channel.allocator.buffer(capacity: 40 + 16 * descriptors.count)
             rules.replies.blockStatus(r, context: ctx, descriptors: descriptors, into: &b)
