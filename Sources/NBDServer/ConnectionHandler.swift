@@ -5,6 +5,7 @@ import Logging
 import NBDProtocol
 import NIOCore
 import NIOSSL
+import NIOTLS
 import VirtioBlock
 
 final class NBDConnectionHandler: ChannelDuplexHandler {
@@ -26,6 +27,9 @@ final class NBDConnectionHandler: ChannelDuplexHandler {
 
     private enum Phase {
         case handshake(HandshakeStateMachine)
+        /// STARTTLS acknowledged, TLS handshake under way: input is buffered, not parsed, until the
+        /// handshake completes and the client's identity (for allow-listed exports) is known.
+        case awaitingTLS(HandshakeStateMachine, identity: () -> NBDPeerIdentity)
         case transmission(TransmissionParser, NBDExport, TransmissionRules)
         case closing
     }
@@ -64,13 +68,20 @@ final class NBDConnectionHandler: ChannelDuplexHandler {
         let bound = NIOLoopBound((self, context), eventLoop: context.eventLoop)
         handshakeTimer = context.eventLoop.scheduleTask(in: handshakeTimeout) {
             let (this, ctx) = bound.value
-            if case .handshake = this.phase {
+            if this.negotiating {
                 this.logger.info("dropping client: handshake not finished within \(this.handshakeTimeout.nanoseconds / 1_000_000_000) s")
                 this.phase = .closing
                 ctx.close(promise: nil)
             }
         }
         context.fireChannelActive()
+    }
+
+    private var negotiating: Bool {
+        switch phase {
+        case .handshake, .awaitingTLS: return true
+        default: return false
+        }
     }
 
     func channelInactive(context: ChannelHandlerContext) {
@@ -91,7 +102,7 @@ final class NBDConnectionHandler: ChannelDuplexHandler {
     private func process(context: ChannelHandlerContext) {
         while true {
             switch phase {
-            case .closing:
+            case .closing, .awaitingTLS:
                 return
             case .handshake(var hs):
                 // The exports as they are now: a reload may have added or removed some since the last option.
@@ -108,20 +119,21 @@ final class NBDConnectionHandler: ChannelDuplexHandler {
                         context.close(promise: nil)
                         return
                     case .startTLS:
-                        guard let ctx = tls.context else { context.close(promise: nil); return }
                         // The ACK goes out in plaintext; everything after it is TLS. Bytes the client
                         // sent before seeing the ACK are not part of either and are dropped.
                         context.flush()
                         input.clear()
                         do {
-                            try context.pipeline.syncOperations.addHandler(NIOSSLServerHandler(context: ctx), position: .first)
+                            let (handler, identity) = try tls.makeServerHandler()
+                            try context.pipeline.syncOperations.addHandler(handler, position: .first)
+                            phase = .awaitingTLS(hs, identity: identity)
                         } catch {
                             logger.error("cannot start TLS: \(error)")
+                            phase = .closing
                             context.close(promise: nil)
                             return
                         }
                         logger.debug("STARTTLS: TLS handshake starting")
-                        phase = .handshake(HandshakeStateMachine(afterTLS: hs))
                         return
                     case .startTransmission(let session):
                         let info = session.export
@@ -405,6 +417,13 @@ final class NBDConnectionHandler: ChannelDuplexHandler {
     }
 
     func userInboundEventTriggered(context: ChannelHandlerContext, event: Any) {
+        if case .handshakeCompleted? = event as? TLSUserEvent, case .awaitingTLS(let hs, let identity) = phase {
+            // Negotiation continues inside TLS, with who the client proved to be.
+            let peer = identity()
+            logger.debug("TLS handshake completed", metadata: ["client-dn": "\(peer.certificateDN ?? "-")", "psk-identity": "\(peer.pskIdentity ?? "-")"])
+            phase = .handshake(HandshakeStateMachine(afterTLS: hs, peer: peer))
+            if input.readableBytes > 0 { process(context: context) }
+        }
         if event is QuiesceEvent {
             quiescing = true
             switch phase {
@@ -417,7 +436,12 @@ final class NBDConnectionHandler: ChannelDuplexHandler {
     }
 
     func errorCaught(context: ChannelHandlerContext, error: Error) {
-        logger.debug("connection error: \(error)")
+        if case .awaitingTLS = phase {
+            // E.g. --tls-verify-peer and no client certificate, or one ca-cert.pem did not sign.
+            logger.info("closing: TLS handshake failed: \(error)")
+        } else {
+            logger.debug("connection error: \(error)")
+        }
         context.close(promise: nil)
     }
 }

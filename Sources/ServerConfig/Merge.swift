@@ -12,6 +12,7 @@
 //   --tls                           replaces tls.policy.
 //   --tls-certificates, --tls-psk   replace the file's credentials, both kinds: a flag's credential
 //                                   is the only one used.
+//   --tls-verify-peer               sets tls.verify-peer (no flag turns the file's off).
 //   --metrics                       replaces `metrics`.
 //
 // Export flags select an export by -e NAME (default "").
@@ -44,6 +45,8 @@ public struct CommandLineOverrides: Sendable, Equatable {
     public var tls: TLSPolicy?
     public var tlsCertificates: String?
     public var tlsPsk: String?
+    /// `--tls-verify-peer` (true when given).
+    public var tlsVerifyPeer = false
     /// `--metrics HOST:PORT`.
     public var metrics: String?
 
@@ -135,6 +138,7 @@ extension VirtNBDConfig {
             c.tls.certificates = flags.tlsCertificates
             c.tls.psk = flags.tlsPsk
         }
+        if flags.tlsVerifyPeer { c.tls.verifyPeer = true }
 
         // Exports.
         if let d = flags.device {
@@ -197,6 +201,15 @@ extension VirtNBDConfig {
             let needs = c.tls.policy != .off ? c.tls.policy : .on
             throw fail(.tlsCredentials, flag, "\(needs.rawValue) needs TLS credentials",
                        "add --tls-certificates DIR (server-cert.pem, server-key.pem) or --tls-psk FILE (psktool format)")
+        }
+        if let p = c.authorisationProblem {
+            let key: String
+            switch p {
+            case .allowDNWithoutVerifyPeer(let i): key = "exports[\(i)].allow-dn"
+            case .allowPSKWithoutPSK(let i): key = "exports[\(i)].allow-psk"
+            default: key = flags.tlsVerifyPeer ? "--tls-verify-peer" : "tls.verify-peer"
+            }
+            throw fail(.tlsCredentials, key, p.problem, p.fix)
         }
         return c
     }

@@ -67,6 +67,7 @@ struct Serve: AsyncParsableCommand {
     @Option(name: .long, help: "TLS: off, on (offer STARTTLS) or require (refuse plaintext).") var tls: NBDTLSPolicy = .off
     @Option(name: .long, help: "Directory with ca-cert.pem, server-cert.pem, server-key.pem (as nbdkit/qemu).") var tlsCertificates: String?
     @Option(name: .long, help: "PSK key file in psktool format (identity:hexkey lines).") var tlsPsk: String?
+    @Flag(name: .long, help: "Require a client certificate signed by ca-cert.pem in the --tls-certificates directory (as nbdkit); others fail the TLS handshake.") var tlsVerifyPeer = false
     @Option(name: .long, help: "YAML config file with listeners, limits, TLS and several exports (see Config/virtnbd.yaml). Flags override it. SIGHUP re-reads it.") var config: String?
     @Option(name: .long, help: ArgumentHelp("Serve Prometheus metrics at http://HOST:PORT/metrics.", valueName: "host:port")) var metrics: String?
     @Option(name: [.customShort("P"), .long], help: ArgumentHelp("Write the server's pid to FILE once it listens; removed on exit.", valueName: "file")) var pidfile: String?
@@ -126,6 +127,8 @@ struct Serve: AsyncParsableCommand {
         var readOnly: Bool
         /// The virtio policy (ring, queues, features, queue size) of this export's driver.
         var driver: DriverOptions
+        /// `allow-dn` / `allow-psk`: only these TLS clients may use it (nil: everyone).
+        var allowedClients: NBDClientAllowList? = nil
     }
 
     /// Everything `run` needs, from the flags alone or from `--config` merged with the flags.
@@ -138,6 +141,7 @@ struct Serve: AsyncParsableCommand {
         var tls: NBDTLSPolicy
         var tlsCertificates: String?
         var tlsPsk: String?
+        var tlsVerifyPeer = false
         var level: Logger.Level
         /// `host:port` of the metrics endpoint.
         var metrics: String?
@@ -146,7 +150,7 @@ struct Serve: AsyncParsableCommand {
         var restartOnly: [String: String] {
             ["listen": listeners.map(\.description).joined(separator: ", "), "limits.max-connections": "\(maxConnections)",
              "limits.handshake-timeout": "\(handshakeTimeout)", "tls.policy": tls.rawValue, "tls.certificates": tlsCertificates ?? "-",
-             "tls.psk": tlsPsk ?? "-", "log.level": "\(level)", "metrics": metrics ?? "-"]
+             "tls.psk": tlsPsk ?? "-", "tls.verify-peer": "\(tlsVerifyPeer)", "log.level": "\(level)", "metrics": metrics ?? "-"]
         }
     }
 
@@ -157,20 +161,22 @@ struct Serve: AsyncParsableCommand {
             return Plan(exports: [ExportPlan(name: exportName, description: description, device: DeviceSpec(device)!, size: size?.bytes,
                                              file: file, readOnly: readOnly, driver: driverOptions(queueSize: queueSize))],
                         listeners: listeners, allow: try allowList() ?? AccessList(), maxConnections: maxConnections, handshakeTimeout: handshakeTimeout,
-                        tls: tls, tlsCertificates: tlsCertificates, tlsPsk: tlsPsk, level: verbose ? .debug : .info, metrics: metrics)
+                        tls: tls, tlsCertificates: tlsCertificates, tlsPsk: tlsPsk, tlsVerifyPeer: tlsVerifyPeer, level: verbose ? .debug : .info, metrics: metrics)
         }
         // Only flags that differ from their defaults override the file (see README, "Configuration file").
-        let flags = CommandLineOverrides(
+        var flags = CommandLineOverrides(
             port: port, listen: listen == "127.0.0.1" ? nil : listen, unix: unix,
             maxConnections: maxConnections == 0 ? nil : maxConnections, handshakeTimeout: handshakeTimeout == 10 ? nil : handshakeTimeout,
             verbose: verbose, tls: tls == .off ? nil : TLSPolicy(rawValue: tls.rawValue), tlsCertificates: tlsCertificates, tlsPsk: tlsPsk,
             exportName: exportName.isEmpty && size == nil && file == nil && device == "emulator" ? nil : exportName,
             description: description.isEmpty ? nil : description, readOnly: readOnly, size: size?.bytes, file: file,
             device: device == "emulator" ? nil : device, queueSize: queueSize == 256 ? nil : queueSize, metrics: metrics, allow: try allowList())
+        flags.tlsVerifyPeer = tlsVerifyPeer
         let cfg = try VirtNBDConfig.load(path: path).merged(with: flags)
         var exports: [ExportPlan] = []
         for e in cfg.exports {
             var p = ExportPlan(name: e.name, description: e.description, device: .emulator, size: nil, file: nil, readOnly: e.readOnly, driver: driverOptions(queueSize: e.queueSize))
+            if e.isRestricted { p.allowedClients = NBDClientAllowList(certificateDNs: Set(e.allowDN ?? []), pskIdentities: Set(e.allowPSK ?? [])) }
             switch e.device {
             case .simulated: break
             case .ram(let sz): p.size = sz
@@ -188,7 +194,7 @@ struct Serve: AsyncParsableCommand {
         }
         return Plan(exports: exports, listeners: listeners, allow: cfg.allow, maxConnections: cfg.limits.maxConnections,
                     handshakeTimeout: cfg.limits.handshakeTimeout, tls: NBDTLSPolicy(rawValue: cfg.serverTLSPolicy.rawValue) ?? .off,
-                    tlsCertificates: cfg.tls.certificates, tlsPsk: cfg.tls.psk,
+                    tlsCertificates: cfg.tls.certificates, tlsPsk: cfg.tls.psk, tlsVerifyPeer: cfg.tls.verifyPeer,
                     level: Logger.Level(rawValue: cfg.logLevel.rawValue) ?? .info, metrics: cfg.metrics)
     }
 
@@ -229,7 +235,7 @@ struct Serve: AsyncParsableCommand {
         let group = MultiThreadedEventLoopGroup(numberOfThreads: System.coreCount)
         var limits = ServerLimits()
         do {
-            limits.tls = try TLSSettings.load(policy: plan.tls, certificates: plan.tlsCertificates, pskFile: plan.tlsPsk)
+            limits.tls = try TLSSettings.load(policy: plan.tls, certificates: plan.tlsCertificates, pskFile: plan.tlsPsk, verifyPeer: plan.tlsVerifyPeer)
         } catch {
             logger.critical("TLS setup failed: \(error)")
             exports.closeAll()

@@ -182,7 +182,7 @@ final class ConfigErrorTests: XCTestCase {
               policy: on
               cert: /x
             exports: [{ name: a, device: simulated }]
-            """), #"virtnbd.yaml:3: tls.cert: unknown key; known keys here: policy, certificates, psk"#)
+            """), #"virtnbd.yaml:3: tls.cert: unknown key; known keys here: policy, certificates, psk, verify-peer"#)
     }
 
     func testDuplicateExportNames() {
