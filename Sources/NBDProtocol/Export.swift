@@ -10,6 +10,9 @@ public struct NBDExportInfo: Sendable, Equatable {
     public var maximumPayload: UInt32
     /// The TLS clients that may use this export; nil = every client (within the TLS policy).
     public var allowedClients: NBDClientAllowList?
+    /// Served only inside TLS (a config file export's `tls: require` while the server's policy is
+    /// `on`): plaintext clients get NBD_REP_ERR_TLS_REQD for it.
+    public var requiresTLS = false
 
     /// The maximum payload advertised unless configured (`--max-payload`): 64 MiB, as nbdkit.
     /// nbd's own tester client sends 50 MB requests without asking for block sizes.

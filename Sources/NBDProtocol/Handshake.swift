@@ -268,6 +268,10 @@ public struct HandshakeStateMachine {
     /// ERR_TLS_REQD in plaintext (STARTTLS first: "NBD_REP_ERR_TLS_REQD ... for this export"),
     /// ERR_POLICY inside TLS when the client's identity is not listed. nil: it may.
     func refusal(_ e: NBDExportInfo) -> (reply: UInt32, message: String)? {
+        // "NBD_REP_ERR_TLS_REQD: The server requires the client to initiate TLS ... for this export."
+        if e.requiresTLS && !tlsActive {
+            return (NBDReply.errTLSReqd, "export \"\(e.name)\" is served only over TLS: use NBD_OPT_STARTTLS first")
+        }
         guard let allowed = e.allowedClients else { return nil }
         guard tlsActive else {
             return tlsPolicy == .off

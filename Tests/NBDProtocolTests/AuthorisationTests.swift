@@ -136,4 +136,25 @@ final class AuthorisationTests: XCTestCase {
         XCTAssertFalse(l.admits(nil))
         XCTAssertFalse(NBDClientAllowList().admits(NBDPeerIdentity(certificateDN: "CN=a")))
     }
+
+    /// A config export's own `tls: require` under a server policy of `on`: plaintext clients get
+    /// ERR_TLS_REQD for it (and do not see it in LIST), other exports stay usable, and inside TLS
+    /// any client may use it.
+    func testPerExportTLSRequire() {
+        var guarded = NBDExportInfo(name: "guarded", size: 4096, flags: [])
+        guarded.requiresTLS = true
+        let catalog = NBDExportCatalog([Self.open, guarded])
+        var plain = Negotiation(catalog)
+        plain.sm = HandshakeStateMachine(catalog: catalog, tls: .on)
+        _ = plain.start()
+        XCTAssertEqual(listed(&plain), ["open"])
+        for opt in [Spec.optInfo, Spec.optGo] {
+            let (r, started) = go(&plain, "guarded", option: opt)
+            XCTAssertEqual(r.map(\.type), [Self.errTLSReqd], "option \(opt)")
+            XCTAssertTrue(started.isEmpty)
+        }
+        XCTAssertEqual(go(&plain, "open").started.map(\.name), ["open"])
+        var inside = afterTLS(nil, catalog: catalog)
+        XCTAssertEqual(go(&inside, "guarded").started.map(\.name), ["guarded"])
+    }
 }
