@@ -24,7 +24,7 @@ final class TestDisk: @unchecked Sendable {
         var log = Logger(label: "test.disk"); log.logLevel = .warning
         emulator = try VirtioBlkEmulator(backend: backend, configuration: EmulatorConfiguration(), logger: log)
         driver = try VirtioBlkDriver(transport: try VirtioMMIOTransport(bus: emulator), queueSize: 256, logger: log)
-        device = BlockDevice(driver: driver, holes: holes, discardReadsZero: !holes.isEmpty)
+        device = BlockDevice(driver: driver, size: backend.size, holes: holes, discardReadsZero: !holes.isEmpty)
     }
 
     static func ram(size: UInt64, readOnly: Bool = false) throws -> TestDisk {
