@@ -68,19 +68,25 @@ public struct HandshakeStateMachine {
     public let tlsPolicy: NBDTLSPolicy
     /// Whether this negotiation runs inside TLS.
     public let tlsActive: Bool
+    /// Who the client proved to be in the TLS handshake (nil in plaintext).
+    public let peer: NBDPeerIdentity?
 
     public init(catalog: NBDExportCatalog, tls: NBDTLSPolicy = .off) {
         self.catalog = catalog
         self.tlsPolicy = tls
         self.tlsActive = false
+        self.peer = nil
     }
 
     /// The state machine that continues after STARTTLS. "All negotiation state from before
     /// STARTTLS is forgotten": structured replies, meta contexts, extended headers.
-    public init(afterTLS previous: HandshakeStateMachine) {
+    /// `peer` is the identity the TLS handshake established; exports with an allow-list
+    /// (`NBDExportInfo.allowedClients`) are checked against it.
+    public init(afterTLS previous: HandshakeStateMachine, peer: NBDPeerIdentity? = nil) {
         catalog = previous.catalog
         tlsPolicy = previous.tlsPolicy
         tlsActive = true
+        self.peer = peer
         clientNoZeroes = previous.clientNoZeroes
         state = .awaitingOption
     }
@@ -175,6 +181,7 @@ public struct HandshakeStateMachine {
                 return [.close(reason: "NBD_OPT_EXPORT_NAME after NBD_OPT_EXTENDED_HEADERS (the client MUST NOT)")]
             }
             guard let e = catalog.lookup(name) else { return [.close(reason: "unknown export \"\(name)\" requested with NBD_OPT_EXPORT_NAME")] }
+            if let refusal = refusal(e) { return [.close(reason: "NBD_OPT_EXPORT_NAME: \(refusal.message)")] }
             var b = ByteBuffer()
             b.writeInteger(e.size)
             b.writeInteger(flags(for: e).rawValue)
@@ -186,7 +193,9 @@ public struct HandshakeStateMachine {
         case .list:
             guard data.readableBytes == 0 else { return [.send(Self.optionReply(option, NBDReply.errInvalid, message: "NBD_OPT_LIST takes no data"))] }
             var out: [HandshakeAction] = []
-            for e in catalog.exports {
+            // Only the exports this client may use now: an allow-listed export is listed to the
+            // clients it names, over TLS (nbdinfo --list asks for each export listed).
+            for e in catalog.exports where refusal(e) == nil {
                 var p = ByteBuffer()
                 p.writeInteger(UInt32(e.name.utf8.count))
                 p.writeString(e.name)
@@ -206,6 +215,7 @@ public struct HandshakeStateMachine {
             guard let e = catalog.lookup(name) else {
                 return [.send(Self.optionReply(option, NBDReply.errUnknown, message: "no export named \"\(name)\""))]
             }
+            if let refusal = refusal(e) { return [.send(Self.optionReply(option, refusal.reply, message: refusal.message))] }
             var out: [HandshakeAction] = []
             var p = ByteBuffer()
             p.writeInteger(NBDInfo.export); p.writeInteger(e.size); p.writeInteger(flags(for: e).rawValue)
@@ -254,6 +264,25 @@ public struct HandshakeStateMachine {
         }
     }
 
+    /// Why this client may not use an export with an allow-list, and the error reply for it:
+    /// ERR_TLS_REQD in plaintext (STARTTLS first: "NBD_REP_ERR_TLS_REQD ... for this export"),
+    /// ERR_POLICY inside TLS when the client's identity is not listed. nil: it may.
+    func refusal(_ e: NBDExportInfo) -> (reply: UInt32, message: String)? {
+        // "NBD_REP_ERR_TLS_REQD: The server requires the client to initiate TLS ... for this export."
+        if e.requiresTLS && !tlsActive {
+            return (NBDReply.errTLSReqd, "export \"\(e.name)\" is served only over TLS: use NBD_OPT_STARTTLS first")
+        }
+        guard let allowed = e.allowedClients else { return nil }
+        guard tlsActive else {
+            return tlsPolicy == .off
+                ? (NBDReply.errPolicy, "export \"\(e.name)\" is served only to authorised TLS clients, and this server has no TLS")
+                : (NBDReply.errTLSReqd, "export \"\(e.name)\" is served only to authorised TLS clients: use NBD_OPT_STARTTLS first")
+        }
+        if allowed.admits(peer) { return nil }
+        let who = peer?.certificateDN.map { "certificate \"\($0)\"" } ?? peer?.pskIdentity.map { "PSK identity \"\($0)\"" } ?? "a client without a verified identity"
+        return (NBDReply.errPolicy, "\(who) is not allowed to use export \"\(e.name)\"")
+    }
+
     /// Transmission flags as this client may see them: DF only with structured replies
     /// ("NBD_FLAG_SEND_DF": the server MUST NOT set it unless structured replies were negotiated).
     func flags(for e: NBDExportInfo) -> NBDTransmissionFlags {
@@ -275,6 +304,12 @@ public struct HandshakeStateMachine {
     private mutating func metaContext(_ opt: NBDOption, _ input: ByteBuffer) -> [HandshakeAction] {
         var data = input
         let option = opt.rawValue
+        // SET_META_CONTEXT "replaces all previously-set metadata contexts (including when this
+        // command fails)": forget the old selection before anything can fail.
+        if opt == .setMetaContext {
+            metaExport = nil
+            allocationSelected = false
+        }
         if opt == .setMetaContext && !structuredReplies {
             return [.send(Self.optionReply(option, NBDReply.errInvalid, message: "SET_META_CONTEXT needs structured replies first"))]
         }

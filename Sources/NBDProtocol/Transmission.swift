@@ -17,10 +17,11 @@ public struct NBDRequest: Sendable, Equatable {
 public enum TransmissionEvent: Equatable {
     /// A complete request; WRITE carries its payload.
     case request(NBDRequest, payload: ByteBuffer?)
-    /// A WRITE whose payload exceeded the maximum. Its payload has been drained without
-    /// buffering (the event comes once the last byte is consumed, so the reply never overtakes
-    /// the client's upload) and the request must be answered with `error`.
-    case rejected(NBDRequest, error: NBDErrno)
+    /// A request refused while parsing (a WRITE above the maximum payload, an extended WRITE
+    /// without PAYLOAD_LEN, a payload on a command that takes none). Any payload has been
+    /// drained without buffering (the event comes once the last byte is consumed, so the reply
+    /// never overtakes the client's upload); `TransmissionRules.decide(_:)` gives its answer.
+    case rejected(NBDRequest, reason: RequestRejection)
 }
 
 public enum TransmissionError: Error, Equatable, CustomStringConvertible {
@@ -40,7 +41,7 @@ public struct TransmissionParser {
     enum State: Equatable {
         case header
         case payload(NBDRequest)
-        case discarding(NBDRequest, remaining: UInt64)
+        case discarding(NBDRequest, remaining: UInt64, reason: RequestRejection)
     }
     private var state: State = .header
     public let maximumPayload: Int
@@ -56,12 +57,12 @@ public struct TransmissionParser {
     public mutating func next(_ input: inout ByteBuffer) throws(TransmissionError) -> TransmissionEvent? {
         while true {
             switch state {
-            case .discarding(let r, let remaining):
+            case .discarding(let r, let remaining, let reason):
                 let n = Int(min(UInt64(input.readableBytes), remaining))
                 input.moveReaderIndex(forwardBy: n)
-                if UInt64(n) < remaining { state = .discarding(r, remaining: remaining - UInt64(n)); return nil }
+                if UInt64(n) < remaining { state = .discarding(r, remaining: remaining - UInt64(n), reason: reason); return nil }
                 state = .header
-                return .rejected(r, error: .inval)
+                return .rejected(r, reason: reason)
             case .payload(let r):
                 guard let p = input.readSlice(length: Int(r.length)) else { return nil }
                 state = .header
@@ -81,7 +82,7 @@ public struct TransmissionParser {
                     if Int(length) > maximumPayload {
                         // "Maximum payload": the spec lets a server disconnect, but draining keeps
                         // the connection useful and costs no memory.
-                        state = .discarding(r, remaining: UInt64(length))
+                        state = .discarding(r, remaining: UInt64(length), reason: .payloadTooLarge(length: UInt64(length), maximum: maximumPayload))
                         continue
                     }
                     state = .payload(r)
@@ -106,7 +107,7 @@ public struct TransmissionParser {
         var r = NBDRequest(flags: flags, type: type, cookie: cookie, offset: offset, length: length)
         guard flags.contains(.payloadLen) else {
             // WRITE "MUST use the flag": without it there is no payload to read; refuse the request.
-            if type == NBDCommand.write.rawValue { return .rejected(r, error: .inval) }
+            if type == NBDCommand.write.rawValue { return .rejected(r, reason: .writeWithoutPayloadLength) }
             return .request(r, payload: nil)
         }
         // "A server SHOULD initiate hard disconnect if ... PAYLOAD_LEN and a length larger than
@@ -117,7 +118,7 @@ public struct TransmissionParser {
             state = .payload(r)
         } else {
             // A payload on a command that takes none: "gracefully consume" it, then EINVAL.
-            state = .discarding(r, remaining: length)
+            state = .discarding(r, remaining: length, reason: .unexpectedPayload(type: type, length: length))
         }
         return try next(&input)
     }

@@ -5,6 +5,7 @@ import Logging
 import NBDProtocol
 import NIOCore
 import NIOSSL
+import NIOTLS
 import VirtioBlock
 
 final class NBDConnectionHandler: ChannelDuplexHandler {
@@ -15,14 +16,21 @@ final class NBDConnectionHandler: ChannelDuplexHandler {
 
     /// Requests in flight before the handler stops reading the socket (backpressure).
     static let maxInFlight = 128
-    /// Bytes of request payload and reply data in flight before parsing pauses.
+    /// Bytes of request payload and reply data in flight before parsing pauses (at least one
+    /// maximum payload: a request is never split to fit).
     static let maxInFlightBytes = 64 << 20
-    /// Unparsed input buffered before the socket is no longer read (one maximum request).
-    static let maxBufferedInput = (32 << 20) + 64
+    private var inFlightByteLimit: Int { max(Self.maxInFlightBytes, attached.map { Int($0.info.maximumPayload) } ?? 0) }
+    /// Unparsed input buffered before the socket is no longer read: one maximum request (its
+    /// header and payload) once transmission starts, 1 MiB during the handshake (options are at
+    /// most 16 KiB; longer ones are drained).
+    private var maxBufferedInput: Int { attached.map { Int($0.info.maximumPayload) + 64 } ?? 1 << 20 }
 
     private enum Phase {
         case handshake(HandshakeStateMachine)
-        case transmission(TransmissionParser, NBDExport, NBDSession)
+        /// STARTTLS acknowledged, TLS handshake under way: input is buffered, not parsed, until the
+        /// handshake completes and the client's identity (for allow-listed exports) is known.
+        case awaitingTLS(HandshakeStateMachine, identity: () -> NBDPeerIdentity)
+        case transmission(TransmissionParser, NBDExport, TransmissionRules)
         case closing
     }
     private var phase: Phase
@@ -60,13 +68,20 @@ final class NBDConnectionHandler: ChannelDuplexHandler {
         let bound = NIOLoopBound((self, context), eventLoop: context.eventLoop)
         handshakeTimer = context.eventLoop.scheduleTask(in: handshakeTimeout) {
             let (this, ctx) = bound.value
-            if case .handshake = this.phase {
+            if this.negotiating {
                 this.logger.info("dropping client: handshake not finished within \(this.handshakeTimeout.nanoseconds / 1_000_000_000) s")
                 this.phase = .closing
                 ctx.close(promise: nil)
             }
         }
         context.fireChannelActive()
+    }
+
+    private var negotiating: Bool {
+        switch phase {
+        case .handshake, .awaitingTLS: return true
+        default: return false
+        }
     }
 
     func channelInactive(context: ChannelHandlerContext) {
@@ -87,7 +102,7 @@ final class NBDConnectionHandler: ChannelDuplexHandler {
     private func process(context: ChannelHandlerContext) {
         while true {
             switch phase {
-            case .closing:
+            case .closing, .awaitingTLS:
                 return
             case .handshake(var hs):
                 // The exports as they are now: a reload may have added or removed some since the last option.
@@ -104,20 +119,21 @@ final class NBDConnectionHandler: ChannelDuplexHandler {
                         context.close(promise: nil)
                         return
                     case .startTLS:
-                        guard let ctx = tls.context else { context.close(promise: nil); return }
                         // The ACK goes out in plaintext; everything after it is TLS. Bytes the client
                         // sent before seeing the ACK are not part of either and are dropped.
                         context.flush()
                         input.clear()
                         do {
-                            try context.pipeline.syncOperations.addHandler(NIOSSLServerHandler(context: ctx), position: .first)
+                            let (handler, identity) = try tls.makeServerHandler()
+                            try context.pipeline.syncOperations.addHandler(handler, position: .first)
+                            phase = .awaitingTLS(hs, identity: identity)
                         } catch {
                             logger.error("cannot start TLS: \(error)")
+                            phase = .closing
                             context.close(promise: nil)
                             return
                         }
                         logger.debug("STARTTLS: TLS handshake starting")
-                        phase = .handshake(HandshakeStateMachine(afterTLS: hs))
                         return
                     case .startTransmission(let session):
                         let info = session.export
@@ -132,14 +148,17 @@ final class NBDConnectionHandler: ChannelDuplexHandler {
                         logger[metadataKey: "export"] = "\(info.name)"
                         logger.debug("transmission started", metadata: ["size": "\(info.size)",
                                                                         "structured": "\(session.structuredReplies)", "base:allocation": "\(session.allocationContext != nil)"])
-                        phase = .transmission(TransmissionParser(maximumPayload: Int(info.maximumPayload), extendedHeaders: session.extendedHeaders), e, session)
+                        let facts = ExportFacts(size: info.size, flags: info.flags, maximumPayload: UInt64(info.maximumPayload),
+                                                canFastZero: e.device.geometry.canWriteZeroes)
+                        phase = .transmission(TransmissionParser(maximumPayload: Int(info.maximumPayload), extendedHeaders: session.extendedHeaders),
+                                              e, TransmissionRules(session: session, export: facts))
                     }
                 }
                 context.flush()
                 if case .handshake = phase { return }
-            case .transmission(var parser, let export, let session):
+            case .transmission(var parser, let export, let rules):
                 // Parse no further while requests, their bytes or unsent replies are at their bounds.
-                if quiescing || inFlight >= Self.maxInFlight || inFlightBytes >= Self.maxInFlightBytes || !context.channel.isWritable { return }
+                if quiescing || inFlight >= Self.maxInFlight || inFlightBytes >= inFlightByteLimit || !context.channel.isWritable { return }
                 let event: TransmissionEvent?
                 do {
                     event = try parser.next(&input)
@@ -149,23 +168,23 @@ final class NBDConnectionHandler: ChannelDuplexHandler {
                     context.close(promise: nil)
                     return
                 }
-                phase = .transmission(parser, export, session)
+                phase = .transmission(parser, export, rules)
                 guard let ev = event else { return }
                 switch ev {
-                case .rejected(let r, _), .request(let r, _): export.metrics.request(ExportMetrics.Op(r.command))
-                }
-                switch ev {
-                case .rejected(let r, let err):
+                case .rejected(let r, let reason):
+                    export.metrics.request(ExportMetrics.Op(r.command))
                     logger.debug("rejecting request", metadata: ["type": "\(r.type)", "length": "\(r.length)"])
-                    fail(context, r, session, err, "WRITE payload exceeds the maximum payload of \(export.info.maximumPayload) bytes")
+                    execute(context, r, rules.decide(reason), payload: nil, export: export, rules: rules)
                 case .request(let r, let payload):
-                    if r.command == .disc {
+                    export.metrics.request(ExportMetrics.Op(r.command))
+                    let decision = rules.decide(r)
+                    if decision == .run(.disconnect) {
                         logger.debug("client sent NBD_CMD_DISC")
                         phase = .closing
                         closeWhenDrained(context: context)
                         return
                     }
-                    dispatch(context: context, request: r, payload: payload, export: export, session: session)
+                    execute(context, r, decision, payload: payload, export: export, rules: rules)
                 }
             }
         }
@@ -173,137 +192,102 @@ final class NBDConnectionHandler: ChannelDuplexHandler {
 
     // MARK: requests
 
-    private func dispatch(context: ChannelHandlerContext, request r: NBDRequest, payload: ByteBuffer?, export: NBDExport, session: NBDSession) {
-        let metrics = export.metrics
-        let size = export.info.size
-        let (end, overflow) = r.offset.addingReportingOverflow(r.length)
-        let inRange = !overflow && end <= size
-        guard let cmd = r.command else { return fail(context, r, session, .inval, "unknown command \(r.type)") }
-        // Flags each command may carry ("Command flags"). FUA "is valid for all commands" once
-        // SEND_FUA is advertised; on READ, FLUSH, CACHE and BLOCK_STATUS it changes nothing.
-        var allowed: NBDCommandFlags = session.export.flags.contains(.sendFUA) ? [.fua] : []
-        switch cmd {
-        case .read where session.export.flags.contains(.sendDF): allowed.insert(.df)
-        case .writeZeroes: allowed.formUnion([.noHole, .fastZero])
-        case .blockStatus: allowed.insert(.reqOne)
-        default: break
+    /// Runs what the transmission rules decided for one request; every request gets exactly one reply.
+    private func execute(_ context: ChannelHandlerContext, _ r: NBDRequest, _ decision: RequestDecision, payload: ByteBuffer?,
+                         export: NBDExport, rules: TransmissionRules) {
+        let op: TransmissionOperation
+        switch decision {
+        case .fail(let err, let message): return fail(context, r, rules, err, message)
+        case .succeed: return succeed(context, r, rules)
+        case .run(let o): op = o
         }
-        guard r.flags.isSubset(of: allowed) else { return fail(context, r, session, .inval, "flags 0x\(String(r.flags.rawValue, radix: 16)) not valid for this command") }
         let device = export.device
-        let cookie = r.cookie
-        // Built only when a request fails (formatting it for every request cost ~7 % of a 4k read).
-        func rangeError() -> String { "range \(r.offset)+\(r.length) exceeds the export size \(size)" }
-        switch cmd {
-        case .read:
-            guard r.length <= UInt64(export.info.maximumPayload) else { return fail(context, r, session, .inval, "READ longer than the maximum payload") }
-            guard inRange else { return fail(context, r, session, .inval, rangeError()) }
-            if session.structuredReplies && !r.flags.contains(.df) {
-                start(context, .read, bytes: Int(r.length)) { done in device.readExtents(offset: r.offset, length: Int(r.length), allocator: context.channel.allocator, done) }
-                    completion: { this, ctx, result in
-                        switch result {
-                        case .success(let extents):
-                            metrics.read(bytes: Int(r.length))
-                            this.replyExtents(context: ctx, request: r, session: session, extents: extents)
-                        case .failure(let e): this.fail(ctx, r, session, e.nbdErrno, "\(e)")
-                        }
-                    }
-            } else {
-                start(context, .read, bytes: Int(r.length)) { done in device.read(offset: r.offset, length: Int(r.length), allocator: context.channel.allocator, done) }
-                    completion: { this, ctx, result in
-                        switch result {
-                        case .success(let data):
-                            metrics.read(bytes: data.readableBytes)
-                            if session.structuredReplies { this.replyData(context: ctx, request: r, session: session, data: data) }
-                            else { this.reply(context: ctx, cookie: cookie, error: nil, data: data) }
-                        case .failure(let e): this.fail(ctx, r, session, e.nbdErrno, "\(e)")
-                        }
-                    }
+        let metrics = export.metrics
+        switch op {
+        case .read(let offset, let length, .sparse):
+            start(context, .read, bytes: Int(length)) { done in
+                device.readExtents(offset: offset, length: Int(length), allocator: context.channel.allocator, done)
+            } completion: { this, ctx, result in
+                switch result {
+                case .success(let extents):
+                    metrics.read(bytes: Int(length))
+                    this.replyExtents(context: ctx, request: r, rules: rules, extents: extents)
+                case .failure(let e): this.fail(ctx, r, rules, e.nbdErrno, "\(e)")
+                }
             }
-        case .write:
-            guard !export.readOnly else { return fail(context, r, session, .perm, "export is read-only") }
-            guard inRange else { return fail(context, r, session, .nospc, rangeError()) }
+        case .read(let offset, let length, let shape):
+            start(context, .read, bytes: Int(length)) { done in
+                device.read(offset: offset, length: Int(length), allocator: context.channel.allocator, done)
+            } completion: { this, ctx, result in
+                switch result {
+                case .success(let data):
+                    metrics.read(bytes: data.readableBytes)
+                    this.replyData(context: ctx, request: r, rules: rules, shape: shape, data: data)
+                case .failure(let e): this.fail(ctx, r, rules, e.nbdErrno, "\(e)")
+                }
+            }
+        case .write(let offset, let length, let fua):
             let data = payload ?? ByteBuffer()
-            let fua = r.flags.contains(.fua)
-            let n = data.readableBytes
-            startVoid(context, r, session, bytes: n, wrote: n) { done in device.write(offset: r.offset, data: data, fua: fua, done) }
+            precondition(data.readableBytes == Int(length), "the parser hands over exactly the announced payload")
+            startVoid(context, r, rules, bytes: Int(length), wrote: Int(length)) { done in device.write(offset: offset, data: data, fua: fua, done) }
         case .flush:
-            startVoid(context, r, session) { done in device.flush(done) }
-        case .trim:
-            guard !export.readOnly else { return fail(context, r, session, .perm, "export is read-only") }
-            guard inRange else { return fail(context, r, session, .inval, rangeError()) }
-            let fua = r.flags.contains(.fua)
-            startVoid(context, r, session) { done in
-                device.trim(offset: r.offset, length: r.length) { res in
+            startVoid(context, r, rules) { done in device.flush(done) }
+        case .trim(let offset, let length, let fua):
+            startVoid(context, r, rules) { done in
+                device.trim(offset: offset, length: length) { res in
                     guard fua, case .success = res else { return done(res) }
                     device.flush(done)
                 }
             }
-        case .writeZeroes:
-            guard !export.readOnly else { return fail(context, r, session, .perm, "export is read-only") }
-            guard inRange else { return fail(context, r, session, .nospc, rangeError()) }
-            // FAST_ZERO: without device WRITE_ZEROES, zeroing means writing every byte: fail fast.
-            if r.flags.contains(.fastZero) && !device.geometry.canWriteZeroes {
-                return fail(context, r, session, .notsup, "the device has no WRITE_ZEROES; zeroing would be slow")
-            }
-            let fua = r.flags.contains(.fua), unmap = !r.flags.contains(.noHole)
-            startVoid(context, r, session) { done in device.writeZeroes(offset: r.offset, length: r.length, mayUnmap: unmap, fua: fua, done) }
-        case .cache:
-            // Advertised as SEND_CACHE: the device is local memory or a local file; nothing to prefetch.
-            guard inRange else { return fail(context, r, session, .inval, rangeError()) }
-            succeed(context, r, session)
-        case .blockStatus:
-            guard let ctx = session.allocationContext else { return fail(context, r, session, .inval, "no metadata context was negotiated") }
-            guard r.length > 0, inRange else { return fail(context, r, session, .inval, r.length == 0 ? "BLOCK_STATUS of length 0" : rangeError()) }
-            replyBlockStatus(context: context, request: r, session: session, contextID: ctx, device: device)
-        case .disc:
+        case .writeZeroes(let offset, let length, let fua, let mayUnmap):
+            startVoid(context, r, rules) { done in device.writeZeroes(offset: offset, length: length, mayUnmap: mayUnmap, fua: fua, done) }
+        case .blockStatus(let offset, let length, let ctx, let reqOne):
+            let runs = device.allocation.extents(BlockDevice.down(offset), BlockDevice.up(offset + length)).lazy
+                .map { (start: $0.start, end: $0.end, flags: $0.state.baseAllocationFlags) }
+            let descriptors = BlockStatusDescriptors.merge(runs, offset: offset, length: length,
+                                                           extended: rules.extendedHeaders, reqOne: reqOne)
+            guard context.channel.isActive else { return }
+            var b = context.channel.allocator.buffer(capacity: 40 + 16 * descriptors.count)
+            rules.replies.blockStatus(r, context: ctx, descriptors: descriptors, into: &b)
+            emit(context, b)
+        case .disconnect:
             break
-        case .resize:
-            fail(context, r, session, .inval, "RESIZE is not supported")
         }
     }
 
     // MARK: replies
 
-    private func framing(_ r: NBDRequest, _ session: NBDSession) -> ReplyFraming {
-        session.extendedHeaders ? .extended(offset: r.offset) : .structured
-    }
-
-    /// Answers a failed request: an ERROR chunk where structured replies are required (READ and
-    /// BLOCK_STATUS; everything once extended headers are on), else a simple reply.
-    private func fail(_ context: ChannelHandlerContext, _ r: NBDRequest, _ session: NBDSession, _ err: NBDErrno, _ message: String) {
+    /// Answers a failed request, framed as the session requires (`ReplyEncoder.error`).
+    private func fail(_ context: ChannelHandlerContext, _ r: NBDRequest, _ rules: TransmissionRules, _ err: NBDErrno, _ message: String) {
         attached?.metrics.failed(ExportMetrics.Op(r.command))
         logger.debug("request failed", metadata: ["type": "\(r.type)", "offset": "\(r.offset)", "length": "\(r.length)", "error": "\(err)", "why": "\(message)"])
-        if session.extendedHeaders || (session.structuredReplies && (r.command == .read || r.command == .blockStatus)) {
-            guard context.channel.isActive else { return }
-            var b = context.channel.allocator.buffer(capacity: 48 + message.utf8.count)
-            StructuredReply.error(cookie: r.cookie, error: err, message: message, framing: framing(r, session), into: &b)
-            emit(context, b)
-        } else {
-            reply(context: context, cookie: r.cookie, error: err, data: nil)
-        }
-    }
-
-    /// Answers a successful request without payload: a simple reply, or NONE+DONE with extended headers.
-    private func succeed(_ context: ChannelHandlerContext, _ r: NBDRequest, _ session: NBDSession) {
-        guard session.extendedHeaders else { return reply(context: context, cookie: r.cookie, error: nil, data: nil) }
         guard context.channel.isActive else { return }
-        var b = context.channel.allocator.buffer(capacity: 32)
-        StructuredReply.none(cookie: r.cookie, framing: framing(r, session), into: &b)
+        var b = context.channel.allocator.buffer(capacity: 48 + message.utf8.count)
+        rules.replies.error(r, err, message: message, into: &b)
         emit(context, b)
     }
 
-    /// A READ as OFFSET_DATA and OFFSET_HOLE chunks; the last one carries DONE.
-    private func replyExtents(context: ChannelHandlerContext, request r: NBDRequest, session: NBDSession, extents: [BlockDevice.Extent]) {
+    /// Answers a successful request without data (`ReplyEncoder.success`).
+    private func succeed(_ context: ChannelHandlerContext, _ r: NBDRequest, _ rules: TransmissionRules) {
         guard context.channel.isActive else { return }
-        let cookie = r.cookie, fr = framing(r, session)
+        var b = context.channel.allocator.buffer(capacity: 32)
+        rules.replies.success(r, into: &b)
+        emit(context, b)
+    }
+
+    /// A sparse READ as OFFSET_DATA and OFFSET_HOLE chunks; the last one carries DONE.
+    private func replyExtents(context: ChannelHandlerContext, request r: NBDRequest, rules: TransmissionRules, extents: [BlockDevice.Extent]) {
+        guard context.channel.isActive else { return }
+        let replies = rules.replies
+        guard !extents.isEmpty else { return succeed(context, r, rules) }
         var header = context.channel.allocator.buffer(capacity: 32 * extents.count)
         for (i, e) in extents.enumerated() {
             let last = i == extents.count - 1
             switch e {
             case .zero(let o, let n):
-                StructuredReply.offsetHole(cookie: cookie, offset: o, length: UInt32(n), done: last, framing: fr, into: &header)
+                replies.readHole(r, offset: o, length: n, done: last, into: &header)
             case .data(let o, let d):
-                StructuredReply.offsetData(cookie: cookie, offset: o, dataLength: d.readableBytes, done: last, framing: fr, into: &header)
+                replies.readData(r, shape: .sparse, offset: o, dataLength: d.readableBytes, done: last, into: &header)
                 context.write(wrapOutboundOut(header), promise: nil)
                 context.write(wrapOutboundOut(d), promise: nil)
                 if last { if batching { needsFlush = true } else { context.flush() }; return }
@@ -314,44 +298,13 @@ final class NBDConnectionHandler: ChannelDuplexHandler {
         if batching { needsFlush = true } else { context.flush() }
     }
 
-    /// One OFFSET_DATA chunk with DONE (DF reads, and reads when structured replies are on).
-    private func replyData(context: ChannelHandlerContext, request r: NBDRequest, session: NBDSession, data: ByteBuffer) {
+    /// A READ's data in one piece: a simple reply, or one OFFSET_DATA chunk with DONE.
+    private func replyData(context: ChannelHandlerContext, request r: NBDRequest, rules: TransmissionRules, shape: ReadReplyShape, data: ByteBuffer) {
         guard context.channel.isActive else { return }
         var header = context.channel.allocator.buffer(capacity: 48)
-        StructuredReply.offsetData(cookie: r.cookie, offset: r.offset, dataLength: data.readableBytes, done: true, framing: framing(r, session), into: &header)
+        rules.replies.readData(r, shape: shape, offset: r.offset, dataLength: data.readableBytes, done: true, into: &header)
         context.write(wrapOutboundOut(header), promise: nil)
         emit(context, data)
-    }
-
-    /// base:allocation extents for [offset, offset+length), merged, clipped, REQ_ONE honoured.
-    /// Compact replies carry u32 lengths; extended ones BLOCK_STATUS_EXT with u64 lengths.
-    private func replyBlockStatus(context: ChannelHandlerContext, request r: NBDRequest, session: NBDSession, contextID: UInt32, device: BlockDevice) {
-        let end = r.offset + r.length
-        let maxPiece: UInt64 = session.extendedHeaders ? UInt64.max : UInt64(UInt32.max) & ~4095
-        var extents: [(length: UInt64, flags: UInt32)] = []
-        for run in device.allocation.extents(BlockDevice.down(r.offset), BlockDevice.up(end)) {
-            let a = max(run.start, r.offset), b = min(run.end, end)
-            guard a < b else { continue }
-            let f = run.state.baseAllocationFlags
-            var left = b - a
-            while left > 0 {
-                let n = min(left, maxPiece)
-                if let l = extents.last, l.flags == f, maxPiece - l.length >= n { extents[extents.count - 1].length += n }
-                else { extents.append((n, f)) }
-                left -= n
-            }
-            // At most 2^20 descriptors per chunk ("NBD_REPLY_TYPE_BLOCK_STATUS").
-            if r.flags.contains(.reqOne) || extents.count >= 1 << 20 { break }
-        }
-        if r.flags.contains(.reqOne) { extents = Array(extents.prefix(1)) }
-        var b = context.channel.allocator.buffer(capacity: 40 + 16 * extents.count)
-        if session.extendedHeaders {
-            StructuredReply.blockStatusExt(cookie: r.cookie, context: contextID, extents: extents.map { ($0.length, UInt64($0.flags)) },
-                                           done: true, framing: framing(r, session), into: &b)
-        } else {
-            StructuredReply.blockStatus(cookie: r.cookie, context: contextID, extents: extents.map { (UInt32($0.length), $0.flags) }, done: true, into: &b)
-        }
-        emit(context, b)
     }
 
     /// Runs a block operation. Its completion is posted to this connection's mailbox; the first
@@ -406,27 +359,15 @@ final class NBDConnectionHandler: ChannelDuplexHandler {
 
     /// Runs a command whose reply has no data; `wrote` bytes are counted in the export's metrics
     /// when it succeeds (a count, not a closure: one allocation less per WRITE).
-    private func startVoid(_ context: ChannelHandlerContext, _ r: NBDRequest, _ session: NBDSession, bytes: Int = 0,
+    private func startVoid(_ context: ChannelHandlerContext, _ r: NBDRequest, _ rules: TransmissionRules, bytes: Int = 0,
                            wrote: Int? = nil, _ op: (@escaping @Sendable (Result<Void, BlkError>) -> Void) -> Void) {
         start(context, ExportMetrics.Op(r.command), bytes: bytes, op) { this, ctx, result in
             switch result {
             case .success:
                 if let n = wrote { this.attached?.metrics.wrote(bytes: n) }
-                this.succeed(ctx, r, session)
-            case .failure(let e): this.fail(ctx, r, session, e.nbdErrno, "\(e)")
+                this.succeed(ctx, r, rules)
+            case .failure(let e): this.fail(ctx, r, rules, e.nbdErrno, "\(e)")
             }
-        }
-    }
-
-    private func reply(context: ChannelHandlerContext, cookie: UInt64, error: NBDErrno?, data: ByteBuffer?) {
-        guard context.channel.isActive else { return }
-        var header = context.channel.allocator.buffer(capacity: 16)
-        TransmissionParser.simpleReply(cookie: cookie, error: error, into: &header)
-        if let d = data {
-            context.write(wrapOutboundOut(header), promise: nil)
-            emit(context, d)
-        } else {
-            emit(context, header)
         }
     }
 
@@ -452,8 +393,8 @@ final class NBDConnectionHandler: ChannelDuplexHandler {
     /// input and unsent replies are all bounded. A client that floods requests without reading
     /// replies fills its own socket buffers instead of the server's memory.
     private func mayRead(_ context: ChannelHandlerContext) -> Bool {
-        !quiescing && inFlight < Self.maxInFlight && inFlightBytes < Self.maxInFlightBytes
-            && input.readableBytes < Self.maxBufferedInput && context.channel.isWritable
+        !quiescing && inFlight < Self.maxInFlight && inFlightBytes < inFlightByteLimit
+            && input.readableBytes < maxBufferedInput && context.channel.isWritable
     }
 
     func read(context: ChannelHandlerContext) {
@@ -476,6 +417,13 @@ final class NBDConnectionHandler: ChannelDuplexHandler {
     }
 
     func userInboundEventTriggered(context: ChannelHandlerContext, event: Any) {
+        if case .handshakeCompleted? = event as? TLSUserEvent, case .awaitingTLS(let hs, let identity) = phase {
+            // Negotiation continues inside TLS, with who the client proved to be.
+            let peer = identity()
+            logger.debug("TLS handshake completed", metadata: ["client-dn": "\(peer.certificateDN ?? "-")", "psk-identity": "\(peer.pskIdentity ?? "-")"])
+            phase = .handshake(HandshakeStateMachine(afterTLS: hs, peer: peer))
+            if input.readableBytes > 0 { process(context: context) }
+        }
         if event is QuiesceEvent {
             quiescing = true
             switch phase {
@@ -488,7 +436,12 @@ final class NBDConnectionHandler: ChannelDuplexHandler {
     }
 
     func errorCaught(context: ChannelHandlerContext, error: Error) {
-        logger.debug("connection error: \(error)")
+        if case .awaitingTLS = phase {
+            // E.g. --tls-verify-peer and no client certificate, or one ca-cert.pem did not sign.
+            logger.info("closing: TLS handshake failed: \(error)")
+        } else {
+            logger.debug("connection error: \(error)")
+        }
         context.close(promise: nil)
     }
 }

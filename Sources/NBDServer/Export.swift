@@ -10,9 +10,9 @@ public final class NBDExport: Sendable {
     public let metrics: ExportMetrics
 
     /// Derives the transmission flags from what the virtio device offers ("Transmission flags").
-    /// `maximumPayload`: the largest READ or WRITE a client may send (NBD_INFO_BLOCK_SIZE's maximum,
-    /// `--max-payload`); nil for `NBDExportInfo`'s default.
-    public init(name: String, description: String, device: BlockDevice, forceReadOnly: Bool = false, maximumPayload: UInt32? = nil) {
+    /// `allowedClients`: only these TLS clients may use the export (nil: every client).
+    public init(name: String, description: String, device: BlockDevice, forceReadOnly: Bool = false,
+                maximumPayload: UInt32 = NBDExportInfo.defaultMaximumPayload, allowedClients: NBDClientAllowList? = nil) {
         let g = device.geometry
         // Every connection shares one device whose completions are write-through to it, and a FLUSH
         // on any connection flushes the device: multi-conn is safe ("NBD_FLAG_CAN_MULTI_CONN").
@@ -21,10 +21,8 @@ public final class NBDExport: Sendable {
         if g.canFlush { flags.formUnion([.sendFlush, .sendFUA]) }
         if g.canDiscard { flags.insert(.sendTrim) }
         if flags.contains(.readOnly) { flags.subtract([.sendWriteZeroes, .sendTrim, .sendFastZero]) }
-        var info = NBDExportInfo(name: name, description: description, size: device.size, flags: flags,
-                                 minimumBlockSize: 1, preferredBlockSize: 4096)
-        if let maximumPayload { info.maximumPayload = maximumPayload }
-        self.info = info
+        info = NBDExportInfo(name: name, description: description, size: device.size, flags: flags,
+                             minimumBlockSize: 1, preferredBlockSize: 4096, maximumPayload: maximumPayload, allowedClients: allowedClients)
         self.device = device
         metrics = ExportMetrics(export: name)
     }

@@ -1,9 +1,14 @@
 // TLS for NBD ("TLS support" in the NBD spec): STARTTLS upgrades a connection in the middle of
 // negotiation. X.509 certificates use the directory layout nbdkit and qemu use; PSK keys use
-// psktool's "identity:hexkey" file format.
+// psktool's "identity:hexkey" file format. With --tls-verify-peer (nbdkit's flag) a client must
+// present a certificate signed by ca-cert.pem; its subject DN is the client's identity for
+// per-export authorisation (`allow-dn:`), as the PSK identity is with PSK (`allow-psk:`).
+import AccessControl
 import Foundation
 import NBDProtocol
+import NIOCore
 import NIOSSL
+import Virtio
 
 public enum TLSSetupError: Error, CustomStringConvertible {
     case missingCredentials
@@ -11,6 +16,12 @@ public enum TLSSetupError: Error, CustomStringConvertible {
     case unreadable(path: String, what: String, underlying: String)
     case badPSKLine(path: String, line: Int)
     case emptyPSKFile(path: String)
+    /// --tls-verify-peer checks X.509 client certificates; a PSK client proves itself by its key.
+    case verifyPeerWithPSK
+    /// --tls-verify-peer without --tls-certificates (or with --tls off).
+    case verifyPeerWithoutCertificates
+    /// --tls-verify-peer needs DIR/ca-cert.pem, the CA that signs client certificates.
+    case missingCA(path: String)
 
     public var description: String {
         switch self {
@@ -19,14 +30,26 @@ public enum TLSSetupError: Error, CustomStringConvertible {
         case .unreadable(let p, let w, let u): return "cannot load \(w) from \(p): \(u); the directory must hold server-cert.pem and server-key.pem (and ca-cert.pem), as for nbdkit/qemu"
         case .badPSKLine(let p, let l): return "\(p):\(l): expected \"identity:hexkey\" (the format psktool writes)"
         case .emptyPSKFile(let p): return "\(p) holds no keys; create one with: psktool -u alice -p \(p)"
+        case .verifyPeerWithPSK:
+            return "--tls-verify-peer verifies X.509 client certificates, but --tls-psk is set (a PSK client already proves itself by its key); drop --tls-verify-peer, or use --tls-certificates"
+        case .verifyPeerWithoutCertificates:
+            return "--tls-verify-peer needs --tls on|require with --tls-certificates DIR (ca-cert.pem there signs the client certificates)"
+        case .missingCA(let p):
+            return "--tls-verify-peer needs \(p), the CA certificate that client certificates must be signed by; copy the CA's certificate there (certtool/openssl PEM)"
         }
     }
 }
 
-/// The server's TLS policy and, unless it is off, the context that wraps upgraded connections.
+/// The server's TLS policy and, unless it is off, how upgraded connections are wrapped.
 public struct TLSSettings: Sendable {
     public var policy: NBDTLSPolicy
+    /// X.509: the context every connection shares.
     public var context: NIOSSLContext?
+    /// PSK: the keys by identity. Each connection gets a context of its own, whose key callback
+    /// records the identity the client used (NIOSSL's callback does not say which connection asks).
+    var pskKeys: [String: [UInt8]]?
+    /// Client certificates are required and verified against ca-cert.pem (`--tls-verify-peer`).
+    public private(set) var verifyPeer = false
 
     public static let off = TLSSettings(policy: .off, context: nil)
 
@@ -35,7 +58,9 @@ public struct TLSSettings: Sendable {
     }
 
     /// Builds the settings from the CLI/config options.
-    public static func load(policy: NBDTLSPolicy, certificates: String?, pskFile: String?) throws -> TLSSettings {
+    public static func load(policy: NBDTLSPolicy, certificates: String?, pskFile: String?, verifyPeer: Bool = false) throws -> TLSSettings {
+        if verifyPeer && pskFile != nil { throw TLSSetupError.verifyPeerWithPSK }
+        if verifyPeer && (certificates == nil || policy == .off) { throw TLSSetupError.verifyPeerWithoutCertificates }
         guard policy != .off else { return .off }
         switch (certificates, pskFile) {
         case (nil, nil): throw TLSSetupError.missingCredentials
@@ -50,23 +75,68 @@ public struct TLSSettings: Sendable {
             do { key = try NIOSSLPrivateKey(file: keyPath, format: .pem) } catch {
                 throw TLSSetupError.unreadable(path: keyPath, what: "the server private key", underlying: "\(error)")
             }
-            let cfg = TLSConfiguration.makeServerConfiguration(certificateChain: chain.map { .certificate($0) }, privateKey: .privateKey(key))
-            return TLSSettings(policy: policy, context: try NIOSSLContext(configuration: cfg))
+            var cfg = TLSConfiguration.makeServerConfiguration(certificateChain: chain.map { .certificate($0) }, privateKey: .privateKey(key))
+            if verifyPeer {
+                // Only ca-cert.pem is trusted (never the system's roots); a client without a
+                // certificate, or with one it did not sign, fails the TLS handshake.
+                let caPath = dir + "/ca-cert.pem"
+                guard FileManager.default.fileExists(atPath: caPath) else { throw TLSSetupError.missingCA(path: caPath) }
+                let ca: [NIOSSLCertificate]
+                do { ca = try NIOSSLCertificate.fromPEMFile(caPath) } catch {
+                    throw TLSSetupError.unreadable(path: caPath, what: "the CA certificate", underlying: "\(error)")
+                }
+                guard !ca.isEmpty else { throw TLSSetupError.unreadable(path: caPath, what: "the CA certificate", underlying: "no PEM certificate in the file") }
+                cfg.certificateVerification = .noHostnameVerification
+                cfg.trustRoots = .certificates(ca)
+                cfg.sendCANameList = true
+            }
+            var s = TLSSettings(policy: policy, context: try NIOSSLContext(configuration: cfg))
+            s.verifyPeer = verifyPeer
+            return s
         case (nil, let path?):
             let keys = try loadPSK(path)
-            var cfg = TLSConfiguration.makePreSharedKeyConfiguration()
-            // BoringSSL offers external PSKs only with TLS 1.2 PSK cipher suites.
-            cfg.minimumTLSVersion = .tlsv12
-            cfg.maximumTLSVersion = .tlsv12
-            cfg.cipherSuites = "ECDHE-PSK-AES128-GCM-SHA256:ECDHE-PSK-AES256-GCM-SHA384:ECDHE-PSK-CHACHA20-POLY1305:ECDHE-PSK-AES128-CBC-SHA:ECDHE-PSK-AES256-CBC-SHA:PSK-AES128-GCM-SHA256:PSK-AES256-GCM-SHA384:PSK-AES128-CBC-SHA:PSK-AES256-CBC-SHA"
-            cfg.pskServerProvider = { ctx in
-                guard let k = keys[ctx.clientIdentity] else { throw NIOSSLError.unableToAllocateBoringSSLObject }
-                var bytes = NIOSSLSecureBytes()
-                bytes.append(k)
-                return PSKServerIdentityResponse(key: bytes)
-            }
-            return TLSSettings(policy: policy, context: try NIOSSLContext(configuration: cfg))
+            // One context now, so that a configuration NIOSSL refuses stops virtnbd at start.
+            _ = try NIOSSLContext(configuration: pskConfiguration(keys, recorder: PSKIdentityRecorder()))
+            var s = TLSSettings(policy: policy, context: nil)
+            s.pskKeys = keys
+            return s
         }
+    }
+
+    /// The TLS handler for one connection's STARTTLS, and how to read who the client proved to be
+    /// once the handshake has completed (`TLSUserEvent.handshakeCompleted`).
+    func makeServerHandler() throws -> (handler: NIOSSLServerHandler, identity: () -> NBDPeerIdentity) {
+        if let keys = pskKeys {
+            let recorder = PSKIdentityRecorder()
+            let handler = NIOSSLServerHandler(context: try NIOSSLContext(configuration: Self.pskConfiguration(keys, recorder: recorder)))
+            return (handler, { NBDPeerIdentity(pskIdentity: recorder.identity) })
+        }
+        guard let context else { throw TLSSetupError.missingCredentials }
+        let handler = NIOSSLServerHandler(context: context)
+        let verified = verifyPeer
+        return (handler, {
+            // A DN only from a certificate verified against ca-cert.pem: anyone can make a self-signed one.
+            guard verified, let cert = handler.peerCertificate, let der = try? cert.toDERBytes(),
+                  let dn = try? DistinguishedName(certificateDER: der) else { return NBDPeerIdentity() }
+            return NBDPeerIdentity(certificateDN: dn.description)
+        })
+    }
+
+    static func pskConfiguration(_ keys: [String: [UInt8]], recorder: PSKIdentityRecorder) -> TLSConfiguration {
+        var cfg = TLSConfiguration.makePreSharedKeyConfiguration()
+        // BoringSSL offers external PSKs only with TLS 1.2 PSK cipher suites.
+        cfg.minimumTLSVersion = .tlsv12
+        cfg.maximumTLSVersion = .tlsv12
+        cfg.cipherSuites = "ECDHE-PSK-AES128-GCM-SHA256:ECDHE-PSK-AES256-GCM-SHA384:ECDHE-PSK-CHACHA20-POLY1305:ECDHE-PSK-AES128-CBC-SHA:ECDHE-PSK-AES256-CBC-SHA:PSK-AES128-GCM-SHA256:PSK-AES256-GCM-SHA384:PSK-AES128-CBC-SHA:PSK-AES256-CBC-SHA"
+        cfg.pskServerProvider = { ctx in
+            guard let k = keys[ctx.clientIdentity] else { throw NIOSSLError.unableToAllocateBoringSSLObject }
+            // The identity whose key the handshake uses; a wrong key fails the handshake anyway.
+            recorder.record(ctx.clientIdentity)
+            var bytes = NIOSSLSecureBytes()
+            bytes.append(k)
+            return PSKServerIdentityResponse(key: bytes)
+        }
+        return cfg
     }
 
     /// psktool format: one "identity:hexkey" per line.
@@ -92,4 +162,11 @@ public struct TLSSettings: Sendable {
         guard !keys.isEmpty else { throw TLSSetupError.emptyPSKFile(path: path) }
         return keys
     }
+}
+
+/// The PSK identity one connection's TLS handshake used (set from NIOSSL's key callback).
+final class PSKIdentityRecorder: Sendable {
+    private let value = Locked<String?>(nil)
+    func record(_ id: String) { value.withLock { $0 = id } }
+    var identity: String? { value.withLock { $0 } }
 }

@@ -13,6 +13,7 @@
 //   --tls-certificates, --tls-psk   replace the file's credentials, both kinds: a flag's credential
 //                                   is the only one used. Without --tls they raise an `off` policy
 //                                   to `on` (credentials on the command line mean "use TLS").
+//   --tls-verify-peer               sets tls.verify-peer (no flag turns the file's off).
 //   --metrics                       replaces `metrics`.
 //
 // Export flags select an export by -e NAME (default "").
@@ -50,6 +51,8 @@ public struct CommandLineOverrides: Sendable, Equatable {
     public var tls: TLSPolicy?
     public var tlsCertificates: String?
     public var tlsPsk: String?
+    /// `--tls-verify-peer` (true when given).
+    public var tlsVerifyPeer = false
     /// `--metrics HOST:PORT`.
     public var metrics: String?
 
@@ -149,6 +152,7 @@ extension VirtNBDConfig {
             c.tls.psk = flags.tlsPsk
             if flags.tls == nil && c.tls.policy == .off { c.tls.policy = .on }
         }
+        if flags.tlsVerifyPeer { c.tls.verifyPeer = true }
 
         // Exports.
         if let d = flags.device {
@@ -161,9 +165,6 @@ extension VirtNBDConfig {
         }
         if let q = flags.queueSize, !(1...32768).contains(q) {
             throw fail(.badValue, "--queue-size", "\(q) is not from 1 to 32768", "use e.g. 256")
-        }
-        if let sz = flags.size, sz < Values.minimumDiskSize {
-            throw fail(.badValue, "--size", "\(sz) bytes is less than one 4 KiB block", "use at least 4K, e.g. 64M")
         }
         if let p = flags.maxPayload, !ExportConfig.maxPayloadRange.contains(p) {
             throw fail(.badValue, "--max-payload", "\(p) bytes is not from 4K to 1G", "use e.g. 64M (the default)")
@@ -231,11 +232,37 @@ extension VirtNBDConfig {
             throw fail(.tlsCredentials, flag, "\(needs.rawValue) needs TLS credentials",
                        "add --tls-certificates DIR (server-cert.pem, server-key.pem) or --tls-psk FILE (psktool format)")
         }
+        if let p = c.authorisationProblem {
+            let key: String
+            switch p {
+            case .allowDNWithoutVerifyPeer(let i): key = "exports[\(i)].allow-dn"
+            case .allowPSKWithoutPSK(let i): key = "exports[\(i)].allow-psk"
+            default: key = flags.tlsVerifyPeer ? "--tls-verify-peer" : "tls.verify-peer"
+            }
+            // Flags alone (no file): say it in flags.
+            if source == nil, let (problem, fix) = Self.flagWording(p) { throw fail(.tlsCredentials, key, problem, fix) }
+            throw fail(.tlsCredentials, key, p.problem, p.fix)
+        }
         return c
     }
 }
 
 extension VirtNBDConfig {
+    /// An authorisation problem in the words of the flags, for a configuration made of flags only.
+    static func flagWording(_ p: AuthorisationProblem) -> (String, String)? {
+        switch p {
+        case .verifyPeerWithPSK:
+            return ("it verifies X.509 client certificates, but --tls-psk is set (a PSK client already proves itself by its key)",
+                    "drop --tls-verify-peer, or use --tls-certificates instead of --tls-psk")
+        case .verifyPeerWithoutCertificates:
+            return ("it needs --tls-certificates DIR (ca-cert.pem there signs the client certificates)", "add --tls-certificates DIR")
+        case .verifyPeerWithoutTLS:
+            return ("it has no effect while TLS is off", "add --tls on or --tls require, or drop --tls-verify-peer")
+        default:
+            return nil
+        }
+    }
+
     /// `host:port` or `[v6]:port` as a flag gives it (`--metrics`), checked like the file's values.
     public static func hostPort(_ text: String, flag: String, file: String = "command line") throws(ConfigError) -> (host: String, port: Int) {
         func fail(_ problem: String, _ fix: String) -> ConfigError {

@@ -37,8 +37,8 @@ enum Keys {
     static let root = ["listen", "allow", "limits", "log", "metrics", "tls", "exports"]
     static let limits = ["max-connections", "handshake-timeout"]
     static let log = ["level"]
-    static let tls = ["policy", "certificates", "psk"]
-    static let export = ["name", "description", "device", "size", "path", "socket", "pci", "read-only", "tls", "queue-size", "max-payload"]
+    static let tls = ["policy", "certificates", "psk", "verify-peer"]
+    static let export = ["name", "description", "device", "size", "path", "socket", "pci", "read-only", "tls", "queue-size", "max-payload", "allow-dn", "allow-psk"]
     static let devices = ["ram", "file", "vhost-user", "vfio", "simulated"]
     /// Device parameters and the devices that take them.
     static let deviceParameters: [String: [String]] = ["size": ["ram", "file"], "path": ["file"], "socket": ["vhost-user"], "pci": ["vfio"]]
@@ -147,15 +147,6 @@ struct ConfigParser {
         }
     }
 
-    /// A disk's size: at least one 4 KiB block (virtnbd serves whole blocks).
-    func diskSize(_ node: Node, _ path: String) throws(ConfigError) -> UInt64 {
-        let v = try size(node, path)
-        guard v >= Values.minimumDiskSize else {
-            throw error(.badValue, node, path, "\(v) bytes is less than one 4 KiB block", "use at least 4K, e.g. 64M")
-        }
-        return v
-    }
-
     func filePath(_ node: Node, _ path: String, example: String) throws(ConfigError) -> String {
         let s = try string(node, path, fix: "give a path, e.g. \(example)")
         guard !s.isEmpty else { throw error(.missingValue, node, path, "empty path", "give a path, e.g. \(example)") }
@@ -255,12 +246,13 @@ struct ConfigParser {
         if let node = top["metrics"] {
             cfg.metrics = try metrics(node, listeners: cfg.listeners, lines: listenerLines)
         }
-        var tlsLines: (policy: Int?, certificates: Int?, psk: Int?) = (nil, nil, nil)
+        var tlsLines: (policy: Int?, certificates: Int?, psk: Int?, verifyPeer: Int?) = (nil, nil, nil, nil)
         if let node = top["tls"] {
             let t = try table(node, "tls", known: Keys.tls, example: "tls: { policy: require, certificates: /etc/pki/virtnbd }")
             if let v = t["policy"] { cfg.tls.policy = TLSPolicy(rawValue: try oneOf(v, t.path("policy"), TLSPolicy.allCases.map(\.rawValue)))!; tlsLines.policy = v.mark?.line }
             if let v = t["certificates"] { cfg.tls.certificates = try filePath(v, t.path("certificates"), example: "/etc/pki/virtnbd"); tlsLines.certificates = v.mark?.line }
             if let v = t["psk"] { cfg.tls.psk = try filePath(v, t.path("psk"), example: "/etc/virtnbd/keys.psk"); tlsLines.psk = v.mark?.line }
+            if let v = t["verify-peer"] { cfg.tls.verifyPeer = try bool(v, t.path("verify-peer")); tlsLines.verifyPeer = v.mark?.line }
             if cfg.tls.certificates != nil && cfg.tls.psk != nil {
                 throw error(.tlsCredentials, tlsLines.psk, "tls.psk", "both tls.certificates (line \(tlsLines.certificates ?? 0)) and tls.psk are set",
                             "keep one of them: X.509 certificates or a PSK file")
@@ -281,6 +273,15 @@ struct ConfigParser {
             if let i = cfg.exports.indices.first(where: { (cfg.exports[$0].tls ?? .off) != .off }) {
                 throw error(.tlsCredentials, exportLines[i].tls, "exports[\(i)].tls", "\(cfg.exports[i].tls!.rawValue) needs TLS credentials", fix)
             }
+        }
+        if let p = cfg.authorisationProblem {
+            let (line, key): (Int?, String)
+            switch p {
+            case .verifyPeerWithPSK, .verifyPeerWithoutCertificates, .verifyPeerWithoutTLS: (line, key) = (tlsLines.verifyPeer, "tls.verify-peer")
+            case .allowDNWithoutVerifyPeer(let i): (line, key) = (exportLines[i].allowDN, "exports[\(i)].allow-dn")
+            case .allowPSKWithoutPSK(let i): (line, key) = (exportLines[i].allowPSK, "exports[\(i)].allow-psk")
+            }
+            throw error(.tlsCredentials, line, key, p.problem, p.fix)
         }
         return cfg
     }
@@ -318,6 +319,27 @@ struct ConfigParser {
             return .unix(path: s)
         }
         return .tcp(host: try hostPort(s, node, path), port: try port(s, node, path))
+    }
+
+    /// `allow-dn:` / `allow-psk:`: a list of names, or one as a single value; each converted by `item`.
+    func allowItems(_ node: Node, _ path: String, example: String,
+                    _ item: (String, Node, String) throws(ConfigError) -> String) throws(ConfigError) -> [String] {
+        let items: [Node]
+        switch node {
+        case .sequence(let s): items = Array(s)
+        case .scalar: items = [node]
+        default: throw error(.wrongType, node, path, "expected a list of client names, found \(Self.what(node))", "write \(example)")
+        }
+        guard !items.isEmpty else {
+            throw error(.missingValue, node, path, "an empty list would refuse every client", "list the clients allowed, e.g. \(example), or leave the key out to allow every client")
+        }
+        var out: [String] = []
+        for (i, n) in items.enumerated() {
+            let p = "\(path)[\(i)]"
+            let v = try item(try string(n, p, fix: "write \(example)"), n, p)
+            if !out.contains(v) { out.append(v) }
+        }
+        return out
     }
 
     /// `allow: [10.0.0.0/8, ::1/128]` or one network as a single value.
@@ -368,7 +390,7 @@ struct ConfigParser {
         return l.description
     }
 
-    struct ExportLines { var node: Int?; var name: Int?; var device: Int?; var tls: Int? }
+    struct ExportLines { var node: Int?; var name: Int?; var device: Int?; var tls: Int?; var allowDN: Int?; var allowPSK: Int? }
 
     func exports(_ node: Node) throws(ConfigError) -> ([ExportConfig], [ExportLines]) {
         guard case .sequence(let seq) = node else {
@@ -427,6 +449,21 @@ struct ConfigParser {
         }
         if let v = t["read-only"] { e.readOnly = try bool(v, t.path("read-only")) }
         if let v = t["tls"] { e.tls = TLSPolicy(rawValue: try oneOf(v, t.path("tls"), TLSPolicy.allCases.map(\.rawValue)))!; lines.tls = v.mark?.line }
+        if let v = t["allow-dn"] {
+            e.allowDN = try allowItems(v, t.path("allow-dn"), example: "allow-dn: [\"CN=alice,O=Example\"]") { (s, node, path) throws(ConfigError) in
+                do throws(DistinguishedNameError) { return try DistinguishedName(parsing: s).description } catch {
+                    throw self.error(.badValue, node, path, error.problem, error.fix)
+                }
+            }
+            lines.allowDN = v.mark?.line
+        }
+        if let v = t["allow-psk"] {
+            e.allowPSK = try allowItems(v, t.path("allow-psk"), example: "allow-psk: [alice]") { (s, node, path) throws(ConfigError) in
+                guard !s.isEmpty else { throw self.error(.missingValue, node, path, "an empty PSK identity", "write the identity as in the psktool file (the part before \":\")") }
+                return s
+            }
+            lines.allowPSK = v.mark?.line
+        }
         if let v = t["queue-size"] {
             // A power of two for split rings (the default), checked with the ring format in `merged(with:)`.
             e.queueSize = try int(v, t.path("queue-size"), 1...32768, fix: "use a power of two from 1 to 32768, e.g. 256 (with --ring packed any size from 2)")
@@ -458,10 +495,10 @@ struct ConfigParser {
         }
         switch kind {
         case "ram":
-            e.device = .ram(size: try diskSize(try required("size", "64M"), t.path("size")))
+            e.device = .ram(size: try size(try required("size", "64M"), t.path("size")))
         case "file":
             let p = try required("path", "/var/lib/virtnbd/disk.img")
-            e.device = .file(path: try filePath(p, t.path("path"), example: "/var/lib/virtnbd/disk.img"), size: try t["size"].map { (v) throws(ConfigError) in try diskSize(v, t.path("size")) })
+            e.device = .file(path: try filePath(p, t.path("path"), example: "/var/lib/virtnbd/disk.img"), size: try t["size"].map { (v) throws(ConfigError) in try size(v, t.path("size")) })
             lines.device = p.mark?.line
         case "vhost-user":
             let s = try required("socket", "/run/qsd/vhost-blk.sock")

@@ -89,9 +89,6 @@ enum Values {
         return full
     }
 
-    /// The smallest disk virtnbd serves: one 4 KiB block (sizes are rounded down to whole blocks).
-    static let minimumDiskSize: UInt64 = 4096
-
     static func isPowerOfTwoQueueSize(_ n: Int) -> Bool { n > 0 && n <= 32768 && n & (n - 1) == 0 }
 
     /// Why a virtqueue cannot have `n` entries: split rings (the default) need a power of two

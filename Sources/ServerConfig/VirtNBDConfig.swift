@@ -75,6 +75,11 @@ public struct ExportConfig: Sendable, Equatable {
     /// Overrides the server's TLS policy for this export; nil = `tls.policy`.
     public var tls: TLSPolicy?
     public var queueSize: Int
+    /// `allow-dn`: client certificate subjects (canonical RFC 4514 text, `DistinguishedName`)
+    /// that may use this export; nil = not restricted by certificate.
+    public var allowDN: [String]?
+    /// `allow-psk`: PSK identities that may use this export; nil = not restricted by PSK identity.
+    public var allowPSK: [String]?
     /// The largest READ or WRITE payload a client may send (NBD_INFO_BLOCK_SIZE's maximum).
     public var maxPayload: UInt32
 
@@ -85,10 +90,14 @@ public struct ExportConfig: Sendable, Equatable {
 
     public init(name: String, description: String = "", device: Device, readOnly: Bool = false,
                 tls: TLSPolicy? = nil, queueSize: Int = ExportConfig.defaultQueueSize,
-                maxPayload: UInt32 = ExportConfig.defaultMaxPayload) {
+                allowDN: [String]? = nil, allowPSK: [String]? = nil, maxPayload: UInt32 = ExportConfig.defaultMaxPayload) {
         self.name = name; self.description = description; self.device = device
-        self.readOnly = readOnly; self.tls = tls; self.queueSize = queueSize; self.maxPayload = maxPayload
+        self.readOnly = readOnly; self.tls = tls; self.queueSize = queueSize
+        self.allowDN = allowDN; self.allowPSK = allowPSK; self.maxPayload = maxPayload
     }
+
+    /// Whether only listed TLS clients may use this export (`allow-dn` or `allow-psk` is set).
+    public var isRestricted: Bool { allowDN != nil || allowPSK != nil }
 }
 
 public struct VirtNBDConfig: Sendable, Equatable {
@@ -108,8 +117,11 @@ public struct VirtNBDConfig: Sendable, Equatable {
         public var certificates: String?
         /// psktool key file.
         public var psk: String?
-        public init(policy: TLSPolicy = .off, certificates: String? = nil, psk: String? = nil) {
-            self.policy = policy; self.certificates = certificates; self.psk = psk
+        /// `verify-peer` (`--tls-verify-peer`, as nbdkit): clients must present a certificate
+        /// signed by `certificates`/ca-cert.pem, or the TLS handshake fails.
+        public var verifyPeer: Bool
+        public init(policy: TLSPolicy = .off, certificates: String? = nil, psk: String? = nil, verifyPeer: Bool = false) {
+            self.policy = policy; self.certificates = certificates; self.psk = psk; self.verifyPeer = verifyPeer
         }
     }
 
@@ -138,8 +150,52 @@ public struct VirtNBDConfig: Sendable, Equatable {
     public func effectiveTLS(for export: ExportConfig) -> TLSPolicy { export.tls ?? tls.policy }
 
     /// The policy the handshake starts with: `tls.policy`, raised to `on` (STARTTLS offered) when
-    /// an export's own override asks for TLS while the server-wide policy is off.
+    /// an export's own override asks for TLS, or an export has an allow list (`allow-dn`,
+    /// `allow-psk`: served only over TLS), while the server-wide policy is off.
     public var serverTLSPolicy: TLSPolicy {
-        exports.map(effectiveTLS(for:)).reduce(tls.policy) { max($0, $1 == .off ? .off : .on) }
+        exports.map { $0.isRestricted ? .on : effectiveTLS(for: $0) }.reduce(tls.policy) { max($0, $1 == .off ? .off : .on) }
+    }
+
+    /// What is wrong with `tls.verify-peer` and the exports' allow lists, if anything. Checked by
+    /// the file parser and again after the flags are merged.
+    public enum AuthorisationProblem: Sendable, Equatable {
+        /// verify-peer with a PSK file: it checks X.509 client certificates only.
+        case verifyPeerWithPSK
+        /// verify-peer without tls.certificates (where ca-cert.pem is).
+        case verifyPeerWithoutCertificates
+        /// verify-peer while no TLS is offered at all.
+        case verifyPeerWithoutTLS
+        /// exports[i].allow-dn without verified client certificates.
+        case allowDNWithoutVerifyPeer(export: Int)
+        /// exports[i].allow-psk without a PSK file.
+        case allowPSKWithoutPSK(export: Int)
+
+        public var problem: String {
+            switch self {
+            case .verifyPeerWithPSK: return "verify-peer checks X.509 client certificates, but the TLS credentials are a PSK file (a PSK client already proves itself by its key)"
+            case .verifyPeerWithoutCertificates: return "verify-peer needs TLS certificates: client certificates are checked against ca-cert.pem in that directory"
+            case .verifyPeerWithoutTLS: return "verify-peer has no effect while TLS is off"
+            case .allowDNWithoutVerifyPeer: return "certificate names can be trusted only from verified client certificates (anyone can make a self-signed certificate with any name)"
+            case .allowPSKWithoutPSK: return "PSK identities need TLS with a PSK file"
+            }
+        }
+        public var fix: String {
+            switch self {
+            case .verifyPeerWithPSK: return "drop verify-peer (use allow-psk to restrict exports by PSK identity), or use certificates instead of psk"
+            case .verifyPeerWithoutCertificates: return "set tls.certificates (--tls-certificates DIR with ca-cert.pem, server-cert.pem, server-key.pem)"
+            case .verifyPeerWithoutTLS: return "set tls.policy to on or require (--tls on|require), or drop verify-peer"
+            case .allowDNWithoutVerifyPeer: return "set tls.certificates and tls.verify-peer: true (--tls-verify-peer)"
+            case .allowPSKWithoutPSK: return "set tls.psk (--tls-psk FILE), or list certificate names with allow-dn"
+            }
+        }
+    }
+
+    public var authorisationProblem: AuthorisationProblem? {
+        if tls.verifyPeer && tls.psk != nil { return .verifyPeerWithPSK }
+        if tls.verifyPeer && tls.certificates == nil { return .verifyPeerWithoutCertificates }
+        if tls.verifyPeer && serverTLSPolicy == .off { return .verifyPeerWithoutTLS }
+        if let i = exports.firstIndex(where: { $0.allowDN != nil && !(tls.verifyPeer && tls.certificates != nil) }) { return .allowDNWithoutVerifyPeer(export: i) }
+        if let i = exports.firstIndex(where: { $0.allowPSK != nil && tls.psk == nil }) { return .allowPSKWithoutPSK(export: i) }
+        return nil
     }
 }

@@ -18,7 +18,8 @@ public enum Allocation: UInt8, Sendable, Equatable {
 }
 
 /// A compact map from byte ranges to `Allocation`: a sorted array of disjoint non-data runs.
-/// A fresh 1 TiB RAM export is one entry. All offsets are multiples of 4 KiB.
+/// A fresh 1 TiB RAM export is one entry. All offsets are multiples of 4 KiB except `size`, the
+/// export's exact end: ranges given past it are cut there, so the last run ends at `size`.
 public final class AllocationMap: Sendable {
     public struct Run: Sendable, Equatable {
         public var start: UInt64
@@ -33,8 +34,9 @@ public final class AllocationMap: Sendable {
         runs = Locked(initial == .data || size == 0 ? [] : [Run(start: 0, end: size, state: initial)])
     }
 
-    /// Sets [start, end) to `state`, merging with equal neighbours.
+    /// Sets [start, end) to `state` (up to `size`), merging with equal neighbours.
     public func set(_ start: UInt64, _ end: UInt64, _ state: Allocation) {
+        let end = min(end, size)
         guard start < end else { return }
         runs.withLock { r in
             // Index of the first run that ends after `start`.
@@ -76,8 +78,9 @@ public final class AllocationMap: Sendable {
         }
     }
 
-    /// The extents covering [start, end), in order, with data gaps filled in.
+    /// The extents covering [start, end) (up to `size`), in order, with data gaps filled in.
     public func extents(_ start: UInt64, _ end: UInt64) -> [Run] {
+        let end = min(end, size)
         guard start < end else { return [] }
         return runs.withLock { r in
             var lo = 0, hi = r.count

@@ -4,6 +4,11 @@
 // `driver.maxPagesPerRequest` pages. A write that does not cover whole 4 KiB blocks is
 // read-modify-written: the edge blocks are read, merged with the new bytes, and written back,
 // all while its blocks are held exclusively in `locks`, so overlapping requests never tear.
+//
+// The export's byte size need not be a multiple of 4 KiB. Its last block is then partial: it is
+// read and read-modify-written like any edge block, and the driver stops the device request at
+// the capacity (in whole sectors), so no request goes past the device's end. Bytes of that
+// block past the export's end are never handed out.
 import NIOCore
 import Virtio
 
@@ -11,9 +16,11 @@ public final class BlockDevice: Sendable {
     public static let block: UInt64 = 4096
     public let driver: VirtioBlkDriver
     public let locks = RangeLocks()
+    /// The export's byte size at start (`init`'s `size`, else the device capacity), exactly.
+    public let exportSize: UInt64
     /// The size at start, or less if the device has since shrunk (growth needs a restart: the
     /// allocation map and every client's view of the size were made for the old size).
-    public var size: UInt64 { min(driver.geometry.capacityBytes, driver.capacityBytes) & ~(Self.block - 1) }
+    public var size: UInt64 { min(exportSize, driver.capacityBytes) }
     public var geometry: BlkGeometry { driver.geometry }
 
     public typealias ReadCompletion = @Sendable (Result<ByteBuffer, BlkError>) -> Void
@@ -25,21 +32,28 @@ public final class BlockDevice: Sendable {
     public let discardReadsZero: Bool
 
     /// - Parameters:
+    ///   - size: the export's byte size, at most the device capacity (the default): a device
+    ///     whose capacity is rounded up to whole sectors (the emulator's) is told its real end here.
     ///   - initial: the state of every block at start (`.holeZero` for a fresh RAM disk).
     ///   - holes: ranges known to be holes that read as zero at start (a file's holes).
-    public init(driver: VirtioBlkDriver, initial: Allocation = .data, holes: [Range<UInt64>] = [], discardReadsZero: Bool = false) {
+    public init(driver: VirtioBlkDriver, size: UInt64? = nil, initial: Allocation = .data, holes: [Range<UInt64>] = [], discardReadsZero: Bool = false) {
         self.driver = driver
         self.discardReadsZero = discardReadsZero
-        let size = driver.geometry.capacityBytes & ~(Self.block - 1)
+        let size = min(size ?? driver.geometry.capacityBytes, driver.geometry.capacityBytes)
+        exportSize = size
         allocation = AllocationMap(size: size, initial: initial)
         for h in holes {
-            let lo = Self.up(h.lowerBound), hi = min(Self.down(h.upperBound), size)
+            // Whole blocks only, except that a hole reaching the end takes the partial last block.
+            let lo = Self.up(h.lowerBound), hi = h.upperBound >= size ? size : Self.down(h.upperBound)
             allocation.set(lo, hi, .holeZero)
         }
     }
 
     @inline(__always) public static func down(_ x: UInt64) -> UInt64 { x & ~(block - 1) }
     @inline(__always) public static func up(_ x: UInt64) -> UInt64 { (x + block - 1) & ~(block - 1) }
+    /// The block boundary at or below `end`, or the end of the partial last block when `end` is the
+    /// export's end: the whole blocks a trim or zeroing of [_, end) may cover.
+    @inline(__always) private func blockEnd(_ end: UInt64) -> UInt64 { end == size ? Self.up(end) : Self.down(end) }
 
     private func checkRange(_ offset: UInt64, _ length: UInt64) -> BlkError? {
         let (end, o) = offset.addingReportingOverflow(length)
@@ -295,12 +309,13 @@ public final class BlockDevice: Sendable {
         driver.submit(.flush) { r in done(r.map { _ in () }) }
     }
 
-    /// Discards the whole 4 KiB blocks inside [offset, offset+length). Partial blocks at the edges
-    /// are left as they are: TRIM is advisory (NBD spec, NBD_CMD_TRIM).
+    /// Discards the whole 4 KiB blocks inside [offset, offset+length), and the partial last block
+    /// when the range reaches the export's end. Other partial blocks at the edges are left as they
+    /// are: TRIM is advisory (NBD spec, NBD_CMD_TRIM).
     public func trim(offset: UInt64, length: UInt64, _ done: @escaping Completion) {
         guard !geometry.readOnly else { return done(.failure(.readOnly)) }
         if let e = checkRange(offset, length) { return done(.failure(e)) }
-        let lo = Self.up(offset), hi = Self.down(offset + length)
+        let lo = Self.up(offset), hi = blockEnd(offset + length)
         guard geometry.canDiscard, lo < hi else { return done(.success(())) }
         locks.acquire(lo, hi, exclusive: true) { token in
             self.sectorCommands(lo: lo, hi: hi, max: UInt64(self.geometry.maxDiscardSectors), make: { .discard(sector: $0, sectors: $1) }) { r in
@@ -320,7 +335,7 @@ public final class BlockDevice: Sendable {
         let end = offset + length
         let lo = Self.down(offset), hi = Self.up(end)
         locks.acquire(lo, hi, exclusive: true) { token in
-            let innerLo = Self.up(offset), innerHi = Self.down(end)
+            let innerLo = Self.up(offset), innerHi = self.blockEnd(end)
             var parts: [(UInt64, UInt64)] = []       // unaligned pieces written as zero bytes
             if innerLo >= innerHi { parts.append((offset, end)) } else {
                 if offset < innerLo { parts.append((offset, innerLo)) }
@@ -367,9 +382,13 @@ public final class BlockDevice: Sendable {
         }
     }
 
-    /// Issues DISCARD / WRITE_ZEROES over [lo, hi) in pieces of at most `max` sectors.
+    /// Issues DISCARD / WRITE_ZEROES over [lo, hi) in pieces of at most `max` sectors, stopping at
+    /// the device's capacity (a partial last block ends there, in whole sectors).
     private func sectorCommands(lo: UInt64, hi: UInt64, max: UInt64, make: @escaping @Sendable (UInt64, UInt32) -> BlkCommand, _ done: @escaping Completion) {
         let maxBytes = Swift.max(Self.block, Swift.min(max, UInt64(UInt32.max)) * 512 & ~(Self.block - 1))
+        let cap = driver.capacityBytes
+        // Past the capacity (the device shrank): whole blocks, which the device refuses.
+        let hi = lo < cap ? Swift.min(hi, cap) : hi
         let count = Int((hi - lo + maxBytes - 1) / maxBytes)
         let op = Aggregate(buffer: ByteBuffer(), remaining: count)
         var at = lo

@@ -334,6 +334,11 @@ public final class VirtioBlkDriver: @unchecked Sendable {
     private func launch(_ lane: Lane, _ p: Pending, _ pages: [Int32]) {
         if p.pages == nil, let fill = p.fill { fill(IOPages(pages: pages, memory: arena.memory, arena: arena)) }
         let mem = arena.memory
+        let lastPageBytes = lastPageLength(p.command)
+        if lastPageBytes < Self.pageSize, case .read = p.command {
+            // The device fills only the sectors it has; the rest of the page reads as zero.
+            mem.zero(arena.pageOffset(pages[pages.count - 1]) + lastPageBytes, count: Self.pageSize - lastPageBytes)
+        }
         let kick: QueueDoorbells? = lane.state.withLock { s in
             let n = descriptorCount(p.command)
             let indirect = goesIndirect(lane, p.command)
@@ -369,7 +374,7 @@ public final class VirtioBlkDriver: @unchecked Sendable {
                 if k == 0 { return VirtqueueSegment(address: hAddr, length: 16, deviceWritable: false) }
                 if k == n - 1 { return VirtqueueSegment(address: hAddr + 32, length: 1, deviceWritable: true) }
                 if seg { return VirtqueueSegment(address: hAddr + 16, length: 16, deviceWritable: false) }
-                let len: UInt32 = { if case .getID = p.command { return 20 } else { return UInt32(Self.pageSize) } }()
+                let len: UInt32 = { if case .getID = p.command { return 20 } else { return UInt32(k == n - 2 ? lastPageBytes : Self.pageSize) } }()
                 return VirtqueueSegment(address: arena.pageDeviceAddress(pages[k - 1]), length: len, deviceWritable: isRead)
             }
             precondition(got.map(Int.init) == id, "reserved descriptors must be available")
@@ -380,6 +385,24 @@ public final class VirtioBlkDriver: @unchecked Sendable {
             stats.kicks.add(1, ordering: .relaxed)
             d.kick()
         }
+    }
+
+    /// The data length of a read or write's last page: 4096, or less when the request would run
+    /// past the device's capacity only inside that page (a capacity that is not a multiple of
+    /// 4 KiB, e.g. a 10240-byte image): then the request stops at the capacity, in whole sectors.
+    /// A request that starts at or past the capacity, or runs past it by a page or more (the
+    /// device shrank under it), goes out whole and the device fails it.
+    private func lastPageLength(_ c: BlkCommand) -> Int {
+        let sector: UInt64, pages: Int
+        switch c {
+        case .read(let s, let p), .write(let s, let p): sector = s; pages = p
+        default: return Self.pageSize
+        }
+        let cap = capacity.load(ordering: .relaxed)
+        let (start, o1) = sector.multipliedReportingOverflow(by: 512)
+        let (end, o2) = start.addingReportingOverflow(UInt64(pages * Self.pageSize))
+        guard !o1, !o2, start < cap, end > cap, end - cap < UInt64(Self.pageSize) else { return Self.pageSize }
+        return Self.pageSize - Int(end - cap)
     }
 
     // MARK: completion

@@ -11,13 +11,15 @@ public enum BackendError: Error, CustomStringConvertible {
     case badSize(path: String, size: Int64)
     /// An existing image whose size is not the one asked for: images are never resized.
     case sizeMismatch(path: String, size: Int64, wanted: UInt64)
+    case emptyRAM
     case io(op: String, errno: Int32)
     public var description: String {
         switch self {
         case .open(let p, let e): return "cannot open \(p): \(String(cString: strerror(e))); check the path and permissions (use -r for a read-only file)"
         case .notRegular(let p): return "\(p) is not a regular file or block device"
-        case .badSize(let p, let s): return "\(p) is \(s) bytes; an export needs at least 4096 bytes (make the image larger first, e.g. truncate -s 1M \(p))"
+        case .badSize(let p, let s): return s == 0 ? "\(p) is empty; an export needs at least 1 byte (give the file a size first, e.g. truncate -s 64M \(p))" : "\(p) reports a size of \(s) bytes"
         case .sizeMismatch(let p, let s, let w): return "\(p) already exists with \(s) bytes, not \(w); an existing image is never resized"
+        case .emptyRAM: return "a RAM disk needs at least 1 byte"
         case .io(let op, let e): return "\(op): \(String(cString: strerror(e)))"
         }
     }
@@ -41,6 +43,7 @@ public final class RAMBackend: BlockBackend {
     public let readOnly: Bool
     let store: SharedMemory
     public init(size: UInt64, readOnly: Bool = false) throws {
+        guard size >= 1 else { throw BackendError.emptyRAM }
         self.size = size; self.readOnly = readOnly
         store = try SharedMemory(size: Int(size), deviceBase: 0, name: "virtnbd-ram")
     }
@@ -91,10 +94,10 @@ public final class FileBackend: BlockBackend {
                 throw BackendError.sizeMismatch(path: path, size: sz, wanted: want)
             }
         }
-        let usable = sz & ~4095
-        guard usable >= 4096 else { close(fd); throw BackendError.badSize(path: path, size: sz) }
+        // Served to the byte: the file's size need not be a multiple of 4 KiB or of a sector.
+        guard sz >= 1 else { close(fd); throw BackendError.badSize(path: path, size: sz) }
         self.fd = fd
-        self.size = UInt64(usable)
+        self.size = UInt64(sz)
     }
     deinit { close(fd) }
 

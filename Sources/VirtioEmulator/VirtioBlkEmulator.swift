@@ -108,6 +108,10 @@ public final class VirtioBlkEmulator: MMIOBus, @unchecked Sendable {
     private let regs: Locked<Registers>
     /// What the device reports as its size (`setCapacity`); requests beyond it get IOERR.
     private let capacity: Atomic<UInt64>
+    /// The backend's size rounded up to whole 512-byte sectors: the largest capacity. A backend
+    /// whose size is not a whole number of sectors ends inside the last sector; that sector's
+    /// bytes past the end read as zero and writes to them are dropped (the backend never grows).
+    public let deviceBytes: UInt64
     private var threads: [Thread] = []
     private let done = DispatchSemaphore(value: 0)
 
@@ -124,10 +128,11 @@ public final class VirtioBlkEmulator: MMIOBus, @unchecked Sendable {
         kicks = try (0..<n).map { _ in try EventFD() }
         processing = (0..<n).map { _ in Locked(()) }
         stopFD = try EventFD()
-        capacity = Atomic(backend.size)
+        deviceBytes = (backend.size + 511) & ~511
+        capacity = Atomic(deviceBytes)
         regs = Locked(Registers(queues: n, memory: nil, generation: 0,
-                               configSpace: Self.makeConfig(capacitySectors: backend.size / 512, queues: n, c: configuration),
-                               capacityBytes: backend.size))
+                               configSpace: Self.makeConfig(capacitySectors: deviceBytes / 512, queues: n, c: configuration),
+                               capacityBytes: deviceBytes))
         for q in 0..<n {
             let t = Thread { [unowned self] in self.run(queue: q) }
             t.name = "virtio-blk-dev\(q)"   // ≤ 15 bytes: Linux thread names
@@ -150,10 +155,10 @@ public final class VirtioBlkEmulator: MMIOBus, @unchecked Sendable {
 
     /// Changes the capacity the device reports (e.g. after the backing store grew), bumps the
     /// config generation and raises a configuration-change interrupt (§2.5.1, §4.2.2 ISR bit 1).
-    /// Reads and writes are still bounded by the backend's real size.
+    /// It never exceeds `deviceBytes`, the backend's size in whole sectors.
     public func setCapacity(bytes: UInt64) {
         regs.withLock { r in
-            r.capacityBytes = min(bytes, backend.size) & ~511
+            r.capacityBytes = min(bytes, deviceBytes) & ~511
             capacity.store(r.capacityBytes, ordering: .relaxed)
             for i in 0..<8 { r.configSpace[i] = UInt8(truncatingIfNeeded: (r.capacityBytes / 512) >> (8 * UInt64(i))) }
             r.generation &+= 1
@@ -419,7 +424,7 @@ public final class VirtioBlkEmulator: MMIOBus, @unchecked Sendable {
                 guard dataOut == 0, dataIn % 512 == 0, inRange(sector, UInt64(dataIn)) else { return ioErr(mem, statusOffset) }
                 var pos = sector * 512
                 try forEach(chain.writable, skip: 0, count: dataIn) { off, n in
-                    try backend.read(at: pos, into: mem, offset: off, count: n); pos += UInt64(n)
+                    try readBackend(at: pos, into: mem, offset: off, count: n); pos += UInt64(n)
                 }
                 stats.reads.add(1, ordering: .relaxed)
                 return finish(mem, statusOffset, BlkStatus.ok, UInt32(dataIn + 1))
@@ -428,7 +433,9 @@ public final class VirtioBlkEmulator: MMIOBus, @unchecked Sendable {
                 guard dataIn == 0, dataOut % 512 == 0, inRange(sector, UInt64(dataOut)) else { return ioErr(mem, statusOffset) }
                 var pos = sector * 512
                 try forEach(chain.readable, skip: 16, count: dataOut) { off, n in
-                    try backend.write(at: pos, from: mem, offset: off, count: n); pos += UInt64(n)
+                    let k = backendBytes(at: pos, n)
+                    if k > 0 { try backend.write(at: pos, from: mem, offset: off, count: k) }
+                    pos += UInt64(n)
                 }
                 stats.writes.add(1, ordering: .relaxed)
                 return finish(mem, statusOffset, BlkStatus.ok, 1)
@@ -457,11 +464,12 @@ public final class VirtioBlkEmulator: MMIOBus, @unchecked Sendable {
                 // §5.2.6.2: unmap must be 0 on DISCARD; unknown flag bits are UNSUPP.
                 guard flags & ~1 == 0, !(isDiscard && flags & 1 != 0) else { return unsupp(mem, statusOffset) }
                 guard n <= limit, inRange(s, n * 512) else { return ioErr(mem, statusOffset) }
+                let k = UInt64(backendBytes(at: s * 512, Int(n * 512)))
                 if isDiscard {
-                    try backend.discard(at: s * 512, count: n * 512)
+                    if k > 0 { try backend.discard(at: s * 512, count: k) }
                     stats.discards.add(1, ordering: .relaxed)
                 } else {
-                    try backend.writeZeroes(at: s * 512, count: n * 512, unmap: flags & 1 != 0)
+                    if k > 0 { try backend.writeZeroes(at: s * 512, count: k, unmap: flags & 1 != 0) }
                     stats.writeZeroes.add(1, ordering: .relaxed)
                 }
                 logger.debug("\(isDiscard ? "DISCARD" : "WRITE_ZEROES") sector=\(s) sectors=\(n)")
@@ -478,7 +486,18 @@ public final class VirtioBlkEmulator: MMIOBus, @unchecked Sendable {
     private func inRange(_ sector: UInt64, _ bytes: UInt64) -> Bool {
         let (start, o1) = sector.multipliedReportingOverflow(by: 512)
         let (end, o2) = start.addingReportingOverflow(bytes)
-        return !o1 && !o2 && end <= backend.size && end <= capacity.load(ordering: .relaxed)
+        return !o1 && !o2 && end <= deviceBytes && end <= capacity.load(ordering: .relaxed)
+    }
+    /// How many of the `count` bytes at `at` (an in-range request) the backend holds: all but
+    /// those past its end, in the last sector.
+    private func backendBytes(at: UInt64, _ count: Int) -> Int {
+        at >= backend.size ? 0 : Int(min(UInt64(count), backend.size - at))
+    }
+    /// A read the backend serves up to its end; the bytes past it read as zero.
+    private func readBackend(at: UInt64, into mem: SharedMemory, offset: Int, count: Int) throws {
+        let k = backendBytes(at: at, count)
+        if k > 0 { try backend.read(at: at, into: mem, offset: offset, count: k) }
+        if k < count { mem.zero(offset + k, count: count - k) }
     }
     private func finish(_ mem: SharedMemory, _ statusOffset: Int, _ status: UInt8, _ len: UInt32) -> UInt32 {
         mem.store8(statusOffset, status)

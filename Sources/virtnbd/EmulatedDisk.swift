@@ -32,6 +32,7 @@ struct EmulatedDisk {
             holes = [0..<s]
             label = size == nil ? "simulated 512 KiB disk" : "RAM \(s) bytes"
         }
+        // The device's capacity is whole sectors (rounded up); the export is the backend's exact size.
         var cfg = EmulatorConfiguration()
         cfg.serial = file == nil && size == nil ? "virtnbd-simulated" : "virtnbd-emulator"
         cfg.queues = options.queues
@@ -39,7 +40,7 @@ struct EmulatedDisk {
         emulator = try VirtioBlkEmulator(backend: backend, configuration: cfg, logger: elog)
         var dlog = logger; dlog[metadataKey: "component"] = "driver"
         driver = try VirtioBlkDriver(transport: try VirtioMMIOTransport(bus: emulator), options: options, logger: dlog)
-        device = BlockDevice(driver: driver, holes: holes, discardReadsZero: true)
+        device = BlockDevice(driver: driver, size: backend.size, holes: holes, discardReadsZero: true)
     }
 
     func shutdown() {

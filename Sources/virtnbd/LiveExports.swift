@@ -1,6 +1,7 @@
 // The exports of the running server: opened at start, changed by SIGHUP (configuration reload).
 // Owned by `ServeOptions.serve`'s task; reloads are handled one at a time, in the order the signals came.
 import Logging
+import NBDProtocol
 import NBDServer
 
 /// One export being served: the plan it was opened from, its device, and its NBD side.
@@ -15,8 +16,8 @@ struct LiveExport {
         let d: ServedDisk
         do { d = try p.device.open(size: p.size, sizeKey: p.sizeKey, file: p.file, readOnly: p.readOnly, options: p.driver, logger: elog) }
         catch { throw ExportOpenError(name: p.name, underlying: "\(error)") }
-        return LiveExport(plan: p, disk: d, export: NBDExport(name: p.name, description: p.description, device: d.device,
-                                                              forceReadOnly: p.readOnly, maximumPayload: p.maxPayload))
+        return LiveExport(plan: p, disk: d, export: NBDExport(name: p.name, description: p.description, device: d.device, forceReadOnly: p.readOnly,
+                                                              maximumPayload: p.maxPayload, allowedClients: p.allowedClients))
     }
 
     /// Drains, flushes and resets the device; removes the export's metrics series.

@@ -1,6 +1,6 @@
 // `virtnbd --version` / `-V`: virtnbd's version and those of the components that decide its
 // behaviour, as `nbdkit --version` names its own. The package versions are the ones
-// Package.resolved pins (copied here by hand when it changes; Tests/interop/28-cli.sh fails
+// Package.resolved pins (copied here by hand when it changes; Tests/interop/31-cli.sh fails
 // when they drift apart); the compiler's comes from `#if compiler`.
 enum Versions {
     static let virtnbd = "0.1.0"

@@ -103,6 +103,7 @@ struct ServeOptions: ParsableArguments {
     @Option(name: .long, help: "TLS: off, on (offer STARTTLS) or require (refuse plaintext). Default off, or on with --tls-certificates/--tls-psk.") var tls: NBDTLSPolicy?
     @Option(name: .long, help: "Directory with ca-cert.pem, server-cert.pem, server-key.pem (as nbdkit/qemu).") var tlsCertificates: String?
     @Option(name: .long, help: "PSK key file in psktool format (identity:hexkey lines).") var tlsPsk: String?
+    @Flag(name: .long, help: "Require a client certificate signed by ca-cert.pem in the --tls-certificates directory (as nbdkit); others fail the TLS handshake.") var tlsVerifyPeer = false
     @Option(name: .long, help: "YAML config file with listeners, limits, TLS and several exports (see Config/virtnbd.yaml). Flags override it. SIGHUP re-reads it.") var config: String?
     @Option(name: .long, help: ArgumentHelp("Serve Prometheus metrics at http://HOST:PORT/metrics.", valueName: "host:port")) var metrics: String?
     @Option(name: [.customShort("P"), .long], help: ArgumentHelp("Write the server's pid to FILE once it listens; removed on exit.", valueName: "file")) var pidfile: String?
@@ -186,6 +187,8 @@ struct ServeOptions: ParsableArguments {
         var maxPayload: UInt32
         /// Where `size` came from, for messages: `--size` or `exports[1].size in FILE`.
         var sizeKey = "--size"
+        /// `allow-dn` / `allow-psk`: only these TLS clients may use it (nil: everyone).
+        var allowedClients: NBDClientAllowList? = nil
     }
 
     /// Everything `run` needs: the flags merged over `--config` (or over nothing), defaults applied.
@@ -198,6 +201,7 @@ struct ServeOptions: ParsableArguments {
         var tls: NBDTLSPolicy
         var tlsCertificates: String?
         var tlsPsk: String?
+        var tlsVerifyPeer = false
         var level: Logger.Level
         /// `host:port` of the metrics endpoint.
         var metrics: String?
@@ -206,18 +210,20 @@ struct ServeOptions: ParsableArguments {
         var restartOnly: [String: String] {
             ["listen": listeners.map(\.description).joined(separator: ", "), "limits.max-connections": "\(maxConnections)",
              "limits.handshake-timeout": "\(handshakeTimeout)", "tls.policy": tls.rawValue, "tls.certificates": tlsCertificates ?? "-",
-             "tls.psk": tlsPsk ?? "-", "log.level": "\(level)", "metrics": metrics ?? "-"]
+             "tls.psk": tlsPsk ?? "-", "tls.verify-peer": "\(tlsVerifyPeer)", "log.level": "\(level)", "metrics": metrics ?? "-"]
         }
     }
 
     /// The flags exactly as given: nil (or false) for every flag not on the command line.
     func overrides() throws -> CommandLineOverrides {
-        CommandLineOverrides(
+        var flags = CommandLineOverrides(
             port: port, listen: listen, unix: unix, maxConnections: maxConnections, handshakeTimeout: handshakeTimeout,
             verbose: verbose, tls: tls.map { TLSPolicy(rawValue: $0.rawValue)! }, tlsCertificates: tlsCertificates, tlsPsk: tlsPsk,
             exportName: exportName, description: description, readOnly: readOnly, size: size?.bytes, file: file,
             device: device, queueSize: queueSize, metrics: metrics, allow: try allowList(),
             maxPayload: maxPayload?.bytes, packedRing: ring == .packed)
+        flags.tlsVerifyPeer = tlsVerifyPeer
+        return flags
     }
 
     /// Captive modes (a client or command owns this process): quiet unless -v.
@@ -233,6 +239,7 @@ struct ServeOptions: ParsableArguments {
             var p = ExportPlan(name: e.name, description: e.description, device: .emulator, size: nil, file: nil, readOnly: e.readOnly,
                                driver: driverOptions(queueSize: e.queueSize), maxPayload: e.maxPayload)
             if let path = config, e.name != flagExport { p.sizeKey = "exports[\(i)].size in \(path)" }
+            if e.isRestricted { p.allowedClients = NBDClientAllowList(certificateDNs: Set(e.allowDN ?? []), pskIdentities: Set(e.allowPSK ?? [])) }
             switch e.device {
             case .simulated: break
             case .ram(let sz): p.size = sz
@@ -252,7 +259,7 @@ struct ServeOptions: ParsableArguments {
         if captive(activated: activated) && !verbose && level == .info { level = .warning }
         return Plan(exports: exports, listeners: listeners, allow: cfg.allow, maxConnections: cfg.limits.maxConnections,
                     handshakeTimeout: cfg.limits.handshakeTimeout, tls: NBDTLSPolicy(rawValue: cfg.serverTLSPolicy.rawValue) ?? .off,
-                    tlsCertificates: cfg.tls.certificates, tlsPsk: cfg.tls.psk, level: level, metrics: cfg.metrics)
+                    tlsCertificates: cfg.tls.certificates, tlsPsk: cfg.tls.psk, tlsVerifyPeer: cfg.tls.verifyPeer, level: level, metrics: cfg.metrics)
     }
 
     /// A configuration error as one line: a flag's problem without the "command line:" prefix.
@@ -321,7 +328,7 @@ struct ServeOptions: ParsableArguments {
         let group = MultiThreadedEventLoopGroup(numberOfThreads: System.coreCount)
         var limits = ServerLimits()
         do {
-            limits.tls = try TLSSettings.load(policy: plan.tls, certificates: plan.tlsCertificates, pskFile: plan.tlsPsk)
+            limits.tls = try TLSSettings.load(policy: plan.tls, certificates: plan.tlsCertificates, pskFile: plan.tlsPsk, verifyPeer: plan.tlsVerifyPeer)
         } catch {
             logger.critical("TLS setup failed: \(error)")
             exports.closeAll()

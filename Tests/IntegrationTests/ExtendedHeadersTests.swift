@@ -80,6 +80,32 @@ final class ExtendedHeadersTests: XCTestCase {
         return (c, ctx)
     }
 
+    /// Each request refused by the parser is answered with its own reason, and the connection
+    /// goes on: an extended WRITE without PAYLOAD_LEN, and a payload on FLUSH. (Both used to be
+    /// answered "WRITE payload exceeds the maximum payload".)
+    func testParserRejectionsSayWhatWasWrong() async throws {
+        try await withServer { s in
+            let (c, _) = try self.connect(s)
+            try c.sendExtRequest(flags: 0, type: Self.cmdWrite, cookie: 0x10, offset: 0, length: 512)
+            try c.sendExtRequest(flags: Self.payloadLen, type: Self.cmdFlush, cookie: 0x11, offset: 0, length: 3, payload: [1, 2, 3])
+            for (cookie, want) in [(UInt64(0x10), "PAYLOAD_LEN"), (0x11, "takes no payload")] {
+                let r = try c.readExtReply()
+                XCTAssertEqual(r.count, 1)
+                XCTAssertEqual(r[0].cookie, cookie); XCTAssertEqual(r[0].type, 0x8001)
+                var p = WireReader(r[0].payload)
+                XCTAssertEqual(p.u32(), 22)
+                let len = Int(p.u16()!)
+                let message = String(decoding: r[0].payload.dropFirst(6).prefix(len), as: UTF8.self)
+                XCTAssertTrue(message.contains(want), "cookie \(cookie): \(message)")
+                XCTAssertFalse(message.contains("exceeds the maximum"), message)
+            }
+            try c.sendExtRequest(flags: 0, type: Self.cmdRead, cookie: 0x12, offset: 0, length: 0)
+            let z = try c.readExtReply()
+            XCTAssertEqual(z.map(\.type), [0], "a zero-length READ is NONE with DONE")
+            XCTAssertEqual(z.first?.cookie, 0x12)
+        }
+    }
+
     func testExtendedRequestsAndReplies() async throws {
         try await withServer { s in
             let (c, ctx) = try self.connect(s)

@@ -24,7 +24,7 @@ final class TestDisk: @unchecked Sendable {
         var log = Logger(label: "test.disk"); log.logLevel = .warning
         emulator = try VirtioBlkEmulator(backend: backend, configuration: EmulatorConfiguration(), logger: log)
         driver = try VirtioBlkDriver(transport: try VirtioMMIOTransport(bus: emulator), queueSize: 256, logger: log)
-        device = BlockDevice(driver: driver, holes: holes, discardReadsZero: !holes.isEmpty)
+        device = BlockDevice(driver: driver, size: backend.size, holes: holes, discardReadsZero: !holes.isEmpty)
     }
 
     static func ram(size: UInt64, readOnly: Bool = false) throws -> TestDisk {
@@ -48,7 +48,10 @@ final class TestServer: @unchecked Sendable {
     let disks: [TestDisk]
     private var stopped = false
 
-    struct ExportSpec { var name: String; var description = ""; var disk: TestDisk; var forceReadOnly = false }
+    struct ExportSpec {
+        var name: String; var description = ""; var disk: TestDisk; var forceReadOnly = false
+        var maximumPayload: UInt32 = 64 << 20
+    }
 
     private init(group: MultiThreadedEventLoopGroup, server: NBDServer, socketPath: String, disks: [TestDisk]) {
         self.group = group; self.server = server; self.socketPath = socketPath; self.disks = disks
@@ -57,7 +60,8 @@ final class TestServer: @unchecked Sendable {
     static func start(_ exports: [ExportSpec]) async throws -> TestServer {
         let group = MultiThreadedEventLoopGroup(numberOfThreads: 2)
         var log = Logger(label: "test.server"); log.logLevel = .warning
-        let nbdExports = exports.map { NBDExport(name: $0.name, description: $0.description, device: $0.disk.device, forceReadOnly: $0.forceReadOnly) }
+        let nbdExports = exports.map { NBDExport(name: $0.name, description: $0.description, device: $0.disk.device, forceReadOnly: $0.forceReadOnly,
+                                              maximumPayload: $0.maximumPayload) }
         let server = NBDServer(exports: nbdExports, group: group, logger: log)
         let n = counter.add(1, ordering: .relaxed).newValue
         let path = "/tmp/virtnbd-it-\(getpid())-\(n).sock"

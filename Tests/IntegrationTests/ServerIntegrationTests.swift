@@ -24,7 +24,7 @@ final class ServerIntegrationTests: XCTestCase {
             XCTAssertTrue(try c.flag("can_multi_conn", nbd_can_multi_conn(c.h)))
             XCTAssertEqual(nbd_get_block_size(c.h, LIBNBD_SIZE_MINIMUM), 1)
             XCTAssertEqual(nbd_get_block_size(c.h, LIBNBD_SIZE_PREFERRED), 4096)
-            XCTAssertEqual(nbd_get_block_size(c.h, LIBNBD_SIZE_MAXIMUM), 32 << 20)
+            XCTAssertEqual(nbd_get_block_size(c.h, LIBNBD_SIZE_MAXIMUM), 64 << 20)
             XCTAssertEqual(nbd_get_export_name(c.h).map { s in defer { free(s) }; return String(cString: s) }, "disk")
             c.close()
         }
@@ -233,17 +233,17 @@ final class ServerIntegrationTests: XCTestCase {
         }
     }
 
-    /// The advertised maximum payload (32 MiB) works for READ and WRITE, and WRITE_ZEROES / TRIM
+    /// The advertised maximum payload (64 MiB) works for READ and WRITE, and WRITE_ZEROES / TRIM
     /// may cover more than the maximum payload ("Size constraints").
     func testMaximumPayloadTransfersAndLargeZeroAndTrim() async throws {
-        let size: UInt64 = 64 << 20
+        let size: UInt64 = 96 << 20
         try await TestServer.with(try await TestServer.ram(size: size)) { s in
             let c = try NBDClient(socket: s.socketPath, export: "disk")
             let maxPayload = Int(nbd_get_block_size(c.h, LIBNBD_SIZE_MAXIMUM))
-            XCTAssertEqual(maxPayload, 32 << 20)
+            XCTAssertEqual(maxPayload, 64 << 20)
             let data = SplitMix(seed: 11).bytesOf(maxPayload)
             try c.pwrite(data, at: 4097)
-            assertBytes(try c.pread(maxPayload, at: 4097), data, "32 MiB read back")
+            assertBytes(try c.pread(maxPayload, at: 4097), data, "64 MiB read back")
             // Zero 24 MiB from byte 1000 (NO_HOLE): the data just past it survives.
             try c.zero(24 << 20, at: 1000, noHole: true)
             let past = (24 << 20) + 1000
@@ -355,10 +355,13 @@ final class ServerIntegrationTests: XCTestCase {
     /// through libnbd: the EINVAL must reach libnbd as an error of this command, and the handle must
     /// stay usable.
     func testWriteAboveMaximumPayloadIsRejectedAndConnectionSurvives() async throws {
-        try await TestServer.with(try await TestServer.ram(size: 1 << 20)) { s in
+        // libnbd sends nothing above 64 MiB (its own limit), so this export advertises 256 KiB.
+        let disk = try TestDisk.ram(size: 1 << 20)
+        try await TestServer.with(try await TestServer.start([.init(name: "disk", disk: disk, maximumPayload: 256 << 10)])) { s in
             let c = try NBDClient(socket: s.socketPath, export: "disk", strict: false)
-            let big = [UInt8](repeating: 0x77, count: (32 << 20) + 4096)
-            assertNBDError(EINVAL, "WRITE of more than the 32 MiB maximum payload") { try c.pwrite(big, at: 0) }
+            XCTAssertEqual(nbd_get_block_size(c.h, LIBNBD_SIZE_MAXIMUM), 256 << 10)
+            let big = [UInt8](repeating: 0x77, count: (256 << 10) + 4096)
+            assertNBDError(EINVAL, "WRITE of more than the 256 KiB maximum payload") { try c.pwrite(big, at: 0) }
             XCTAssertEqual(try c.pread(4096, at: 0), [UInt8](repeating: 0, count: 4096), "nothing written; the payload was drained")
             try c.pwrite([1, 2], at: 0)
             XCTAssertEqual(try c.pread(2, at: 0), [1, 2])

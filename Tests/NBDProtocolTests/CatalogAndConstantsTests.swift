@@ -30,7 +30,7 @@ final class CatalogTests: XCTestCase {
         XCTAssertEqual(e.flags.rawValue, 0b101)
         XCTAssertEqual(e.minimumBlockSize, 1)
         XCTAssertEqual(e.preferredBlockSize, 4096)
-        XCTAssertEqual(e.maximumPayload, 32 << 20)
+        XCTAssertEqual(e.maximumPayload, 64 << 20, "64 MiB, as nbdkit")
         XCTAssertEqual(e.description, "")
     }
 }

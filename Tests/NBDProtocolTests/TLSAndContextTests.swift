@@ -109,4 +109,39 @@ final class TLSAndContextTests: XCTestCase {
         let s = try XCTUnwrap(go.compactMap { if case .startTransmission(let s) = $0 { return s } else { return nil } }.first)
         XCTAssertNil(s.allocationContext)
     }
+
+    /// "NBD_OPT_SET_META_CONTEXT ... replaces all previously-set metadata contexts (including
+    /// when this command fails)": after a successful SET, every kind of failed SET leaves no
+    /// context selected, so BLOCK_STATUS gets EINVAL.
+    func testFailedSetMetaContextForgetsTheEarlierSelection() throws {
+        var malformed = Self.metaQuery(export: "disk", ["base:allocation"]); malformed[15] = 0xff
+        let failures: [(String, [UInt8])] = [
+            ("unknown export", Self.metaQuery(export: "nope", ["base:allocation"])),
+            ("query length past the option", malformed),
+            ("trailing bytes", Self.metaQuery(export: "disk", ["base:allocation"]) + [0]),
+        ]
+        for (what, payload) in failures {
+            var n = machine(.off)
+            n.start(Client.option(Spec.optStructuredReply))
+            var r = decodeOptionReplies(sentBytes(n.feed(Client.option(Self.optSetMeta, Self.metaQuery(export: "disk", ["base:allocation"])))))
+            XCTAssertEqual(r.map(\.type), [Self.repMeta, Spec.repAck])
+            r = decodeOptionReplies(sentBytes(n.feed(Client.option(Self.optSetMeta, payload))))
+            XCTAssertTrue(r.allSatisfy { $0.type & 0x8000_0000 != 0 } && r.count == 1, "\(what): \(r.map(\.type))")
+            let go = n.feed(Client.option(Spec.optGo, Client.goData(name: "disk", infos: [])))
+            let s = try XCTUnwrap(go.compactMap { if case .startTransmission(let s) = $0 { return s } else { return nil } }.first)
+            XCTAssertNil(s.allocationContext, "\(what): the failed SET must drop base:allocation")
+            let rules = TransmissionRules(session: s, export: ExportFacts(size: s.export.size, flags: s.export.flags,
+                                                                          maximumPayload: 1 << 20, canFastZero: true))
+            let bs = NBDRequest(flags: [], type: NBDCommand.blockStatus.rawValue, cookie: 1, offset: 0, length: 4096)
+            guard case .fail(.inval, _) = rules.decide(bs) else { return XCTFail("\(what): BLOCK_STATUS after a failed SET must be EINVAL") }
+        }
+        // A successful SET that matches nothing also selects nothing.
+        var n = machine(.off)
+        n.start(Client.option(Spec.optStructuredReply) + Client.option(Self.optSetMeta, Self.metaQuery(export: "disk", ["base:allocation"])))
+        let r = decodeOptionReplies(sentBytes(n.feed(Client.option(Self.optSetMeta, Self.metaQuery(export: "disk", ["qemu:dirty-bitmap:x"])))))
+        XCTAssertEqual(r.map(\.type), [Spec.repAck])
+        let go = n.feed(Client.option(Spec.optGo, Client.goData(name: "disk", infos: [])))
+        let s = try XCTUnwrap(go.compactMap { (a: HandshakeAction) -> NBDSession? in if case .startTransmission(let s) = a { return s } else { return nil } }.first)
+        XCTAssertNil(s.allocationContext)
+    }
 }

@@ -125,7 +125,8 @@ final class TransmissionTests: XCTestCase {
             input.writeBytes(piece.prefix(k)); fed += k
             let ev = try p.next(&input)
             if fed < len { XCTAssertNil(ev) } else {
-                XCTAssertEqual(ev, .rejected(NBDRequest(flags: [], type: 1, cookie: 0xabc, offset: 512, length: UInt64(len)), error: .inval),
+                XCTAssertEqual(ev, .rejected(NBDRequest(flags: [], type: 1, cookie: 0xabc, offset: 512, length: UInt64(len)),
+                                                         reason: .payloadTooLarge(length: UInt64(len), maximum: maxPayload)),
                                "rejected once the last payload byte is drained")
             }
             XCTAssertEqual(input.readableBytes, 0, "the oversized payload must be discarded as it arrives (after \(fed))")
@@ -142,7 +143,7 @@ final class TransmissionTests: XCTestCase {
         var input = buffer(bytes)
         let events = try drain(&p, &input)
         XCTAssertEqual(events.count, 2)
-        if case .rejected(let r, .inval)? = events.first { XCTAssertEqual(r.cookie, 1) } else { XCTFail("\(events)") }
+        if case .rejected(let r, .payloadTooLarge(17, 16))? = events.first { XCTAssertEqual(r.cookie, 1) } else { XCTFail("\(events)") }
         if case .request(let r, let d?)? = events.last { XCTAssertEqual(r.cookie, 2); XCTAssertEqual(d.allBytes, [UInt8](repeating: 9, count: 16)) } else { XCTFail("\(events)") }
     }
 

@@ -1,4 +1,5 @@
 import XCTest
+import TestSupport
 import NIOCore
 import NIOConcurrencyHelpers
 import Virtio
@@ -52,7 +53,7 @@ final class DriverTests: XCTestCase {
     func testConcurrentRandomIOAgainstModel() throws {
         let r = try rig()
         var model = [UInt8](repeating: 0, count: 4 << 20)
-        var rng = SystemRandomNumberGenerator()
+        var rng = TestSeed.generator("DriverTests.testConcurrentRandomIOAgainstModel")
         for round in 0..<6 {
             // Disjoint random writes in flight together (distinct 64 KiB windows).
             let windows = Array((0..<64).shuffled(using: &rng).prefix(16))

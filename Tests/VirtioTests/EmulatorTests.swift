@@ -1,4 +1,5 @@
 import XCTest
+import TestSupport
 import Virtio
 @testable import VirtioEmulator
 
@@ -190,7 +191,7 @@ final class EmulatorTests: XCTestCase {
 
     /// Thousands of random chains: every one is answered, none crashes the device, and a good request still works.
     func testThousandsOfRandomHostileChains() throws {
-        var rng = SystemRandomNumberGenerator()
+        var rng = TestSeed.generator("EmulatorTests.testThousandsOfRandomHostileChains")
         let d = try RawDriver(backend: try RAMBackend(size: 1 << 20), size: 64)
         let base = d.mem.deviceBase
         var answered = 0

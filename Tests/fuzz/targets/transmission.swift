@@ -15,7 +15,7 @@ import NIOCore
 
 private enum Outcome: Equatable {
     case request(NBDRequest, payload: [UInt8]?)
-    case rejected(NBDRequest, NBDErrno)
+    case rejected(NBDRequest, RequestRejection)
     case error(TransmissionError)
 }
 
@@ -57,9 +57,10 @@ private func run(_ bytes: ArraySlice<UInt8>, extended: Bool, maxPayload: Int, ma
                         out.append(.request(r, payload: nil))
                     }
                     if !extended { check(r.length <= UInt64(UInt32.max), "compact length above 32 bits") }
-                case .rejected(let r, let err):
-                    check(err == .inval, "rejected with \(err)")
-                    out.append(.rejected(r, err))
+                case .rejected(let r, let reason):
+                    check(reason.errno == .inval, "rejected with \(reason.errno)")
+                    check(!reason.message.isEmpty, "a rejection without a message")
+                    out.append(.rejected(r, reason))
                 }
             }
         } catch {
@@ -86,5 +87,57 @@ public func fuzzTransmission(_ data: UnsafePointer<UInt8>, _ size: Int) -> CInt 
     if whole != split {
         fatalError("transmission: split feed differs from whole feed\nwhole: \(whole)\nsplit: \(split)")
     }
+    judge(whole, extended: extended, maxPayload: maxPayload, bits: bytes[1] ^ bytes[2])
     return 0
+}
+
+/// Every parsed request through TransmissionRules (session and export facts from `bits`), and
+/// its reply framed: the decision must respect the export's bounds, and every request must get
+/// exactly one well-formed reply header.
+private func judge(_ outcomes: [Outcome], extended: Bool, maxPayload: Int, bits: UInt8) {
+    let structured = extended || bits & 1 != 0
+    var flags: NBDTransmissionFlags = [.hasFlags, .sendFlush, .sendFUA, .sendTrim, .sendWriteZeroes, .sendCache]
+    if bits & 2 != 0 { flags.insert(.readOnly) }
+    if structured { flags.insert(.sendDF) }
+    let size: UInt64 = bits & 4 != 0 ? 1 << 20 : 4097
+    let info = NBDExportInfo(name: "", size: size, flags: flags, maximumPayload: UInt32(maxPayload))
+    let session = NBDSession(export: info, structuredReplies: structured, extendedHeaders: extended,
+                             allocationContext: structured && bits & 8 != 0 ? 1 : nil)
+    let rules = TransmissionRules(session: session, export: ExportFacts(size: size, flags: flags, maximumPayload: UInt64(maxPayload),
+                                                                        canFastZero: bits & 16 != 0))
+    for o in outcomes {
+        let r: NBDRequest, d: RequestDecision
+        switch o {
+        case .request(let req, _): r = req; d = rules.decide(req)
+        case .rejected(let req, let why): r = req; d = rules.decide(why)
+        case .error: continue
+        }
+        var b = ByteBuffer()
+        switch d {
+        case .fail(_, let m):
+            check(!m.isEmpty, "a failure without a message for \(r)")
+            rules.replies.error(r, .inval, message: m, into: &b)
+        case .succeed:
+            rules.replies.success(r, into: &b)
+        case .run(let op):
+            switch op {
+            case .read(let off, let len, let shape):
+                check(len > 0 && len <= UInt64(maxPayload) && off + len <= size, "READ \(off)+\(len) run on a \(size)-byte export")
+                check((shape == .simple) == !structured, "READ shape \(shape) with structured=\(structured)")
+                rules.replies.readData(r, shape: shape, offset: off, dataLength: Int(len), done: true, into: &b)
+            case .write(let off, let len, _), .trim(let off, let len, _), .writeZeroes(let off, let len, _, _):
+                check(!flags.contains(.readOnly), "a write on a read-only export: \(op)")
+                check(len > 0 && off + len <= size, "\(op) on a \(size)-byte export")
+                rules.replies.success(r, into: &b)
+            case .blockStatus(let off, let len, _, _):
+                check(len > 0 && off + len <= size && rules.allocationContext != nil, "\(op)")
+                rules.replies.success(r, into: &b)
+            case .flush, .disconnect:
+                rules.replies.success(r, into: &b)
+            }
+        }
+        let magic: UInt32? = b.getInteger(at: b.readerIndex)
+        let want: Set<UInt32> = extended ? [0x6e8a_278c] : structured ? [0x6744_6698, 0x668e_33ef] : [0x6744_6698]
+        check(magic.map(want.contains) == true, "reply magic \(String(describing: magic)) for \(r) (extended \(extended))")
+    }
 }

@@ -6,7 +6,7 @@
 # every URI on stdout; the default export's name; --max-payload.
 . "$(dirname "$0")/lib.sh"
 need_cmd nbdinfo nbdcopy python3
-[[ "$INTEROP_SERVER" == virtnbd ]] || { skip "28-cli tests virtnbd's own command line"; finish; }
+[[ "$INTEROP_SERVER" == virtnbd ]] || { skip "31-cli tests virtnbd's own command line"; finish; }
 [[ -x "$VIRTNBD" ]] || die "virtnbd binary not found: $VIRTNBD"
 vn() { "$VIRTNBD" "$@"; }
 
