@@ -17,7 +17,8 @@ struct LiveExport {
         do { d = try p.device.open(size: p.size, sizeKey: p.sizeKey, file: p.file, readOnly: p.readOnly, options: p.driver, logger: elog) }
         catch { throw ExportOpenError(name: p.name, underlying: "\(error)") }
         return LiveExport(plan: p, disk: d, export: NBDExport(name: p.name, description: p.description, device: d.device, forceReadOnly: p.readOnly,
-                                                              maximumPayload: p.maxPayload, allowedClients: p.allowedClients))
+                                                              maximumPayload: p.maxPayload, allowedClients: p.allowedClients,
+                                                              requiresTLS: p.requiresTLS))
     }
 
     /// Drains, flushes and resets the device; removes the export's metrics series.

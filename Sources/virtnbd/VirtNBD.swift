@@ -189,6 +189,8 @@ struct ServeOptions: ParsableArguments {
         var sizeKey = "--size"
         /// `allow-dn` / `allow-psk`: only these TLS clients may use it (nil: everyone).
         var allowedClients: NBDClientAllowList? = nil
+        /// The export's own `tls: require`: plaintext clients get ERR_TLS_REQD for it.
+        var requiresTLS = false
     }
 
     /// Everything `run` needs: the flags merged over `--config` (or over nothing), defaults applied.
@@ -239,6 +241,7 @@ struct ServeOptions: ParsableArguments {
             var p = ExportPlan(name: e.name, description: e.description, device: .emulator, size: nil, file: nil, readOnly: e.readOnly,
                                driver: driverOptions(queueSize: e.queueSize), maxPayload: e.maxPayload)
             if let path = config, e.name != flagExport { p.sizeKey = "exports[\(i)].size in \(path)" }
+            p.requiresTLS = cfg.effectiveTLS(for: e) == .require
             if e.isRestricted { p.allowedClients = NBDClientAllowList(certificateDNs: Set(e.allowDN ?? []), pskIdentities: Set(e.allowPSK ?? [])) }
             switch e.device {
             case .simulated: break

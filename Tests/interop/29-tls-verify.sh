@@ -256,4 +256,21 @@ stop_server
 printf 'tls: { policy: on, certificates: %s }\nexports: [{ name: a, device: simulated, allow-dn: CN=a }]\n' "$srv" >"$T/bad.yaml"
 expect_fail "allow-dn without verify-peer is a configuration error" 'allow-dn.*verify-peer' \
     timeout 60 "$VIRTNBD" --config "$T/bad.yaml" -p "$(free_tcp_port)"
+
+# --- An export's own `tls: require` under `tls: { policy: on }`: plaintext clients get
+# NBD_REP_ERR_TLS_REQD for it (it used to be served in plaintext: the key was parsed, not
+# enforced) and still reach the others; TLS clients reach it.
+cat >"$T/req.yaml" <<EOF
+tls: { policy: on, certificates: $srv }
+exports:
+  - { name: open, device: ram, size: 1M }
+  - { name: guarded, device: ram, size: 2M, tls: require }
+EOF
+START_WAIT=printed start_server --tcp --config "$T/req.yaml"
+expect_fail "tls: require on one export: plaintext nbdinfo is refused for it" 'TLS|tls' \
+    nbdinfo --size "nbd://localhost:$PORT/guarded"
+check_eq "tls: require on one export: plaintext still reaches the other" 1048576 "$(nbdinfo --size "nbd://localhost:$PORT/open" 2>&1)"
+check_eq "tls: require on one export: a TLS client reaches it" 2097152 "$(nbdinfo --size "$(uri "$PORT" guarded alice)" 2>&1)"
+stop_server
+
 finish
