@@ -31,6 +31,8 @@ cat >"$T/client.py" <<'PY'
 # client.py URI JOURNAL SEED: write until the server goes away.
 import random, sys, nbd
 uri, journal, seed = sys.argv[1], sys.argv[2], int(sys.argv[3])
+# After issuing this many writes, create the marker file: the kill follows the load, not a clock.
+marker, kill_after = sys.argv[4], int(sys.argv[5])
 SLOT = 16384
 rnd = random.Random(seed)
 j = open(journal, "w", buffering=1)
@@ -60,6 +62,8 @@ try:
             fua = rnd.random() < 0.5
             wid += 1
             j.write("I %d %d %d %d %d\n" % (wid, off, ln, s, fua))
+            if wid == kill_after:
+                open(marker, "w").close()
             data = random.Random(s).randbytes(ln)
             c = h.aio_pwrite(data, off, flags=nbd.CMD_FLAG_FUA if fua else 0)
             inflight[c] = ("W", wid, off, ln, s, fua)
@@ -158,11 +162,18 @@ for ((round = 1; round <= ROUNDS; round++)); do
     cp "$IMG" "$T/baseline.img"
     start_server --file "$IMG" >/dev/null
     pid=$SERVER_PID
-    /usr/bin/python3 "$T/client.py" "$URI" "$T/journal.$round" "$round" 2>"$T/client.$round.err" &
+    # The plug is pulled once the client has issued 200 .. 4000 of its 8192 writes (it signals
+    # with a marker file), so the kill finds it still writing whatever the machine's speed
+    # (checked below); a clock-based delay let a fast client finish first.
+    kill_after=$((200 + RANDOM % 3801))
+    rm -f "$T/marker.$round"
+    /usr/bin/python3 "$T/client.py" "$URI" "$T/journal.$round" "$round" "$T/marker.$round" "$kill_after" 2>"$T/client.$round.err" &
     client=$!
-    # Let it run 0.1 .. 0.8 s, then pull the plug (the client manages up to ~7000 writes a second
-    # here, so it is still writing then: checked below).
-    sleep "$(awk -v r="$RANDOM" 'BEGIN { printf "%.2f", 0.1 + (r % 71) / 100 }')"
+    for ((w = 0; w < 3000; w++)); do
+        [[ -e "$T/marker.$round" ]] && break
+        kill -0 "$client" 2>/dev/null || break
+        sleep 0.01
+    done
     if ! kill -0 "$pid" 2>/dev/null; then
         fail "round $round: server still running when the kill comes" "$(_tail_of "$SERVER_ERR")"
     fi
