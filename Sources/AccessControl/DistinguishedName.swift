@@ -28,7 +28,11 @@ public struct DNAttribute: Sendable, Hashable {
     /// `value` is the `#hex` of a non-string certificate value (never produced by parsing text).
     public var isBER: Bool
 
-    public init(type: String, value: String, isBER: Bool = false) { self.type = type; self.value = value; self.isBER = isBER }
+    public init(type: String, value: String, isBER: Bool = false) {
+        self.type = type
+        self.value = value
+        self.isBER = isBER
+    }
 
     /// `TYPE=value` with RFC 4514 escapes.
     var text: String { type + "=" + (isBER ? value : DistinguishedName.escape(value)) }
@@ -61,7 +65,10 @@ public struct DistinguishedName: Sendable, Hashable, CustomStringConvertible {
     static let spellings: [String: String] = {
         var s: [String: String] = [:]
         for n in names.values { s[n] = n }
-        s["E"] = "EMAIL"; s["EMAILADDRESS"] = "EMAIL"; s["SURNAME"] = "SN"; s["GIVENNAME"] = "GN"
+        s["E"] = "EMAIL"
+        s["EMAILADDRESS"] = "EMAIL"
+        s["SURNAME"] = "SN"
+        s["GIVENNAME"] = "GN"
         return s
     }()
 
@@ -71,7 +78,11 @@ public struct DistinguishedName: Sendable, Hashable, CustomStringConvertible {
         if u.hasPrefix("OID.") { u.removeFirst(4) }
         if let n = spellings[u] { return n }
         let arcs = u.split(separator: ".", omittingEmptySubsequences: false)
-        guard arcs.count >= 2, arcs.allSatisfy({ !$0.isEmpty && $0.allSatisfy { $0.isASCII && $0.isNumber } && !($0.count > 1 && $0.first == "0") }) else { return nil }
+        guard arcs.count >= 2,
+            arcs.allSatisfy({
+                !$0.isEmpty && $0.allSatisfy { $0.isASCII && $0.isNumber } && !($0.count > 1 && $0.first == "0")
+            })
+        else { return nil }
         return names[u] ?? u
     }
 
@@ -108,31 +119,42 @@ public struct DistinguishedName: Sendable, Hashable, CustomStringConvertible {
             var type = ""
             while i < chars.count && chars[i] != "=" {
                 if chars[i] == "," || chars[i] == "+" || chars[i] == ";" { throw fail(.missingEquals) }
-                type.unicodeScalars.append(chars[i]); i += 1
+                type.unicodeScalars.append(chars[i])
+                i += 1
             }
             while type.hasSuffix(" ") { type.removeLast() }
-            if i == chars.count { throw fail(type.isEmpty ? (rdns.isEmpty && current.isEmpty ? .empty : .trailingSeparator) : .missingEquals) }
+            if i == chars.count {
+                throw fail(
+                    type.isEmpty ? (rdns.isEmpty && current.isEmpty ? .empty : .trailingSeparator) : .missingEquals)
+            }
             guard !type.isEmpty else { throw fail(.missingType) }
             guard let canonical = Self.canonicalType(Substring(type)) else { throw fail(.unknownType(type)) }
-            i += 1   // "="
+            i += 1 // "="
             skipSpaces()
             if i < chars.count && chars[i] == "#" { throw fail(.hexValue(canonical)) }
             // The value, up to an unescaped "," or "+" (or the end).
             var bytes: [UInt8] = []
-            var trailingSpaces = 0   // unescaped spaces at the end so far, dropped
+            var trailingSpaces = 0 // unescaped spaces at the end so far, dropped
             var separator: Unicode.Scalar?
             while i < chars.count {
                 let c = chars[i]
-                if c == "," || c == "+" { separator = c; i += 1; break }
+                if c == "," || c == "+" {
+                    separator = c
+                    i += 1
+                    break
+                }
                 if c == ";" { throw fail(.semicolon) }
                 if c == "\\" {
                     guard i + 1 < chars.count else { throw fail(.badEscape) }
                     let n = chars[i + 1]
                     if ",+\"\\<>;=# ".unicodeScalars.contains(n) {
-                        bytes += Array(String(n).utf8); i += 2
+                        bytes += Array(String(n).utf8)
+                        i += 2
                     } else if i + 2 < chars.count, let h = UInt8(String(n) + String(chars[i + 2]), radix: 16),
-                              n.properties.isASCIIHexDigit, chars[i + 2].properties.isASCIIHexDigit {
-                        bytes.append(h); i += 3
+                        n.properties.isASCIIHexDigit, chars[i + 2].properties.isASCIIHexDigit
+                    {
+                        bytes.append(h)
+                        i += 3
                     } else {
                         throw fail(.badEscape)
                     }
@@ -148,7 +170,8 @@ public struct DistinguishedName: Sendable, Hashable, CustomStringConvertible {
             guard let value = Self.utf8(bytes[...]) else { throw fail(.badEscape) }
             current.append(DNAttribute(type: canonical, value: value))
             if separator == "+" { continue }
-            rdns.append(current); current = []
+            rdns.append(current)
+            current = []
             if separator == nil { break }
         }
         for rdn in rdns {
@@ -167,9 +190,10 @@ public struct DistinguishedName: Sendable, Hashable, CustomStringConvertible {
         var certBody = DER(cert)
         guard let tbs = certBody.next(tag: 0x30) else { throw DistinguishedNameError(.badCertificate, "certificate") }
         var t = DER(tbs)
-        if t.peekTag == 0xa0 { _ = t.next(tag: 0xa0) }   // [0] EXPLICIT version
+        if t.peekTag == 0xa0 { _ = t.next(tag: 0xa0) } // [0] EXPLICIT version
         guard t.next(tag: 0x02) != nil, t.next(tag: 0x30) != nil, t.next(tag: 0x30) != nil, t.next(tag: 0x30) != nil,
-              let subject = t.nextTLV(tag: 0x30) else {
+            let subject = t.nextTLV(tag: 0x30)
+        else {
             throw DistinguishedNameError(.badCertificate, "certificate")
         }
         try self.init(nameDER: Array(subject))
@@ -190,21 +214,25 @@ public struct DistinguishedName: Sendable, Hashable, CustomStringConvertible {
                 guard let ava = avas.next(tag: 0x30) else { throw bad }
                 var a = DER(ava)
                 guard let oidBytes = a.next(tag: 0x06), let oid = Self.oid(oidBytes), let tag = a.peekTag,
-                      let valueTLV = a.nextTLV(tag: tag), a.atEnd else { throw bad }
+                    let valueTLV = a.nextTLV(tag: tag), a.atEnd
+                else { throw bad }
                 let type = Self.names[oid] ?? oid
                 var v = DER(valueTLV)
                 let content = v.next(tag: tag)!
                 if let s = Self.string(tag: tag, content) {
                     rdn.append(DNAttribute(type: type, value: s))
                 } else {
-                    let hex = valueTLV.map { h in let s = String(h, radix: 16); return s.count == 1 ? "0" + s : s }.joined()
+                    let hex = valueTLV.map { h in
+                        let s = String(h, radix: 16)
+                        return s.count == 1 ? "0" + s : s
+                    }.joined()
                     rdn.append(DNAttribute(type: type, value: "#" + hex, isBER: true))
                 }
             }
             guard !rdn.isEmpty else { throw bad }
             rdns.append(rdn)
         }
-        self.init(rdns: rdns.reversed())   // RFC 4514: the last RDN first
+        self.init(rdns: rdns.reversed()) // RFC 4514: the last RDN first
     }
 
     static func oid(_ b: ArraySlice<UInt8>) -> String? {
@@ -214,7 +242,10 @@ public struct DistinguishedName: Sendable, Hashable, CustomStringConvertible {
         for x in b {
             guard v >> 56 == 0 else { return nil }
             v = v << 7 | UInt64(x & 0x7f)
-            if x & 0x80 == 0 { arcs.append(v); v = 0 }
+            if x & 0x80 == 0 {
+                arcs.append(v)
+                v = 0
+            }
         }
         guard b.last! & 0x80 == 0 else { return nil }
         let first = arcs.removeFirst()
@@ -231,17 +262,17 @@ public struct DistinguishedName: Sendable, Hashable, CustomStringConvertible {
     /// The directory string types; nil for anything else (kept as `#hex`).
     static func string(tag: UInt8, _ c: ArraySlice<UInt8>) -> String? {
         switch tag {
-        case 0x0c: return utf8(c)                                                  // UTF8String
-        case 0x12, 0x13, 0x16, 0x1a:                                               // Numeric, Printable, IA5, Visible
+        case 0x0c: return utf8(c) // UTF8String
+        case 0x12, 0x13, 0x16, 0x1a: // Numeric, Printable, IA5, Visible
             return c.allSatisfy({ $0 < 0x80 }) ? String(decoding: c, as: UTF8.self) : nil
-        case 0x14:                                                                 // TeletexString, read as Latin-1 (as OpenSSL does)
+        case 0x14: // TeletexString, read as Latin-1 (as OpenSSL does)
             return String(String.UnicodeScalarView(c.map { Unicode.Scalar($0) }))
-        case 0x1e:                                                                 // BMPString, UTF-16BE
+        case 0x1e: // BMPString, UTF-16BE
             guard c.count % 2 == 0 else { return nil }
             let units = stride(from: c.startIndex, to: c.endIndex, by: 2).map { UInt16(c[$0]) << 8 | UInt16(c[$0 + 1]) }
             let str = String(decoding: units, as: UTF16.self)
             return Array(str.utf16) == units ? str : nil
-        case 0x1c:                                                                 // UniversalString, UTF-32BE
+        case 0x1c: // UniversalString, UTF-32BE
             guard c.count % 4 == 0 else { return nil }
             var s = String.UnicodeScalarView()
             for j in stride(from: c.startIndex, to: c.endIndex, by: 4) {
@@ -284,12 +315,16 @@ struct DER {
         guard i < rest.endIndex, rest[i] == tag, tag & 0x1f != 0x1f else { return nil }
         i += 1
         guard i < rest.endIndex else { return nil }
-        var len = Int(rest[i]); i += 1
+        var len = Int(rest[i])
+        i += 1
         if len & 0x80 != 0 {
             let n = len & 0x7f
             guard (1...4).contains(n), rest.endIndex - i >= n else { return nil }
             len = 0
-            for _ in 0..<n { len = len << 8 | Int(rest[i]); i += 1 }
+            for _ in 0..<n {
+                len = len << 8 | Int(rest[i])
+                i += 1
+            }
         }
         guard rest.endIndex - i >= len else { return nil }
         return (i, i + len)
@@ -298,14 +333,20 @@ struct DER {
 
 public struct DistinguishedNameError: Error, Sendable, Equatable, CustomStringConvertible {
     public enum Kind: Sendable, Equatable {
-        case empty, missingEquals, missingType, unknownType(String), hexValue(String), badEscape
+        case empty, missingEquals, missingType
+        case unknownType(String)
+        case hexValue(String)
+        case badEscape
         case semicolon, quote, trailingSeparator, repeatedType, badCertificate
     }
     public var kind: Kind
     /// The text as given.
     public var text: String
 
-    public init(_ kind: Kind, _ text: String) { self.kind = kind; self.text = text }
+    public init(_ kind: Kind, _ text: String) {
+        self.kind = kind
+        self.text = text
+    }
 
     public var description: String { problem + "; " + fix }
 
@@ -317,7 +358,9 @@ public struct DistinguishedNameError: Error, Sendable, Equatable, CustomStringCo
         case .missingType: return "\(q) has a value without an attribute type"
         case .unknownType(let t): return "\(q): \"\(t)\" is not an attribute type virtnbd knows"
         case .hexValue(let t): return "\(q): the \(t) value is in #hex (BER) form"
-        case .badEscape: return "\(q) has a bad escape (a \\ must be followed by one of ,+\"\\<>;=# or space, or two hex digits of UTF-8)"
+        case .badEscape:
+            return
+                "\(q) has a bad escape (a \\ must be followed by one of ,+\"\\<>;=# or space, or two hex digits of UTF-8)"
         case .semicolon: return "\(q) has an unescaped \";\""
         case .quote: return "\(q) has an unescaped quote"
         case .trailingSeparator: return "\(q) ends with a separator"
@@ -327,9 +370,12 @@ public struct DistinguishedNameError: Error, Sendable, Equatable, CustomStringCo
     }
 
     public var fix: String {
-        let form = "write it as certtool -i or openssl x509 -noout -subject -nameopt RFC2253 prints it, e.g. CN=alice,O=Example"
+        let form =
+            "write it as certtool -i or openssl x509 -noout -subject -nameopt RFC2253 prints it, e.g. CN=alice,O=Example"
         switch kind {
-        case .unknownType: return "use CN, C, L, ST, O, OU, STREET, DC, UID, EMAIL, SERIALNUMBER, TITLE, SN, GN, DNQUALIFIER, PSEUDONYM or a dotted OID (2.5.4.3)"
+        case .unknownType:
+            return
+                "use CN, C, L, ST, O, OU, STREET, DC, UID, EMAIL, SERIALNUMBER, TITLE, SN, GN, DNQUALIFIER, PSEUDONYM or a dotted OID (2.5.4.3)"
         case .hexValue: return "write the value as text"
         case .semicolon: return "separate RDNs with \",\" (RFC 4514), or escape it as \\;"
         case .quote: return "escape it as \\\" (quoted values are not supported)"

@@ -13,7 +13,10 @@ public struct IPAddress: Sendable, Hashable, CustomStringConvertible {
     public let high: UInt64
     public let low: UInt64
 
-    public init(high: UInt64, low: UInt64) { self.high = high; self.low = low }
+    public init(high: UInt64, low: UInt64) {
+        self.high = high
+        self.low = low
+    }
 
     /// An IPv4 address from its 32 bits (the first octet is the top byte).
     public init(v4 bits: UInt32) { self.init(high: 0, low: 0xffff_0000_0000 | UInt64(bits)) }
@@ -21,16 +24,20 @@ public struct IPAddress: Sendable, Hashable, CustomStringConvertible {
     /// Parses `a.b.c.d` or any RFC 4291 IPv6 text form (`::1`, `fe80::1:2`, `::ffff:10.0.0.1`).
     /// Returns nil for anything else (brackets, zone ids, ports, leading zeros in IPv4 octets).
     public init?(_ text: String) {
-        if let v4 = Self.parseV4(Substring(text)) { self.init(v4: v4) }
-        else if let (h, l) = Self.parseV6(Substring(text)) { self.init(high: h, low: l) }
-        else { return nil }
+        if let v4 = Self.parseV4(Substring(text)) {
+            self.init(v4: v4)
+        } else if let (h, l) = Self.parseV6(Substring(text)) {
+            self.init(high: h, low: l)
+        } else {
+            return nil
+        }
     }
 
     /// Whether this is an IPv4 address (::ffff:0:0/96).
     public var isV4: Bool { high == 0 && low >> 32 == 0xffff }
 
     public var description: String {
-        if isV4 { return Self.formatV4(UInt32(truncatingIfNeeded: low)) }   // also ::ffff:a.b.c.d
+        if isV4 { return Self.formatV4(UInt32(truncatingIfNeeded: low)) } // also ::ffff:a.b.c.d
         return Self.formatV6(high: high, low: low)
     }
 
@@ -43,7 +50,8 @@ public struct IPAddress: Sendable, Hashable, CustomStringConvertible {
         var v: UInt32 = 0
         for p in parts {
             guard (1...3).contains(p.count), p.allSatisfy({ $0.isASCII && $0.isNumber }),
-                  !(p.count > 1 && p.first == "0"), let o = UInt32(p), o <= 255 else { return nil }
+                !(p.count > 1 && p.first == "0"), let o = UInt32(p), o <= 255
+            else { return nil }
             v = v << 8 | o
         }
         return v
@@ -52,7 +60,9 @@ public struct IPAddress: Sendable, Hashable, CustomStringConvertible {
     /// Eight 16-bit groups, one `::` standing for one or more zero groups, optionally ending in a
     /// dotted IPv4 address that fills the last two groups.
     static func parseV6(_ s: Substring) -> (UInt64, UInt64)? {
-        guard s.contains(":"), s.allSatisfy({ $0.isASCII && ($0.isHexDigit || $0 == ":" || $0 == ".") }) else { return nil }
+        guard s.contains(":"), s.allSatisfy({ $0.isASCII && ($0.isHexDigit || $0 == ":" || $0 == ".") }) else {
+            return nil
+        }
         func groups(_ part: Substring, allowV4Tail: Bool) -> [UInt16]? {
             if part.isEmpty { return [] }
             let fields = part.split(separator: ":", omittingEmptySubsequences: false)
@@ -70,9 +80,12 @@ public struct IPAddress: Sendable, Hashable, CustomStringConvertible {
         }
         var all: [UInt16]
         if let range = s.firstRange(of: "::") {
-            let head = s[..<range.lowerBound], tail = s[range.upperBound...]
-            guard !tail.contains("::"), let h = groups(head, allowV4Tail: false), let t = groups(tail, allowV4Tail: true),
-                  h.count + t.count <= 7 else { return nil }
+            let head = s[..<range.lowerBound]
+            let tail = s[range.upperBound...]
+            guard !tail.contains("::"), let h = groups(head, allowV4Tail: false),
+                let t = groups(tail, allowV4Tail: true),
+                h.count + t.count <= 7
+            else { return nil }
             all = h + Array(repeating: 0, count: 8 - h.count - t.count) + t
         } else {
             guard let g = groups(s, allowV4Tail: true), g.count == 8 else { return nil }
@@ -91,9 +104,13 @@ public struct IPAddress: Sendable, Hashable, CustomStringConvertible {
     static func formatV6(high: UInt64, low: UInt64) -> String {
         if high == 0 && low >> 32 == 0xffff { return "::ffff:" + formatV4(UInt32(truncatingIfNeeded: low)) }
         let g = (0..<8).map { i in UInt16(truncatingIfNeeded: (i < 4 ? high : low) >> (48 - 16 * UInt64(i % 4))) }
-        var best = (start: -1, count: 0), i = 0
+        var best = (start: -1, count: 0)
+        var i = 0
         while i < 8 {
-            guard g[i] == 0 else { i += 1; continue }
+            guard g[i] == 0 else {
+                i += 1
+                continue
+            }
             var j = i
             while j < 8 && g[j] == 0 { j += 1 }
             if j - i > best.count { best = (i, j - i) }
@@ -119,7 +136,10 @@ public struct IPNetworkError: Error, Sendable, Equatable, CustomStringConvertibl
     /// The text as given.
     public var text: String
 
-    public init(_ kind: Kind, _ text: String) { self.kind = kind; self.text = text }
+    public init(_ kind: Kind, _ text: String) {
+        self.kind = kind
+        self.text = text
+    }
 
     /// What is wrong, then what to write instead.
     public var description: String { problem + "; " + fix }
@@ -170,14 +190,19 @@ public struct IPNetwork: Sendable, Hashable, CustomStringConvertible {
         let addressText = parts[0]
         let v4 = IPAddress.parseV4(addressText)
         let address: IPAddress
-        if let v4 { address = IPAddress(v4: v4) }
-        else if let (h, l) = IPAddress.parseV6(addressText) { address = IPAddress(high: h, low: l) }
-        else { throw IPNetworkError(.badAddress, text) }
+        if let v4 {
+            address = IPAddress(v4: v4)
+        } else if let (h, l) = IPAddress.parseV6(addressText) {
+            address = IPAddress(high: h, low: l)
+        } else {
+            throw IPNetworkError(.badAddress, text)
+        }
         let maximum = v4 != nil ? 32 : 128
         var prefix = maximum
         if parts.count == 2 {
             let p = parts[1]
-            guard (1...3).contains(p.count), p.allSatisfy({ $0.isASCII && $0.isNumber }), let n = Int(p), n <= maximum else {
+            guard (1...3).contains(p.count), p.allSatisfy({ $0.isASCII && $0.isNumber }), let n = Int(p), n <= maximum
+            else {
                 throw IPNetworkError(.badPrefix(maximum: maximum), text)
             }
             prefix = n
@@ -191,7 +216,9 @@ public struct IPNetwork: Sendable, Hashable, CustomStringConvertible {
     }
 
     init(address: IPAddress, prefixLength: Int, isV4: Bool) {
-        self.address = address; self.prefixLength = prefixLength; self.isV4 = isV4
+        self.address = address
+        self.prefixLength = prefixLength
+        self.isV4 = isV4
     }
 
     /// The address with every bit after the prefix cleared.
@@ -205,8 +232,9 @@ public struct IPNetwork: Sendable, Hashable, CustomStringConvertible {
     public func contains(_ a: IPAddress) -> Bool { masked(a) == address }
 
     public var description: String {
-        isV4 ? "\(IPAddress.formatV4(UInt32(truncatingIfNeeded: address.low)))/\(prefixLength)"
-             : "\(IPAddress.formatV6(high: address.high, low: address.low))/\(prefixLength)"
+        isV4
+            ? "\(IPAddress.formatV4(UInt32(truncatingIfNeeded: address.low)))/\(prefixLength)"
+            : "\(IPAddress.formatV6(high: address.high, low: address.low))/\(prefixLength)"
     }
 }
 
@@ -240,7 +268,9 @@ public struct AccessList: Sendable, Hashable, CustomStringConvertible {
     }
 
     /// `10.0.0.0/8, ::1/128`
-    public var description: String { networks.isEmpty ? "everyone" : networks.map(\.description).joined(separator: ", ") }
+    public var description: String {
+        networks.isEmpty ? "everyone" : networks.map(\.description).joined(separator: ", ")
+    }
 }
 
 extension String {

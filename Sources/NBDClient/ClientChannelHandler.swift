@@ -35,7 +35,10 @@ final class NBDClientHandler: ChannelInboundHandler, RemovableChannelHandler {
 
     private let eventLoop: EventLoop
 
-    init(eventLoop: EventLoop, logger: Logger) { self.eventLoop = eventLoop; self.logger = logger }
+    init(eventLoop: EventLoop, logger: Logger) {
+        self.eventLoop = eventLoop
+        self.logger = logger
+    }
 
     func handlerAdded(context: ChannelHandlerContext) { self.context = context }
     func handlerRemoved(context: ChannelHandlerContext) { self.context = nil }
@@ -66,14 +69,20 @@ final class NBDClientHandler: ChannelInboundHandler, RemovableChannelHandler {
 
     // MARK: transmission
 
-    func submit(_ command: NBDCommand, flags: NBDCommandFlags, offset: UInt64, length: Int, payload: ByteBuffer?,
-                promise: EventLoopPromise<ByteBuffer?>) {
-        guard let context, failure == nil, !closing else { promise.fail(failure ?? .closed); return }
+    func submit(
+        _ command: NBDCommand, flags: NBDCommandFlags, offset: UInt64, length: Int, payload: ByteBuffer?,
+        promise: EventLoopPromise<ByteBuffer?>
+    ) {
+        guard let context, failure == nil, !closing else {
+            promise.fail(failure ?? .closed)
+            return
+        }
         let cookie = nextCookie
         nextCookie &+= 1
         pending[cookie] = Pending(command: command, offset: offset, length: length, promise: promise)
         var header = context.channel.allocator.buffer(capacity: 28)
-        NBDClientRequest.encode(command, flags: flags, cookie: cookie, offset: offset, length: UInt32(length), into: &header)
+        NBDClientRequest.encode(
+            command, flags: flags, cookie: cookie, offset: offset, length: UInt32(length), into: &header)
         context.write(wrapOutboundOut(header), promise: nil)
         if let p = payload { context.write(wrapOutboundOut(p), promise: nil) }
         context.flush()
@@ -130,9 +139,12 @@ final class NBDClientHandler: ChannelInboundHandler, RemovableChannelHandler {
 
     private func processReplies() {
         do {
-            while let chunk = try parser.next(&input, dataLength: { cookie in
-                pending[cookie].map { $0.command == .read ? $0.length : 0 }
-            }) {
+            while let chunk = try parser.next(
+                &input,
+                dataLength: { cookie in
+                    pending[cookie].map { $0.command == .read ? $0.length : 0 }
+                })
+            {
                 handle(chunk)
                 if failure != nil { return }
             }
@@ -149,7 +161,8 @@ final class NBDClientHandler: ChannelInboundHandler, RemovableChannelHandler {
         switch chunk {
         case .simple(_, let error, let data):
             if error != 0 {
-                p.error = .commandFailed(command: name, offset: p.offset, length: UInt64(p.length), errno: error, message: "")
+                p.error = .commandFailed(
+                    command: name, offset: p.offset, length: UInt64(p.length), errno: error, message: "")
             } else if p.command == .read {
                 p.data = data
                 p.received = data?.readableBytes ?? 0
@@ -163,16 +176,20 @@ final class NBDClientHandler: ChannelInboundHandler, RemovableChannelHandler {
             case .offsetHole(let off, let n):
                 place(&p, at: off, length: Int(n), data: nil)
             case .blockStatus:
-                break    // this client never asks for block status
+                break // this client never asks for block status
             case .error(let code, let message, _):
                 if p.error == nil {
-                    p.error = .commandFailed(command: name, offset: p.offset, length: UInt64(p.length), errno: code, message: message)
+                    p.error = .commandFailed(
+                        command: name, offset: p.offset, length: UInt64(p.length), errno: code, message: message)
                 }
             case .unknown(let type):
                 p.error = p.error ?? .protocolViolation("unknown reply chunk type \(type) for \(name)")
             }
         }
-        guard chunk.isFinal else { pending[cookie] = p; return }
+        guard chunk.isFinal else {
+            pending[cookie] = p
+            return
+        }
         pending.removeValue(forKey: cookie)
         if p.error == nil && p.command == .read && p.received != p.length {
             p.error = .incompleteRead(offset: p.offset, length: UInt64(p.length), got: UInt64(p.received))
@@ -190,18 +207,26 @@ final class NBDClientHandler: ChannelInboundHandler, RemovableChannelHandler {
     /// covering the whole request is used as it is; otherwise the result starts as zeroes.
     private func place(_ p: inout Pending, at offset: UInt64, length n: Int, data: ByteBuffer?) {
         guard p.command == .read, offset >= p.offset, offset - p.offset <= UInt64(p.length),
-              UInt64(n) <= UInt64(p.length) - (offset - p.offset) else {
-            p.error = p.error ?? .protocolViolation("a read chunk at \(offset)+\(n) lies outside the request \(p.offset)+\(p.length)")
+            UInt64(n) <= UInt64(p.length) - (offset - p.offset)
+        else {
+            p.error =
+                p.error
+                ?? .protocolViolation("a read chunk at \(offset)+\(n) lies outside the request \(p.offset)+\(p.length)")
             return
         }
         let rel = Int(offset - p.offset)
         p.received += n
         guard p.received <= p.length else {
-            p.error = p.error ?? .protocolViolation("read chunks overlap (\(p.received) bytes for a \(p.length)-byte request)")
+            p.error =
+                p.error
+                ?? .protocolViolation("read chunks overlap (\(p.received) bytes for a \(p.length)-byte request)")
             return
         }
         if p.data == nil {
-            if let d = data, rel == 0, n == p.length { p.data = d; return }
+            if let d = data, rel == 0, n == p.length {
+                p.data = d
+                return
+            }
             p.data = zeroes(p.length)
         }
         if let d = data {
@@ -218,7 +243,10 @@ final class NBDClientHandler: ChannelInboundHandler, RemovableChannelHandler {
 
     private func fail(_ error: NBDClientError) {
         if failure == nil { failure = error }
-        if let w = waiter { waiter = nil; w.promise.fail(failure!) }
+        if let w = waiter {
+            waiter = nil
+            w.promise.fail(failure!)
+        }
         let all = pending
         pending.removeAll()
         for p in all.values { p.promise.fail(failure!) }

@@ -37,7 +37,9 @@ struct ClientHandshake {
     private var noZeroes = false
 
     init(loop: EventLoop, handler: NIOLoopBound<NBDClientHandler>, logger: Logger) {
-        self.loop = loop; self.handler = handler; self.logger = logger
+        self.loop = loop
+        self.handler = handler
+        self.logger = logger
     }
 
     func send(_ b: ByteBuffer) async throws {
@@ -53,7 +55,9 @@ struct ClientHandshake {
     /// Greeting and client flags.
     mutating func start() async throws {
         let g: NBDGreeting
-        do { g = try NBDGreeting.parse(try await read(NBDGreeting.size, during: "the greeting")) } catch let e as NBDClientWireError { throw NBDClientError.wire(e) }
+        do { g = try NBDGreeting.parse(try await read(NBDGreeting.size, during: "the greeting")) } catch let e
+            as NBDClientWireError
+        { throw NBDClientError.wire(e) }
         negotiation.handshakeFlags = g.handshakeFlags
         noZeroes = g.noZeroes
         try await send(g.clientFlags())
@@ -67,7 +71,8 @@ struct ClientHandshake {
             let h = try NBDOptionReply.parseHeader(header)
             let payload = try await read(Int(h.length), during: what)
             guard h.option == option.rawValue else {
-                throw NBDClientError.protocolViolation("a reply for option \(h.option) came while \(option.specName) was outstanding")
+                throw NBDClientError.protocolViolation(
+                    "a reply for option \(h.option) came while \(option.specName) was outstanding")
             }
             return NBDOptionReply(option: h.option, type: h.type, payload: payload)
         } catch let e as NBDClientWireError { throw NBDClientError.wire(e) }
@@ -117,7 +122,9 @@ struct ClientHandshake {
             switch r.type {
             case NBDReply.ack: return out
             case NBDReply.metaContext:
-                do { out.append(try NBDMetaContextEntry.parse(r.payload).name) } catch { throw NBDClientError.wire(error) }
+                do { out.append(try NBDMetaContextEntry.parse(r.payload).name) } catch {
+                    throw NBDClientError.wire(error)
+                }
             case NBDReply.errUnsup, NBDReply.errPolicy:
                 return nil
             default:
@@ -129,7 +136,9 @@ struct ClientHandshake {
     /// NBD_OPT_INFO or NBD_OPT_GO with INFO_NAME, INFO_DESCRIPTION and INFO_BLOCK_SIZE requested.
     /// Returns nil when the server answers NBD_REP_ERR_UNSUP (it predates these options).
     func info(_ option: NBDOption, export: String) async throws -> NBDExportDetails? {
-        try await send(NBDClientOption.info(option, exportName: export, requests: [NBDInfo.name, NBDInfo.description, NBDInfo.blockSize]))
+        try await send(
+            NBDClientOption.info(
+                option, exportName: export, requests: [NBDInfo.name, NBDInfo.description, NBDInfo.blockSize]))
         var d = NBDExportDetails(name: export)
         var sawExport = false
         while true {
@@ -142,10 +151,16 @@ struct ClientHandshake {
                 let i: NBDInfoReply
                 do { i = try NBDInfoReply.parse(r.payload) } catch { throw NBDClientError.wire(error) }
                 switch i {
-                case .export(let size, let flags): d.size = size; d.flags = flags; sawExport = true
+                case .export(let size, let flags):
+                    d.size = size
+                    d.flags = flags
+                    sawExport = true
                 case .name(let n): d.name = n
                 case .description(let s): d.description = s
-                case .blockSize(let a, let b, let c): d.minimumBlockSize = a; d.preferredBlockSize = b; d.maximumPayload = c
+                case .blockSize(let a, let b, let c):
+                    d.minimumBlockSize = a
+                    d.preferredBlockSize = b
+                    d.maximumPayload = c
                 case .unknown(let t): logger.debug("ignoring unknown NBD_INFO type \(t)")
                 }
             case NBDReply.errUnsup:
@@ -166,7 +181,8 @@ struct ClientHandshake {
         let n = 10 + (noZeroes ? 0 : 124)
         var b: ByteBuffer
         do { b = try await read(n, during: "NBD_OPT_EXPORT_NAME") } catch NBDClientError.serverClosed {
-            throw NBDClientError.unknownExport(export, message: "the server closed the connection on NBD_OPT_EXPORT_NAME")
+            throw NBDClientError.unknownExport(
+                export, message: "the server closed the connection on NBD_OPT_EXPORT_NAME")
         }
         var d = NBDExportDetails(name: export)
         d.size = b.readInteger()!

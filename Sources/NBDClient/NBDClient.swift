@@ -4,8 +4,9 @@ import Logging
 import NBDProtocol
 import NIOCore
 import NIOPosix
+
 #if canImport(Glibc)
-import Glibc
+    import Glibc
 #endif
 
 public final class NBDClient: Sendable {
@@ -21,32 +22,48 @@ public final class NBDClient: Sendable {
     /// ("Block size constraints": without the information, 32 MiB is safe).
     public var maximumPayload: Int { Int(export.maximumPayload ?? (32 << 20)) }
 
-    private init(uri: NBDURI, export: NBDExportDetails, negotiation: NBDNegotiation, channel: Channel, handler: NIOLoopBound<NBDClientHandler>) {
-        self.uri = uri; self.export = export; self.negotiation = negotiation; self.channel = channel; self.handler = handler
+    private init(
+        uri: NBDURI, export: NBDExportDetails, negotiation: NBDNegotiation, channel: Channel,
+        handler: NIOLoopBound<NBDClientHandler>
+    ) {
+        self.uri = uri
+        self.export = export
+        self.negotiation = negotiation
+        self.channel = channel
+        self.handler = handler
     }
 
     /// Connects and enters transmission with the URI's export. `timeout` bounds the connect and,
     /// separately, the handshake (a listener that never greets); nil waits forever.
-    public static func connect(to uri: NBDURI, timeout: TimeAmount? = .seconds(10), group: EventLoopGroup = MultiThreadedEventLoopGroup.singleton,
-                               logger: Logger) async throws -> NBDClient {
+    public static func connect(
+        to uri: NBDURI, timeout: TimeAmount? = .seconds(10),
+        group: EventLoopGroup = MultiThreadedEventLoopGroup.singleton,
+        logger: Logger
+    ) async throws -> NBDClient {
         let (channel, handler) = try await open(uri, timeout: timeout, group: group, logger: logger)
         do {
-          return try await withHandshakeTimeout(timeout, channel, uri) {
-            var hs = ClientHandshake(loop: channel.eventLoop, handler: handler, logger: logger)
-            try await hs.start()
-            _ = try await hs.structuredReplies()
-            var details: NBDExportDetails
-            if let d = try await hs.info(.go, export: uri.exportName) {
-                details = d
-            } else {
-                logger.debug("NBD_OPT_GO unsupported; falling back to NBD_OPT_EXPORT_NAME")
-                details = try await hs.exportName(uri.exportName)
+            return try await withHandshakeTimeout(timeout, channel, uri) {
+                var hs = ClientHandshake(loop: channel.eventLoop, handler: handler, logger: logger)
+                try await hs.start()
+                _ = try await hs.structuredReplies()
+                var details: NBDExportDetails
+                if let d = try await hs.info(.go, export: uri.exportName) {
+                    details = d
+                } else {
+                    logger.debug("NBD_OPT_GO unsupported; falling back to NBD_OPT_EXPORT_NAME")
+                    details = try await hs.exportName(uri.exportName)
+                }
+                if details.name.isEmpty { details.name = uri.exportName }
+                try await channel.eventLoop.submit { handler.value.startTransmission() }.get()
+                logger.debug(
+                    "connected",
+                    metadata: [
+                        "uri": "\(uri)", "size": "\(details.size)",
+                        "flags": "0x\(String(details.flags.rawValue, radix: 16))",
+                    ])
+                return NBDClient(
+                    uri: uri, export: details, negotiation: hs.negotiation, channel: channel, handler: handler)
             }
-            if details.name.isEmpty { details.name = uri.exportName }
-            try await channel.eventLoop.submit { handler.value.startTransmission() }.get()
-            logger.debug("connected", metadata: ["uri": "\(uri)", "size": "\(details.size)", "flags": "0x\(String(details.flags.rawValue, radix: 16))"])
-            return NBDClient(uri: uri, export: details, negotiation: hs.negotiation, channel: channel, handler: handler)
-          }
         } catch {
             try? await channel.close()
             throw error
@@ -55,53 +72,61 @@ public final class NBDClient: Sendable {
 
     /// Negotiates without entering transmission and reports on the URI's export, or with
     /// `list` on every export the server lists (NBD_OPT_LIST, then NBD_OPT_INFO for each).
-    public static func query(_ uri: NBDURI, list: Bool, timeout: TimeAmount? = .seconds(10), group: EventLoopGroup = MultiThreadedEventLoopGroup.singleton,
-                             logger: Logger) async throws -> (NBDNegotiation, [NBDExportDetails]) {
+    public static func query(
+        _ uri: NBDURI, list: Bool, timeout: TimeAmount? = .seconds(10),
+        group: EventLoopGroup = MultiThreadedEventLoopGroup.singleton,
+        logger: Logger
+    ) async throws -> (NBDNegotiation, [NBDExportDetails]) {
         let (channel, handler) = try await open(uri, timeout: timeout, group: group, logger: logger)
         defer { channel.close(promise: nil) }
         return try await withHandshakeTimeout(timeout, channel, uri) {
-        var hs = ClientHandshake(loop: channel.eventLoop, handler: handler, logger: logger)
-        try await hs.start()
-        _ = try await hs.structuredReplies()
-        var names = [NBDServerEntry(name: uri.exportName, description: "")]
-        if list { names = try await hs.list() }
-        var out: [NBDExportDetails] = []
-        var inTransmission = false
-        for entry in names {
-            // An empty query lists every context; a server that lists none that way is asked for base:allocation.
-            var contexts = try await hs.listMetaContexts(export: entry.name)
-            if contexts == [] { contexts = try await hs.listMetaContexts(export: entry.name, queries: [NBDMetaContext.baseAllocation]) }
-            var d: NBDExportDetails
-            if let i = try await hs.info(.info, export: entry.name) {
-                d = i
-            } else if !list, let g = try await hs.info(.go, export: entry.name) {
-                d = g       // a server with GO but not INFO; this ends negotiation
-                inTransmission = true
-            } else {
-                d = NBDExportDetails(name: entry.name)
+            var hs = ClientHandshake(loop: channel.eventLoop, handler: handler, logger: logger)
+            try await hs.start()
+            _ = try await hs.structuredReplies()
+            var names = [NBDServerEntry(name: uri.exportName, description: "")]
+            if list { names = try await hs.list() }
+            var out: [NBDExportDetails] = []
+            var inTransmission = false
+            for entry in names {
+                // An empty query lists every context; a server that lists none that way is asked for base:allocation.
+                var contexts = try await hs.listMetaContexts(export: entry.name)
+                if contexts == [] {
+                    contexts = try await hs.listMetaContexts(
+                        export: entry.name, queries: [NBDMetaContext.baseAllocation])
+                }
+                var d: NBDExportDetails
+                if let i = try await hs.info(.info, export: entry.name) {
+                    d = i
+                } else if !list, let g = try await hs.info(.go, export: entry.name) {
+                    d = g // a server with GO but not INFO; this ends negotiation
+                    inTransmission = true
+                } else {
+                    d = NBDExportDetails(name: entry.name)
+                }
+                // The server's own name for it (NBD_INFO_NAME, as nbdinfo shows: the default export's
+                // real name for an empty one); the name asked for when the server sends none.
+                if d.name.isEmpty { d.name = entry.name }
+                if d.description.isEmpty { d.description = entry.description }
+                d.metaContexts = contexts
+                out.append(d)
             }
-            // The server's own name for it (NBD_INFO_NAME, as nbdinfo shows: the default export's
-            // real name for an empty one); the name asked for when the server sends none.
-            if d.name.isEmpty { d.name = entry.name }
-            if d.description.isEmpty { d.description = entry.description }
-            d.metaContexts = contexts
-            out.append(d)
-        }
-        if inTransmission {
-            var disc = ByteBuffer()
-            NBDClientRequest.encode(.disc, cookie: 0, offset: 0, length: 0, into: &disc)
-            try? await hs.send(disc)
-        } else {
-            await hs.abort()
-        }
-        return (hs.negotiation, out)
+            if inTransmission {
+                var disc = ByteBuffer()
+                NBDClientRequest.encode(.disc, cookie: 0, offset: 0, length: 0, into: &disc)
+                try? await hs.send(disc)
+            } else {
+                await hs.abort()
+            }
+            return (hs.negotiation, out)
         }
     }
 
     /// Runs the handshake `body`; if it takes longer than `timeout`, closes the connection and
     /// throws `.timedOut` instead of whatever the closed connection made the handshake throw.
-    private static func withHandshakeTimeout<T>(_ timeout: TimeAmount?, _ channel: Channel, _ uri: NBDURI,
-                                                _ body: () async throws -> T) async throws -> T {
+    private static func withHandshakeTimeout<T>(
+        _ timeout: TimeAmount?, _ channel: Channel, _ uri: NBDURI,
+        _ body: () async throws -> T
+    ) async throws -> T {
         guard let timeout else { return try await body() }
         let timer = channel.eventLoop.scheduleTask(in: timeout) { channel.close(promise: nil) }
         do {
@@ -117,11 +142,16 @@ public final class NBDClient: Sendable {
         }
     }
 
-    private static func open(_ uri: NBDURI, timeout: TimeAmount?, group: EventLoopGroup, logger: Logger) async throws -> (Channel, NIOLoopBound<NBDClientHandler>) {
+    private static func open(_ uri: NBDURI, timeout: TimeAmount?, group: EventLoopGroup, logger: Logger) async throws
+        -> (Channel, NIOLoopBound<NBDClientHandler>)
+    {
         if uri.tls { throw NBDClientError.tlsNotSupported(uri.text) }
         var bootstrap = ClientBootstrap(group: group)
             .connectTimeout(timeout ?? .hours(24 * 365))
-            .channelOption(.recvAllocator, value: AdaptiveRecvByteBufferAllocator(minimum: 4096, initial: 256 << 10, maximum: 4 << 20))
+            .channelOption(
+                .recvAllocator,
+                value: AdaptiveRecvByteBufferAllocator(minimum: 4096, initial: 256 << 10, maximum: 4 << 20)
+            )
             .channelInitializer { ch in
                 ch.eventLoop.makeCompletedFuture {
                     try ch.pipeline.syncOperations.addHandler(NBDClientHandler(eventLoop: ch.eventLoop, logger: logger))
@@ -137,10 +167,12 @@ public final class NBDClient: Sendable {
                 channel = try await bootstrap.connect(unixDomainSocketPath: path).get()
             }
         } catch {
-            throw NBDClientError.connectFailed(uri.targetDescription, reason: connectFailureReason(error, timeout: timeout))
+            throw NBDClientError.connectFailed(
+                uri.targetDescription, reason: connectFailureReason(error, timeout: timeout))
         }
         let handler = try await channel.eventLoop.submit {
-            NIOLoopBound(try channel.pipeline.syncOperations.handler(type: NBDClientHandler.self), eventLoop: channel.eventLoop)
+            NIOLoopBound(
+                try channel.pipeline.syncOperations.handler(type: NBDClientHandler.self), eventLoop: channel.eventLoop)
         }.get()
         return (channel, handler)
     }
@@ -148,7 +180,9 @@ public final class NBDClient: Sendable {
     // MARK: requests
 
     /// Starts a request; the future completes with READ data, or nil for other commands.
-    private func submit(_ command: NBDCommand, flags: NBDCommandFlags = [], offset: UInt64, length: Int, payload: ByteBuffer? = nil) -> EventLoopFuture<ByteBuffer?> {
+    private func submit(
+        _ command: NBDCommand, flags: NBDCommandFlags = [], offset: UInt64, length: Int, payload: ByteBuffer? = nil
+    ) -> EventLoopFuture<ByteBuffer?> {
         let loop = channel.eventLoop
         if let e = check(command, offset: offset, length: length) { return loop.makeFailedFuture(e) }
         let promise = loop.makePromise(of: ByteBuffer?.self)
@@ -156,7 +190,10 @@ public final class NBDClient: Sendable {
         if loop.inEventLoop {
             h.value.submit(command, flags: flags, offset: offset, length: length, payload: payload, promise: promise)
         } else {
-            loop.execute { h.value.submit(command, flags: flags, offset: offset, length: length, payload: payload, promise: promise) }
+            loop.execute {
+                h.value.submit(
+                    command, flags: flags, offset: offset, length: length, payload: payload, promise: promise)
+            }
         }
         return promise.futureResult
     }
@@ -166,14 +203,21 @@ public final class NBDClient: Sendable {
         let writes: Set<NBDCommand> = [.write, .trim, .writeZeroes]
         if writes.contains(command) && flags.contains(.readOnly) { return .readOnly }
         switch command {
-        case .flush where !flags.contains(.sendFlush): return .unsupported(command: command.specName, flag: "NBD_FLAG_SEND_FLUSH")
-        case .trim where !flags.contains(.sendTrim): return .unsupported(command: command.specName, flag: "NBD_FLAG_SEND_TRIM")
-        case .writeZeroes where !flags.contains(.sendWriteZeroes): return .unsupported(command: command.specName, flag: "NBD_FLAG_SEND_WRITE_ZEROES")
+        case .flush where !flags.contains(.sendFlush):
+            return .unsupported(command: command.specName, flag: "NBD_FLAG_SEND_FLUSH")
+        case .trim where !flags.contains(.sendTrim):
+            return .unsupported(command: command.specName, flag: "NBD_FLAG_SEND_TRIM")
+        case .writeZeroes where !flags.contains(.sendWriteZeroes):
+            return .unsupported(command: command.specName, flag: "NBD_FLAG_SEND_WRITE_ZEROES")
         default: break
         }
         guard command != .flush && command != .disc else { return nil }
-        if offset > size || UInt64(length) > size - offset { return .outOfRange(offset: offset, length: UInt64(length), size: size) }
-        if (command == .read || command == .write) && length > maximumPayload { return .tooLarge(length: UInt64(length), maximum: UInt32(maximumPayload)) }
+        if offset > size || UInt64(length) > size - offset {
+            return .outOfRange(offset: offset, length: UInt64(length), size: size)
+        }
+        if (command == .read || command == .write) && length > maximumPayload {
+            return .tooLarge(length: UInt64(length), maximum: UInt32(maximumPayload))
+        }
         if length > Int(UInt32.max) { return .tooLarge(length: UInt64(length), maximum: UInt32.max) }
         return nil
     }
@@ -193,11 +237,19 @@ public final class NBDClient: Sendable {
         submit(.writeZeroes, flags: noHole ? .noHole : [], offset: offset, length: length).map { _ in }
     }
 
-    public func read(offset: UInt64, length: Int) async throws -> ByteBuffer { try await submitRead(offset: offset, length: length).get() }
-    public func write(offset: UInt64, data: ByteBuffer, fua: Bool = false) async throws { try await submitWrite(offset: offset, data: data, fua: fua).get() }
-    public func zero(offset: UInt64, length: Int, noHole: Bool = false) async throws { try await submitZero(offset: offset, length: length, noHole: noHole).get() }
+    public func read(offset: UInt64, length: Int) async throws -> ByteBuffer {
+        try await submitRead(offset: offset, length: length).get()
+    }
+    public func write(offset: UInt64, data: ByteBuffer, fua: Bool = false) async throws {
+        try await submitWrite(offset: offset, data: data, fua: fua).get()
+    }
+    public func zero(offset: UInt64, length: Int, noHole: Bool = false) async throws {
+        try await submitZero(offset: offset, length: length, noHole: noHole).get()
+    }
     /// NBD_CMD_TRIM: the server may discard the range.
-    public func trim(offset: UInt64, length: Int) async throws { _ = try await submit(.trim, offset: offset, length: length).get() }
+    public func trim(offset: UInt64, length: Int) async throws {
+        _ = try await submit(.trim, offset: offset, length: length).get()
+    }
     /// NBD_CMD_FLUSH: everything completed so far reaches stable storage.
     public func flush() async throws { _ = try await submit(.flush, offset: 0, length: 0).get() }
 

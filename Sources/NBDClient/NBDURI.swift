@@ -20,11 +20,14 @@ public struct NBDURI: Sendable, Equatable, CustomStringConvertible {
     public var text: String
 
     public init(transport: Transport, exportName: String, tls: Bool = false) {
-        self.transport = transport; self.exportName = exportName; self.tls = tls
+        self.transport = transport
+        self.exportName = exportName
+        self.tls = tls
         let enc = Self.percentEncode(exportName)
         switch transport {
         case .tcp(let h, let p): text = "nbd\(tls ? "s" : "")://\(h.contains(":") ? "[\(h)]" : h):\(p)/\(enc)"
-        case .unix(let path): text = "nbd\(tls ? "s" : "")+unix:///\(enc)?socket=\(Self.percentEncode(path, keepSlash: true))"
+        case .unix(let path):
+            text = "nbd\(tls ? "s" : "")+unix:///\(enc)?socket=\(Self.percentEncode(path, keepSlash: true))"
         }
     }
 
@@ -51,22 +54,31 @@ public struct NBDURI: Sendable, Equatable, CustomStringConvertible {
         var rest = Substring(s[sep.upperBound...])
         if let h = rest.firstIndex(of: "#") { rest = rest[..<h] }
         var query = Substring("")
-        if let q = rest.firstIndex(of: "?") { query = rest[rest.index(after: q)...]; rest = rest[..<q] }
+        if let q = rest.firstIndex(of: "?") {
+            query = rest[rest.index(after: q)...]
+            rest = rest[..<q]
+        }
         let slash = rest.firstIndex(of: "/") ?? rest.endIndex
         var authority = rest[..<slash]
         let path = rest[slash...]
-        if let at = authority.lastIndex(of: "@") { authority = authority[authority.index(after: at)...] }   // user@ is ignored
+        // user@ is ignored.
+        if let at = authority.lastIndex(of: "@") { authority = authority[authority.index(after: at)...] }
 
         var params: [String: String] = [:]
         for pair in query.split(separator: "&", omittingEmptySubsequences: true) {
             let kv = pair.split(separator: "=", maxSplits: 1, omittingEmptySubsequences: false)
-            guard let k = Self.percentDecode(kv[0]), let v = Self.percentDecode(kv.count > 1 ? kv[1] : "") else { throw .badPercentEncoding(s) }
+            guard let k = Self.percentDecode(kv[0]), let v = Self.percentDecode(kv.count > 1 ? kv[1] : "") else {
+                throw .badPercentEncoding(s)
+            }
             params[k] = v
         }
-        guard let export = Self.percentDecode(path.isEmpty ? "" : path.dropFirst()) else { throw .badPercentEncoding(s) }
+        guard let export = Self.percentDecode(path.isEmpty ? "" : path.dropFirst()) else {
+            throw .badPercentEncoding(s)
+        }
 
         // Host and port: "[v6]:port", "host:port", "host".
-        var host = Substring(""), portText: Substring?
+        var host = Substring("")
+        var portText: Substring?
         if authority.hasPrefix("[") {
             guard let close = authority.firstIndex(of: "]") else { throw .badHost(s) }
             host = authority[authority.index(after: authority.startIndex)..<close]
@@ -104,7 +116,9 @@ public struct NBDURI: Sendable, Equatable, CustomStringConvertible {
         var it = Array(s.utf8)[...]
         while let c = it.popFirst() {
             if c == UInt8(ascii: "%") {
-                guard it.count >= 2, let hi = hexValue(it.removeFirst()), let lo = hexValue(it.removeFirst()) else { return nil }
+                guard it.count >= 2, let hi = hexValue(it.removeFirst()), let lo = hexValue(it.removeFirst()) else {
+                    return nil
+                }
                 bytes.append(hi << 4 | lo)
             } else {
                 bytes.append(c)
@@ -151,9 +165,11 @@ public enum NBDURIError: Error, Equatable, CustomStringConvertible {
         case .notAURI(let s):
             return "\"\(s)\" is not an NBD URI; write nbd://HOST[:PORT]/EXPORT or nbd+unix:///EXPORT?socket=PATH"
         case .unsupportedScheme(let s, let scheme):
-            return "\"\(s)\": the scheme \"\(scheme)\" is not supported; use nbd://, nbds://, nbd+unix:// or nbds+unix://"
+            return
+                "\"\(s)\": the scheme \"\(scheme)\" is not supported; use nbd://, nbds://, nbd+unix:// or nbds+unix://"
         case .badPercentEncoding(let s):
-            return "\"\(s)\" has a bad percent escape (% must be followed by two hex digits forming UTF-8); escape a literal % as %25"
+            return
+                "\"\(s)\" has a bad percent escape (% must be followed by two hex digits forming UTF-8); escape a literal % as %25"
         case .badHost(let s):
             return "\"\(s)\": bad host; write an IPv6 address in brackets, e.g. nbd://[::1]:10809/"
         case .badPort(let s, let port):
@@ -163,7 +179,8 @@ public enum NBDURIError: Error, Equatable, CustomStringConvertible {
         case .missingSocket(let s):
             return "\"\(s)\": an nbd+unix URI needs the socket path, e.g. nbd+unix:///?socket=/run/nbd.sock"
         case .socketWithTCP(let s):
-            return "\"\(s)\": ?socket= belongs to nbd+unix:// URIs; use nbd+unix:///EXPORT?socket=PATH for a Unix socket"
+            return
+                "\"\(s)\": ?socket= belongs to nbd+unix:// URIs; use nbd+unix:///EXPORT?socket=PATH for a Unix socket"
         }
     }
 }

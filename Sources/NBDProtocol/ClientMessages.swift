@@ -14,13 +14,16 @@ public enum NBDClientWireError: Error, Equatable, CustomStringConvertible {
     public var description: String {
         switch self {
         case .notNBD(let m):
-            return "the server's greeting starts with 0x\(String(m, radix: 16)), not NBDMAGIC; this is not an NBD server (check the host and port)"
+            return
+                "the server's greeting starts with 0x\(String(m, radix: 16)), not NBDMAGIC; this is not an NBD server (check the host and port)"
         case .oldstyle:
             return "the server speaks oldstyle negotiation, which has no export names or options; use a newstyle server"
         case .noFixedNewstyle(let f):
-            return "the server does not offer fixed newstyle negotiation (handshake flags 0x\(String(f, radix: 16))); it is too old for this client"
+            return
+                "the server does not offer fixed newstyle negotiation (handshake flags 0x\(String(f, radix: 16))); it is too old for this client"
         case .badOptionReplyMagic(let m):
-            return "an option reply starts with 0x\(String(m, radix: 16)) instead of the option reply magic; the server is out of sync"
+            return
+                "an option reply starts with 0x\(String(m, radix: 16)) instead of the option reply magic; the server is out of sync"
         case .optionReplyTooLong(let n):
             return "an option reply announces \(n) bytes, more than any valid reply; the server is misbehaving"
         case .malformed(let what):
@@ -39,7 +42,9 @@ public struct NBDGreeting: Sendable, Equatable {
     /// unknown option ends the session, so option haggling cannot be used safely.
     public static func parse(_ b: ByteBuffer) throws(NBDClientWireError) -> NBDGreeting {
         var b = b
-        guard let magic: UInt64 = b.readInteger(), let second: UInt64 = b.readInteger(), let flags: UInt16 = b.readInteger() else {
+        guard let magic: UInt64 = b.readInteger(), let second: UInt64 = b.readInteger(),
+            let flags: UInt16 = b.readInteger()
+        else {
             throw .malformed("greeting shorter than \(size) bytes")
         }
         guard magic == NBDMagic.nbdmagic else { throw .notNBD(magic: magic) }
@@ -87,7 +92,9 @@ public enum NBDClientOption {
 
     /// "NBD_OPT_LIST_META_CONTEXT" / "NBD_OPT_SET_META_CONTEXT": u32 export name length, name,
     /// u32 query count, then each query as u32 length + string. No queries lists every context.
-    public static func metaContext(_ option: NBDOption = .listMetaContext, exportName: String, queries: [String]) -> ByteBuffer {
+    public static func metaContext(_ option: NBDOption = .listMetaContext, exportName: String, queries: [String])
+        -> ByteBuffer
+    {
         var p = ByteBuffer()
         p.writeInteger(UInt32(exportName.utf8.count))
         p.writeString(exportName)
@@ -114,14 +121,19 @@ public struct NBDOptionReply: Sendable, Equatable {
     public var message: String { payload.getString(at: payload.readerIndex, length: payload.readableBytes) ?? "" }
 
     public init(option: UInt32, type: UInt32, payload: ByteBuffer) {
-        self.option = option; self.type = type; self.payload = payload
+        self.option = option
+        self.type = type
+        self.payload = payload
     }
 
     /// The header: option, type and payload length. The caller then reads that many bytes.
-    public static func parseHeader(_ b: ByteBuffer) throws(NBDClientWireError) -> (option: UInt32, type: UInt32, length: UInt32) {
+    public static func parseHeader(_ b: ByteBuffer) throws(NBDClientWireError) -> (
+        option: UInt32, type: UInt32, length: UInt32
+    ) {
         var b = b
         guard let magic: UInt64 = b.readInteger(), let option: UInt32 = b.readInteger(),
-              let type: UInt32 = b.readInteger(), let length: UInt32 = b.readInteger() else {
+            let type: UInt32 = b.readInteger(), let length: UInt32 = b.readInteger()
+        else {
             throw .malformed("option reply header shorter than \(headerSize) bytes")
         }
         guard magic == NBDMagic.optionReply else { throw .badOptionReplyMagic(magic) }
@@ -152,7 +164,9 @@ public enum NBDInfoReply: Sendable, Equatable {
             let s = p.readString(length: p.readableBytes) ?? ""
             return type == NBDInfo.name ? .name(s) : .description(s)
         case NBDInfo.blockSize:
-            guard p.readableBytes == 12, let a: UInt32 = p.readInteger(), let b: UInt32 = p.readInteger(), let c: UInt32 = p.readInteger() else {
+            guard p.readableBytes == 12, let a: UInt32 = p.readInteger(), let b: UInt32 = p.readInteger(),
+                let c: UInt32 = p.readInteger()
+            else {
                 throw .malformed("NBD_INFO_BLOCK_SIZE is \(p.readableBytes + 2) bytes, not 14")
             }
             return .blockSize(minimum: a, preferred: b, maximum: c)
@@ -166,7 +180,10 @@ public enum NBDInfoReply: Sendable, Equatable {
 public struct NBDServerEntry: Sendable, Equatable {
     public var name: String
     public var description: String
-    public init(name: String, description: String) { self.name = name; self.description = description }
+    public init(name: String, description: String) {
+        self.name = name
+        self.description = description
+    }
 
     public static func parse(_ payload: ByteBuffer) throws(NBDClientWireError) -> NBDServerEntry {
         var p = payload
@@ -181,7 +198,10 @@ public struct NBDServerEntry: Sendable, Equatable {
 public struct NBDMetaContextEntry: Sendable, Equatable {
     public var id: UInt32
     public var name: String
-    public init(id: UInt32, name: String) { self.id = id; self.name = name }
+    public init(id: UInt32, name: String) {
+        self.id = id
+        self.name = name
+    }
 
     public static func parse(_ payload: ByteBuffer) throws(NBDClientWireError) -> NBDMetaContextEntry {
         var p = payload

@@ -4,7 +4,10 @@ import NIOCore
 
 public enum NBDClientRequest {
     /// "Request message": u32 magic, u16 flags, u16 type, u64 cookie, u64 offset, u32 length (28 bytes).
-    public static func encode(_ command: NBDCommand, flags: NBDCommandFlags = [], cookie: UInt64, offset: UInt64, length: UInt32, into b: inout ByteBuffer) {
+    public static func encode(
+        _ command: NBDCommand, flags: NBDCommandFlags = [], cookie: UInt64, offset: UInt64, length: UInt32,
+        into b: inout ByteBuffer
+    ) {
         b.writeInteger(NBDMagic.request)
         b.writeInteger(flags.rawValue)
         b.writeInteger(command.rawValue)
@@ -33,7 +36,10 @@ public enum NBDChunkPayload: Sendable, Equatable {
 public struct NBDExtent: Sendable, Equatable {
     public var length: UInt32
     public var flags: UInt32
-    public init(length: UInt32, flags: UInt32) { self.length = length; self.flags = flags }
+    public init(length: UInt32, flags: UInt32) {
+        self.length = length
+        self.flags = flags
+    }
 }
 
 /// One reply from the server.
@@ -64,7 +70,9 @@ public enum NBDReplyParseError: Error, Equatable, CustomStringConvertible {
     case malformed(String)
     public var description: String {
         switch self {
-        case .badMagic(let m): return "reply magic 0x\(String(m, radix: 16)) is neither the simple nor the structured reply magic; the server is out of sync"
+        case .badMagic(let m):
+            return
+                "reply magic 0x\(String(m, radix: 16)) is neither the simple nor the structured reply magic; the server is out of sync"
         case .unknownCookie(let c): return "the server replied to cookie \(c), which no request in flight has"
         case .chunkTooLarge(let n): return "a reply chunk announces \(n) bytes, more than any request asked for"
         case .malformed(let what): return "malformed reply chunk: \(what)"
@@ -81,12 +89,18 @@ public struct NBDReplyParser {
     /// A chunk larger than this is refused (the largest READ this client sends is far smaller).
     public let maximumChunk: UInt32
 
-    enum State { case header, simpleData(cookie: UInt64, length: Int), chunk(cookie: UInt64, flags: UInt16, type: UInt16, length: Int) }
+    enum State {
+        case header
+        case simpleData(cookie: UInt64, length: Int)
+        case chunk(cookie: UInt64, flags: UInt16, type: UInt16, length: Int)
+    }
     private var state: State = .header
 
     public init(maximumChunk: UInt32 = 64 << 20) { self.maximumChunk = maximumChunk }
 
-    public mutating func next(_ input: inout ByteBuffer, dataLength: (UInt64) -> Int?) throws(NBDReplyParseError) -> NBDReplyChunk? {
+    public mutating func next(_ input: inout ByteBuffer, dataLength: (UInt64) -> Int?) throws(NBDReplyParseError)
+        -> NBDReplyChunk?
+    {
         while true {
             switch state {
             case .simpleData(let cookie, let length):
@@ -96,7 +110,9 @@ public struct NBDReplyParser {
             case .chunk(let cookie, let flags, let type, let length):
                 guard let payload = input.readSlice(length: length) else { return nil }
                 state = .header
-                return .structured(cookie: cookie, done: flags & StructuredReply.flagDone != 0, payload: try Self.decode(type: type, payload))
+                return .structured(
+                    cookie: cookie, done: flags & StructuredReply.flagDone != 0,
+                    payload: try Self.decode(type: type, payload))
             case .header:
                 guard let magic: UInt32 = input.getInteger(at: input.readerIndex) else { return nil }
                 switch magic {
@@ -130,13 +146,18 @@ public struct NBDReplyParser {
         var p = payload
         switch type {
         case StructuredReply.ChunkType.none:
-            guard p.readableBytes == 0 else { throw .malformed("NBD_REPLY_TYPE_NONE with \(p.readableBytes) payload bytes") }
+            guard p.readableBytes == 0 else {
+                throw .malformed("NBD_REPLY_TYPE_NONE with \(p.readableBytes) payload bytes")
+            }
             return .none
         case StructuredReply.ChunkType.offsetData:
-            guard let offset: UInt64 = p.readInteger() else { throw .malformed("NBD_REPLY_TYPE_OFFSET_DATA shorter than 8 bytes") }
+            guard let offset: UInt64 = p.readInteger() else {
+                throw .malformed("NBD_REPLY_TYPE_OFFSET_DATA shorter than 8 bytes")
+            }
             return .offsetData(offset: offset, data: p)
         case StructuredReply.ChunkType.offsetHole:
-            guard p.readableBytes == 12, let offset: UInt64 = p.readInteger(), let length: UInt32 = p.readInteger() else {
+            guard p.readableBytes == 12, let offset: UInt64 = p.readInteger(), let length: UInt32 = p.readInteger()
+            else {
                 throw .malformed("NBD_REPLY_TYPE_OFFSET_HOLE is \(p.readableBytes) bytes, not 12")
             }
             return .offsetHole(offset: offset, length: length)
@@ -145,16 +166,21 @@ public struct NBDReplyParser {
                 throw .malformed("NBD_REPLY_TYPE_BLOCK_STATUS is not 4 + 8n bytes")
             }
             var extents: [NBDExtent] = []
-            while let l: UInt32 = p.readInteger(), let f: UInt32 = p.readInteger() { extents.append(NBDExtent(length: l, flags: f)) }
+            while let l: UInt32 = p.readInteger(), let f: UInt32 = p.readInteger() {
+                extents.append(NBDExtent(length: l, flags: f))
+            }
             return .blockStatus(context: ctx, extents: extents)
         default:
             guard type & 0x8000 != 0 else { return .unknown(type: type) }
             guard let code: UInt32 = p.readInteger(), let n: UInt16 = p.readInteger(), Int(n) <= p.readableBytes,
-                  let message = p.readString(length: Int(n)) else {
+                let message = p.readString(length: Int(n))
+            else {
                 throw .malformed("error chunk 0x\(String(type, radix: 16)) shorter than its message")
             }
             if type == StructuredReply.ChunkType.errorOffset {
-                guard let o: UInt64 = p.readInteger() else { throw .malformed("NBD_REPLY_TYPE_ERROR_OFFSET without its offset") }
+                guard let o: UInt64 = p.readInteger() else {
+                    throw .malformed("NBD_REPLY_TYPE_ERROR_OFFSET without its offset")
+                }
                 return .error(code: code, message: message, offset: o)
             }
             return .error(code: code, message: message, offset: nil)

@@ -3,8 +3,8 @@
 
 /// "Newstyle negotiation" and "Transmission" magics.
 public enum NBDMagic {
-    public static let nbdmagic: UInt64 = 0x4e42_444d_4147_4943      // "NBDMAGIC"
-    public static let ihaveopt: UInt64 = 0x4948_4156_454F_5054      // "IHAVEOPT"
+    public static let nbdmagic: UInt64 = 0x4e42_444d_4147_4943 // "NBDMAGIC"
+    public static let ihaveopt: UInt64 = 0x4948_4156_454F_5054 // "IHAVEOPT"
     public static let optionReply: UInt64 = 0x0003_e889_0455_65a9
     public static let request: UInt32 = 0x2560_9513
     public static let simpleReply: UInt32 = 0x6744_6698
@@ -24,16 +24,27 @@ public enum NBDHandshakeFlags {
 
 /// "Option types".
 public enum NBDOption: UInt32, Sendable {
-    case exportName = 1, abort = 2, list = 3, peekExport = 4, startTLS = 5, info = 6, go = 7
-    case structuredReply = 8, listMetaContext = 9, setMetaContext = 10, extendedHeaders = 11
+    case exportName = 1
+    case abort = 2
+    case list = 3
+    case peekExport = 4
+    case startTLS = 5
+    case info = 6
+    case go = 7
+    case structuredReply = 8
+    case listMetaContext = 9
+    case setMetaContext = 10
+    case extendedHeaders = 11
 }
 
 /// "Option reply types".
 public enum NBDReply {
     public static let ack: UInt32 = 1, server: UInt32 = 2, info: UInt32 = 3, metaContext: UInt32 = 4
     public static let errUnsup: UInt32 = 0x8000_0001, errPolicy: UInt32 = 0x8000_0002, errInvalid: UInt32 = 0x8000_0003
-    public static let errPlatform: UInt32 = 0x8000_0004, errTLSReqd: UInt32 = 0x8000_0005, errUnknown: UInt32 = 0x8000_0006
-    public static let errShutdown: UInt32 = 0x8000_0007, errBlockSizeReqd: UInt32 = 0x8000_0008, errTooBig: UInt32 = 0x8000_0009
+    public static let errPlatform: UInt32 = 0x8000_0004, errTLSReqd: UInt32 = 0x8000_0005,
+        errUnknown: UInt32 = 0x8000_0006
+    public static let errShutdown: UInt32 = 0x8000_0007, errBlockSizeReqd: UInt32 = 0x8000_0008,
+        errTooBig: UInt32 = 0x8000_0009
     public static let errExtHeaderReqd: UInt32 = 0x8000_000a
 }
 
@@ -63,7 +74,15 @@ public struct NBDTransmissionFlags: OptionSet, Sendable, Hashable {
 
 /// "Request types".
 public enum NBDCommand: UInt16, Sendable {
-    case read = 0, write = 1, disc = 2, flush = 3, trim = 4, cache = 5, writeZeroes = 6, blockStatus = 7, resize = 8
+    case read = 0
+    case write = 1
+    case disc = 2
+    case flush = 3
+    case trim = 4
+    case cache = 5
+    case writeZeroes = 6
+    case blockStatus = 7
+    case resize = 8
 }
 
 /// "Command flags".
@@ -80,5 +99,12 @@ public struct NBDCommandFlags: OptionSet, Sendable, Hashable {
 
 /// "Error values".
 public enum NBDErrno: UInt32, Sendable, Error {
-    case perm = 1, io = 5, nomem = 12, inval = 22, nospc = 28, overflow = 75, notsup = 95, shutdown = 108
+    case perm = 1
+    case io = 5
+    case nomem = 12
+    case inval = 22
+    case nospc = 28
+    case overflow = 75
+    case notsup = 95
+    case shutdown = 108
 }

@@ -18,11 +18,18 @@ public struct NBDExportInfo: Sendable, Equatable {
     /// nbd's own tester client sends 50 MB requests without asking for block sizes.
     public static let defaultMaximumPayload: UInt32 = 64 << 20
 
-    public init(name: String, description: String = "", size: UInt64, flags: NBDTransmissionFlags,
-                minimumBlockSize: UInt32 = 1, preferredBlockSize: UInt32 = 4096,
-                maximumPayload: UInt32 = NBDExportInfo.defaultMaximumPayload, allowedClients: NBDClientAllowList? = nil) {
-        self.name = name; self.description = description; self.size = size; self.flags = flags.union(.hasFlags)
-        self.minimumBlockSize = minimumBlockSize; self.preferredBlockSize = preferredBlockSize; self.maximumPayload = maximumPayload
+    public init(
+        name: String, description: String = "", size: UInt64, flags: NBDTransmissionFlags,
+        minimumBlockSize: UInt32 = 1, preferredBlockSize: UInt32 = 4096,
+        maximumPayload: UInt32 = NBDExportInfo.defaultMaximumPayload, allowedClients: NBDClientAllowList? = nil
+    ) {
+        self.name = name
+        self.description = description
+        self.size = size
+        self.flags = flags.union(.hasFlags)
+        self.minimumBlockSize = minimumBlockSize
+        self.preferredBlockSize = preferredBlockSize
+        self.maximumPayload = maximumPayload
         self.allowedClients = allowedClients
     }
 }
@@ -36,7 +43,8 @@ public struct NBDPeerIdentity: Sendable, Equatable {
     public var pskIdentity: String?
 
     public init(certificateDN: String? = nil, pskIdentity: String? = nil) {
-        self.certificateDN = certificateDN; self.pskIdentity = pskIdentity
+        self.certificateDN = certificateDN
+        self.pskIdentity = pskIdentity
     }
 }
 
@@ -48,7 +56,8 @@ public struct NBDClientAllowList: Sendable, Equatable {
     public var pskIdentities: Set<String>
 
     public init(certificateDNs: Set<String> = [], pskIdentities: Set<String> = []) {
-        self.certificateDNs = certificateDNs; self.pskIdentities = pskIdentities
+        self.certificateDNs = certificateDNs
+        self.pskIdentities = pskIdentities
     }
 
     public func admits(_ peer: NBDPeerIdentity?) -> Bool {

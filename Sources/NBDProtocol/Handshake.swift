@@ -30,9 +30,13 @@ public struct NBDSession: Sendable, Equatable {
     /// The context id of `base:allocation` if SET_META_CONTEXT selected it.
     public var allocationContext: UInt32?
 
-    public init(export: NBDExportInfo, structuredReplies: Bool, extendedHeaders: Bool = false, allocationContext: UInt32? = nil) {
-        self.export = export; self.structuredReplies = structuredReplies
-        self.extendedHeaders = extendedHeaders; self.allocationContext = allocationContext
+    public init(
+        export: NBDExportInfo, structuredReplies: Bool, extendedHeaders: Bool = false, allocationContext: UInt32? = nil
+    ) {
+        self.export = export
+        self.structuredReplies = structuredReplies
+        self.extendedHeaders = extendedHeaders
+        self.allocationContext = allocationContext
     }
 }
 
@@ -130,7 +134,9 @@ public struct HandshakeStateMachine {
                 if Int(length) > Self.maxOptionLength && option == NBDOption.exportName.rawValue {
                     // EXPORT_NAME has no error reply: "the server MUST terminate the session".
                     state = .finished
-                    return out + [.close(reason: "NBD_OPT_EXPORT_NAME of \(length) bytes is longer than any export name")]
+                    return out + [
+                        .close(reason: "NBD_OPT_EXPORT_NAME of \(length) bytes is longer than any export name")
+                    ]
                 }
                 if Int(length) > Self.maxOptionLength {
                     state = .discardingOption(option: option, remaining: UInt64(length))
@@ -145,7 +151,10 @@ public struct HandshakeStateMachine {
                     return out
                 }
                 state = .awaitingOption
-                out.append(.send(Self.optionReply(option, NBDReply.errTooBig, message: "option of more than \(Self.maxOptionLength) bytes")))
+                out.append(
+                    .send(
+                        Self.optionReply(
+                            option, NBDReply.errTooBig, message: "option of more than \(Self.maxOptionLength) bytes")))
             case .readingOption(let option, let length):
                 guard let data = input.readSlice(length: length) else { return out }
                 state = .awaitingOption
@@ -165,7 +174,12 @@ public struct HandshakeStateMachine {
                 state = .finished
                 return [.close(reason: "NBD_OPT_EXPORT_NAME without TLS, which this server requires")]
             default:
-                return [.send(Self.optionReply(option, NBDReply.errTLSReqd, message: "this server requires TLS: use NBD_OPT_STARTTLS first"))]
+                return [
+                    .send(
+                        Self.optionReply(
+                            option, NBDReply.errTLSReqd, message: "this server requires TLS: use NBD_OPT_STARTTLS first"
+                        ))
+                ]
             }
         }
         guard let opt = NBDOption(rawValue: option) else {
@@ -180,7 +194,9 @@ public struct HandshakeStateMachine {
             if extendedHeaders {
                 return [.close(reason: "NBD_OPT_EXPORT_NAME after NBD_OPT_EXTENDED_HEADERS (the client MUST NOT)")]
             }
-            guard let e = catalog.lookup(name) else { return [.close(reason: "unknown export \"\(name)\" requested with NBD_OPT_EXPORT_NAME")] }
+            guard let e = catalog.lookup(name) else {
+                return [.close(reason: "unknown export \"\(name)\" requested with NBD_OPT_EXPORT_NAME")]
+            }
             if let refusal = refusal(e) { return [.close(reason: "NBD_OPT_EXPORT_NAME: \(refusal.message)")] }
             var b = ByteBuffer()
             b.writeInteger(e.size)
@@ -191,7 +207,9 @@ public struct HandshakeStateMachine {
             state = .finished
             return [.send(Self.optionReply(option, NBDReply.ack)), .close(reason: "client sent NBD_OPT_ABORT")]
         case .list:
-            guard data.readableBytes == 0 else { return [.send(Self.optionReply(option, NBDReply.errInvalid, message: "NBD_OPT_LIST takes no data"))] }
+            guard data.readableBytes == 0 else {
+                return [.send(Self.optionReply(option, NBDReply.errInvalid, message: "NBD_OPT_LIST takes no data"))]
+            }
             var out: [HandshakeAction] = []
             // Only the exports this client may use now: an allow-listed export is listed to the
             // clients it names, over TLS (nbdinfo --list asks for each export listed).
@@ -206,31 +224,45 @@ public struct HandshakeStateMachine {
             return out
         case .info, .go:
             guard let nameLen: UInt32 = data.readInteger(), Int(nameLen) <= data.readableBytes - 2,
-                  let name = data.readString(length: Int(nameLen)),
-                  let count: UInt16 = data.readInteger(), data.readableBytes == 2 * Int(count) else {
-                return [.send(Self.optionReply(option, NBDReply.errInvalid, message: "malformed NBD_OPT_INFO/GO payload"))]
+                let name = data.readString(length: Int(nameLen)),
+                let count: UInt16 = data.readInteger(), data.readableBytes == 2 * Int(count)
+            else {
+                return [
+                    .send(Self.optionReply(option, NBDReply.errInvalid, message: "malformed NBD_OPT_INFO/GO payload"))
+                ]
             }
             var requested: [UInt16] = []
             for _ in 0..<count { requested.append(data.readInteger()!) }
             guard let e = catalog.lookup(name) else {
                 return [.send(Self.optionReply(option, NBDReply.errUnknown, message: "no export named \"\(name)\""))]
             }
-            if let refusal = refusal(e) { return [.send(Self.optionReply(option, refusal.reply, message: refusal.message))] }
+            if let refusal = refusal(e) {
+                return [.send(Self.optionReply(option, refusal.reply, message: refusal.message))]
+            }
             var out: [HandshakeAction] = []
             var p = ByteBuffer()
-            p.writeInteger(NBDInfo.export); p.writeInteger(e.size); p.writeInteger(flags(for: e).rawValue)
+            p.writeInteger(NBDInfo.export)
+            p.writeInteger(e.size)
+            p.writeInteger(flags(for: e).rawValue)
             out.append(.send(Self.optionReply(option, NBDReply.info, payload: p)))
             if requested.contains(NBDInfo.name) {
-                var p = ByteBuffer(); p.writeInteger(NBDInfo.name); p.writeString(e.name)
+                var p = ByteBuffer()
+                p.writeInteger(NBDInfo.name)
+                p.writeString(e.name)
                 out.append(.send(Self.optionReply(option, NBDReply.info, payload: p)))
             }
             if requested.contains(NBDInfo.description) {
-                var p = ByteBuffer(); p.writeInteger(NBDInfo.description); p.writeString(e.description)
+                var p = ByteBuffer()
+                p.writeInteger(NBDInfo.description)
+                p.writeString(e.description)
                 out.append(.send(Self.optionReply(option, NBDReply.info, payload: p)))
             }
             // Block sizes are always sent: clients that did not ask may ignore them.
             var bs = ByteBuffer()
-            bs.writeInteger(NBDInfo.blockSize); bs.writeInteger(e.minimumBlockSize); bs.writeInteger(e.preferredBlockSize); bs.writeInteger(e.maximumPayload)
+            bs.writeInteger(NBDInfo.blockSize)
+            bs.writeInteger(e.minimumBlockSize)
+            bs.writeInteger(e.preferredBlockSize)
+            bs.writeInteger(e.maximumPayload)
             out.append(.send(Self.optionReply(option, NBDReply.info, payload: bs)))
             out.append(.send(Self.optionReply(option, NBDReply.ack)))
             if opt == .go {
@@ -239,13 +271,31 @@ public struct HandshakeStateMachine {
             }
             return out
         case .structuredReply:
-            guard data.readableBytes == 0 else { return [.send(Self.optionReply(option, NBDReply.errInvalid, message: "NBD_OPT_STRUCTURED_REPLY takes no data"))] }
+            guard data.readableBytes == 0 else {
+                return [
+                    .send(
+                        Self.optionReply(option, NBDReply.errInvalid, message: "NBD_OPT_STRUCTURED_REPLY takes no data")
+                    )
+                ]
+            }
             // ERR_EXT_HEADER_REQD "is also used to indicate ... STRUCTURED_REPLY if extended headers have already been negotiated".
-            if extendedHeaders { return [.send(Self.optionReply(option, NBDReply.errExtHeaderReqd, message: "extended headers are already negotiated"))] }
+            if extendedHeaders {
+                return [
+                    .send(
+                        Self.optionReply(
+                            option, NBDReply.errExtHeaderReqd, message: "extended headers are already negotiated"))
+                ]
+            }
             structuredReplies = true
             return [.send(Self.optionReply(option, NBDReply.ack))]
         case .extendedHeaders:
-            guard data.readableBytes == 0 else { return [.send(Self.optionReply(option, NBDReply.errInvalid, message: "NBD_OPT_EXTENDED_HEADERS takes no data"))] }
+            guard data.readableBytes == 0 else {
+                return [
+                    .send(
+                        Self.optionReply(option, NBDReply.errInvalid, message: "NBD_OPT_EXTENDED_HEADERS takes no data")
+                    )
+                ]
+            }
             extendedHeaders = true
             structuredReplies = true
             return [.send(Self.optionReply(option, NBDReply.ack))]
@@ -253,11 +303,17 @@ public struct HandshakeStateMachine {
             return metaContext(opt, data)
         case .startTLS:
             guard tlsPolicy != .off else {
-                return [.send(Self.optionReply(option, NBDReply.errPolicy, message: "TLS is not configured on this server"))]
+                return [
+                    .send(Self.optionReply(option, NBDReply.errPolicy, message: "TLS is not configured on this server"))
+                ]
             }
-            guard !tlsActive else { return [.send(Self.optionReply(option, NBDReply.errInvalid, message: "TLS is already active"))] }
-            guard data.readableBytes == 0 else { return [.send(Self.optionReply(option, NBDReply.errInvalid, message: "NBD_OPT_STARTTLS takes no data"))] }
-            state = .finished       // this machine is done; the handler continues with init(afterTLS:)
+            guard !tlsActive else {
+                return [.send(Self.optionReply(option, NBDReply.errInvalid, message: "TLS is already active"))]
+            }
+            guard data.readableBytes == 0 else {
+                return [.send(Self.optionReply(option, NBDReply.errInvalid, message: "NBD_OPT_STARTTLS takes no data"))]
+            }
+            state = .finished // this machine is done; the handler continues with init(afterTLS:)
             return [.send(Self.optionReply(option, NBDReply.ack)), .startTLS]
         default:
             return [.send(Self.optionReply(option, NBDReply.errUnsup, message: "option \(option) is not supported"))]
@@ -275,11 +331,19 @@ public struct HandshakeStateMachine {
         guard let allowed = e.allowedClients else { return nil }
         guard tlsActive else {
             return tlsPolicy == .off
-                ? (NBDReply.errPolicy, "export \"\(e.name)\" is served only to authorised TLS clients, and this server has no TLS")
-                : (NBDReply.errTLSReqd, "export \"\(e.name)\" is served only to authorised TLS clients: use NBD_OPT_STARTTLS first")
+                ? (
+                    NBDReply.errPolicy,
+                    "export \"\(e.name)\" is served only to authorised TLS clients, and this server has no TLS"
+                )
+                : (
+                    NBDReply.errTLSReqd,
+                    "export \"\(e.name)\" is served only to authorised TLS clients: use NBD_OPT_STARTTLS first"
+                )
         }
         if allowed.admits(peer) { return nil }
-        let who = peer?.certificateDN.map { "certificate \"\($0)\"" } ?? peer?.pskIdentity.map { "PSK identity \"\($0)\"" } ?? "a client without a verified identity"
+        let who =
+            peer?.certificateDN.map { "certificate \"\($0)\"" } ?? peer?.pskIdentity.map { "PSK identity \"\($0)\"" }
+            ?? "a client without a verified identity"
         return (NBDReply.errPolicy, "\(who) is not allowed to use export \"\(e.name)\"")
     }
 
@@ -293,10 +357,14 @@ public struct HandshakeStateMachine {
 
     func session(for e: NBDExportInfo) -> NBDSession {
         // Contexts chosen for another export do not carry over ("NBD_OPT_SET_META_CONTEXT").
-        let ctx = allocationSelected && metaExport.flatMap { catalog.lookup($0)?.name } == e.name ? NBDMetaContext.baseAllocationID : nil
+        let ctx =
+            allocationSelected && metaExport.flatMap { catalog.lookup($0)?.name } == e.name
+            ? NBDMetaContext.baseAllocationID : nil
         var export = e
         export.flags = flags(for: e)
-        return NBDSession(export: export, structuredReplies: structuredReplies, extendedHeaders: extendedHeaders, allocationContext: ctx)
+        return NBDSession(
+            export: export, structuredReplies: structuredReplies, extendedHeaders: extendedHeaders,
+            allocationContext: ctx)
     }
 
     /// "NBD_OPT_LIST_META_CONTEXT" / "NBD_OPT_SET_META_CONTEXT": u32 name length, name,
@@ -311,27 +379,48 @@ public struct HandshakeStateMachine {
             allocationSelected = false
         }
         if opt == .setMetaContext && !structuredReplies {
-            return [.send(Self.optionReply(option, NBDReply.errInvalid, message: "SET_META_CONTEXT needs structured replies first"))]
+            return [
+                .send(
+                    Self.optionReply(
+                        option, NBDReply.errInvalid, message: "SET_META_CONTEXT needs structured replies first"))
+            ]
         }
         guard let nameLen: UInt32 = data.readInteger(), Int(nameLen) <= data.readableBytes,
-              let name = data.readString(length: Int(nameLen)), let count: UInt32 = data.readInteger() else {
+            let name = data.readString(length: Int(nameLen)), let count: UInt32 = data.readInteger()
+        else {
             return [.send(Self.optionReply(option, NBDReply.errInvalid, message: "malformed meta context request"))]
         }
         var queries: [String] = []
         for _ in 0..<count {
-            guard let l: UInt32 = data.readInteger(), Int(l) <= data.readableBytes, let q = data.readString(length: Int(l)) else {
-                return [.send(Self.optionReply(option, NBDReply.errInvalid, message: "meta context query length exceeds the option"))]
+            guard let l: UInt32 = data.readInteger(), Int(l) <= data.readableBytes,
+                let q = data.readString(length: Int(l))
+            else {
+                return [
+                    .send(
+                        Self.optionReply(
+                            option, NBDReply.errInvalid, message: "meta context query length exceeds the option"))
+                ]
             }
             queries.append(q)
         }
-        guard data.readableBytes == 0 else { return [.send(Self.optionReply(option, NBDReply.errInvalid, message: "trailing bytes after meta context queries"))] }
+        guard data.readableBytes == 0 else {
+            return [
+                .send(
+                    Self.optionReply(option, NBDReply.errInvalid, message: "trailing bytes after meta context queries"))
+            ]
+        }
         guard catalog.lookup(name) != nil else {
             return [.send(Self.optionReply(option, NBDReply.errUnknown, message: "no export named \"\(name)\""))]
         }
         // A LIST with no queries lists everything; "base:" names the whole namespace.
         let matches: Bool
-        if opt == .listMetaContext && queries.isEmpty { matches = true }
-        else { matches = queries.contains { $0 == NBDMetaContext.baseAllocation || (opt == .listMetaContext && $0 == "base:") } }
+        if opt == .listMetaContext && queries.isEmpty {
+            matches = true
+        } else {
+            matches = queries.contains {
+                $0 == NBDMetaContext.baseAllocation || (opt == .listMetaContext && $0 == "base:")
+            }
+        }
         var out: [HandshakeAction] = []
         if matches {
             var p = ByteBuffer()
@@ -348,7 +437,9 @@ public struct HandshakeStateMachine {
     }
 
     /// "Option reply": magic, option, type, length, payload.
-    public static func optionReply(_ option: UInt32, _ type: UInt32, payload: ByteBuffer? = nil, message: String? = nil) -> ByteBuffer {
+    public static func optionReply(_ option: UInt32, _ type: UInt32, payload: ByteBuffer? = nil, message: String? = nil)
+        -> ByteBuffer
+    {
         var b = ByteBuffer()
         b.writeInteger(NBDMagic.optionReply)
         b.writeInteger(option)

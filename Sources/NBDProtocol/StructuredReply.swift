@@ -8,7 +8,10 @@ public struct ReplyFraming: Sendable, Equatable {
     public var requestOffset: UInt64
     public static let structured = ReplyFraming(extended: false, requestOffset: 0)
     public static func extended(offset: UInt64) -> ReplyFraming { ReplyFraming(extended: true, requestOffset: offset) }
-    public init(extended: Bool, requestOffset: UInt64) { self.extended = extended; self.requestOffset = requestOffset }
+    public init(extended: Bool, requestOffset: UInt64) {
+        self.extended = extended
+        self.requestOffset = requestOffset
+    }
 }
 
 public enum StructuredReply {
@@ -20,10 +23,14 @@ public enum StructuredReply {
     }
 
     /// magic, flags, type, cookie, [offset,] payload length (u32, or u64 when extended).
-    public static func header(cookie: UInt64, type: UInt16, done: Bool, length: Int, framing: ReplyFraming = .structured, into b: inout ByteBuffer) {
+    public static func header(
+        cookie: UInt64, type: UInt16, done: Bool, length: Int, framing: ReplyFraming = .structured,
+        into b: inout ByteBuffer
+    ) {
         // One writeMultipleIntegers per header (one capacity check, not one per field).
         if framing.extended {
-            b.writeMultipleIntegers(NBDMagic.extendedReply, done ? flagDone : 0, type, cookie, framing.requestOffset, UInt64(length))
+            b.writeMultipleIntegers(
+                NBDMagic.extendedReply, done ? flagDone : 0, type, cookie, framing.requestOffset, UInt64(length))
         } else {
             b.writeMultipleIntegers(NBDMagic.structuredReply, done ? flagDone : 0, type, cookie, UInt32(length))
         }
@@ -36,32 +43,51 @@ public enum StructuredReply {
     }
 
     /// NBD_REPLY_TYPE_BLOCK_STATUS_EXT: u32 context id, u32 count, then (u64 length, u64 flags) descriptors.
-    public static func blockStatusExt(cookie: UInt64, context: UInt32, extents: [(length: UInt64, flags: UInt64)], done: Bool, framing: ReplyFraming, into b: inout ByteBuffer) {
-        header(cookie: cookie, type: ChunkType.blockStatusExt, done: done, length: 8 + 16 * extents.count, framing: framing, into: &b)
+    public static func blockStatusExt(
+        cookie: UInt64, context: UInt32, extents: [(length: UInt64, flags: UInt64)], done: Bool, framing: ReplyFraming,
+        into b: inout ByteBuffer
+    ) {
+        header(
+            cookie: cookie, type: ChunkType.blockStatusExt, done: done, length: 8 + 16 * extents.count,
+            framing: framing, into: &b)
         b.writeInteger(context)
         b.writeInteger(UInt32(extents.count))
-        for e in extents { b.writeInteger(e.length); b.writeInteger(e.flags) }
+        for e in extents {
+            b.writeInteger(e.length)
+            b.writeInteger(e.flags)
+        }
     }
 
     /// NBD_REPLY_TYPE_OFFSET_DATA header and offset; the caller writes `dataLength` bytes after it.
-    public static func offsetData(cookie: UInt64, offset: UInt64, dataLength: Int, done: Bool, framing: ReplyFraming = .structured, into b: inout ByteBuffer) {
-        header(cookie: cookie, type: ChunkType.offsetData, done: done, length: 8 + dataLength, framing: framing, into: &b)
+    public static func offsetData(
+        cookie: UInt64, offset: UInt64, dataLength: Int, done: Bool, framing: ReplyFraming = .structured,
+        into b: inout ByteBuffer
+    ) {
+        header(
+            cookie: cookie, type: ChunkType.offsetData, done: done, length: 8 + dataLength, framing: framing, into: &b)
         b.writeInteger(offset)
     }
 
     /// NBD_REPLY_TYPE_OFFSET_HOLE: u64 offset, u32 hole size.
-    public static func offsetHole(cookie: UInt64, offset: UInt64, length: UInt32, done: Bool, framing: ReplyFraming = .structured, into b: inout ByteBuffer) {
+    public static func offsetHole(
+        cookie: UInt64, offset: UInt64, length: UInt32, done: Bool, framing: ReplyFraming = .structured,
+        into b: inout ByteBuffer
+    ) {
         header(cookie: cookie, type: ChunkType.offsetHole, done: done, length: 12, framing: framing, into: &b)
         b.writeInteger(offset)
         b.writeInteger(length)
     }
 
     /// NBD_REPLY_TYPE_ERROR / ERROR_OFFSET: u32 error, u16 message length, message[, u64 offset]. Always final.
-    public static func error(cookie: UInt64, error: NBDErrno, message: String, offset: UInt64? = nil, framing: ReplyFraming = .structured, into b: inout ByteBuffer) {
+    public static func error(
+        cookie: UInt64, error: NBDErrno, message: String, offset: UInt64? = nil, framing: ReplyFraming = .structured,
+        into b: inout ByteBuffer
+    ) {
         let msg = String(decoding: message.utf8.prefix(4096), as: UTF8.self)
         let n = msg.utf8.count
-        header(cookie: cookie, type: offset == nil ? ChunkType.error : ChunkType.errorOffset, done: true,
-               length: 6 + n + (offset == nil ? 0 : 8), framing: framing, into: &b)
+        header(
+            cookie: cookie, type: offset == nil ? ChunkType.error : ChunkType.errorOffset, done: true,
+            length: 6 + n + (offset == nil ? 0 : 8), framing: framing, into: &b)
         b.writeInteger(error.rawValue)
         b.writeInteger(UInt16(n))
         b.writeString(msg)
@@ -69,9 +95,17 @@ public enum StructuredReply {
     }
 
     /// NBD_REPLY_TYPE_BLOCK_STATUS: u32 context id, then (u32 length, u32 flags) descriptors.
-    public static func blockStatus(cookie: UInt64, context: UInt32, extents: [(length: UInt32, flags: UInt32)], done: Bool, framing: ReplyFraming = .structured, into b: inout ByteBuffer) {
-        header(cookie: cookie, type: ChunkType.blockStatus, done: done, length: 4 + 8 * extents.count, framing: framing, into: &b)
+    public static func blockStatus(
+        cookie: UInt64, context: UInt32, extents: [(length: UInt32, flags: UInt32)], done: Bool,
+        framing: ReplyFraming = .structured, into b: inout ByteBuffer
+    ) {
+        header(
+            cookie: cookie, type: ChunkType.blockStatus, done: done, length: 4 + 8 * extents.count, framing: framing,
+            into: &b)
         b.writeInteger(context)
-        for e in extents { b.writeInteger(e.length); b.writeInteger(e.flags) }
+        for e in extents {
+            b.writeInteger(e.length)
+            b.writeInteger(e.flags)
+        }
     }
 }

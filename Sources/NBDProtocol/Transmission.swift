@@ -10,7 +10,11 @@ public struct NBDRequest: Sendable, Equatable {
     public var length: UInt64
     public var command: NBDCommand? { NBDCommand(rawValue: type) }
     public init(flags: NBDCommandFlags, type: UInt16, cookie: UInt64, offset: UInt64, length: UInt64) {
-        self.flags = flags; self.type = type; self.cookie = cookie; self.offset = offset; self.length = length
+        self.flags = flags
+        self.type = type
+        self.cookie = cookie
+        self.offset = offset
+        self.length = length
     }
 }
 
@@ -29,8 +33,12 @@ public enum TransmissionError: Error, Equatable, CustomStringConvertible {
     case payloadTooLarge(UInt64)
     public var description: String {
         switch self {
-        case .badMagic(let m): return "request magic 0x\(String(m, radix: 16)) is not the negotiated request magic; the client is out of sync, disconnecting"
-        case .payloadTooLarge(let n): return "extended request announces a \(n)-byte payload, above the maximum; disconnecting as the extension says"
+        case .badMagic(let m):
+            return
+                "request magic 0x\(String(m, radix: 16)) is not the negotiated request magic; the client is out of sync, disconnecting"
+        case .payloadTooLarge(let n):
+            return
+                "extended request announces a \(n)-byte payload, above the maximum; disconnecting as the extension says"
         }
     }
 }
@@ -60,7 +68,10 @@ public struct TransmissionParser {
             case .discarding(let r, let remaining, let reason):
                 let n = Int(min(UInt64(input.readableBytes), remaining))
                 input.moveReaderIndex(forwardBy: n)
-                if UInt64(n) < remaining { state = .discarding(r, remaining: remaining - UInt64(n), reason: reason); return nil }
+                if UInt64(n) < remaining {
+                    state = .discarding(r, remaining: remaining - UInt64(n), reason: reason)
+                    return nil
+                }
                 state = .header
                 return .rejected(r, reason: reason)
             case .payload(let r):
@@ -77,12 +88,16 @@ public struct TransmissionParser {
                 let cookie: UInt64 = input.readInteger()!
                 let offset: UInt64 = input.readInteger()!
                 let length: UInt32 = input.readInteger()!
-                let r = NBDRequest(flags: NBDCommandFlags(rawValue: flags), type: type, cookie: cookie, offset: offset, length: UInt64(length))
+                let r = NBDRequest(
+                    flags: NBDCommandFlags(rawValue: flags), type: type, cookie: cookie, offset: offset,
+                    length: UInt64(length))
                 if type == NBDCommand.write.rawValue {
                     if Int(length) > maximumPayload {
                         // "Maximum payload": the spec lets a server disconnect, but draining keeps
                         // the connection useful and costs no memory.
-                        state = .discarding(r, remaining: UInt64(length), reason: .payloadTooLarge(length: UInt64(length), maximum: maximumPayload))
+                        state = .discarding(
+                            r, remaining: UInt64(length),
+                            reason: .payloadTooLarge(length: UInt64(length), maximum: maximumPayload))
                         continue
                     }
                     state = .payload(r)

@@ -24,7 +24,8 @@ public enum RequestRejection: Sendable, Equatable {
         case .writeWithoutPayloadLength:
             return "extended-header WRITE without NBD_CMD_FLAG_PAYLOAD_LEN"
         case .unexpectedPayload(let t, let n):
-            return "command \(NBDCommand(rawValue: t).map { "\($0)" } ?? "\(t)") takes no payload, but \(n) bytes were sent"
+            return
+                "command \(NBDCommand(rawValue: t).map { "\($0)" } ?? "\(t)") takes no payload, but \(n) bytes were sent"
         }
     }
 }
@@ -40,10 +41,15 @@ public struct ExportFacts: Sendable, Equatable {
     /// The answer to a write on a read-only export: names what made it read-only.
     public var readOnlyMessage: String
 
-    public init(size: UInt64, flags: NBDTransmissionFlags, maximumPayload: UInt64, canFastZero: Bool,
-                readOnlyMessage: String = "export is read-only") {
-        self.size = size; self.flags = flags; self.maximumPayload = maximumPayload
-        self.canFastZero = canFastZero; self.readOnlyMessage = readOnlyMessage
+    public init(
+        size: UInt64, flags: NBDTransmissionFlags, maximumPayload: UInt64, canFastZero: Bool,
+        readOnlyMessage: String = "export is read-only"
+    ) {
+        self.size = size
+        self.flags = flags
+        self.maximumPayload = maximumPayload
+        self.canFastZero = canFastZero
+        self.readOnlyMessage = readOnlyMessage
     }
 
     public var readOnly: Bool { flags.contains(.readOnly) }
@@ -133,7 +139,8 @@ public struct TransmissionRules: Sendable, Equatable {
                 // Structured replies: "permitted to reject large read requests up front with
                 // NBD_EOVERFLOW"; simple replies: the client "MUST NOT" ask, EINVAL.
                 let e: NBDErrno = structuredReplies ? .overflow : .inval
-                return .fail(e, "READ of \(r.length) bytes exceeds the maximum payload of \(export.maximumPayload) bytes")
+                return .fail(
+                    e, "READ of \(r.length) bytes exceeds the maximum payload of \(export.maximumPayload) bytes")
             }
             guard inRange else { return .fail(.inval, rangeError()) }
             // A zero-length READ reads nothing, successfully. With structured replies it is answered
@@ -164,7 +171,8 @@ public struct TransmissionRules: Sendable, Equatable {
                 return .fail(.notsup, "the device has no WRITE_ZEROES; zeroing would be slow")
             }
             if r.length == 0 { return .succeed }
-            return .run(.writeZeroes(offset: r.offset, length: r.length, fua: fua, mayUnmap: !r.flags.contains(.noHole)))
+            return .run(
+                .writeZeroes(offset: r.offset, length: r.length, fua: fua, mayUnmap: !r.flags.contains(.noHole)))
         case .cache:
             // Advertised as SEND_CACHE: the device is local memory or a local file; nothing to prefetch.
             guard inRange else { return .fail(.inval, rangeError()) }
@@ -177,7 +185,8 @@ public struct TransmissionRules: Sendable, Equatable {
             // status descriptor" of non-zero length, so there is nothing valid to answer but an error.
             guard r.length > 0 else { return .fail(.inval, "BLOCK_STATUS of length 0") }
             guard inRange else { return .fail(.inval, rangeError()) }
-            return .run(.blockStatus(offset: r.offset, length: r.length, context: ctx, reqOne: r.flags.contains(.reqOne)))
+            return .run(
+                .blockStatus(offset: r.offset, length: r.length, context: ctx, reqOne: r.flags.contains(.reqOne)))
         case .disc:
             return .run(.disconnect)
         case .resize:
@@ -239,29 +248,37 @@ public struct ReplyEncoder: Sendable {
 
     /// The header before `dataLength` bytes of READ data at `offset` (`shape` from the decision).
     /// `done` is false when more chunks follow (sparse reads).
-    public func readData(_ r: NBDRequest, shape: ReadReplyShape, offset: UInt64, dataLength: Int, done: Bool, into b: inout ByteBuffer) {
+    public func readData(
+        _ r: NBDRequest, shape: ReadReplyShape, offset: UInt64, dataLength: Int, done: Bool, into b: inout ByteBuffer
+    ) {
         precondition(dataLength > 0 || shape == .simple, "a content chunk describes at least one byte")
         switch shape {
         case .simple: TransmissionParser.simpleReply(cookie: r.cookie, error: nil, into: &b)
         case .contiguous, .sparse:
-            StructuredReply.offsetData(cookie: r.cookie, offset: offset, dataLength: dataLength, done: done, framing: framing(r), into: &b)
+            StructuredReply.offsetData(
+                cookie: r.cookie, offset: offset, dataLength: dataLength, done: done, framing: framing(r), into: &b)
         }
     }
 
     /// An OFFSET_HOLE chunk (sparse reads only; `length` ≤ the maximum payload, so it fits u32).
     public func readHole(_ r: NBDRequest, offset: UInt64, length: UInt64, done: Bool, into b: inout ByteBuffer) {
         precondition(length > 0 && length <= UInt64(UInt32.max), "a hole chunk describes 1 to 2^32-1 bytes")
-        StructuredReply.offsetHole(cookie: r.cookie, offset: offset, length: UInt32(length), done: done, framing: framing(r), into: &b)
+        StructuredReply.offsetHole(
+            cookie: r.cookie, offset: offset, length: UInt32(length), done: done, framing: framing(r), into: &b)
     }
 
     /// The BLOCK_STATUS reply for `descriptors` (from `BlockStatusDescriptors.merge`).
-    public func blockStatus(_ r: NBDRequest, context: UInt32, descriptors: [BlockStatusDescriptor], into b: inout ByteBuffer) {
+    public func blockStatus(
+        _ r: NBDRequest, context: UInt32, descriptors: [BlockStatusDescriptor], into b: inout ByteBuffer
+    ) {
         if extended {
-            StructuredReply.blockStatusExt(cookie: r.cookie, context: context, extents: descriptors.map { ($0.length, UInt64($0.flags)) },
-                                           done: true, framing: framing(r), into: &b)
+            StructuredReply.blockStatusExt(
+                cookie: r.cookie, context: context, extents: descriptors.map { ($0.length, UInt64($0.flags)) },
+                done: true, framing: framing(r), into: &b)
         } else {
-            StructuredReply.blockStatus(cookie: r.cookie, context: context, extents: descriptors.map { (UInt32($0.length), $0.flags) },
-                                        done: true, into: &b)
+            StructuredReply.blockStatus(
+                cookie: r.cookie, context: context, extents: descriptors.map { (UInt32($0.length), $0.flags) },
+                done: true, into: &b)
         }
     }
 }
@@ -270,7 +287,10 @@ public struct ReplyEncoder: Sendable {
 public struct BlockStatusDescriptor: Sendable, Equatable {
     public var length: UInt64
     public var flags: UInt32
-    public init(length: UInt64, flags: UInt32) { self.length = length; self.flags = flags }
+    public init(length: UInt64, flags: UInt32) {
+        self.length = length
+        self.flags = flags
+    }
 }
 
 public enum BlockStatusDescriptors {
@@ -282,13 +302,15 @@ public enum BlockStatusDescriptors {
     /// the request, equal neighbours merged, each at most 2^32-4096 bytes in compact replies
     /// (u32 lengths, kept 4 KiB aligned), at most `maximumCount` of them, exactly one with REQ_ONE
     /// ("MUST NOT be greater than the length of the request").
-    public static func merge<S: Sequence>(_ runs: S, offset: UInt64, length: UInt64, extended: Bool, reqOne: Bool) -> [BlockStatusDescriptor]
+    public static func merge<S: Sequence>(_ runs: S, offset: UInt64, length: UInt64, extended: Bool, reqOne: Bool)
+        -> [BlockStatusDescriptor]
     where S.Element == (start: UInt64, end: UInt64, flags: UInt32) {
         let end = offset + length
         let maxPiece: UInt64 = extended ? UInt64.max : UInt64(UInt32.max) & ~4095
         var out: [BlockStatusDescriptor] = []
         for run in runs {
-            let a = max(run.start, offset), b = min(run.end, end)
+            let a = max(run.start, offset)
+            let b = min(run.end, end)
             guard a < b else { continue }
             var left = b - a
             while left > 0 {

@@ -1,11 +1,11 @@
-// One client connection: feeds bytes to the pure handshake and transmission state machines of
-// NBDProtocol and turns requests into BlockDevice calls. Replies go out in completion order.
-import Virtio
 import Logging
 import NBDProtocol
 import NIOCore
 import NIOSSL
 import NIOTLS
+// One client connection: feeds bytes to the pure handshake and transmission state machines of
+// NBDProtocol and turns requests into BlockDevice calls. Replies go out in completion order.
+import Virtio
 import VirtioBlock
 
 final class NBDConnectionHandler: ChannelDuplexHandler {
@@ -69,7 +69,9 @@ final class NBDConnectionHandler: ChannelDuplexHandler {
         handshakeTimer = context.eventLoop.scheduleTask(in: handshakeTimeout) {
             let (this, ctx) = bound.value
             if this.negotiating {
-                this.logger.info("dropping client: handshake not finished within \(this.handshakeTimeout.nanoseconds / 1_000_000_000) s")
+                this.logger.info(
+                    "dropping client: handshake not finished within \(this.handshakeTimeout.nanoseconds / 1_000_000_000) s"
+                )
                 this.phase = .closing
                 ctx.close(promise: nil)
             }
@@ -87,7 +89,10 @@ final class NBDConnectionHandler: ChannelDuplexHandler {
     func channelInactive(context: ChannelHandlerContext) {
         logger.debug("client disconnected", metadata: ["in-flight": "\(inFlight)"])
         phase = .closing
-        if let e = attached { directory.detach(e, connection: id); attached = nil }
+        if let e = attached {
+            directory.detach(e, connection: id)
+            attached = nil
+        }
         handshakeTimer?.cancel()
         context.fireChannelInactive()
     }
@@ -139,26 +144,40 @@ final class NBDConnectionHandler: ChannelDuplexHandler {
                         let info = session.export
                         guard let e = directory.attach(info, connection: id) else {
                             // Removed or changed by a reload between the client's GO and now.
-                            logger.info("closing: export \"\(info.name)\" was removed or changed by a configuration reload during the handshake")
+                            logger.info(
+                                "closing: export \"\(info.name)\" was removed or changed by a configuration reload during the handshake"
+                            )
                             phase = .closing
                             context.close(promise: nil)
                             return
                         }
                         attached = e
                         logger[metadataKey: "export"] = "\(info.name)"
-                        logger.debug("transmission started", metadata: ["size": "\(info.size)",
-                                                                        "structured": "\(session.structuredReplies)", "base:allocation": "\(session.allocationContext != nil)"])
-                        let facts = ExportFacts(size: info.size, flags: info.flags, maximumPayload: UInt64(info.maximumPayload),
-                                                canFastZero: e.device.geometry.canWriteZeroes)
-                        phase = .transmission(TransmissionParser(maximumPayload: Int(info.maximumPayload), extendedHeaders: session.extendedHeaders),
-                                              e, TransmissionRules(session: session, export: facts))
+                        logger.debug(
+                            "transmission started",
+                            metadata: [
+                                "size": "\(info.size)",
+                                "structured": "\(session.structuredReplies)",
+                                "base:allocation": "\(session.allocationContext != nil)",
+                            ])
+                        let facts = ExportFacts(
+                            size: info.size, flags: info.flags, maximumPayload: UInt64(info.maximumPayload),
+                            canFastZero: e.device.geometry.canWriteZeroes)
+                        phase = .transmission(
+                            TransmissionParser(
+                                maximumPayload: Int(info.maximumPayload), extendedHeaders: session.extendedHeaders),
+                            e, TransmissionRules(session: session, export: facts))
                     }
                 }
                 context.flush()
                 if case .handshake = phase { return }
             case .transmission(var parser, let export, let rules):
                 // Parse no further while requests, their bytes or unsent replies are at their bounds.
-                if quiescing || inFlight >= Self.maxInFlight || inFlightBytes >= inFlightByteLimit || !context.channel.isWritable { return }
+                if quiescing || inFlight >= Self.maxInFlight || inFlightBytes >= inFlightByteLimit
+                    || !context.channel.isWritable
+                {
+                    return
+                }
                 let event: TransmissionEvent?
                 do {
                     event = try parser.next(&input)
@@ -193,8 +212,10 @@ final class NBDConnectionHandler: ChannelDuplexHandler {
     // MARK: requests
 
     /// Runs what the transmission rules decided for one request; every request gets exactly one reply.
-    private func execute(_ context: ChannelHandlerContext, _ r: NBDRequest, _ decision: RequestDecision, payload: ByteBuffer?,
-                         export: NBDExport, rules: TransmissionRules) {
+    private func execute(
+        _ context: ChannelHandlerContext, _ r: NBDRequest, _ decision: RequestDecision, payload: ByteBuffer?,
+        export: NBDExport, rules: TransmissionRules
+    ) {
         let op: TransmissionOperation
         switch decision {
         case .fail(let err, let message): return fail(context, r, rules, err, message)
@@ -229,7 +250,9 @@ final class NBDConnectionHandler: ChannelDuplexHandler {
         case .write(let offset, let length, let fua):
             let data = payload ?? ByteBuffer()
             precondition(data.readableBytes == Int(length), "the parser hands over exactly the announced payload")
-            startVoid(context, r, rules, bytes: Int(length), wrote: Int(length)) { done in device.write(offset: offset, data: data, fua: fua, done) }
+            startVoid(context, r, rules, bytes: Int(length), wrote: Int(length)) { done in
+                device.write(offset: offset, data: data, fua: fua, done)
+            }
         case .flush:
             startVoid(context, r, rules) { done in device.flush(done) }
         case .trim(let offset, let length, let fua):
@@ -240,12 +263,15 @@ final class NBDConnectionHandler: ChannelDuplexHandler {
                 }
             }
         case .writeZeroes(let offset, let length, let fua, let mayUnmap):
-            startVoid(context, r, rules) { done in device.writeZeroes(offset: offset, length: length, mayUnmap: mayUnmap, fua: fua, done) }
+            startVoid(context, r, rules) { done in
+                device.writeZeroes(offset: offset, length: length, mayUnmap: mayUnmap, fua: fua, done)
+            }
         case .blockStatus(let offset, let length, let ctx, let reqOne):
             let runs = device.allocation.extents(BlockDevice.down(offset), BlockDevice.up(offset + length)).lazy
                 .map { (start: $0.start, end: $0.end, flags: $0.state.baseAllocationFlags) }
-            let descriptors = BlockStatusDescriptors.merge(runs, offset: offset, length: length,
-                                                           extended: rules.extendedHeaders, reqOne: reqOne)
+            let descriptors = BlockStatusDescriptors.merge(
+                runs, offset: offset, length: length,
+                extended: rules.extendedHeaders, reqOne: reqOne)
             guard context.channel.isActive else { return }
             var b = context.channel.allocator.buffer(capacity: 40 + 16 * descriptors.count)
             rules.replies.blockStatus(r, context: ctx, descriptors: descriptors, into: &b)
@@ -258,9 +284,17 @@ final class NBDConnectionHandler: ChannelDuplexHandler {
     // MARK: replies
 
     /// Answers a failed request, framed as the session requires (`ReplyEncoder.error`).
-    private func fail(_ context: ChannelHandlerContext, _ r: NBDRequest, _ rules: TransmissionRules, _ err: NBDErrno, _ message: String) {
+    private func fail(
+        _ context: ChannelHandlerContext, _ r: NBDRequest, _ rules: TransmissionRules, _ err: NBDErrno,
+        _ message: String
+    ) {
         attached?.metrics.failed(ExportMetrics.Op(r.command))
-        logger.debug("request failed", metadata: ["type": "\(r.type)", "offset": "\(r.offset)", "length": "\(r.length)", "error": "\(err)", "why": "\(message)"])
+        logger.debug(
+            "request failed",
+            metadata: [
+                "type": "\(r.type)", "offset": "\(r.offset)", "length": "\(r.length)", "error": "\(err)",
+                "why": "\(message)",
+            ])
         guard context.channel.isActive else { return }
         var b = context.channel.allocator.buffer(capacity: 48 + message.utf8.count)
         rules.replies.error(r, err, message: message, into: &b)
@@ -276,7 +310,9 @@ final class NBDConnectionHandler: ChannelDuplexHandler {
     }
 
     /// A sparse READ as OFFSET_DATA and OFFSET_HOLE chunks; the last one carries DONE.
-    private func replyExtents(context: ChannelHandlerContext, request r: NBDRequest, rules: TransmissionRules, extents: [BlockDevice.Extent]) {
+    private func replyExtents(
+        context: ChannelHandlerContext, request r: NBDRequest, rules: TransmissionRules, extents: [BlockDevice.Extent]
+    ) {
         guard context.channel.isActive else { return }
         let replies = rules.replies
         guard !extents.isEmpty else { return succeed(context, r, rules) }
@@ -290,7 +326,10 @@ final class NBDConnectionHandler: ChannelDuplexHandler {
                 replies.readData(r, shape: .sparse, offset: o, dataLength: d.readableBytes, done: last, into: &header)
                 context.write(wrapOutboundOut(header), promise: nil)
                 context.write(wrapOutboundOut(d), promise: nil)
-                if last { if batching { needsFlush = true } else { context.flush() }; return }
+                if last {
+                    if batching { needsFlush = true } else { context.flush() }
+                    return
+                }
                 header = context.channel.allocator.buffer(capacity: 32)
             }
         }
@@ -299,10 +338,14 @@ final class NBDConnectionHandler: ChannelDuplexHandler {
     }
 
     /// A READ's data in one piece: a simple reply, or one OFFSET_DATA chunk with DONE.
-    private func replyData(context: ChannelHandlerContext, request r: NBDRequest, rules: TransmissionRules, shape: ReadReplyShape, data: ByteBuffer) {
+    private func replyData(
+        context: ChannelHandlerContext, request r: NBDRequest, rules: TransmissionRules, shape: ReadReplyShape,
+        data: ByteBuffer
+    ) {
         guard context.channel.isActive else { return }
         var header = context.channel.allocator.buffer(capacity: 48)
-        rules.replies.readData(r, shape: shape, offset: r.offset, dataLength: data.readableBytes, done: true, into: &header)
+        rules.replies.readData(
+            r, shape: shape, offset: r.offset, dataLength: data.readableBytes, done: true, into: &header)
         context.write(wrapOutboundOut(header), promise: nil)
         emit(context, data)
     }
@@ -310,9 +353,11 @@ final class NBDConnectionHandler: ChannelDuplexHandler {
     /// Runs a block operation. Its completion is posted to this connection's mailbox; the first
     /// post of a batch schedules one drain on the event loop, which answers every completion that
     /// has arrived and flushes the socket once (coalesced replies, one wakeup per batch).
-    private func start<T: Sendable>(_ context: ChannelHandlerContext, _ kind: ExportMetrics.Op, bytes: Int = 0,
-                                    _ op: (@escaping @Sendable (Result<T, BlkError>) -> Void) -> Void,
-                                    completion: @escaping (NBDConnectionHandler, ChannelHandlerContext, Result<T, BlkError>) -> Void) {
+    private func start<T: Sendable>(
+        _ context: ChannelHandlerContext, _ kind: ExportMetrics.Op, bytes: Int = 0,
+        _ op: (@escaping @Sendable (Result<T, BlkError>) -> Void) -> Void,
+        completion: @escaping (NBDConnectionHandler, ChannelHandlerContext, Result<T, BlkError>) -> Void
+    ) {
         inFlight += 1
         inFlightBytes += bytes
         let loop = context.eventLoop
@@ -347,7 +392,10 @@ final class NBDConnectionHandler: ChannelDuplexHandler {
             for item in items { item() }
         }
         batching = false
-        if needsFlush { needsFlush = false; context.flush() }
+        if needsFlush {
+            needsFlush = false
+            context.flush()
+        }
         afterCompletion(context: context)
     }
 
@@ -359,8 +407,10 @@ final class NBDConnectionHandler: ChannelDuplexHandler {
 
     /// Runs a command whose reply has no data; `wrote` bytes are counted in the export's metrics
     /// when it succeeds (a count, not a closure: one allocation less per WRITE).
-    private func startVoid(_ context: ChannelHandlerContext, _ r: NBDRequest, _ rules: TransmissionRules, bytes: Int = 0,
-                           wrote: Int? = nil, _ op: (@escaping @Sendable (Result<Void, BlkError>) -> Void) -> Void) {
+    private func startVoid(
+        _ context: ChannelHandlerContext, _ r: NBDRequest, _ rules: TransmissionRules, bytes: Int = 0,
+        wrote: Int? = nil, _ op: (@escaping @Sendable (Result<Void, BlkError>) -> Void) -> Void
+    ) {
         start(context, ExportMetrics.Op(r.command), bytes: bytes, op) { this, ctx, result in
             switch result {
             case .success:
@@ -372,8 +422,14 @@ final class NBDConnectionHandler: ChannelDuplexHandler {
     }
 
     private func afterCompletion(context: ChannelHandlerContext) {
-        if case .closing = phase { closeWhenDrained(context: context); return }
-        if quiescing { closeWhenDrained(context: context); return }
+        if case .closing = phase {
+            closeWhenDrained(context: context)
+            return
+        }
+        if quiescing {
+            closeWhenDrained(context: context)
+            return
+        }
         if readPending && mayRead(context) {
             readPending = false
             context.read()
@@ -420,7 +476,9 @@ final class NBDConnectionHandler: ChannelDuplexHandler {
         if case .handshakeCompleted? = event as? TLSUserEvent, case .awaitingTLS(let hs, let identity) = phase {
             // Negotiation continues inside TLS, with who the client proved to be.
             let peer = identity()
-            logger.debug("TLS handshake completed", metadata: ["client-dn": "\(peer.certificateDN ?? "-")", "psk-identity": "\(peer.pskIdentity ?? "-")"])
+            logger.debug(
+                "TLS handshake completed",
+                metadata: ["client-dn": "\(peer.certificateDN ?? "-")", "psk-identity": "\(peer.pskIdentity ?? "-")"])
             phase = .handshake(HandshakeStateMachine(afterTLS: hs, peer: peer))
             if input.readableBytes > 0 { process(context: context) }
         }

@@ -11,19 +11,25 @@ public final class NBDExport: Sendable {
 
     /// Derives the transmission flags from what the virtio device offers ("Transmission flags").
     /// `allowedClients`: only these TLS clients may use the export (nil: every client).
-    public init(name: String, description: String, device: BlockDevice, forceReadOnly: Bool = false,
-                maximumPayload: UInt32 = NBDExportInfo.defaultMaximumPayload, allowedClients: NBDClientAllowList? = nil,
-                requiresTLS: Bool = false) {
+    public init(
+        name: String, description: String, device: BlockDevice, forceReadOnly: Bool = false,
+        maximumPayload: UInt32 = NBDExportInfo.defaultMaximumPayload, allowedClients: NBDClientAllowList? = nil,
+        requiresTLS: Bool = false
+    ) {
         let g = device.geometry
         // Every connection shares one device whose completions are write-through to it, and a FLUSH
         // on any connection flushes the device: multi-conn is safe ("NBD_FLAG_CAN_MULTI_CONN").
-        var flags: NBDTransmissionFlags = [.hasFlags, .sendWriteZeroes, .sendFastZero, .canMultiConn, .sendCache, .sendDF]
+        var flags: NBDTransmissionFlags = [
+            .hasFlags, .sendWriteZeroes, .sendFastZero, .canMultiConn, .sendCache, .sendDF,
+        ]
         if g.readOnly || forceReadOnly { flags.insert(.readOnly) }
         if g.canFlush { flags.formUnion([.sendFlush, .sendFUA]) }
         if g.canDiscard { flags.insert(.sendTrim) }
         if flags.contains(.readOnly) { flags.subtract([.sendWriteZeroes, .sendTrim, .sendFastZero]) }
-        var info = NBDExportInfo(name: name, description: description, size: device.size, flags: flags,
-                                 minimumBlockSize: 1, preferredBlockSize: 4096, maximumPayload: maximumPayload, allowedClients: allowedClients)
+        var info = NBDExportInfo(
+            name: name, description: description, size: device.size, flags: flags,
+            minimumBlockSize: 1, preferredBlockSize: 4096, maximumPayload: maximumPayload,
+            allowedClients: allowedClients)
         info.requiresTLS = requiresTLS
         self.info = info
         self.device = device

@@ -1,11 +1,11 @@
+import Metrics
+import NBDProtocol
 // Per-export metrics through swift-metrics. The handles are made once per export, so a request
 // costs a counter increment (and a histogram observation for device requests), no lookup by label.
 // What the virtio driver counts itself (kicks, interrupts, errors, virtqueue depth) is read at
 // scrape time by `sample()`, not on the request path. Without a metrics backend bootstrapped
 // (no --metrics) swift-metrics hands out no-op handlers.
 import Virtio
-import Metrics
-import NBDProtocol
 import VirtioBlock
 
 public final class ExportMetrics: Sendable {
@@ -45,7 +45,9 @@ public final class ExportMetrics: Sendable {
         }
 
         /// Whether requests of this kind go to the virtio device (and have a latency).
-        public var reachesDevice: Bool { self == .read || self == .write || self == .flush || self == .trim || self == .writeZeroes }
+        public var reachesDevice: Bool {
+            self == .read || self == .write || self == .flush || self == .trim || self == .writeZeroes
+        }
 
         init(_ command: NBDCommand?) {
             switch command {
@@ -85,7 +87,9 @@ public final class ExportMetrics: Sendable {
         let e = [("export", export)]
         requests = Op.allCases.map { Counter(label: Name.requests, dimensions: e + [("op", $0.label)]) }
         errors = Op.allCases.map { Counter(label: Name.requestErrors, dimensions: e + [("op", $0.label)]) }
-        latency = Op.allCases.map { $0.reachesDevice ? Metrics.Timer(label: Name.requestDuration, dimensions: e + [("op", $0.label)]) : nil }
+        latency = Op.allCases.map {
+            $0.reachesDevice ? Metrics.Timer(label: Name.requestDuration, dimensions: e + [("op", $0.label)]) : nil
+        }
         bytesRead = Counter(label: Name.readBytes, dimensions: e)
         bytesWritten = Counter(label: Name.writtenBytes, dimensions: e)
         inFlight = Meter(label: Name.requestsInFlight, dimensions: e)
@@ -110,7 +114,10 @@ public final class ExportMetrics: Sendable {
         latency[op.rawValue]?.recordNanoseconds(Int64(clamping: nanoseconds))
     }
 
-    func connected() { connectionsActive.increment(); connectionsTotal.increment() }
+    func connected() {
+        connectionsActive.increment()
+        connectionsTotal.increment()
+    }
     func disconnected() { connectionsActive.decrement() }
 
     // MARK: scrape time
@@ -118,9 +125,15 @@ public final class ExportMetrics: Sendable {
     /// Copies the driver's own counters and its virtqueue depth into the metrics (call before each scrape).
     public func sample(_ device: BlockDevice) {
         let driver = device.driver
-        let now = (kicks: driver.stats.kicks.load(ordering: .relaxed), interrupts: driver.stats.interrupts.load(ordering: .relaxed),
-                   errors: driver.stats.errors.load(ordering: .relaxed))
-        let before = sampled.withLock { s in defer { s = now }; return s }
+        let now = (
+            kicks: driver.stats.kicks.load(ordering: .relaxed),
+            interrupts: driver.stats.interrupts.load(ordering: .relaxed),
+            errors: driver.stats.errors.load(ordering: .relaxed)
+        )
+        let before = sampled.withLock { s in
+            defer { s = now }
+            return s
+        }
         if now.kicks > before.kicks { kicks.increment(by: now.kicks - before.kicks) }
         if now.interrupts > before.interrupts { interrupts.increment(by: now.interrupts - before.interrupts) }
         if now.errors > before.errors { deviceErrors.increment(by: now.errors - before.errors) }
@@ -129,7 +142,9 @@ public final class ExportMetrics: Sendable {
 
     /// Removes this export's series (its export was removed and its device shut down).
     public func destroy() {
-        for m in requests + errors + [bytesRead, bytesWritten, connectionsTotal, kicks, interrupts, deviceErrors] { m.destroy() }
+        for m in requests + errors + [bytesRead, bytesWritten, connectionsTotal, kicks, interrupts, deviceErrors] {
+            m.destroy()
+        }
         for t in latency { t?.destroy() }
         for m in [inFlight, connectionsActive, queueDepth] { m.destroy() }
     }

@@ -15,7 +15,9 @@ extension AccessList {
             return true
         case .v4?, .v6?:
             guard let text = peer?.ipAddress, let address = IPAddress(text) else {
-                logger.warning("refusing \(peer.map { "\($0)" } ?? "a client"): cannot read its address to check --allow (\(self))")
+                logger.warning(
+                    "refusing \(peer.map { "\($0)" } ?? "a client"): cannot read its address to check --allow (\(self))"
+                )
                 return false
             }
             switch decide(address) {
@@ -24,7 +26,9 @@ extension AccessList {
                 logger.debug("accepting \(Self.describe(text, peer?.port)): allowed by --allow \(network)")
                 return true
             case .refused:
-                logger.warning("refusing \(Self.describe(text, peer?.port)): not in any --allow network (\(self)); closed before the greeting")
+                logger.warning(
+                    "refusing \(Self.describe(text, peer?.port)): not in any --allow network (\(self)); closed before the greeting"
+                )
                 return false
             }
         case nil:

@@ -1,20 +1,29 @@
-// Listeners: TCP and Unix sockets, each connection with its own NBDConnectionHandler.
-import Virtio
 import AccessControl
 import Logging
 import NBDProtocol
 import NIOCore
 import NIOPosix
+// Listeners: TCP and Unix sockets, each connection with its own NBDConnectionHandler.
+import Virtio
 import VirtioBlock
 
 /// Tracks live connections so shutdown can drain them.
 final class ConnectionRegistry: Sendable {
     private let state = Locked<(next: Int, channels: [Int: Channel])>((0, [:]))
     func add(_ c: Channel) -> Int {
-        state.withLock { s in s.next += 1; s.channels[s.next] = c; return s.next }
+        state.withLock { s in
+            s.next += 1
+            s.channels[s.next] = c
+            return s.next
+        }
     }
     /// An id for a connection that is refused before it is registered (for its log line).
-    func nextID() -> Int { state.withLock { s in s.next += 1; return s.next } }
+    func nextID() -> Int {
+        state.withLock { s in
+            s.next += 1
+            return s.next
+        }
+    }
     func remove(_ id: Int) { _ = state.withLock { $0.channels.removeValue(forKey: id) } }
     var count: Int { state.withLock { $0.channels.count } }
     var all: [Channel] { state.withLock { Array($0.channels.values) } }
@@ -87,7 +96,13 @@ final class ExportDirectory: Sendable {
         var negotiated = info
         negotiated.flags.remove(.sendDF)
         let e: NBDExport? = state.withLock { s in
-            guard let e = s.exports.first(where: { var i = $0.info; i.flags.remove(.sendDF); return i == negotiated }) else { return nil }
+            guard
+                let e = s.exports.first(where: {
+                    var i = $0.info
+                    i.flags.remove(.sendDF)
+                    return i == negotiated
+                })
+            else { return nil }
             s.users[ObjectIdentifier(e), default: []].insert(connection)
             return e
         }
@@ -145,13 +160,16 @@ public final class NBDServer: Sendable {
         for c in channels { c.pipeline.fireUserInboundEventTriggered(QuiesceEvent()) }
         for c in channels { try? await c.closeFuture.get() }
         if !removed.isEmpty {
-            logger.info("no longer served: \(removed.map { "\"\($0.info.name)\"" }.joined(separator: ", ")); \(channels.count) client(s) finished")
+            logger.info(
+                "no longer served: \(removed.map { "\"\($0.info.name)\"" }.joined(separator: ", ")); \(channels.count) client(s) finished"
+            )
         }
         return removed
     }
 
     private func makeHandler(id: Int) -> NBDConnectionHandler {
-        NBDConnectionHandler(directory: directory, id: id, handshakeTimeout: limits.handshakeTimeout, tls: limits.tls, logger: logger)
+        NBDConnectionHandler(
+            directory: directory, id: id, handshakeTimeout: limits.handshakeTimeout, tls: limits.tls, logger: logger)
     }
 
     /// Serves exactly one client on stdin/stdout (`-s`); returns when it disconnects.
@@ -180,12 +198,16 @@ public final class NBDServer: Sendable {
             .childChannelOption(.socketOption(.tcp_nodelay), value: 1)
             // Unsent replies beyond 16 MiB make the channel unwritable, which pauses reading.
             .childChannelOption(.writeBufferWaterMark, value: .init(low: 4 << 20, high: 16 << 20))
-            .childChannelOption(.recvAllocator, value: AdaptiveRecvByteBufferAllocator(minimum: 4096, initial: 256 << 10, maximum: 4 << 20))
+            .childChannelOption(
+                .recvAllocator,
+                value: AdaptiveRecvByteBufferAllocator(minimum: 4096, initial: 256 << 10, maximum: 4 << 20)
+            )
             .childChannelInitializer { channel in
                 guard allow.admits(channel.remoteAddress, logger: logger) else { return channel.close() }
                 if maxConnections > 0 && registry.count >= maxConnections {
-                    logger.warning("refusing \(clientName(channel)): the limit of \(maxConnections) connection(s) (--max-connections / limits.max-connections) is reached; closed before the greeting",
-                                   metadata: ["conn": "\(registry.nextID())"])
+                    logger.warning(
+                        "refusing \(clientName(channel)): the limit of \(maxConnections) connection(s) (--max-connections / limits.max-connections) is reached; closed before the greeting",
+                        metadata: ["conn": "\(registry.nextID())"])
                     return channel.close()
                 }
                 let id = registry.add(channel)
@@ -197,7 +219,8 @@ public final class NBDServer: Sendable {
         let channel: Channel
         switch address {
         case .tcp(let host, let port): channel = try await bootstrap.bind(host: host, port: port).get()
-        case .unix(let path): channel = try await bootstrap.bind(unixDomainSocketPath: path, cleanupExistingSocketFile: true).get()
+        case .unix(let path):
+            channel = try await bootstrap.bind(unixDomainSocketPath: path, cleanupExistingSocketFile: true).get()
         case .boundSocket(let fd): channel = try await bootstrap.withBoundSocket(fd).get()
         }
         listeners.withLock { $0.append(channel) }
@@ -206,7 +229,10 @@ public final class NBDServer: Sendable {
 
     /// Stops accepting, lets every connection finish its in-flight requests, and waits for them to close.
     public func shutdown() async {
-        let ls = listeners.withLock { l in defer { l.removeAll() }; return l }
+        let ls = listeners.withLock { l in
+            defer { l.removeAll() }
+            return l
+        }
         for l in ls { try? await l.close() }
         let conns = registry.all
         for c in conns { c.pipeline.fireUserInboundEventTriggered(QuiesceEvent()) }

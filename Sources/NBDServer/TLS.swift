@@ -27,15 +27,20 @@ public enum TLSSetupError: Error, CustomStringConvertible {
         switch self {
         case .missingCredentials: return "--tls on|require needs --tls-certificates DIR or --tls-psk FILE"
         case .bothCredentials: return "give either --tls-certificates or --tls-psk, not both"
-        case .unreadable(let p, let w, let u): return "cannot load \(w) from \(p): \(u); the directory must hold server-cert.pem and server-key.pem (and ca-cert.pem), as for nbdkit/qemu"
+        case .unreadable(let p, let w, let u):
+            return
+                "cannot load \(w) from \(p): \(u); the directory must hold server-cert.pem and server-key.pem (and ca-cert.pem), as for nbdkit/qemu"
         case .badPSKLine(let p, let l): return "\(p):\(l): expected \"identity:hexkey\" (the format psktool writes)"
         case .emptyPSKFile(let p): return "\(p) holds no keys; create one with: psktool -u alice -p \(p)"
         case .verifyPeerWithPSK:
-            return "--tls-verify-peer verifies X.509 client certificates, but --tls-psk is set (a PSK client already proves itself by its key); drop --tls-verify-peer, or use --tls-certificates"
+            return
+                "--tls-verify-peer verifies X.509 client certificates, but --tls-psk is set (a PSK client already proves itself by its key); drop --tls-verify-peer, or use --tls-certificates"
         case .verifyPeerWithoutCertificates:
-            return "--tls-verify-peer needs --tls on|require with --tls-certificates DIR (ca-cert.pem there signs the client certificates)"
+            return
+                "--tls-verify-peer needs --tls on|require with --tls-certificates DIR (ca-cert.pem there signs the client certificates)"
         case .missingCA(let p):
-            return "--tls-verify-peer needs \(p), the CA certificate that client certificates must be signed by; copy the CA's certificate there (certtool/openssl PEM)"
+            return
+                "--tls-verify-peer needs \(p), the CA certificate that client certificates must be signed by; copy the CA's certificate there (certtool/openssl PEM)"
         }
     }
 }
@@ -54,11 +59,14 @@ public struct TLSSettings: Sendable {
     public static let off = TLSSettings(policy: .off, context: nil)
 
     public init(policy: NBDTLSPolicy, context: NIOSSLContext?) {
-        self.policy = policy; self.context = context
+        self.policy = policy
+        self.context = context
     }
 
     /// Builds the settings from the CLI/config options.
-    public static func load(policy: NBDTLSPolicy, certificates: String?, pskFile: String?, verifyPeer: Bool = false) throws -> TLSSettings {
+    public static func load(policy: NBDTLSPolicy, certificates: String?, pskFile: String?, verifyPeer: Bool = false)
+        throws -> TLSSettings
+    {
         if verifyPeer && pskFile != nil { throw TLSSetupError.verifyPeerWithPSK }
         if verifyPeer && (certificates == nil || policy == .off) { throw TLSSetupError.verifyPeerWithoutCertificates }
         guard policy != .off else { return .off }
@@ -66,7 +74,8 @@ public struct TLSSettings: Sendable {
         case (nil, nil): throw TLSSetupError.missingCredentials
         case (.some, .some): throw TLSSetupError.bothCredentials
         case (let dir?, nil):
-            let certPath = dir + "/server-cert.pem", keyPath = dir + "/server-key.pem"
+            let certPath = dir + "/server-cert.pem"
+            let keyPath = dir + "/server-key.pem"
             let chain: [NIOSSLCertificate]
             let key: NIOSSLPrivateKey
             do { chain = try NIOSSLCertificate.fromPEMFile(certPath) } catch {
@@ -75,17 +84,23 @@ public struct TLSSettings: Sendable {
             do { key = try NIOSSLPrivateKey(file: keyPath, format: .pem) } catch {
                 throw TLSSetupError.unreadable(path: keyPath, what: "the server private key", underlying: "\(error)")
             }
-            var cfg = TLSConfiguration.makeServerConfiguration(certificateChain: chain.map { .certificate($0) }, privateKey: .privateKey(key))
+            var cfg = TLSConfiguration.makeServerConfiguration(
+                certificateChain: chain.map { .certificate($0) }, privateKey: .privateKey(key))
             if verifyPeer {
                 // Only ca-cert.pem is trusted (never the system's roots); a client without a
                 // certificate, or with one it did not sign, fails the TLS handshake.
                 let caPath = dir + "/ca-cert.pem"
-                guard FileManager.default.fileExists(atPath: caPath) else { throw TLSSetupError.missingCA(path: caPath) }
+                guard FileManager.default.fileExists(atPath: caPath) else {
+                    throw TLSSetupError.missingCA(path: caPath)
+                }
                 let ca: [NIOSSLCertificate]
                 do { ca = try NIOSSLCertificate.fromPEMFile(caPath) } catch {
                     throw TLSSetupError.unreadable(path: caPath, what: "the CA certificate", underlying: "\(error)")
                 }
-                guard !ca.isEmpty else { throw TLSSetupError.unreadable(path: caPath, what: "the CA certificate", underlying: "no PEM certificate in the file") }
+                guard !ca.isEmpty else {
+                    throw TLSSetupError.unreadable(
+                        path: caPath, what: "the CA certificate", underlying: "no PEM certificate in the file")
+                }
                 cfg.certificateVerification = .noHostnameVerification
                 cfg.trustRoots = .certificates(ca)
                 cfg.sendCANameList = true
@@ -108,18 +123,23 @@ public struct TLSSettings: Sendable {
     func makeServerHandler() throws -> (handler: NIOSSLServerHandler, identity: () -> NBDPeerIdentity) {
         if let keys = pskKeys {
             let recorder = PSKIdentityRecorder()
-            let handler = NIOSSLServerHandler(context: try NIOSSLContext(configuration: Self.pskConfiguration(keys, recorder: recorder)))
+            let handler = NIOSSLServerHandler(
+                context: try NIOSSLContext(configuration: Self.pskConfiguration(keys, recorder: recorder)))
             return (handler, { NBDPeerIdentity(pskIdentity: recorder.identity) })
         }
         guard let context else { throw TLSSetupError.missingCredentials }
         let handler = NIOSSLServerHandler(context: context)
         let verified = verifyPeer
-        return (handler, {
-            // A DN only from a certificate verified against ca-cert.pem: anyone can make a self-signed one.
-            guard verified, let cert = handler.peerCertificate, let der = try? cert.toDERBytes(),
-                  let dn = try? DistinguishedName(certificateDER: der) else { return NBDPeerIdentity() }
-            return NBDPeerIdentity(certificateDN: dn.description)
-        })
+        return (
+            handler,
+            {
+                // A DN only from a certificate verified against ca-cert.pem: anyone can make a self-signed one.
+                guard verified, let cert = handler.peerCertificate, let der = try? cert.toDERBytes(),
+                    let dn = try? DistinguishedName(certificateDER: der)
+                else { return NBDPeerIdentity() }
+                return NBDPeerIdentity(certificateDN: dn.description)
+            }
+        )
     }
 
     static func pskConfiguration(_ keys: [String: [UInt8]], recorder: PSKIdentityRecorder) -> TLSConfiguration {
@@ -127,7 +147,8 @@ public struct TLSSettings: Sendable {
         // BoringSSL offers external PSKs only with TLS 1.2 PSK cipher suites.
         cfg.minimumTLSVersion = .tlsv12
         cfg.maximumTLSVersion = .tlsv12
-        cfg.cipherSuites = "ECDHE-PSK-AES128-GCM-SHA256:ECDHE-PSK-AES256-GCM-SHA384:ECDHE-PSK-CHACHA20-POLY1305:ECDHE-PSK-AES128-CBC-SHA:ECDHE-PSK-AES256-CBC-SHA:PSK-AES128-GCM-SHA256:PSK-AES256-GCM-SHA384:PSK-AES128-CBC-SHA:PSK-AES256-CBC-SHA"
+        cfg.cipherSuites =
+            "ECDHE-PSK-AES128-GCM-SHA256:ECDHE-PSK-AES256-GCM-SHA384:ECDHE-PSK-CHACHA20-POLY1305:ECDHE-PSK-AES128-CBC-SHA:ECDHE-PSK-AES256-CBC-SHA:PSK-AES128-GCM-SHA256:PSK-AES256-GCM-SHA384:PSK-AES128-CBC-SHA:PSK-AES256-CBC-SHA"
         cfg.pskServerProvider = { ctx in
             guard let k = keys[ctx.clientIdentity] else { throw NIOSSLError.unableToAllocateBoringSSLObject }
             // The identity whose key the handshake uses; a wrong key fails the handshake anyway.
@@ -150,11 +171,16 @@ public struct TLSSettings: Sendable {
             let line = raw.trimmingCharacters(in: .whitespaces)
             if line.isEmpty || line.hasPrefix("#") { continue }
             guard let colon = line.lastIndex(of: ":") else { throw TLSSetupError.badPSKLine(path: path, line: i + 1) }
-            let id = String(line[..<colon]), hex = Array(line[line.index(after: colon)...].utf8)
-            guard !id.isEmpty, hex.count >= 2, hex.count % 2 == 0 else { throw TLSSetupError.badPSKLine(path: path, line: i + 1) }
+            let id = String(line[..<colon])
+            let hex = Array(line[line.index(after: colon)...].utf8)
+            guard !id.isEmpty, hex.count >= 2, hex.count % 2 == 0 else {
+                throw TLSSetupError.badPSKLine(path: path, line: i + 1)
+            }
             var key: [UInt8] = []
             for j in stride(from: 0, to: hex.count, by: 2) {
-                guard let b = UInt8(String(decoding: hex[j..<j + 2], as: UTF8.self), radix: 16) else { throw TLSSetupError.badPSKLine(path: path, line: i + 1) }
+                guard let b = UInt8(String(decoding: hex[j..<j + 2], as: UTF8.self), radix: 16) else {
+                    throw TLSSetupError.badPSKLine(path: path, line: i + 1)
+                }
                 key.append(b)
             }
             keys[id] = key

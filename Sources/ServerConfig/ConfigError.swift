@@ -18,8 +18,12 @@ public struct ConfigError: Error, Sendable, Equatable, CustomStringConvertible {
     public var fix: String
 
     public init(_ kind: Kind, file: String, line: Int?, keyPath: String, problem: String, fix: String) {
-        self.kind = kind; self.file = file; self.line = line; self.keyPath = keyPath
-        self.problem = problem; self.fix = fix
+        self.kind = kind
+        self.file = file
+        self.line = line
+        self.keyPath = keyPath
+        self.problem = problem
+        self.fix = fix
     }
 
     public var description: String {

@@ -69,18 +69,34 @@ public struct CommandLineOverrides: Sendable, Equatable {
     /// `--ring packed`: queue sizes need not be powers of two.
     public var packedRing = false
 
-    public init(port: Int? = nil, listen: String? = nil, unix: String? = nil, maxConnections: Int? = nil,
-                handshakeTimeout: Int? = nil, verbose: Bool = false, tls: TLSPolicy? = nil,
-                tlsCertificates: String? = nil, tlsPsk: String? = nil, exportName: String? = nil,
-                description: String? = nil, readOnly: Bool = false, size: UInt64? = nil, file: String? = nil,
-                device: String? = nil, queueSize: Int? = nil, metrics: String? = nil, allow: AccessList? = nil,
-                maxPayload: UInt64? = nil, packedRing: Bool = false) {
-        self.port = port; self.listen = listen; self.unix = unix; self.maxConnections = maxConnections
-        self.handshakeTimeout = handshakeTimeout; self.verbose = verbose; self.tls = tls
-        self.tlsCertificates = tlsCertificates; self.tlsPsk = tlsPsk; self.exportName = exportName
-        self.description = description; self.readOnly = readOnly; self.size = size; self.file = file
-        self.device = device; self.queueSize = queueSize; self.metrics = metrics; self.allow = allow
-        self.maxPayload = maxPayload; self.packedRing = packedRing
+    public init(
+        port: Int? = nil, listen: String? = nil, unix: String? = nil, maxConnections: Int? = nil,
+        handshakeTimeout: Int? = nil, verbose: Bool = false, tls: TLSPolicy? = nil,
+        tlsCertificates: String? = nil, tlsPsk: String? = nil, exportName: String? = nil,
+        description: String? = nil, readOnly: Bool = false, size: UInt64? = nil, file: String? = nil,
+        device: String? = nil, queueSize: Int? = nil, metrics: String? = nil, allow: AccessList? = nil,
+        maxPayload: UInt64? = nil, packedRing: Bool = false
+    ) {
+        self.port = port
+        self.listen = listen
+        self.unix = unix
+        self.maxConnections = maxConnections
+        self.handshakeTimeout = handshakeTimeout
+        self.verbose = verbose
+        self.tls = tls
+        self.tlsCertificates = tlsCertificates
+        self.tlsPsk = tlsPsk
+        self.exportName = exportName
+        self.description = description
+        self.readOnly = readOnly
+        self.size = size
+        self.file = file
+        self.device = device
+        self.queueSize = queueSize
+        self.metrics = metrics
+        self.allow = allow
+        self.maxPayload = maxPayload
+        self.packedRing = packedRing
     }
 
     var hasDeviceFlag: Bool { size != nil || file != nil || device != nil }
@@ -96,13 +112,19 @@ public struct CommandLineOverrides: Sendable, Equatable {
     /// The export the flags define on their own (only meaningful with a device flag, or without --config).
     func flagExport() -> ExportConfig {
         let device: Device
-        if let d = self.device.flatMap(Self.parseDevice), let real = d { device = real }
-        else if let f = file { device = .file(path: f, size: size) }
-        else if let s = size { device = .ram(size: s) }
-        else { device = .simulated }
-        return ExportConfig(name: exportName ?? "", description: description ?? "", device: device,
-                            readOnly: readOnly, queueSize: queueSize ?? ExportConfig.defaultQueueSize,
-                            maxPayload: maxPayload.map { UInt32($0) } ?? ExportConfig.defaultMaxPayload)
+        if let d = self.device.flatMap(Self.parseDevice), let real = d {
+            device = real
+        } else if let f = file {
+            device = .file(path: f, size: size)
+        } else if let s = size {
+            device = .ram(size: s)
+        } else {
+            device = .simulated
+        }
+        return ExportConfig(
+            name: exportName ?? "", description: description ?? "", device: device,
+            readOnly: readOnly, queueSize: queueSize ?? ExportConfig.defaultQueueSize,
+            maxPayload: maxPayload.map { UInt32($0) } ?? ExportConfig.defaultMaxPayload)
     }
 }
 
@@ -111,7 +133,7 @@ extension VirtNBDConfig {
     /// when neither --size nor --file is given).
     public static func fromCommandLine(_ flags: CommandLineOverrides) throws(ConfigError) -> VirtNBDConfig {
         var f = flags
-        if !f.hasDeviceFlag { f.device = "emulator" }   // the simulated disk
+        if !f.hasDeviceFlag { f.device = "emulator" } // the simulated disk
         return try VirtNBDConfig(source: nil, exports: []).merged(with: f)
     }
 
@@ -129,8 +151,14 @@ extension VirtNBDConfig {
         } else if flags.port != nil || flags.listen != nil {
             let host = (flags.listen ?? "127.0.0.1").lowercased()
             let port = flags.port ?? 10809
-            guard (1...65535).contains(port) else { throw fail(.badValue, "--port", "\(port) is not a port", "use 1 to 65535") }
-            c.listeners = [.tcp(host: host.hasPrefix("[") && host.hasSuffix("]") ? String(host.dropFirst().dropLast()) : host, port: port)]
+            guard (1...65535).contains(port) else {
+                throw fail(.badValue, "--port", "\(port) is not a port", "use 1 to 65535")
+            }
+            c.listeners = [
+                .tcp(
+                    host: host.hasPrefix("[") && host.hasSuffix("]") ? String(host.dropFirst().dropLast()) : host,
+                    port: port)
+            ]
         }
         if let a = flags.allow { c.allow = a }
         if let m = flags.maxConnections {
@@ -138,7 +166,9 @@ extension VirtNBDConfig {
             c.limits.maxConnections = m
         }
         if let h = flags.handshakeTimeout {
-            guard h > 0 else { throw fail(.badValue, "--handshake-timeout", "\(h) is not positive", "give whole seconds, e.g. 10") }
+            guard h > 0 else {
+                throw fail(.badValue, "--handshake-timeout", "\(h) is not positive", "give whole seconds, e.g. 10")
+            }
             c.limits.handshakeTimeout = h
         }
         if flags.verbose && c.logLevel > .debug { c.logLevel = .debug }
@@ -157,10 +187,14 @@ extension VirtNBDConfig {
         // Exports.
         if let d = flags.device {
             guard let parsed = CommandLineOverrides.parseDevice(d) else {
-                throw fail(.badValue, "--device", "\(Values.quoted(d)) is not a device", "use emulator, vhost-user:/path/to.sock or vfio:0000:00:05.0")
+                throw fail(
+                    .badValue, "--device", "\(Values.quoted(d)) is not a device",
+                    "use emulator, vhost-user:/path/to.sock or vfio:0000:00:05.0")
             }
             if parsed != nil && (flags.size != nil || flags.file != nil) {
-                throw fail(.badValue, "--device", "--size and --file configure the emulator", "drop them, or use --device emulator")
+                throw fail(
+                    .badValue, "--device", "--size and --file configure the emulator",
+                    "drop them, or use --device emulator")
             }
         }
         if let q = flags.queueSize, !(1...32768).contains(q) {
@@ -171,12 +205,17 @@ extension VirtNBDConfig {
         }
         if flags.hasDeviceFlag {
             let e = flags.flagExport()
-            if let i = c.exports.firstIndex(where: { $0.name == e.name }) { c.exports[i] = e } else { c.exports.append(e) }
+            if let i = c.exports.firstIndex(where: { $0.name == e.name }) {
+                c.exports[i] = e
+            } else {
+                c.exports.append(e)
+            }
         } else if let name = flags.exportName {
             guard let i = c.exports.firstIndex(where: { $0.name == name }) else {
                 let names = c.exports.map { Values.quoted($0.name) }.joined(separator: ", ")
-                throw fail(.noSuchExport, "--export-name", "no export \(Values.quoted(name)) (the file has \(names))",
-                           "name one of those, or add --size or --file to define a new export")
+                throw fail(
+                    .noSuchExport, "--export-name", "no export \(Values.quoted(name)) (the file has \(names))",
+                    "name one of those, or add --size or --file to define a new export")
             }
             if let d = flags.description { c.exports[i].description = d }
             if flags.readOnly { c.exports[i].readOnly = true }
@@ -188,7 +227,9 @@ extension VirtNBDConfig {
             if let p = flags.maxPayload { for i in c.exports.indices { c.exports[i].maxPayload = UInt32(p) } }
             if let d = flags.description {
                 guard c.exports.count == 1 else {
-                    throw fail(.ambiguousFlag, "--description", "the file has \(c.exports.count) exports", "say which one with -e NAME")
+                    throw fail(
+                        .ambiguousFlag, "--description", "the file has \(c.exports.count) exports",
+                        "say which one with -e NAME")
                 }
                 c.exports[0].description = d
             }
@@ -197,40 +238,66 @@ extension VirtNBDConfig {
         // Validate the result.
         let listenersFromFlags = flags.unix != nil || flags.port != nil || flags.listen != nil
         for (i, l) in c.listeners.enumerated() {
-            if let m = c.metrics, case .success(let hp) = Values.hostPort(m), Values.collide(l, .tcp(host: hp.host, port: hp.port)) {
-                let listener = listenersFromFlags ? "the NBD listener -p/--listen (\(l))"
-                    : source != nil && c.listeners != [VirtNBDConfig.defaultListener] ? "listen[\(i)] (\(l))" : "the NBD listener \(l)"
+            if let m = c.metrics, case .success(let hp) = Values.hostPort(m),
+                Values.collide(l, .tcp(host: hp.host, port: hp.port))
+            {
+                let listener =
+                    listenersFromFlags
+                    ? "the NBD listener -p/--listen (\(l))"
+                    : source != nil && c.listeners != [VirtNBDConfig.defaultListener]
+                        ? "listen[\(i)] (\(l))" : "the NBD listener \(l)"
                 if flags.metrics != nil {
-                    throw fail(.listenerCollision, "--metrics", "\(m) collides with \(listener)", "give --metrics its own port, e.g. 127.0.0.1:9100")
+                    throw fail(
+                        .listenerCollision, "--metrics", "\(m) collides with \(listener)",
+                        "give --metrics its own port, e.g. 127.0.0.1:9100")
                 }
-                throw fail(.listenerCollision, flags.listen != nil && flags.port == nil ? "--listen" : "--port",
-                           "\(l) collides with metrics (\(m))", "choose another port with -p, or move metrics")
+                throw fail(
+                    .listenerCollision, flags.listen != nil && flags.port == nil ? "--listen" : "--port",
+                    "\(l) collides with metrics (\(m))", "choose another port with -p, or move metrics")
             }
             if case .unix(let p) = l, p.utf8.count > 107 {
-                throw fail(.badValue, "--unix", "a Unix socket path of \(p.utf8.count) bytes is longer than the 107 the kernel allows", "choose a shorter path")
+                throw fail(
+                    .badValue, "--unix",
+                    "a Unix socket path of \(p.utf8.count) bytes is longer than the 107 the kernel allows",
+                    "choose a shorter path")
             }
         }
         for (i, e) in c.exports.enumerated() {
             // The flag's value, or the file's for an export it left alone.
-            let queueKey = flags.queueSize == e.queueSize || (flags.hasDeviceFlag && e.name == (flags.exportName ?? "")) ? "--queue-size" : "exports[\(i)].queue-size"
+            let queueKey =
+                flags.queueSize == e.queueSize || (flags.hasDeviceFlag && e.name == (flags.exportName ?? ""))
+                ? "--queue-size" : "exports[\(i)].queue-size"
             if let problem = Values.queueSizeProblem(e.queueSize, packed: flags.packedRing) {
-                throw fail(.badValue, queueKey, "\(e.queueSize) \(problem)", flags.packedRing ? "use e.g. 256" : "use e.g. \(Values.nearestPowerOfTwo(e.queueSize)), or --ring packed, which takes any size from 2 to 32768")
+                throw fail(
+                    .badValue, queueKey, "\(e.queueSize) \(problem)",
+                    flags.packedRing
+                        ? "use e.g. 256"
+                        : "use e.g. \(Values.nearestPowerOfTwo(e.queueSize)), or --ring packed, which takes any size from 2 to 32768"
+                )
             }
             if case .vhostUser = e.device, e.queueSize > 1024 {
-                throw fail(.badValue, "--queue-size", "\(e.queueSize) is more than the 1024 a vhost-user ring holds (exports[\(i)] \(Values.quoted(e.name)))", "use 1024 or less")
+                throw fail(
+                    .badValue, "--queue-size",
+                    "\(e.queueSize) is more than the 1024 a vhost-user ring holds (exports[\(i)] \(Values.quoted(e.name)))",
+                    "use 1024 or less")
             }
             if let j = c.exports[..<i].firstIndex(where: { ConfigParser.conflict($0, e) }) {
-                throw fail(.sharedDevice, "--file", "\(e.device) is also served by exports[\(j)] \(Values.quoted(c.exports[j].name))", "two exports may share a file only if both are read-only; add -r or use another file")
+                throw fail(
+                    .sharedDevice, "--file",
+                    "\(e.device) is also served by exports[\(j)] \(Values.quoted(c.exports[j].name))",
+                    "two exports may share a file only if both are read-only; add -r or use another file")
             }
         }
         if c.tls.certificates != nil && c.tls.psk != nil {
-            throw fail(.tlsCredentials, "--tls-psk", "both --tls-certificates and --tls-psk are given", "give one of them")
+            throw fail(
+                .tlsCredentials, "--tls-psk", "both --tls-certificates and --tls-psk are given", "give one of them")
         }
         if c.tls.certificates == nil && c.tls.psk == nil && c.serverTLSPolicy != .off {
             let flag = flags.tls.map { "--tls \($0.rawValue)" } ?? "tls.policy"
             let needs = c.tls.policy != .off ? c.tls.policy : .on
-            throw fail(.tlsCredentials, flag, "\(needs.rawValue) needs TLS credentials",
-                       "add --tls-certificates DIR (server-cert.pem, server-key.pem) or --tls-psk FILE (psktool format)")
+            throw fail(
+                .tlsCredentials, flag, "\(needs.rawValue) needs TLS credentials",
+                "add --tls-certificates DIR (server-cert.pem, server-key.pem) or --tls-psk FILE (psktool format)")
         }
         if let p = c.authorisationProblem {
             let key: String
@@ -240,7 +307,9 @@ extension VirtNBDConfig {
             default: key = flags.tlsVerifyPeer ? "--tls-verify-peer" : "tls.verify-peer"
             }
             // Flags alone (no file): say it in flags.
-            if source == nil, let (problem, fix) = Self.flagWording(p) { throw fail(.tlsCredentials, key, problem, fix) }
+            if source == nil, let (problem, fix) = Self.flagWording(p) {
+                throw fail(.tlsCredentials, key, problem, fix)
+            }
             throw fail(.tlsCredentials, key, p.problem, p.fix)
         }
         return c
@@ -252,10 +321,15 @@ extension VirtNBDConfig {
     static func flagWording(_ p: AuthorisationProblem) -> (String, String)? {
         switch p {
         case .verifyPeerWithPSK:
-            return ("it verifies X.509 client certificates, but --tls-psk is set (a PSK client already proves itself by its key)",
-                    "drop --tls-verify-peer, or use --tls-certificates instead of --tls-psk")
+            return (
+                "it verifies X.509 client certificates, but --tls-psk is set (a PSK client already proves itself by its key)",
+                "drop --tls-verify-peer, or use --tls-certificates instead of --tls-psk"
+            )
         case .verifyPeerWithoutCertificates:
-            return ("it needs --tls-certificates DIR (ca-cert.pem there signs the client certificates)", "add --tls-certificates DIR")
+            return (
+                "it needs --tls-certificates DIR (ca-cert.pem there signs the client certificates)",
+                "add --tls-certificates DIR"
+            )
         case .verifyPeerWithoutTLS:
             return ("it has no effect while TLS is off", "add --tls on or --tls require, or drop --tls-verify-peer")
         default:
@@ -264,17 +338,23 @@ extension VirtNBDConfig {
     }
 
     /// `host:port` or `[v6]:port` as a flag gives it (`--metrics`), checked like the file's values.
-    public static func hostPort(_ text: String, flag: String, file: String = "command line") throws(ConfigError) -> (host: String, port: Int) {
+    public static func hostPort(_ text: String, flag: String, file: String = "command line") throws(ConfigError) -> (
+        host: String, port: Int
+    ) {
         func fail(_ problem: String, _ fix: String) -> ConfigError {
             ConfigError(.badValue, file: file, line: nil, keyPath: flag, problem: problem, fix: fix)
         }
         switch Values.hostPort(text) {
         case .success(let hp): return hp
         case .failure(.noPort): throw fail("\(Values.quoted(text)) has no port", "write host:port, e.g. 127.0.0.1:9100")
-        case .failure(.badPort): throw fail("\(Values.quoted(text)) has no valid port", "use a port from 1 to 65535, e.g. 127.0.0.1:9100")
-        case .failure(.unbracketedIPv6): throw fail("\(Values.quoted(text)) is ambiguous", "put IPv6 addresses in brackets, e.g. [::1]:9100")
-        case .failure(.emptyHost): throw fail("\(Values.quoted(text)) has no host", "name the address to bind, e.g. 127.0.0.1:9100")
-        case .failure(.spaces): throw fail("\(Values.quoted(text)) contains spaces", "write host:port, e.g. 127.0.0.1:9100")
+        case .failure(.badPort):
+            throw fail("\(Values.quoted(text)) has no valid port", "use a port from 1 to 65535, e.g. 127.0.0.1:9100")
+        case .failure(.unbracketedIPv6):
+            throw fail("\(Values.quoted(text)) is ambiguous", "put IPv6 addresses in brackets, e.g. [::1]:9100")
+        case .failure(.emptyHost):
+            throw fail("\(Values.quoted(text)) has no host", "name the address to bind, e.g. 127.0.0.1:9100")
+        case .failure(.spaces):
+            throw fail("\(Values.quoted(text)) contains spaces", "write host:port, e.g. 127.0.0.1:9100")
         }
     }
 

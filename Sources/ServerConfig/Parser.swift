@@ -12,22 +12,29 @@ extension VirtNBDConfig {
         let fm = FileManager.default
         var isDir: ObjCBool = false
         guard fm.fileExists(atPath: path, isDirectory: &isDir) else {
-            throw ConfigError(.unreadable, file: path, line: nil, keyPath: "", problem: "no such file",
-                              fix: "check the path given to --config (an example is Config/virtnbd.yaml)")
+            throw ConfigError(
+                .unreadable, file: path, line: nil, keyPath: "", problem: "no such file",
+                fix: "check the path given to --config (an example is Config/virtnbd.yaml)")
         }
         guard !isDir.boolValue, let data = fm.contents(atPath: path) else {
-            throw ConfigError(.unreadable, file: path, line: nil, keyPath: "", problem: isDir.boolValue ? "is a directory" : "cannot be read",
-                              fix: "give --config a YAML file that virtnbd's user may read")
+            throw ConfigError(
+                .unreadable, file: path, line: nil, keyPath: "",
+                problem: isDir.boolValue ? "is a directory" : "cannot be read",
+                fix: "give --config a YAML file that virtnbd's user may read")
         }
         guard let text = String(data: data, encoding: .utf8) else {
-            throw ConfigError(.unreadable, file: path, line: nil, keyPath: "", problem: "is not UTF-8 text", fix: "save the file as UTF-8")
+            throw ConfigError(
+                .unreadable, file: path, line: nil, keyPath: "", problem: "is not UTF-8 text",
+                fix: "save the file as UTF-8")
         }
         return try parse(text, file: path, baseDirectory: Values.directory(of: path))
     }
 
     /// Parses configuration text. `file` only names the source in messages; relative paths are
     /// resolved against `baseDirectory` (left relative when nil).
-    public static func parse(_ text: String, file: String = "virtnbd.yaml", baseDirectory: String? = nil) throws(ConfigError) -> VirtNBDConfig {
+    public static func parse(_ text: String, file: String = "virtnbd.yaml", baseDirectory: String? = nil)
+        throws(ConfigError) -> VirtNBDConfig
+    {
         try ConfigParser(file: file, text: text, base: baseDirectory).parse()
     }
 }
@@ -38,10 +45,15 @@ enum Keys {
     static let limits = ["max-connections", "handshake-timeout"]
     static let log = ["level"]
     static let tls = ["policy", "certificates", "psk", "verify-peer"]
-    static let export = ["name", "description", "device", "size", "path", "socket", "pci", "read-only", "tls", "queue-size", "max-payload", "allow-dn", "allow-psk"]
+    static let export = [
+        "name", "description", "device", "size", "path", "socket", "pci", "read-only", "tls", "queue-size",
+        "max-payload", "allow-dn", "allow-psk",
+    ]
     static let devices = ["ram", "file", "vhost-user", "vfio", "simulated"]
     /// Device parameters and the devices that take them.
-    static let deviceParameters: [String: [String]] = ["size": ["ram", "file"], "path": ["file"], "socket": ["vhost-user"], "pci": ["vfio"]]
+    static let deviceParameters: [String: [String]] = [
+        "size": ["ram", "file"], "path": ["file"], "socket": ["vhost-user"], "pci": ["vfio"],
+    ]
 }
 
 struct ConfigParser {
@@ -51,11 +63,13 @@ struct ConfigParser {
 
     // MARK: - errors
 
-    func error(_ kind: ConfigError.Kind, _ line: Int?, _ path: String, _ problem: String, _ fix: String) -> ConfigError {
+    func error(_ kind: ConfigError.Kind, _ line: Int?, _ path: String, _ problem: String, _ fix: String) -> ConfigError
+    {
         ConfigError(kind, file: file, line: line, keyPath: path, problem: problem, fix: fix)
     }
 
-    func error(_ kind: ConfigError.Kind, _ node: Node?, _ path: String, _ problem: String, _ fix: String) -> ConfigError {
+    func error(_ kind: ConfigError.Kind, _ node: Node?, _ path: String, _ problem: String, _ fix: String) -> ConfigError
+    {
         error(kind, node?.mark?.line, path, problem, fix)
     }
 
@@ -83,15 +97,21 @@ struct ConfigParser {
 
     func table(_ node: Node, _ path: String, known: [String], example: String) throws(ConfigError) -> Table {
         guard case .mapping(let m) = node else {
-            throw error(.wrongType, node, path, "expected a mapping (key: value lines), found \(Self.what(node))", "write it as \(example)")
+            throw error(
+                .wrongType, node, path, "expected a mapping (key: value lines), found \(Self.what(node))",
+                "write it as \(example)")
         }
         var entries: [(key: String, keyNode: Node, value: Node)] = []
         for (k, v) in m {
             guard case .scalar(let ks) = k else {
-                throw error(.wrongType, k, path, "a key must be a plain word, found \(Self.what(k))", "use one of: " + known.joined(separator: ", "))
+                throw error(
+                    .wrongType, k, path, "a key must be a plain word, found \(Self.what(k))",
+                    "use one of: " + known.joined(separator: ", "))
             }
             guard known.contains(ks.string) else {
-                throw error(.unknownKey, k, Self.child(path, ks.string), "unknown key", Values.hint(for: ks.string, known: known))
+                throw error(
+                    .unknownKey, k, Self.child(path, ks.string), "unknown key",
+                    Values.hint(for: ks.string, known: known))
             }
             entries.append((ks.string, k, v))
         }
@@ -123,7 +143,9 @@ struct ConfigParser {
     func int(_ node: Node, _ path: String, _ valid: ClosedRange<Int>, fix: String) throws(ConfigError) -> Int {
         let s = try string(node, path, fix: fix)
         guard s.allSatisfy({ $0.isASCII && $0.isNumber }), let n = Int(s), valid.contains(n) else {
-            throw error(.badValue, node, path, "\(Values.quoted(s)) is not a whole number from \(valid.lowerBound) to \(valid.upperBound)", fix)
+            throw error(
+                .badValue, node, path,
+                "\(Values.quoted(s)) is not a whole number from \(valid.lowerBound) to \(valid.upperBound)", fix)
         }
         return n
     }
@@ -133,8 +155,9 @@ struct ConfigParser {
         let s = try string(node, path, fix: "use " + list)
         guard choices.contains(s) else {
             let near = Values.hint(for: s, known: choices)
-            throw error(.badValue, node, path, "\(Values.quoted(s)) is not one of \(choices.joined(separator: ", "))",
-                        near.hasPrefix("did") ? "use " + list + " (" + near + ")" : "use " + list)
+            throw error(
+                .badValue, node, path, "\(Values.quoted(s)) is not one of \(choices.joined(separator: ", "))",
+                near.hasPrefix("did") ? "use " + list + " (" + near + ")" : "use " + list)
         }
         return s
     }
@@ -143,7 +166,8 @@ struct ConfigParser {
         let s = try string(node, path, fix: SizeProblem.howTo)
         switch ByteSizeText.parse(s) {
         case .success(let v): return v
-        case .failure(let p): throw error(.badValue, node, path, "\(Values.quoted(s)) is not a size (\(p))", SizeProblem.howTo)
+        case .failure(let p):
+            throw error(.badValue, node, path, "\(Values.quoted(s)) is not a size (\(p))", SizeProblem.howTo)
         }
     }
 
@@ -170,11 +194,16 @@ struct ConfigParser {
             let lines = text.split(separator: "\n", omittingEmptySubsequences: false)
             let line = (at ?? mark).line
             // libyaml reports a tab at the next token or the enclosing scalar; point at the tab itself.
-            if let tab = lines.indices.first(where: { lines[$0].prefix(while: { $0 == " " || $0 == "\t" }).contains("\t") }), tab + 1 <= mark.line {
-                return error(.syntax, tab + 1, "", "a tab in the indentation", "indent with spaces only (YAML forbids tabs)")
+            if let tab = lines.indices.first(where: {
+                lines[$0].prefix(while: { $0 == " " || $0 == "\t" }).contains("\t")
+            }), tab + 1 <= mark.line {
+                return error(
+                    .syntax, tab + 1, "", "a tab in the indentation", "indent with spaces only (YAML forbids tabs)")
             }
             let what = [context?.text, problem].compactMap { $0 }.filter { !$0.isEmpty }.joined(separator: ": ")
-            return error(.syntax, line, "", "YAML syntax: \(what)", "check the indentation, a missing \":\" or an unclosed quote on this line or the one before")
+            return error(
+                .syntax, line, "", "YAML syntax: \(what)",
+                "check the indentation, a missing \":\" or an unclosed quote on this line or the one before")
         }
         switch e {
         case .scanner(let c, let p, let m, _):
@@ -186,7 +215,8 @@ struct ConfigParser {
             let key = dups.first ?? "?"
             let first = context.mark.line
             let second = secondOccurrence(of: key, after: context.mark) ?? first
-            return error(.duplicateKey, second, key, "appears twice in one mapping (first on line \(first))", "keep one of them")
+            return error(
+                .duplicateKey, second, key, "appears twice in one mapping (first on line \(first))", "keep one of them")
         case .reader(let p, _, _, _):
             return error(.syntax, nil as Int?, "", "cannot read the text (\(p))", "save the file as UTF-8")
         default:
@@ -202,8 +232,8 @@ struct ConfigParser {
         for i in mark.line..<lines.count {
             let l = Array(lines[i].unicodeScalars)
             guard let first = l.firstIndex(where: { $0 != " " }), l[first] != "#" else { continue }
-            if first > col { continue }                 // deeper: a nested value
-            guard first == col else { return nil }      // shallower: the mapping has ended
+            if first > col { continue } // deeper: a nested value
+            guard first == col else { return nil } // shallower: the mapping has ended
             let rest = String(String.UnicodeScalarView(l[col...]))
             for q in ["", "\"", "'"] where rest.hasPrefix(q + key + q) {
                 if rest.dropFirst(key.count + 2 * q.count).drop(while: { $0 == " " }).hasPrefix(":") { return i + 1 }
@@ -216,9 +246,12 @@ struct ConfigParser {
 
     func parse() throws(ConfigError) -> VirtNBDConfig {
         guard let root = try compose() else {
-            throw error(.empty, nil as Int?, "", "holds no settings", "add at least an exports list (see Config/virtnbd.yaml)")
+            throw error(
+                .empty, nil as Int?, "", "holds no settings", "add at least an exports list (see Config/virtnbd.yaml)")
         }
-        let top = try table(root, "", known: Keys.root, example: "listen:, limits:, log:, metrics:, tls: and exports: at the left margin")
+        let top = try table(
+            root, "", known: Keys.root,
+            example: "listen:, limits:, log:, metrics:, tls: and exports: at the left margin")
         var cfg = VirtNBDConfig(source: file)
         var listenerLines: [Int?] = []
 
@@ -229,12 +262,16 @@ struct ConfigParser {
             cfg.allow = try allowList(node)
         }
         if let node = top["limits"] {
-            let t = try table(node, "limits", known: Keys.limits, example: "limits: { max-connections: 16, handshake-timeout: 10 }")
+            let t = try table(
+                node, "limits", known: Keys.limits, example: "limits: { max-connections: 16, handshake-timeout: 10 }")
             if let v = t["max-connections"] {
-                cfg.limits.maxConnections = try int(v, t.path("max-connections"), 0...1_000_000, fix: "use 0 for no limit, or the most clients served at once")
+                cfg.limits.maxConnections = try int(
+                    v, t.path("max-connections"), 0...1_000_000,
+                    fix: "use 0 for no limit, or the most clients served at once")
             }
             if let v = t["handshake-timeout"] {
-                cfg.limits.handshakeTimeout = try int(v, t.path("handshake-timeout"), 1...86400, fix: "give whole seconds, e.g. 10")
+                cfg.limits.handshakeTimeout = try int(
+                    v, t.path("handshake-timeout"), 1...86400, fix: "give whole seconds, e.g. 10")
             }
         }
         if let node = top["log"] {
@@ -248,36 +285,60 @@ struct ConfigParser {
         }
         var tlsLines: (policy: Int?, certificates: Int?, psk: Int?, verifyPeer: Int?) = (nil, nil, nil, nil)
         if let node = top["tls"] {
-            let t = try table(node, "tls", known: Keys.tls, example: "tls: { policy: require, certificates: /etc/pki/virtnbd }")
-            if let v = t["policy"] { cfg.tls.policy = TLSPolicy(rawValue: try oneOf(v, t.path("policy"), TLSPolicy.allCases.map(\.rawValue)))!; tlsLines.policy = v.mark?.line }
-            if let v = t["certificates"] { cfg.tls.certificates = try filePath(v, t.path("certificates"), example: "/etc/pki/virtnbd"); tlsLines.certificates = v.mark?.line }
-            if let v = t["psk"] { cfg.tls.psk = try filePath(v, t.path("psk"), example: "/etc/virtnbd/keys.psk"); tlsLines.psk = v.mark?.line }
-            if let v = t["verify-peer"] { cfg.tls.verifyPeer = try bool(v, t.path("verify-peer")); tlsLines.verifyPeer = v.mark?.line }
+            let t = try table(
+                node, "tls", known: Keys.tls, example: "tls: { policy: require, certificates: /etc/pki/virtnbd }")
+            if let v = t["policy"] {
+                cfg.tls.policy = TLSPolicy(
+                    rawValue: try oneOf(v, t.path("policy"), TLSPolicy.allCases.map(\.rawValue)))!
+                tlsLines.policy = v.mark?.line
+            }
+            if let v = t["certificates"] {
+                cfg.tls.certificates = try filePath(v, t.path("certificates"), example: "/etc/pki/virtnbd")
+                tlsLines.certificates = v.mark?.line
+            }
+            if let v = t["psk"] {
+                cfg.tls.psk = try filePath(v, t.path("psk"), example: "/etc/virtnbd/keys.psk")
+                tlsLines.psk = v.mark?.line
+            }
+            if let v = t["verify-peer"] {
+                cfg.tls.verifyPeer = try bool(v, t.path("verify-peer"))
+                tlsLines.verifyPeer = v.mark?.line
+            }
             if cfg.tls.certificates != nil && cfg.tls.psk != nil {
-                throw error(.tlsCredentials, tlsLines.psk, "tls.psk", "both tls.certificates (line \(tlsLines.certificates ?? 0)) and tls.psk are set",
-                            "keep one of them: X.509 certificates or a PSK file")
+                throw error(
+                    .tlsCredentials, tlsLines.psk, "tls.psk",
+                    "both tls.certificates (line \(tlsLines.certificates ?? 0)) and tls.psk are set",
+                    "keep one of them: X.509 certificates or a PSK file")
             }
         }
         guard let exportsNode = top["exports"] else {
-            throw error(.missingValue, nil as Int?, "exports", "missing: the file defines no export", "add an exports list, e.g. exports: [{ name: disk, device: ram, size: 64M }]")
+            throw error(
+                .missingValue, nil as Int?, "exports", "missing: the file defines no export",
+                "add an exports list, e.g. exports: [{ name: disk, device: ram, size: 64M }]")
         }
         var exportLines: [ExportLines] = []
         (cfg.exports, exportLines) = try exports(exportsNode)
 
         // TLS that some export asks for needs credentials.
         if cfg.tls.certificates == nil && cfg.tls.psk == nil {
-            let fix = "set tls.certificates (a directory with server-cert.pem and server-key.pem) or tls.psk (a psktool key file)"
+            let fix =
+                "set tls.certificates (a directory with server-cert.pem and server-key.pem) or tls.psk (a psktool key file)"
             if cfg.tls.policy != .off {
-                throw error(.tlsCredentials, tlsLines.policy, "tls.policy", "\(cfg.tls.policy.rawValue) needs TLS credentials", fix)
+                throw error(
+                    .tlsCredentials, tlsLines.policy, "tls.policy", "\(cfg.tls.policy.rawValue) needs TLS credentials",
+                    fix)
             }
             if let i = cfg.exports.indices.first(where: { (cfg.exports[$0].tls ?? .off) != .off }) {
-                throw error(.tlsCredentials, exportLines[i].tls, "exports[\(i)].tls", "\(cfg.exports[i].tls!.rawValue) needs TLS credentials", fix)
+                throw error(
+                    .tlsCredentials, exportLines[i].tls, "exports[\(i)].tls",
+                    "\(cfg.exports[i].tls!.rawValue) needs TLS credentials", fix)
             }
         }
         if let p = cfg.authorisationProblem {
             let (line, key): (Int?, String)
             switch p {
-            case .verifyPeerWithPSK, .verifyPeerWithoutCertificates, .verifyPeerWithoutTLS: (line, key) = (tlsLines.verifyPeer, "tls.verify-peer")
+            case .verifyPeerWithPSK, .verifyPeerWithoutCertificates, .verifyPeerWithoutTLS:
+                (line, key) = (tlsLines.verifyPeer, "tls.verify-peer")
             case .allowDNWithoutVerifyPeer(let i): (line, key) = (exportLines[i].allowDN, "exports[\(i)].allow-dn")
             case .allowPSKWithoutPSK(let i): (line, key) = (exportLines[i].allowPSK, "exports[\(i)].allow-psk")
             }
@@ -291,20 +352,28 @@ struct ConfigParser {
         switch node {
         case .sequence(let s): items = Array(s)
         case .scalar: items = [node]
-        default: throw error(.wrongType, node, "listen", "expected a list of addresses, found \(Self.what(node))", "write listen: [127.0.0.1:10809, /run/virtnbd/nbd.sock]")
+        default:
+            throw error(
+                .wrongType, node, "listen", "expected a list of addresses, found \(Self.what(node))",
+                "write listen: [127.0.0.1:10809, /run/virtnbd/nbd.sock]")
         }
         guard !items.isEmpty else {
-            throw error(.missingValue, node, "listen", "an empty list", "add an address such as 127.0.0.1:10809, or leave listen out for that default")
+            throw error(
+                .missingValue, node, "listen", "an empty list",
+                "add an address such as 127.0.0.1:10809, or leave listen out for that default")
         }
-        var out: [Listener] = [], lines: [Int?] = []
+        var out: [Listener] = []
+        var lines: [Int?] = []
         for (i, item) in items.enumerated() {
             let path = "listen[\(i)]"
             let l = try listener(item, path)
             for (j, other) in out.enumerated() where Values.collide(l, other) {
-                throw error(.listenerCollision, item, path, "\(l) collides with listen[\(j)] (\(other), line \(lines[j] ?? 0))",
-                            "use another port or path, or remove one of them")
+                throw error(
+                    .listenerCollision, item, path, "\(l) collides with listen[\(j)] (\(other), line \(lines[j] ?? 0))",
+                    "use another port or path, or remove one of them")
             }
-            out.append(l); lines.append(item.mark?.line)
+            out.append(l)
+            lines.append(item.mark?.line)
         }
         return (out, lines)
     }
@@ -314,7 +383,10 @@ struct ConfigParser {
         let s = try string(node, path, fix: fix)
         if s.hasPrefix("/") {
             guard s.utf8.count <= 107 else {
-                throw error(.badValue, node, path, "a Unix socket path of \(s.utf8.count) bytes is longer than the 107 the kernel allows", "choose a shorter path, e.g. under /run")
+                throw error(
+                    .badValue, node, path,
+                    "a Unix socket path of \(s.utf8.count) bytes is longer than the 107 the kernel allows",
+                    "choose a shorter path, e.g. under /run")
             }
             return .unix(path: s)
         }
@@ -322,16 +394,22 @@ struct ConfigParser {
     }
 
     /// `allow-dn:` / `allow-psk:`: a list of names, or one as a single value; each converted by `item`.
-    func allowItems(_ node: Node, _ path: String, example: String,
-                    _ item: (String, Node, String) throws(ConfigError) -> String) throws(ConfigError) -> [String] {
+    func allowItems(
+        _ node: Node, _ path: String, example: String,
+        _ item: (String, Node, String) throws(ConfigError) -> String
+    ) throws(ConfigError) -> [String] {
         let items: [Node]
         switch node {
         case .sequence(let s): items = Array(s)
         case .scalar: items = [node]
-        default: throw error(.wrongType, node, path, "expected a list of client names, found \(Self.what(node))", "write \(example)")
+        default:
+            throw error(
+                .wrongType, node, path, "expected a list of client names, found \(Self.what(node))", "write \(example)")
         }
         guard !items.isEmpty else {
-            throw error(.missingValue, node, path, "an empty list would refuse every client", "list the clients allowed, e.g. \(example), or leave the key out to allow every client")
+            throw error(
+                .missingValue, node, path, "an empty list would refuse every client",
+                "list the clients allowed, e.g. \(example), or leave the key out to allow every client")
         }
         var out: [String] = []
         for (i, n) in items.enumerated() {
@@ -349,10 +427,14 @@ struct ConfigParser {
         switch node {
         case .sequence(let s): items = Array(s)
         case .scalar: items = [node]
-        default: throw error(.wrongType, node, "allow", "expected a list of networks, found \(Self.what(node))", "write \(example)")
+        default:
+            throw error(
+                .wrongType, node, "allow", "expected a list of networks, found \(Self.what(node))", "write \(example)")
         }
         guard !items.isEmpty else {
-            throw error(.missingValue, node, "allow", "an empty list would refuse every TCP client", "list the networks allowed, e.g. \(example), or leave allow out to allow everyone")
+            throw error(
+                .missingValue, node, "allow", "an empty list would refuse every TCP client",
+                "list the networks allowed, e.g. \(example), or leave allow out to allow everyone")
         }
         var out: [IPNetwork] = []
         for (i, item) in items.enumerated() {
@@ -365,59 +447,97 @@ struct ConfigParser {
         return AccessList(out)
     }
 
-    private func parsedHostPort(_ s: String, _ node: Node, _ path: String) throws(ConfigError) -> (host: String, port: Int) {
+    private func parsedHostPort(_ s: String, _ node: Node, _ path: String) throws(ConfigError) -> (
+        host: String, port: Int
+    ) {
         let fix = "write host:port (e.g. 127.0.0.1:10809 or [::1]:10809) or an absolute path for a Unix socket"
         switch Values.hostPort(s) {
         case .success(let hp): return hp
         case .failure(.noPort): throw error(.badValue, node, path, "\(Values.quoted(s)) has no port", fix)
-        case .failure(.badPort): throw error(.badValue, node, path, "\(Values.quoted(s)) has no valid port", "use a port from 1 to 65535, e.g. 127.0.0.1:10809")
-        case .failure(.unbracketedIPv6): throw error(.badValue, node, path, "\(Values.quoted(s)) is ambiguous", "put IPv6 addresses in brackets, e.g. [::1]:10809")
-        case .failure(.emptyHost): throw error(.badValue, node, path, "\(Values.quoted(s)) has no host", "name the address to bind, e.g. 0.0.0.0:\(s.split(separator: ":").last ?? "10809") for every IPv4 address")
+        case .failure(.badPort):
+            throw error(
+                .badValue, node, path, "\(Values.quoted(s)) has no valid port",
+                "use a port from 1 to 65535, e.g. 127.0.0.1:10809")
+        case .failure(.unbracketedIPv6):
+            throw error(
+                .badValue, node, path, "\(Values.quoted(s)) is ambiguous",
+                "put IPv6 addresses in brackets, e.g. [::1]:10809")
+        case .failure(.emptyHost):
+            throw error(
+                .badValue, node, path, "\(Values.quoted(s)) has no host",
+                "name the address to bind, e.g. 0.0.0.0:\(s.split(separator: ":").last ?? "10809") for every IPv4 address"
+            )
         case .failure(.spaces): throw error(.badValue, node, path, "\(Values.quoted(s)) contains spaces", fix)
         }
     }
-    private func hostPort(_ s: String, _ node: Node, _ path: String) throws(ConfigError) -> String { try parsedHostPort(s, node, path).host }
-    private func port(_ s: String, _ node: Node, _ path: String) throws(ConfigError) -> Int { try parsedHostPort(s, node, path).port }
+    private func hostPort(_ s: String, _ node: Node, _ path: String) throws(ConfigError) -> String {
+        try parsedHostPort(s, node, path).host
+    }
+    private func port(_ s: String, _ node: Node, _ path: String) throws(ConfigError) -> Int {
+        try parsedHostPort(s, node, path).port
+    }
 
     func metrics(_ node: Node, listeners: [Listener], lines: [Int?]) throws(ConfigError) -> String {
         let s = try string(node, "metrics", fix: "write host:port, e.g. 127.0.0.1:9100")
         let hp = try parsedHostPort(s, node, "metrics")
         let l = Listener.tcp(host: hp.host, port: hp.port)
         if let j = listeners.firstIndex(where: { Values.collide(l, $0) }) {
-            let where_ = lines.indices.contains(j) ? "listen[\(j)] (\(listeners[j]), line \(lines[j] ?? 0))" : "the default listener \(listeners[j])"
-            throw error(.listenerCollision, node, "metrics", "\(l) collides with \(where_)", "give metrics its own port, e.g. 127.0.0.1:9100")
+            let other =
+                lines.indices.contains(j)
+                ? "listen[\(j)] (\(listeners[j]), line \(lines[j] ?? 0))" : "the default listener \(listeners[j])"
+            throw error(
+                .listenerCollision, node, "metrics", "\(l) collides with \(other)",
+                "give metrics its own port, e.g. 127.0.0.1:9100")
         }
         return l.description
     }
 
-    struct ExportLines { var node: Int?; var name: Int?; var device: Int?; var tls: Int?; var allowDN: Int?; var allowPSK: Int? }
+    struct ExportLines {
+        var node: Int?
+        var name: Int?
+        var device: Int?
+        var tls: Int?
+        var allowDN: Int?
+        var allowPSK: Int?
+    }
 
     func exports(_ node: Node) throws(ConfigError) -> ([ExportConfig], [ExportLines]) {
         guard case .sequence(let seq) = node else {
-            throw error(.wrongType, node, "exports", "expected a list of exports, found \(Self.what(node))", "start each export with \"- name: …\" under exports:")
+            throw error(
+                .wrongType, node, "exports", "expected a list of exports, found \(Self.what(node))",
+                "start each export with \"- name: …\" under exports:")
         }
         guard !seq.isEmpty else {
-            throw error(.missingValue, node, "exports", "an empty list", "add at least one export, e.g. - { name: disk, device: ram, size: 64M }")
+            throw error(
+                .missingValue, node, "exports", "an empty list",
+                "add at least one export, e.g. - { name: disk, device: ram, size: 64M }")
         }
-        var out: [ExportConfig] = [], lines: [ExportLines] = []
+        var out: [ExportConfig] = []
+        var lines: [ExportLines] = []
         for (i, item) in seq.enumerated() {
             let (e, l) = try export(item, "exports[\(i)]")
             if let j = out.firstIndex(where: { $0.name == e.name }) {
-                throw error(.duplicateExport, l.name, "exports[\(i)].name", "\(Values.quoted(e.name)) is already the name of exports[\(j)] (line \(lines[j].name ?? 0))",
-                            "give every export its own name")
+                throw error(
+                    .duplicateExport, l.name, "exports[\(i)].name",
+                    "\(Values.quoted(e.name)) is already the name of exports[\(j)] (line \(lines[j].name ?? 0))",
+                    "give every export its own name")
             }
             if let j = out.firstIndex(where: { Self.conflict($0, e) }) {
                 let (what, rule): (String, String)
                 switch e.device {
                 case .file(let p, _): (what, rule) = (p, "two exports may share a file only if both are read-only")
-                case .vhostUser(let s): (what, rule) = (s, "a vhost-user backend serves one front end; start another backend")
+                case .vhostUser(let s):
+                    (what, rule) = (s, "a vhost-user backend serves one front end; start another backend")
                 case .vfio(let a): (what, rule) = (a, "a PCI device can be driven by one export only")
                 default: (what, rule) = ("", "")
                 }
                 let key = ["file": "path", "vhost-user": "socket", "vfio": "pci"][e.device.kind] ?? "device"
-                throw error(.sharedDevice, l.device, "exports[\(i)].\(key)", "\(what) is also served by exports[\(j)] (line \(lines[j].device ?? 0))", rule)
+                throw error(
+                    .sharedDevice, l.device, "exports[\(i)].\(key)",
+                    "\(what) is also served by exports[\(j)] (line \(lines[j].device ?? 0))", rule)
             }
-            out.append(e); lines.append(l)
+            out.append(e)
+            lines.append(l)
         }
         return (out, lines)
     }
@@ -425,7 +545,8 @@ struct ConfigParser {
     /// Two exports that must not drive the same backing store.
     static func conflict(_ a: ExportConfig, _ b: ExportConfig) -> Bool {
         switch (a.device, b.device) {
-        case (.file(let p, _), .file(let q, _)): return Values.normalisePath(p) == Values.normalisePath(q) && !(a.readOnly && b.readOnly)
+        case (.file(let p, _), .file(let q, _)):
+            return Values.normalisePath(p) == Values.normalisePath(q) && !(a.readOnly && b.readOnly)
         case (.vhostUser(let p), .vhostUser(let q)): return Values.normalisePath(p) == Values.normalisePath(q)
         case (.vfio(let p), .vfio(let q)): return p == q
         default: return false
@@ -436,21 +557,31 @@ struct ConfigParser {
         let t = try table(node, path, known: Keys.export, example: "- name: disk\n  device: ram\n  size: 64M")
         var lines = ExportLines(node: node.mark?.line)
         guard let nameNode = t["name"] else {
-            throw error(.missingValue, node, t.path("name"), "missing", "add name: disk (name: \"\" is the default export)")
+            throw error(
+                .missingValue, node, t.path("name"), "missing", "add name: disk (name: \"\" is the default export)")
         }
         let name = try string(nameNode, t.path("name"), fix: "write name: disk (name: \"\" is the default export)")
-        guard name.utf8.count <= 4096 else { throw error(.badValue, nameNode, t.path("name"), "longer than 4096 bytes", "shorten it (the NBD limit)") }
+        guard name.utf8.count <= 4096 else {
+            throw error(.badValue, nameNode, t.path("name"), "longer than 4096 bytes", "shorten it (the NBD limit)")
+        }
         lines.name = nameNode.mark?.line
 
         var e = ExportConfig(name: name, device: .simulated)
         if let v = t["description"] {
-            e.description = try string(v, t.path("description"), fix: "write description: \"text shown by nbdinfo --list\"")
-            guard e.description.utf8.count <= 4096 else { throw error(.badValue, v, t.path("description"), "longer than 4096 bytes", "shorten it (the NBD limit)") }
+            e.description = try string(
+                v, t.path("description"), fix: "write description: \"text shown by nbdinfo --list\"")
+            guard e.description.utf8.count <= 4096 else {
+                throw error(.badValue, v, t.path("description"), "longer than 4096 bytes", "shorten it (the NBD limit)")
+            }
         }
         if let v = t["read-only"] { e.readOnly = try bool(v, t.path("read-only")) }
-        if let v = t["tls"] { e.tls = TLSPolicy(rawValue: try oneOf(v, t.path("tls"), TLSPolicy.allCases.map(\.rawValue)))!; lines.tls = v.mark?.line }
+        if let v = t["tls"] {
+            e.tls = TLSPolicy(rawValue: try oneOf(v, t.path("tls"), TLSPolicy.allCases.map(\.rawValue)))!
+            lines.tls = v.mark?.line
+        }
         if let v = t["allow-dn"] {
-            e.allowDN = try allowItems(v, t.path("allow-dn"), example: "allow-dn: [\"CN=alice,O=Example\"]") { (s, node, path) throws(ConfigError) in
+            e.allowDN = try allowItems(v, t.path("allow-dn"), example: "allow-dn: [\"CN=alice,O=Example\"]") {
+                (s, node, path) throws(ConfigError) in
                 do throws(DistinguishedNameError) { return try DistinguishedName(parsing: s).description } catch {
                     throw self.error(.badValue, node, path, error.problem, error.fix)
                 }
@@ -458,20 +589,29 @@ struct ConfigParser {
             lines.allowDN = v.mark?.line
         }
         if let v = t["allow-psk"] {
-            e.allowPSK = try allowItems(v, t.path("allow-psk"), example: "allow-psk: [alice]") { (s, node, path) throws(ConfigError) in
-                guard !s.isEmpty else { throw self.error(.missingValue, node, path, "an empty PSK identity", "write the identity as in the psktool file (the part before \":\")") }
+            e.allowPSK = try allowItems(v, t.path("allow-psk"), example: "allow-psk: [alice]") {
+                (s, node, path) throws(ConfigError) in
+                guard !s.isEmpty else {
+                    throw self.error(
+                        .missingValue, node, path, "an empty PSK identity",
+                        "write the identity as in the psktool file (the part before \":\")")
+                }
                 return s
             }
             lines.allowPSK = v.mark?.line
         }
         if let v = t["queue-size"] {
             // A power of two for split rings (the default), checked with the ring format in `merged(with:)`.
-            e.queueSize = try int(v, t.path("queue-size"), 1...32768, fix: "use a power of two from 1 to 32768, e.g. 256 (with --ring packed any size from 2)")
+            e.queueSize = try int(
+                v, t.path("queue-size"), 1...32768,
+                fix: "use a power of two from 1 to 32768, e.g. 256 (with --ring packed any size from 2)")
         }
         if let v = t["max-payload"] {
             let n = try size(v, t.path("max-payload"))
             guard ExportConfig.maxPayloadRange.contains(n) else {
-                throw error(.badValue, v, t.path("max-payload"), "\(n) bytes is not from 4K to 1G", "use e.g. 64M (the default)")
+                throw error(
+                    .badValue, v, t.path("max-payload"), "\(n) bytes is not from 4K to 1G", "use e.g. 64M (the default)"
+                )
             }
             e.maxPayload = UInt32(n)
         }
@@ -483,13 +623,16 @@ struct ConfigParser {
         lines.device = deviceNode.mark?.line
         for (key, users) in Keys.deviceParameters.sorted(by: { $0.key < $1.key }) where !users.contains(kind) {
             if let v = t[key] {
-                throw error(.badValue, t.entries.first { $0.key == key }?.keyNode ?? v, t.path(key), "not used by device: \(kind)",
-                            "remove it (only device: \(users.joined(separator: " or ")) takes \(key))")
+                throw error(
+                    .badValue, t.entries.first { $0.key == key }?.keyNode ?? v, t.path(key),
+                    "not used by device: \(kind)",
+                    "remove it (only device: \(users.joined(separator: " or ")) takes \(key))")
             }
         }
         func required(_ key: String, _ example: String) throws(ConfigError) -> Node {
             guard let v = t[key] else {
-                throw error(.missingValue, deviceNode, t.path(key), "device: \(kind) needs \(key)", "add \(key): \(example)")
+                throw error(
+                    .missingValue, deviceNode, t.path(key), "device: \(kind) needs \(key)", "add \(key): \(example)")
             }
             return v
         }
@@ -498,20 +641,26 @@ struct ConfigParser {
             e.device = .ram(size: try size(try required("size", "64M"), t.path("size")))
         case "file":
             let p = try required("path", "/var/lib/virtnbd/disk.img")
-            e.device = .file(path: try filePath(p, t.path("path"), example: "/var/lib/virtnbd/disk.img"), size: try t["size"].map { (v) throws(ConfigError) in try size(v, t.path("size")) })
+            e.device = .file(
+                path: try filePath(p, t.path("path"), example: "/var/lib/virtnbd/disk.img"),
+                size: try t["size"].map { (v) throws(ConfigError) in try size(v, t.path("size")) })
             lines.device = p.mark?.line
         case "vhost-user":
             let s = try required("socket", "/run/qsd/vhost-blk.sock")
             e.device = .vhostUser(socket: try filePath(s, t.path("socket"), example: "/run/qsd/vhost-blk.sock"))
             lines.device = s.mark?.line
             if let v = t["queue-size"], e.queueSize > 1024 {
-                throw error(.badValue, v, t.path("queue-size"), "\(e.queueSize) is more than the 1024 a vhost-user ring holds", "use 1024 or less")
+                throw error(
+                    .badValue, v, t.path("queue-size"), "\(e.queueSize) is more than the 1024 a vhost-user ring holds",
+                    "use 1024 or less")
             }
         case "vfio":
             let a = try required("pci", "0000:00:05.0")
             let s = try string(a, t.path("pci"), fix: "write the PCI address, e.g. pci: 0000:00:05.0")
             guard let full = Values.pciAddress(s) else {
-                throw error(.badValue, a, t.path("pci"), "\(Values.quoted(s)) is not a PCI address", "write domain:bus:device.function as lspci -D shows it, e.g. 0000:00:05.0")
+                throw error(
+                    .badValue, a, t.path("pci"), "\(Values.quoted(s)) is not a PCI address",
+                    "write domain:bus:device.function as lspci -D shows it, e.g. 0000:00:05.0")
             }
             e.device = .vfio(pciAddress: full)
             lines.device = a.mark?.line

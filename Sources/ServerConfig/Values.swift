@@ -6,7 +6,8 @@ public enum SizeProblem: Error, Sendable, Equatable, CustomStringConvertible {
     case unit(String)
 
     /// What a size looks like, the fix every message ends with.
-    public static let howTo = "use a whole number with K, M, G or T (binary units; KiB, MiB, GiB, TiB and KB… mean the same), e.g. 64M"
+    public static let howTo =
+        "use a whole number with K, M, G or T (binary units; KiB, MiB, GiB, TiB and KB… mean the same), e.g. 64M"
 
     public var description: String {
         switch self {
@@ -34,7 +35,11 @@ public enum ByteSizeText {
         guard !digits.isEmpty else { return .failure(.empty) }
         let units: [String: UInt64] = ["": 1, "B": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40]
         var unit = written.uppercased()
-        if unit.count == 3, unit.hasSuffix("IB") { unit.removeLast(2) } else if unit.count == 2, unit.hasSuffix("B") { unit.removeLast() }
+        if unit.count == 3, unit.hasSuffix("IB") {
+            unit.removeLast(2)
+        } else if unit.count == 2, unit.hasSuffix("B") {
+            unit.removeLast()
+        }
         guard let mult = units[unit], unit != "B" || written.count == 1 else { return .failure(.unit(String(written))) }
         guard let n = UInt64(digits) else { return .failure(.overflow) }
         let (v, overflow) = n.multipliedReportingOverflow(by: mult)
@@ -55,7 +60,8 @@ enum Values {
 
     /// `host:port`, `[v6]:port`. The port is required and 1-65535.
     static func hostPort(_ text: String) -> Result<(host: String, port: Int), HostPortProblem> {
-        let host: Substring, portText: Substring
+        let host: Substring
+        let portText: Substring
         if text.hasPrefix("[") {
             guard let close = text.firstIndex(of: "]") else { return .failure(.unbracketedIPv6) }
             host = text[text.index(after: text.startIndex)..<close]
@@ -71,7 +77,8 @@ enum Values {
         }
         guard !host.isEmpty else { return .failure(.emptyHost) }
         guard !host.contains(where: \.isWhitespace) else { return .failure(.spaces) }
-        guard !portText.isEmpty, portText.allSatisfy({ $0.isASCII && $0.isNumber }), let p = Int(portText), (1...65535).contains(p)
+        guard !portText.isEmpty, portText.allSatisfy({ $0.isASCII && $0.isNumber }), let p = Int(portText),
+            (1...65535).contains(p)
         else { return .failure(.badPort) }
         return .success((String(host).lowercased(), p))
     }
@@ -85,7 +92,8 @@ enum Values {
         guard parts.count == 3, hex(parts[0], 4), hex(parts[1], 2) else { return nil }
         let df = parts[2].split(separator: ".", omittingEmptySubsequences: false)
         guard df.count == 2, hex(df[0], 2), let d = Int(df[0], radix: 16), d <= 0x1f,
-              df[1].count == 1, let f = Int(df[1]), f <= 7 else { return nil }
+            df[1].count == 1, let f = Int(df[1]), f <= 7
+        else { return nil }
         return full
     }
 
@@ -95,7 +103,8 @@ enum Values {
     /// from 1 to 32768, packed rings any size from 2 to 32768 (as `DriverOptions.validate`).
     static func queueSizeProblem(_ n: Int, packed: Bool) -> String? {
         if packed { return (2...32768).contains(n) ? nil : "is not from 2 to 32768 (a packed ring's sizes)" }
-        return isPowerOfTwoQueueSize(n) ? nil : "is not a power of two from 1 to 32768, which a split ring (the default) needs"
+        return isPowerOfTwoQueueSize(n)
+            ? nil : "is not a power of two from 1 to 32768, which a split ring (the default) needs"
     }
 
     /// The power of two nearest `n` within 1...32768 (for a suggestion).
@@ -139,7 +148,8 @@ enum Values {
     }
 
     static func editDistance(_ a: String, _ b: String) -> Int {
-        let a = Array(a), b = Array(b)
+        let a = Array(a)
+        let b = Array(b)
         if a.isEmpty { return b.count }
         if b.isEmpty { return a.count }
         var prev = Array(0...b.count)

@@ -88,12 +88,20 @@ public struct ExportConfig: Sendable, Equatable {
     /// `max-payload` / `--max-payload`: 4 KiB to 1 GiB.
     public static let maxPayloadRange: ClosedRange<UInt64> = 4096...(1 << 30)
 
-    public init(name: String, description: String = "", device: Device, readOnly: Bool = false,
-                tls: TLSPolicy? = nil, queueSize: Int = ExportConfig.defaultQueueSize,
-                allowDN: [String]? = nil, allowPSK: [String]? = nil, maxPayload: UInt32 = ExportConfig.defaultMaxPayload) {
-        self.name = name; self.description = description; self.device = device
-        self.readOnly = readOnly; self.tls = tls; self.queueSize = queueSize
-        self.allowDN = allowDN; self.allowPSK = allowPSK; self.maxPayload = maxPayload
+    public init(
+        name: String, description: String = "", device: Device, readOnly: Bool = false,
+        tls: TLSPolicy? = nil, queueSize: Int = ExportConfig.defaultQueueSize,
+        allowDN: [String]? = nil, allowPSK: [String]? = nil, maxPayload: UInt32 = ExportConfig.defaultMaxPayload
+    ) {
+        self.name = name
+        self.description = description
+        self.device = device
+        self.readOnly = readOnly
+        self.tls = tls
+        self.queueSize = queueSize
+        self.allowDN = allowDN
+        self.allowPSK = allowPSK
+        self.maxPayload = maxPayload
     }
 
     /// Whether only listed TLS clients may use this export (`allow-dn` or `allow-psk` is set).
@@ -107,7 +115,8 @@ public struct VirtNBDConfig: Sendable, Equatable {
         /// Seconds (`--handshake-timeout`).
         public var handshakeTimeout = 10
         public init(maxConnections: Int = 0, handshakeTimeout: Int = 10) {
-            self.maxConnections = maxConnections; self.handshakeTimeout = handshakeTimeout
+            self.maxConnections = maxConnections
+            self.handshakeTimeout = handshakeTimeout
         }
     }
 
@@ -120,8 +129,12 @@ public struct VirtNBDConfig: Sendable, Equatable {
         /// `verify-peer` (`--tls-verify-peer`, as nbdkit): clients must present a certificate
         /// signed by `certificates`/ca-cert.pem, or the TLS handshake fails.
         public var verifyPeer: Bool
-        public init(policy: TLSPolicy = .off, certificates: String? = nil, psk: String? = nil, verifyPeer: Bool = false) {
-            self.policy = policy; self.certificates = certificates; self.psk = psk; self.verifyPeer = verifyPeer
+        public init(policy: TLSPolicy = .off, certificates: String? = nil, psk: String? = nil, verifyPeer: Bool = false)
+        {
+            self.policy = policy
+            self.certificates = certificates
+            self.psk = psk
+            self.verifyPeer = verifyPeer
         }
     }
 
@@ -139,11 +152,19 @@ public struct VirtNBDConfig: Sendable, Equatable {
     public var tls: TLS
     public var exports: [ExportConfig]
 
-    public init(source: String? = nil, listeners: [Listener] = [VirtNBDConfig.defaultListener], allow: AccessList = .init(),
-                limits: Limits = .init(), logLevel: LogLevel = .info, metrics: String? = nil, tls: TLS = .init(),
-                exports: [ExportConfig] = []) {
-        self.source = source; self.listeners = listeners; self.allow = allow; self.limits = limits; self.logLevel = logLevel
-        self.metrics = metrics; self.tls = tls; self.exports = exports
+    public init(
+        source: String? = nil, listeners: [Listener] = [VirtNBDConfig.defaultListener], allow: AccessList = .init(),
+        limits: Limits = .init(), logLevel: LogLevel = .info, metrics: String? = nil, tls: TLS = .init(),
+        exports: [ExportConfig] = []
+    ) {
+        self.source = source
+        self.listeners = listeners
+        self.allow = allow
+        self.limits = limits
+        self.logLevel = logLevel
+        self.metrics = metrics
+        self.tls = tls
+        self.exports = exports
     }
 
     /// The policy an export is served with: its own `tls:` or else the server's.
@@ -153,7 +174,9 @@ public struct VirtNBDConfig: Sendable, Equatable {
     /// an export's own override asks for TLS, or an export has an allow list (`allow-dn`,
     /// `allow-psk`: served only over TLS), while the server-wide policy is off.
     public var serverTLSPolicy: TLSPolicy {
-        exports.map { $0.isRestricted ? .on : effectiveTLS(for: $0) }.reduce(tls.policy) { max($0, $1 == .off ? .off : .on) }
+        exports.map { $0.isRestricted ? .on : effectiveTLS(for: $0) }.reduce(tls.policy) {
+            max($0, $1 == .off ? .off : .on)
+        }
     }
 
     /// What is wrong with `tls.verify-peer` and the exports' allow lists, if anything. Checked by
@@ -172,17 +195,26 @@ public struct VirtNBDConfig: Sendable, Equatable {
 
         public var problem: String {
             switch self {
-            case .verifyPeerWithPSK: return "verify-peer checks X.509 client certificates, but the TLS credentials are a PSK file (a PSK client already proves itself by its key)"
-            case .verifyPeerWithoutCertificates: return "verify-peer needs TLS certificates: client certificates are checked against ca-cert.pem in that directory"
+            case .verifyPeerWithPSK:
+                return
+                    "verify-peer checks X.509 client certificates, but the TLS credentials are a PSK file (a PSK client already proves itself by its key)"
+            case .verifyPeerWithoutCertificates:
+                return
+                    "verify-peer needs TLS certificates: client certificates are checked against ca-cert.pem in that directory"
             case .verifyPeerWithoutTLS: return "verify-peer has no effect while TLS is off"
-            case .allowDNWithoutVerifyPeer: return "certificate names can be trusted only from verified client certificates (anyone can make a self-signed certificate with any name)"
+            case .allowDNWithoutVerifyPeer:
+                return
+                    "certificate names can be trusted only from verified client certificates (anyone can make a self-signed certificate with any name)"
             case .allowPSKWithoutPSK: return "PSK identities need TLS with a PSK file"
             }
         }
         public var fix: String {
             switch self {
-            case .verifyPeerWithPSK: return "drop verify-peer (use allow-psk to restrict exports by PSK identity), or use certificates instead of psk"
-            case .verifyPeerWithoutCertificates: return "set tls.certificates (--tls-certificates DIR with ca-cert.pem, server-cert.pem, server-key.pem)"
+            case .verifyPeerWithPSK:
+                return
+                    "drop verify-peer (use allow-psk to restrict exports by PSK identity), or use certificates instead of psk"
+            case .verifyPeerWithoutCertificates:
+                return "set tls.certificates (--tls-certificates DIR with ca-cert.pem, server-cert.pem, server-key.pem)"
             case .verifyPeerWithoutTLS: return "set tls.policy to on or require (--tls on|require), or drop verify-peer"
             case .allowDNWithoutVerifyPeer: return "set tls.certificates and tls.verify-peer: true (--tls-verify-peer)"
             case .allowPSKWithoutPSK: return "set tls.psk (--tls-psk FILE), or list certificate names with allow-dn"
@@ -194,8 +226,12 @@ public struct VirtNBDConfig: Sendable, Equatable {
         if tls.verifyPeer && tls.psk != nil { return .verifyPeerWithPSK }
         if tls.verifyPeer && tls.certificates == nil { return .verifyPeerWithoutCertificates }
         if tls.verifyPeer && serverTLSPolicy == .off { return .verifyPeerWithoutTLS }
-        if let i = exports.firstIndex(where: { $0.allowDN != nil && !(tls.verifyPeer && tls.certificates != nil) }) { return .allowDNWithoutVerifyPeer(export: i) }
-        if let i = exports.firstIndex(where: { $0.allowPSK != nil && tls.psk == nil }) { return .allowPSKWithoutPSK(export: i) }
+        if let i = exports.firstIndex(where: { $0.allowDN != nil && !(tls.verifyPeer && tls.certificates != nil) }) {
+            return .allowDNWithoutVerifyPeer(export: i)
+        }
+        if let i = exports.firstIndex(where: { $0.allowPSK != nil && tls.psk == nil }) {
+            return .allowPSKWithoutPSK(export: i)
+        }
         return nil
     }
 }

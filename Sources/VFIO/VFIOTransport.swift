@@ -1,3 +1,4 @@
+import CVirtShim
 // The VFIO virtio-pci transport: a virtio-blk PCI device bound to vfio-pci, driven from user space
 // (VIRTIO 1.2 §4.1 "Virtio Over PCI Bus", modern interface only).
 //
@@ -10,9 +11,9 @@
 import Foundation
 import Logging
 import Virtio
-import CVirtShim
+
 #if canImport(Glibc)
-import Glibc
+    import Glibc
 #endif
 
 /// Offsets in `struct virtio_pci_common_cfg` (§4.1.4.3).
@@ -74,8 +75,15 @@ public final class VFIOTransport: VirtioTransport, @unchecked Sendable {
     private let deviceConfig: RegisterWindow
     private let interrupt: EventFD
 
-    private struct Mapping { let memory: SharedMemory; let iova: UInt64; let size: Int }
-    private struct State { var mappings: [Mapping] = []; var closed = false }
+    private struct Mapping {
+        let memory: SharedMemory
+        let iova: UInt64
+        let size: Int
+    }
+    private struct State {
+        var mappings: [Mapping] = []
+        var closed = false
+    }
     private let state = Locked(State())
 
     /// Takes over the virtio-blk device at `pciAddress` (e.g. "0000:00:05.0" or "00:05.0"), which must
@@ -95,7 +103,9 @@ public final class VFIOTransport: VirtioTransport, @unchecked Sendable {
 
         // 2. The device in sysfs: IOMMU group and driver.
         let sys = "/sys/bus/pci/devices/\(bdf)"
-        guard FileManager.default.fileExists(atPath: sys) else { throw VFIOTransportError.noSuchDevice(pciAddress: bdf) }
+        guard FileManager.default.fileExists(atPath: sys) else {
+            throw VFIOTransportError.noSuchDevice(pciAddress: bdf)
+        }
         guard let g = VFIOTransport.linkBasename("\(sys)/iommu_group").flatMap({ Int($0) }) else {
             throw VFIOTransportError.noIOMMUGroup(pciAddress: bdf)
         }
@@ -110,7 +120,9 @@ public final class VFIOTransport: VirtioTransport, @unchecked Sendable {
         group = OwnedFD(gfd)
         var gflags: UInt32 = 0
         var r = vshim_vfio_group_status(gfd, &gflags)
-        guard r == 0, gflags & 1 != 0 else { throw VFIOTransportError.groupNotViable(group: g, blockers: VFIOTransport.groupBlockers(g)) }
+        guard r == 0, gflags & 1 != 0 else {
+            throw VFIOTransportError.groupNotViable(group: g, blockers: VFIOTransport.groupBlockers(g))
+        }
         r = vshim_vfio_group_set_container(gfd, c)
         guard r == 0 else { throw VFIOTransportError.setContainerFailed(errno: -r) }
         r = vshim_vfio_set_iommu(c, VFIOTransport.type1v2)
@@ -122,10 +134,15 @@ public final class VFIOTransport: VirtioTransport, @unchecked Sendable {
         // 4. PCI config space: identity, then memory decoding + bus mastering (the device DMAs).
         let cfgRegion = try VFIOTransport.regionInfo(dfd, VFIOTransport.vfioPCIConfigRegion)
         let cfg = try PCIConfigIO.read(deviceFD: dfd, regionOffset: cfgRegion.offset, at: 0, count: 256)
-        let vendor = VFIOTransport.le16(cfg, 0), devid = VFIOTransport.le16(cfg, 2), subsys = VFIOTransport.le16(cfg, 0x2E)
+        let vendor = VFIOTransport.le16(cfg, 0)
+        let devid = VFIOTransport.le16(cfg, 2)
+        let subsys = VFIOTransport.le16(cfg, 0x2E)
         // §4.1.2.1: modern IDs are 0x1040 + virtio device ID; transitional blk is 0x1001 (subsystem 2).
-        let virtioID: UInt16 = (0x1040...0x107F).contains(devid) ? devid - 0x1040 : (0x1000...0x103F).contains(devid) ? subsys : 0xFFFF
-        guard vendor == VFIOTransport.virtioVendor, virtioID == 2 else { throw VFIOTransportError.notVirtioBlk(vendor: vendor, device: devid) }
+        let virtioID: UInt16 =
+            (0x1040...0x107F).contains(devid) ? devid - 0x1040 : (0x1000...0x103F).contains(devid) ? subsys : 0xFFFF
+        guard vendor == VFIOTransport.virtioVendor, virtioID == 2 else {
+            throw VFIOTransportError.notVirtioBlk(vendor: vendor, device: devid)
+        }
         deviceID = UInt32(virtioID)
         let command = VFIOTransport.le16(cfg, 4)
         if command & 0x6 != 0x6 {
@@ -135,28 +152,36 @@ public final class VFIOTransport: VirtioTransport, @unchecked Sendable {
         // 5. The virtio vendor capabilities (§4.1.4), and the BARs they live in.
         var caps: [UInt8: (bar: Int, offset: Int, length: Int, capAt: Int)] = [:]
         if VFIOTransport.le16(cfg, 6) & 0x10 != 0 {
-            var p = Int(cfg[0x34]) & ~3, hops = 0
+            var p = Int(cfg[0x34]) & ~3
+            var hops = 0
             while p >= 0x40 && p + 16 <= cfg.count && hops < 48 {
                 if cfg[p] == 0x09, cfg[p + 2] >= 16 {
-                    let type = cfg[p + 3], bar = Int(cfg[p + 4])
-                    if (1...4).contains(type), bar <= 5, caps[type] == nil {   // the first of each type wins (§4.1.4.1)
+                    let type = cfg[p + 3]
+                    let bar = Int(cfg[p + 4])
+                    if (1...4).contains(type), bar <= 5, caps[type] == nil { // the first of each type wins (§4.1.4.1)
                         caps[type] = (bar, Int(VFIOTransport.le32(cfg, p + 8)), Int(VFIOTransport.le32(cfg, p + 12)), p)
                     }
                 }
-                p = Int(cfg[p + 1]) & ~3; hops += 1
+                p = Int(cfg[p + 1]) & ~3
+                hops += 1
             }
         }
         let names: [UInt8: String] = [1: "COMMON", 2: "NOTIFY", 3: "ISR", 4: "DEVICE"]
-        for t: UInt8 in [1, 2, 4] where caps[t] == nil { throw VFIOTransportError.missingCapability("\(names[t]!)_CFG") }
+        for t: UInt8 in [1, 2, 4] where caps[t] == nil {
+            throw VFIOTransportError.missingCapability("\(names[t]!)_CFG")
+        }
         var bars: [Int: MappedBAR] = [:]
         func window(_ t: UInt8, minLength: Int) throws -> RegisterWindow {
             let cap = caps[t]!
             if bars[cap.bar] == nil {
                 let info = try VFIOTransport.regionInfo(dfd, UInt32(cap.bar))
                 guard info.flags & 4 != 0 else {
-                    throw VFIOTransportError.barNotMappable(bar: cap.bar, reason: "VFIO does not allow mmap of this region (flags 0x\(String(info.flags, radix: 16)))")
+                    throw VFIOTransportError.barNotMappable(
+                        bar: cap.bar,
+                        reason: "VFIO does not allow mmap of this region (flags 0x\(String(info.flags, radix: 16)))")
                 }
-                bars[cap.bar] = try MappedBAR(deviceFD: dfd, index: cap.bar, size: Int(info.size), regionOffset: info.offset)
+                bars[cap.bar] = try MappedBAR(
+                    deviceFD: dfd, index: cap.bar, size: Int(info.size), regionOffset: info.offset)
             }
             let b = bars[cap.bar]!
             guard cap.length >= minLength, cap.offset >= 0, cap.offset <= b.size - cap.length else {
@@ -171,7 +196,8 @@ public final class VFIOTransport: VirtioTransport, @unchecked Sendable {
         if caps[3] != nil { isr = try window(3, minLength: 1) } else { isr = nil }
 
         // 6. Interrupts: MSI-X vector 0 → one eventfd (queue 0 and config changes share it).
-        var irqFlags: UInt32 = 0, irqCount: UInt32 = 0
+        var irqFlags: UInt32 = 0
+        var irqCount: UInt32 = 0
         r = vshim_vfio_irq_info(dfd, VFIOTransport.vfioPCIMSIXIRQ, &irqFlags, &irqCount)
         guard r == 0, irqCount >= 1 else { throw VFIOTransportError.noMSIX(errno: -r) }
         let irq = try EventFD()
@@ -180,10 +206,14 @@ public final class VFIOTransport: VirtioTransport, @unchecked Sendable {
         r = vshim_vfio_set_irq_eventfds(dfd, VFIOTransport.vfioPCIMSIXIRQ, 0, 1, fds)
         guard r == 0 else { throw VFIOTransportError.irqSetupFailed(errno: -r) }
 
-        logger.info("VFIO device ready", metadata: [
-            "pci": "\(bdf)", "iommu-group": "\(g)", "id": "\(String(format: "%04x:%04x", vendor, devid))",
-            "bars": "\(bars.keys.sorted().map { "BAR\($0)=\(bars[$0]!.size / 1024)K" }.joined(separator: ","))",
-            "notify-multiplier": "\(notifyMultiplier)", "msix-vectors": "\(irqCount)", "queues": "\(common.read16(CommonCfg.numQueues))"])
+        logger.info(
+            "VFIO device ready",
+            metadata: [
+                "pci": "\(bdf)", "iommu-group": "\(g)", "id": "\(String(format: "%04x:%04x", vendor, devid))",
+                "bars": "\(bars.keys.sorted().map { "BAR\($0)=\(bars[$0]!.size / 1024)K" }.joined(separator: ","))",
+                "notify-multiplier": "\(notifyMultiplier)", "msix-vectors": "\(irqCount)",
+                "queues": "\(common.read16(CommonCfg.numQueues))",
+            ])
     }
 
     deinit { close() }
@@ -214,7 +244,9 @@ public final class VFIOTransport: VirtioTransport, @unchecked Sendable {
             guard !s.closed else { throw VFIOTransportError.closed }
             if s.mappings.contains(where: { $0.memory === memory }) { return }
             let r = vshim_vfio_map_dma(container.fd, memory.hostAddress, memory.deviceBase, UInt64(memory.size))
-            guard r == 0 else { throw VFIOTransportError.mapDMAFailed(iova: memory.deviceBase, size: memory.size, errno: -r) }
+            guard r == 0 else {
+                throw VFIOTransportError.mapDMAFailed(iova: memory.deviceBase, size: memory.size, errno: -r)
+            }
             s.mappings.append(Mapping(memory: memory, iova: memory.deviceBase, size: memory.size))
         }
         logger.debug("VFIO: mapped \(memory.size) bytes at IOVA 0x\(String(memory.deviceBase, radix: 16))")
@@ -268,28 +300,41 @@ public final class VFIOTransport: VirtioTransport, @unchecked Sendable {
         return Int(common.read16(CommonCfg.queueSize))
     }
 
-    public func setupQueue(_ index: Int, size: Int, descriptors: UInt64, driverArea: UInt64, deviceArea: UInt64) throws -> QueueDoorbells {
+    public func setupQueue(_ index: Int, size: Int, descriptors: UInt64, driverArea: UInt64, deviceArea: UInt64) throws
+        -> QueueDoorbells
+    {
         guard index >= 0, index < queueCount else { throw VirtioTransportError.queueUnavailable(index: index) }
         // Config changes (including DEVICE_NEEDS_RESET) also raise vector 0, so the driver wakes and looks.
         common.write16(CommonCfg.configMSIXVector, 0)
-        guard common.read16(CommonCfg.configMSIXVector) != 0xFFFF else { throw VFIOTransportError.vectorRejected("config changes") }
+        guard common.read16(CommonCfg.configMSIXVector) != 0xFFFF else {
+            throw VFIOTransportError.vectorRejected("config changes")
+        }
         common.write16(CommonCfg.queueSelect, UInt16(index))
-        guard common.read16(CommonCfg.queueEnable) == 0 else { throw VirtioTransportError.deviceFailed("queue \(index) already live") }
+        guard common.read16(CommonCfg.queueEnable) == 0 else {
+            throw VirtioTransportError.deviceFailed("queue \(index) already live")
+        }
         let max = Int(common.read16(CommonCfg.queueSize))
         guard max > 0 else { throw VirtioTransportError.queueUnavailable(index: index) }
         guard size <= max else { throw VirtioTransportError.queueTooLarge(index: index, requested: size, max: max) }
         common.write16(CommonCfg.queueSize, UInt16(size))
         common.write16(CommonCfg.queueMSIXVector, 0)
-        guard common.read16(CommonCfg.queueMSIXVector) != 0xFFFF else { throw VFIOTransportError.vectorRejected("queue \(index)") }
+        guard common.read16(CommonCfg.queueMSIXVector) != 0xFFFF else {
+            throw VFIOTransportError.vectorRejected("queue \(index)")
+        }
         common.write64(CommonCfg.queueDesc, descriptors)
         common.write64(CommonCfg.queueDriver, driverArea)
         common.write64(CommonCfg.queueDevice, deviceArea)
         let notifyAt = Int(common.read16(CommonCfg.queueNotifyOff)) * Int(notifyMultiplier)
-        guard notifyAt + 2 <= notify.length else { throw VFIOTransportError.capabilityOutOfRange("NOTIFY (queue \(index))") }
+        guard notifyAt + 2 <= notify.length else {
+            throw VFIOTransportError.capabilityOutOfRange("NOTIFY (queue \(index))")
+        }
         common.write16(CommonCfg.queueEnable, 1)
-        guard common.read16(CommonCfg.queueEnable) == 1 else { throw VirtioTransportError.deviceFailed("queue \(index) refused its addresses") }
+        guard common.read16(CommonCfg.queueEnable) == 1 else {
+            throw VirtioTransportError.deviceFailed("queue \(index) refused its addresses")
+        }
         logger.debug("VFIO: queue \(index) size \(size) enabled, notify at +\(notifyAt)")
-        let n = notify, q = UInt16(index)
+        let n = notify
+        let q = UInt16(index)
         return QueueDoorbells(kick: { n.write16(notifyAt, q) }, interrupt: interrupt)
     }
 
@@ -325,7 +370,9 @@ public final class VFIOTransport: VirtioTransport, @unchecked Sendable {
         let hex = { (p: Substring, n: Int) in p.count == n && p.allSatisfy(\.isHexDigit) }
         guard parts.count == 3, hex(parts[0], 4), hex(parts[1], 2) else { throw .badPCIAddress(a) }
         let df = parts[2].split(separator: ".", omittingEmptySubsequences: false)
-        guard df.count == 2, hex(df[0], 2), df[1].count == 1, let f = Int(df[1]), f <= 7 else { throw .badPCIAddress(a) }
+        guard df.count == 2, hex(df[0], 2), df[1].count == 1, let f = Int(df[1]), f <= 7 else {
+            throw .badPCIAddress(a)
+        }
         return full
     }
 
@@ -344,8 +391,12 @@ public final class VFIOTransport: VirtioTransport, @unchecked Sendable {
         }
     }
 
-    static func regionInfo(_ dfd: Int32, _ index: UInt32) throws(VFIOTransportError) -> (flags: UInt32, size: UInt64, offset: UInt64) {
-        var flags: UInt32 = 0, size: UInt64 = 0, offset: UInt64 = 0
+    static func regionInfo(_ dfd: Int32, _ index: UInt32) throws(VFIOTransportError) -> (
+        flags: UInt32, size: UInt64, offset: UInt64
+    ) {
+        var flags: UInt32 = 0
+        var size: UInt64 = 0
+        var offset: UInt64 = 0
         let r = vshim_vfio_region_info(dfd, index, &flags, &size, &offset)
         guard r == 0 else { throw .regionInfoFailed(index: Int(index), errno: -r) }
         return (flags, size, offset)

@@ -3,7 +3,7 @@
 // (little-endian on every host this runs on) followed by `size` payload bytes; file descriptors
 // ride on the header as SCM_RIGHTS.
 #if canImport(Glibc)
-import Glibc
+    import Glibc
 #endif
 
 /// Front-end request codes this front end sends.
@@ -110,8 +110,12 @@ public enum VhostUserError: Error, CustomStringConvertible, Equatable {
         case .connectFailed(let p, let e):
             let hint: String
             switch e {
-            case ENOENT: hint = "no socket exists there: is the backend (e.g. qemu-storage-daemon --export type=vhost-user-blk,addr.path=\(p)) running, and is the path right?"
-            case ECONNREFUSED: hint = "the socket file exists but nobody is listening: the backend has exited (or already serves another front end); restart it"
+            case ENOENT:
+                hint =
+                    "no socket exists there: is the backend (e.g. qemu-storage-daemon --export type=vhost-user-blk,addr.path=\(p)) running, and is the path right?"
+            case ECONNREFUSED:
+                hint =
+                    "the socket file exists but nobody is listening: the backend has exited (or already serves another front end); restart it"
             case EACCES, EPERM: hint = "permission denied: check the socket's owner and mode"
             case ENOTSOCK: hint = "the path is not a Unix socket"
             default: hint = "check that the vhost-user backend is running and listening on this path"
@@ -119,11 +123,14 @@ public enum VhostUserError: Error, CustomStringConvertible, Equatable {
             return "cannot connect to vhost-user socket \(p): \(Self.err(e)); \(hint)"
         case .sendFailed(let r, let e):
             let closed = e == EPIPE || e == ECONNRESET
-            return "sending vhost-user \(r) failed: \(Self.err(e))" + (closed ? "; the backend closed the connection (did it exit or crash? check its log)" : "")
+            return "sending vhost-user \(r) failed: \(Self.err(e))"
+                + (closed ? "; the backend closed the connection (did it exit or crash? check its log)" : "")
         case .receiveFailed(let r, let e):
-            return "reading the reply to vhost-user \(r) failed: \(Self.err(e)); the connection is unusable, restart the backend and virtnbd"
+            return
+                "reading the reply to vhost-user \(r) failed: \(Self.err(e)); the connection is unusable, restart the backend and virtnbd"
         case .connectionClosed(let r):
-            return "the vhost-user backend closed the connection during \(r); it rejected the request or exited: check its log"
+            return
+                "the vhost-user backend closed the connection during \(r); it rejected the request or exited: check its log"
         case .timedOut(let r, let s):
             return "no reply to vhost-user \(r) within \(s) s; the backend is hung or is not a vhost-user backend"
         case .badReply(let r, let s):
@@ -131,13 +138,16 @@ public enum VhostUserError: Error, CustomStringConvertible, Equatable {
         case .rejected(let r, let st):
             return "the vhost-user backend refused \(r) (status \(st)); check its log"
         case .missingFeature(let f):
-            return "the vhost-user backend does not offer \(f), which a virtio-blk front end needs; use a newer backend (QEMU >= 4.0 qemu-storage-daemon works)"
+            return
+                "the vhost-user backend does not offer \(f), which a virtio-blk front end needs; use a newer backend (QEMU >= 4.0 qemu-storage-daemon works)"
         case .configUnavailable(let req, let got):
-            return "GET_CONFIG for \(req) bytes returned \(got) bytes; the backend cannot provide the virtio-blk config space"
+            return
+                "GET_CONFIG for \(req) bytes returned \(got) bytes; the backend cannot provide the virtio-blk config space"
         case .memoryNotAttached(let q):
             return "queue \(q) set up before the DMA arena was attached (SET_MEM_TABLE); this is a driver bug"
         case .addressOutsideMemory(let w, let a, let l):
-            return "\(w) at device address 0x\(String(a, radix: 16)) (\(l) bytes) lies outside the attached memory; this is a driver bug"
+            return
+                "\(w) at device address 0x\(String(a, radix: 16)) (\(l) bytes) lies outside the attached memory; this is a driver bug"
         case .queueUnavailable(let i, let n):
             return "queue \(i) does not exist; the backend has \(n) queue(s)"
         case .queueTooLarge(let i, let r, let m):

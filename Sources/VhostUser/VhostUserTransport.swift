@@ -19,8 +19,9 @@ import CVirtShim
 import Foundation
 import Logging
 import Virtio
+
 #if canImport(Glibc)
-import Glibc
+    import Glibc
 #endif
 
 public final class VhostUserTransport: VirtioTransport, @unchecked Sendable {
@@ -38,7 +39,11 @@ public final class VhostUserTransport: VirtioTransport, @unchecked Sendable {
     private let sock: Int32
     private let logger: Logger
 
-    private struct LiveQueue { let size: Int; let kick: EventFD; let call: EventFD }
+    private struct LiveQueue {
+        let size: Int
+        let kick: EventFD
+        let call: EventFD
+    }
 
     /// Socket traffic and ring setup; held across a request and its reply.
     private let control = NSLock()
@@ -63,7 +68,9 @@ public final class VhostUserTransport: VirtioTransport, @unchecked Sendable {
     ///   - maxQueueSize: largest ring offered to the driver. vhost-user has no message for it; libvhost-user
     ///     (qemu-storage-daemon) handles up to 1024.
     ///   - replyTimeout: seconds to wait for any reply before declaring the backend hung.
-    public init(socketPath: String, logger: Logger, deviceID: UInt32 = 2, maxQueueSize: Int = 1024, replyTimeout: Double = 10) throws {
+    public init(
+        socketPath: String, logger: Logger, deviceID: UInt32 = 2, maxQueueSize: Int = 1024, replyTimeout: Double = 10
+    ) throws {
         self.socketPath = socketPath
         self.logger = logger
         self.deviceID = deviceID
@@ -75,11 +82,16 @@ public final class VhostUserTransport: VirtioTransport, @unchecked Sendable {
         sock = fd
         do {
             try handshake()
-            watch = try HangupWatch(socket: fd, onHangup: { [weak self] in
-                self?.markFailed("the backend closed the vhost-user connection (it exited, crashed, or dropped us after a bad request; check its log)")
-            }, rewake: { [weak self] in
-                self?.signalCalls()
-            })
+            watch = try HangupWatch(
+                socket: fd,
+                onHangup: { [weak self] in
+                    self?.markFailed(
+                        "the backend closed the vhost-user connection (it exited, crashed, or dropped us after a bad request; check its log)"
+                    )
+                },
+                rewake: { [weak self] in
+                    self?.signalCalls()
+                })
         } catch {
             close()
             throw error
@@ -94,7 +106,10 @@ public final class VhostUserTransport: VirtioTransport, @unchecked Sendable {
         watch?.stop()
         control.lock()
         let wasOpen = !closed
-        if wasOpen { closed = true; Glibc.close(sock) }
+        if wasOpen {
+            closed = true
+            Glibc.close(sock)
+        }
         live.removeAll()
         control.unlock()
         if wasOpen { markFailed("the vhost-user connection was closed by this front end", quiet: true) }
@@ -106,7 +121,8 @@ public final class VhostUserTransport: VirtioTransport, @unchecked Sendable {
     // MARK: connect-time negotiation
 
     private func handshake() throws {
-        control.lock(); defer { control.unlock() }
+        control.lock()
+        defer { control.unlock() }
         try send(.setOwner, [], fds: [], needReply: false)
         backendFeatures = try requestU64(.getFeatures)
         guard backendFeatures & VhostUser.protocolFeaturesBit != 0 else {
@@ -114,7 +130,8 @@ public final class VhostUserTransport: VirtioTransport, @unchecked Sendable {
         }
         let offered = try requestU64(.getProtocolFeatures)
         let wanted = offered & (VhostUser.protocolMQ | VhostUser.protocolReplyAck | VhostUser.protocolConfig)
-        var w = WireWriter(); w.u64(wanted)
+        var w = WireWriter()
+        w.u64(wanted)
         try send(.setProtocolFeatures, w.bytes, fds: [], needReply: false)
         protocolFeatures = wanted
         guard wanted & VhostUser.protocolConfig != 0 else {
@@ -127,19 +144,25 @@ public final class VhostUserTransport: VirtioTransport, @unchecked Sendable {
         }
         configSpace = try getConfig(size: VhostUser.blkConfigSize)
         if deviceID == 2, backendFeatures & VirtioFeatures.blkSizeMax.rawValue != 0, configSpace.le(8, 4) == 0 {
-            logger.debug("backend offers VIRTIO_BLK_F_SIZE_MAX with size_max 0; hiding the feature (no segment size limit)")
+            logger.debug(
+                "backend offers VIRTIO_BLK_F_SIZE_MAX with size_max 0; hiding the feature (no segment size limit)")
         }
-        logger.info("vhost-user backend connected", metadata: [
-            "socket": "\(socketPath)",
-            "features": "0x\(String(backendFeatures, radix: 16))",
-            "protocol-features": "0x\(String(wanted, radix: 16)) of 0x\(String(offered, radix: 16))",
-            "queues": "\(queues)",
-            "capacity-sectors": "\(configSpace.le(0, 8))"])
+        logger.info(
+            "vhost-user backend connected",
+            metadata: [
+                "socket": "\(socketPath)",
+                "features": "0x\(String(backendFeatures, radix: 16))",
+                "protocol-features": "0x\(String(wanted, radix: 16)) of 0x\(String(offered, radix: 16))",
+                "queues": "\(queues)",
+                "capacity-sectors": "\(configSpace.le(0, 8))",
+            ])
     }
 
     private func getConfig(size: Int) throws -> [UInt8] {
         var w = WireWriter()
-        w.u32(0); w.u32(UInt32(size)); w.u32(0)   // offset, size, flags (0 = front end)
+        w.u32(0)
+        w.u32(UInt32(size))
+        w.u32(0) // offset, size, flags (0 = front end)
         w.zeros(size)
         try send(.getConfig, w.bytes, fds: [], needReply: false)
         let reply = try receive(.getConfig)
@@ -156,22 +179,28 @@ public final class VhostUserTransport: VirtioTransport, @unchecked Sendable {
     // MARK: VirtioTransport
 
     public func attachMemory(_ memory: SharedMemory) throws {
-        control.lock(); defer { control.unlock() }
+        control.lock()
+        defer { control.unlock() }
         try checkUsable(.setMemTable)
         var w = WireWriter()
-        w.u32(1); w.u32(0)                  // one region, padding
-        w.u64(memory.deviceBase)            // guest_phys_addr: what descriptors carry
+        w.u32(1)
+        w.u32(0) // one region, padding
+        w.u64(memory.deviceBase) // guest_phys_addr: what descriptors carry
         w.u64(UInt64(memory.size))
-        w.u64(memory.hostAddress)           // userspace_addr: what ring addresses carry
-        w.u64(0)                            // mmap_offset
+        w.u64(memory.hostAddress) // userspace_addr: what ring addresses carry
+        w.u64(0) // mmap_offset
         try command(.setMemTable, w.bytes, fds: [memory.fd])
         self.memory = memory
-        logger.debug("vhost-user memory attached", metadata: [
-            "device-base": "0x\(String(memory.deviceBase, radix: 16))", "size": "\(memory.size)"])
+        logger.debug(
+            "vhost-user memory attached",
+            metadata: [
+                "device-base": "0x\(String(memory.deviceBase, radix: 16))", "size": "\(memory.size)",
+            ])
     }
 
     public func reset() throws {
-        control.lock(); defer { control.unlock() }
+        control.lock()
+        defer { control.unlock() }
         health.withLock { $0.status = [] }
         driverFeatures = []
         // A dead backend cannot be reset, whether or not queues are still live.
@@ -182,12 +211,17 @@ public final class VhostUserTransport: VirtioTransport, @unchecked Sendable {
         try checkUsable(.getVringBase)
         let indices = live.keys.sorted()
         for i in indices {
-            var w = WireWriter(); w.u32(UInt32(i)); w.u32(0)
+            var w = WireWriter()
+            w.u32(UInt32(i))
+            w.u32(0)
             try command(.setVringEnable, w.bytes, fds: [])
             try send(.getVringBase, w.bytes, fds: [], needReply: false)
             let r = try receive(.getVringBase)
-            guard r.count >= 8 else { throw VhostUserError.badReply(.getVringBase, "\(r.count) payload bytes, expected 8") }
-            logger.debug("vhost-user queue stopped", metadata: ["queue": "\(r.le(0, 4))", "last-avail": "\(r.le(4, 4))"])
+            guard r.count >= 8 else {
+                throw VhostUserError.badReply(.getVringBase, "\(r.count) payload bytes, expected 8")
+            }
+            logger.debug(
+                "vhost-user queue stopped", metadata: ["queue": "\(r.le(0, 4))", "last-avail": "\(r.le(4, 4))"])
         }
     }
 
@@ -197,15 +231,19 @@ public final class VhostUserTransport: VirtioTransport, @unchecked Sendable {
 
     public func writeStatus(_ status: VirtioStatus) throws {
         if status.isEmpty { return try reset() }
-        control.lock(); defer { control.unlock() }
+        control.lock()
+        defer { control.unlock() }
         let old = health.withLock { $0.status }
         var new = status
         if status.contains(.featuresOK) && !old.contains(.featuresOK) {
             let offered = readDeviceFeatures().rawValue
             if driverFeatures.rawValue & ~offered != 0 {
                 // As a device would: refuse by leaving FEATURES_OK clear.
-                logger.error("driver accepted features the backend did not offer", metadata: [
-                    "offered": "0x\(String(offered, radix: 16))", "accepted": "\(driverFeatures)"])
+                logger.error(
+                    "driver accepted features the backend did not offer",
+                    metadata: [
+                        "offered": "0x\(String(offered, radix: 16))", "accepted": "\(driverFeatures)",
+                    ])
                 new.remove(.featuresOK)
             } else {
                 try checkUsable(.setFeatures)
@@ -227,7 +265,8 @@ public final class VhostUserTransport: VirtioTransport, @unchecked Sendable {
     }
 
     public func writeDriverFeatures(_ features: VirtioFeatures) throws {
-        control.lock(); defer { control.unlock() }
+        control.lock()
+        defer { control.unlock() }
         driverFeatures = features
     }
 
@@ -235,10 +274,15 @@ public final class VhostUserTransport: VirtioTransport, @unchecked Sendable {
 
     public func maxQueueSize(_ index: Int) -> Int { index >= 0 && index < queues ? maxQueue : 0 }
 
-    public func setupQueue(_ index: Int, size: Int, descriptors: UInt64, driverArea: UInt64, deviceArea: UInt64) throws -> QueueDoorbells {
-        control.lock(); defer { control.unlock() }
+    public func setupQueue(_ index: Int, size: Int, descriptors: UInt64, driverArea: UInt64, deviceArea: UInt64) throws
+        -> QueueDoorbells
+    {
+        control.lock()
+        defer { control.unlock() }
         guard index >= 0, index < queues else { throw VhostUserError.queueUnavailable(index: index, count: queues) }
-        guard size >= 1, size <= maxQueue else { throw VhostUserError.queueTooLarge(index: index, requested: size, max: maxQueue) }
+        guard size >= 1, size <= maxQueue else {
+            throw VhostUserError.queueTooLarge(index: index, requested: size, max: maxQueue)
+        }
         guard live[index] == nil else { throw VhostUserError.queueAlreadyLive(index: index) }
         guard let mem = memory else { throw VhostUserError.memoryNotAttached(queue: index) }
         try checkUsable(.setVringNum)
@@ -252,27 +296,42 @@ public final class VhostUserTransport: VirtioTransport, @unchecked Sendable {
         let desc = try user(descriptors, 16 * size, "descriptor table")
         let avail = try user(driverArea, 6 + 2 * size, "available ring")
         let used = try user(deviceArea, 6 + 8 * size, "used ring")
-        let kick: EventFD, call: EventFD
-        do { kick = try EventFD(); call = try EventFD() } catch {
+        let kick: EventFD
+        let call: EventFD
+        do {
+            kick = try EventFD()
+            call = try EventFD()
+        } catch {
             throw VhostUserError.resourceFailed("cannot create eventfds for queue \(index): \(error)")
         }
         let q = UInt32(index)
-        var w = WireWriter(); w.u32(q); w.u32(UInt32(size))
+        var w = WireWriter()
+        w.u32(q)
+        w.u32(UInt32(size))
         try command(.setVringNum, w.bytes, fds: [])
-        w = WireWriter(); w.u32(q); w.u32(0)
+        w = WireWriter()
+        w.u32(q)
+        w.u32(0)
         try command(.setVringBase, w.bytes, fds: [])
         w = WireWriter()
-        w.u32(q); w.u32(0)                  // index, flags (no logging)
-        w.u64(desc); w.u64(used); w.u64(avail); w.u64(0)
+        w.u32(q)
+        w.u32(0) // index, flags (no logging)
+        w.u64(desc)
+        w.u64(used)
+        w.u64(avail)
+        w.u64(0)
         try command(.setVringAddr, w.bytes, fds: [])
-        w = WireWriter(); w.u64(UInt64(q))
+        w = WireWriter()
+        w.u64(UInt64(q))
         try command(.setVringKick, w.bytes, fds: [kick.fd])
         try command(.setVringCall, w.bytes, fds: [call.fd])
         live[index] = LiveQueue(size: size, kick: kick, call: call)
         health.withLock { $0.calls[index] = call }
         if protocolFeatures != 0 || backendFeatures & VhostUser.protocolFeaturesBit != 0 {
             // With VHOST_USER_F_PROTOCOL_FEATURES rings start disabled.
-            w = WireWriter(); w.u32(q); w.u32(1)
+            w = WireWriter()
+            w.u32(q)
+            w.u32(1)
             try command(.setVringEnable, w.bytes, fds: [])
         }
         logger.debug("vhost-user queue live", metadata: ["queue": "\(index)", "size": "\(size)"])
@@ -295,7 +354,9 @@ public final class VhostUserTransport: VirtioTransport, @unchecked Sendable {
             h.failure = reason
             return true
         }
-        if first && !quiet { logger.error("vhost-user backend failed: \(reason)", metadata: ["socket": "\(socketPath)"]) }
+        if first && !quiet {
+            logger.error("vhost-user backend failed: \(reason)", metadata: ["socket": "\(socketPath)"])
+        }
         signalCalls()
     }
 
@@ -337,7 +398,8 @@ public final class VhostUserTransport: VirtioTransport, @unchecked Sendable {
         msg.u32(VhostUser.flagVersion | (needReply ? VhostUser.flagNeedReply : 0))
         msg.u32(UInt32(payload.count))
         msg.bytes.append(contentsOf: payload)
-        logger.trace("vhost-user send", metadata: ["request": "\(request)", "size": "\(payload.count)", "fds": "\(fds.count)"])
+        logger.trace(
+            "vhost-user send", metadata: ["request": "\(request)", "size": "\(payload.count)", "fds": "\(fds.count)"])
         let rc = msg.bytes.withUnsafeBytes { b in
             fds.withUnsafeBufferPointer { f in
                 vshim_send_with_fds(sock, b.baseAddress, b.count, f.baseAddress, Int32(f.count))
@@ -354,7 +416,9 @@ public final class VhostUserTransport: VirtioTransport, @unchecked Sendable {
     private func receive(_ request: VhostUserRequest) throws -> [UInt8] {
         var header = [UInt8](repeating: 0, count: VhostUser.headerSize)
         try readExactly(&header, request)
-        let code = UInt32(header.le(0, 4)), flags = UInt32(header.le(4, 4)), size = Int(header.le(8, 4))
+        let code = UInt32(header.le(0, 4))
+        let flags = UInt32(header.le(4, 4))
+        let size = Int(header.le(8, 4))
         guard code == request.rawValue else {
             throw fail(.badReply(request, "reply carries request code \(code)"))
         }
@@ -373,7 +437,8 @@ public final class VhostUserTransport: VirtioTransport, @unchecked Sendable {
         let want = buf.count
         let n = buf.withUnsafeMutableBytes { b in
             fds.withUnsafeMutableBufferPointer { f in
-                vshim_recv_with_fds(sock, b.baseAddress, b.count, f.baseAddress, Int32(f.count), &nfds, replyTimeoutMilliseconds)
+                vshim_recv_with_fds(
+                    sock, b.baseAddress, b.count, f.baseAddress, Int32(f.count), &nfds, replyTimeoutMilliseconds)
             }
         }
         for i in 0..<Int(nfds) { Glibc.close(fds[i]) }
@@ -404,13 +469,16 @@ final class HangupWatch: @unchecked Sendable {
     /// `onHangup` runs once when the peer goes away; `rewake` a few times after it (20 ms .. 2 s),
     /// so a waiter that consumed the first wake-up together with real completions wakes again.
     init(socket: Int32, onHangup: @escaping @Sendable () -> Void, rewake: @escaping @Sendable () -> Void) throws {
-        do { stopFD = try EventFD() } catch { throw VhostUserError.resourceFailed("cannot create the watch eventfd: \(error)") }
-        let stop = stopFD, done = self.done
+        do { stopFD = try EventFD() } catch {
+            throw VhostUserError.resourceFailed("cannot create the watch eventfd: \(error)")
+        }
+        let stop = stopFD
+        let done = self.done
         let t = Thread {
             defer { done.signal() }
             while true {
                 let r = vshim_poll_hup(socket, stop.fd, -1)
-                if r < 0 { return }             // poll itself failed: nothing sensible to watch
+                if r < 0 { return } // poll itself failed: nothing sensible to watch
                 if r & 2 != 0 { return }
                 if r & 1 != 0 {
                     onHangup()

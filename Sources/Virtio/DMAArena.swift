@@ -15,7 +15,8 @@ public enum DMAArenaError: Error, CustomStringConvertible {
     case badAlignment(Int)
     public var description: String {
         switch self {
-        case .exhausted(let r, let a, let f): return "DMA arena exhausted: wanted \(r) bytes aligned to \(a), \(f) free; raise the arena size"
+        case .exhausted(let r, let a, let f):
+            return "DMA arena exhausted: wanted \(r) bytes aligned to \(a), \(f) free; raise the arena size"
         case .badAlignment(let a): return "alignment \(a) is not a power of two"
         }
     }
@@ -48,7 +49,9 @@ public final class DMAArena: @unchecked Sendable {
     public func allocate(_ length: Int, alignment: Int) throws -> DMARegion {
         guard alignment > 0, alignment & (alignment - 1) == 0 else { throw DMAArenaError.badAlignment(alignment) }
         let start = (bumpNext + alignment - 1) & ~(alignment - 1)
-        guard start + length <= bumpLimit else { throw DMAArenaError.exhausted(requested: length, alignment: alignment, free: bumpLimit - bumpNext) }
+        guard start + length <= bumpLimit else {
+            throw DMAArenaError.exhausted(requested: length, alignment: alignment, free: bumpLimit - bumpNext)
+        }
         bumpNext = start + length
         memory.zero(start, count: length)
         return DMARegion(offset: start, length: length, deviceAddress: memory.deviceBase + UInt64(start))
@@ -62,7 +65,9 @@ public final class DMAArena: @unchecked Sendable {
     @inline(__always) public func returnPage(_ p: Int32) { freePages.append(p) }
 
     @inline(__always) public func pageOffset(_ p: Int32) -> Int { Int(p) * Self.pageSize }
-    @inline(__always) public func pageDeviceAddress(_ p: Int32) -> UInt64 { memory.deviceBase + UInt64(Int(p) * Self.pageSize) }
+    @inline(__always) public func pageDeviceAddress(_ p: Int32) -> UInt64 {
+        memory.deviceBase + UInt64(Int(p) * Self.pageSize)
+    }
 }
 
 extension DMARegion {

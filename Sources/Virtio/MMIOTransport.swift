@@ -51,7 +51,9 @@ public final class VirtioMMIOTransport: VirtioTransport, @unchecked Sendable {
         // §4.2.3.1: the driver waits until status reads back 0.
         while bus.read32(MMIORegister.status) != 0 {}
     }
-    public func readStatus() -> VirtioStatus { VirtioStatus(rawValue: UInt8(truncatingIfNeeded: bus.read32(MMIORegister.status))) }
+    public func readStatus() -> VirtioStatus {
+        VirtioStatus(rawValue: UInt8(truncatingIfNeeded: bus.read32(MMIORegister.status)))
+    }
     public func writeStatus(_ status: VirtioStatus) throws { bus.write32(MMIORegister.status, UInt32(status.rawValue)) }
 
     public func readDeviceFeatures() -> VirtioFeatures {
@@ -77,22 +79,32 @@ public final class VirtioMMIOTransport: VirtioTransport, @unchecked Sendable {
         bus.write32(MMIORegister.queueSel, UInt32(index))
         return Int(bus.read32(MMIORegister.queueNumMax))
     }
-    public func setupQueue(_ index: Int, size: Int, descriptors: UInt64, driverArea: UInt64, deviceArea: UInt64) throws -> QueueDoorbells {
+    public func setupQueue(_ index: Int, size: Int, descriptors: UInt64, driverArea: UInt64, deviceArea: UInt64) throws
+        -> QueueDoorbells
+    {
         bus.write32(MMIORegister.queueSel, UInt32(index))
-        guard bus.read32(MMIORegister.queueReady) == 0 else { throw VirtioTransportError.deviceFailed("queue \(index) already live") }
+        guard bus.read32(MMIORegister.queueReady) == 0 else {
+            throw VirtioTransportError.deviceFailed("queue \(index) already live")
+        }
         let max = Int(bus.read32(MMIORegister.queueNumMax))
         guard max > 0 else { throw VirtioTransportError.queueUnavailable(index: index) }
         guard size <= max else { throw VirtioTransportError.queueTooLarge(index: index, requested: size, max: max) }
         bus.write32(MMIORegister.queueNum, UInt32(size))
-        for (reg, v) in [(MMIORegister.queueDescLow, descriptors), (MMIORegister.queueDriverLow, driverArea), (MMIORegister.queueDeviceLow, deviceArea)] {
+        for (reg, v) in [
+            (MMIORegister.queueDescLow, descriptors), (MMIORegister.queueDriverLow, driverArea),
+            (MMIORegister.queueDeviceLow, deviceArea),
+        ] {
             bus.write32(reg, UInt32(truncatingIfNeeded: v))
             bus.write32(reg + 4, UInt32(truncatingIfNeeded: v >> 32))
         }
         bus.write32(MMIORegister.queueReady, 1)
-        guard bus.read32(MMIORegister.queueReady) == 1 else { throw VirtioTransportError.deviceFailed("queue \(index) refused its addresses") }
+        guard bus.read32(MMIORegister.queueReady) == 1 else {
+            throw VirtioTransportError.deviceFailed("queue \(index) refused its addresses")
+        }
         let bus = self.bus
         let q = UInt32(index)
-        return QueueDoorbells(kick: { bus.write32(MMIORegister.queueNotify, q) }, interrupt: bus.interrupt(forQueue: index))
+        return QueueDoorbells(
+            kick: { bus.write32(MMIORegister.queueNotify, q) }, interrupt: bus.interrupt(forQueue: index))
     }
     public func readConfig(offset: Int, width: Int) -> UInt64 {
         var v: UInt64 = 0

@@ -48,9 +48,13 @@ public struct PackedRingLayout: Sendable {
     public static func isValidSize(_ n: Int) -> Bool { n > 0 && n <= 32768 }
 
     /// The flags value that makes a descriptor available under `wrap` (§2.8.1): AVAIL = wrap, USED = !wrap.
-    @inline(__always) public static func availBits(wrap: Bool) -> UInt16 { wrap ? DescriptorFlags.avail : DescriptorFlags.used }
+    @inline(__always) public static func availBits(wrap: Bool) -> UInt16 {
+        wrap ? DescriptorFlags.avail : DescriptorFlags.used
+    }
     /// The flags value that marks a descriptor used under `wrap` (§2.8.1): AVAIL = USED = wrap.
-    @inline(__always) public static func usedBits(wrap: Bool) -> UInt16 { wrap ? DescriptorFlags.avail | DescriptorFlags.used : 0 }
+    @inline(__always) public static func usedBits(wrap: Bool) -> UInt16 {
+        wrap ? DescriptorFlags.avail | DescriptorFlags.used : 0
+    }
     /// Whether `flags` shows a descriptor made available under the driver wrap counter `wrap`.
     @inline(__always) public static func isAvailable(_ flags: UInt16, wrap: Bool) -> Bool {
         (flags & DescriptorFlags.avail != 0) == wrap && (flags & DescriptorFlags.used != 0) != wrap
@@ -64,9 +68,11 @@ public struct PackedRingLayout: Sendable {
     /// virtqueue_kick_prepare_packed): `offWrap` names the descriptor the peer wants to hear about;
     /// `new` is our next ring position under `wrap`, and `added` slots were made available (or
     /// used) since the last decision. True if the named descriptor is among those slots.
-    @inline(__always) public static func needEvent(offWrap: UInt16, new: Int, wrap: Bool, added: Int, size: Int) -> Bool {
+    @inline(__always) public static func needEvent(offWrap: UInt16, new: Int, wrap: Bool, added: Int, size: Int) -> Bool
+    {
         var event = offWrap & ~RingEventFlags.wrapBit
-        if (offWrap & RingEventFlags.wrapBit != 0) != wrap { event &-= UInt16(truncatingIfNeeded: size) }  // the previous lap
+        // An event index from the previous lap.
+        if (offWrap & RingEventFlags.wrapBit != 0) != wrap { event &-= UInt16(truncatingIfNeeded: size) }
         let new16 = UInt16(truncatingIfNeeded: new)
         let old16 = new16 &- UInt16(truncatingIfNeeded: added)
         return SplitVirtqueue.needEvent(event: event, new: new16, old: old16)
@@ -90,7 +96,7 @@ public final class PackedVirtqueue: DriverVirtqueue {
 
     private struct Shadow {
         var nextFreeID: UInt16 = 0
-        var ringSlots: UInt16 = 0        // > 0 only while the buffer is in flight
+        var ringSlots: UInt16 = 0 // > 0 only while the buffer is in flight
         var writableBytes: UInt32 = 0
     }
     /// Indexed by buffer id (§2.8.6). Free ids form a LIFO list through `nextFreeID`.
@@ -123,7 +129,7 @@ public final class PackedVirtqueue: DriverVirtqueue {
         let l = PackedRingLayout(size: size)
         self.size = size
         self.mem = arena.memory
-        descriptors = try arena.allocate(l.descriptorRingBytes, alignment: 16)       // §2.8.10.1
+        descriptors = try arena.allocate(l.descriptorRingBytes, alignment: 16) // §2.8.10.1
         driverEvent = try arena.allocate(PackedRingLayout.eventSuppressionBytes, alignment: 4)
         deviceEvent = try arena.allocate(PackedRingLayout.eventSuppressionBytes, alignment: 4)
         shadow = (0..<size).map { Shadow(nextFreeID: UInt16(truncatingIfNeeded: $0 + 1)) }
@@ -140,15 +146,20 @@ public final class PackedVirtqueue: DriverVirtqueue {
         freeIDHead = 0
         freeCount = size
         inFlightCount = 0
-        nextAvail = 0; availWrap = true
-        nextUsedPos = 0; usedWrap = true
-        pendingHeads.removeAll(keepingCapacity: true); pendingSlots = 0
+        nextAvail = 0
+        availWrap = true
+        nextUsedPos = 0
+        usedWrap = true
+        pendingHeads.removeAll(keepingCapacity: true)
+        pendingSlots = 0
         interruptsOn = true
         writeDriverEvent()
     }
 
     public var addresses: QueueAddresses {
-        QueueAddresses(descriptors: descriptors.deviceAddress, driverArea: driverEvent.deviceAddress, deviceArea: deviceEvent.deviceAddress)
+        QueueAddresses(
+            descriptors: descriptors.deviceAddress, driverArea: driverEvent.deviceAddress,
+            deviceArea: deviceEvent.deviceAddress)
     }
 
     /// The buffer id the next `add` will use.
@@ -167,7 +178,9 @@ public final class PackedVirtqueue: DriverVirtqueue {
         let headOffset = descOffset(nextAvail)
         let headFlags: UInt16
         if let table = indirect {
-            precondition(table.length >= 16 * count && 16 * count <= Int(UInt32.max), "indirect table too small for \(count) segments")
+            precondition(
+                table.length >= 16 * count && 16 * count <= Int(UInt32.max),
+                "indirect table too small for \(count) segments")
             for k in 0..<count {
                 let s = segment(k)
                 let o = table.offset + 16 * k
@@ -188,7 +201,8 @@ public final class PackedVirtqueue: DriverVirtqueue {
             for k in 0..<count {
                 let s = segment(k)
                 let o = descOffset(nextAvail)
-                var flags: UInt16 = (s.deviceWritable ? DescriptorFlags.write : 0) | PackedRingLayout.availBits(wrap: availWrap)
+                var flags: UInt16 =
+                    (s.deviceWritable ? DescriptorFlags.write : 0) | PackedRingLayout.availBits(wrap: availWrap)
                 if k < count - 1 { flags |= DescriptorFlags.next }
                 mem.store64(o, s.address)
                 mem.store32(o + 8, s.length)
@@ -212,7 +226,10 @@ public final class PackedVirtqueue: DriverVirtqueue {
 
     @inline(__always) private func advanceAvail() {
         nextAvail += 1
-        if nextAvail == size { nextAvail = 0; availWrap.toggle() }   // §2.8.1: toggle after the last slot
+        if nextAvail == size {
+            nextAvail = 0
+            availWrap.toggle()
+        } // §2.8.1: toggle after the last slot
     }
 
     /// Makes every chain added since the last call visible: their head flags are written, the
@@ -220,19 +237,20 @@ public final class PackedVirtqueue: DriverVirtqueue {
     /// the device asked to be notified (§2.8.21.3).
     public func publish() -> Bool {
         guard let first = pendingHeads.first else { return false }
-        Fence.release()                                   // descriptor bodies before any head flags
+        Fence.release() // descriptor bodies before any head flags
         for h in pendingHeads.dropFirst().reversed() { mem.store16(h.offset + 14, h.flags) }
         mem.store16Release(first.offset + 14, first.flags)
         pendingHeads.removeAll(keepingCapacity: true)
         let added = pendingSlots
         pendingSlots = 0
-        Fence.full()                                      // flags before reading the device's suppression state (§2.8.21.3.1)
+        Fence.full() // flags before reading the device's suppression state (§2.8.21.3.1)
         let flags = mem.load16(deviceEvent.offset + 2) & 3
         if eventIndex && flags == RingEventFlags.desc {
             let offWrap = mem.load16(deviceEvent.offset)
-            return PackedRingLayout.needEvent(offWrap: offWrap, new: nextAvail, wrap: availWrap, added: added, size: size)
+            return PackedRingLayout.needEvent(
+                offWrap: offWrap, new: nextAvail, wrap: availWrap, added: added, size: size)
         }
-        return flags != RingEventFlags.disable            // DESC without EVENT_IDX, or reserved: notify
+        return flags != RingEventFlags.disable // DESC without EVENT_IDX, or reserved: notify
     }
 
     /// Takes the next used buffer (§2.8.22), validated against the shadow, and frees its ring slots.
@@ -249,13 +267,18 @@ public final class PackedVirtqueue: DriverVirtqueue {
         let writable = shadow[Int(id)].writableBytes
         // Skip the rest of the chain's slots (§2.8.2): the next used descriptor follows them.
         nextUsedPos += slots
-        if nextUsedPos >= size { nextUsedPos -= size; usedWrap.toggle() }
+        if nextUsedPos >= size {
+            nextUsedPos -= size
+            usedWrap.toggle()
+        }
         freeCount += slots
         shadow[Int(id)].ringSlots = 0
         shadow[Int(id)].nextFreeID = freeIDHead
         freeIDHead = id
         inFlightCount -= 1
-        if eventIndex && interruptsOn { mem.store16(driverEvent.offset, PackedRingLayout.offWrap(position: nextUsedPos, wrap: usedWrap)) }
+        if eventIndex && interruptsOn {
+            mem.store16(driverEvent.offset, PackedRingLayout.offWrap(position: nextUsedPos, wrap: usedWrap))
+        }
         guard len <= writable else { throw .usedLengthTooLarge(id: id, length: len, writable: writable) }
         return (id, len)
     }
@@ -267,7 +290,7 @@ public final class PackedVirtqueue: DriverVirtqueue {
             mem.store16(driverEvent.offset + 2, RingEventFlags.disable)
         } else if eventIndex {
             mem.store16(driverEvent.offset, PackedRingLayout.offWrap(position: nextUsedPos, wrap: usedWrap))
-            Fence.release()                               // the offset before the flags that make it count
+            Fence.release() // the offset before the flags that make it count
             mem.store16(driverEvent.offset + 2, RingEventFlags.desc)
         } else {
             mem.store16(driverEvent.offset + 2, RingEventFlags.enable)
@@ -283,7 +306,7 @@ public final class PackedVirtqueue: DriverVirtqueue {
     public func enableInterrupts() -> Bool {
         interruptsOn = true
         writeDriverEvent()
-        Fence.full()                                      // the request before re-checking the ring (§2.8.22)
+        Fence.full() // the request before re-checking the ring (§2.8.22)
         return PackedRingLayout.isUsed(mem.load16Acquire(descOffset(nextUsedPos) + 14), wrap: usedWrap)
     }
 

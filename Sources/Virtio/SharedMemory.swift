@@ -5,8 +5,9 @@
 // (fd, size, deviceBase) triple is what vhost-user sends in SET_MEM_TABLE and what VFIO maps with
 // IOMMU_MAP_DMA, so nothing here assumes a particular transport.
 import CVirtShim
+
 #if canImport(Glibc)
-import Glibc
+    import Glibc
 #endif
 
 /// What went wrong with shared memory, and what to do about it.
@@ -19,10 +20,17 @@ public enum SharedMemoryError: Error, CustomStringConvertible, Equatable {
 
     public var description: String {
         switch self {
-        case .memfdFailed(let e): return "memfd_create failed: \(String(cString: strerror(e))); check RLIMIT_NOFILE and that /proc/sys/fs is sane"
-        case .truncateFailed(let s, let e): return "cannot size shared memory to \(s) bytes: \(String(cString: strerror(e))); is there enough memory or tmpfs space?"
-        case .mmapFailed(let s, let e): return "mmap of \(s) bytes failed: \(String(cString: strerror(e))); lower --size or raise vm.max_map_count/ulimit -v"
-        case .outOfRange(let a, let l): return "device address 0x\(String(a, radix: 16)) length \(l) lies outside shared memory"
+        case .memfdFailed(let e):
+            return
+                "memfd_create failed: \(String(cString: strerror(e))); check RLIMIT_NOFILE and that /proc/sys/fs is sane"
+        case .truncateFailed(let s, let e):
+            return
+                "cannot size shared memory to \(s) bytes: \(String(cString: strerror(e))); is there enough memory or tmpfs space?"
+        case .mmapFailed(let s, let e):
+            return
+                "mmap of \(s) bytes failed: \(String(cString: strerror(e))); lower --size or raise vm.max_map_count/ulimit -v"
+        case .outOfRange(let a, let l):
+            return "device address 0x\(String(a, radix: 16)) length \(l) lies outside shared memory"
         case .ioFailed(let op, let e): return "\(op) failed: \(String(cString: strerror(e)))"
         }
     }
@@ -40,11 +48,20 @@ public final class SharedMemory: @unchecked Sendable {
     public init(size: Int, deviceBase: UInt64 = 0, name: String = "virtnbd-dma") throws(SharedMemoryError) {
         let fd = vshim_memfd_create(name)
         guard fd >= 0 else { throw .memfdFailed(errno: errno) }
-        guard ftruncate(fd, off_t(size)) == 0 else { let e = errno; close(fd); throw .truncateFailed(size: size, errno: e) }
-        guard let p = mmap(nil, size, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0), p != MAP_FAILED else {
-            let e = errno; close(fd); throw .mmapFailed(size: size, errno: e)
+        guard ftruncate(fd, off_t(size)) == 0 else {
+            let e = errno
+            close(fd)
+            throw .truncateFailed(size: size, errno: e)
         }
-        self.fd = fd; self.size = size; self.deviceBase = deviceBase; self.base = p
+        guard let p = mmap(nil, size, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0), p != MAP_FAILED else {
+            let e = errno
+            close(fd)
+            throw .mmapFailed(size: size, errno: e)
+        }
+        self.fd = fd
+        self.size = size
+        self.deviceBase = deviceBase
+        self.base = p
     }
 
     /// Maps an existing shared-memory fd (as a device does with the driver's arena). The fd is dup'ed.
@@ -52,9 +69,14 @@ public final class SharedMemory: @unchecked Sendable {
         let fd = dup(otherFD)
         guard fd >= 0 else { throw .memfdFailed(errno: errno) }
         guard let p = mmap(nil, size, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0), p != MAP_FAILED else {
-            let e = errno; close(fd); throw .mmapFailed(size: size, errno: e)
+            let e = errno
+            close(fd)
+            throw .mmapFailed(size: size, errno: e)
         }
-        self.fd = fd; self.size = size; self.deviceBase = deviceBase; self.base = p
+        self.fd = fd
+        self.size = size
+        self.deviceBase = deviceBase
+        self.base = p
     }
 
     deinit {
@@ -75,25 +97,60 @@ public final class SharedMemory: @unchecked Sendable {
     }
 
     @inline(__always) private func check(_ offset: Int, _ length: Int) {
-        precondition(offset >= 0 && length >= 0 && offset <= size - length, "shared memory access out of range: a caller skipped offset(ofDeviceAddress:)")
+        precondition(
+            offset >= 0 && length >= 0 && offset <= size - length,
+            "shared memory access out of range: a caller skipped offset(ofDeviceAddress:)")
     }
 
     // MARK: fixed-width little-endian accesses (ring fields)
-    @inline(__always) public func load8(_ o: Int) -> UInt8 { check(o, 1); return base.load(fromByteOffset: o, as: UInt8.self) }
-    @inline(__always) public func store8(_ o: Int, _ v: UInt8) { check(o, 1); base.storeBytes(of: v, toByteOffset: o, as: UInt8.self) }
-    @inline(__always) public func load16(_ o: Int) -> UInt16 { check(o, 2); return UInt16(littleEndian: vshim_load16(base + o)) }
-    @inline(__always) public func load32(_ o: Int) -> UInt32 { check(o, 4); return UInt32(littleEndian: vshim_load32(base + o)) }
-    @inline(__always) public func load64(_ o: Int) -> UInt64 { check(o, 8); return UInt64(littleEndian: vshim_load64(base + o)) }
-    @inline(__always) public func store16(_ o: Int, _ v: UInt16) { check(o, 2); vshim_store16(base + o, v.littleEndian) }
-    @inline(__always) public func store32(_ o: Int, _ v: UInt32) { check(o, 4); vshim_store32(base + o, v.littleEndian) }
-    @inline(__always) public func store64(_ o: Int, _ v: UInt64) { check(o, 8); vshim_store64(base + o, v.littleEndian) }
+    @inline(__always) public func load8(_ o: Int) -> UInt8 {
+        check(o, 1)
+        return base.load(fromByteOffset: o, as: UInt8.self)
+    }
+    @inline(__always) public func store8(_ o: Int, _ v: UInt8) {
+        check(o, 1)
+        base.storeBytes(of: v, toByteOffset: o, as: UInt8.self)
+    }
+    @inline(__always) public func load16(_ o: Int) -> UInt16 {
+        check(o, 2)
+        return UInt16(littleEndian: vshim_load16(base + o))
+    }
+    @inline(__always) public func load32(_ o: Int) -> UInt32 {
+        check(o, 4)
+        return UInt32(littleEndian: vshim_load32(base + o))
+    }
+    @inline(__always) public func load64(_ o: Int) -> UInt64 {
+        check(o, 8)
+        return UInt64(littleEndian: vshim_load64(base + o))
+    }
+    @inline(__always) public func store16(_ o: Int, _ v: UInt16) {
+        check(o, 2)
+        vshim_store16(base + o, v.littleEndian)
+    }
+    @inline(__always) public func store32(_ o: Int, _ v: UInt32) {
+        check(o, 4)
+        vshim_store32(base + o, v.littleEndian)
+    }
+    @inline(__always) public func store64(_ o: Int, _ v: UInt64) {
+        check(o, 8)
+        vshim_store64(base + o, v.littleEndian)
+    }
     /// Acquire load: reads that follow see what the other side wrote before its release store.
-    @inline(__always) public func load16Acquire(_ o: Int) -> UInt16 { check(o, 2); return UInt16(littleEndian: vshim_load16_acquire(base + o)) }
+    @inline(__always) public func load16Acquire(_ o: Int) -> UInt16 {
+        check(o, 2)
+        return UInt16(littleEndian: vshim_load16_acquire(base + o))
+    }
     /// Release store: everything written before is visible to whoever acquires this value.
-    @inline(__always) public func store16Release(_ o: Int, _ v: UInt16) { check(o, 2); vshim_store16_release(base + o, v.littleEndian) }
+    @inline(__always) public func store16Release(_ o: Int, _ v: UInt16) {
+        check(o, 2)
+        vshim_store16_release(base + o, v.littleEndian)
+    }
 
     // MARK: bulk data
-    public func zero(_ o: Int, count: Int) { check(o, count); memset(base + o, 0, count) }
+    public func zero(_ o: Int, count: Int) {
+        check(o, count)
+        memset(base + o, 0, count)
+    }
 
     /// Copies `count` bytes at `offset` out into a Swift array.
     public func bytes(at o: Int, count: Int) -> [UInt8] {
@@ -109,7 +166,10 @@ public final class SharedMemory: @unchecked Sendable {
         }
         if done == nil {
             var i = o
-            for b in bytes { base.storeBytes(of: b, toByteOffset: i, as: UInt8.self); i += 1 }
+            for b in bytes {
+                base.storeBytes(of: b, toByteOffset: i, as: UInt8.self)
+                i += 1
+            }
         }
     }
 
@@ -120,14 +180,17 @@ public final class SharedMemory: @unchecked Sendable {
     }
 
     /// Gives write access to a range for bulk producers that copy in (e.g. from a NIO ByteBuffer).
-    public func withMutableBytes<R>(at o: Int, count: Int, _ body: (UnsafeMutableRawBufferPointer) throws -> R) rethrows -> R {
+    public func withMutableBytes<R>(at o: Int, count: Int, _ body: (UnsafeMutableRawBufferPointer) throws -> R) rethrows
+        -> R
+    {
         check(o, count)
         return try body(UnsafeMutableRawBufferPointer(start: base + o, count: count))
     }
 
     /// Copies between two shared memories (RAM backend <-> I/O buffers). Ranges must be in bounds.
     public func copy(from src: SharedMemory, at srcOffset: Int, to dstOffset: Int, count: Int) {
-        src.check(srcOffset, count); check(dstOffset, count)
+        src.check(srcOffset, count)
+        check(dstOffset, count)
         memmove(base + dstOffset, src.base + srcOffset, count)
     }
 
@@ -137,8 +200,14 @@ public final class SharedMemory: @unchecked Sendable {
         var done = 0
         while done < count {
             let n = Glibc.pread(file, base + o + done, count - done, off_t(fileOffset) + off_t(done))
-            if n < 0 { if errno == EINTR { continue }; throw .ioFailed(op: "pread", errno: errno) }
-            if n == 0 { memset(base + o + done, 0, count - done); break }
+            if n < 0 {
+                if errno == EINTR { continue }
+                throw .ioFailed(op: "pread", errno: errno)
+            }
+            if n == 0 {
+                memset(base + o + done, 0, count - done)
+                break
+            }
             done += n
         }
     }
@@ -149,7 +218,10 @@ public final class SharedMemory: @unchecked Sendable {
         var done = 0
         while done < count {
             let n = Glibc.pwrite(file, base + o + done, count - done, off_t(fileOffset) + off_t(done))
-            if n < 0 { if errno == EINTR { continue }; throw .ioFailed(op: "pwrite", errno: errno) }
+            if n < 0 {
+                if errno == EINTR { continue }
+                throw .ioFailed(op: "pwrite", errno: errno)
+            }
             done += n
         }
     }

@@ -15,7 +15,9 @@ public struct VirtqueueSegment: Sendable {
     public var length: UInt32
     public var deviceWritable: Bool
     public init(address: UInt64, length: UInt32, deviceWritable: Bool) {
-        self.address = address; self.length = length; self.deviceWritable = deviceWritable
+        self.address = address
+        self.length = length
+        self.deviceWritable = deviceWritable
     }
 }
 
@@ -28,10 +30,17 @@ public enum VirtqueueError: Error, CustomStringConvertible, Equatable {
 
     public var description: String {
         switch self {
-        case .usedIDOutOfRange(let id, let n): return "device returned used id \(id), but the queue has only \(n) descriptors; the device is faulty and must be reset"
-        case .usedIDNotInFlight(let id): return "device returned descriptor \(id), which is not the head of an in-flight chain; the device is faulty and must be reset"
-        case .usedIndexRunaway(let u, let l, let n): return "used.idx moved from \(l) to \(u), more than the queue size \(n); the device is faulty and must be reset"
-        case .usedLengthTooLarge(let id, let len, let w): return "device reported \(len) bytes written to chain \(id), which has only \(w) writable bytes"
+        case .usedIDOutOfRange(let id, let n):
+            return
+                "device returned used id \(id), but the queue has only \(n) descriptors; the device is faulty and must be reset"
+        case .usedIDNotInFlight(let id):
+            return
+                "device returned descriptor \(id), which is not the head of an in-flight chain; the device is faulty and must be reset"
+        case .usedIndexRunaway(let u, let l, let n):
+            return
+                "used.idx moved from \(l) to \(u), more than the queue size \(n); the device is faulty and must be reset"
+        case .usedLengthTooLarge(let id, let len, let w):
+            return "device reported \(len) bytes written to chain \(id), which has only \(w) writable bytes"
         }
     }
 }
@@ -61,7 +70,7 @@ public final class SplitVirtqueue: DriverVirtqueue {
 
     private struct Shadow {
         var next: UInt16 = 0
-        var chainLength: UInt16 = 0      // > 0 only on the head of an in-flight chain
+        var chainLength: UInt16 = 0 // > 0 only on the head of an in-flight chain
         var writableBytes: UInt32 = 0
     }
     // The ring state below has no dynamic exclusivity checks (@exclusivity(unchecked)): a ring is
@@ -70,8 +79,8 @@ public final class SplitVirtqueue: DriverVirtqueue {
     @exclusivity(unchecked) private var shadow: [Shadow]
     @exclusivity(unchecked) private var freeHead: UInt16 = 0
     @exclusivity(unchecked) public private(set) var freeCount: Int
-    @exclusivity(unchecked) private var availIdx: UInt16 = 0       // our copy of avail.idx
-    @exclusivity(unchecked) private var lastKickIdx: UInt16 = 0    // avail.idx at the last notification decision
+    @exclusivity(unchecked) private var availIdx: UInt16 = 0 // our copy of avail.idx
+    @exclusivity(unchecked) private var lastKickIdx: UInt16 = 0 // avail.idx at the last notification decision
     @exclusivity(unchecked) private var lastUsedIdx: UInt16 = 0
     /// Whether VIRTIO_F_EVENT_IDX was negotiated (§2.7.10).
     public var eventIndex = false
@@ -92,7 +101,9 @@ public final class SplitVirtqueue: DriverVirtqueue {
     @inline(__always) private func descOffset(_ i: UInt16) -> Int { descriptors.offset + 16 * Int(i) }
 
     public var addresses: QueueAddresses {
-        QueueAddresses(descriptors: descriptors.deviceAddress, driverArea: availRing.deviceAddress, deviceArea: usedRing.deviceAddress)
+        QueueAddresses(
+            descriptors: descriptors.deviceAddress, driverArea: availRing.deviceAddress,
+            deviceArea: usedRing.deviceAddress)
     }
 
     /// Adds a chain of `count` segments; returns the head id, or nil when too few descriptors are free.
@@ -104,7 +115,8 @@ public final class SplitVirtqueue: DriverVirtqueue {
         let head = freeHead
         var writable: UInt32 = 0
         if let table = indirect {
-            precondition(table.length >= 16 * count && count <= 0xFFFF, "indirect table too small for \(count) segments")
+            precondition(
+                table.length >= 16 * count && count <= 0xFFFF, "indirect table too small for \(count) segments")
             for k in 0..<count {
                 let s = segment(k)
                 let o = table.offset + 16 * k
@@ -150,9 +162,9 @@ public final class SplitVirtqueue: DriverVirtqueue {
 
     /// Publishes every chain added since the last call. Returns whether the device wants a notification.
     public func publish() -> Bool {
-        Fence.release()                                   // descriptors and ring entries before idx
+        Fence.release() // descriptors and ring entries before idx
         mem.store16Release(availRing.offset + 2, availIdx)
-        Fence.full()                                      // idx before reading the device's suppression state
+        Fence.full() // idx before reading the device's suppression state
         let old = lastKickIdx
         lastKickIdx = availIdx
         if old == availIdx { return false }
@@ -160,7 +172,7 @@ public final class SplitVirtqueue: DriverVirtqueue {
             let availEvent = mem.load16(usedRing.offset + 4 + 8 * size)
             return Self.needEvent(event: availEvent, new: availIdx, old: old)
         }
-        return mem.load16(usedRing.offset) & 1 == 0      // VIRTQ_USED_F_NO_NOTIFY
+        return mem.load16(usedRing.offset) & 1 == 0 // VIRTQ_USED_F_NO_NOTIFY
     }
 
     /// vring_need_event (§2.7.10): true if `event` lies in (old, new].
@@ -192,7 +204,7 @@ public final class SplitVirtqueue: DriverVirtqueue {
         freeCount += Int(n)
         shadow[Int(head)].chainLength = 0
         inFlightCount -= 1
-        if eventIndex && interruptsOn { mem.store16(availRing.offset + 4 + 2 * size, lastUsedIdx) }  // used_event
+        if eventIndex && interruptsOn { mem.store16(availRing.offset + 4 + 2 * size, lastUsedIdx) } // used_event
         guard len <= writable else { throw .usedLengthTooLarge(id: head, length: len, writable: writable) }
         return (head, len)
     }
@@ -205,7 +217,9 @@ public final class SplitVirtqueue: DriverVirtqueue {
         freeHead = 0
         freeCount = size
         inFlightCount = 0
-        availIdx = 0; lastKickIdx = 0; lastUsedIdx = 0
+        availIdx = 0
+        lastKickIdx = 0
+        lastUsedIdx = 0
         interruptsOn = true
     }
 
@@ -221,8 +235,12 @@ public final class SplitVirtqueue: DriverVirtqueue {
 
     public func enableInterrupts() -> Bool {
         interruptsOn = true
-        if eventIndex { mem.store16(availRing.offset + 4 + 2 * size, lastUsedIdx) } else { mem.store16(availRing.offset, 0) }
-        Fence.full()                                      // the request before re-checking used.idx
+        if eventIndex {
+            mem.store16(availRing.offset + 4 + 2 * size, lastUsedIdx)
+        } else {
+            mem.store16(availRing.offset, 0)
+        }
+        Fence.full() // the request before re-checking used.idx
         return mem.load16Acquire(usedRing.offset + 2) != lastUsedIdx
     }
 

@@ -16,7 +16,8 @@ public protocol VirtioTransport: AnyObject, Sendable {
     func maxQueueSize(_ index: Int) -> Int
     /// Tells the device where queue `index` lives and enables it. `notifier` is the interrupt the
     /// device raises for this queue; `kick` is what the driver calls to notify.
-    func setupQueue(_ index: Int, size: Int, descriptors: UInt64, driverArea: UInt64, deviceArea: UInt64) throws -> QueueDoorbells
+    func setupQueue(_ index: Int, size: Int, descriptors: UInt64, driverArea: UInt64, deviceArea: UInt64) throws
+        -> QueueDoorbells
     /// Device-specific config space (little-endian), read with the config-generation retry loop.
     func readConfig(offset: Int, width: Int) -> UInt64
     func configGeneration() -> UInt32
@@ -28,7 +29,10 @@ public struct QueueDoorbells: Sendable {
     public let kick: @Sendable () -> Void
     /// Readable when the device has raised an interrupt for this queue (cleared by draining).
     public let interrupt: EventFD
-    public init(kick: @escaping @Sendable () -> Void, interrupt: EventFD) { self.kick = kick; self.interrupt = interrupt }
+    public init(kick: @escaping @Sendable () -> Void, interrupt: EventFD) {
+        self.kick = kick
+        self.interrupt = interrupt
+    }
 }
 
 /// Errors a transport reports. Each says what happened and what to check.
@@ -43,12 +47,14 @@ public enum VirtioTransportError: Error, CustomStringConvertible {
 
     public var description: String {
         switch self {
-        case .badMagic(let m): return "virtio-mmio magic is 0x\(String(m, radix: 16)), not 0x74726976: this is not a virtio-mmio device"
+        case .badMagic(let m):
+            return "virtio-mmio magic is 0x\(String(m, radix: 16)), not 0x74726976: this is not a virtio-mmio device"
         case .unsupportedVersion(let v): return "virtio-mmio version \(v); only version 2 (virtio 1.x) is supported"
         case .wrongDevice(let e, let f): return "device ID \(f), expected \(e) (virtio-blk)"
         case .featuresRejected(let f): return "the device cleared FEATURES_OK for features \(f); try fewer features"
         case .queueUnavailable(let i): return "queue \(i) does not exist on this device"
-        case .queueTooLarge(let i, let r, let m): return "queue \(i): size \(r) exceeds device maximum \(m); use a smaller --queue-size"
+        case .queueTooLarge(let i, let r, let m):
+            return "queue \(i): size \(r) exceeds device maximum \(m); use a smaller --queue-size"
         case .deviceFailed(let s): return "device failed: \(s)"
         }
     }

@@ -16,7 +16,9 @@ public struct QueueAddresses: Sendable, Equatable {
     public var driverArea: UInt64
     public var deviceArea: UInt64
     public init(descriptors: UInt64, driverArea: UInt64, deviceArea: UInt64) {
-        self.descriptors = descriptors; self.driverArea = driverArea; self.deviceArea = deviceArea
+        self.descriptors = descriptors
+        self.driverArea = driverArea
+        self.deviceArea = deviceArea
     }
 }
 

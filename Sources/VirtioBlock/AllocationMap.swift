@@ -40,16 +40,25 @@ public final class AllocationMap: Sendable {
         guard start < end else { return }
         runs.withLock { r in
             // Index of the first run that ends after `start`.
-            var lo = 0, hi = r.count
-            while lo < hi { let m = (lo + hi) / 2; if r[m].end <= start { lo = m + 1 } else { hi = m } }
+            var lo = 0
+            var hi = r.count
+            while lo < hi {
+                let m = (lo + hi) / 2
+                if r[m].end <= start { lo = m + 1 } else { hi = m }
+            }
             // Nothing changes (the common case: writes over data): no array surgery.
-            if state == .data ? (lo == r.count || r[lo].start >= end) : (lo < r.count && r[lo].start <= start && r[lo].end >= end && r[lo].state == state) {
+            if state == .data
+                ? (lo == r.count || r[lo].start >= end)
+                : (lo < r.count && r[lo].start <= start && r[lo].end >= end && r[lo].state == state)
+            {
                 return
             }
             var replacement: [Run] = []
             var i = lo
             // Keep the part of an overlapping run before `start`.
-            if i < r.count, r[i].start < start { replacement.append(Run(start: r[i].start, end: start, state: r[i].state)) }
+            if i < r.count, r[i].start < start {
+                replacement.append(Run(start: r[i].start, end: start, state: r[i].state))
+            }
             var tail: Run?
             while i < r.count, r[i].start < end {
                 if r[i].end > end { tail = Run(start: end, end: r[i].end, state: r[i].state) }
@@ -62,8 +71,11 @@ public final class AllocationMap: Sendable {
             var k = max(0, lo - 1)
             while k + 1 < r.count && k <= lo + replacement.count {
                 if r[k].end == r[k + 1].start && r[k].state == r[k + 1].state {
-                    r[k].end = r[k + 1].end; r.remove(at: k + 1)
-                } else { k += 1 }
+                    r[k].end = r[k + 1].end
+                    r.remove(at: k + 1)
+                } else {
+                    k += 1
+                }
             }
         }
     }
@@ -72,8 +84,12 @@ public final class AllocationMap: Sendable {
     public func isAllData(_ start: UInt64, _ end: UInt64) -> Bool {
         runs.withLock { r in
             if r.isEmpty { return true }
-            var lo = 0, hi = r.count
-            while lo < hi { let m = (lo + hi) / 2; if r[m].end <= start { lo = m + 1 } else { hi = m } }
+            var lo = 0
+            var hi = r.count
+            while lo < hi {
+                let m = (lo + hi) / 2
+                if r[m].end <= start { lo = m + 1 } else { hi = m }
+            }
             return lo == r.count || r[lo].start >= end
         }
     }
@@ -83,8 +99,12 @@ public final class AllocationMap: Sendable {
         let end = min(end, size)
         guard start < end else { return [] }
         return runs.withLock { r in
-            var lo = 0, hi = r.count
-            while lo < hi { let m = (lo + hi) / 2; if r[m].end <= start { lo = m + 1 } else { hi = m } }
+            var lo = 0
+            var hi = r.count
+            while lo < hi {
+                let m = (lo + hi) / 2
+                if r[m].end <= start { lo = m + 1 } else { hi = m }
+            }
             var out: [Run] = []
             var at = start
             var i = lo
@@ -92,7 +112,8 @@ public final class AllocationMap: Sendable {
                 if i < r.count, r[i].start <= at {
                     let e = min(r[i].end, end)
                     out.append(Run(start: at, end: e, state: r[i].state))
-                    at = e; i += 1
+                    at = e
+                    i += 1
                 } else {
                     let e = min(i < r.count ? r[i].start : end, end)
                     out.append(Run(start: at, end: e, state: .data))

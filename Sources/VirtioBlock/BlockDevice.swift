@@ -36,7 +36,10 @@ public final class BlockDevice: Sendable {
     ///     whose capacity is rounded up to whole sectors (the emulator's) is told its real end here.
     ///   - initial: the state of every block at start (`.holeZero` for a fresh RAM disk).
     ///   - holes: ranges known to be holes that read as zero at start (a file's holes).
-    public init(driver: VirtioBlkDriver, size: UInt64? = nil, initial: Allocation = .data, holes: [Range<UInt64>] = [], discardReadsZero: Bool = false) {
+    public init(
+        driver: VirtioBlkDriver, size: UInt64? = nil, initial: Allocation = .data, holes: [Range<UInt64>] = [],
+        discardReadsZero: Bool = false
+    ) {
         self.driver = driver
         self.discardReadsZero = discardReadsZero
         let size = min(size ?? driver.geometry.capacityBytes, driver.geometry.capacityBytes)
@@ -44,7 +47,8 @@ public final class BlockDevice: Sendable {
         allocation = AllocationMap(size: size, initial: initial)
         for h in holes {
             // Whole blocks only, except that a hole reaching the end takes the partial last block.
-            let lo = Self.up(h.lowerBound), hi = h.upperBound >= size ? size : Self.down(h.upperBound)
+            let lo = Self.up(h.lowerBound)
+            let hi = h.upperBound >= size ? size : Self.down(h.upperBound)
             allocation.set(lo, hi, .holeZero)
         }
     }
@@ -64,10 +68,13 @@ public final class BlockDevice: Sendable {
     // MARK: read
 
     /// Reads `length` bytes at `offset` into a new buffer.
-    public func read(offset: UInt64, length: Int, allocator: ByteBufferAllocator = .init(), _ done: @escaping ReadCompletion) {
+    public func read(
+        offset: UInt64, length: Int, allocator: ByteBufferAllocator = .init(), _ done: @escaping ReadCompletion
+    ) {
         if let e = checkRange(offset, UInt64(length)) { return done(.failure(e)) }
         if length == 0 { return done(.success(allocator.buffer(capacity: 0))) }
-        let lo = Self.down(offset), hi = Self.up(offset + UInt64(length))
+        let lo = Self.down(offset)
+        let hi = Self.up(offset + UInt64(length))
         locks.acquire(lo, hi, exclusive: false) { token in
             self.readLocked(offset: offset, length: length, allocator: allocator) { r in
                 self.locks.release(token)
@@ -85,10 +92,14 @@ public final class BlockDevice: Sendable {
 
     /// Reads [offset, offset+length) as data and known-zero extents, in order. Known-zero ranges
     /// cost no device I/O.
-    public func readExtents(offset: UInt64, length: Int, allocator: ByteBufferAllocator = .init(), _ done: @escaping @Sendable (Result<[Extent], BlkError>) -> Void) {
+    public func readExtents(
+        offset: UInt64, length: Int, allocator: ByteBufferAllocator = .init(),
+        _ done: @escaping @Sendable (Result<[Extent], BlkError>) -> Void
+    ) {
         if let e = checkRange(offset, UInt64(length)) { return done(.failure(e)) }
         if length == 0 { return done(.success([])) }
-        let lo = Self.down(offset), hi = Self.up(offset + UInt64(length))
+        let lo = Self.down(offset)
+        let hi = Self.up(offset + UInt64(length))
         if let token = locks.tryAcquire(lo, hi, exclusive: false) {
             readExtentsHeld(token, offset: offset, length: length, allocator: allocator, done)
         } else {
@@ -99,7 +110,10 @@ public final class BlockDevice: Sendable {
     }
 
     /// `readExtents` once its range lock (`token`) is held.
-    private func readExtentsHeld(_ token: Int, offset: UInt64, length: Int, allocator: ByteBufferAllocator, _ done: @escaping @Sendable (Result<[Extent], BlkError>) -> Void) {
+    private func readExtentsHeld(
+        _ token: Int, offset: UInt64, length: Int, allocator: ByteBufferAllocator,
+        _ done: @escaping @Sendable (Result<[Extent], BlkError>) -> Void
+    ) {
         let end = offset + UInt64(length)
         // The common case, all data: one read, no bookkeeping for pieces.
         if self.allocation.isAllData(Self.down(offset), Self.up(end)) {
@@ -112,10 +126,15 @@ public final class BlockDevice: Sendable {
         // Coalesce into alternating data / zero pieces clipped to the request.
         var pieces: [(UInt64, UInt64, Bool)] = []
         for r in self.allocation.extents(Self.down(offset), Self.up(end)) {
-            let a = max(r.start, offset), b = min(r.end, end)
+            let a = max(r.start, offset)
+            let b = min(r.end, end)
             guard a < b else { continue }
             let zero = r.state.readsAsZero
-            if let last = pieces.last, last.2 == zero { pieces[pieces.count - 1].1 = b } else { pieces.append((a, b, zero)) }
+            if let last = pieces.last, last.2 == zero {
+                pieces[pieces.count - 1].1 = b
+            } else {
+                pieces.append((a, b, zero))
+            }
         }
         let parts = Locked<[Extent?]>(Array(repeating: nil, count: pieces.count))
         let join = Aggregate(buffer: ByteBuffer(), remaining: pieces.count)
@@ -134,7 +153,9 @@ public final class BlockDevice: Sendable {
             } else {
                 self.readLocked(offset: p.0, length: Int(p.1 - p.0), allocator: allocator) { r in
                     switch r {
-                    case .success(let b): parts.withLock { $0[i] = .data(offset: p.0, b) }; finish(nil)
+                    case .success(let b):
+                        parts.withLock { $0[i] = .data(offset: p.0, b) }
+                        finish(nil)
                     case .failure(let e): finish(e)
                     }
                 }
@@ -144,7 +165,8 @@ public final class BlockDevice: Sendable {
 
     /// Reads with the range already held.
     func readLocked(offset: UInt64, length: Int, allocator: ByteBufferAllocator, _ done: @escaping ReadCompletion) {
-        let lo = Self.down(offset), hi = Self.up(offset + UInt64(length))
+        let lo = Self.down(offset)
+        let hi = Self.up(offset + UInt64(length))
         let pagesTotal = Int((hi - lo) / Self.block)
         let per = driver.maxPagesPerRequest
         if pagesTotal <= per {
@@ -185,12 +207,17 @@ public final class BlockDevice: Sendable {
 
     /// Copies the part of `pages` device pages, starting at disk offset `chunkLo`, that lies in
     /// [offset, offset+length) into `buffer`, which holds that range from its index 0.
-    private static func copyOut(_ io: IOPages, pages: Int, from chunkLo: UInt64, range offset: UInt64, _ length: Int, into buffer: inout ByteBuffer) {
+    private static func copyOut(
+        _ io: IOPages, pages: Int, from chunkLo: UInt64, range offset: UInt64, _ length: Int,
+        into buffer: inout ByteBuffer
+    ) {
         for i in 0..<pages {
             let pageLo = chunkLo + UInt64(i) * block
-            let from = max(pageLo, offset), to = min(pageLo + block, offset + UInt64(length))
+            let from = max(pageLo, offset)
+            let to = min(pageLo + block, offset + UInt64(length))
             if from >= to { continue }
-            io.memory.copyOut(io.offset(ofPage: i) + Int(from - pageLo), count: Int(to - from), into: &buffer, at: Int(from - offset))
+            io.memory.copyOut(
+                io.offset(ofPage: i) + Int(from - pageLo), count: Int(to - from), into: &buffer, at: Int(from - offset))
         }
     }
 
@@ -202,7 +229,8 @@ public final class BlockDevice: Sendable {
         let length = UInt64(data.readableBytes)
         if let e = checkRange(offset, length) { return done(.failure(e)) }
         if length == 0 { return done(.success(())) }
-        let lo = Self.down(offset), hi = Self.up(offset + length)
+        let lo = Self.down(offset)
+        let hi = Self.up(offset + length)
         if let token = locks.tryAcquire(lo, hi, exclusive: true) {
             writeLocked(offset: offset, data: data) { r in self.finishWrite(r, fua: fua, token: token, done) }
         } else {
@@ -215,14 +243,15 @@ public final class BlockDevice: Sendable {
     private func finishWrite(_ r: Result<Void, BlkError>, fua: Bool, token: Int, _ done: @escaping Completion) {
         locks.release(token)
         guard fua, case .success = r else { return done(r) }
-        flush(done)   // virtio-blk has no FUA bit: write, then flush (§5.2.6.1)
+        flush(done) // virtio-blk has no FUA bit: write, then flush (§5.2.6.1)
     }
 
     /// Writes with the range already held; reads the edge blocks first when unaligned.
     func writeLocked(offset: UInt64, data: ByteBuffer, _ done: @escaping Completion) {
         let length = UInt64(data.readableBytes)
         let end = offset + length
-        let lo = Self.down(offset), hi = Self.up(end)
+        let lo = Self.down(offset)
+        let hi = Self.up(end)
         let single = hi - lo == Self.block
         let needHead = offset > lo || end < lo + Self.block
         let needTail = !single && end < hi
@@ -253,18 +282,26 @@ public final class BlockDevice: Sendable {
 
     /// Writes whole blocks [lo, hi): the new bytes of `data` (which start at `dataOffset`) over the
     /// old contents of the edge blocks `head` / `tail` where given.
-    private func writeBlocks(lo: UInt64, hi: UInt64, data: ByteBuffer, dataOffset: UInt64, head: ByteBuffer?, tail: ByteBuffer?, _ done: @escaping Completion) {
+    private func writeBlocks(
+        lo: UInt64, hi: UInt64, data: ByteBuffer, dataOffset: UInt64, head: ByteBuffer?, tail: ByteBuffer?,
+        _ done: @escaping Completion
+    ) {
         let pagesTotal = Int((hi - lo) / Self.block)
         let per = driver.maxPagesPerRequest
         if pagesTotal <= per {
             // One device request (every write up to the request size): no join object.
-            driver.submit(.write(sector: lo / 512, pages: pagesTotal), fill: { io in
-                Self.fill(io, pages: pagesTotal, from: lo, blocks: lo, hi, data: data, at: dataOffset, head: head, tail: tail)
-            }) { r in
-                // Written, or possibly partly written on failure: either way no longer known zero.
-                self.allocation.set(lo, hi, .data)
-                done(r.map { _ in () })
-            }
+            driver.submit(
+                .write(sector: lo / 512, pages: pagesTotal),
+                fill: { io in
+                    Self.fill(
+                        io, pages: pagesTotal, from: lo, blocks: lo, hi, data: data, at: dataOffset, head: head,
+                        tail: tail)
+                },
+                done: { r in
+                    // Written, or possibly partly written on failure: either way no longer known zero.
+                    self.allocation.set(lo, hi, .data)
+                    done(r.map { _ in () })
+                })
             return
         }
         let chunks = (pagesTotal + per - 1) / per
@@ -273,32 +310,42 @@ public final class BlockDevice: Sendable {
             let firstPage = c * per
             let n = min(per, pagesTotal - firstPage)
             let chunkLo = lo + UInt64(firstPage) * Self.block
-            driver.submit(.write(sector: chunkLo / 512, pages: n), fill: { io in
-                Self.fill(io, pages: n, from: chunkLo, blocks: lo, hi, data: data, at: dataOffset, head: head, tail: tail)
-            }) { r in
-                let err: BlkError? = { if case .failure(let e) = r { return e } else { return nil } }()
-                if let result = op.finish(err) {
-                    // Written, or possibly partly written on failure: either way no longer known zero.
-                    self.allocation.set(lo, hi, .data)
-                    done(result.map { _ in () })
-                }
-            }
+            driver.submit(
+                .write(sector: chunkLo / 512, pages: n),
+                fill: { io in
+                    Self.fill(
+                        io, pages: n, from: chunkLo, blocks: lo, hi, data: data, at: dataOffset, head: head, tail: tail)
+                },
+                done: { r in
+                    let err: BlkError? = { if case .failure(let e) = r { return e } else { return nil } }()
+                    if let result = op.finish(err) {
+                        // Written, or possibly partly written on failure: either way no longer known zero.
+                        self.allocation.set(lo, hi, .data)
+                        done(result.map { _ in () })
+                    }
+                })
         }
     }
 
     /// Fills `pages` device pages that hold disk blocks from `chunkLo` on, for a write of blocks
     /// [lo, hi): the old `head` / `tail` edge blocks first where given, then the bytes of `data`
     /// (which start at disk offset `dataOffset`) over them.
-    private static func fill(_ io: IOPages, pages: Int, from chunkLo: UInt64, blocks lo: UInt64, _ hi: UInt64,
-                             data: ByteBuffer, at dataOffset: UInt64, head: ByteBuffer?, tail: ByteBuffer?) {
+    private static func fill(
+        _ io: IOPages, pages: Int, from chunkLo: UInt64, blocks lo: UInt64, _ hi: UInt64,
+        data: ByteBuffer, at dataOffset: UInt64, head: ByteBuffer?, tail: ByteBuffer?
+    ) {
         let dataEnd = dataOffset + UInt64(data.readableBytes)
         for i in 0..<pages {
             let pageLo = chunkLo + UInt64(i) * block
             let page = io.offset(ofPage: i)
             if pageLo == lo, let h = head { io.memory.copyIn(from: h, skip: 0, count: Int(block), to: page) }
             if pageLo == hi - block, let t = tail { io.memory.copyIn(from: t, skip: 0, count: Int(block), to: page) }
-            let from = max(pageLo, dataOffset), to = min(pageLo + block, dataEnd)
-            if from < to { io.memory.copyIn(from: data, skip: Int(from - dataOffset), count: Int(to - from), to: page + Int(from - pageLo)) }
+            let from = max(pageLo, dataOffset)
+            let to = min(pageLo + block, dataEnd)
+            if from < to {
+                io.memory.copyIn(
+                    from: data, skip: Int(from - dataOffset), count: Int(to - from), to: page + Int(from - pageLo))
+            }
         }
     }
 
@@ -315,14 +362,19 @@ public final class BlockDevice: Sendable {
     public func trim(offset: UInt64, length: UInt64, _ done: @escaping Completion) {
         guard !geometry.readOnly else { return done(.failure(.readOnly)) }
         if let e = checkRange(offset, length) { return done(.failure(e)) }
-        let lo = Self.up(offset), hi = blockEnd(offset + length)
+        let lo = Self.up(offset)
+        let hi = blockEnd(offset + length)
         guard geometry.canDiscard, lo < hi else { return done(.success(())) }
         locks.acquire(lo, hi, exclusive: true) { token in
-            self.sectorCommands(lo: lo, hi: hi, max: UInt64(self.geometry.maxDiscardSectors), make: { .discard(sector: $0, sectors: $1) }) { r in
+            self.sectorCommands(
+                lo: lo, hi: hi, max: UInt64(self.geometry.maxDiscardSectors),
+                make: { .discard(sector: $0, sectors: $1) }
+            ) { r in
                 // A failed discard may have taken effect in part: only a full success is recorded as zero.
                 let ok: Bool = { if case .success = r { return true } else { return false } }()
                 self.allocation.set(lo, hi, ok ? (self.discardReadsZero ? .holeZero : .hole) : .data)
-                self.locks.release(token); done(r)
+                self.locks.release(token)
+                done(r)
             }
         }
     }
@@ -333,11 +385,15 @@ public final class BlockDevice: Sendable {
         if let e = checkRange(offset, length) { return done(.failure(e)) }
         if length == 0 { return done(.success(())) }
         let end = offset + length
-        let lo = Self.down(offset), hi = Self.up(end)
+        let lo = Self.down(offset)
+        let hi = Self.up(end)
         locks.acquire(lo, hi, exclusive: true) { token in
-            let innerLo = Self.up(offset), innerHi = self.blockEnd(end)
-            var parts: [(UInt64, UInt64)] = []       // unaligned pieces written as zero bytes
-            if innerLo >= innerHi { parts.append((offset, end)) } else {
+            let innerLo = Self.up(offset)
+            let innerHi = self.blockEnd(end)
+            var parts: [(UInt64, UInt64)] = [] // unaligned pieces written as zero bytes
+            if innerLo >= innerHi {
+                parts.append((offset, end))
+            } else {
                 if offset < innerLo { parts.append((offset, innerLo)) }
                 if innerHi < end { parts.append((innerHi, end)) }
             }
@@ -348,7 +404,8 @@ public final class BlockDevice: Sendable {
                 if let result = join.finish(err) {
                     if innerLo < innerHi {
                         let ok: Bool = { if case .success = result { return true } else { return false } }()
-                        let unmapped = useDevice && mayUnmap && self.geometry.writeZeroesMayUnmap && self.discardReadsZero
+                        let unmapped =
+                            useDevice && mayUnmap && self.geometry.writeZeroesMayUnmap && self.discardReadsZero
                         self.allocation.set(innerLo, innerHi, ok ? (unmapped ? .holeZero : .zero) : .data)
                     }
                     self.finishWrite(result.map { _ in () }, fua: fua, token: token, done)
@@ -357,8 +414,11 @@ public final class BlockDevice: Sendable {
             for (a, b) in parts { self.writeLocked(offset: a, data: Self.zeroes(Int(b - a)), finish) }
             if innerLo < innerHi {
                 if useDevice {
-                    self.sectorCommands(lo: innerLo, hi: innerHi, max: UInt64(self.geometry.maxWriteZeroesSectors),
-                                        make: { .writeZeroes(sector: $0, sectors: $1, unmap: mayUnmap && self.geometry.writeZeroesMayUnmap) }, finish)
+                    self.sectorCommands(
+                        lo: innerLo, hi: innerHi, max: UInt64(self.geometry.maxWriteZeroesSectors),
+                        make: {
+                            .writeZeroes(sector: $0, sectors: $1, unmap: mayUnmap && self.geometry.writeZeroesMayUnmap)
+                        }, finish)
                 } else {
                     self.zeroByWriting(lo: innerLo, hi: innerHi, finish)
                 }
@@ -384,7 +444,10 @@ public final class BlockDevice: Sendable {
 
     /// Issues DISCARD / WRITE_ZEROES over [lo, hi) in pieces of at most `max` sectors, stopping at
     /// the device's capacity (a partial last block ends there, in whole sectors).
-    private func sectorCommands(lo: UInt64, hi: UInt64, max: UInt64, make: @escaping @Sendable (UInt64, UInt32) -> BlkCommand, _ done: @escaping Completion) {
+    private func sectorCommands(
+        lo: UInt64, hi: UInt64, max: UInt64, make: @escaping @Sendable (UInt64, UInt32) -> BlkCommand,
+        _ done: @escaping Completion
+    ) {
         let maxBytes = Swift.max(Self.block, Swift.min(max, UInt64(UInt32.max)) * 512 & ~(Self.block - 1))
         let cap = driver.capacityBytes
         // Past the capacity (the device shrank): whole blocks, which the device refuses.
@@ -405,7 +468,11 @@ public final class BlockDevice: Sendable {
 
 /// Joins the pieces of one operation: counts them down, keeps the first error, owns the result buffer.
 final class Aggregate: Sendable {
-    private struct S { var buffer: ByteBuffer; var remaining: Int; var error: BlkError? }
+    private struct S {
+        var buffer: ByteBuffer
+        var remaining: Int
+        var error: BlkError?
+    }
     private let s: Locked<S>
     init(buffer: ByteBuffer, remaining: Int) { s = Locked(S(buffer: buffer, remaining: remaining)) }
     func withBuffer(_ body: (inout ByteBuffer) -> Void) { s.withLock { body(&$0.buffer) } }

@@ -5,9 +5,21 @@ import Virtio
 /// Readers share. Waiters are served in arrival order (no starvation).
 public final class RangeLocks: Sendable {
     public typealias Grant = @Sendable (_ token: Int) -> Void
-    private struct Holder { var token: Int; var lo: UInt64; var hi: UInt64; var exclusive: Bool }
-    private struct Waiter { var holder: Holder; var grant: Grant }
-    private struct State { var active: [Holder] = []; var waiting: [Waiter] = []; var next = 0 }
+    private struct Holder {
+        var token: Int
+        var lo: UInt64
+        var hi: UInt64
+        var exclusive: Bool
+    }
+    private struct Waiter {
+        var holder: Holder
+        var grant: Grant
+    }
+    private struct State {
+        var active: [Holder] = []
+        var waiting: [Waiter] = []
+        var next = 0
+    }
     private let state = Locked(State())
 
     public init() {}
@@ -22,7 +34,10 @@ public final class RangeLocks: Sendable {
     public func tryAcquire(_ lo: UInt64, _ hi: UInt64, exclusive: Bool) -> Int? {
         state.withLock { s in
             let h = Holder(token: s.next + 1, lo: lo, hi: hi, exclusive: exclusive)
-            guard !s.active.contains(where: { Self.conflicts($0, h) }) && !s.waiting.contains(where: { Self.conflicts($0.holder, h) }) else { return nil }
+            guard
+                !s.active.contains(where: { Self.conflicts($0, h) })
+                    && !s.waiting.contains(where: { Self.conflicts($0.holder, h) })
+            else { return nil }
             s.next += 1
             s.active.append(h)
             return h.token
@@ -34,7 +49,9 @@ public final class RangeLocks: Sendable {
         let go: Int? = state.withLock { s in
             s.next += 1
             let h = Holder(token: s.next, lo: lo, hi: hi, exclusive: exclusive)
-            if !s.active.contains(where: { Self.conflicts($0, h) }) && !s.waiting.contains(where: { Self.conflicts($0.holder, h) }) {
+            if !s.active.contains(where: { Self.conflicts($0, h) })
+                && !s.waiting.contains(where: { Self.conflicts($0.holder, h) })
+            {
                 s.active.append(h)
                 return h.token
             }
@@ -62,7 +79,9 @@ public final class RangeLocks: Sendable {
                     s.active.append(w.holder)
                     out.append((w.grant, w.holder.token))
                     s.waiting.remove(at: i)
-                } else { i += 1 }
+                } else {
+                    i += 1
+                }
             }
             return out
         }

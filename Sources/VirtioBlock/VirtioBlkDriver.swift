@@ -39,10 +39,14 @@ public struct DriverOptions: Sendable, Equatable {
         switch ring {
         case .split:
             guard SplitRingLayout.isValidSize(queueSize) else {
-                throw .deviceFailed("queue size \(queueSize) is not a power of two from 1 to 32768, which a split ring needs (a packed ring takes any size from 2 to 32768)")
+                throw .deviceFailed(
+                    "queue size \(queueSize) is not a power of two from 1 to 32768, which a split ring needs (a packed ring takes any size from 2 to 32768)"
+                )
             }
         case .packed:
-            guard queueSize >= 2, queueSize <= 32768 else { throw .deviceFailed("queue size \(queueSize) is not from 2 to 32768 (a packed ring's sizes)") }
+            guard queueSize >= 2, queueSize <= 32768 else {
+                throw .deviceFailed("queue size \(queueSize) is not from 2 to 32768 (a packed ring's sizes)")
+            }
         }
         guard ioPages >= 1 else { throw .deviceFailed("ioPages must be at least 1") }
     }
@@ -120,16 +124,27 @@ public final class VirtioBlkDriver: @unchecked Sendable {
         let tableStride: Int
         let addresses: QueueAddresses
         let state: Locked<LaneState>
-        init(index: Int, headers: DMARegion, tables: DMARegion?, tableStride: Int, addresses: QueueAddresses, state: sending LaneState) {
-            self.index = index; self.headers = headers; self.tables = tables; self.tableStride = tableStride
-            self.addresses = addresses; self.state = Locked(state)
+        init(
+            index: Int, headers: DMARegion, tables: DMARegion?, tableStride: Int, addresses: QueueAddresses,
+            state: sending LaneState
+        ) {
+            self.index = index
+            self.headers = headers
+            self.tables = tables
+            self.tableStride = tableStride
+            self.addresses = addresses
+            self.state = Locked(state)
         }
     }
 
     /// Brings the device up and starts one completion thread per queue.
-    public init(transport: VirtioTransport, options: DriverOptions = .init(), logger: Logger = Logger(label: "virtnbd.driver")) throws {
+    public init(
+        transport: VirtioTransport, options: DriverOptions = .init(), logger: Logger = Logger(label: "virtnbd.driver")
+    ) throws {
         try options.validate()
-        guard transport.deviceID == 2 else { throw VirtioTransportError.wrongDevice(expected: 2, found: transport.deviceID) }
+        guard transport.deviceID == 2 else {
+            throw VirtioTransportError.wrongDevice(expected: 2, found: transport.deviceID)
+        }
         self.transport = transport
         self.logger = logger
         self.options = options
@@ -140,7 +155,10 @@ public final class VirtioBlkDriver: @unchecked Sendable {
         try transport.writeStatus([.acknowledge, .driver])
         // Steps 4-6: offer everything both sides support, minus what the options turn off.
         let offered = transport.readDeviceFeatures()
-        var wanted: VirtioFeatures = [.version1, .accessPlatform, .blkSizeMax, .blkSegMax, .blkBlkSize, .blkFlush, .blkRO, .blkDiscard, .blkWriteZeroes]
+        var wanted: VirtioFeatures = [
+            .version1, .accessPlatform, .blkSizeMax, .blkSegMax, .blkBlkSize, .blkFlush, .blkRO, .blkDiscard,
+            .blkWriteZeroes,
+        ]
         if options.eventIndex { wanted.insert(.eventIdx) }
         if options.indirect { wanted.insert(.indirectDesc) }
         if options.queues > 1 { wanted.insert(.blkMQ) }
@@ -160,7 +178,8 @@ public final class VirtioBlkDriver: @unchecked Sendable {
         self.ring = ring
         let queueSize = options.queueSize
         if ring == .split && !SplitRingLayout.isValidSize(queueSize) {
-            throw VirtioTransportError.deviceFailed("queue size \(queueSize) is not a power of two, which the split ring the device forces needs")
+            throw VirtioTransportError.deviceFailed(
+                "queue size \(queueSize) is not a power of two, which the split ring the device forces needs")
         }
 
         // Config space (§5.2.4), read under the generation counter (§2.5.1).
@@ -189,7 +208,9 @@ public final class VirtioBlkDriver: @unchecked Sendable {
         guard g.sizeMax >= UInt32(Self.pageSize) else {
             throw VirtioTransportError.deviceFailed("size_max \(g.sizeMax) is below 4096; 4 KiB segments are required")
         }
-        guard g.blockSize <= 4096 else { throw VirtioTransportError.deviceFailed("blk_size \(g.blockSize) > 4096 is not supported") }
+        guard g.blockSize <= 4096 else {
+            throw VirtioTransportError.deviceFailed("blk_size \(g.blockSize) > 4096 is not supported")
+        }
         geometry = g
         capacity = Atomic(g.capacityBytes)
         let useIndirect = features.contains(.indirectDesc)
@@ -202,15 +223,19 @@ public final class VirtioBlkDriver: @unchecked Sendable {
         for q in 0..<nQueues {
             let maxQ = transport.maxQueueSize(q)
             guard maxQ > 0 else { throw VirtioTransportError.queueUnavailable(index: q) }
-            guard queueSize <= maxQ else { throw VirtioTransportError.queueTooLarge(index: q, requested: queueSize, max: maxQ) }
+            guard queueSize <= maxQ else {
+                throw VirtioTransportError.queueTooLarge(index: q, requested: queueSize, max: maxQ)
+            }
         }
         self.queueSize = queueSize
 
         // Step 7: queues, headers and indirect tables in one arena; pages shared out per queue.
         let split = SplitRingLayout(size: queueSize)
         // Packed: the descriptor ring plus two 4-byte event suppression structures (§2.8.10).
-        let ringBytes = ring == .split ? split.descriptorTableBytes + split.availBytes + split.usedBytes + 64
-                                       : PackedRingLayout(size: queueSize).descriptorRingBytes + 2 * PackedRingLayout.eventSuppressionBytes + 64
+        let ringBytes =
+            ring == .split
+            ? split.descriptorTableBytes + split.availBytes + split.usedBytes + 64
+            : PackedRingLayout(size: queueSize).descriptorRingBytes + 2 * PackedRingLayout.eventSuppressionBytes + 64
         let tableStride = 16 * (maxPagesPerRequest + 3)
         let perQueue = ringBytes + 64 * queueSize + (useIndirect ? tableStride * queueSize + 64 : 0) + 4096
         let pagesPerQueue = max(maxPagesPerRequest, options.ioPages / nQueues)
@@ -227,20 +252,28 @@ public final class VirtioBlkDriver: @unchecked Sendable {
             let addresses = vq.addresses
             let headers = try arena.allocate(64 * queueSize, alignment: 64)
             let tables = useIndirect ? try arena.allocate(tableStride * queueSize, alignment: 16) : nil
-            let d = try transport.setupQueue(q, size: queueSize, descriptors: addresses.descriptors,
-                                             driverArea: addresses.driverArea, deviceArea: addresses.deviceArea)
-            let mine = Array(pool.suffix(pagesPerQueue)); pool.removeLast(pagesPerQueue)
-            laneList.append(Lane(index: q, headers: headers, tables: tables, tableStride: tableStride, addresses: addresses,
-                                 state: LaneState(queue: vq, doorbells: d, slots: Array(repeating: nil, count: queueSize), freePages: mine)))
+            let d = try transport.setupQueue(
+                q, size: queueSize, descriptors: addresses.descriptors,
+                driverArea: addresses.driverArea, deviceArea: addresses.deviceArea)
+            let mine = Array(pool.suffix(pagesPerQueue))
+            pool.removeLast(pagesPerQueue)
+            laneList.append(
+                Lane(
+                    index: q, headers: headers, tables: tables, tableStride: tableStride, addresses: addresses,
+                    state: LaneState(
+                        queue: vq, doorbells: d, slots: Array(repeating: nil, count: queueSize), freePages: mine)))
         }
         lanes = laneList
         stopFD = try EventFD()
         // Step 8: DRIVER_OK.
         try transport.writeStatus([.acknowledge, .driver, .featuresOK, .driverOK])
-        logger.info("virtio-blk ready", metadata: [
-            "capacity": "\(g.capacityBytes)", "features": "\(features)", "ring": "\(ring)", "queues": "\(nQueues)",
-            "queue-size": "\(queueSize)", "seg-max": "\(g.segMax)", "pages-per-request": "\(maxPagesPerRequest)",
-            "io-pages": "\(pagesPerQueue * nQueues)"])
+        logger.info(
+            "virtio-blk ready",
+            metadata: [
+                "capacity": "\(g.capacityBytes)", "features": "\(features)", "ring": "\(ring)", "queues": "\(nQueues)",
+                "queue-size": "\(queueSize)", "seg-max": "\(g.segMax)", "pages-per-request": "\(maxPagesPerRequest)",
+                "io-pages": "\(pagesPerQueue * nQueues)",
+            ])
         let generation = transport.configGeneration()
         for lane in lanes {
             let t = Thread { [unowned self] in self.completionLoop(lane, configGeneration: generation) }
@@ -254,7 +287,10 @@ public final class VirtioBlkDriver: @unchecked Sendable {
     public static func useLane(_ lane: Int) { IOLane.set(lane) }
 
     /// The compatibility initialiser: one split queue of `queueSize`.
-    public convenience init(transport: VirtioTransport, queueSize: Int, ioPages: Int = 4096, logger: Logger = Logger(label: "virtnbd.driver")) throws {
+    public convenience init(
+        transport: VirtioTransport, queueSize: Int, ioPages: Int = 4096,
+        logger: Logger = Logger(label: "virtnbd.driver")
+    ) throws {
         var o = DriverOptions()
         o.queueSize = queueSize
         o.ioPages = ioPages
@@ -283,7 +319,11 @@ public final class VirtioBlkDriver: @unchecked Sendable {
 
     // MARK: submission
 
-    private enum Decision { case launch([Int32]), wait, fail(BlkError) }
+    private enum Decision {
+        case launch([Int32])
+        case wait
+        case fail(BlkError)
+    }
 
     /// Issues one request on the calling thread's lane. `fill` runs before the request is made
     /// available (writes copy their data into the pages there); `done` runs on the completion
@@ -297,7 +337,9 @@ public final class VirtioBlkDriver: @unchecked Sendable {
             if let b = s.broken { return .fail(.deviceBroken(b)) }
             if s.closing { return .fail(.shutdown) }
             s.inFlight += 1
-            if !s.resetting, s.waitingHead == s.waiting.count, let pages = reserve(&s, lane, command) { return .launch(pages) }
+            if !s.resetting, s.waitingHead == s.waiting.count, let pages = reserve(&s, lane, command) {
+                return .launch(pages)
+            }
             s.waiting.append(p)
             return .wait
         }
@@ -315,13 +357,19 @@ public final class VirtioBlkDriver: @unchecked Sendable {
     }
     private func descriptorCount(_ c: BlkCommand) -> Int { c.pages + 2 + (isSegmentCommand(c) ? 1 : 0) }
     /// Requests of more than one data page go through an indirect table when there is one.
-    @inline(__always) private func goesIndirect(_ lane: Lane, _ c: BlkCommand) -> Bool { lane.tables != nil && descriptorCount(c) > 3 }
-    private func ringCost(_ lane: Lane, _ c: BlkCommand) -> Int { ringDescriptors(segments: descriptorCount(c), indirect: goesIndirect(lane, c)) }
+    @inline(__always) private func goesIndirect(_ lane: Lane, _ c: BlkCommand) -> Bool {
+        lane.tables != nil && descriptorCount(c) > 3
+    }
+    private func ringCost(_ lane: Lane, _ c: BlkCommand) -> Int {
+        ringDescriptors(segments: descriptorCount(c), indirect: goesIndirect(lane, c))
+    }
 
     /// Takes pages and reserves ring descriptors, or returns nil if either is short.
     private func reserve(_ s: inout LaneState, _ lane: Lane, _ c: BlkCommand, pages given: [Int32]? = nil) -> [Int32]? {
         let descs = ringCost(lane, c)
-        guard s.queue.freeCount - s.reservedDescriptors >= descs, given != nil || s.freePages.count >= c.pages else { return nil }
+        guard s.queue.freeCount - s.reservedDescriptors >= descs, given != nil || s.freePages.count >= c.pages else {
+            return nil
+        }
         s.reservedDescriptors += descs
         if let g = given { return g }
         var pages: [Int32] = []
@@ -358,24 +406,39 @@ public final class VirtioBlkDriver: @unchecked Sendable {
             switch p.command {
             case .read(let sec, _), .write(let sec, _): sector = sec
             case .discard(let sec, let n), .writeZeroes(let sec, let n, _):
-                mem.store64(h + 16, sec); mem.store32(h + 24, n)
-                if case .writeZeroes(_, _, let unmap) = p.command { mem.store32(h + 28, unmap ? 1 : 0) } else { mem.store32(h + 28, 0) }
+                mem.store64(h + 16, sec)
+                mem.store32(h + 24, n)
+                if case .writeZeroes(_, _, let unmap) = p.command {
+                    mem.store32(h + 28, unmap ? 1 : 0)
+                } else {
+                    mem.store32(h + 28, 0)
+                }
             default: break
             }
             mem.store32(h, p.command.typeCode)
             mem.store32(h + 4, 0)
             mem.store64(h + 8, sector)
-            mem.store8(h + 32, 0xFF)     // no status yet: anything but 0/1/2 afterwards is an I/O error
+            mem.store8(h + 32, 0xFF) // no status yet: anything but 0/1/2 afterwards is an I/O error
             let isRead: Bool
-            switch p.command { case .read, .getID: isRead = true; default: isRead = false }
+            switch p.command {
+            case .read, .getID: isRead = true
+            default: isRead = false
+            }
             let seg = isSegmentCommand(p.command)
             let table = indirect ? lane.tables!.slice(at: lane.tableStride * id, length: lane.tableStride) : nil
             let got = s.queue.add(count: n, indirect: table) { k in
                 if k == 0 { return VirtqueueSegment(address: hAddr, length: 16, deviceWritable: false) }
                 if k == n - 1 { return VirtqueueSegment(address: hAddr + 32, length: 1, deviceWritable: true) }
                 if seg { return VirtqueueSegment(address: hAddr + 16, length: 16, deviceWritable: false) }
-                let len: UInt32 = { if case .getID = p.command { return 20 } else { return UInt32(k == n - 2 ? lastPageBytes : Self.pageSize) } }()
-                return VirtqueueSegment(address: arena.pageDeviceAddress(pages[k - 1]), length: len, deviceWritable: isRead)
+                let len: UInt32 = {
+                    if case .getID = p.command {
+                        return 20
+                    } else {
+                        return UInt32(k == n - 2 ? lastPageBytes : Self.pageSize)
+                    }
+                }()
+                return VirtqueueSegment(
+                    address: arena.pageDeviceAddress(pages[k - 1]), length: len, deviceWritable: isRead)
             }
             precondition(got.map(Int.init) == id, "reserved descriptors must be available")
             s.slots[id] = Slot(pages: pages, done: p.done, command: p.command, submitted: .now, retried: p.retried)
@@ -393,9 +456,12 @@ public final class VirtioBlkDriver: @unchecked Sendable {
     /// A request that starts at or past the capacity, or runs past it by a page or more (the
     /// device shrank under it), goes out whole and the device fails it.
     private func lastPageLength(_ c: BlkCommand) -> Int {
-        let sector: UInt64, pages: Int
+        let sector: UInt64
+        let pages: Int
         switch c {
-        case .read(let s, let p), .write(let s, let p): sector = s; pages = p
+        case .read(let s, let p), .write(let s, let p):
+            sector = s
+            pages = p
         default: return Self.pageSize
         }
         let cap = capacity.load(ordering: .relaxed)
@@ -409,7 +475,7 @@ public final class VirtioBlkDriver: @unchecked Sendable {
 
     private func completionLoop(_ lane: Lane, configGeneration: UInt32) {
         defer { threadsDone.signal() }
-        IOLane.set(lane.index)   // follow-up requests issued from completions stay on this queue
+        IOLane.set(lane.index) // follow-up requests issued from completions stay on this queue
         var finished: [(Slot, UInt8)] = []
         var lastGeneration = configGeneration
         let timeout = options.requestTimeoutSeconds
@@ -455,7 +521,10 @@ public final class VirtioBlkDriver: @unchecked Sendable {
     public func pollCompletions() -> Int {
         let lane = lanes[IOLane.current % lanes.count]
         lane.state.withLock { s in
-            if !s.polled { s.polled = true; s.queue.disableInterrupts() }
+            if !s.polled {
+                s.polled = true
+                s.queue.disableInterrupts()
+            }
         }
         var finished: [(Slot, UInt8)] = []
         return reap(lane, into: &finished, checkStatus: false)
@@ -489,9 +558,15 @@ public final class VirtioBlkDriver: @unchecked Sendable {
             let io = IOPages(pages: slot.pages, memory: mem, arena: arena)
             switch status {
             case 0: slot.done(.success(io))
-            case 2: stats.errors.add(1, ordering: .relaxed); slot.done(.failure(.unsupported(describe(slot.command))))
-            case 1: stats.errors.add(1, ordering: .relaxed); slot.done(.failure(.ioError("\(describe(slot.command)) failed")))
-            default: stats.errors.add(1, ordering: .relaxed); slot.done(.failure(.ioError("\(describe(slot.command)): device wrote no status")))
+            case 2:
+                stats.errors.add(1, ordering: .relaxed)
+                slot.done(.failure(.unsupported(describe(slot.command))))
+            case 1:
+                stats.errors.add(1, ordering: .relaxed)
+                slot.done(.failure(.ioError("\(describe(slot.command)) failed")))
+            default:
+                stats.errors.add(1, ordering: .relaxed)
+                slot.done(.failure(.ioError("\(describe(slot.command)): device wrote no status")))
             }
         }
         // Return pages, then start whatever now fits.
@@ -510,11 +585,16 @@ public final class VirtioBlkDriver: @unchecked Sendable {
     private func takeWaiting(_ s: inout LaneState, _ lane: Lane) -> [(Pending, [Int32])] {
         var out: [(Pending, [Int32])] = []
         guard !s.resetting else { return out }
-        while s.waitingHead < s.waiting.count, let pages = reserve(&s, lane, s.waiting[s.waitingHead].command, pages: s.waiting[s.waitingHead].pages) {
+        while s.waitingHead < s.waiting.count,
+            let pages = reserve(&s, lane, s.waiting[s.waitingHead].command, pages: s.waiting[s.waitingHead].pages)
+        {
             out.append((s.waiting[s.waitingHead], pages))
             s.waitingHead += 1
         }
-        if s.waitingHead == s.waiting.count { s.waiting.removeAll(keepingCapacity: true); s.waitingHead = 0 }
+        if s.waitingHead == s.waiting.count {
+            s.waiting.removeAll(keepingCapacity: true)
+            s.waitingHead = 0
+        }
         return out
     }
 
@@ -557,8 +637,11 @@ public final class VirtioBlkDriver: @unchecked Sendable {
     /// Every virtio-blk request is idempotent, so each one in flight is resubmitted once; one that
     /// already was, and everything when the reset itself fails, completes with an error.
     private func recover(reason: String, seenEpoch: Int) {
-        recovery.lock(); defer { recovery.unlock() }
-        guard epoch.load(ordering: .acquiring) == seenEpoch, lanes.allSatisfy({ l in l.state.withLock { $0.broken == nil && !$0.closing } }) else { return }
+        recovery.lock()
+        defer { recovery.unlock() }
+        guard epoch.load(ordering: .acquiring) == seenEpoch,
+            lanes.allSatisfy({ l in l.state.withLock { $0.broken == nil && !$0.closing } })
+        else { return }
         logger.warning("resetting the virtio-blk device: \(reason)")
         stats.resets.add(1, ordering: .relaxed)
         var retry: [(Lane, Pending, [Int32])] = []
@@ -574,7 +657,12 @@ public final class VirtioBlkDriver: @unchecked Sendable {
                         s.freePages.append(contentsOf: sl.pages)
                         s.inFlight -= 1
                     } else {
-                        retry.append((lane, Pending(command: sl.command, fill: nil, done: sl.done, pages: sl.pages, retried: true), sl.pages))
+                        retry.append(
+                            (
+                                lane,
+                                Pending(command: sl.command, fill: nil, done: sl.done, pages: sl.pages, retried: true),
+                                sl.pages
+                            ))
                     }
                 }
             }
@@ -587,8 +675,9 @@ public final class VirtioBlkDriver: @unchecked Sendable {
             for lane in lanes {
                 let d = try lane.state.withLock { s in
                     s.queue.reset()
-                    return try transport.setupQueue(lane.index, size: queueSize, descriptors: lane.addresses.descriptors,
-                                                    driverArea: lane.addresses.driverArea, deviceArea: lane.addresses.deviceArea)
+                    return try transport.setupQueue(
+                        lane.index, size: queueSize, descriptors: lane.addresses.descriptors,
+                        driverArea: lane.addresses.driverArea, deviceArea: lane.addresses.deviceArea)
                 }
                 lane.state.withLock { $0.doorbells = d }
             }
@@ -606,11 +695,15 @@ public final class VirtioBlkDriver: @unchecked Sendable {
                     s.resetting = false
                     for i in s.waitingHead..<s.waiting.count { fail.append((s.waiting[i].done, .deviceBroken(why))) }
                     s.inFlight -= s.waiting.count - s.waitingHead
-                    s.waiting.removeAll(); s.waitingHead = 0
+                    s.waiting.removeAll()
+                    s.waitingHead = 0
                 }
             }
             for (lane, p, pages) in retry {
-                lane.state.withLock { s in s.freePages.append(contentsOf: pages); s.inFlight -= 1 }
+                lane.state.withLock { s in
+                    s.freePages.append(contentsOf: pages)
+                    s.inFlight -= 1
+                }
                 fail.append((p.done, .deviceBroken(why)))
             }
             for (d, e) in fail { d(.failure(e)) }

@@ -1,8 +1,9 @@
+import CVirtShim
 // What the emulated disk stores its blocks in. The device thread is the only caller.
 import Virtio
-import CVirtShim
+
 #if canImport(Glibc)
-import Glibc
+    import Glibc
 #endif
 
 public enum BackendError: Error, CustomStringConvertible {
@@ -15,10 +16,16 @@ public enum BackendError: Error, CustomStringConvertible {
     case io(op: String, errno: Int32)
     public var description: String {
         switch self {
-        case .open(let p, let e): return "cannot open \(p): \(String(cString: strerror(e))); check the path and permissions (use -r for a read-only file)"
+        case .open(let p, let e):
+            return
+                "cannot open \(p): \(String(cString: strerror(e))); check the path and permissions (use -r for a read-only file)"
         case .notRegular(let p): return "\(p) is not a regular file or block device"
-        case .badSize(let p, let s): return s == 0 ? "\(p) is empty; an export needs at least 1 byte (give the file a size first, e.g. truncate -s 64M \(p))" : "\(p) reports a size of \(s) bytes"
-        case .sizeMismatch(let p, let s, let w): return "\(p) already exists with \(s) bytes, not \(w); an existing image is never resized"
+        case .badSize(let p, let s):
+            return s == 0
+                ? "\(p) is empty; an export needs at least 1 byte (give the file a size first, e.g. truncate -s 64M \(p))"
+                : "\(p) reports a size of \(s) bytes"
+        case .sizeMismatch(let p, let s, let w):
+            return "\(p) already exists with \(s) bytes, not \(w); an existing image is never resized"
         case .emptyRAM: return "a RAM disk needs at least 1 byte"
         case .io(let op, let e): return "\(op): \(String(cString: strerror(e)))"
         }
@@ -44,7 +51,8 @@ public final class RAMBackend: BlockBackend {
     let store: SharedMemory
     public init(size: UInt64, readOnly: Bool = false) throws {
         guard size >= 1 else { throw BackendError.emptyRAM }
-        self.size = size; self.readOnly = readOnly
+        self.size = size
+        self.readOnly = readOnly
         store = try SharedMemory(size: Int(size), deviceBase: 0, name: "virtnbd-ram")
     }
     public func read(at: UInt64, into mem: SharedMemory, offset: Int, count: Int) throws {
@@ -55,7 +63,9 @@ public final class RAMBackend: BlockBackend {
     }
     public func flush() throws {}
     public func discard(at: UInt64, count: UInt64) throws { store.punchHole(Int(at), count: Int(count)) }
-    public func writeZeroes(at: UInt64, count: UInt64, unmap: Bool) throws { store.punchHole(Int(at), count: Int(count)) }
+    public func writeZeroes(at: UInt64, count: UInt64, unmap: Bool) throws {
+        store.punchHole(Int(at), count: Int(count))
+    }
 }
 
 /// Blocks in a raw file (sparse where the filesystem allows). FLUSH is fdatasync.
@@ -68,7 +78,8 @@ public final class FileBackend: BlockBackend {
     /// Opens `path`. With `createSize` a missing file is created sparse with that size, and an
     /// existing one must already have exactly that size: an image is never resized (`.sizeMismatch`).
     public init(path: String, readOnly: Bool, createSize: UInt64? = nil) throws {
-        self.path = path; self.readOnly = readOnly
+        self.path = path
+        self.readOnly = readOnly
         var fd: Int32 = -1
         var created = false
         if createSize != nil && !readOnly {
@@ -78,14 +89,21 @@ public final class FileBackend: BlockBackend {
         if fd < 0 { fd = open(path, (readOnly ? O_RDONLY : O_RDWR) | O_CLOEXEC) }
         guard fd >= 0 else { throw BackendError.open(path: path, errno: errno) }
         var st = stat()
-        guard fstat(fd, &st) == 0 else { close(fd); throw BackendError.io(op: "fstat \(path)", errno: errno) }
-        guard (st.st_mode & S_IFMT) == S_IFREG else { close(fd); throw BackendError.notRegular(path: path) }
+        guard fstat(fd, &st) == 0 else {
+            close(fd)
+            throw BackendError.io(op: "fstat \(path)", errno: errno)
+        }
+        guard (st.st_mode & S_IFMT) == S_IFREG else {
+            close(fd)
+            throw BackendError.notRegular(path: path)
+        }
         var sz = Int64(st.st_size)
         if let want = createSize {
             if created {
                 guard ftruncate(fd, off_t(want)) == 0 else {
                     let e = errno
-                    close(fd); unlink(path)
+                    close(fd)
+                    unlink(path)
                     throw BackendError.io(op: "ftruncate \(path)", errno: e)
                 }
                 sz = Int64(want)
@@ -95,7 +113,10 @@ public final class FileBackend: BlockBackend {
             }
         }
         // Served to the byte: the file's size need not be a multiple of 4 KiB or of a sector.
-        guard sz >= 1 else { close(fd); throw BackendError.badSize(path: path, size: sz) }
+        guard sz >= 1 else {
+            close(fd)
+            throw BackendError.badSize(path: path, size: sz)
+        }
         self.fd = fd
         self.size = UInt64(sz)
     }
@@ -103,7 +124,8 @@ public final class FileBackend: BlockBackend {
 
     /// The file's holes (lseek SEEK_HOLE / SEEK_DATA), within the exported size.
     public func holes() -> [Range<UInt64>] {
-        let seekData: Int32 = 3, seekHole: Int32 = 4     // <unistd.h> with _GNU_SOURCE
+        let seekData: Int32 = 3
+        let seekHole: Int32 = 4 // <unistd.h> with _GNU_SOURCE
         var out: [Range<UInt64>] = []
         var pos: off_t = 0
         let end = off_t(size)
@@ -111,7 +133,7 @@ public final class FileBackend: BlockBackend {
             let hole = lseek(fd, pos, seekHole)
             if hole < 0 || hole >= end { break }
             var data = lseek(fd, hole, seekData)
-            if data < 0 || data > end { data = end }     // ENXIO: a hole runs to EOF
+            if data < 0 || data > end { data = end } // ENXIO: a hole runs to EOF
             if data > hole { out.append(UInt64(hole)..<UInt64(data)) }
             pos = data
         }

@@ -36,14 +36,19 @@ final class DevicePackedQueue: DeviceVirtqueue {
         guard PackedRingLayout.isValidSize(size) else { return nil }
         let l = PackedRingLayout(size: size)
         guard descAddr % 16 == 0, driverAddr % 4 == 0, deviceAddr % 4 == 0,
-              let d = mem.offset(ofDeviceAddress: descAddr, length: l.descriptorRingBytes),
-              let dr = mem.offset(ofDeviceAddress: driverAddr, length: PackedRingLayout.eventSuppressionBytes),
-              let dv = mem.offset(ofDeviceAddress: deviceAddr, length: PackedRingLayout.eventSuppressionBytes) else { return nil }
+            let d = mem.offset(ofDeviceAddress: descAddr, length: l.descriptorRingBytes),
+            let dr = mem.offset(ofDeviceAddress: driverAddr, length: PackedRingLayout.eventSuppressionBytes),
+            let dv = mem.offset(ofDeviceAddress: deviceAddr, length: PackedRingLayout.eventSuppressionBytes)
+        else { return nil }
         // The device event suppression area is written by the device on every notification
         // change; inside the descriptor ring those stores would flip AVAIL bits and the device
         // would feed itself forever (see DeviceSplitQueue). Such a queue stays disabled.
         guard !overlaps(dv, PackedRingLayout.eventSuppressionBytes, d, l.descriptorRingBytes) else { return nil }
-        self.mem = mem; self.size = size; desc = d; driverEvent = dr; deviceEvent = dv
+        self.mem = mem
+        self.size = size
+        desc = d
+        driverEvent = dr
+        deviceEvent = dv
         inFlight = [Bool](repeating: false, count: size)
     }
 
@@ -62,12 +67,20 @@ final class DevicePackedQueue: DeviceVirtqueue {
         // whole ring, and every descriptor in it must have been made available in this lap
         // (§2.8.17.1: the driver exposes the head only after the rest).
         var slots = 1
-        var position = lastAvail, wrap = availWrap, flags = headFlags
+        var position = lastAvail
+        var wrap = availWrap
+        var flags = headFlags
         var extentFault: ChainFault?
         while flags & DescriptorFlags.next != 0 {
-            guard slots < size else { extentFault = .unterminated(head: head); break }
+            guard slots < size else {
+                extentFault = .unterminated(head: head)
+                break
+            }
             position += 1
-            if position == size { position = 0; wrap.toggle() }
+            if position == size {
+                position = 0
+                wrap.toggle()
+            }
             let f = mem.load16(descOffset(position) + 14)
             guard PackedRingLayout.isAvailable(f, wrap: wrap) else {
                 // The slot after the last available one: the chain runs off what the driver exposed.
@@ -86,8 +99,13 @@ final class DevicePackedQueue: DeviceVirtqueue {
         // Consume the slots before walking, so that a faulty chain is still skipped as a whole.
         let first = lastAvail
         lastAvail += slots
-        if lastAvail >= size { lastAvail -= size; availWrap.toggle() }
-        if eventIndex && notificationsOn { mem.store16(deviceEvent, PackedRingLayout.offWrap(position: lastAvail, wrap: availWrap)) }
+        if lastAvail >= size {
+            lastAvail -= size
+            availWrap.toggle()
+        }
+        if eventIndex && notificationsOn {
+            mem.store16(deviceEvent, PackedRingLayout.offWrap(position: lastAvail, wrap: availWrap))
+        }
 
         chain.reset(head: id)
         chain.ringSlots = slots
@@ -103,7 +121,9 @@ final class DevicePackedQueue: DeviceVirtqueue {
         for _ in 0..<slots {
             let o = descOffset(position)
             let index = UInt16(truncatingIfNeeded: position)
-            let addr = mem.load64(o), len = mem.load32(o + 8), flags = mem.load16(o + 14)
+            let addr = mem.load64(o)
+            let len = mem.load32(o + 8)
+            let flags = mem.load16(o + 14)
             if flags & DescriptorFlags.indirect != 0 {
                 guard indirect else { throw .indirectNotNegotiated(index: index) }
                 // §2.8.19.1: no INDIRECT descriptor inside a list linked by NEXT; WRITE on it is ignored.
@@ -111,7 +131,8 @@ final class DevicePackedQueue: DeviceVirtqueue {
                 try walkIndirectTable(mem: mem, address: addr, length: len, index: index, packed: true, into: &chain)
                 return
             }
-            try chain.append(mem: mem, address: addr, length: len, writable: flags & DescriptorFlags.write != 0, index: index)
+            try chain.append(
+                mem: mem, address: addr, length: len, writable: flags & DescriptorFlags.write != 0, index: index)
             position += 1
             if position == size { position = 0 }
         }
@@ -128,7 +149,10 @@ final class DevicePackedQueue: DeviceVirtqueue {
         let slots = min(max(ringSlots, 1), size)
         pendingSlots += slots
         usedPos += slots
-        if usedPos >= size { usedPos -= size; usedWrap.toggle() }   // toggle after using the last slot
+        if usedPos >= size {
+            usedPos -= size
+            usedWrap.toggle()
+        } // toggle after using the last slot
         if Int(id) < size { inFlight[Int(id)] = false }
     }
 
@@ -136,16 +160,17 @@ final class DevicePackedQueue: DeviceVirtqueue {
     /// release semantics) and returns whether the driver wants an interrupt (§2.8.10, §2.8.22).
     func publishUsed() -> Bool {
         guard let first = pendingUsed.first else { return false }
-        Fence.release()                                   // ids and lengths before any flags
+        Fence.release() // ids and lengths before any flags
         for u in pendingUsed.dropFirst().reversed() { mem.store16(u.offset + 14, u.flags) }
         mem.store16Release(first.offset + 14, first.flags)
         pendingUsed.removeAll(keepingCapacity: true)
         let added = pendingSlots
         pendingSlots = 0
-        Fence.full()                                      // flags before reading the driver's suppression state
+        Fence.full() // flags before reading the driver's suppression state
         let flags = mem.load16(driverEvent + 2) & 3
         if eventIndex && flags == RingEventFlags.desc {
-            return PackedRingLayout.needEvent(offWrap: mem.load16(driverEvent), new: usedPos, wrap: usedWrap, added: added, size: size)
+            return PackedRingLayout.needEvent(
+                offWrap: mem.load16(driverEvent), new: usedPos, wrap: usedWrap, added: added, size: size)
         }
         return flags != RingEventFlags.disable
     }
@@ -170,7 +195,9 @@ final class DevicePackedQueue: DeviceVirtqueue {
         }
     }
 
-    var hasAvailable: Bool { PackedRingLayout.isAvailable(mem.load16Acquire(descOffset(lastAvail) + 14), wrap: availWrap) }
+    var hasAvailable: Bool {
+        PackedRingLayout.isAvailable(mem.load16Acquire(descOffset(lastAvail) + 14), wrap: availWrap)
+    }
 
     /// Whether buffer `id` is popped and not yet pushed back (for tests).
     func isInFlight(_ id: UInt16) -> Bool { Int(id) < size && inFlight[Int(id)] }

@@ -30,12 +30,14 @@ public enum ChainFault: Error, Equatable, CustomStringConvertible {
         case .indexOutOfRange(let i): return "descriptor index \(i) is outside the table"
         case .loop(let h): return "chain from \(h) is longer than the queue (a loop)"
         case .addressOutOfRange(let a, let l): return "buffer 0x\(String(a, radix: 16))+\(l) lies outside driver memory"
-        case .readableAfterWritable(let i): return "descriptor \(i) is device-readable but follows a device-writable one"
+        case .readableAfterWritable(let i):
+            return "descriptor \(i) is device-readable but follows a device-writable one"
         case .indirectNotNegotiated(let i): return "descriptor \(i) is INDIRECT, which was not negotiated"
         case .tooLong(let b): return "chain totals \(b) bytes, more than 2^32"
         case .badIndirect(let i, let why): return "indirect descriptor \(i): \(why)"
         case .unterminated(let h): return "chain from \(h) never clears NEXT within the ring"
-        case .notAvailable(let h, let i): return "chain from \(h) continues into descriptor \(i), which the driver has not made available"
+        case .notAvailable(let h, let i):
+            return "chain from \(h) continues into descriptor \(i), which the driver has not made available"
         }
     }
 }
@@ -48,9 +50,11 @@ public enum QueueFault: Error, Equatable, CustomStringConvertible {
     case badBufferID(UInt16)
     public var description: String {
         switch self {
-        case .availIndexRunaway(let a, let l, let n): return "avail.idx jumped from \(l) to \(a), more than the queue size \(n)"
+        case .availIndexRunaway(let a, let l, let n):
+            return "avail.idx jumped from \(l) to \(a), more than the queue size \(n)"
         case .headOutOfRange(let h): return "avail ring names head \(h), outside the table"
-        case .badBufferID(let id): return "packed ring names buffer id \(id), which is out of range or already in flight"
+        case .badBufferID(let id):
+            return "packed ring names buffer id \(id), which is out of range or already in flight"
         }
     }
 }
@@ -71,12 +75,16 @@ struct DescriptorChain {
         self.head = head
         ringSlots = 1
         fault = nil
-        readable.removeAll(keepingCapacity: true); writable.removeAll(keepingCapacity: true)
-        readableBytes = 0; writableBytes = 0
+        readable.removeAll(keepingCapacity: true)
+        writable.removeAll(keepingCapacity: true)
+        readableBytes = 0
+        writableBytes = 0
     }
 
     /// Adds one buffer after checking it lies in memory and keeps readable-before-writable order.
-    mutating func append(mem: SharedMemory, address: UInt64, length: UInt32, writable w: Bool, index: UInt16) throws(ChainFault) {
+    mutating func append(mem: SharedMemory, address: UInt64, length: UInt32, writable w: Bool, index: UInt16)
+        throws(ChainFault)
+    {
         guard let off = mem.offset(ofDeviceAddress: address, length: Int(length)) else {
             throw .addressOutOfRange(address: address, length: length)
         }
@@ -116,9 +124,13 @@ protocol DeviceVirtqueue: AnyObject {
 }
 
 /// Walks an indirect table (§2.7.5.3.1 for split; `packed` selects the §2.8.19 layout) into `chain`.
-func walkIndirectTable(mem: SharedMemory, address: UInt64, length: UInt32, index: UInt16, packed: Bool,
-                       into chain: inout DescriptorChain) throws(ChainFault) {
-    guard length > 0, length % 16 == 0 else { throw .badIndirect(index: index, reason: "table length \(length) is not a non-zero multiple of 16") }
+func walkIndirectTable(
+    mem: SharedMemory, address: UInt64, length: UInt32, index: UInt16, packed: Bool,
+    into chain: inout DescriptorChain
+) throws(ChainFault) {
+    guard length > 0, length % 16 == 0 else {
+        throw .badIndirect(index: index, reason: "table length \(length) is not a non-zero multiple of 16")
+    }
     guard let table = mem.offset(ofDeviceAddress: address, length: Int(length)) else {
         throw .addressOutOfRange(address: address, length: length)
     }
@@ -129,10 +141,14 @@ func walkIndirectTable(mem: SharedMemory, address: UInt64, length: UInt32, index
         guard ttl > 0 else { throw .badIndirect(index: index, reason: "the table's chain loops") }
         ttl -= 1
         let o = table + 16 * i
-        let addr = mem.load64(o), len = mem.load32(o + 8)
+        let addr = mem.load64(o)
+        let len = mem.load32(o + 8)
         let flags = packed ? mem.load16(o + 14) : mem.load16(o + 12)
-        if flags & DescriptorFlags.indirect != 0 { throw .badIndirect(index: index, reason: "entry \(i) is itself INDIRECT") }
-        try chain.append(mem: mem, address: addr, length: len, writable: flags & DescriptorFlags.write != 0, index: index)
+        if flags & DescriptorFlags.indirect != 0 {
+            throw .badIndirect(index: index, reason: "entry \(i) is itself INDIRECT")
+        }
+        try chain.append(
+            mem: mem, address: addr, length: len, writable: flags & DescriptorFlags.write != 0, index: index)
         if packed {
             // Packed tables are sequential: every entry is used, NEXT is not (§2.8.19).
             i += 1
@@ -140,7 +156,10 @@ func walkIndirectTable(mem: SharedMemory, address: UInt64, length: UInt32, index
         } else {
             if flags & DescriptorFlags.next == 0 { return }
             let next = Int(mem.load16(o + 14))
-            guard next < entries else { throw .badIndirect(index: index, reason: "entry \(i) points to \(next), outside the \(entries)-entry table") }
+            guard next < entries else {
+                throw .badIndirect(
+                    index: index, reason: "entry \(i) points to \(next), outside the \(entries)-entry table")
+            }
             i = next
         }
     }
@@ -161,25 +180,34 @@ final class DeviceSplitQueue: DeviceVirtqueue {
         guard SplitRingLayout.isValidSize(size) else { return nil }
         let l = SplitRingLayout(size: size)
         guard descAddr % 16 == 0, driverAddr % 2 == 0, deviceAddr % 4 == 0,
-              let d = mem.offset(ofDeviceAddress: descAddr, length: l.descriptorTableBytes),
-              let a = mem.offset(ofDeviceAddress: driverAddr, length: l.availBytes),
-              let u = mem.offset(ofDeviceAddress: deviceAddr, length: l.usedBytes) else { return nil }
+            let d = mem.offset(ofDeviceAddress: descAddr, length: l.descriptorTableBytes),
+            let a = mem.offset(ofDeviceAddress: driverAddr, length: l.availBytes),
+            let u = mem.offset(ofDeviceAddress: deviceAddr, length: l.usedBytes)
+        else { return nil }
         // The used ring is the one area the device writes; if it overlapped the descriptor table
         // or the avail ring, the device's own used.idx / used.flags / avail_event stores would
         // make new buffers appear, and the device thread would feed itself forever (found by the
         // device fuzz target). The spec does not name this case; such a queue stays disabled.
-        guard !overlaps(u, l.usedBytes, d, l.descriptorTableBytes), !overlaps(u, l.usedBytes, a, l.availBytes) else { return nil }
-        self.mem = mem; self.size = size; desc = d; avail = a; used = u
+        guard !overlaps(u, l.usedBytes, d, l.descriptorTableBytes), !overlaps(u, l.usedBytes, a, l.availBytes) else {
+            return nil
+        }
+        self.mem = mem
+        self.size = size
+        desc = d
+        avail = a
+        used = u
     }
 
     /// The next available head, nil when the ring is empty.
     func popHead() throws(QueueFault) -> UInt16? {
         let idx = mem.load16Acquire(avail + 2)
         if idx == lastAvail { return nil }
-        guard Int(idx &- lastAvail) <= size else { throw .availIndexRunaway(avail: idx, lastSeen: lastAvail, size: size) }
+        guard Int(idx &- lastAvail) <= size else {
+            throw .availIndexRunaway(avail: idx, lastSeen: lastAvail, size: size)
+        }
         let head = mem.load16(avail + 4 + 2 * (Int(lastAvail) & (size - 1)))
         lastAvail &+= 1
-        if eventIndex { mem.store16(used + 4 + 8 * size, lastAvail) }   // avail_event
+        if eventIndex { mem.store16(used + 4 + 8 * size, lastAvail) } // avail_event
         guard Int(head) < size else { throw .headOutOfRange(head) }
         return head
     }
@@ -201,15 +229,21 @@ final class DeviceSplitQueue: DeviceVirtqueue {
             guard ttl > 0 else { throw .loop(head: head) }
             ttl -= 1
             let o = desc + 16 * Int(i)
-            let addr = mem.load64(o), len = mem.load32(o + 8), flags = mem.load16(o + 12), next = mem.load16(o + 14)
+            let addr = mem.load64(o)
+            let len = mem.load32(o + 8)
+            let flags = mem.load16(o + 12)
+            let next = mem.load16(o + 14)
             if flags & DescriptorFlags.indirect != 0 {
                 guard indirect else { throw .indirectNotNegotiated(index: i) }
                 // §2.7.5.3.1: the driver must not set NEXT with INDIRECT; the table ends the chain.
-                guard flags & DescriptorFlags.next == 0 else { throw .badIndirect(index: i, reason: "INDIRECT together with NEXT") }
+                guard flags & DescriptorFlags.next == 0 else {
+                    throw .badIndirect(index: i, reason: "INDIRECT together with NEXT")
+                }
                 try walkIndirectTable(mem: mem, address: addr, length: len, index: i, packed: false, into: &chain)
                 return
             }
-            try chain.append(mem: mem, address: addr, length: len, writable: flags & DescriptorFlags.write != 0, index: i)
+            try chain.append(
+                mem: mem, address: addr, length: len, writable: flags & DescriptorFlags.write != 0, index: i)
             if flags & DescriptorFlags.next == 0 { return }
             i = next
         }
@@ -235,7 +269,7 @@ final class DeviceSplitQueue: DeviceVirtqueue {
             let usedEvent = mem.load16(avail + 4 + 2 * size)
             return SplitVirtqueue.needEvent(event: usedEvent, new: usedIdx, old: old)
         }
-        return mem.load16(avail) & 1 == 0   // VIRTQ_AVAIL_F_NO_INTERRUPT
+        return mem.load16(avail) & 1 == 0 // VIRTQ_AVAIL_F_NO_INTERRUPT
     }
 
     /// Without EVENT_IDX: VIRTQ_USED_F_NO_NOTIFY while the device is busy anyway.

@@ -36,7 +36,10 @@ public struct EmulatorConfiguration: Sendable {
     /// kick and interrupt eventfds and its own device thread.
     public var queues = 4
     /// Features the device offers; the RO bit is added for read-only backends, MQ for several queues.
-    public var features: VirtioFeatures = [.version1, .blkSizeMax, .blkSegMax, .blkBlkSize, .blkFlush, .blkDiscard, .blkWriteZeroes, .eventIdx, .indirectDesc, .ringPacked]
+    public var features: VirtioFeatures = [
+        .version1, .blkSizeMax, .blkSegMax, .blkBlkSize, .blkFlush, .blkDiscard, .blkWriteZeroes, .eventIdx,
+        .indirectDesc, .ringPacked,
+    ]
     public var segMax: UInt32 = 254
     public var sizeMax: UInt32 = 1 << 20
     public var maxDiscardSectors: UInt32 = 1 << 22
@@ -51,15 +54,15 @@ public struct EmulatorConfiguration: Sendable {
 }
 
 #if DEBUG
-/// Misbehaviour on purpose, for the driver's recovery tests. Debug builds only: a release binary
-/// has no way to make its device misbehave.
-public struct EmulatorFaults: Sendable {
-    /// Requests (counted from 1 over all queues) the device takes but never completes.
-    public var swallow: Set<Int> = []
-    /// After this many requests the device sets DEVICE_NEEDS_RESET (once).
-    public var needsResetAfter: Int?
-    public init() {}
-}
+    /// Misbehaviour on purpose, for the driver's recovery tests. Debug builds only: a release binary
+    /// has no way to make its device misbehave.
+    public struct EmulatorFaults: Sendable {
+        /// Requests (counted from 1 over all queues) the device takes but never completes.
+        public var swallow: Set<Int> = []
+        /// After this many requests the device sets DEVICE_NEEDS_RESET (once).
+        public var needsResetAfter: Int?
+        public init() {}
+    }
 #endif
 
 public final class VirtioBlkEmulator: MMIOBus, @unchecked Sendable {
@@ -81,7 +84,13 @@ public final class VirtioBlkEmulator: MMIOBus, @unchecked Sendable {
     private let logger: Logger
 
     /// Register state, shared by driver threads (register accesses) and the device threads.
-    private struct QueueRegs { var num: UInt32 = 0; var ready = false; var desc: UInt64 = 0; var driver: UInt64 = 0; var device: UInt64 = 0 }
+    private struct QueueRegs {
+        var num: UInt32 = 0
+        var ready = false
+        var desc: UInt64 = 0
+        var driver: UInt64 = 0
+        var device: UInt64 = 0
+    }
     private struct Registers {
         var status: UInt32 = 0
         var deviceFeaturesSel: UInt32 = 0
@@ -96,13 +105,16 @@ public final class VirtioBlkEmulator: MMIOBus, @unchecked Sendable {
         var configSpace: [UInt8]
         var capacityBytes: UInt64
         #if DEBUG
-        var faults = EmulatorFaults()
-        var requests = 0
+            var faults = EmulatorFaults()
+            var requests = 0
         #endif
         init(queues n: Int, memory: SharedMemory?, generation: UInt32, configSpace: [UInt8], capacityBytes: UInt64) {
             queues = Array(repeating: QueueRegs(), count: n)
             live = Array(repeating: nil, count: n)
-            self.memory = memory; self.generation = generation; self.configSpace = configSpace; self.capacityBytes = capacityBytes
+            self.memory = memory
+            self.generation = generation
+            self.configSpace = configSpace
+            self.capacityBytes = capacityBytes
         }
     }
     private let regs: Locked<Registers>
@@ -115,13 +127,20 @@ public final class VirtioBlkEmulator: MMIOBus, @unchecked Sendable {
     private var threads: [Thread] = []
     private let done = DispatchSemaphore(value: 0)
 
-    public init(backend: BlockBackend, configuration: EmulatorConfiguration = .init(), logger: Logger = Logger(label: "virtnbd.emulator")) throws {
+    public init(
+        backend: BlockBackend, configuration: EmulatorConfiguration = .init(),
+        logger: Logger = Logger(label: "virtnbd.emulator")
+    ) throws {
         self.backend = backend
         self.config = configuration
         self.logger = logger
         let n = max(1, min(configuration.queues, 64))
         var f = configuration.features
-        if backend.readOnly { f.insert(.blkRO); f.remove(.blkDiscard); f.remove(.blkWriteZeroes) }
+        if backend.readOnly {
+            f.insert(.blkRO)
+            f.remove(.blkDiscard)
+            f.remove(.blkWriteZeroes)
+        }
         if n > 1 { f.insert(.blkMQ) } else { f.remove(.blkMQ) }
         offered = f
         interrupts = try (0..<n).map { _ in try EventFD() }
@@ -130,12 +149,14 @@ public final class VirtioBlkEmulator: MMIOBus, @unchecked Sendable {
         stopFD = try EventFD()
         deviceBytes = (backend.size + 511) & ~511
         capacity = Atomic(deviceBytes)
-        regs = Locked(Registers(queues: n, memory: nil, generation: 0,
-                               configSpace: Self.makeConfig(capacitySectors: deviceBytes / 512, queues: n, c: configuration),
-                               capacityBytes: deviceBytes))
+        regs = Locked(
+            Registers(
+                queues: n, memory: nil, generation: 0,
+                configSpace: Self.makeConfig(capacitySectors: deviceBytes / 512, queues: n, c: configuration),
+                capacityBytes: deviceBytes))
         for q in 0..<n {
             let t = Thread { [unowned self] in self.run(queue: q) }
-            t.name = "virtio-blk-dev\(q)"   // ≤ 15 bytes: Linux thread names
+            t.name = "virtio-blk-dev\(q)" // ≤ 15 bytes: Linux thread names
             threads.append(t)
             t.start()
         }
@@ -151,7 +172,12 @@ public final class VirtioBlkEmulator: MMIOBus, @unchecked Sendable {
         for _ in threads { done.wait() }
         threads = []
     }
-    deinit { if !threads.isEmpty { stopFD.signal(); for _ in threads { done.wait() } } }
+    deinit {
+        if !threads.isEmpty {
+            stopFD.signal()
+            for _ in threads { done.wait() }
+        }
+    }
 
     /// Changes the capacity the device reports (e.g. after the backing store grew), bumps the
     /// config generation and raises a configuration-change interrupt (§2.5.1, §4.2.2 ISR bit 1).
@@ -167,31 +193,36 @@ public final class VirtioBlkEmulator: MMIOBus, @unchecked Sendable {
     }
 
     #if DEBUG
-    /// Installs misbehaviour for recovery tests (debug builds only).
-    public func inject(_ faults: EmulatorFaults) {
-        regs.withLock { $0.faults = faults; $0.requests = 0 }
-        faultsArmed.store(!faults.swallow.isEmpty || faults.needsResetAfter != nil, ordering: .releasing)
-    }
-    /// Whether `inject` armed anything: without faults the per-request hook takes no lock (the
-    /// register lock is shared by every queue's thread).
-    private let faultsArmed = Atomic<Bool>(false)
+        /// Installs misbehaviour for recovery tests (debug builds only).
+        public func inject(_ faults: EmulatorFaults) {
+            regs.withLock {
+                $0.faults = faults
+                $0.requests = 0
+            }
+            faultsArmed.store(!faults.swallow.isEmpty || faults.needsResetAfter != nil, ordering: .releasing)
+        }
+        /// Whether `inject` armed anything: without faults the per-request hook takes no lock (the
+        /// register lock is shared by every queue's thread).
+        private let faultsArmed = Atomic<Bool>(false)
     #endif
 
     /// Config space layout (§5.2.4).
     static func makeConfig(capacitySectors: UInt64, queues: Int, c: EmulatorConfiguration) -> [UInt8] {
         var b = [UInt8](repeating: 0, count: 60)
-        func put(_ off: Int, _ v: UInt64, _ w: Int) { for i in 0..<w { b[off + i] = UInt8(truncatingIfNeeded: v >> (8 * UInt64(i))) } }
+        func put(_ off: Int, _ v: UInt64, _ w: Int) {
+            for i in 0..<w { b[off + i] = UInt8(truncatingIfNeeded: v >> (8 * UInt64(i))) }
+        }
         put(0, capacitySectors, 8)
         put(8, UInt64(c.sizeMax), 4)
         put(12, UInt64(c.segMax), 4)
-        put(20, 4096, 4)                         // blk_size
-        put(34, UInt64(queues), 2)               // num_queues
+        put(20, 4096, 4) // blk_size
+        put(34, UInt64(queues), 2) // num_queues
         put(36, UInt64(c.maxDiscardSectors), 4)
-        put(40, 1, 4)                            // max_discard_seg
-        put(44, 8, 4)                            // discard_sector_alignment (4 KiB)
+        put(40, 1, 4) // max_discard_seg
+        put(44, 8, 4) // discard_sector_alignment (4 KiB)
         put(48, UInt64(c.maxWriteZeroesSectors), 4)
-        put(52, 1, 4)                            // max_write_zeroes_seg
-        put(56, 1, 1)                            // write_zeroes_may_unmap
+        put(52, 1, 4) // max_write_zeroes_seg
+        put(56, 1, 1) // write_zeroes_may_unmap
         return b
     }
 
@@ -211,9 +242,10 @@ public final class VirtioBlkEmulator: MMIOBus, @unchecked Sendable {
             case MMIORegister.magic: return MMIORegister.magicValue
             case MMIORegister.version: return 2
             case MMIORegister.deviceID: return 2
-            case MMIORegister.vendorID: return 0x564E_4244   // "VNBD"
+            case MMIORegister.vendorID: return 0x564E_4244 // "VNBD"
             case MMIORegister.deviceFeatures:
-                return r.deviceFeaturesSel == 0 ? UInt32(truncatingIfNeeded: offered.rawValue)
+                return r.deviceFeaturesSel == 0
+                    ? UInt32(truncatingIfNeeded: offered.rawValue)
                     : r.deviceFeaturesSel == 1 ? UInt32(truncatingIfNeeded: offered.rawValue >> 32) : 0
             case MMIORegister.queueNumMax: return valid ? UInt32(config.maxQueueSize) : 0
             case MMIORegister.queueNum: return valid ? r.queues[sel].num : 0
@@ -240,8 +272,11 @@ public final class VirtioBlkEmulator: MMIOBus, @unchecked Sendable {
             case MMIORegister.deviceFeaturesSel: r.deviceFeaturesSel = value
             case MMIORegister.driverFeaturesSel: r.driverFeaturesSel = value
             case MMIORegister.driverFeatures:
-                if r.driverFeaturesSel == 0 { r.driverFeatures = (r.driverFeatures & ~0xFFFF_FFFF) | UInt64(value) }
-                else if r.driverFeaturesSel == 1 { r.driverFeatures = (r.driverFeatures & 0xFFFF_FFFF) | UInt64(value) << 32 }
+                if r.driverFeaturesSel == 0 {
+                    r.driverFeatures = (r.driverFeatures & ~0xFFFF_FFFF) | UInt64(value)
+                } else if r.driverFeaturesSel == 1 {
+                    r.driverFeatures = (r.driverFeatures & 0xFFFF_FFFF) | UInt64(value) << 32
+                }
             case MMIORegister.queueSel: r.queueSel = value
             case MMIORegister.queueNum where valid: r.queues[sel].num = value
             case MMIORegister.queueDescLow where valid: low(&r.queues[sel].desc)
@@ -251,13 +286,18 @@ public final class VirtioBlkEmulator: MMIOBus, @unchecked Sendable {
             case MMIORegister.queueDeviceLow where valid: low(&r.queues[sel].device)
             case MMIORegister.queueDeviceHigh where valid: high(&r.queues[sel].device)
             case MMIORegister.queueReady where valid:
-                if value == 0 { r.queues[sel].ready = false; r.live[sel] = nil; break }
+                if value == 0 {
+                    r.queues[sel].ready = false
+                    r.live[sel] = nil
+                    break
+                }
                 let features = VirtioFeatures(rawValue: r.driverFeatures)
                 let q = r.queues[sel]
                 guard let mem = r.memory, Int(q.num) <= config.maxQueueSize,
-                      let dq = makeQueue(packed: features.contains(.ringPacked), mem: mem, q)
+                    let dq = makeQueue(packed: features.contains(.ringPacked), mem: mem, q)
                 else {
-                    logger.warning("driver configured queue \(sel) with an invalid size or placement; queue stays disabled")
+                    logger.warning(
+                        "driver configured queue \(sel) with an invalid size or placement; queue stays disabled")
                     break
                 }
                 dq.eventIndex = features.contains(.eventIdx)
@@ -267,18 +307,22 @@ public final class VirtioBlkEmulator: MMIOBus, @unchecked Sendable {
             case MMIORegister.interruptACK: r.interruptStatus &= ~value
             case MMIORegister.status:
                 if value == 0 {
-                    var fresh = Registers(queues: r.queues.count, memory: r.memory, generation: r.generation &+ 1,
-                                          configSpace: r.configSpace, capacityBytes: r.capacityBytes)
+                    var fresh = Registers(
+                        queues: r.queues.count, memory: r.memory, generation: r.generation &+ 1,
+                        configSpace: r.configSpace, capacityBytes: r.capacityBytes)
                     #if DEBUG
-                    fresh.faults = r.faults; fresh.requests = r.requests   // injected faults outlive resets
+                        fresh.faults = r.faults
+                        fresh.requests = r.requests // injected faults outlive resets
                     #endif
                     r = fresh
                     return
                 }
                 var v = value
                 let drv = VirtioFeatures(rawValue: r.driverFeatures)
-                if v & UInt32(VirtioStatus.featuresOK.rawValue) != 0 && (!offered.isSuperset(of: drv) || !drv.contains(.version1)) {
-                    v &= ~UInt32(VirtioStatus.featuresOK.rawValue)   // §2.2.2: refuse unsupported feature sets
+                if v & UInt32(VirtioStatus.featuresOK.rawValue) != 0
+                    && (!offered.isSuperset(of: drv) || !drv.contains(.version1))
+                {
+                    v &= ~UInt32(VirtioStatus.featuresOK.rawValue) // §2.2.2: refuse unsupported feature sets
                 }
                 // The device's own NEEDS_RESET bit survives driver status writes until reset.
                 r.status = v | (r.status & UInt32(VirtioStatus.deviceNeedsReset.rawValue))
@@ -289,13 +333,15 @@ public final class VirtioBlkEmulator: MMIOBus, @unchecked Sendable {
             // Reset: wait until no device thread is inside a batch of the old queues.
             for p in processing { p.withLock { _ in } }
         }
-        if offset == MMIORegister.status { for k in kicks { k.signal() } }   // DRIVER_OK may make work available
+        if offset == MMIORegister.status { for k in kicks { k.signal() } } // DRIVER_OK may make work available
     }
 
     /// The queue format the driver negotiated, placed where it said (nil: bad size or placement).
     private func makeQueue(packed: Bool, mem: SharedMemory, _ q: QueueRegs) -> (any DeviceVirtqueue)? {
-        packed ? DevicePackedQueue(mem: mem, size: Int(q.num), descAddr: q.desc, driverAddr: q.driver, deviceAddr: q.device)
-               : DeviceSplitQueue(mem: mem, size: Int(q.num), descAddr: q.desc, driverAddr: q.driver, deviceAddr: q.device)
+        packed
+            ? DevicePackedQueue(
+                mem: mem, size: Int(q.num), descAddr: q.desc, driverAddr: q.driver, deviceAddr: q.device)
+            : DeviceSplitQueue(mem: mem, size: Int(q.num), descAddr: q.desc, driverAddr: q.driver, deviceAddr: q.device)
     }
 
     public func readConfig8(_ offset: Int) -> UInt8 {
@@ -319,67 +365,77 @@ public final class VirtioBlkEmulator: MMIOBus, @unchecked Sendable {
             // The queue is looked up inside the batch lock, so a reset either comes before (the
             // lookup finds no queue) or waits for the batch to end.
             processing[index].withLock { _ in
-            let (queue, driverOK, features) = regs.withLock { r in
-                (r.live[index], r.status & UInt32(VirtioStatus.driverOK.rawValue) != 0 && r.status & UInt32(VirtioStatus.deviceNeedsReset.rawValue) == 0, VirtioFeatures(rawValue: r.driverFeatures))
-            }
-            guard let q = queue, driverOK else { return }
-            let window = Duration.microseconds(config.pollMicroseconds)
-            do {
-                repeat {
-                    q.setNotifications(enabled: false)
-                    var deadline = ContinuousClock.now + window
-                    repeat {
-                        var got = false
-                        while try q.pop(into: &chain) {
-                            got = true
-                        #if DEBUG
-                        switch checkFaults() {
-                        case .swallow: continue
-                        case .needsReset: throw DeviceFault.injected
-                        case .none: break
-                        }
-                        #endif
-                            let len = process(chain: chain, mem: q.mem, header: &header, features: features)
-                            completed.append((chain.head, chain.ringSlots, len))
-                            if completed.count >= 64 { flushCompleted(&completed, q, index) }
-                        }
-                        flushCompleted(&completed, q, index)
-                        if got { deadline = .now + window }
-                    } while window > .zero && ContinuousClock.now < deadline
-                    q.setNotifications(enabled: true)
-                } while q.hasAvailable
-            } catch {
-                stats.badChains.add(1, ordering: .relaxed)
-                logger.error("virtqueue \(index) is broken: \(error); setting DEVICE_NEEDS_RESET")
-                flushCompleted(&completed, q, index)
-                regs.withLock { r in
-                    r.status |= UInt32(VirtioStatus.deviceNeedsReset.rawValue)
-                    for i in r.live.indices { r.live[i] = nil }
+                let (queue, driverOK, features) = regs.withLock { r in
+                    (
+                        r.live[index],
+                        r.status & UInt32(VirtioStatus.driverOK.rawValue) != 0
+                            && r.status & UInt32(VirtioStatus.deviceNeedsReset.rawValue) == 0,
+                        VirtioFeatures(rawValue: r.driverFeatures)
+                    )
                 }
-                raiseInterrupt(queue: nil)
-            }
+                guard let q = queue, driverOK else { return }
+                let window = Duration.microseconds(config.pollMicroseconds)
+                do {
+                    repeat {
+                        q.setNotifications(enabled: false)
+                        var deadline = ContinuousClock.now + window
+                        repeat {
+                            var got = false
+                            while try q.pop(into: &chain) {
+                                got = true
+                                #if DEBUG
+                                    switch checkFaults() {
+                                    case .swallow: continue
+                                    case .needsReset: throw DeviceFault.injected
+                                    case .none: break
+                                    }
+                                #endif
+                                let len = process(chain: chain, mem: q.mem, header: &header, features: features)
+                                completed.append((chain.head, chain.ringSlots, len))
+                                if completed.count >= 64 { flushCompleted(&completed, q, index) }
+                            }
+                            flushCompleted(&completed, q, index)
+                            if got { deadline = .now + window }
+                        } while window > .zero && ContinuousClock.now < deadline
+                        q.setNotifications(enabled: true)
+                    } while q.hasAvailable
+                } catch {
+                    stats.badChains.add(1, ordering: .relaxed)
+                    logger.error("virtqueue \(index) is broken: \(error); setting DEVICE_NEEDS_RESET")
+                    flushCompleted(&completed, q, index)
+                    regs.withLock { r in
+                        r.status |= UInt32(VirtioStatus.deviceNeedsReset.rawValue)
+                        for i in r.live.indices { r.live[i] = nil }
+                    }
+                    raiseInterrupt(queue: nil)
+                }
             }
         }
     }
 
     #if DEBUG
-    private enum DeviceFault: Error, CustomStringConvertible {
-        case injected
-        var description: String { "fault injected by a test" }
-    }
-    private enum FaultAction { case none, swallow, needsReset }
-    private func checkFaults() -> FaultAction {
-        guard faultsArmed.load(ordering: .acquiring) else { return .none }
-        return regs.withLock { r in
-            r.requests += 1
-            if r.faults.swallow.contains(r.requests) { return .swallow }
-            if let n = r.faults.needsResetAfter, r.requests > n { r.faults.needsResetAfter = nil; return .needsReset }
-            return .none
+        private enum DeviceFault: Error, CustomStringConvertible {
+            case injected
+            var description: String { "fault injected by a test" }
         }
-    }
+        private enum FaultAction { case none, swallow, needsReset }
+        private func checkFaults() -> FaultAction {
+            guard faultsArmed.load(ordering: .acquiring) else { return .none }
+            return regs.withLock { r in
+                r.requests += 1
+                if r.faults.swallow.contains(r.requests) { return .swallow }
+                if let n = r.faults.needsResetAfter, r.requests > n {
+                    r.faults.needsResetAfter = nil
+                    return .needsReset
+                }
+                return .none
+            }
+        }
     #endif
 
-    private func flushCompleted(_ completed: inout [(id: UInt16, slots: Int, length: UInt32)], _ q: any DeviceVirtqueue, _ index: Int) {
+    private func flushCompleted(
+        _ completed: inout [(id: UInt16, slots: Int, length: UInt32)], _ q: any DeviceVirtqueue, _ index: Int
+    ) {
         if completed.isEmpty { return }
         if config.completionOrder == .reversed { completed.reverse() }
         for c in completed { q.pushUsed(id: c.id, ringSlots: c.slots, length: c.length) }
@@ -395,7 +451,9 @@ public final class VirtioBlkEmulator: MMIOBus, @unchecked Sendable {
     }
 
     /// Executes one request; returns the used length (bytes written into device-writable buffers).
-    private func process(chain: DescriptorChain, mem: SharedMemory, header: inout [UInt8], features: VirtioFeatures) -> UInt32 {
+    private func process(chain: DescriptorChain, mem: SharedMemory, header: inout [UInt8], features: VirtioFeatures)
+        -> UInt32
+    {
         let head = chain.head
         if let fault = chain.fault {
             stats.badChains.add(1, ordering: .relaxed)
@@ -421,16 +479,21 @@ public final class VirtioBlkEmulator: MMIOBus, @unchecked Sendable {
         do {
             switch type {
             case BlkRequestType.in:
-                guard dataOut == 0, dataIn % 512 == 0, inRange(sector, UInt64(dataIn)) else { return ioErr(mem, statusOffset) }
+                guard dataOut == 0, dataIn % 512 == 0, inRange(sector, UInt64(dataIn)) else {
+                    return ioErr(mem, statusOffset)
+                }
                 var pos = sector * 512
                 try forEach(chain.writable, skip: 0, count: dataIn) { off, n in
-                    try readBackend(at: pos, into: mem, offset: off, count: n); pos += UInt64(n)
+                    try readBackend(at: pos, into: mem, offset: off, count: n)
+                    pos += UInt64(n)
                 }
                 stats.reads.add(1, ordering: .relaxed)
                 return finish(mem, statusOffset, BlkStatus.ok, UInt32(dataIn + 1))
             case BlkRequestType.out:
                 guard !backend.readOnly else { return ioErr(mem, statusOffset) }
-                guard dataIn == 0, dataOut % 512 == 0, inRange(sector, UInt64(dataOut)) else { return ioErr(mem, statusOffset) }
+                guard dataIn == 0, dataOut % 512 == 0, inRange(sector, UInt64(dataOut)) else {
+                    return ioErr(mem, statusOffset)
+                }
                 var pos = sector * 512
                 try forEach(chain.readable, skip: 16, count: dataOut) { off, n in
                     let k = backendBytes(at: pos, n)
@@ -449,17 +512,24 @@ public final class VirtioBlkEmulator: MMIOBus, @unchecked Sendable {
                 var id = Array(config.serial.utf8.prefix(20))
                 id += [UInt8](repeating: 0, count: 20 - id.count)
                 var k = 0
-                forEach(chain.writable, skip: 0, count: 20) { off, n in mem.write(id[k..<k + n], at: off); k += n }
+                forEach(chain.writable, skip: 0, count: 20) { off, n in
+                    mem.write(id[k..<k + n], at: off)
+                    k += n
+                }
                 stats.getIDs.add(1, ordering: .relaxed)
                 return finish(mem, statusOffset, BlkStatus.ok, 21)
             case BlkRequestType.discard, BlkRequestType.writeZeroes:
                 let isDiscard = type == BlkRequestType.discard
-                guard features.contains(isDiscard ? .blkDiscard : .blkWriteZeroes) else { return unsupp(mem, statusOffset) }
+                guard features.contains(isDiscard ? .blkDiscard : .blkWriteZeroes) else {
+                    return unsupp(mem, statusOffset)
+                }
                 guard !backend.readOnly else { return ioErr(mem, statusOffset) }
                 guard dataOut > 0, dataOut % 16 == 0, dataOut / 16 <= 1 else { return unsupp(mem, statusOffset) }
                 var seg = [UInt8](repeating: 0, count: 16)
                 gather(chain.readable, skip: 16, count: 16, mem: mem, into: &seg)
-                let s = le64(seg, 0), n = UInt64(le32(seg, 8)), flags = le32(seg, 12)
+                let s = le64(seg, 0)
+                let n = UInt64(le32(seg, 8))
+                let flags = le32(seg, 12)
                 let limit = UInt64(isDiscard ? config.maxDiscardSectors : config.maxWriteZeroesSectors)
                 // §5.2.6.2: unmap must be 0 on DISCARD; unknown flag bits are UNSUPP.
                 guard flags & ~1 == 0, !(isDiscard && flags & 1 != 0) else { return unsupp(mem, statusOffset) }
@@ -503,8 +573,14 @@ public final class VirtioBlkEmulator: MMIOBus, @unchecked Sendable {
         mem.store8(statusOffset, status)
         return len
     }
-    private func ioErr(_ mem: SharedMemory, _ o: Int) -> UInt32 { stats.ioErrors.add(1, ordering: .relaxed); return finish(mem, o, BlkStatus.ioErr, 1) }
-    private func unsupp(_ mem: SharedMemory, _ o: Int) -> UInt32 { stats.unsupported.add(1, ordering: .relaxed); return finish(mem, o, BlkStatus.unsupp, 1) }
+    private func ioErr(_ mem: SharedMemory, _ o: Int) -> UInt32 {
+        stats.ioErrors.add(1, ordering: .relaxed)
+        return finish(mem, o, BlkStatus.ioErr, 1)
+    }
+    private func unsupp(_ mem: SharedMemory, _ o: Int) -> UInt32 {
+        stats.unsupported.add(1, ordering: .relaxed)
+        return finish(mem, o, BlkStatus.unsupp, 1)
+    }
     /// A chain that failed validation: report IOERR in the last writable byte seen, if any.
     private func failChain(_ chain: DescriptorChain, _ mem: SharedMemory) -> UInt32 {
         guard let last = chain.writable.last, last.length > 0 else { return 0 }
@@ -512,12 +588,17 @@ public final class VirtioBlkEmulator: MMIOBus, @unchecked Sendable {
     }
 
     private func forEach(_ segs: [MemorySegment], skip: Int, count: Int, _ body: (Int, Int) throws -> Void) rethrows {
-        var skip = skip, left = count
+        var skip = skip
+        var left = count
         for s in segs where left > 0 {
-            if skip >= s.length { skip -= s.length; continue }
+            if skip >= s.length {
+                skip -= s.length
+                continue
+            }
             let n = min(s.length - skip, left)
             try body(s.offset + skip, n)
-            left -= n; skip = 0
+            left -= n
+            skip = 0
         }
     }
     private func gather(_ segs: [MemorySegment], skip: Int, count: Int, mem: SharedMemory, into out: inout [UInt8]) {
@@ -527,6 +608,10 @@ public final class VirtioBlkEmulator: MMIOBus, @unchecked Sendable {
             k += n
         }
     }
-    private func le32(_ b: [UInt8], _ o: Int) -> UInt32 { (0..<4).reduce(0) { $0 | UInt32(b[o + $1]) << (8 * UInt32($1)) } }
-    private func le64(_ b: [UInt8], _ o: Int) -> UInt64 { (0..<8).reduce(0) { $0 | UInt64(b[o + $1]) << (8 * UInt64($1)) } }
+    private func le32(_ b: [UInt8], _ o: Int) -> UInt32 {
+        (0..<4).reduce(0) { $0 | UInt32(b[o + $1]) << (8 * UInt32($1)) }
+    }
+    private func le64(_ b: [UInt8], _ o: Int) -> UInt64 {
+        (0..<8).reduce(0) { $0 | UInt64(b[o + $1]) << (8 * UInt64($1)) }
+    }
 }

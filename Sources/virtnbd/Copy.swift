@@ -20,15 +20,20 @@ struct Copy: AsyncParsableCommand {
     @Argument(help: "Destination: a file, - (stdout) or an NBD URI.") var destination: String
     @Option(name: .long, help: "Requests in flight at once.") var requests: Int = 16
     @Option(name: .long, help: "Bytes per request (e.g. 256K).") var requestSize: ByteSize = ByteSize(argument: "256K")!
-    @Option(name: .long, help: "Seconds to wait for the connection and, again, for the handshake (0 = forever).") var timeout: Double = 10
-    @Flag(name: .long, help: "Never draw the progress bar (it is drawn only when stderr is a terminal).") var noProgress = false
+    @Option(name: .long, help: "Seconds to wait for the connection and, again, for the handshake (0 = forever).")
+    var timeout: Double = 10
+    @Flag(name: .long, help: "Never draw the progress bar (it is drawn only when stderr is a terminal).")
+    var noProgress = false
     @Flag(name: [.short, .long], help: "Debug logging on stderr.") var verbose = false
 
     func validate() throws {
-        let s = NBDURI.looksLikeURI(source), d = NBDURI.looksLikeURI(destination)
+        let s = NBDURI.looksLikeURI(source)
+        let d = NBDURI.looksLikeURI(destination)
         guard s != d else {
-            throw ValidationError(s ? "both SRC and DST are NBD URIs; one side must be a local file (or -)"
-                                    : "neither SRC nor DST is an NBD URI (nbd://… or nbd+unix://…); one side must be an export")
+            throw ValidationError(
+                s
+                    ? "both SRC and DST are NBD URIs; one side must be a local file (or -)"
+                    : "neither SRC nor DST is an NBD URI (nbd://… or nbd+unix://…); one side must be an export")
         }
         try checkTimeout(timeout)
         guard (1...1024).contains(requests) else { throw ValidationError("--requests must be between 1 and 1024") }
@@ -40,7 +45,9 @@ struct Copy: AsyncParsableCommand {
         let toExport = NBDURI.looksLikeURI(destination)
         do {
             let uri: NBDURI
-            do { uri = try NBDURI(parsing: toExport ? destination : source) } catch { throw NBDClientError.badURI(error) }
+            do { uri = try NBDURI(parsing: toExport ? destination : source) } catch {
+                throw NBDClientError.badURI(error)
+            }
             let client = try await NBDClient.connect(to: uri, timeout: timeAmount(timeout), logger: logger)
             let progress = ProgressBar(enabled: !noProgress && isatty(2) == 1)
             do {
@@ -81,7 +88,10 @@ struct Copy: AsyncParsableCommand {
             let data = try await f.get()
             try out.write(data, at: offset)
             progress.advance(UInt64(data.readableBytes))
-            if head > 256 { window.removeFirst(head); head = 0 }
+            if head > 256 {
+                window.removeFirst(head)
+                head = 0
+            }
         }
         try out.finish(size: size)
     }
@@ -115,7 +125,10 @@ struct Copy: AsyncParsableCommand {
                 head += 1
                 progress.advance(UInt64(n))
             }
-            if head > 256 { window.removeFirst(head); head = 0 }
+            if head > 256 {
+                window.removeFirst(head)
+                head = 0
+            }
         }
         for f in window[head...] { try await f.get() }
         progress.set(offset)
@@ -134,7 +147,8 @@ enum CopyError: Error, CustomStringConvertible {
         case .cannotOpen(let p, let r): return "cannot open \(p): \(r)"
         case .io(let p, let r): return "\(p): \(r)"
         case .sourceTooLarge(let s, let e):
-            return "the source is \(s.map { "\($0) bytes" } ?? "larger than the export"), the export only \(e) bytes; use a larger export (e.g. virtnbd --size) or a smaller source"
+            return
+                "the source is \(s.map { "\($0) bytes" } ?? "larger than the export"), the export only \(e) bytes; use a larger export (e.g. virtnbd --size) or a smaller source"
         }
     }
 }

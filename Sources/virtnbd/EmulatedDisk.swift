@@ -14,13 +14,17 @@ struct EmulatedDisk {
     let label: String
 
     /// `sizeKey` names where `size` came from (`--size`, or the file's key) for a size-mismatch message.
-    init(size: UInt64?, sizeKey: String = "--size", file: String?, readOnly: Bool, options: DriverOptions, logger: Logger) throws {
+    init(
+        size: UInt64?, sizeKey: String = "--size", file: String?, readOnly: Bool, options: DriverOptions, logger: Logger
+    ) throws {
         let backend: BlockBackend
         // What the server knows about zeroes at start: a fresh RAM disk is all hole, a file has its holes.
         var holes: [Range<UInt64>] = []
         if let path = file {
             let f: FileBackend
-            do { f = try FileBackend(path: path, readOnly: readOnly, createSize: size) } catch BackendError.sizeMismatch(let p, let have, let want) {
+            do {
+                f = try FileBackend(path: path, readOnly: readOnly, createSize: size)
+            } catch BackendError.sizeMismatch(let p, let have, let want) {
                 throw ImageSizeError(path: p, size: UInt64(max(have, 0)), wanted: want, key: sizeKey)
             }
             holes = f.holes()
@@ -36,9 +40,11 @@ struct EmulatedDisk {
         var cfg = EmulatorConfiguration()
         cfg.serial = file == nil && size == nil ? "virtnbd-simulated" : "virtnbd-emulator"
         cfg.queues = options.queues
-        var elog = logger; elog[metadataKey: "component"] = "emulator"
+        var elog = logger
+        elog[metadataKey: "component"] = "emulator"
         emulator = try VirtioBlkEmulator(backend: backend, configuration: cfg, logger: elog)
-        var dlog = logger; dlog[metadataKey: "component"] = "driver"
+        var dlog = logger
+        dlog[metadataKey: "component"] = "driver"
         driver = try VirtioBlkDriver(transport: try VirtioMMIOTransport(bus: emulator), options: options, logger: dlog)
         device = BlockDevice(driver: driver, size: backend.size, holes: holes, discardReadsZero: true)
     }

@@ -10,7 +10,7 @@ enum Entry {
     static func main() {
         let done = DispatchSemaphore(value: 0)
         Task.detached {
-            await VirtNBD.runMain()   // exits the process itself on errors and --help
+            await VirtNBD.runMain() // exits the process itself on errors and --help
             done.signal()
         }
         done.wait()

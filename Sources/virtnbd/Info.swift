@@ -13,7 +13,8 @@ struct Info: AsyncParsableCommand {
 
     @Flag(name: .long, help: "List every export the server offers (NBD_OPT_LIST).") var list = false
     @Flag(name: .long, help: "Print JSON (the keys nbdinfo --json uses).") var json = false
-    @Option(name: .long, help: "Seconds to wait for the connection and, again, for the handshake (0 = forever).") var timeout: Double = 10
+    @Option(name: .long, help: "Seconds to wait for the connection and, again, for the handshake (0 = forever).")
+    var timeout: Double = 10
     @Flag(name: [.short, .long], help: "Debug logging on stderr.") var verbose = false
     @Argument(help: "The NBD URI.") var uri: String
 
@@ -24,8 +25,10 @@ struct Info: AsyncParsableCommand {
         do {
             let parsed: NBDURI
             do { parsed = try NBDURI(parsing: uri) } catch { throw NBDClientError.badURI(error) }
-            let (negotiation, exports) = try await NBDClient.query(parsed, list: list, timeout: timeAmount(timeout), logger: logger)
-            let text = json ? Self.json(negotiation, exports, base: parsed) : Self.text(negotiation, exports, base: parsed)
+            let (negotiation, exports) = try await NBDClient.query(
+                parsed, list: list, timeout: timeAmount(timeout), logger: logger)
+            let text =
+                json ? Self.json(negotiation, exports, base: parsed) : Self.text(negotiation, exports, base: parsed)
             FileHandle.standardOutput.write(Data(text.utf8))
         } catch {
             throw toolFailure("info", error)
@@ -34,18 +37,25 @@ struct Info: AsyncParsableCommand {
 
     /// The boolean flags nbdinfo prints, in its order.
     static func flagRows(_ f: NBDTransmissionFlags) -> [(String, Bool)] {
-        [("is_rotational", f.contains(.rotational)), ("is_read_only", f.contains(.readOnly)),
-         ("can_cache", f.contains(.sendCache)), ("can_df", f.contains(.sendDF)), ("can_fast_zero", f.contains(.sendFastZero)),
-         ("can_flush", f.contains(.sendFlush)), ("can_fua", f.contains(.sendFUA)), ("can_multi_conn", f.contains(.canMultiConn)),
-         ("can_trim", f.contains(.sendTrim)), ("can_zero", f.contains(.sendWriteZeroes))]
+        [
+            ("is_rotational", f.contains(.rotational)), ("is_read_only", f.contains(.readOnly)),
+            ("can_cache", f.contains(.sendCache)), ("can_df", f.contains(.sendDF)),
+            ("can_fast_zero", f.contains(.sendFastZero)),
+            ("can_flush", f.contains(.sendFlush)), ("can_fua", f.contains(.sendFUA)),
+            ("can_multi_conn", f.contains(.canMultiConn)),
+            ("can_trim", f.contains(.sendTrim)), ("can_zero", f.contains(.sendWriteZeroes)),
+        ]
     }
 
     /// "Transmission flags" by name, e.g. "has-flags flush fua".
     static func flagNames(_ f: NBDTransmissionFlags) -> String {
         let names: [(NBDTransmissionFlags, String)] = [
-            (.hasFlags, "has-flags"), (.readOnly, "read-only"), (.sendFlush, "flush"), (.sendFUA, "fua"), (.rotational, "rotational"),
-            (.sendTrim, "trim"), (.sendWriteZeroes, "zero"), (.sendDF, "df"), (.canMultiConn, "multi-conn"), (.sendResize, "resize"),
-            (.sendCache, "cache"), (.sendFastZero, "fast-zero"), (.blockStatusPayload, "block-status-payload")]
+            (.hasFlags, "has-flags"), (.readOnly, "read-only"), (.sendFlush, "flush"), (.sendFUA, "fua"),
+            (.rotational, "rotational"),
+            (.sendTrim, "trim"), (.sendWriteZeroes, "zero"), (.sendDF, "df"), (.canMultiConn, "multi-conn"),
+            (.sendResize, "resize"),
+            (.sendCache, "cache"), (.sendFastZero, "fast-zero"), (.blockStatusPayload, "block-status-payload"),
+        ]
         var out = names.filter { f.contains($0.0) }.map(\.1)
         let unknown = f.rawValue & ~names.reduce(0) { $0 | $1.0.rawValue }
         if unknown != 0 { out.append("unknown-0x\(String(unknown, radix: 16))") }
@@ -82,7 +92,8 @@ struct Info: AsyncParsableCommand {
     }
 
     static func json(_ n: NBDNegotiation, _ exports: [NBDExportDetails], base: NBDURI) -> String {
-        var s = "{\n\"protocol\": \(quote(n.usedExportName ? "newstyle-fixed (NBD_OPT_EXPORT_NAME)" : "newstyle-fixed")),\n"
+        var s =
+            "{\n\"protocol\": \(quote(n.usedExportName ? "newstyle-fixed (NBD_OPT_EXPORT_NAME)" : "newstyle-fixed")),\n"
         s += "\"TLS\": false,\n\"structured\": \(n.structuredReplies),\n\"exports\": ["
         for (i, e) in exports.enumerated() {
             var rows: [String] = ["\"export-name\": \(quote(e.name))"]
@@ -120,7 +131,9 @@ struct Info: AsyncParsableCommand {
 
 /// 64M, 1G, 1536K; the exact byte count when no binary unit divides it.
 func humanSize(_ n: UInt64) -> String {
-    for (suffix, unit) in [("E", UInt64(1) << 60), ("P", 1 << 50), ("T", 1 << 40), ("G", 1 << 30), ("M", 1 << 20), ("K", 1 << 10)]
+    for (suffix, unit) in [
+        ("E", UInt64(1) << 60), ("P", 1 << 50), ("T", 1 << 40), ("G", 1 << 30), ("M", 1 << 20), ("K", 1 << 10),
+    ]
     where n >= unit && n % unit == 0 {
         return "\(n / unit)\(suffix)"
     }

@@ -75,7 +75,9 @@ struct PidFile {
     struct WriteError: Error, CustomStringConvertible {
         let path: String
         let reason: String
-        var description: String { "cannot write the pid file \(path): \(reason); check that its directory exists and is writable, or drop -P/--pidfile" }
+        var description: String {
+            "cannot write the pid file \(path): \(reason); check that its directory exists and is writable, or drop -P/--pidfile"
+        }
     }
 
     /// Writes "PID\n" to a temporary file beside `path`, then renames it: a reader sees the whole file or none.
@@ -98,7 +100,8 @@ struct PidFile {
     /// Removes the file if it still holds our pid (another instance may have taken the path over).
     func remove() {
         guard let text = try? String(contentsOfFile: path, encoding: .utf8),
-              text.trimmingCharacters(in: .whitespacesAndNewlines) == "\(getpid())" else { return }
+            text.trimmingCharacters(in: .whitespacesAndNewlines) == "\(getpid())"
+        else { return }
         unlink(path)
     }
 }

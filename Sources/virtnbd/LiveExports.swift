@@ -12,13 +12,19 @@ struct LiveExport {
 
     /// Opens the export's device.
     static func open(_ p: ServeOptions.ExportPlan, logger: Logger) throws(ExportOpenError) -> LiveExport {
-        var elog = logger; elog[metadataKey: "export"] = "\(p.name)"
+        var elog = logger
+        elog[metadataKey: "export"] = "\(p.name)"
         let d: ServedDisk
-        do { d = try p.device.open(size: p.size, sizeKey: p.sizeKey, file: p.file, readOnly: p.readOnly, options: p.driver, logger: elog) }
-        catch { throw ExportOpenError(name: p.name, underlying: "\(error)") }
-        return LiveExport(plan: p, disk: d, export: NBDExport(name: p.name, description: p.description, device: d.device, forceReadOnly: p.readOnly,
-                                                              maximumPayload: p.maxPayload, allowedClients: p.allowedClients,
-                                                              requiresTLS: p.requiresTLS))
+        do {
+            d = try p.device.open(
+                size: p.size, sizeKey: p.sizeKey, file: p.file, readOnly: p.readOnly, options: p.driver, logger: elog)
+        } catch { throw ExportOpenError(name: p.name, underlying: "\(error)") }
+        return LiveExport(
+            plan: p, disk: d,
+            export: NBDExport(
+                name: p.name, description: p.description, device: d.device, forceReadOnly: p.readOnly,
+                maximumPayload: p.maxPayload, allowedClients: p.allowedClients,
+                requiresTLS: p.requiresTLS))
     }
 
     /// Drains, flushes and resets the device; removes the export's metrics series.
@@ -57,8 +63,10 @@ struct ExportSet {
     static func open(_ plans: [ServeOptions.ExportPlan], logger: Logger) throws(ExportOpenError) -> ExportSet {
         var live: [LiveExport] = []
         for p in plans {
-            do { live.append(try LiveExport.open(p, logger: logger)) }
-            catch { for l in live { l.close() }; throw error }
+            do { live.append(try LiveExport.open(p, logger: logger)) } catch {
+                for l in live { l.close() }
+                throw error
+            }
         }
         return ExportSet(live)
     }
@@ -72,14 +80,18 @@ struct ExportSet {
     ///    devices are shut down; clients of unchanged exports are not touched;
     /// 3. the devices of changed exports are opened again (after the old one is closed, as they
     ///    may share a file) and appear in the catalog.
-    mutating func reload(to plans: [ServeOptions.ExportPlan], server: NBDServer, logger: Logger) async throws(ExportOpenError) -> ReloadSummary {
+    mutating func reload(to plans: [ServeOptions.ExportPlan], server: NBDServer, logger: Logger)
+        async throws(ExportOpenError) -> ReloadSummary
+    {
         var summary = ReloadSummary()
         let old = Dictionary(live.map { ($0.plan.name, $0) }, uniquingKeysWith: { a, _ in a })
         let newNames = Set(plans.map(\.name))
         var opened: [String: LiveExport] = [:]
         for p in plans where old[p.name] == nil {
-            do { opened[p.name] = try LiveExport.open(p, logger: logger) }
-            catch { for o in opened.values { o.close() }; throw error }
+            do { opened[p.name] = try LiveExport.open(p, logger: logger) } catch {
+                for o in opened.values { o.close() }
+                throw error
+            }
             summary.added.append(p.name)
         }
         summary.removed = live.map(\.plan.name).filter { !newNames.contains($0) }
@@ -100,8 +112,7 @@ struct ExportSet {
         guard !changed.isEmpty else { return summary }
         var reopened: [String: LiveExport] = [:]
         for p in changed {
-            do { reopened[p.name] = try LiveExport.open(p, logger: logger) }
-            catch {
+            do { reopened[p.name] = try LiveExport.open(p, logger: logger) } catch {
                 logger.error("\(error); the export is not served until a reload opens it")
                 summary.lost.append(p.name)
             }

@@ -15,11 +15,16 @@ final class LocalFile {
     init(writing path: String) throws(CopyError) {
         self.path = path == "-" ? "stdout" : path
         if path == "-" {
-            handle = .standardOutput; isStdio = true; regular = false; size = nil
+            handle = .standardOutput
+            isStdio = true
+            regular = false
+            size = nil
             return
         }
         let fd = open(path, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0o644)
-        guard fd >= 0 else { throw .cannotOpen(path, reason: Self.errnoText(errno) + "; check the path and permissions") }
+        guard fd >= 0 else {
+            throw .cannotOpen(path, reason: Self.errnoText(errno) + "; check the path and permissions")
+        }
         handle = FileHandle(fileDescriptor: fd, closeOnDealloc: true)
         isStdio = false
         regular = Self.isRegular(path)
@@ -30,7 +35,10 @@ final class LocalFile {
     init(reading path: String) throws(CopyError) {
         self.path = path == "-" ? "stdin" : path
         if path == "-" {
-            handle = .standardInput; isStdio = true; regular = false; size = nil
+            handle = .standardInput
+            isStdio = true
+            regular = false
+            size = nil
             return
         }
         let fd = open(path, O_RDONLY | O_CLOEXEC)
@@ -61,7 +69,7 @@ final class LocalFile {
     func write(_ data: ByteBuffer, at offset: UInt64) throws(CopyError) {
         do {
             if regular {
-                if data.readableBytesView.allSatisfy({ $0 == 0 }) { return }   // stays a hole; finish() sets the size
+                if data.readableBytesView.allSatisfy({ $0 == 0 }) { return } // stays a hole; finish() sets the size
                 try handle.seek(toOffset: offset)
             }
             try handle.write(contentsOf: Data(data.readableBytesView))
@@ -97,10 +105,25 @@ final class ProgressBar {
 
     init(enabled: Bool) { self.enabled = enabled }
 
-    func start(total: UInt64) { self.total = total; started = Date(); draw(force: true) }
-    func advance(_ n: UInt64) { done += n; draw(force: false) }
-    func set(_ n: UInt64) { done = n; draw(force: false) }
-    func finish() { guard enabled else { return }; done = max(done, total); draw(force: true); emit("\n") }
+    func start(total: UInt64) {
+        self.total = total
+        started = Date()
+        draw(force: true)
+    }
+    func advance(_ n: UInt64) {
+        done += n
+        draw(force: false)
+    }
+    func set(_ n: UInt64) {
+        done = n
+        draw(force: false)
+    }
+    func finish() {
+        guard enabled else { return }
+        done = max(done, total)
+        draw(force: true)
+        emit("\n")
+    }
     func abandon() { if enabled { emit("\n") } }
 
     private func draw(force: Bool) {

@@ -32,15 +32,18 @@ final class MetricsEndpoint: Sendable {
 
     private init(channel: Channel) { self.channel = channel }
 
-    static func start(host: String, port: Int, group: EventLoopGroup, registry: PrometheusCollectorRegistry,
-                      beforeScrape: @escaping @Sendable () -> Void, logger: Logger) async throws -> MetricsEndpoint {
+    static func start(
+        host: String, port: Int, group: EventLoopGroup, registry: PrometheusCollectorRegistry,
+        beforeScrape: @escaping @Sendable () -> Void, logger: Logger
+    ) async throws -> MetricsEndpoint {
         let channel = try await ServerBootstrap(group: group)
             .serverChannelOption(.backlog, value: 16)
             .serverChannelOption(.socketOption(.so_reuseaddr), value: 1)
             .childChannelInitializer { channel in
                 channel.eventLoop.makeCompletedFuture {
                     try channel.pipeline.syncOperations.configureHTTPServerPipeline(withErrorHandling: true)
-                    try channel.pipeline.syncOperations.addHandler(MetricsHTTPHandler(registry: registry, beforeScrape: beforeScrape, logger: logger))
+                    try channel.pipeline.syncOperations.addHandler(
+                        MetricsHTTPHandler(registry: registry, beforeScrape: beforeScrape, logger: logger))
                 }
             }
             .bind(host: host, port: port).get()
@@ -82,7 +85,9 @@ final class MetricsHTTPHandler: ChannelInboundHandler {
     }
 
     private func respond(_ context: ChannelHandlerContext, _ request: HTTPRequestHead) {
-        let path = request.uri.split(separator: "?", maxSplits: 1, omittingEmptySubsequences: false).first.map(String.init) ?? ""
+        let path =
+            request.uri.split(separator: "?", maxSplits: 1, omittingEmptySubsequences: false).first.map(String.init)
+            ?? ""
         var status = HTTPResponseStatus.ok
         var headers = HTTPHeaders()
         var body = context.channel.allocator.buffer(capacity: 0)
@@ -101,11 +106,16 @@ final class MetricsHTTPHandler: ChannelInboundHandler {
             bytes.reserveCapacity(16 << 10)
             registry.emit(into: &bytes)
             headers.add(name: "Content-Type", value: Self.contentType)
-            if request.method == .GET { body.writeBytes(bytes) }
-            else { headers.add(name: "Content-Length", value: "\(bytes.count)") }
+            if request.method == .GET {
+                body.writeBytes(bytes)
+            } else {
+                headers.add(name: "Content-Length", value: "\(bytes.count)")
+            }
         }
         let keepAlive = request.isKeepAlive
-        if request.method != .HEAD || status != .ok { headers.replaceOrAdd(name: "Content-Length", value: "\(body.readableBytes)") }
+        if request.method != .HEAD || status != .ok {
+            headers.replaceOrAdd(name: "Content-Length", value: "\(body.readableBytes)")
+        }
         headers.add(name: "Connection", value: keepAlive ? "keep-alive" : "close")
         let head = HTTPResponseHead(version: request.version, status: status, headers: headers)
         context.write(wrapOutboundOut(.head(head)), promise: nil)
@@ -115,7 +125,8 @@ final class MetricsHTTPHandler: ChannelInboundHandler {
             let ctx = NIOLoopBound(context, eventLoop: context.eventLoop)
             done.whenComplete { _ in ctx.value.close(promise: nil) }
         }
-        logger.trace("metrics request", metadata: ["method": "\(request.method)", "path": "\(path)", "status": "\(status.code)"])
+        logger.trace(
+            "metrics request", metadata: ["method": "\(request.method)", "path": "\(path)", "status": "\(status.code)"])
     }
 
     func errorCaught(context: ChannelHandlerContext, error: Error) {

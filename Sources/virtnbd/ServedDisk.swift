@@ -26,8 +26,11 @@ struct TransportDisk: ServedDisk {
     let label: String
     private let close: () -> Void
 
-    init(transport: VirtioTransport, close: @escaping () -> Void, label: String, options: DriverOptions, logger: Logger) throws {
-        var dlog = logger; dlog[metadataKey: "component"] = "driver"
+    init(transport: VirtioTransport, close: @escaping () -> Void, label: String, options: DriverOptions, logger: Logger)
+        throws
+    {
+        var dlog = logger
+        dlog[metadataKey: "component"] = "driver"
         do {
             driver = try VirtioBlkDriver(transport: transport, options: options, logger: dlog)
         } catch {
@@ -49,16 +52,21 @@ struct TransportDisk: ServedDisk {
 
     /// A vhost-user-blk backend (e.g. qemu-storage-daemon); `queueSize` ≤ 1024 (libvhost-user's limit).
     static func vhostUser(socketPath: String, options: DriverOptions, logger: Logger) throws -> TransportDisk {
-        var tlog = logger; tlog[metadataKey: "component"] = "vhost-user"
+        var tlog = logger
+        tlog[metadataKey: "component"] = "vhost-user"
         let t = try VhostUserTransport(socketPath: socketPath, logger: tlog)
-        return try TransportDisk(transport: t, close: { t.close() }, label: "vhost-user \(socketPath)", options: options, logger: logger)
+        return try TransportDisk(
+            transport: t, close: { t.close() }, label: "vhost-user \(socketPath)", options: options, logger: logger)
     }
 
     /// A virtio-blk PCI device bound to vfio-pci (e.g. 0000:00:05.0).
     static func vfio(pciAddress: String, options: DriverOptions, logger: Logger) throws -> TransportDisk {
-        var tlog = logger; tlog[metadataKey: "component"] = "vfio"
+        var tlog = logger
+        tlog[metadataKey: "component"] = "vfio"
         let t = try VFIOTransport(pciAddress: pciAddress, logger: tlog)
-        return try TransportDisk(transport: t, close: { t.close() }, label: "VFIO virtio-blk \(t.pciAddress)", options: options, logger: logger)
+        return try TransportDisk(
+            transport: t, close: { t.close() }, label: "VFIO virtio-blk \(t.pciAddress)", options: options,
+            logger: logger)
     }
 }
 
@@ -70,16 +78,26 @@ enum DeviceSpec: Equatable {
     case vfio(address: String)
 
     init?(_ s: String) {
-        if s == "emulator" { self = .emulator }
-        else if s.hasPrefix("vhost-user:"), s.count > 11 { self = .vhostUser(path: String(s.dropFirst(11))) }
-        else if s.hasPrefix("vfio:"), s.count > 5 { self = .vfio(address: String(s.dropFirst(5))) }
-        else { return nil }
+        if s == "emulator" {
+            self = .emulator
+        } else if s.hasPrefix("vhost-user:"), s.count > 11 {
+            self = .vhostUser(path: String(s.dropFirst(11)))
+        } else if s.hasPrefix("vfio:"), s.count > 5 {
+            self = .vfio(address: String(s.dropFirst(5)))
+        } else {
+            return nil
+        }
     }
 
-    func open(size: UInt64?, sizeKey: String = "--size", file: String?, readOnly: Bool, options: DriverOptions, logger: Logger) throws -> ServedDisk {
+    func open(
+        size: UInt64?, sizeKey: String = "--size", file: String?, readOnly: Bool, options: DriverOptions, logger: Logger
+    ) throws -> ServedDisk {
         switch self {
-        case .emulator: return try EmulatedDisk(size: size, sizeKey: sizeKey, file: file, readOnly: readOnly, options: options, logger: logger)
-        case .vhostUser(let path): return try TransportDisk.vhostUser(socketPath: path, options: options, logger: logger)
+        case .emulator:
+            return try EmulatedDisk(
+                size: size, sizeKey: sizeKey, file: file, readOnly: readOnly, options: options, logger: logger)
+        case .vhostUser(let path):
+            return try TransportDisk.vhostUser(socketPath: path, options: options, logger: logger)
         case .vfio(let bdf): return try TransportDisk.vfio(pciAddress: bdf, options: options, logger: logger)
         }
     }

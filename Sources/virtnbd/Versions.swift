@@ -18,21 +18,21 @@ enum Versions {
     /// The Swift compiler that built this binary.
     static var swiftCompiler: String {
         #if compiler(>=6.5)
-        return "6.5 or later"
+            return "6.5 or later"
         #elseif compiler(>=6.4)
-        return "6.4"
+            return "6.4"
         #elseif compiler(>=6.3.3)
-        return "6.3.3 or a later 6.3"
+            return "6.3.3 or a later 6.3"
         #elseif compiler(>=6.3.2)
-        return "6.3.2"
+            return "6.3.2"
         #elseif compiler(>=6.3.1)
-        return "6.3.1"
+            return "6.3.1"
         #elseif compiler(>=6.3)
-        return "6.3"
+            return "6.3"
         #elseif compiler(>=6.2)
-        return "6.2"
+            return "6.2"
         #else
-        return "6.1"
+            return "6.1"
         #endif
     }
 

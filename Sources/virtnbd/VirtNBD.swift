@@ -23,7 +23,8 @@ struct VirtNBD: AsyncParsableCommand {
             virtnbd info [--list] [--json] [--timeout S] URI
             virtnbd copy SRC DST
             """,
-        discussion: "With neither --size nor --file it serves a simulated 512 KiB disk. -V/--version prints the versions.",
+        discussion:
+            "With neither --size nor --file it serves a simulated 512 KiB disk. -V/--version prints the versions.",
         subcommands: [Serve.self, Info.self, Copy.self])
 
     @OptionGroup var options: ServeOptions
@@ -48,7 +49,8 @@ struct VirtNBD: AsyncParsableCommand {
 
 /// `virtnbd serve`, the same as `virtnbd` with no subcommand.
 struct Serve: AsyncParsableCommand {
-    static let configuration = CommandConfiguration(abstract: "Serve exports (the default command; `virtnbd --help` lists the options).")
+    static let configuration = CommandConfiguration(
+        abstract: "Serve exports (the default command; `virtnbd --help` lists the options).")
     @OptionGroup var options: ServeOptions
     func validate() throws { try options.validate() }
     func run() async throws { try await options.serve() }
@@ -80,36 +82,92 @@ struct ServeOptions: ParsableArguments {
     @Option(name: [.short, .long], help: "TCP port (default 10809).") var port: Int?
     @Option(name: .long, help: "Address to listen on (default 127.0.0.1).") var listen: String?
     @Option(name: [.customShort("U"), .long], help: "Listen on this Unix socket instead of TCP.") var unix: String?
-    @Option(name: .long, help: ArgumentHelp("Only TCP clients in this network may connect (CIDR, e.g. 10.0.0.0/8 or ::1/128; repeatable, or comma-separated). Default: everyone. Unix-socket clients are not filtered.", valueName: "cidr")) var allow: [String] = []
+    @Option(
+        name: .long,
+        help: ArgumentHelp(
+            "Only TCP clients in this network may connect (CIDR, e.g. 10.0.0.0/8 or ::1/128; repeatable, or comma-separated). Default: everyone. Unix-socket clients are not filtered.",
+            valueName: "cidr")) var allow: [String] = []
     @Option(name: [.short, .customLong("export-name")], help: "Export name (default \"\").") var exportName: String?
     @Option(name: .long, help: "Export description (shown by nbdinfo --list).") var description: String?
     @Flag(name: [.short, .customLong("read-only")], help: "Export read-only.") var readOnly = false
-    @Option(name: .long, parsing: .unconditional, help: "Size of a RAM disk (e.g. 64M), or of a --file to create (an existing file keeps its size).", transform: ByteSize.parse) var size: ByteSize?
+    @Option(
+        name: .long, parsing: .unconditional,
+        help: "Size of a RAM disk (e.g. 64M), or of a --file to create (an existing file keeps its size).",
+        transform: ByteSize.parse) var size: ByteSize?
     @Option(name: .long, help: "Serve this raw image file (created sparse with --size if missing).") var file: String?
-    @Option(name: .long, help: "Virtqueue size (default 256): a power of two from 1 to 32768 for split rings, any size from 2 to 32768 for packed.") var queueSize: Int?
-    @Option(name: .long, parsing: .unconditional, help: ArgumentHelp("Largest READ or WRITE a client may send, 4K to 1G (default 64M).", valueName: "size"), transform: ByteSize.parse) var maxPayload: ByteSize?
-    @Option(name: .long, help: "Virtqueue format: split or packed (packed falls back to split if the device lacks it).") var ring: RingFormat = .split
-    @Option(name: .long, help: "Request virtqueues per device (VIRTIO_BLK_F_MQ; capped by the device). Default: one per event loop (one per CPU).") var queues: Int?
-    @Flag(name: .customLong("no-event-idx"), help: "Do not negotiate VIRTIO_F_EVENT_IDX (use the NO_NOTIFY/NO_INTERRUPT flags).") var noEventIdx = false
+    @Option(
+        name: .long,
+        help:
+            "Virtqueue size (default 256): a power of two from 1 to 32768 for split rings, any size from 2 to 32768 for packed."
+    ) var queueSize: Int?
+    @Option(
+        name: .long, parsing: .unconditional,
+        help: ArgumentHelp("Largest READ or WRITE a client may send, 4K to 1G (default 64M).", valueName: "size"),
+        transform: ByteSize.parse) var maxPayload: ByteSize?
+    @Option(name: .long, help: "Virtqueue format: split or packed (packed falls back to split if the device lacks it).")
+    var ring: RingFormat = .split
+    @Option(
+        name: .long,
+        help:
+            "Request virtqueues per device (VIRTIO_BLK_F_MQ; capped by the device). Default: one per event loop (one per CPU)."
+    ) var queues: Int?
+    @Flag(
+        name: .customLong("no-event-idx"),
+        help: "Do not negotiate VIRTIO_F_EVENT_IDX (use the NO_NOTIFY/NO_INTERRUPT flags).") var noEventIdx = false
     @Flag(name: .customLong("no-indirect"), help: "Do not negotiate VIRTIO_F_INDIRECT_DESC.") var noIndirect = false
-    @Option(name: .customLong("poll-us"), help: "Poll the used ring this many microseconds after a completion before sleeping (0 = interrupts only).") var pollMicroseconds: Int = 0
-    @Option(name: .long, help: "Reset the device and resubmit when a request takes longer than this many seconds (0 = never).") var requestTimeout: Double = 30
-    @Option(name: .long, help: "The virtio-blk device: emulator (default), vhost-user:SOCKET, or vfio:PCI-ADDRESS.") var device: String?
+    @Option(
+        name: .customLong("poll-us"),
+        help: "Poll the used ring this many microseconds after a completion before sleeping (0 = interrupts only).")
+    var pollMicroseconds: Int = 0
+    @Option(
+        name: .long,
+        help: "Reset the device and resubmit when a request takes longer than this many seconds (0 = never).")
+    var requestTimeout: Double = 30
+    @Option(name: .long, help: "The virtio-blk device: emulator (default), vhost-user:SOCKET, or vfio:PCI-ADDRESS.")
+    var device: String?
 
-    @Flag(name: [.short, .long], help: "Serve one client on stdin/stdout (for nbd_connect_command / nbdsh).") var stdio = false
-    @Option(name: .long, help: "Run CMD with $uri, $unixsocket, $port set, then stop the server and exit with CMD's status.") var run: String?
-    @Option(name: .long, help: "Refuse clients beyond this many at once (default 0 = no limit).") var maxConnections: Int?
-    @Option(name: .long, help: "Drop clients that have not finished negotiating after this many seconds (default 10).") var handshakeTimeout: Int?
-    @Option(name: .long, help: "TLS: off, on (offer STARTTLS) or require (refuse plaintext). Default off, or on with --tls-certificates/--tls-psk.") var tls: NBDTLSPolicy?
-    @Option(name: .long, help: "Directory with ca-cert.pem, server-cert.pem, server-key.pem (as nbdkit/qemu).") var tlsCertificates: String?
+    @Flag(name: [.short, .long], help: "Serve one client on stdin/stdout (for nbd_connect_command / nbdsh).")
+    var stdio = false
+    @Option(
+        name: .long, help: "Run CMD with $uri, $unixsocket, $port set, then stop the server and exit with CMD's status."
+    ) var run: String?
+    @Option(name: .long, help: "Refuse clients beyond this many at once (default 0 = no limit).") var maxConnections:
+        Int?
+    @Option(name: .long, help: "Drop clients that have not finished negotiating after this many seconds (default 10).")
+    var handshakeTimeout: Int?
+    @Option(
+        name: .long,
+        help:
+            "TLS: off, on (offer STARTTLS) or require (refuse plaintext). Default off, or on with --tls-certificates/--tls-psk."
+    ) var tls: NBDTLSPolicy?
+    @Option(name: .long, help: "Directory with ca-cert.pem, server-cert.pem, server-key.pem (as nbdkit/qemu).")
+    var tlsCertificates: String?
     @Option(name: .long, help: "PSK key file in psktool format (identity:hexkey lines).") var tlsPsk: String?
-    @Flag(name: .long, help: "Require a client certificate signed by ca-cert.pem in the --tls-certificates directory (as nbdkit); others fail the TLS handshake.") var tlsVerifyPeer = false
-    @Option(name: .long, help: "YAML config file with listeners, limits, TLS and several exports (see Config/virtnbd.yaml). Flags override it. SIGHUP re-reads it.") var config: String?
-    @Option(name: .long, help: ArgumentHelp("Serve Prometheus metrics at http://HOST:PORT/metrics.", valueName: "host:port")) var metrics: String?
-    @Option(name: [.customShort("P"), .long], help: ArgumentHelp("Write the server's pid to FILE once it listens; removed on exit.", valueName: "file")) var pidfile: String?
-    @Flag(name: .long, help: "Shut down gracefully when the parent process exits (Linux PR_SET_PDEATHSIG).") var exitWithParent = false
-    @Flag(name: [.short, .long], help: "Debug logging (in -s/--run mode: any logging beyond warnings).") var verbose = false
-    @Flag(name: [.customShort("V"), .long], help: "Print virtnbd's version and its components' (Swift, SwiftNIO, NIOSSL/BoringSSL) and exit.") var version = false
+    @Flag(
+        name: .long,
+        help:
+            "Require a client certificate signed by ca-cert.pem in the --tls-certificates directory (as nbdkit); others fail the TLS handshake."
+    ) var tlsVerifyPeer = false
+    @Option(
+        name: .long,
+        help:
+            "YAML config file with listeners, limits, TLS and several exports (see Config/virtnbd.yaml). Flags override it. SIGHUP re-reads it."
+    ) var config: String?
+    @Option(
+        name: .long, help: ArgumentHelp("Serve Prometheus metrics at http://HOST:PORT/metrics.", valueName: "host:port")
+    ) var metrics: String?
+    @Option(
+        name: [.customShort("P"), .long],
+        help: ArgumentHelp("Write the server's pid to FILE once it listens; removed on exit.", valueName: "file"))
+    var pidfile: String?
+    @Flag(name: .long, help: "Shut down gracefully when the parent process exits (Linux PR_SET_PDEATHSIG).")
+    var exitWithParent = false
+    @Flag(name: [.short, .long], help: "Debug logging (in -s/--run mode: any logging beyond warnings).") var verbose =
+        false
+    @Flag(
+        name: [.customShort("V"), .long],
+        help: "Print virtnbd's version and its components' (Swift, SwiftNIO, NIOSSL/BoringSSL) and exit.") var version =
+        false
 
     func validate() throws {
         if version { return }
@@ -120,21 +178,31 @@ struct ServeOptions: ParsableArguments {
         guard pollMicroseconds >= 0, pollMicroseconds <= 1_000_000, requestTimeout >= 0 else {
             throw ValidationError("--poll-us must be 0-1000000 and --request-timeout ≥ 0")
         }
-        if let p = port { guard (1...65535).contains(p) else { throw ValidationError("--port must be 1-65535, not \(p)") } }
-        if let m = maxConnections, m < 0 { throw ValidationError("--max-connections must be 0 (no limit) or more, not \(m)") }
-        if let h = handshakeTimeout, h <= 0 { throw ValidationError("--handshake-timeout must be at least 1 second, not \(h)") }
+        if let p = port {
+            guard (1...65535).contains(p) else { throw ValidationError("--port must be 1-65535, not \(p)") }
+        }
+        if let m = maxConnections, m < 0 {
+            throw ValidationError("--max-connections must be 0 (no limit) or more, not \(m)")
+        }
+        if let h = handshakeTimeout, h <= 0 {
+            throw ValidationError("--handshake-timeout must be at least 1 second, not \(h)")
+        }
         if let d = device {
             guard let spec = DeviceSpec(d) else {
-                throw ValidationError("--device must be emulator, vhost-user:/path/to.sock or vfio:0000:00:05.0, not \"\(d)\"")
+                throw ValidationError(
+                    "--device must be emulator, vhost-user:/path/to.sock or vfio:0000:00:05.0, not \"\(d)\"")
             }
             if spec != .emulator && (size != nil || file != nil) {
-                throw ValidationError("--size and --file configure the emulator; they cannot be used with --device \(d)")
+                throw ValidationError(
+                    "--size and --file configure the emulator; they cannot be used with --device \(d)")
             }
         }
         if let e = exportName, e.utf8.count > 4096 { throw ValidationError("--export-name is limited to 4096 bytes") }
         try refuseContradictions()
         if let m = metrics {
-            do { _ = try VirtNBDConfig.hostPort(m, flag: "--metrics") } catch { throw ValidationError(Self.message(error)) }
+            do { _ = try VirtNBDConfig.hostPort(m, flag: "--metrics") } catch {
+                throw ValidationError(Self.message(error))
+            }
         }
         if let p = pidfile, p.isEmpty { throw ValidationError("-P/--pidfile needs a file name") }
         do { _ = try allowList() } catch { throw ValidationError("--allow: \(error)") }
@@ -144,20 +212,30 @@ struct ServeOptions: ParsableArguments {
     func refuseContradictions() throws {
         let tcp = [port.map { "-p \($0)" }, listen.map { "--listen \($0)" }].compactMap { $0 }
         if unix != nil, let t = tcp.first {
-            throw ValidationError("-U/--unix listens on a Unix socket only, so \(t) would be ignored; give either -U or -p/--listen (several listeners: --config with listen: [...])")
+            throw ValidationError(
+                "-U/--unix listens on a Unix socket only, so \(t) would be ignored; give either -U or -p/--listen (several listeners: --config with listen: [...])"
+            )
         }
-        if stdio, let other = (tcp + [unix.map { _ in "-U/--unix" }, run.map { _ in "--run" }].compactMap { $0 }).first {
-            throw ValidationError("-s/--stdio serves one client on stdin/stdout and listens nowhere, so it cannot be combined with \(other)")
+        if stdio, let other = (tcp + [unix.map { _ in "-U/--unix" }, run.map { _ in "--run" }].compactMap { $0 }).first
+        {
+            throw ValidationError(
+                "-s/--stdio serves one client on stdin/stdout and listens nowhere, so it cannot be combined with \(other)"
+            )
         }
-        if Self.activationRequested(), let other = (tcp + [unix.map { _ in "-U/--unix" }, stdio ? "-s/--stdio" : nil].compactMap { $0 }).first {
-            throw ValidationError("virtnbd was handed a listening socket (socket activation: LISTEN_PID/LISTEN_FDS), so it cannot also follow \(other); drop \(other), or unset LISTEN_FDS")
+        if Self.activationRequested(),
+            let other = (tcp + [unix.map { _ in "-U/--unix" }, stdio ? "-s/--stdio" : nil].compactMap { $0 }).first
+        {
+            throw ValidationError(
+                "virtnbd was handed a listening socket (socket activation: LISTEN_PID/LISTEN_FDS), so it cannot also follow \(other); drop \(other), or unset LISTEN_FDS"
+            )
         }
     }
 
     /// `--allow`, every occurrence and comma-separated item; nil when not given.
     func allowList() throws(IPNetworkError) -> AccessList? {
         guard !allow.isEmpty else { return nil }
-        return try AccessList(parsing: allow.flatMap { $0.split(separator: ",", omittingEmptySubsequences: false).map(String.init) })
+        return try AccessList(
+            parsing: allow.flatMap { $0.split(separator: ",", omittingEmptySubsequences: false).map(String.init) })
     }
 
     /// The virtio policy the flags ask for (every export's driver uses it).
@@ -210,9 +288,14 @@ struct ServeOptions: ParsableArguments {
 
         /// The settings a reload cannot change (they take effect on restart), for a warning.
         var restartOnly: [String: String] {
-            ["listen": listeners.map(\.description).joined(separator: ", "), "limits.max-connections": "\(maxConnections)",
-             "limits.handshake-timeout": "\(handshakeTimeout)", "tls.policy": tls.rawValue, "tls.certificates": tlsCertificates ?? "-",
-             "tls.psk": tlsPsk ?? "-", "tls.verify-peer": "\(tlsVerifyPeer)", "log.level": "\(level)", "metrics": metrics ?? "-"]
+            [
+                "listen": listeners.map(\.description).joined(separator: ", "),
+                "limits.max-connections": "\(maxConnections)",
+                "limits.handshake-timeout": "\(handshakeTimeout)", "tls.policy": tls.rawValue,
+                "tls.certificates": tlsCertificates ?? "-",
+                "tls.psk": tlsPsk ?? "-", "tls.verify-peer": "\(tlsVerifyPeer)", "log.level": "\(level)",
+                "metrics": metrics ?? "-",
+            ]
         }
     }
 
@@ -220,7 +303,8 @@ struct ServeOptions: ParsableArguments {
     func overrides() throws -> CommandLineOverrides {
         var flags = CommandLineOverrides(
             port: port, listen: listen, unix: unix, maxConnections: maxConnections, handshakeTimeout: handshakeTimeout,
-            verbose: verbose, tls: tls.map { TLSPolicy(rawValue: $0.rawValue)! }, tlsCertificates: tlsCertificates, tlsPsk: tlsPsk,
+            verbose: verbose, tls: tls.map { TLSPolicy(rawValue: $0.rawValue)! }, tlsCertificates: tlsCertificates,
+            tlsPsk: tlsPsk,
             exportName: exportName, description: description, readOnly: readOnly, size: size?.bytes, file: file,
             device: device, queueSize: queueSize, metrics: metrics, allow: try allowList(),
             maxPayload: maxPayload?.bytes, packedRing: ring == .packed)
@@ -233,20 +317,27 @@ struct ServeOptions: ParsableArguments {
 
     func plan(activated: Bool) throws -> Plan {
         let flags = try overrides()
-        let cfg = try config.map { (path) throws(ConfigError) in try VirtNBDConfig.load(path: path).merged(with: flags) }
+        let cfg =
+            try config.map { (path) throws(ConfigError) in try VirtNBDConfig.load(path: path).merged(with: flags) }
             ?? VirtNBDConfig.fromCommandLine(flags)
         let flagExport = size != nil || file != nil || device != nil ? (exportName ?? "") : nil
         var exports: [ExportPlan] = []
         for (i, e) in cfg.exports.enumerated() {
-            var p = ExportPlan(name: e.name, description: e.description, device: .emulator, size: nil, file: nil, readOnly: e.readOnly,
-                               driver: driverOptions(queueSize: e.queueSize), maxPayload: e.maxPayload)
+            var p = ExportPlan(
+                name: e.name, description: e.description, device: .emulator, size: nil, file: nil, readOnly: e.readOnly,
+                driver: driverOptions(queueSize: e.queueSize), maxPayload: e.maxPayload)
             if let path = config, e.name != flagExport { p.sizeKey = "exports[\(i)].size in \(path)" }
             p.requiresTLS = cfg.effectiveTLS(for: e) == .require
-            if e.isRestricted { p.allowedClients = NBDClientAllowList(certificateDNs: Set(e.allowDN ?? []), pskIdentities: Set(e.allowPSK ?? [])) }
+            if e.isRestricted {
+                p.allowedClients = NBDClientAllowList(
+                    certificateDNs: Set(e.allowDN ?? []), pskIdentities: Set(e.allowPSK ?? []))
+            }
             switch e.device {
             case .simulated: break
             case .ram(let sz): p.size = sz
-            case .file(let fp, let sz): p.file = fp; p.size = sz
+            case .file(let fp, let sz):
+                p.file = fp
+                p.size = sz
             case .vhostUser(let sock): p.device = .vhostUser(path: sock)
             case .vfio(let a): p.device = .vfio(address: a)
             }
@@ -260,9 +351,12 @@ struct ServeOptions: ParsableArguments {
         }
         var level = Logger.Level(rawValue: cfg.logLevel.rawValue) ?? .info
         if captive(activated: activated) && !verbose && level == .info { level = .warning }
-        return Plan(exports: exports, listeners: listeners, allow: cfg.allow, maxConnections: cfg.limits.maxConnections,
-                    handshakeTimeout: cfg.limits.handshakeTimeout, tls: NBDTLSPolicy(rawValue: cfg.serverTLSPolicy.rawValue) ?? .off,
-                    tlsCertificates: cfg.tls.certificates, tlsPsk: cfg.tls.psk, tlsVerifyPeer: cfg.tls.verifyPeer, level: level, metrics: cfg.metrics)
+        return Plan(
+            exports: exports, listeners: listeners, allow: cfg.allow, maxConnections: cfg.limits.maxConnections,
+            handshakeTimeout: cfg.limits.handshakeTimeout,
+            tls: NBDTLSPolicy(rawValue: cfg.serverTLSPolicy.rawValue) ?? .off,
+            tlsCertificates: cfg.tls.certificates, tlsPsk: cfg.tls.psk, tlsVerifyPeer: cfg.tls.verifyPeer, level: level,
+            metrics: cfg.metrics)
     }
 
     /// A configuration error as one line: a flag's problem without the "command line:" prefix.
@@ -310,8 +404,10 @@ struct ServeOptions: ParsableArguments {
         let logger = Logger(label: "virtnbd")
         // Before any export exists: each export makes its metrics through the bootstrapped factory.
         let registry = plan.metrics != nil ? MetricsBackend.bootstrap() : nil
-        let reloads = (ok: Counter(label: "virtnbd_config_reloads_total", dimensions: [("result", "ok")]),
-                       failed: Counter(label: "virtnbd_config_reloads_total", dimensions: [("result", "error")]))
+        let reloads = (
+            ok: Counter(label: "virtnbd_config_reloads_total", dimensions: [("result", "ok")]),
+            failed: Counter(label: "virtnbd_config_reloads_total", dimensions: [("result", "error")])
+        )
 
         // Signals first: from here on SIGINT/SIGTERM drain instead of killing, and SIGHUP reloads.
         let events = ServerEvents()
@@ -331,7 +427,9 @@ struct ServeOptions: ParsableArguments {
         let group = MultiThreadedEventLoopGroup(numberOfThreads: System.coreCount)
         var limits = ServerLimits()
         do {
-            limits.tls = try TLSSettings.load(policy: plan.tls, certificates: plan.tlsCertificates, pskFile: plan.tlsPsk, verifyPeer: plan.tlsVerifyPeer)
+            limits.tls = try TLSSettings.load(
+                policy: plan.tls, certificates: plan.tlsCertificates, pskFile: plan.tlsPsk,
+                verifyPeer: plan.tlsVerifyPeer)
         } catch {
             logger.critical("TLS setup failed: \(error)")
             exports.closeAll()
@@ -359,12 +457,14 @@ struct ServeOptions: ParsableArguments {
 
         if let registry, let m = plan.metrics, let hp = try? VirtNBDConfig.hostPort(m, flag: "metrics") {
             do {
-                endpoint = try await MetricsEndpoint.start(host: hp.host, port: hp.port, group: group, registry: registry,
-                                                           beforeScrape: { for e in server.exports { e.metrics.sample(e.device) } }, logger: logger)
+                endpoint = try await MetricsEndpoint.start(
+                    host: hp.host, port: hp.port, group: group, registry: registry,
+                    beforeScrape: { for e in server.exports { e.metrics.sample(e.device) } }, logger: logger)
                 logger.info("metrics at http://\(m)/metrics")
             } catch {
                 let key = metrics != nil ? "--metrics" : "metrics in \(config ?? "the configuration")"
-                logger.critical("\(Self.bindFailure(.tcp(host: hp.host, port: hp.port), error, key: key, what: "metrics"))")
+                logger.critical(
+                    "\(Self.bindFailure(.tcp(host: hp.host, port: hp.port), error, key: key, what: "metrics"))")
                 await teardown()
                 throw ExitCode(1)
             }
@@ -391,12 +491,15 @@ struct ServeOptions: ParsableArguments {
                 do {
                     try await server.listen(address)
                 } catch {
-                    logger.critical("\(Self.bindFailure(address, error, key: listenerKey(i, address), what: "NBD clients"))")
+                    logger.critical(
+                        "\(Self.bindFailure(address, error, key: listenerKey(i, address), what: "NBD clients"))")
                     await teardown()
                     throw ExitCode(1)
                 }
             }
-            logger.info("limits: max-connections \(plan.maxConnections == 0 ? "0 (no limit)" : "\(plan.maxConnections)"), handshake-timeout \(plan.handshakeTimeout) s")
+            logger.info(
+                "limits: max-connections \(plan.maxConnections == 0 ? "0 (no limit)" : "\(plan.maxConnections)"), handshake-timeout \(plan.handshakeTimeout) s"
+            )
             for l in exports.live { logServing(l, exports.live, addresses, tls: plan.tls, logger) }
         }
         if let path = pidfile {
@@ -410,10 +513,15 @@ struct ServeOptions: ParsableArguments {
             let tls = plan.tls != .off
             if let cmd = run {
                 let uri = Self.uri(first, Self.defaultExport(exports.live)?.export.info.name ?? "", tls: tls)
-                Task { events.post(.commandExited(await Self.runCommand(cmd, uri: uri, address: first, logger: logger))) }
-            } else if case .boundSocket = first {} else {
+                Task {
+                    events.post(.commandExited(await Self.runCommand(cmd, uri: uri, address: first, logger: logger)))
+                }
+            } else if case .boundSocket = first {
+            } else {
                 // Every export on every listener, in the file's order (exports, then listeners).
-                let lines = exports.live.flatMap { l in addresses.map { Self.uri($0, l.export.info.name, tls: tls) + "\n" } }
+                let lines = exports.live.flatMap { l in
+                    addresses.map { Self.uri($0, l.export.info.name, tls: tls) + "\n" }
+                }
                 FileHandle.standardOutput.write(Data(lines.joined().utf8))
             }
         }
@@ -425,7 +533,9 @@ struct ServeOptions: ParsableArguments {
                 if let summary = await reload(&exports, &plan, server: server, activated: activated, logger: logger) {
                     reloads.ok.increment()
                     let new = Set(summary.added + summary.changed)
-                    for l in exports.live where new.contains(l.plan.name) { logServing(l, exports.live, addresses, tls: plan.tls, logger) }
+                    for l in exports.live where new.contains(l.plan.name) {
+                        logServing(l, exports.live, addresses, tls: plan.tls, logger)
+                    }
                 } else if config != nil {
                     reloads.failed.increment()
                 }
@@ -453,18 +563,26 @@ struct ServeOptions: ParsableArguments {
         live.first { $0.export.info.name.isEmpty } ?? live.first
     }
 
-    private func logServing(_ l: LiveExport, _ all: [LiveExport], _ addresses: [ListenAddress], tls: NBDTLSPolicy, _ logger: Logger) {
+    private func logServing(
+        _ l: LiveExport, _ all: [LiveExport], _ addresses: [ListenAddress], tls: NBDTLSPolicy, _ logger: Logger
+    ) {
         let isDefault = Self.defaultExport(all)?.plan.name == l.plan.name && !l.export.info.name.isEmpty
         for a in addresses {
-            logger.info("serving \(l.disk.label) as \(Self.uri(a, l.export.info.name, tls: tls != .off))\(isDefault ? " (the default export: \(Self.uri(a, "", tls: tls != .off)) reaches it too)" : "")",
-                        metadata: ["size": "\(l.export.info.size)", "read-only": "\(l.export.readOnly)", "max-payload": "\(l.export.info.maximumPayload)"])
+            logger.info(
+                "serving \(l.disk.label) as \(Self.uri(a, l.export.info.name, tls: tls != .off))\(isDefault ? " (the default export: \(Self.uri(a, "", tls: tls != .off)) reaches it too)" : "")",
+                metadata: [
+                    "size": "\(l.export.info.size)", "read-only": "\(l.export.readOnly)",
+                    "max-payload": "\(l.export.info.maximumPayload)",
+                ])
         }
     }
 
     /// SIGHUP: re-reads --config (merged with the flags again) and applies its exports. A file that
     /// does not parse, or an export whose device cannot be opened, leaves everything as it was.
     /// Returns what changed, or nil when the running configuration stays.
-    private func reload(_ exports: inout ExportSet, _ plan: inout Plan, server: NBDServer, activated: Bool, logger: Logger) async -> ReloadSummary? {
+    private func reload(
+        _ exports: inout ExportSet, _ plan: inout Plan, server: NBDServer, activated: Bool, logger: Logger
+    ) async -> ReloadSummary? {
         guard let path = config else {
             logger.notice("SIGHUP: nothing to reload (virtnbd was started without --config)")
             return nil
@@ -477,7 +595,9 @@ struct ServeOptions: ParsableArguments {
         }
         let before = plan.restartOnly
         for (key, value) in next.restartOnly.sorted(by: { $0.key < $1.key }) where before[key] != value {
-            logger.warning("reload: \(key) changed from \(before[key] ?? "-") to \(value); that takes effect when virtnbd restarts")
+            logger.warning(
+                "reload: \(key) changed from \(before[key] ?? "-") to \(value); that takes effect when virtnbd restarts"
+            )
         }
         do {
             let summary = try await exports.reload(to: next.exports, server: server, logger: logger)
@@ -494,14 +614,17 @@ struct ServeOptions: ParsableArguments {
     static func activationRequested() -> Bool {
         let env = ProcessInfo.processInfo.environment
         guard let pid = env["LISTEN_PID"].flatMap(Int32.init), pid == getpid(),
-              let n = env["LISTEN_FDS"].flatMap(Int.init), n >= 1 else { return false }
+            let n = env["LISTEN_FDS"].flatMap(Int.init), n >= 1
+        else { return false }
         return true
     }
 
     /// Socket activation (systemd, or libnbd's `[ CMD ]`): fd 3, with the variables removed.
     static func socketActivationFD() -> Int32? {
         guard activationRequested() else { return nil }
-        unsetenv("LISTEN_PID"); unsetenv("LISTEN_FDS"); unsetenv("LISTEN_FDNAMES")
+        unsetenv("LISTEN_PID")
+        unsetenv("LISTEN_FDS")
+        unsetenv("LISTEN_FDNAMES")
         return 3
     }
 
@@ -522,11 +645,15 @@ struct ServeOptions: ParsableArguments {
 
     /// `-s`: stdin and stdout must be a pipe or socket to the client (NIO cannot poll anything else).
     static func stdioProblem() -> String? {
-        let i = descriptorKind(0), o = descriptorKind(1)
+        let i = descriptorKind(0)
+        let o = descriptorKind(1)
         if i.usable && o.usable { return nil }
-        let which = !i.usable && !o.usable ? (i.what == o.what ? "stdin and stdout are \(i.what)" : "stdin is \(i.what) and stdout \(o.what)")
+        let which =
+            !i.usable && !o.usable
+            ? (i.what == o.what ? "stdin and stdout are \(i.what)" : "stdin is \(i.what) and stdout \(o.what)")
             : !i.usable ? "stdin is \(i.what)" : "stdout is \(o.what)"
-        return "-s/--stdio speaks NBD on stdin and stdout, which must be a pipe or socket to the client, but \(which); let the client start virtnbd (e.g. nbdsh: h.connect_command(['virtnbd', '-s', ...])), or listen with -U PATH or -p PORT"
+        return
+            "-s/--stdio speaks NBD on stdin and stdout, which must be a pipe or socket to the client, but \(which); let the client start virtnbd (e.g. nbdsh: h.connect_command(['virtnbd', '-s', ...])), or listen with -U PATH or -p PORT"
     }
 
     /// Socket activation hands over fd 3; it must be a listening socket.
@@ -534,9 +661,12 @@ struct ServeOptions: ParsableArguments {
         let k = descriptorKind(fd)
         var listening: Int32 = 0
         var len = socklen_t(MemoryLayout<Int32>.size)
-        if k.what == "a socket", getsockopt(fd, SOL_SOCKET, SO_ACCEPTCONN, &listening, &len) == 0, listening != 0 { return nil }
+        if k.what == "a socket", getsockopt(fd, SOL_SOCKET, SO_ACCEPTCONN, &listening, &len) == 0, listening != 0 {
+            return nil
+        }
         let what = k.what == "a socket" ? "a socket that is not listening" : k.what
-        return "LISTEN_PID and LISTEN_FDS hand virtnbd a listening socket as fd \(fd) (socket activation), but fd \(fd) is \(what); start virtnbd from a .socket unit or a client's [ virtnbd ... ], or unset LISTEN_FDS"
+        return
+            "LISTEN_PID and LISTEN_FDS hand virtnbd a listening socket as fd \(fd) (socket activation), but fd \(fd) is \(what); start virtnbd from a .socket unit or a client's [ virtnbd ... ], or unset LISTEN_FDS"
     }
 
     /// One line for a socket that cannot be bound: the address, the OS's reason, and the fix.
@@ -552,22 +682,28 @@ struct ServeOptions: ParsableArguments {
         if let e = error as? SocketAddressError.UnknownHost { unresolved = "\(e.host) (\(e.errorDescription))" }
         if let e = error as? SocketAddressError, case .unknown(let host, _) = e { unresolved = host }
         if let host = unresolved {
-            return "\(head): cannot resolve \(host); give an address of this host with \(key) (0.0.0.0 or :: for all of them)"
+            return
+                "\(head): cannot resolve \(host); give an address of this host with \(key) (0.0.0.0 or :: for all of them)"
         }
         guard let code = (error as? IOError)?.errnoCode else { return "\(head): \(error); check \(key)" }
         let reason = String(cString: strerror(code))
         let fix: String
         switch (code, a) {
         case (EADDRINUSE, .tcp(_, let p)):
-            fix = "another process is already listening on port \(p) (another virtnbd, nbdkit or qemu-nbd? see ss -ltnp); stop it, or choose another port with \(key)"
+            fix =
+                "another process is already listening on port \(p) (another virtnbd, nbdkit or qemu-nbd? see ss -ltnp); stop it, or choose another port with \(key)"
         case (EADDRNOTAVAIL, .tcp(let h, _)):
-            fix = "\(h) is not an address of this host (see ip -brief address); with \(key) give one of its addresses, 0.0.0.0 or :: for all of them, or 127.0.0.1 for local clients only"
+            fix =
+                "\(h) is not an address of this host (see ip -brief address); with \(key) give one of its addresses, 0.0.0.0 or :: for all of them, or 127.0.0.1 for local clients only"
         case (EACCES, .tcp(_, let p)) where p < 1024:
-            fix = "ports below 1024 need root or CAP_NET_BIND_SERVICE; choose a port from 1024 up (NBD's is 10809) with \(key)"
+            fix =
+                "ports below 1024 need root or CAP_NET_BIND_SERVICE; choose a port from 1024 up (NBD's is 10809) with \(key)"
         case (EACCES, .unix(let p)), (EPERM, .unix(let p)):
-            fix = "virtnbd's user may not create a file in \((p as NSString).deletingLastPathComponent); choose another path with \(key)"
+            fix =
+                "virtnbd's user may not create a file in \((p as NSString).deletingLastPathComponent); choose another path with \(key)"
         case (ENOENT, .unix(let p)):
-            fix = "the directory \((p as NSString).deletingLastPathComponent) does not exist; create it, or choose another path with \(key)"
+            fix =
+                "the directory \((p as NSString).deletingLastPathComponent) does not exist; create it, or choose another path with \(key)"
         case (EAFNOSUPPORT, .tcp(let h, _)):
             fix = "\(h) is an IPv6 address and this host has no IPv6; use an IPv4 address with \(key)"
         default:
@@ -582,8 +718,12 @@ struct ServeOptions: ParsableArguments {
         var env = ProcessInfo.processInfo.environment
         env["uri"] = uri
         switch address {
-        case .unix(let path): env["unixsocket"] = path; env["nbd"] = uri
-        case .tcp(_, let port): env["port"] = "\(port)"; env["nbd"] = uri
+        case .unix(let path):
+            env["unixsocket"] = path
+            env["nbd"] = uri
+        case .tcp(_, let port):
+            env["port"] = "\(port)"
+            env["nbd"] = uri
         case .boundSocket: break
         }
         let pid: pid_t

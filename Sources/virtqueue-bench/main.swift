@@ -29,7 +29,8 @@ func parse() -> Options {
         case "--ring": if let r = args.next().flatMap(RingFormat.init(rawValue:)) { o.rings = [r] }
         case "--mode": if let m = args.next(), ["irq", "poll"].contains(m) { o.modes = [m] }
         default:
-            FileHandle.standardError.write(Data("usage: virtqueue-bench [--requests N] [--ring split|packed] [--mode irq|poll]\n".utf8))
+            FileHandle.standardError.write(
+                Data("usage: virtqueue-bench [--requests N] [--ring split|packed] [--mode irq|poll]\n".utf8))
             exit(2)
         }
     }
@@ -46,12 +47,17 @@ func run(ring: RingFormat, mode: String, requests: Int) throws -> String {
     var cfg = EmulatorConfiguration()
     cfg.queues = 1
     cfg.pollMicroseconds = poll
-    let diskPages = 16384   // 64 MiB
+    let diskPages = 16384 // 64 MiB
     let emu = try VirtioBlkEmulator(backend: try RAMBackend(size: UInt64(diskPages * 4096)), configuration: cfg)
     var o = DriverOptions()
-    o.ring = ring; o.queueSize = 256; o.requestTimeoutSeconds = 0
+    o.ring = ring
+    o.queueSize = 256
+    o.requestTimeoutSeconds = 0
     let drv = try VirtioBlkDriver(transport: try VirtioMMIOTransport(bus: emu), options: o)
-    defer { drv.shutdown(flush: false); emu.shutdown() }
+    defer {
+        drv.shutdown(flush: false)
+        emu.shutdown()
+    }
     var rng = SystemRandomNumberGenerator()
     let sectors = (0..<4096).map { _ in UInt64(Int.random(in: 0..<diskPages, using: &rng) * 8) }
 
@@ -66,7 +72,7 @@ func run(ring: RingFormat, mode: String, requests: Int) throws -> String {
         }
         if poll > 0 { while !flag.done.load(ordering: .acquiring) { drv.pollCompletions() } } else { sem.wait() }
     }
-    for i in 0..<min(20_000, requests / 10) { once(i) }   // warm-up
+    for i in 0..<min(20_000, requests / 10) { once(i) } // warm-up
     var samples = [Int64](repeating: 0, count: requests)
     let clock = ContinuousClock()
     let t0 = clock.now
@@ -78,8 +84,10 @@ func run(ring: RingFormat, mode: String, requests: Int) throws -> String {
     }
     let qd1Total = clock.now - t0
     samples.sort()
-    let median = samples[requests / 2], p99 = samples[requests * 99 / 100]
-    let qd1Rate = Double(requests) / (Double(qd1Total.components.seconds) + Double(qd1Total.components.attoseconds) / 1e18)
+    let median = samples[requests / 2]
+    let p99 = samples[requests * 99 / 100]
+    let qd1Rate =
+        Double(requests) / (Double(qd1Total.components.seconds) + Double(qd1Total.components.attoseconds) / 1e18)
 
     // Queue depth 32: a window of 32 requests kept full.
     let window = DispatchSemaphore(value: 32)
@@ -104,14 +112,18 @@ func run(ring: RingFormat, mode: String, requests: Int) throws -> String {
     if poll > 0 { while inFlight.load(ordering: .acquiring) > 0 { drv.pollCompletions() } }
     all.wait()
     let qd32Total = clock.now - t1
-    let qd32Rate = Double(requests) / (Double(qd32Total.components.seconds) + Double(qd32Total.components.attoseconds) / 1e18)
+    let qd32Rate =
+        Double(requests) / (Double(qd32Total.components.seconds) + Double(qd32Total.components.attoseconds) / 1e18)
     let errors = flag.errors.load(ordering: .relaxed)
-    return String(format: "| %-6@ | %-4@ | %9d | %9d | %11.0f | %12.0f | %6d |",
-                  ring.rawValue as NSString, mode as NSString, median, p99, qd1Rate, qd32Rate, errors)
+    return String(
+        format: "| %-6@ | %-4@ | %9d | %9d | %11.0f | %12.0f | %6d |",
+        ring.rawValue as NSString, mode as NSString, median, p99, qd1Rate, qd32Rate, errors)
 }
 
 let opts = parse()
-print("virtqueue round trip, 4 KiB reads from a RAM-backed emulator, \(opts.requests) requests per cell, \(ProcessInfo.processInfo.activeProcessorCount) CPUs")
+print(
+    "virtqueue round trip, 4 KiB reads from a RAM-backed emulator, \(opts.requests) requests per cell, \(ProcessInfo.processInfo.activeProcessorCount) CPUs"
+)
 print("| ring   | mode | QD1 median ns | QD1 p99 ns | QD1 req/s | QD32 req/s | errors |")
 print("|--------|------|----------:|----------:|------------:|-------------:|-------:|")
 for ring in opts.rings {

@@ -6,14 +6,17 @@ import XCTest
 final class DistinguishedNameTests: XCTestCase {
     func canonical(_ s: String, file: StaticString = #filePath, line: UInt = #line) -> String? {
         do { return try DistinguishedName(parsing: s).description } catch {
-            XCTFail("\(s): \(error)", file: file, line: line); return nil
+            XCTFail("\(s): \(error)", file: file, line: line)
+            return nil
         }
     }
 
     func testSpellingsOfOneNameNormaliseToOneText() {
         let want = "CN=alice,O=Example,C=GB"
-        for s in ["CN=alice,O=Example,C=GB", "cn=alice, o=Example, c=GB", " CN = alice ,O= Example,C =GB ",
-                  "2.5.4.3=alice,OID.2.5.4.10=Example,c=GB", "CN=\\61lice,O=Example,C=GB"] {
+        for s in [
+            "CN=alice,O=Example,C=GB", "cn=alice, o=Example, c=GB", " CN = alice ,O= Example,C =GB ",
+            "2.5.4.3=alice,OID.2.5.4.10=Example,c=GB", "CN=\\61lice,O=Example,C=GB",
+        ] {
             XCTAssertEqual(canonical(s), want, s)
         }
     }
@@ -56,14 +59,16 @@ final class DistinguishedNameTests: XCTestCase {
 
     /// `openssl req -x509 -multivalue-rdn -utf8 -subj "/C=GB/O=Example, Inc./OU=Dev+UID=42/CN=Zoë #1 <x>"`;
     /// `certtool -i` prints its subject as `CN=Zoë #1 \<x\>,OU=Dev+UID=42,O=Example\, Inc.,C=GB`.
-    static let certificate = "MIICCjCCAbGgAwIBAgIUMz4F1BNbphkr5SW3krP9W+SbmVcwCgYIKoZIzj0EAwIwWzELMAkGA1UEBhMCR0IxFjAUBgNVBAoMDUV4YW1wbGUsIEluYy4xHjAKBgNVBAsMA0RldjAQBgoJkiaJk/IsZAEBDAI0MjEUMBIGA1UEAwwLWm/DqyAjMSA8eD4wHhcNMjYxMjAyMDE0NjQzWhcNMzYxMTI5MDE0NjQzWjBbMQswCQYDVQQGEwJHQjEWMBQGA1UECgwNRXhhbXBsZSwgSW5jLjEeMAoGA1UECwwDRGV2MBAGCgmSJomT8ixkAQEMAjQyMRQwEgYDVQQDDAtab8OrICMxIDx4PjBZMBMGByqGSM49AgEGCCqGSM49AwEHA0IABIEBs2GDrtfELbA1ulhD29Z2ddDyr6s42jeb2qbzR82BL7nrq2HH3LMjl91/KrpJMvsBgfIjCSy9ZlbLThRl+e+jUzBRMB0GA1UdDgQWBBRCjIUhDgAedFDc35M6U+vNtvywfTAfBgNVHSMEGDAWgBRCjIUhDgAedFDc35M6U+vNtvywfTAPBgNVHRMBAf8EBTADAQH/MAoGCCqGSM49BAMCA0cAMEQCIALFjhO355ByPyda/Wm0trtPLigC/0DTyrGQc22YeckUAiAy6HwMbGXt2wH7SrihzBs5VURIYQGPDdzvcopmOOjTGw=="
+    static let certificate =
+        "MIICCjCCAbGgAwIBAgIUMz4F1BNbphkr5SW3krP9W+SbmVcwCgYIKoZIzj0EAwIwWzELMAkGA1UEBhMCR0IxFjAUBgNVBAoMDUV4YW1wbGUsIEluYy4xHjAKBgNVBAsMA0RldjAQBgoJkiaJk/IsZAEBDAI0MjEUMBIGA1UEAwwLWm/DqyAjMSA8eD4wHhcNMjYxMjAyMDE0NjQzWhcNMzYxMTI5MDE0NjQzWjBbMQswCQYDVQQGEwJHQjEWMBQGA1UECgwNRXhhbXBsZSwgSW5jLjEeMAoGA1UECwwDRGV2MBAGCgmSJomT8ixkAQEMAjQyMRQwEgYDVQQDDAtab8OrICMxIDx4PjBZMBMGByqGSM49AgEGCCqGSM49AwEHA0IABIEBs2GDrtfELbA1ulhD29Z2ddDyr6s42jeb2qbzR82BL7nrq2HH3LMjl91/KrpJMvsBgfIjCSy9ZlbLThRl+e+jUzBRMB0GA1UdDgQWBBRCjIUhDgAedFDc35M6U+vNtvywfTAfBgNVHSMEGDAWgBRCjIUhDgAedFDc35M6U+vNtvywfTAPBgNVHRMBAf8EBTADAQH/MAoGCCqGSM49BAMCA0cAMEQCIALFjhO355ByPyda/Wm0trtPLigC/0DTyrGQc22YeckUAiAy6HwMbGXt2wH7SrihzBs5VURIYQGPDdzvcopmOOjTGw=="
 
     func testCertificateSubjectMatchesWhatCerttoolPrints() throws {
         let der = try XCTUnwrap(Data(base64Encoded: Self.certificate))
         let dn = try DistinguishedName(certificateDER: Array(der))
         XCTAssertEqual(dn.description, "CN=Zoë #1 \\<x\\>,OU=Dev+UID=42,O=Example\\, Inc.,C=GB")
         // openssl's RFC2253 spelling (multi-valued RDN in DER order) is the same name.
-        XCTAssertEqual(try DistinguishedName(parsing: "CN=Zo\\C3\\AB #1 \\<x\\>,UID=42+OU=Dev,O=Example\\, Inc.,C=GB"), dn)
+        XCTAssertEqual(
+            try DistinguishedName(parsing: "CN=Zo\\C3\\AB #1 \\<x\\>,UID=42+OU=Dev,O=Example\\, Inc.,C=GB"), dn)
     }
 
     func testNameDERWithNonStringValueIsHexAndUnmatchable() throws {

@@ -1,4 +1,5 @@
 import XCTest
+
 @testable import AccessControl
 
 private func net(_ s: String, file: StaticString = #filePath, line: UInt = #line) -> IPNetwork? {
@@ -9,11 +10,17 @@ private func net(_ s: String, file: StaticString = #filePath, line: UInt = #line
 }
 
 private func problem(_ s: String) -> IPNetworkError? {
-    do { _ = try IPNetwork(parsing: s); return nil } catch { return error }
+    do {
+        _ = try IPNetwork(parsing: s)
+        return nil
+    } catch { return error }
 }
 
 private func ip(_ s: String, file: StaticString = #filePath, line: UInt = #line) -> IPAddress {
-    guard let a = IPAddress(s) else { XCTFail("\(s) is not an address", file: file, line: line); return IPAddress(high: 0, low: 0) }
+    guard let a = IPAddress(s) else {
+        XCTFail("\(s) is not an address", file: file, line: line)
+        return IPAddress(high: 0, low: 0)
+    }
     return a
 }
 
@@ -23,7 +30,10 @@ final class IPAddressTests: XCTestCase {
         XCTAssertEqual(ip("255.255.255.255"), IPAddress(v4: ~0))
         XCTAssertEqual(ip("0.0.0.0").description, "0.0.0.0")
         XCTAssertTrue(ip("10.1.2.3").isV4)
-        for bad in ["256.0.0.1", "1.2.3", "1.2.3.4.5", "01.2.3.4", "1.2.3.-4", "1..2.3", "", " 1.2.3.4", "1.2.3.4:80", "a.b.c.d", "1.2.3.1234"] {
+        for bad in [
+            "256.0.0.1", "1.2.3", "1.2.3.4.5", "01.2.3.4", "1.2.3.-4", "1..2.3", "", " 1.2.3.4", "1.2.3.4:80",
+            "a.b.c.d", "1.2.3.1234",
+        ] {
             XCTAssertNil(IPAddress(bad), bad)
         }
     }
@@ -35,10 +45,14 @@ final class IPAddressTests: XCTestCase {
         XCTAssertEqual(ip("fe80::1:2"), IPAddress(high: 0xfe80 << 48, low: 0x1_0002))
         XCTAssertEqual(ip("2001:db8:0:0:0:0:0:1"), ip("2001:DB8::1"))
         XCTAssertEqual(ip("1:2:3:4:5:6:7:8"), IPAddress(high: 0x0001_0002_0003_0004, low: 0x0005_0006_0007_0008))
-        XCTAssertEqual(ip("1:2:3:4:5:6:7::"), IPAddress(high: 0x0001_0002_0003_0004, low: 0x0005_0006_0007_0000), ":: for one group")
+        XCTAssertEqual(
+            ip("1:2:3:4:5:6:7::"), IPAddress(high: 0x0001_0002_0003_0004, low: 0x0005_0006_0007_0000),
+            ":: for one group")
         XCTAssertEqual(ip("::1.2.3.4"), IPAddress(high: 0, low: 0x0102_0304), "IPv4-compatible (deprecated) form")
-        for bad in ["1:2:3:4:5:6:7:8:9", "1::2::3", ":1", "1:", "12345::", "::g", "1:2:3:4:5:6:7:8::", "[::1]", "fe80::1%eth0",
-                    "::1.2.3", "1.2.3.4::", "::ffff:1.2.3.4:5", ":::"] {
+        for bad in [
+            "1:2:3:4:5:6:7:8:9", "1::2::3", ":1", "1:", "12345::", "::g", "1:2:3:4:5:6:7:8::", "[::1]", "fe80::1%eth0",
+            "::1.2.3", "1.2.3.4::", "::ffff:1.2.3.4:5", ":::",
+        ] {
             XCTAssertNil(IPAddress(bad), bad)
         }
     }
@@ -121,22 +135,30 @@ final class IPNetworkTests: XCTestCase {
     }
 
     func testBadPrefixLengths() {
-        for (s, max) in [("10.0.0.0/33", 32), ("10.0.0.0/-1", 32), ("10.0.0.0/", 32), ("10.0.0.0/8a", 32), ("10.0.0.0/ 8", 32),
-                         ("10.0.0.0/8/8", 32), ("10.0.0.0/+8", 32), ("::/129", 128), ("::1/1000", 128), ("::/0x10", 128)] {
+        for (s, max) in [
+            ("10.0.0.0/33", 32), ("10.0.0.0/-1", 32), ("10.0.0.0/", 32), ("10.0.0.0/8a", 32), ("10.0.0.0/ 8", 32),
+            ("10.0.0.0/8/8", 32), ("10.0.0.0/+8", 32), ("::/129", 128), ("::1/1000", 128), ("::/0x10", 128),
+        ] {
             XCTAssertEqual(problem(s)?.kind, .badPrefix(maximum: max), s)
         }
-        XCTAssertEqual(problem("10.0.0.0/33")?.description,
-                       "\"10.0.0.0/33\" has no valid prefix length; after the / write a whole number from 0 to 32")
+        XCTAssertEqual(
+            problem("10.0.0.0/33")?.description,
+            "\"10.0.0.0/33\" has no valid prefix length; after the / write a whole number from 0 to 32")
     }
 
     func testHostBitsSet() {
         XCTAssertEqual(problem("10.0.0.1/8")?.kind, .hostBitsSet(network: "10.0.0.0/8"))
-        XCTAssertEqual(problem("127.0.0.1/8")?.description,
-                       "\"127.0.0.1/8\" has bits set after the prefix; write the network 127.0.0.0/8, or the single host with /32")
+        XCTAssertEqual(
+            problem("127.0.0.1/8")?.description,
+            "\"127.0.0.1/8\" has bits set after the prefix; write the network 127.0.0.0/8, or the single host with /32")
         XCTAssertEqual(problem("::1/64")?.kind, .hostBitsSet(network: "::/64"))
-        XCTAssertEqual(problem("2001:db8::1/32")?.description,
-                       "\"2001:db8::1/32\" has bits set after the prefix; write the network 2001:db8::/32, or the single host with /128")
-        XCTAssertEqual(problem("2001:db8:0:1:8000::/64")?.kind, .hostBitsSet(network: "2001:db8:0:1::/64"), "a bit below the 64-bit boundary")
+        XCTAssertEqual(
+            problem("2001:db8::1/32")?.description,
+            "\"2001:db8::1/32\" has bits set after the prefix; write the network 2001:db8::/32, or the single host with /128"
+        )
+        XCTAssertEqual(
+            problem("2001:db8:0:1:8000::/64")?.kind, .hostBitsSet(network: "2001:db8:0:1::/64"),
+            "a bit below the 64-bit boundary")
         XCTAssertEqual(problem("::ffff:10.0.0.1/104")?.kind, .hostBitsSet(network: "::ffff:10.0.0.0/104"))
         XCTAssertEqual(problem("1.2.3.4/0")?.kind, .hostBitsSet(network: "0.0.0.0/0"))
         XCTAssertNil(problem("10.0.0.1/32"))
@@ -150,8 +172,10 @@ final class IPNetworkTests: XCTestCase {
         XCTAssertEqual(problem("")?.kind, .empty)
         XCTAssertEqual(problem("  ")?.kind, .empty)
         XCTAssertEqual(problem("fe80::1%eth0/128")?.kind, .zoneID)
-        XCTAssertEqual(problem("localhost")?.description,
-                       "\"localhost\" is not an IPv4 or IPv6 address; write e.g. 10.0.0.0/8, 192.168.1.7 or fd00::/8 (no brackets, no port, no host names)")
+        XCTAssertEqual(
+            problem("localhost")?.description,
+            "\"localhost\" is not an IPv4 or IPv6 address; write e.g. 10.0.0.0/8, 192.168.1.7 or fd00::/8 (no brackets, no port, no host names)"
+        )
     }
 }
 

@@ -3,8 +3,8 @@
 // text ("Request message", "Extended reply chunk message", "NBD_REPLY_TYPE_BLOCK_STATUS_EXT"),
 // with every constant spelled out, sharing nothing with the server's encoders.
 import Foundation
-import XCTest
 import VirtioEmulator
+import XCTest
 
 /// One extended reply chunk: magic 0x6e8a278c, u16 flags, u16 type, u64 cookie, u64 offset, u64 length.
 struct ExtChunk {
@@ -16,28 +16,45 @@ extension RawClient {
     /// Greeting, client flags, then `options` in order; returns (option, reply type, data) for each reply.
     func extOption(_ option: UInt32, _ data: [UInt8] = []) throws -> [(UInt32, [UInt8])] {
         var w = Wire()
-        w.u64(0x4948_4156_454F_5054); w.u32(option); w.u32(UInt32(data.count)); w.raw(data)
+        w.u64(0x4948_4156_454F_5054)
+        w.u32(option)
+        w.u32(UInt32(data.count))
+        w.raw(data)
         try send(w.bytes)
         var replies: [(UInt32, [UInt8])] = []
         while true {
             var h = WireReader(try recv(20))
-            guard h.u64() == 0x3_e889_0455_65a9, h.u32() == option, let type = h.u32(), let len = h.u32() else { throw POSIXError(.EPROTO) }
+            guard h.u64() == 0x3_e889_0455_65a9, h.u32() == option, let type = h.u32(), let len = h.u32() else {
+                throw POSIXError(.EPROTO)
+            }
             let d = try recv(Int(len))
             replies.append((type, d))
             if type == 1 || type >= 0x8000_0000 { return replies }
         }
     }
 
-    func sendExtRequest(flags: UInt16, type: UInt16, cookie: UInt64, offset: UInt64, length: UInt64, payload: [UInt8] = []) throws {
+    func sendExtRequest(
+        flags: UInt16, type: UInt16, cookie: UInt64, offset: UInt64, length: UInt64, payload: [UInt8] = []
+    ) throws {
         var w = Wire()
-        w.u32(0x21e4_1c71); w.u16(flags); w.u16(type); w.u64(cookie); w.u64(offset); w.u64(length); w.raw(payload)
+        w.u32(0x21e4_1c71)
+        w.u16(flags)
+        w.u16(type)
+        w.u64(cookie)
+        w.u64(offset)
+        w.u64(length)
+        w.raw(payload)
         try send(w.bytes)
     }
 
     func readExtChunk() throws -> ExtChunk {
         var h = WireReader(try recv(32))
         guard h.u32() == 0x6e8a_278c else { throw POSIXError(.EPROTO) }
-        let flags = h.u16()!, type = h.u16()!, cookie = h.u64()!, offset = h.u64()!, len = h.u64()!
+        let flags = h.u16()!
+        let type = h.u16()!
+        let cookie = h.u64()!
+        let offset = h.u64()!
+        let len = h.u64()!
         return ExtChunk(flags: flags, type: type, cookie: cookie, offset: offset, payload: try recv(Int(len)))
     }
 
@@ -50,9 +67,10 @@ extension RawClient {
 }
 
 final class ExtendedHeadersTests: XCTestCase {
-    static let size: UInt64 = 8 << 30          // 8 GiB sparse RAM export: effect lengths beyond 32 bits
+    static let size: UInt64 = 8 << 30 // 8 GiB sparse RAM export: effect lengths beyond 32 bits
     static let payloadLen: UInt16 = 1 << 5, reqOne: UInt16 = 1 << 3
-    static let cmdRead: UInt16 = 0, cmdWrite: UInt16 = 1, cmdFlush: UInt16 = 3, cmdTrim: UInt16 = 4, cmdBlockStatus: UInt16 = 7
+    static let cmdRead: UInt16 = 0, cmdWrite: UInt16 = 1, cmdFlush: UInt16 = 3, cmdTrim: UInt16 = 4,
+        cmdBlockStatus: UInt16 = 7
 
     func withServer(_ body: (TestServer) async throws -> Void) async throws {
         let disk = try TestDisk(backend: try RAMBackend(size: Self.size), holes: [0..<Self.size])
@@ -67,16 +85,25 @@ final class ExtendedHeadersTests: XCTestCase {
         try c.send([0, 0, 0, 3])
         let eh = try c.extOption(11)
         XCTAssertEqual(eh.map(\.0), [1], "NBD_OPT_EXTENDED_HEADERS acknowledged")
-        var q = Wire(); q.u32(4); q.str("disk"); q.u32(1); q.u32(15); q.str("base:allocation")
+        var q = Wire()
+        q.u32(4)
+        q.str("disk")
+        q.u32(1)
+        q.u32(15)
+        q.str("base:allocation")
         let meta = try c.extOption(10, q.bytes)
         XCTAssertEqual(meta.map(\.0), [4, 1])
         var m = WireReader(meta[0].1)
         let ctx = try XCTUnwrap(m.u32())
-        var go = Wire(); go.u32(4); go.str("disk"); go.u16(0)
+        var go = Wire()
+        go.u32(4)
+        go.str("disk")
+        go.u16(0)
         let r = try c.extOption(7, go.bytes)
         XCTAssertEqual(r.last?.0, 1)
         var info = WireReader(r[0].1)
-        XCTAssertEqual(info.u16(), 0); XCTAssertEqual(info.u64(), Self.size)
+        XCTAssertEqual(info.u16(), 0)
+        XCTAssertEqual(info.u64(), Self.size)
         return (c, ctx)
     }
 
@@ -87,11 +114,13 @@ final class ExtendedHeadersTests: XCTestCase {
         try await withServer { s in
             let (c, _) = try self.connect(s)
             try c.sendExtRequest(flags: 0, type: Self.cmdWrite, cookie: 0x10, offset: 0, length: 512)
-            try c.sendExtRequest(flags: Self.payloadLen, type: Self.cmdFlush, cookie: 0x11, offset: 0, length: 3, payload: [1, 2, 3])
+            try c.sendExtRequest(
+                flags: Self.payloadLen, type: Self.cmdFlush, cookie: 0x11, offset: 0, length: 3, payload: [1, 2, 3])
             for (cookie, want) in [(UInt64(0x10), "PAYLOAD_LEN"), (0x11, "takes no payload")] {
                 let r = try c.readExtReply()
                 XCTAssertEqual(r.count, 1)
-                XCTAssertEqual(r[0].cookie, cookie); XCTAssertEqual(r[0].type, 0x8001)
+                XCTAssertEqual(r[0].cookie, cookie)
+                XCTAssertEqual(r[0].type, 0x8001)
                 var p = WireReader(r[0].payload)
                 XCTAssertEqual(p.u32(), 22)
                 let len = Int(p.u16()!)
@@ -111,10 +140,14 @@ final class ExtendedHeadersTests: XCTestCase {
             let (c, ctx) = try self.connect(s)
             // WRITE must carry PAYLOAD_LEN; success is NONE with DONE, echoing cookie and offset.
             let data = (0..<8192).map { UInt8(truncatingIfNeeded: $0 &* 7 &+ 1) }
-            try c.sendExtRequest(flags: Self.payloadLen, type: Self.cmdWrite, cookie: 0x1111, offset: 4096, length: 8192, payload: data)
+            try c.sendExtRequest(
+                flags: Self.payloadLen, type: Self.cmdWrite, cookie: 0x1111, offset: 4096, length: 8192, payload: data)
             var r = try c.readExtReply()
             XCTAssertEqual(r.count, 1)
-            XCTAssertEqual(r[0].type, 0); XCTAssertEqual(r[0].cookie, 0x1111); XCTAssertEqual(r[0].offset, 4096); XCTAssertTrue(r[0].payload.isEmpty)
+            XCTAssertEqual(r[0].type, 0)
+            XCTAssertEqual(r[0].cookie, 0x1111)
+            XCTAssertEqual(r[0].offset, 4096)
+            XCTAssertTrue(r[0].payload.isEmpty)
 
             // READ across hole, data, hole: OFFSET_HOLE / OFFSET_DATA chunks, every header offset = request offset.
             try c.sendExtRequest(flags: 0, type: Self.cmdRead, cookie: 0x2222, offset: 0, length: 16384)
@@ -126,7 +159,9 @@ final class ExtendedHeadersTests: XCTestCase {
                 let off = Int(p.u64()!)
                 switch ch.type {
                 case 1: image.replaceSubrange(off..<off + ch.payload.count - 8, with: ch.payload[8...])
-                case 2: let n = Int(p.u32()!); image.replaceSubrange(off..<off + n, with: [UInt8](repeating: 0, count: n))
+                case 2:
+                    let n = Int(p.u32()!)
+                    image.replaceSubrange(off..<off + n, with: [UInt8](repeating: 0, count: n))
                 default: XCTFail("unexpected chunk type \(ch.type)")
                 }
             }
@@ -136,7 +171,8 @@ final class ExtendedHeadersTests: XCTestCase {
             // BLOCK_STATUS over all 8 GiB (a 64-bit effect length) → BLOCK_STATUS_EXT with 64-bit lengths.
             try c.sendExtRequest(flags: 0, type: Self.cmdBlockStatus, cookie: 0x3333, offset: 0, length: Self.size)
             r = try c.readExtReply()
-            XCTAssertEqual(r.count, 1); XCTAssertEqual(r[0].type, 6)
+            XCTAssertEqual(r.count, 1)
+            XCTAssertEqual(r[0].type, 6)
             var bs = WireReader(r[0].payload)
             XCTAssertEqual(bs.u32(), ctx)
             XCTAssertEqual(bs.u32(), 3, "descriptor count")
@@ -147,10 +183,14 @@ final class ExtendedHeadersTests: XCTestCase {
             XCTAssertEqual(r[0].payload.count, 8 + 16 * 3)
 
             // REQ_ONE: one descriptor.
-            try c.sendExtRequest(flags: Self.reqOne, type: Self.cmdBlockStatus, cookie: 0x3334, offset: 4096, length: 1 << 20)
+            try c.sendExtRequest(
+                flags: Self.reqOne, type: Self.cmdBlockStatus, cookie: 0x3334, offset: 4096, length: 1 << 20)
             r = try c.readExtReply()
-            var one = WireReader(r[0].payload); _ = one.u32()
-            XCTAssertEqual(one.u32(), 1); XCTAssertEqual(one.u64(), 8192); XCTAssertEqual(one.u64(), 0)
+            var one = WireReader(r[0].payload)
+            _ = one.u32()
+            XCTAssertEqual(one.u32(), 1)
+            XCTAssertEqual(one.u64(), 8192)
+            XCTAssertEqual(one.u64(), 0)
 
             // TRIM with an effect length over 32 bits.
             try c.sendExtRequest(flags: 0, type: Self.cmdTrim, cookie: 0x4444, offset: 0, length: 5 << 30)
@@ -160,22 +200,34 @@ final class ExtendedHeadersTests: XCTestCase {
             // Errors are ERROR chunks (never simple replies), and the connection goes on.
             try c.sendExtRequest(flags: 0, type: Self.cmdRead, cookie: 0x5555, offset: Self.size - 10, length: 20)
             r = try c.readExtReply()
-            XCTAssertEqual(r.map(\.type), [0x8001]); XCTAssertEqual(r[0].offset, Self.size - 10)
-            var e = WireReader(r[0].payload); XCTAssertEqual(e.u32(), 22)
+            XCTAssertEqual(r.map(\.type), [0x8001])
+            XCTAssertEqual(r[0].offset, Self.size - 10)
+            var e = WireReader(r[0].payload)
+            XCTAssertEqual(e.u32(), 22)
             // A WRITE without PAYLOAD_LEN has no payload: EINVAL.
             try c.sendExtRequest(flags: 0, type: Self.cmdWrite, cookie: 0x6666, offset: 0, length: 512)
             r = try c.readExtReply()
             XCTAssertEqual(r.map(\.type), [0x8001])
             // A payload on FLUSH is consumed, then refused; the next request parses.
-            try c.sendExtRequest(flags: Self.payloadLen, type: Self.cmdFlush, cookie: 0x7777, offset: 0, length: 10, payload: [UInt8](repeating: 9, count: 10))
+            try c.sendExtRequest(
+                flags: Self.payloadLen, type: Self.cmdFlush, cookie: 0x7777, offset: 0, length: 10,
+                payload: [UInt8](repeating: 9, count: 10))
             r = try c.readExtReply()
-            XCTAssertEqual(r.map(\.type), [0x8001]); XCTAssertEqual(r[0].cookie, 0x7777)
+            XCTAssertEqual(r.map(\.type), [0x8001])
+            XCTAssertEqual(r[0].cookie, 0x7777)
             try c.sendExtRequest(flags: 0, type: Self.cmdFlush, cookie: 0x8888, offset: 0, length: 0)
             r = try c.readExtReply()
-            XCTAssertEqual(r.map(\.type), [0]); XCTAssertEqual(r[0].cookie, 0x8888)
+            XCTAssertEqual(r.map(\.type), [0])
+            XCTAssertEqual(r[0].cookie, 0x8888)
 
             // A compact request after extended headers is out of sync: hard disconnect.
-            var w = Wire(); w.u32(0x2560_9513); w.u16(0); w.u16(0); w.u64(9); w.u64(0); w.u32(512)
+            var w = Wire()
+            w.u32(0x2560_9513)
+            w.u16(0)
+            w.u16(0)
+            w.u64(9)
+            w.u64(0)
+            w.u32(512)
             try c.send(w.bytes)
             XCTAssertThrowsError(try c.recv(1), "the server drops a client that sends a compact request")
         }
@@ -186,11 +238,18 @@ final class ExtendedHeadersTests: XCTestCase {
             let c = try RawClient(path: s.socketPath)
             _ = try c.recv(18)
             try c.send([0, 0, 0, 3])
-            XCTAssertEqual(try c.extOption(11, [1]).map(\.0), [0x8000_0003], "data with EXTENDED_HEADERS is ERR_INVALID")
+            XCTAssertEqual(
+                try c.extOption(11, [1]).map(\.0), [0x8000_0003], "data with EXTENDED_HEADERS is ERR_INVALID")
             XCTAssertEqual(try c.extOption(11).map(\.0), [1])
-            XCTAssertEqual(try c.extOption(8).map(\.0), [0x8000_000a], "STRUCTURED_REPLY after EXTENDED_HEADERS: ERR_EXT_HEADER_REQD")
+            XCTAssertEqual(
+                try c.extOption(8).map(\.0), [0x8000_000a],
+                "STRUCTURED_REPLY after EXTENDED_HEADERS: ERR_EXT_HEADER_REQD")
             // EXPORT_NAME is forbidden after extended headers: the server ends the session.
-            var w = Wire(); w.u64(0x4948_4156_454F_5054); w.u32(1); w.u32(4); w.str("disk")
+            var w = Wire()
+            w.u64(0x4948_4156_454F_5054)
+            w.u32(1)
+            w.u32(4)
+            w.str("disk")
             try c.send(w.bytes)
             XCTAssertThrowsError(try c.recv(1))
         }

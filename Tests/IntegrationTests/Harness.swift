@@ -21,7 +21,8 @@ final class TestDisk: @unchecked Sendable {
     private var stopped = false
 
     init(backend: BlockBackend, holes: [Range<UInt64>] = []) throws {
-        var log = Logger(label: "test.disk"); log.logLevel = .warning
+        var log = Logger(label: "test.disk")
+        log.logLevel = .warning
         emulator = try VirtioBlkEmulator(backend: backend, configuration: EmulatorConfiguration(), logger: log)
         driver = try VirtioBlkDriver(transport: try VirtioMMIOTransport(bus: emulator), queueSize: 256, logger: log)
         device = BlockDevice(driver: driver, size: backend.size, holes: holes, discardReadsZero: !holes.isEmpty)
@@ -49,19 +50,29 @@ final class TestServer: @unchecked Sendable {
     private var stopped = false
 
     struct ExportSpec {
-        var name: String; var description = ""; var disk: TestDisk; var forceReadOnly = false
+        var name: String
+        var description = ""
+        var disk: TestDisk
+        var forceReadOnly = false
         var maximumPayload: UInt32 = 64 << 20
     }
 
     private init(group: MultiThreadedEventLoopGroup, server: NBDServer, socketPath: String, disks: [TestDisk]) {
-        self.group = group; self.server = server; self.socketPath = socketPath; self.disks = disks
+        self.group = group
+        self.server = server
+        self.socketPath = socketPath
+        self.disks = disks
     }
 
     static func start(_ exports: [ExportSpec]) async throws -> TestServer {
         let group = MultiThreadedEventLoopGroup(numberOfThreads: 2)
-        var log = Logger(label: "test.server"); log.logLevel = .warning
-        let nbdExports = exports.map { NBDExport(name: $0.name, description: $0.description, device: $0.disk.device, forceReadOnly: $0.forceReadOnly,
-                                              maximumPayload: $0.maximumPayload) }
+        var log = Logger(label: "test.server")
+        log.logLevel = .warning
+        let nbdExports = exports.map {
+            NBDExport(
+                name: $0.name, description: $0.description, device: $0.disk.device, forceReadOnly: $0.forceReadOnly,
+                maximumPayload: $0.maximumPayload)
+        }
         let server = NBDServer(exports: nbdExports, group: group, logger: log)
         let n = counter.add(1, ordering: .relaxed).newValue
         let path = "/tmp/virtnbd-it-\(getpid())-\(n).sock"
@@ -70,7 +81,9 @@ final class TestServer: @unchecked Sendable {
     }
 
     /// One RAM export named `name`.
-    static func ram(size: UInt64 = 8 << 20, name: String = "disk", readOnly: Bool = false, forceReadOnly: Bool = false) async throws -> TestServer {
+    static func ram(size: UInt64 = 8 << 20, name: String = "disk", readOnly: Bool = false, forceReadOnly: Bool = false)
+        async throws -> TestServer
+    {
         let disk = try TestDisk.ram(size: size, readOnly: readOnly)
         return try await start([ExportSpec(name: name, disk: disk, forceReadOnly: forceReadOnly)])
     }
@@ -86,7 +99,10 @@ final class TestServer: @unchecked Sendable {
 
     /// Runs `body` and always stops the server.
     static func with(_ server: TestServer, _ body: (TestServer) async throws -> Void) async throws {
-        do { try await body(server) } catch { await server.stop(); throw error }
+        do { try await body(server) } catch {
+            await server.stop()
+            throw error
+        }
         await server.stop()
     }
 }
@@ -106,12 +122,18 @@ final class NBDClient: @unchecked Sendable {
     /// Connects to `export` on `socket`; `strict: false` turns off libnbd's client-side checks so
     /// that bad requests reach the server and the server's answer is what is tested.
     init(socket: String, export: String, strict: Bool = true) throws {
-        guard let h = nbd_create() else { throw NBDFailure(call: "nbd_create", errno: nbd_get_errno(), message: Self.lastError) }
+        guard let h = nbd_create() else {
+            throw NBDFailure(call: "nbd_create", errno: nbd_get_errno(), message: Self.lastError)
+        }
         self.h = h
         try check("nbd_set_export_name", nbd_set_export_name(h, export))
         try check("nbd_set_request_block_size", nbd_set_request_block_size(h, true))
         if !strict { try check("nbd_set_strict_mode", nbd_set_strict_mode(h, 0)) }
-        do { try check("nbd_connect_unix", nbd_connect_unix(h, socket)) } catch { nbd_close(h); closed = true; throw error }
+        do { try check("nbd_connect_unix", nbd_connect_unix(h, socket)) } catch {
+            nbd_close(h)
+            closed = true
+            throw error
+        }
     }
 
     deinit { close() }
@@ -136,13 +158,15 @@ final class NBDClient: @unchecked Sendable {
 
     func pread(_ count: Int, at offset: UInt64) throws -> [UInt8] {
         var out = [UInt8](repeating: 0, count: count)
-        try out.withUnsafeMutableBytes { p in _ = try check("nbd_pread", nbd_pread(h, p.baseAddress, count, offset, 0)) }
+        try out.withUnsafeMutableBytes { p in _ = try check("nbd_pread", nbd_pread(h, p.baseAddress, count, offset, 0))
+        }
         return out
     }
 
     func pwrite(_ data: [UInt8], at offset: UInt64, fua: Bool = false) throws {
         try data.withUnsafeBytes { p in
-            _ = try check("nbd_pwrite", nbd_pwrite(h, p.baseAddress, data.count, offset, fua ? UInt32(LIBNBD_CMD_FLAG_FUA) : 0))
+            _ = try check(
+                "nbd_pwrite", nbd_pwrite(h, p.baseAddress, data.count, offset, fua ? UInt32(LIBNBD_CMD_FLAG_FUA) : 0))
         }
     }
 
@@ -157,7 +181,10 @@ final class NBDClient: @unchecked Sendable {
         try check("nbd_zero", nbd_zero(h, count, offset, f))
     }
 
-    enum Op { case read(offset: UInt64, count: Int), write(offset: UInt64, data: [UInt8]) }
+    enum Op {
+        case read(offset: UInt64, count: Int)
+        case write(offset: UInt64, data: [UInt8])
+    }
 
     /// Issues every op with the asynchronous API before waiting for any (they are all in flight
     /// together, in this order on the wire), then waits for all. Returns the data of each read
@@ -171,24 +198,35 @@ final class NBDClient: @unchecked Sendable {
             case .read(let off, let count):
                 let b = UnsafeMutableRawBufferPointer.allocate(byteCount: max(count, 1), alignment: 16)
                 buffers.append(b)
-                cookies.append(try check("nbd_aio_pread", nbd_aio_pread(h, b.baseAddress, count, off, nbd_completion_callback(), 0)))
+                cookies.append(
+                    try check(
+                        "nbd_aio_pread", nbd_aio_pread(h, b.baseAddress, count, off, nbd_completion_callback(), 0)))
             case .write(let off, let data):
                 let b = UnsafeMutableRawBufferPointer.allocate(byteCount: max(data.count, 1), alignment: 16)
                 data.withUnsafeBytes { b.copyMemory(from: $0) }
                 buffers.append(b)
-                cookies.append(try check("nbd_aio_pwrite", nbd_aio_pwrite(h, b.baseAddress, data.count, off, nbd_completion_callback(), 0)))
+                cookies.append(
+                    try check(
+                        "nbd_aio_pwrite",
+                        nbd_aio_pwrite(h, b.baseAddress, data.count, off, nbd_completion_callback(), 0)))
             }
         }
         let deadline = Date().addingTimeInterval(10)
         while try check("nbd_aio_in_flight", nbd_aio_in_flight(h)) > 0 {
-            guard Date() < deadline else { throw NBDFailure(call: "aioBatch", errno: 0, message: "requests still in flight after 10 s") }
+            guard Date() < deadline else {
+                throw NBDFailure(call: "aioBatch", errno: 0, message: "requests still in flight after 10 s")
+            }
             try check("nbd_poll", nbd_poll(h, 1000))
         }
         var out: [[UInt8]?] = []
         for (i, op) in ops.enumerated() {
             let done = try check("nbd_aio_command_completed(op \(i))", nbd_aio_command_completed(h, UInt64(cookies[i])))
             guard done == 1 else { throw NBDFailure(call: "aioBatch", errno: 0, message: "op \(i) not completed") }
-            if case .read(_, let count) = op { out.append(Array(UnsafeRawBufferPointer(rebasing: buffers[i][0..<count]))) } else { out.append(nil) }
+            if case .read(_, let count) = op {
+                out.append(Array(UnsafeRawBufferPointer(rebasing: buffers[i][0..<count])))
+            } else {
+                out.append(nil)
+            }
         }
         return out
     }
@@ -198,8 +236,12 @@ final class NBDClient: @unchecked Sendable {
 struct DiskModel {
     var bytes: [UInt8]
     init(size: Int) { bytes = [UInt8](repeating: 0, count: size) }
-    mutating func write(_ data: [UInt8], at offset: UInt64) { bytes.replaceSubrange(Int(offset)..<Int(offset) + data.count, with: data) }
-    mutating func zero(_ count: UInt64, at offset: UInt64) { write([UInt8](repeating: 0, count: Int(count)), at: offset) }
+    mutating func write(_ data: [UInt8], at offset: UInt64) {
+        bytes.replaceSubrange(Int(offset)..<Int(offset) + data.count, with: data)
+    }
+    mutating func zero(_ count: UInt64, at offset: UInt64) {
+        write([UInt8](repeating: 0, count: Int(count)), at: offset)
+    }
     func read(_ count: Int, at offset: UInt64) -> [UInt8] { Array(bytes[Int(offset)..<Int(offset) + count]) }
 }
 
@@ -216,7 +258,9 @@ func assertBytes(_ got: [UInt8], _ want: [UInt8], _ what: String, file: StaticSt
 }
 
 /// Asserts that `body` fails with the given errno.
-func assertNBDError(_ errno: Int32, _ what: String, file: StaticString = #filePath, line: UInt = #line, _ body: () throws -> Void) {
+func assertNBDError(
+    _ errno: Int32, _ what: String, file: StaticString = #filePath, line: UInt = #line, _ body: () throws -> Void
+) {
     do {
         try body()
         XCTFail("\(what): succeeded, expected errno \(errno)", file: file, line: line)

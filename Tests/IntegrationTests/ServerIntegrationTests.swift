@@ -1,8 +1,8 @@
-// The real server (NIO listener + handler + virtio-blk driver + in-process device) driven by libnbd.
-import TestSupport
 import CNBD
 import Foundation
 import NBDServer
+// The real server (NIO listener + handler + virtio-blk driver + in-process device) driven by libnbd.
+import TestSupport
 import VirtioBlock
 import VirtioEmulator
 import XCTest
@@ -25,7 +25,11 @@ final class ServerIntegrationTests: XCTestCase {
             XCTAssertEqual(nbd_get_block_size(c.h, LIBNBD_SIZE_MINIMUM), 1)
             XCTAssertEqual(nbd_get_block_size(c.h, LIBNBD_SIZE_PREFERRED), 4096)
             XCTAssertEqual(nbd_get_block_size(c.h, LIBNBD_SIZE_MAXIMUM), 64 << 20)
-            XCTAssertEqual(nbd_get_export_name(c.h).map { s in defer { free(s) }; return String(cString: s) }, "disk")
+            XCTAssertEqual(
+                nbd_get_export_name(c.h).map { s in
+                    defer { free(s) }
+                    return String(cString: s)
+                }, "disk")
             c.close()
         }
     }
@@ -51,8 +55,11 @@ final class ServerIntegrationTests: XCTestCase {
     }
 
     func testSeveralExportsAreListedAndSelectable() async throws {
-        let a = try TestDisk.ram(size: 1 << 20), b = try TestDisk.ram(size: 2 << 20)
-        let server = try await TestServer.start([.init(name: "a", description: "disk A", disk: a), .init(name: "b", disk: b, forceReadOnly: true)])
+        let a = try TestDisk.ram(size: 1 << 20)
+        let b = try TestDisk.ram(size: 2 << 20)
+        let server = try await TestServer.start([
+            .init(name: "a", description: "disk A", disk: a), .init(name: "b", disk: b, forceReadOnly: true),
+        ])
         try await TestServer.with(server) { s in
             let ca = try NBDClient(socket: s.socketPath, export: "a")
             let cb = try NBDClient(socket: s.socketPath, export: "b")
@@ -62,7 +69,8 @@ final class ServerIntegrationTests: XCTestCase {
             XCTAssertTrue(try cb.flag("is_read_only", nbd_is_read_only(cb.h)))
             try ca.pwrite([1, 2, 3], at: 0)
             XCTAssertEqual(try cb.pread(3, at: 0), [0, 0, 0], "exports are separate disks")
-            ca.close(); cb.close()
+            ca.close()
+            cb.close()
         }
     }
 
@@ -107,7 +115,7 @@ final class ServerIntegrationTests: XCTestCase {
                 let (off, len) = randomOp()
                 let d = rng.bytes(len)
                 writes.append(.write(offset: off, data: d))
-                model.write(d, at: off)   // in wire order; the server serializes overlaps in arrival order
+                model.write(d, at: off) // in wire order; the server serializes overlaps in arrival order
             }
             _ = try c.aioBatch(writes)
             var reads: [(UInt64, Int)] = []
@@ -165,7 +173,9 @@ final class ServerIntegrationTests: XCTestCase {
                 }
             }
             let got = try c.aioBatch(ops)
-            for (i, want) in expected.sorted(by: { $0.key < $1.key }) { assertBytes(got[i] ?? [], want, "read op \(i)") }
+            for (i, want) in expected.sorted(by: { $0.key < $1.key }) {
+                assertBytes(got[i] ?? [], want, "read op \(i)")
+            }
             c.close()
         }
     }
@@ -179,8 +189,9 @@ final class ServerIntegrationTests: XCTestCase {
             try c.pwrite([UInt8](repeating: 8, count: 4096), at: 8192, fua: true)
             XCTAssertEqual(try c.pread(5000, at: 3), [UInt8](repeating: 7, count: 5000))
             XCTAssertEqual(try c.pread(4096, at: 8192), [UInt8](repeating: 8, count: 4096))
-            XCTAssertGreaterThanOrEqual(s.disks[0].emulator.stats.flushes.load(ordering: .relaxed) - flushesBefore, 3,
-                                        "FLUSH and each FUA write must reach the device as a flush")
+            XCTAssertGreaterThanOrEqual(
+                s.disks[0].emulator.stats.flushes.load(ordering: .relaxed) - flushesBefore, 3,
+                "FLUSH and each FUA write must reach the device as a flush")
             c.close()
         }
     }
@@ -190,12 +201,13 @@ final class ServerIntegrationTests: XCTestCase {
             let c = try NBDClient(socket: s.socketPath, export: "disk")
             let data = SplitMix(seed: 5).bytesOf(65_536)
             try c.pwrite(data, at: 0)
-            try c.trim(40_000, at: 1000)            // unaligned edges: whole blocks inside may be discarded
+            try c.trim(40_000, at: 1000) // unaligned edges: whole blocks inside may be discarded
             let after = try c.pread(65_536, at: 0)
             assertBytes(Array(after[0..<1000]), Array(data[0..<1000]), "before the trimmed range")
             assertBytes(Array(after[41_000...]), Array(data[41_000...]), "after the trimmed range")
             for i in 1000..<41_000 where after[i] != data[i] && after[i] != 0 {
-                XCTFail("trimmed byte \(i) is neither old data nor zero"); break
+                XCTFail("trimmed byte \(i) is neither old data nor zero")
+                break
             }
             try c.trim(8192, at: 0, fua: true)
             _ = try c.pread(8192, at: 0)
@@ -215,18 +227,20 @@ final class ServerIntegrationTests: XCTestCase {
             try c.pwrite(fill, at: 0)
             model.write(fill, at: 0)
             let ranges: [(UInt64, UInt64, Bool)] = [
-                (4096, 8192, false),            // aligned
-                (20_000, 30_000, false),        // unaligned both ends, spans whole blocks
-                (65_537, 100, true),            // inside one block
-                (70_000, 5000, true),           // crosses one block boundary, no whole block
-                (131_072 - 1, 4098, false),     // 1 byte, a whole block, 1 byte
-                (200_001, 150_000, true),       // big, unaligned, NO_HOLE
-                (1_048_576 - 3000, 3000, false),// to the end
+                (4096, 8192, false), // aligned
+                (20_000, 30_000, false), // unaligned both ends, spans whole blocks
+                (65_537, 100, true), // inside one block
+                (70_000, 5000, true), // crosses one block boundary, no whole block
+                (131_072 - 1, 4098, false), // 1 byte, a whole block, 1 byte
+                (200_001, 150_000, true), // big, unaligned, NO_HOLE
+                (1_048_576 - 3000, 3000, false), // to the end
             ]
             for (off, len, noHole) in ranges {
                 try c.zero(len, at: off, noHole: noHole, fua: off == 4096)
                 model.zero(len, at: off)
-                XCTAssertEqual(try c.pread(Int(len), at: off), [UInt8](repeating: 0, count: Int(len)), "zero \(len)@\(off) noHole=\(noHole)")
+                XCTAssertEqual(
+                    try c.pread(Int(len), at: off), [UInt8](repeating: 0, count: Int(len)),
+                    "zero \(len)@\(off) noHole=\(noHole)")
             }
             assertBytes(try c.pread(1 << 20, at: 0), model.bytes, "neighbours of zeroed ranges are untouched")
             c.close()
@@ -247,14 +261,21 @@ final class ServerIntegrationTests: XCTestCase {
             // Zero 24 MiB from byte 1000 (NO_HOLE): the data just past it survives.
             try c.zero(24 << 20, at: 1000, noHole: true)
             let past = (24 << 20) + 1000
-            assertBytes(try c.pread(4096, at: UInt64(past)), Array(data[(past - 4097)..<(past - 4097 + 4096)]), "just past the zeroed range")
-            XCTAssertEqual(try c.pread(8192, at: (24 << 20) + 1000 - 8192), [UInt8](repeating: 0, count: 8192), "end of the zeroed range")
+            assertBytes(
+                try c.pread(4096, at: UInt64(past)), Array(data[(past - 4097)..<(past - 4097 + 4096)]),
+                "just past the zeroed range")
+            XCTAssertEqual(
+                try c.pread(8192, at: (24 << 20) + 1000 - 8192), [UInt8](repeating: 0, count: 8192),
+                "end of the zeroed range")
             // 36 MiB (more than the maximum payload) of zeroes over [28 MiB, 64 MiB).
             try c.zero(36 << 20, at: 28 << 20)
             for (off, len) in [(28 << 20, 4096), (40 << 20, 1 << 20), ((64 << 20) - 4096, 4096)] {
-                XCTAssertEqual(try c.pread(len, at: UInt64(off)), [UInt8](repeating: 0, count: len), "large zero at \(off)")
+                XCTAssertEqual(
+                    try c.pread(len, at: UInt64(off)), [UInt8](repeating: 0, count: len), "large zero at \(off)")
             }
-            assertBytes(try c.pread(4096, at: (28 << 20) - 4096), Array(data[((28 << 20) - 4096 - 4097)..<((28 << 20) - 4097)]), "before the large zero")
+            assertBytes(
+                try c.pread(4096, at: (28 << 20) - 4096), Array(data[((28 << 20) - 4096 - 4097)..<((28 << 20) - 4097)]),
+                "before the large zero")
             try c.trim(size, at: 0)
             _ = try c.pread(4096, at: 0)
             c.close()
@@ -280,7 +301,9 @@ final class ServerIntegrationTests: XCTestCase {
     func testWritePastEndIsENOSPC() async throws {
         try await TestServer.with(try await TestServer.ram(size: 1 << 20)) { s in
             let c = try NBDClient(socket: s.socketPath, export: "disk", strict: false)
-            assertNBDError(ENOSPC, "write crossing the end") { try c.pwrite([UInt8](repeating: 1, count: 4096), at: (1 << 20) - 1) }
+            assertNBDError(ENOSPC, "write crossing the end") {
+                try c.pwrite([UInt8](repeating: 1, count: 4096), at: (1 << 20) - 1)
+            }
             assertNBDError(ENOSPC, "write wholly past the end") { try c.pwrite([1], at: 1 << 21) }
             assertNBDError(ENOSPC, "write zeroes past the end") { try c.zero(4096, at: (1 << 20) - 100) }
             XCTAssertEqual(try c.pread(1, at: (1 << 20) - 1), [0], "a failed write changes nothing")
@@ -293,7 +316,9 @@ final class ServerIntegrationTests: XCTestCase {
     func testReadOnlyExportRefusesModificationsWithEPERM() async throws {
         // Both ways of being read-only: a read-only device, and a writable device exported read-only.
         for (deviceRO, forceRO) in [(true, false), (false, true)] {
-            try await TestServer.with(try await TestServer.ram(size: 1 << 20, readOnly: deviceRO, forceReadOnly: forceRO)) { s in
+            try await TestServer.with(
+                try await TestServer.ram(size: 1 << 20, readOnly: deviceRO, forceReadOnly: forceRO)
+            ) { s in
                 let c = try NBDClient(socket: s.socketPath, export: "disk", strict: false)
                 let what = "device read-only \(deviceRO), export forced \(forceRO)"
                 XCTAssertTrue(try c.flag("is_read_only", nbd_is_read_only(c.h)), what)
@@ -335,17 +360,26 @@ final class ServerIntegrationTests: XCTestCase {
             // NO_HOLE is only valid on WRITE_ZEROES.
             assertNBDError(EINVAL, "WRITE with NO_HOLE") {
                 let d: [UInt8] = [1]
-                try d.withUnsafeBytes { _ = try c.check("nbd_pwrite", nbd_pwrite(c.h, $0.baseAddress, 1, 0, UInt32(LIBNBD_CMD_FLAG_NO_HOLE))) }
+                try d.withUnsafeBytes {
+                    _ = try c.check(
+                        "nbd_pwrite", nbd_pwrite(c.h, $0.baseAddress, 1, 0, UInt32(LIBNBD_CMD_FLAG_NO_HOLE)))
+                }
             }
             // REQ_ONE is only valid on BLOCK_STATUS; FAST_ZERO only on WRITE_ZEROES.
             assertNBDError(EINVAL, "READ with REQ_ONE") {
                 var b = [UInt8](repeating: 0, count: 1)
-                try b.withUnsafeMutableBytes { _ = try c.check("nbd_pread", nbd_pread(c.h, $0.baseAddress, 1, 0, UInt32(LIBNBD_CMD_FLAG_REQ_ONE))) }
+                try b.withUnsafeMutableBytes {
+                    _ = try c.check("nbd_pread", nbd_pread(c.h, $0.baseAddress, 1, 0, UInt32(LIBNBD_CMD_FLAG_REQ_ONE)))
+                }
             }
-            assertNBDError(EINVAL, "TRIM with FAST_ZERO") { _ = try c.check("nbd_trim", nbd_trim(c.h, 4096, 0, UInt32(LIBNBD_CMD_FLAG_FAST_ZERO))) }
+            assertNBDError(EINVAL, "TRIM with FAST_ZERO") {
+                _ = try c.check("nbd_trim", nbd_trim(c.h, 4096, 0, UInt32(LIBNBD_CMD_FLAG_FAST_ZERO)))
+            }
             // CACHE is advertised and accepted; past the end it is EINVAL.
             XCTAssertEqual(nbd_cache(c.h, 4096, 0, 0), 0, "CACHE: \(NBDClient.lastError)")
-            assertNBDError(EINVAL, "CACHE past the end") { _ = try c.check("nbd_cache", nbd_cache(c.h, 4096, (1 << 20) - 100, 0)) }
+            assertNBDError(EINVAL, "CACHE past the end") {
+                _ = try c.check("nbd_cache", nbd_cache(c.h, 4096, (1 << 20) - 100, 0))
+            }
             XCTAssertEqual(try c.pread(1, at: 0), [0], "the connection still works")
             c.close()
         }
@@ -357,12 +391,16 @@ final class ServerIntegrationTests: XCTestCase {
     func testWriteAboveMaximumPayloadIsRejectedAndConnectionSurvives() async throws {
         // libnbd sends nothing above 64 MiB (its own limit), so this export advertises 256 KiB.
         let disk = try TestDisk.ram(size: 1 << 20)
-        try await TestServer.with(try await TestServer.start([.init(name: "disk", disk: disk, maximumPayload: 256 << 10)])) { s in
+        try await TestServer.with(
+            try await TestServer.start([.init(name: "disk", disk: disk, maximumPayload: 256 << 10)])
+        ) { s in
             let c = try NBDClient(socket: s.socketPath, export: "disk", strict: false)
             XCTAssertEqual(nbd_get_block_size(c.h, LIBNBD_SIZE_MAXIMUM), 256 << 10)
             let big = [UInt8](repeating: 0x77, count: (256 << 10) + 4096)
             assertNBDError(EINVAL, "WRITE of more than the 256 KiB maximum payload") { try c.pwrite(big, at: 0) }
-            XCTAssertEqual(try c.pread(4096, at: 0), [UInt8](repeating: 0, count: 4096), "nothing written; the payload was drained")
+            XCTAssertEqual(
+                try c.pread(4096, at: 0), [UInt8](repeating: 0, count: 4096), "nothing written; the payload was drained"
+            )
             try c.pwrite([1, 2], at: 0)
             XCTAssertEqual(try c.pread(2, at: 0), [1, 2])
             c.close()
@@ -382,13 +420,17 @@ final class ServerIntegrationTests: XCTestCase {
                 let off = UInt64.random(in: 0...((1 << 20) - UInt64(len)), using: &rng)
                 if i % 2 == 0 {
                     let d = rng.bytes(len)
-                    ops.append(.write(offset: off, data: d)); model.write(d, at: off)
+                    ops.append(.write(offset: off, data: d))
+                    model.write(d, at: off)
                 } else {
-                    ops.append(.read(offset: off, count: len)); expected[i] = model.read(len, at: off)
+                    ops.append(.read(offset: off, count: len))
+                    expected[i] = model.read(len, at: off)
                 }
             }
             let got = try c.aioBatch(ops)
-            for (i, want) in expected.sorted(by: { $0.key < $1.key }) { assertBytes(got[i] ?? [], want, "read op \(i)") }
+            for (i, want) in expected.sorted(by: { $0.key < $1.key }) {
+                assertBytes(got[i] ?? [], want, "read op \(i)")
+            }
             assertBytes(try c.pread(1 << 20, at: 0), model.bytes, "whole disk")
             c.close()
         }
@@ -434,16 +476,20 @@ final class ServerIntegrationTests: XCTestCase {
                 let d = rng.bytes(3000 + round)
                 try w.pwrite(d, at: off)
                 try w.flush()
-                assertBytes(try r.pread(d.count, at: off), d, "round \(round): the other client reads the flushed write")
+                assertBytes(
+                    try r.pread(d.count, at: off), d, "round \(round): the other client reads the flushed write")
             }
             // Concurrent batches from both clients on disjoint halves.
-            let da = rng.bytes(200_000), db = rng.bytes(200_000)
+            let da = rng.bytes(200_000)
+            let db = rng.bytes(200_000)
             _ = try a.aioBatch([.write(offset: 0, data: da)])
             _ = try b.aioBatch([.write(offset: 500_000, data: db)])
-            try a.flush(); try b.flush()
+            try a.flush()
+            try b.flush()
             assertBytes(try b.pread(200_000, at: 0), da, "b reads a's batch")
             assertBytes(try a.pread(200_000, at: 500_000), db, "a reads b's batch")
-            a.close(); b.close()
+            a.close()
+            b.close()
         }
     }
 
@@ -463,5 +509,8 @@ final class ServerIntegrationTests: XCTestCase {
 }
 
 extension SplitMix {
-    func bytesOf(_ n: Int) -> [UInt8] { var g = self; return g.bytes(n) }
+    func bytesOf(_ n: Int) -> [UInt8] {
+        var g = self
+        return g.bytes(n)
+    }
 }

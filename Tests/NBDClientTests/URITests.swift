@@ -27,7 +27,9 @@ final class URITests: XCTestCase {
     func testIPv6() throws {
         XCTAssertEqual(try NBDURI(parsing: "nbd://[::1]:1234/x").transport, .tcp(host: "::1", port: 1234))
         XCTAssertEqual(try NBDURI(parsing: "nbd://[fe80::1]/").transport, .tcp(host: "fe80::1", port: 10809))
-        XCTAssertThrowsError(try NBDURI(parsing: "nbd://[::1/")) { XCTAssertEqual($0 as? NBDURIError, .badHost("nbd://[::1/")) }
+        XCTAssertThrowsError(try NBDURI(parsing: "nbd://[::1/")) {
+            XCTAssertEqual($0 as? NBDURIError, .badHost("nbd://[::1/"))
+        }
     }
 
     func testUnixSocket() throws {
@@ -53,7 +55,10 @@ final class URITests: XCTestCase {
 
     func testErrors() {
         func error(_ s: String) -> NBDURIError? {
-            do { _ = try NBDURI(parsing: s); return nil } catch { return error }
+            do {
+                _ = try NBDURI(parsing: s)
+                return nil
+            } catch { return error }
         }
         XCTAssertEqual(error("disk.img"), .notAURI("disk.img"))
         XCTAssertEqual(error("http://h/"), .unsupportedScheme("http://h/", scheme: "http"))
@@ -80,9 +85,11 @@ final class URITests: XCTestCase {
     }
 
     func testFormattingRoundTrips() throws {
-        for u in [NBDURI(transport: .tcp(host: "::1", port: 10809), exportName: "a b"),
-                  NBDURI(transport: .unix(path: "/run/x y.sock"), exportName: "é/d"),
-                  NBDURI(transport: .tcp(host: "h", port: 1), exportName: "", tls: true)] {
+        for u in [
+            NBDURI(transport: .tcp(host: "::1", port: 10809), exportName: "a b"),
+            NBDURI(transport: .unix(path: "/run/x y.sock"), exportName: "é/d"),
+            NBDURI(transport: .tcp(host: "h", port: 1), exportName: "", tls: true),
+        ] {
             let back = try NBDURI(parsing: u.text)
             XCTAssertEqual(back.transport, u.transport, u.text)
             XCTAssertEqual(back.exportName, u.exportName, u.text)

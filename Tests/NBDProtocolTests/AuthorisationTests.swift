@@ -1,5 +1,6 @@
 import NIOCore
 import XCTest
+
 @testable import NBDProtocol
 
 /// Per-export authorisation (`allow-dn`, `allow-psk`) on the pure state machine: the client's TLS
@@ -10,12 +11,15 @@ final class AuthorisationTests: XCTestCase {
     static let errTLSReqd: UInt32 = 0x8000_0005
 
     static let open = NBDExportInfo(name: "open", size: 4096, flags: [])
-    static let secret = NBDExportInfo(name: "secret", size: 8192, flags: [],
-                                      allowedClients: NBDClientAllowList(certificateDNs: ["CN=alice,O=Example"], pskIdentities: ["alice"]))
+    static let secret = NBDExportInfo(
+        name: "secret", size: 8192, flags: [],
+        allowedClients: NBDClientAllowList(certificateDNs: ["CN=alice,O=Example"], pskIdentities: ["alice"]))
     static let catalog = NBDExportCatalog([open, secret])
 
     /// A machine inside TLS with `peer`, after client flags and STARTTLS in plaintext.
-    func afterTLS(_ peer: NBDPeerIdentity?, tls: NBDTLSPolicy = .on, catalog: NBDExportCatalog = AuthorisationTests.catalog) -> Negotiation {
+    func afterTLS(
+        _ peer: NBDPeerIdentity?, tls: NBDTLSPolicy = .on, catalog: NBDExportCatalog = AuthorisationTests.catalog
+    ) -> Negotiation {
         var n = Negotiation(catalog)
         n.sm = HandshakeStateMachine(catalog: catalog, tls: tls)
         let a = n.start(Client.option(Spec.optStartTLS))
@@ -25,7 +29,9 @@ final class AuthorisationTests: XCTestCase {
         return after
     }
 
-    func go(_ n: inout Negotiation, _ name: String, option: UInt32 = Spec.optGo) -> (replies: [OptReply], started: [NBDExportInfo]) {
+    func go(_ n: inout Negotiation, _ name: String, option: UInt32 = Spec.optGo) -> (
+        replies: [OptReply], started: [NBDExportInfo]
+    ) {
         let a = n.feed(Client.option(option, Client.goData(name: name, infos: [])))
         return (decodeOptionReplies(sentBytes(a)), startedExports(a))
     }
@@ -52,9 +58,12 @@ final class AuthorisationTests: XCTestCase {
     }
 
     func testOtherIdentitiesGetPolicyForThatExportAndCanStillUseTheOthers() {
-        for peer in [NBDPeerIdentity(certificateDN: "CN=bob,O=Example"), NBDPeerIdentity(certificateDN: "CN=alice,O=Example,C=GB"),
-                     NBDPeerIdentity(pskIdentity: "bob"), NBDPeerIdentity(pskIdentity: "CN=alice,O=Example"),
-                     NBDPeerIdentity(certificateDN: "alice"), NBDPeerIdentity(), nil] {
+        for peer in [
+            NBDPeerIdentity(certificateDN: "CN=bob,O=Example"),
+            NBDPeerIdentity(certificateDN: "CN=alice,O=Example,C=GB"),
+            NBDPeerIdentity(pskIdentity: "bob"), NBDPeerIdentity(pskIdentity: "CN=alice,O=Example"),
+            NBDPeerIdentity(certificateDN: "alice"), NBDPeerIdentity(), nil,
+        ] {
             var n = afterTLS(peer)
             for opt in [Spec.optInfo, Spec.optGo] {
                 let (r, started) = go(&n, "secret", option: opt)
@@ -95,7 +104,8 @@ final class AuthorisationTests: XCTestCase {
         XCTAssertTrue(sentBytes(a).isEmpty, "no size or flags")
         XCTAssertFalse(closeReasons(a).isEmpty)
         var ok = afterTLS(NBDPeerIdentity(certificateDN: "CN=alice,O=Example"))
-        XCTAssertEqual(startedExports(ok.feed(Client.option(Spec.optExportName, Array("secret".utf8)))).map(\.name), ["secret"])
+        XCTAssertEqual(
+            startedExports(ok.feed(Client.option(Spec.optExportName, Array("secret".utf8)))).map(\.name), ["secret"])
     }
 
     func testPlaintextClientsGetTLSRequiredAndDoNotSeeIt() {
@@ -108,7 +118,8 @@ final class AuthorisationTests: XCTestCase {
             XCTAssertTrue(started.isEmpty)
         }
         XCTAssertEqual(listed(&n), ["open"])
-        XCTAssertEqual(go(&n, "open").started.map(\.name), ["open"], "--tls on: unrestricted exports stay usable in plaintext")
+        XCTAssertEqual(
+            go(&n, "open").started.map(\.name), ["open"], "--tls on: unrestricted exports stay usable in plaintext")
         var e = Negotiation(Self.catalog)
         e.sm = HandshakeStateMachine(catalog: Self.catalog, tls: .on)
         let a = e.start(Client.option(Spec.optExportName, Array("secret".utf8)))

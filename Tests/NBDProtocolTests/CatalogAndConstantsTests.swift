@@ -37,14 +37,14 @@ final class CatalogTests: XCTestCase {
 
 final class ConstantsTests: XCTestCase {
     func testMagics() {
-        XCTAssertEqual(NBDMagic.nbdmagic, 0x4e42444d41474943)
-        XCTAssertEqual(NBDMagic.ihaveopt, 0x49484156454F5054)
-        XCTAssertEqual(NBDMagic.optionReply, 0x3e889045565a9)
-        XCTAssertEqual(NBDMagic.request, 0x25609513)
-        XCTAssertEqual(NBDMagic.simpleReply, 0x67446698)
-        XCTAssertEqual(NBDMagic.structuredReply, 0x668e33ef)
-        XCTAssertEqual(NBDMagic.extendedRequest, 0x21e41c71)
-        XCTAssertEqual(NBDMagic.extendedReply, 0x6e8a278c)
+        XCTAssertEqual(NBDMagic.nbdmagic, 0x4e42_444d_4147_4943)
+        XCTAssertEqual(NBDMagic.ihaveopt, 0x4948_4156_454F_5054)
+        XCTAssertEqual(NBDMagic.optionReply, 0x3_e889_0455_65a9)
+        XCTAssertEqual(NBDMagic.request, 0x2560_9513)
+        XCTAssertEqual(NBDMagic.simpleReply, 0x6744_6698)
+        XCTAssertEqual(NBDMagic.structuredReply, 0x668e_33ef)
+        XCTAssertEqual(NBDMagic.extendedRequest, 0x21e4_1c71)
+        XCTAssertEqual(NBDMagic.extendedReply, 0x6e8a_278c)
     }
 
     func testHandshakeFlags() {
@@ -56,15 +56,20 @@ final class ConstantsTests: XCTestCase {
     }
 
     func testOptionNumbers() {
-        let expected: [(NBDOption, UInt32)] = [(.exportName, 1), (.abort, 2), (.list, 3), (.peekExport, 4), (.startTLS, 5), (.info, 6),
-                                               (.go, 7), (.structuredReply, 8), (.listMetaContext, 9), (.setMetaContext, 10), (.extendedHeaders, 11)]
+        let expected: [(NBDOption, UInt32)] = [
+            (.exportName, 1), (.abort, 2), (.list, 3), (.peekExport, 4), (.startTLS, 5), (.info, 6),
+            (.go, 7), (.structuredReply, 8), (.listMetaContext, 9), (.setMetaContext, 10), (.extendedHeaders, 11),
+        ]
         for (o, v) in expected { XCTAssertEqual(o.rawValue, v, "\(o)") }
     }
 
     func testOptionReplyTypes() {
         XCTAssertEqual([NBDReply.ack, NBDReply.server, NBDReply.info, NBDReply.metaContext], [1, 2, 3, 4])
-        let errs = [NBDReply.errUnsup, NBDReply.errPolicy, NBDReply.errInvalid, NBDReply.errPlatform, NBDReply.errTLSReqd,
-                    NBDReply.errUnknown, NBDReply.errShutdown, NBDReply.errBlockSizeReqd, NBDReply.errTooBig, NBDReply.errExtHeaderReqd]
+        let errs = [
+            NBDReply.errUnsup, NBDReply.errPolicy, NBDReply.errInvalid, NBDReply.errPlatform, NBDReply.errTLSReqd,
+            NBDReply.errUnknown, NBDReply.errShutdown, NBDReply.errBlockSizeReqd, NBDReply.errTooBig,
+            NBDReply.errExtHeaderReqd,
+        ]
         XCTAssertEqual(errs, (1...10).map { (1 << 31) + UInt32($0) })
     }
 
@@ -73,8 +78,10 @@ final class ConstantsTests: XCTestCase {
     }
 
     func testTransmissionFlagBits() {
-        let flags: [NBDTransmissionFlags] = [.hasFlags, .readOnly, .sendFlush, .sendFUA, .rotational, .sendTrim, .sendWriteZeroes,
-                                            .sendDF, .canMultiConn, .sendResize, .sendCache, .sendFastZero, .blockStatusPayload]
+        let flags: [NBDTransmissionFlags] = [
+            .hasFlags, .readOnly, .sendFlush, .sendFUA, .rotational, .sendTrim, .sendWriteZeroes,
+            .sendDF, .canMultiConn, .sendResize, .sendCache, .sendFastZero, .blockStatusPayload,
+        ]
         for (bit, f) in flags.enumerated() { XCTAssertEqual(f.rawValue, 1 << UInt16(bit), "bit \(bit)") }
     }
 
@@ -89,12 +96,16 @@ final class ConstantsTests: XCTestCase {
     }
 
     func testErrorValues() {
-        let expected: [(NBDErrno, UInt32)] = [(.perm, 1), (.io, 5), (.nomem, 12), (.inval, 22), (.nospc, 28), (.overflow, 75), (.notsup, 95), (.shutdown, 108)]
+        let expected: [(NBDErrno, UInt32)] = [
+            (.perm, 1), (.io, 5), (.nomem, 12), (.inval, 22), (.nospc, 28), (.overflow, 75), (.notsup, 95),
+            (.shutdown, 108),
+        ]
         for (e, v) in expected { XCTAssertEqual(e.rawValue, v, "\(e)") }
     }
 
     func testSizes() {
         XCTAssertEqual(TransmissionParser.requestSize, 28)
-        XCTAssertGreaterThanOrEqual(HandshakeStateMachine.maxOptionLength, 4096 + 6, "must hold a GO/INFO with a 4096-byte name")
+        XCTAssertGreaterThanOrEqual(
+            HandshakeStateMachine.maxOptionLength, 4096 + 6, "must hold a GO/INFO with a 4096-byte name")
     }
 }

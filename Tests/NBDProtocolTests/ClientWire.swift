@@ -6,11 +6,11 @@ import NIOCore
 import XCTest
 
 enum Spec {
-    static let nbdmagic: UInt64 = 0x4e42444d41474943        // "NBDMAGIC"
-    static let ihaveopt: UInt64 = 0x49484156454F5054        // "IHAVEOPT"
-    static let optReplyMagic: UInt64 = 0x3e889045565a9
-    static let requestMagic: UInt32 = 0x25609513
-    static let simpleReplyMagic: UInt32 = 0x67446698
+    static let nbdmagic: UInt64 = 0x4e42_444d_4147_4943 // "NBDMAGIC"
+    static let ihaveopt: UInt64 = 0x4948_4156_454F_5054 // "IHAVEOPT"
+    static let optReplyMagic: UInt64 = 0x3_e889_0455_65a9
+    static let requestMagic: UInt32 = 0x2560_9513
+    static let simpleReplyMagic: UInt32 = 0x6744_6698
 
     // Client flags
     static let cFixedNewstyle: UInt32 = 1
@@ -37,9 +37,15 @@ enum Spec {
 struct Wire {
     var bytes: [UInt8] = []
     mutating func u8(_ v: UInt8) { bytes.append(v) }
-    mutating func u16(_ v: UInt16) { for s in stride(from: 8, through: 0, by: -8) { bytes.append(UInt8(truncatingIfNeeded: v >> UInt16(s))) } }
-    mutating func u32(_ v: UInt32) { for s in stride(from: 24, through: 0, by: -8) { bytes.append(UInt8(truncatingIfNeeded: v >> UInt32(s))) } }
-    mutating func u64(_ v: UInt64) { for s in stride(from: 56, through: 0, by: -8) { bytes.append(UInt8(truncatingIfNeeded: v >> UInt64(s))) } }
+    mutating func u16(_ v: UInt16) {
+        for s in stride(from: 8, through: 0, by: -8) { bytes.append(UInt8(truncatingIfNeeded: v >> UInt16(s))) }
+    }
+    mutating func u32(_ v: UInt32) {
+        for s in stride(from: 24, through: 0, by: -8) { bytes.append(UInt8(truncatingIfNeeded: v >> UInt32(s))) }
+    }
+    mutating func u64(_ v: UInt64) {
+        for s in stride(from: 56, through: 0, by: -8) { bytes.append(UInt8(truncatingIfNeeded: v >> UInt64(s))) }
+    }
     mutating func str(_ s: String) { bytes.append(contentsOf: Array(s.utf8)) }
     mutating func raw(_ b: [UInt8]) { bytes.append(contentsOf: b) }
 }
@@ -65,27 +71,48 @@ struct WireReader {
 }
 
 enum Client {
-    static func flags(_ f: UInt32) -> [UInt8] { var w = Wire(); w.u32(f); return w.bytes }
+    static func flags(_ f: UInt32) -> [UInt8] {
+        var w = Wire()
+        w.u32(f)
+        return w.bytes
+    }
 
     /// C: IHAVEOPT, option, length, data.
-    static func option(_ opt: UInt32, _ data: [UInt8] = [], magic: UInt64 = Spec.ihaveopt, lengthOverride: UInt32? = nil) -> [UInt8] {
+    static func option(
+        _ opt: UInt32, _ data: [UInt8] = [], magic: UInt64 = Spec.ihaveopt, lengthOverride: UInt32? = nil
+    ) -> [UInt8] {
         var w = Wire()
-        w.u64(magic); w.u32(opt); w.u32(lengthOverride ?? UInt32(data.count)); w.raw(data)
+        w.u64(magic)
+        w.u32(opt)
+        w.u32(lengthOverride ?? UInt32(data.count))
+        w.raw(data)
         return w.bytes
     }
 
     /// NBD_OPT_INFO / NBD_OPT_GO data: u32 name length, name, u16 count, u16 × count.
-    static func goData(name: String, infos: [UInt16], nameLengthOverride: UInt32? = nil, countOverride: UInt16? = nil) -> [UInt8] {
+    static func goData(name: String, infos: [UInt16], nameLengthOverride: UInt32? = nil, countOverride: UInt16? = nil)
+        -> [UInt8]
+    {
         var w = Wire()
-        w.u32(nameLengthOverride ?? UInt32(name.utf8.count)); w.str(name)
-        w.u16(countOverride ?? UInt16(infos.count)); for i in infos { w.u16(i) }
+        w.u32(nameLengthOverride ?? UInt32(name.utf8.count))
+        w.str(name)
+        w.u16(countOverride ?? UInt16(infos.count))
+        for i in infos { w.u16(i) }
         return w.bytes
     }
 
     /// "Request message": magic, flags, type, cookie, offset, length (28 bytes), then payload.
-    static func request(flags: UInt16 = 0, type: UInt16, cookie: UInt64, offset: UInt64, length: UInt32, payload: [UInt8] = []) -> [UInt8] {
+    static func request(
+        flags: UInt16 = 0, type: UInt16, cookie: UInt64, offset: UInt64, length: UInt32, payload: [UInt8] = []
+    ) -> [UInt8] {
         var w = Wire()
-        w.u32(Spec.requestMagic); w.u16(flags); w.u16(type); w.u64(cookie); w.u64(offset); w.u32(length); w.raw(payload)
+        w.u32(Spec.requestMagic)
+        w.u16(flags)
+        w.u16(type)
+        w.u64(cookie)
+        w.u64(offset)
+        w.u32(length)
+        w.raw(payload)
         return w.bytes
     }
 }
@@ -103,7 +130,8 @@ func decodeOptionReplies(_ bytes: [UInt8], file: StaticString = #filePath, line:
     var r = WireReader(bytes)
     var out: [OptReply] = []
     while r.remaining > 0 {
-        guard let magic = r.u64(), let opt = r.u32(), let type = r.u32(), let len = r.u32(), let data = r.take(Int(len)) else {
+        guard let magic = r.u64(), let opt = r.u32(), let type = r.u32(), let len = r.u32(), let data = r.take(Int(len))
+        else {
             XCTFail("truncated option reply at byte \(r.pos) of \(bytes.count)", file: file, line: line)
             return out
         }

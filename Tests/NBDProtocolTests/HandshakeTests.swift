@@ -22,7 +22,9 @@ struct Negotiation {
 
     /// Client flags, then the given options; returns the actions of the options only.
     @discardableResult
-    mutating func start(flags: UInt32 = Spec.cFixedNewstyle | Spec.cNoZeroes, _ options: [UInt8] = []) -> [HandshakeAction] {
+    mutating func start(flags: UInt32 = Spec.cFixedNewstyle | Spec.cNoZeroes, _ options: [UInt8] = [])
+        -> [HandshakeAction]
+    {
         let a = feed(Client.flags(flags))
         precondition(a.isEmpty, "client flags alone must not produce actions")
         return feed(options)
@@ -47,9 +49,10 @@ func infos(_ replies: [OptReply]) -> [(type: UInt16, body: [UInt8])] {
 }
 
 final class HandshakeTests: XCTestCase {
-    static let disk = NBDExportInfo(name: "disk", description: "the main disk", size: 0x1_2345_6000,
-                                    flags: [.sendFlush, .sendFUA, .sendTrim],
-                                    minimumBlockSize: 512, preferredBlockSize: 8192, maximumPayload: 1 << 25)
+    static let disk = NBDExportInfo(
+        name: "disk", description: "the main disk", size: 0x1_2345_6000,
+        flags: [.sendFlush, .sendFUA, .sendTrim],
+        minimumBlockSize: 512, preferredBlockSize: 8192, maximumPayload: 1 << 25)
     /// HAS_FLAGS bit0 + SEND_FLUSH bit2 + SEND_FUA bit3 + SEND_TRIM bit5, spelled from the spec.
     static let diskWireFlags: UInt16 = 0b10_1101
     static let other = NBDExportInfo(name: "other", size: 4096, flags: [.readOnly])
@@ -133,12 +136,16 @@ final class HandshakeTests: XCTestCase {
         XCTAssertEqual(r.take(124), [UInt8](repeating: 0, count: 124))
         XCTAssertEqual(startedExports(a), [Self.disk])
         XCTAssertTrue(n.sm.isFinished)
-        if case .startTransmission = a.last {} else { XCTFail("startTransmission must come after the reply bytes: \(a)") }
+        if case .startTransmission = a.last {
+        } else {
+            XCTFail("startTransmission must come after the reply bytes: \(a)")
+        }
     }
 
     func testExportNameWithNoZeroesSends10Bytes() {
         var n = Negotiation()
-        let a = n.start(flags: Spec.cFixedNewstyle | Spec.cNoZeroes, Client.option(Spec.optExportName, Array("other".utf8)))
+        let a = n.start(
+            flags: Spec.cFixedNewstyle | Spec.cNoZeroes, Client.option(Spec.optExportName, Array("other".utf8)))
         let out = sentBytes(a)
         XCTAssertEqual(out.count, 10)
         var r = WireReader(out)
@@ -205,7 +212,7 @@ final class HandshakeTests: XCTestCase {
         var n = Negotiation()
         let a = n.start(flags: Spec.cFixedNewstyle, Client.option(Spec.optGo, Client.goData(name: "disk", infos: [])))
         let out = sentBytes(a)
-        let replies = decodeOptionReplies(out)   // fails on trailing bytes that are not a reply
+        let replies = decodeOptionReplies(out) // fails on trailing bytes that are not a reply
         let total = replies.reduce(0) { $0 + 20 + $1.data.count }
         XCTAssertEqual(out.count, total, "no zero padding follows the ACK of NBD_OPT_GO")
         XCTAssertEqual(replies.last?.type, Spec.repAck)
@@ -213,12 +220,17 @@ final class HandshakeTests: XCTestCase {
 
     func testGoWithNameDescriptionAndBlockSizeRequests() {
         var n = Negotiation()
-        let a = n.start(Client.option(Spec.optGo, Client.goData(name: "disk", infos: [Spec.infoName, Spec.infoDescription, Spec.infoBlockSize, 0x7777])))
+        let a = n.start(
+            Client.option(
+                Spec.optGo,
+                Client.goData(name: "disk", infos: [Spec.infoName, Spec.infoDescription, Spec.infoBlockSize, 0x7777])))
         let replies = decodeOptionReplies(sentBytes(a))
         let inf = infos(replies)
         XCTAssertEqual(inf.filter { $0.type == Spec.infoExport }.count, 1)
         XCTAssertEqual(inf.first { $0.type == Spec.infoName }.map { String(decoding: $0.body, as: UTF8.self) }, "disk")
-        XCTAssertEqual(inf.first { $0.type == Spec.infoDescription }.map { String(decoding: $0.body, as: UTF8.self) }, "the main disk")
+        XCTAssertEqual(
+            inf.first { $0.type == Spec.infoDescription }.map { String(decoding: $0.body, as: UTF8.self) },
+            "the main disk")
         let bs = inf.filter { $0.type == Spec.infoBlockSize }
         XCTAssertEqual(bs.count, 1)
         if let b = bs.first {
@@ -237,7 +249,8 @@ final class HandshakeTests: XCTestCase {
 
     func testGoUnicodeNameAndDescriptionLengthsAreInBytes() {
         var n = Negotiation()
-        let a = n.start(Client.option(Spec.optGo, Client.goData(name: "émoji-✓", infos: [Spec.infoName, Spec.infoDescription])))
+        let a = n.start(
+            Client.option(Spec.optGo, Client.goData(name: "émoji-✓", infos: [Spec.infoName, Spec.infoDescription])))
         let inf = infos(decodeOptionReplies(sentBytes(a)))
         XCTAssertEqual(inf.first { $0.type == Spec.infoName }?.body, Array("émoji-✓".utf8))
         XCTAssertEqual(inf.first { $0.type == Spec.infoDescription }?.body, Array("déscription ✓".utf8))
@@ -285,10 +298,16 @@ final class HandshakeTests: XCTestCase {
     func testMalformedGoPayloadsAreErrInvalidAndParsingContinues() {
         let malformed: [(String, [UInt8])] = [
             ("name length larger than the data", Client.goData(name: "disk", infos: [], nameLengthOverride: 5)),
-            ("name length far larger than the data", Client.goData(name: "disk", infos: [], nameLengthOverride: 0xffff_fff0)),
+            (
+                "name length far larger than the data",
+                Client.goData(name: "disk", infos: [], nameLengthOverride: 0xffff_fff0)
+            ),
             ("name length leaves no room for the count", Client.goData(name: "disk", infos: [], nameLengthOverride: 6)),
             ("info count larger than the list", Client.goData(name: "disk", infos: [Spec.infoName], countOverride: 3)),
-            ("info count smaller than the list", Client.goData(name: "disk", infos: [Spec.infoName, Spec.infoDescription], countOverride: 1)),
+            (
+                "info count smaller than the list",
+                Client.goData(name: "disk", infos: [Spec.infoName, Spec.infoDescription], countOverride: 1)
+            ),
             ("odd trailing byte", Client.goData(name: "disk", infos: [Spec.infoName]) + [0]),
             ("empty payload", []),
             ("only two bytes", [0, 0]),
@@ -332,13 +351,17 @@ final class HandshakeTests: XCTestCase {
 
     func testStartTLSIsRefusedAndStructuredRepliesAckedAndNegotiationContinues() {
         // "NOTLS mode": STARTTLS gets ERR_POLICY or ERR_UNSUP. STRUCTURED_REPLY with no data: ACK.
-        for (opt, allowed) in [(Spec.optStartTLS, [Spec.errPolicy, Spec.errUnsup]), (Spec.optStructuredReply, [Spec.repAck])] {
+        for (opt, allowed) in [
+            (Spec.optStartTLS, [Spec.errPolicy, Spec.errUnsup]), (Spec.optStructuredReply, [Spec.repAck]),
+        ] {
             var n = Negotiation()
             let a = n.start(Client.option(opt))
             let replies = decodeOptionReplies(sentBytes(a))
             XCTAssertEqual(replies.count, 1)
             XCTAssertEqual(replies.first?.option, opt)
-            XCTAssertTrue(allowed.contains(replies.first?.type ?? 0), "option \(opt): reply 0x\(String(replies.first?.type ?? 0, radix: 16))")
+            XCTAssertTrue(
+                allowed.contains(replies.first?.type ?? 0),
+                "option \(opt): reply 0x\(String(replies.first?.type ?? 0, radix: 16))")
             XCTAssertFalse(n.sm.isFinished)
             let b = n.feed(Client.option(Spec.optList))
             XCTAssertEqual(decodeOptionReplies(sentBytes(b)).last?.type, Spec.repAck)
@@ -355,9 +378,15 @@ final class HandshakeTests: XCTestCase {
         var got: [(String, String)] = []
         for rep in replies where rep.type == Spec.repServer {
             var r = WireReader(rep.data)
-            guard let len = r.u32() else { XCTFail("short SERVER reply"); continue }
+            guard let len = r.u32() else {
+                XCTFail("short SERVER reply")
+                continue
+            }
             XCTAssertLessThanOrEqual(Int(len), rep.data.count - 4, "name length MUST be <= reply length - 4")
-            guard let name = r.take(Int(len)) else { XCTFail("name length \(len) overruns the reply"); continue }
+            guard let name = r.take(Int(len)) else {
+                XCTFail("name length \(len) overruns the reply")
+                continue
+            }
             got.append((String(decoding: name, as: UTF8.self), String(decoding: r.take(r.remaining)!, as: UTF8.self)))
         }
         XCTAssertEqual(got.map(\.0), ["disk", "other", "émoji-✓"])
@@ -384,11 +413,13 @@ final class HandshakeTests: XCTestCase {
     }
 
     func testAbortIsAckedThenCloses() {
-        for data: [UInt8] in [[], [9, 9, 9]] {   // "a server SHOULD ignore any data"
+        for data: [UInt8] in [[], [9, 9, 9]] { // "a server SHOULD ignore any data"
             var n = Negotiation()
             let a = n.start(Client.option(Spec.optAbort, data))
             XCTAssertEqual(a.count, 2, "\(a)")
-            XCTAssertEqual(decodeOptionReplies(sentBytes(Array(a.prefix(1)))), [OptReply(option: Spec.optAbort, type: Spec.repAck, data: [])])
+            XCTAssertEqual(
+                decodeOptionReplies(sentBytes(Array(a.prefix(1)))),
+                [OptReply(option: Spec.optAbort, type: Spec.repAck, data: [])])
             if case .close = a.last {} else { XCTFail("ABORT must close after the ACK: \(a)") }
             XCTAssertTrue(n.sm.isFinished)
             XCTAssertTrue(startedExports(a).isEmpty)
@@ -400,7 +431,10 @@ final class HandshakeTests: XCTestCase {
     func testOversizedOptionIsDrainedWithoutBufferingThenErrTooBig() {
         let len = HandshakeStateMachine.maxOptionLength + 50_001
         var n = Negotiation()
-        var w = Wire(); w.u64(Spec.ihaveopt); w.u32(Spec.optGo); w.u32(UInt32(len))
+        var w = Wire()
+        w.u64(Spec.ihaveopt)
+        w.u32(Spec.optGo)
+        w.u32(UInt32(len))
         XCTAssertEqual(n.start(w.bytes), [])
         XCTAssertEqual(n.input.readableBytes, 0)
         var fed = 0
@@ -460,11 +494,14 @@ final class HandshakeTests: XCTestCase {
     // MARK: feeding patterns
 
     func testByteAtATimeGivesTheSameActionsAsAllAtOnce() {
-        let session = Client.flags(Spec.cFixedNewstyle)
+        let session =
+            Client.flags(Spec.cFixedNewstyle)
             + Client.option(0x7654321, [1, 2])
             + Client.option(Spec.optList)
             + Client.option(Spec.optList, [7])
-            + Client.option(Spec.optInfo, Client.goData(name: "émoji-✓", infos: [Spec.infoName, Spec.infoDescription, Spec.infoBlockSize]))
+            + Client.option(
+                Spec.optInfo,
+                Client.goData(name: "émoji-✓", infos: [Spec.infoName, Spec.infoDescription, Spec.infoBlockSize]))
             + Client.option(Spec.optGo, Client.goData(name: "nope", infos: []))
             + Client.option(Spec.optGo, Client.goData(name: "disk", infos: [], countOverride: 2))
             + Client.option(Spec.optGo, Client.goData(name: "disk", infos: [Spec.infoBlockSize]))
@@ -480,8 +517,14 @@ final class HandshakeTests: XCTestCase {
 
         // Uneven pieces too.
         var chunked = Negotiation()
-        var i = 0, k = 1
-        while i < session.count { let e = min(session.count, i + k); chunked.feed(Array(session[i..<e])); i = e; k = k % 13 + 2 }
+        var i = 0
+        var k = 1
+        while i < session.count {
+            let e = min(session.count, i + k)
+            chunked.feed(Array(session[i..<e]))
+            i = e
+            k = k % 13 + 2
+        }
         XCTAssertEqual(chunked.actions, all)
     }
 

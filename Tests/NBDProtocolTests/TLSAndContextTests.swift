@@ -1,5 +1,6 @@
 import NIOCore
 import XCTest
+
 @testable import NBDProtocol
 
 /// "TLS support" (STARTTLS, ERR_TLS_REQD, state wiped by STARTTLS) and metadata-context
@@ -23,9 +24,13 @@ final class TLSAndContextTests: XCTestCase {
     static func metaQuery(export: String, _ queries: [String]) -> [UInt8] {
         var b: [UInt8] = []
         func u32(_ v: UInt32) { b += [UInt8(v >> 24), UInt8(v >> 16 & 0xff), UInt8(v >> 8 & 0xff), UInt8(v & 0xff)] }
-        u32(UInt32(export.utf8.count)); b += Array(export.utf8)
+        u32(UInt32(export.utf8.count))
+        b += Array(export.utf8)
         u32(UInt32(queries.count))
-        for q in queries { u32(UInt32(q.utf8.count)); b += Array(q.utf8) }
+        for q in queries {
+            u32(UInt32(q.utf8.count))
+            b += Array(q.utf8)
+        }
         return b
     }
 
@@ -46,7 +51,9 @@ final class TLSAndContextTests: XCTestCase {
     func testStartTLSIsAckedAndTheNextMachineForgetsEarlierState() throws {
         var n = machine(.on)
         // Negotiate structured replies and a meta context in plaintext first.
-        n.start(Client.option(Spec.optStructuredReply) + Client.option(Self.optSetMeta, Self.metaQuery(export: "disk", ["base:allocation"])))
+        n.start(
+            Client.option(Spec.optStructuredReply)
+                + Client.option(Self.optSetMeta, Self.metaQuery(export: "disk", ["base:allocation"])))
         let a = n.feed(Client.option(Spec.optStartTLS))
         XCTAssertEqual(decodeOptionReplies(sentBytes(a)).map(\.type), [Spec.repAck])
         XCTAssertTrue(a.contains(.startTLS))
@@ -55,7 +62,8 @@ final class TLSAndContextTests: XCTestCase {
         XCTAssertTrue(after.tlsActive)
         var input = ByteBuffer(bytes: Client.option(Spec.optGo, Client.goData(name: "disk", infos: [])))
         let actions = after.receive(&input)
-        let session = try XCTUnwrap(actions.compactMap { if case .startTransmission(let s) = $0 { return s } else { return nil } }.first)
+        let session = try XCTUnwrap(
+            actions.compactMap { if case .startTransmission(let s) = $0 { return s } else { return nil } }.first)
         XCTAssertFalse(session.structuredReplies)
         XCTAssertNil(session.allocationContext)
         XCTAssertFalse(session.export.flags.contains(.sendDF), "DF only with structured replies")
@@ -74,29 +82,34 @@ final class TLSAndContextTests: XCTestCase {
     func testMetaContexts() throws {
         var n = machine(.off)
         // SET before structured replies: ERR_INVALID.
-        var r = decodeOptionReplies(sentBytes(n.start(Client.option(Self.optSetMeta, Self.metaQuery(export: "disk", ["base:allocation"])))))
+        var r = decodeOptionReplies(
+            sentBytes(n.start(Client.option(Self.optSetMeta, Self.metaQuery(export: "disk", ["base:allocation"])))))
         XCTAssertEqual(r.map(\.type), [Spec.errInvalid])
         // LIST with no queries lists everything; "base:" names the namespace; unknown names list nothing.
         for (q, want) in [([String](), 1), (["base:"], 1), (["base:allocation"], 1), (["qemu:dirty-bitmap:x"], 0)] {
-            r = decodeOptionReplies(sentBytes(n.feed(Client.option(Self.optListMeta, Self.metaQuery(export: "disk", q)))))
+            r = decodeOptionReplies(
+                sentBytes(n.feed(Client.option(Self.optListMeta, Self.metaQuery(export: "disk", q)))))
             XCTAssertEqual(r.filter { $0.type == Self.repMeta }.count, want, "LIST \(q)")
             XCTAssertEqual(r.last?.type, Spec.repAck)
         }
         r = decodeOptionReplies(sentBytes(n.feed(Client.option(Self.optListMeta, Self.metaQuery(export: "nope", [])))))
         XCTAssertEqual(r.map(\.type), [Spec.errUnknown])
         // A query length that runs past the option is ERR_INVALID.
-        var bad = Self.metaQuery(export: "disk", ["base:allocation"]); bad[15] = 0xff
+        var bad = Self.metaQuery(export: "disk", ["base:allocation"])
+        bad[15] = 0xff
         r = decodeOptionReplies(sentBytes(n.feed(Client.option(Self.optListMeta, bad))))
         XCTAssertEqual(r.map(\.type), [Spec.errInvalid])
         // SET after STRUCTURED_REPLY selects base:allocation with a non-zero id, used at GO.
         n.feed(Client.option(Spec.optStructuredReply))
-        r = decodeOptionReplies(sentBytes(n.feed(Client.option(Self.optSetMeta, Self.metaQuery(export: "disk", ["base:allocation"])))))
+        r = decodeOptionReplies(
+            sentBytes(n.feed(Client.option(Self.optSetMeta, Self.metaQuery(export: "disk", ["base:allocation"])))))
         XCTAssertEqual(r.map(\.type), [Self.repMeta, Spec.repAck])
         let id = r[0].data.prefix(4).reduce(UInt32(0)) { $0 << 8 | UInt32($1) }
         XCTAssertNotEqual(id, 0)
         XCTAssertEqual(String(decoding: r[0].data.dropFirst(4), as: UTF8.self), "base:allocation")
         let go = n.feed(Client.option(Spec.optGo, Client.goData(name: "disk", infos: [])))
-        let s = try XCTUnwrap(go.compactMap { if case .startTransmission(let s) = $0 { return s } else { return nil } }.first)
+        let s = try XCTUnwrap(
+            go.compactMap { if case .startTransmission(let s) = $0 { return s } else { return nil } }.first)
         XCTAssertEqual(s.allocationContext, id)
         XCTAssertTrue(s.structuredReplies)
         XCTAssertTrue(s.export.flags.contains(.sendDF))
@@ -104,9 +117,12 @@ final class TLSAndContextTests: XCTestCase {
 
     func testContextsChosenForAnotherExportDoNotCarryOver() throws {
         var n = machine(.off)
-        n.start(Client.option(Spec.optStructuredReply) + Client.option(Self.optSetMeta, Self.metaQuery(export: "disk", ["base:allocation"])))
+        n.start(
+            Client.option(Spec.optStructuredReply)
+                + Client.option(Self.optSetMeta, Self.metaQuery(export: "disk", ["base:allocation"])))
         let go = n.feed(Client.option(Spec.optGo, Client.goData(name: "other", infos: [])))
-        let s = try XCTUnwrap(go.compactMap { if case .startTransmission(let s) = $0 { return s } else { return nil } }.first)
+        let s = try XCTUnwrap(
+            go.compactMap { if case .startTransmission(let s) = $0 { return s } else { return nil } }.first)
         XCTAssertNil(s.allocationContext)
     }
 
@@ -114,7 +130,8 @@ final class TLSAndContextTests: XCTestCase {
     /// when this command fails)": after a successful SET, every kind of failed SET leaves no
     /// context selected, so BLOCK_STATUS gets EINVAL.
     func testFailedSetMetaContextForgetsTheEarlierSelection() throws {
-        var malformed = Self.metaQuery(export: "disk", ["base:allocation"]); malformed[15] = 0xff
+        var malformed = Self.metaQuery(export: "disk", ["base:allocation"])
+        malformed[15] = 0xff
         let failures: [(String, [UInt8])] = [
             ("unknown export", Self.metaQuery(export: "nope", ["base:allocation"])),
             ("query length past the option", malformed),
@@ -123,25 +140,38 @@ final class TLSAndContextTests: XCTestCase {
         for (what, payload) in failures {
             var n = machine(.off)
             n.start(Client.option(Spec.optStructuredReply))
-            var r = decodeOptionReplies(sentBytes(n.feed(Client.option(Self.optSetMeta, Self.metaQuery(export: "disk", ["base:allocation"])))))
+            var r = decodeOptionReplies(
+                sentBytes(n.feed(Client.option(Self.optSetMeta, Self.metaQuery(export: "disk", ["base:allocation"])))))
             XCTAssertEqual(r.map(\.type), [Self.repMeta, Spec.repAck])
             r = decodeOptionReplies(sentBytes(n.feed(Client.option(Self.optSetMeta, payload))))
             XCTAssertTrue(r.allSatisfy { $0.type & 0x8000_0000 != 0 } && r.count == 1, "\(what): \(r.map(\.type))")
             let go = n.feed(Client.option(Spec.optGo, Client.goData(name: "disk", infos: [])))
-            let s = try XCTUnwrap(go.compactMap { if case .startTransmission(let s) = $0 { return s } else { return nil } }.first)
+            let s = try XCTUnwrap(
+                go.compactMap { if case .startTransmission(let s) = $0 { return s } else { return nil } }.first)
             XCTAssertNil(s.allocationContext, "\(what): the failed SET must drop base:allocation")
-            let rules = TransmissionRules(session: s, export: ExportFacts(size: s.export.size, flags: s.export.flags,
-                                                                          maximumPayload: 1 << 20, canFastZero: true))
+            let rules = TransmissionRules(
+                session: s,
+                export: ExportFacts(
+                    size: s.export.size, flags: s.export.flags,
+                    maximumPayload: 1 << 20, canFastZero: true))
             let bs = NBDRequest(flags: [], type: NBDCommand.blockStatus.rawValue, cookie: 1, offset: 0, length: 4096)
-            guard case .fail(.inval, _) = rules.decide(bs) else { return XCTFail("\(what): BLOCK_STATUS after a failed SET must be EINVAL") }
+            guard case .fail(.inval, _) = rules.decide(bs) else {
+                return XCTFail("\(what): BLOCK_STATUS after a failed SET must be EINVAL")
+            }
         }
         // A successful SET that matches nothing also selects nothing.
         var n = machine(.off)
-        n.start(Client.option(Spec.optStructuredReply) + Client.option(Self.optSetMeta, Self.metaQuery(export: "disk", ["base:allocation"])))
-        let r = decodeOptionReplies(sentBytes(n.feed(Client.option(Self.optSetMeta, Self.metaQuery(export: "disk", ["qemu:dirty-bitmap:x"])))))
+        n.start(
+            Client.option(Spec.optStructuredReply)
+                + Client.option(Self.optSetMeta, Self.metaQuery(export: "disk", ["base:allocation"])))
+        let r = decodeOptionReplies(
+            sentBytes(n.feed(Client.option(Self.optSetMeta, Self.metaQuery(export: "disk", ["qemu:dirty-bitmap:x"])))))
         XCTAssertEqual(r.map(\.type), [Spec.repAck])
         let go = n.feed(Client.option(Spec.optGo, Client.goData(name: "disk", infos: [])))
-        let s = try XCTUnwrap(go.compactMap { (a: HandshakeAction) -> NBDSession? in if case .startTransmission(let s) = a { return s } else { return nil } }.first)
+        let s = try XCTUnwrap(
+            go.compactMap { (a: HandshakeAction) -> NBDSession? in
+                if case .startTransmission(let s) = a { return s } else { return nil }
+            }.first)
         XCTAssertNil(s.allocationContext)
     }
 }

@@ -14,13 +14,16 @@ final class TransmissionTests: XCTestCase {
     func testRequestHeaderDecodesBigEndianFields() throws {
         var p = TransmissionParser(maximumPayload: 1 << 20)
         // Distinct bytes in every field, so a swapped or shifted field cannot pass.
-        let bytes = Client.request(flags: 0x0105, type: Spec.cmdRead, cookie: 0x0102_0304_0506_0708,
-                                   offset: 0x1122_3344_5566_7788, length: 0x9abc_def0)
+        let bytes = Client.request(
+            flags: 0x0105, type: Spec.cmdRead, cookie: 0x0102_0304_0506_0708,
+            offset: 0x1122_3344_5566_7788, length: 0x9abc_def0)
         XCTAssertEqual(bytes.count, 28)
         XCTAssertEqual(Array(bytes.prefix(4)), [0x25, 0x60, 0x95, 0x13])
         var input = buffer(bytes)
         let ev = try p.next(&input)
-        guard case .request(let r, let payload)? = ev else { return XCTFail("expected a request, got \(String(describing: ev))") }
+        guard case .request(let r, let payload)? = ev else {
+            return XCTFail("expected a request, got \(String(describing: ev))")
+        }
         XCTAssertEqual(r.flags.rawValue, 0x0105)
         XCTAssertTrue(r.flags.contains(.fua))
         XCTAssertTrue(r.flags.contains(.df))
@@ -57,13 +60,15 @@ final class TransmissionTests: XCTestCase {
     func testWritePayloadSplitAcrossManySmallReads() throws {
         var p = TransmissionParser(maximumPayload: 1 << 20)
         let payload = (0..<10_000).map { UInt8(truncatingIfNeeded: $0 &* 7 &+ 3) }
-        let bytes = Client.request(flags: 1, type: Spec.cmdWrite, cookie: 77, offset: 4096, length: UInt32(payload.count), payload: payload)
+        let bytes = Client.request(
+            flags: 1, type: Spec.cmdWrite, cookie: 77, offset: 4096, length: UInt32(payload.count), payload: payload)
         var input = ByteBuffer()
         var events: [TransmissionEvent] = []
         var i = 0
         while i < bytes.count {
             let e = min(bytes.count, i + 7)
-            input.writeBytes(bytes[i..<e]); i = e
+            input.writeBytes(bytes[i..<e])
+            i = e
             if let ev = try p.next(&input) { events.append(ev) }
             if i < bytes.count { XCTAssertTrue(events.isEmpty, "no event before the payload is complete (at \(i))") }
         }
@@ -82,7 +87,8 @@ final class TransmissionTests: XCTestCase {
         var p = TransmissionParser(maximumPayload: 4096)
         let w1: [UInt8] = [1, 2, 3, 4, 5]
         let w2 = [UInt8](repeating: 0xEE, count: 4096)
-        let bytes = Client.request(type: Spec.cmdRead, cookie: 1, offset: 0, length: 512)
+        let bytes =
+            Client.request(type: Spec.cmdRead, cookie: 1, offset: 0, length: 512)
             + Client.request(type: Spec.cmdWrite, cookie: 2, offset: 10, length: 5, payload: w1)
             + Client.request(type: Spec.cmdWrite, cookie: 3, offset: 8192, length: 4096, payload: w2)
             + Client.request(type: Spec.cmdFlush, cookie: 4, offset: 0, length: 0)
@@ -122,35 +128,56 @@ final class TransmissionTests: XCTestCase {
         let piece = [UInt8](repeating: 0x5A, count: 1000)
         while fed < len {
             let k = min(piece.count, len - fed)
-            input.writeBytes(piece.prefix(k)); fed += k
+            input.writeBytes(piece.prefix(k))
+            fed += k
             let ev = try p.next(&input)
-            if fed < len { XCTAssertNil(ev) } else {
-                XCTAssertEqual(ev, .rejected(NBDRequest(flags: [], type: 1, cookie: 0xabc, offset: 512, length: UInt64(len)),
-                                                         reason: .payloadTooLarge(length: UInt64(len), maximum: maxPayload)),
-                               "rejected once the last payload byte is drained")
+            if fed < len {
+                XCTAssertNil(ev)
+            } else {
+                XCTAssertEqual(
+                    ev,
+                    .rejected(
+                        NBDRequest(flags: [], type: 1, cookie: 0xabc, offset: 512, length: UInt64(len)),
+                        reason: .payloadTooLarge(length: UInt64(len), maximum: maxPayload)),
+                    "rejected once the last payload byte is drained")
             }
-            XCTAssertEqual(input.readableBytes, 0, "the oversized payload must be discarded as it arrives (after \(fed))")
+            XCTAssertEqual(
+                input.readableBytes, 0, "the oversized payload must be discarded as it arrives (after \(fed))")
         }
         // The next request parses normally.
         input.writeBytes(Client.request(type: Spec.cmdRead, cookie: 0xdef, offset: 0, length: 4096))
-        XCTAssertEqual(try p.next(&input), .request(NBDRequest(flags: [], type: 0, cookie: 0xdef, offset: 0, length: 4096), payload: nil))
+        XCTAssertEqual(
+            try p.next(&input),
+            .request(NBDRequest(flags: [], type: 0, cookie: 0xdef, offset: 0, length: 4096), payload: nil))
     }
 
     func testOversizedWriteFollowedByRequestsInTheSameBuffer() throws {
         var p = TransmissionParser(maximumPayload: 16)
-        let bytes = Client.request(type: Spec.cmdWrite, cookie: 1, offset: 0, length: 17, payload: [UInt8](repeating: 0x25, count: 17))
-            + Client.request(type: Spec.cmdWrite, cookie: 2, offset: 0, length: 16, payload: [UInt8](repeating: 9, count: 16))
+        let bytes =
+            Client.request(
+                type: Spec.cmdWrite, cookie: 1, offset: 0, length: 17, payload: [UInt8](repeating: 0x25, count: 17))
+            + Client.request(
+                type: Spec.cmdWrite, cookie: 2, offset: 0, length: 16, payload: [UInt8](repeating: 9, count: 16))
         var input = buffer(bytes)
         let events = try drain(&p, &input)
         XCTAssertEqual(events.count, 2)
-        if case .rejected(let r, .payloadTooLarge(17, 16))? = events.first { XCTAssertEqual(r.cookie, 1) } else { XCTFail("\(events)") }
-        if case .request(let r, let d?)? = events.last { XCTAssertEqual(r.cookie, 2); XCTAssertEqual(d.allBytes, [UInt8](repeating: 9, count: 16)) } else { XCTFail("\(events)") }
+        if case .rejected(let r, .payloadTooLarge(17, 16))? = events.first {
+            XCTAssertEqual(r.cookie, 1)
+        } else {
+            XCTFail("\(events)")
+        }
+        if case .request(let r, let d?)? = events.last {
+            XCTAssertEqual(r.cookie, 2)
+            XCTAssertEqual(d.allBytes, [UInt8](repeating: 9, count: 16))
+        } else {
+            XCTFail("\(events)")
+        }
     }
 
     func testBadMagicThrows() {
         var p = TransmissionParser(maximumPayload: 4096)
         var bytes = Client.request(type: Spec.cmdRead, cookie: 1, offset: 0, length: 1)
-        bytes[0..<4] = [0x67, 0x44, 0x66, 0x98]   // a reply magic where a request magic belongs
+        bytes[0..<4] = [0x67, 0x44, 0x66, 0x98] // a reply magic where a request magic belongs
         var input = buffer(bytes)
         XCTAssertThrowsError(try p.next(&input)) { e in
             XCTAssertEqual(e as? TransmissionError, .badMagic(0x6744_6698))
@@ -159,7 +186,8 @@ final class TransmissionTests: XCTestCase {
 
     func testBadMagicAfterAGoodRequestThrows() throws {
         var p = TransmissionParser(maximumPayload: 4096)
-        var input = buffer(Client.request(type: Spec.cmdFlush, cookie: 1, offset: 0, length: 0) + [UInt8](repeating: 0, count: 28))
+        var input = buffer(
+            Client.request(type: Spec.cmdFlush, cookie: 1, offset: 0, length: 0) + [UInt8](repeating: 0, count: 28))
         XCTAssertNotNil(try p.next(&input))
         XCTAssertThrowsError(try p.next(&input)) { e in XCTAssertEqual(e as? TransmissionError, .badMagic(0)) }
     }

@@ -1,5 +1,5 @@
 #if canImport(Glibc)
-import Glibc
+    import Glibc
 #endif
 
 /// SplitMix64: a small seeded generator shared by the test targets, so a failing test replays
@@ -16,8 +16,12 @@ public struct SplitMix: RandomNumberGenerator, Sendable {
     }
     /// `n` pseudo-random bytes.
     public mutating func bytes(_ n: Int) -> [UInt8] {
-        var out = [UInt8](); out.reserveCapacity(n + 8)
-        while out.count < n { let v = next(); for s in 0..<8 { out.append(UInt8(truncatingIfNeeded: v >> (8 * UInt64(s)))) } }
+        var out = [UInt8]()
+        out.reserveCapacity(n + 8)
+        while out.count < n {
+            let v = next()
+            for s in 0..<8 { out.append(UInt8(truncatingIfNeeded: v >> (8 * UInt64(s)))) }
+        }
         return Array(out.prefix(n))
     }
 }
@@ -29,7 +33,8 @@ public enum TestSeed {
     public static func seed(_ name: String) -> UInt64 {
         let seed: UInt64
         if let s = ProcessInfoEnvironment.value("VIRTNBD_TEST_SEED"),
-           let v = s.hasPrefix("0x") ? UInt64(s.dropFirst(2), radix: 16) : UInt64(s) {
+            let v = s.hasPrefix("0x") ? UInt64(s.dropFirst(2), radix: 16) : UInt64(s)
+        {
             seed = v
         } else {
             seed = name.utf8.reduce(0xcbf2_9ce4_8422_2325 as UInt64) { ($0 ^ UInt64($1)) &* 0x0000_0100_0000_01B3 }

@@ -1,16 +1,17 @@
-// The vhost-user front end against a real backend: qemu-storage-daemon's vhost-user-blk export
-// (no root needed) on a sparse temp image. Skipped when qemu-storage-daemon is not installed.
-import TestSupport
 import Foundation
 import Logging
 import NIOCore
 import Synchronization
+// The vhost-user front end against a real backend: qemu-storage-daemon's vhost-user-blk export
+// (no root needed) on a sparse temp image. Skipped when qemu-storage-daemon is not installed.
+import TestSupport
 import VhostUser
 import Virtio
 import VirtioBlock
 import XCTest
+
 #if canImport(Glibc)
-import Glibc
+    import Glibc
 #endif
 
 /// A qemu-storage-daemon serving one image as vhost-user-blk (or NBD) on a Unix socket.
@@ -39,12 +40,16 @@ final class StorageDaemon: @unchecked Sendable {
         let blockdev = "driver=file,node-name=disk,filename=\(image),discard=unmap"
         switch kind {
         case .vhostUserBlk:
-            process.arguments = ["--blockdev", blockdev,
-                                 "--export", "type=vhost-user-blk,id=exp0,node-name=disk,addr.type=unix,addr.path=\(socket),writable=on"]
+            process.arguments = [
+                "--blockdev", blockdev,
+                "--export", "type=vhost-user-blk,id=exp0,node-name=disk,addr.type=unix,addr.path=\(socket),writable=on",
+            ]
         case .nbd:
-            process.arguments = ["--blockdev", blockdev,
-                                 "--nbd-server", "addr.type=unix,addr.path=\(socket)",
-                                 "--export", "type=nbd,id=exp0,node-name=disk,name=disk,writable=on"]
+            process.arguments = [
+                "--blockdev", blockdev,
+                "--nbd-server", "addr.type=unix,addr.path=\(socket)",
+                "--export", "type=nbd,id=exp0,node-name=disk,name=disk,writable=on",
+            ]
         }
         _ = FileManager.default.createFile(atPath: dir + "/qsd.log", contents: nil)
         let log = FileHandle(forWritingAtPath: dir + "/qsd.log")
@@ -122,10 +127,15 @@ final class VhostUserTests: XCTestCase {
 
     // MARK: blocking helpers with bounded waits
 
-    func blocking<T: Sendable>(_ what: String, seconds: Double = 60, _ start: (@escaping @Sendable (T) -> Void) -> Void) throws -> T {
+    func blocking<T: Sendable>(_ what: String, seconds: Double = 60, _ start: (@escaping @Sendable (T) -> Void) -> Void)
+        throws -> T
+    {
         let sem = DispatchSemaphore(value: 0)
         let box = Locked<T?>(nil)
-        start { v in box.withLock { $0 = v }; sem.signal() }
+        start { v in
+            box.withLock { $0 = v }
+            sem.signal()
+        }
         guard sem.wait(timeout: .now() + seconds) == .success else {
             XCTFail("\(what) did not complete within \(seconds) s")
             throw BlkError.ioError("timeout: \(what)")
@@ -137,7 +147,9 @@ final class VhostUserTests: XCTestCase {
         return b.readBytes(length: b.readableBytes)!
     }
     func write(_ d: BlockDevice, _ off: Int, _ bytes: [UInt8], fua: Bool = false) throws {
-        try blocking("write \(off)+\(bytes.count)") { d.write(offset: UInt64(off), data: ByteBuffer(bytes: bytes), fua: fua, $0) }.get()
+        try blocking("write \(off)+\(bytes.count)") {
+            d.write(offset: UInt64(off), data: ByteBuffer(bytes: bytes), fua: fua, $0)
+        }.get()
     }
     func readAll(_ d: BlockDevice) throws -> [UInt8] {
         var out: [UInt8] = []
@@ -152,7 +164,9 @@ final class VhostUserTests: XCTestCase {
     func testBadSocketPathGivesClearError() throws {
         let missing = "/tmp/vu-\(getpid())-does-not-exist.sock"
         XCTAssertThrowsError(try VhostUserTransport(socketPath: missing, logger: log)) { e in
-            guard case VhostUserError.connectFailed(let p, let errno) = e else { return XCTFail("unexpected error \(e)") }
+            guard case VhostUserError.connectFailed(let p, let errno) = e else {
+                return XCTFail("unexpected error \(e)")
+            }
             XCTAssertEqual(p, missing)
             XCTAssertEqual(errno, ENOENT)
             XCTAssertTrue("\(e)".contains("is the backend"), "\(e)")
@@ -175,7 +189,11 @@ final class VhostUserTests: XCTestCase {
     /// The negotiated shape of qemu-storage-daemon 7.2's export (see notes, "vhost-user front end").
     func testHandshakeAndGeometry() throws {
         let r = try rig()
-        defer { r.driver.shutdown(); r.transport.close(); r.daemon.cleanup() }
+        defer {
+            r.driver.shutdown()
+            r.transport.close()
+            r.daemon.cleanup()
+        }
         let g = r.driver.geometry
         XCTAssertEqual(g.capacityBytes, UInt64(Self.diskSize))
         XCTAssertEqual(g.segMax, 126)
@@ -201,7 +219,13 @@ final class VhostUserTests: XCTestCase {
     func testConcurrentRandomIOTrimZeroesAndImageMatchesModel() throws {
         let r = try rig()
         var stopped = false
-        defer { if !stopped { r.driver.shutdown(); r.transport.close() }; r.daemon.cleanup() }
+        defer {
+            if !stopped {
+                r.driver.shutdown()
+                r.transport.close()
+            }
+            r.daemon.cleanup()
+        }
         let seed = UInt64(truncatingIfNeeded: Date().timeIntervalSince1970.bitPattern)
         var rng = SplitMix(seed: seed)
         var model = [UInt8](repeating: 0, count: Self.diskSize)
@@ -216,7 +240,10 @@ final class VhostUserTests: XCTestCase {
                 let aligned = k % 3 == 0
                 var len = Int.random(in: 1...(300 << 10), using: &rng)
                 var off = w * window + Int.random(in: 0..<(window - len), using: &rng)
-                if aligned { off &= ~4095; len = max(4096, len & ~4095) }
+                if aligned {
+                    off &= ~4095
+                    len = max(4096, len & ~4095)
+                }
                 let fill = UInt8(truncatingIfNeeded: round * 37 + k + 1)
                 var bytes = [UInt8](repeating: 0, count: len)
                 for i in stride(from: 0, to: len, by: 97) { bytes[i] = UInt8(truncatingIfNeeded: Int(fill) &+ i / 97) }
@@ -234,7 +261,9 @@ final class VhostUserTests: XCTestCase {
             try blocking("flush") { r.dev.flush($0) }.get()
             // Spot-check each window while the next round's writes have not started.
             for w in picked {
-                XCTAssertEqual(try read(r.dev, w * window, window), Array(model[(w * window)..<((w + 1) * window)]), "round \(round) window \(w), seed \(seed)")
+                XCTAssertEqual(
+                    try read(r.dev, w * window, window), Array(model[(w * window)..<((w + 1) * window)]),
+                    "round \(round) window \(w), seed \(seed)")
             }
         }
         XCTAssertTrue(try readAll(r.dev) == model, "full read-back differs from the model (seed \(seed))")
@@ -243,8 +272,13 @@ final class VhostUserTests: XCTestCase {
         try blocking("trim") { r.dev.trim(offset: 3 << 20, length: 2 << 20, $0) }.get()
         model.replaceSubrange((3 << 20)..<(5 << 20), with: repeatElement(0, count: 2 << 20))
         // Write-zeroes, aligned and unaligned, with and without unmap.
-        for (off, len, unmap) in [(10 << 20, 1 << 20, true), ((12 << 20) + 1000, 70_000, false), ((20 << 20) + 4096, 40 << 20, true), (5, 3, false)] {
-            try blocking("write-zeroes \(off)+\(len)") { r.dev.writeZeroes(offset: UInt64(off), length: UInt64(len), mayUnmap: unmap, fua: false, $0) }.get()
+        for (off, len, unmap) in [
+            (10 << 20, 1 << 20, true), ((12 << 20) + 1000, 70_000, false), ((20 << 20) + 4096, 40 << 20, true),
+            (5, 3, false),
+        ] {
+            try blocking("write-zeroes \(off)+\(len)") {
+                r.dev.writeZeroes(offset: UInt64(off), length: UInt64(len), mayUnmap: unmap, fua: false, $0)
+            }.get()
             model.replaceSubrange(off..<(off + len), with: repeatElement(0, count: len))
         }
         // Some data after the zeroes, overlapping their edges.
@@ -270,7 +304,10 @@ final class VhostUserTests: XCTestCase {
     /// deviceBroken, within bounded time, and shutdown returns.
     func testBackendKilledMidRunFailsRequestsWithoutHanging() throws {
         let r = try rig()
-        defer { r.transport.close(); r.daemon.cleanup() }
+        defer {
+            r.transport.close()
+            r.daemon.cleanup()
+        }
         let outcomes = Locked<(ok: Int, broken: Int, other: [String])>((0, 0, []))
         let inFlight = DispatchSemaphore(value: 64)
         let group = DispatchGroup()
@@ -285,7 +322,10 @@ final class VhostUserTests: XCTestCase {
                 killed = true
             }
             if killed && outcomes.withLock({ $0.broken }) > 0 && issued % 64 == 0 { break }
-            guard inFlight.wait(timeout: .now() + 15) == .success else { XCTFail("requests stopped completing after the kill"); break }
+            guard inFlight.wait(timeout: .now() + 15) == .success else {
+                XCTFail("requests stopped completing after the kill")
+                break
+            }
             group.enter()
             let off = UInt64((issued * chunk) % Self.diskSize)
             issued += 1
@@ -307,7 +347,9 @@ final class VhostUserTests: XCTestCase {
         XCTAssertGreaterThan(o.broken, 0)
         XCTAssertEqual(o.other, [], "errors other than deviceBroken")
         // The next request fails at once with the typed error.
-        let next: Result<Void, BlkError> = try blocking("write after the kill", seconds: 10) { r.dev.write(offset: 0, data: payload, fua: false, $0) }
+        let next: Result<Void, BlkError> = try blocking("write after the kill", seconds: 10) {
+            r.dev.write(offset: 0, data: payload, fua: false, $0)
+        }
         guard case .failure(.deviceBroken) = next else { return XCTFail("expected deviceBroken, got \(next)") }
         let flushed: Result<Void, BlkError> = try blocking("flush after the kill", seconds: 10) { r.dev.flush($0) }
         guard case .failure(.deviceBroken) = flushed else { return XCTFail("expected deviceBroken, got \(flushed)") }
@@ -320,7 +362,10 @@ final class VhostUserTests: XCTestCase {
         // Shutdown (final flush + reset) must return.
         let done = DispatchSemaphore(value: 0)
         let drv = r.driver
-        Thread { drv.shutdown(flush: true); done.signal() }.start()
+        Thread {
+            drv.shutdown(flush: true)
+            done.signal()
+        }.start()
         XCTAssertEqual(done.wait(timeout: .now() + 15), .success, "driver shutdown hung after the backend died")
         print("kill test: \(o.ok) ok before the kill, \(o.broken) failed with deviceBroken, \(issued) issued")
     }
@@ -346,31 +391,58 @@ final class VhostUserTests: XCTestCase {
     /// Not asserted: sequential throughput through transport + driver + block layer.
     func testThroughputReport() throws {
         let r = try rig()
-        defer { r.driver.shutdown(); r.transport.close(); r.daemon.cleanup() }
-        let total = Self.diskSize, io = 1 << 20, depth = 16
+        defer {
+            r.driver.shutdown()
+            r.transport.close()
+            r.daemon.cleanup()
+        }
+        let total = Self.diskSize
+        let io = 1 << 20
+        let depth = 16
         var rng = SplitMix(seed: 42)
         let data = ByteBuffer(bytes: (0..<io).map { _ in UInt8.random(in: 0...255, using: &rng) })
         func run(_ label: String, _ op: (Int, @escaping @Sendable () -> Void) -> Void) -> Double {
-            let slots = DispatchSemaphore(value: depth), group = DispatchGroup()
+            let slots = DispatchSemaphore(value: depth)
+            let group = DispatchGroup()
             let t0 = Date()
             for off in stride(from: 0, to: total, by: io) {
-                slots.wait(); group.enter()
-                op(off) { slots.signal(); group.leave() }
+                slots.wait()
+                group.enter()
+                op(off) {
+                    slots.signal()
+                    group.leave()
+                }
             }
             _ = group.wait(timeout: .now() + 120)
             let dt = Date().timeIntervalSince(t0)
             let mbs = Double(total) / dt / 1e6
-            print(String(format: "vhost-user throughput: %@ %d MiB in %.3f s = %.1f MB/s (1 MiB requests, depth %d)", label, total >> 20, dt, mbs, depth))
+            print(
+                String(
+                    format: "vhost-user throughput: %@ %d MiB in %.3f s = %.1f MB/s (1 MiB requests, depth %d)", label,
+                    total >> 20, dt, mbs, depth))
             return mbs
         }
         let failures = Locked(0)
         let dev = r.dev
         let t0 = Date()
-        _ = run("write") { off, done in dev.write(offset: UInt64(off), data: data, fua: false) { if case .failure = $0 { failures.withLock { $0 += 1 } }; done() } }
+        _ = run("write") { off, done in
+            dev.write(offset: UInt64(off), data: data, fua: false) {
+                if case .failure = $0 { failures.withLock { $0 += 1 } }
+                done()
+            }
+        }
         try blocking("flush") { r.dev.flush($0) }.get()
         let dt = Date().timeIntervalSince(t0)
-        print(String(format: "vhost-user throughput: write+flush %d MiB in %.3f s = %.1f MB/s", total >> 20, dt, Double(total) / dt / 1e6))
-        _ = run("read ") { off, done in dev.read(offset: UInt64(off), length: io) { if case .failure = $0 { failures.withLock { $0 += 1 } }; done() } }
+        print(
+            String(
+                format: "vhost-user throughput: write+flush %d MiB in %.3f s = %.1f MB/s", total >> 20, dt,
+                Double(total) / dt / 1e6))
+        _ = run("read ") { off, done in
+            dev.read(offset: UInt64(off), length: io) {
+                if case .failure = $0 { failures.withLock { $0 += 1 } }
+                done()
+            }
+        }
         XCTAssertEqual(failures.withLock { $0 }, 0)
         // Peer in the same run: nbdcopy of 64 MiB random data into qemu-storage-daemon's own NBD export.
         let nbdcopy = "/usr/bin/nbdcopy"
@@ -379,20 +451,31 @@ final class VhostUserTests: XCTestCase {
             defer { peer.cleanup() }
             let src = peer.dir + "/random.bin"
             var bytes = [UInt8](repeating: 0, count: total)
-            for i in stride(from: 0, to: total, by: 8) { withUnsafeBytes(of: rng.next()) { bytes.replaceSubrange(i..<(i + 8), with: $0) } }
+            for i in stride(from: 0, to: total, by: 8) {
+                withUnsafeBytes(of: rng.next()) { bytes.replaceSubrange(i..<(i + 8), with: $0) }
+            }
             XCTAssertTrue(FileManager.default.createFile(atPath: src, contents: Data(bytes)))
-            for (label, args) in [("write", [src, "nbd+unix:///disk?socket=\(peer.socket)"]),
-                                  ("read ", ["nbd+unix:///disk?socket=\(peer.socket)", "null:"])] {
+            for (label, args) in [
+                ("write", [src, "nbd+unix:///disk?socket=\(peer.socket)"]),
+                ("read ", ["nbd+unix:///disk?socket=\(peer.socket)", "null:"]),
+            ] {
                 let p = Process()
                 p.executableURL = URL(fileURLWithPath: nbdcopy)
                 p.arguments = ["--flush"] + args
                 let t0 = Date()
-                try p.run(); p.waitUntilExit()
+                try p.run()
+                p.waitUntilExit()
                 let dt = Date().timeIntervalSince(t0)
                 XCTAssertEqual(p.terminationStatus, 0)
-                print(String(format: "qsd NBD peer:         %@ %d MiB in %.3f s = %.1f MB/s (nbdcopy, process start included)", label, total >> 20, dt, Double(total) / dt / 1e6))
+                print(
+                    String(
+                        format:
+                            "qsd NBD peer:         %@ %d MiB in %.3f s = %.1f MB/s (nbdcopy, process start included)",
+                        label, total >> 20, dt, Double(total) / dt / 1e6))
             }
         }
-        print("driver stats: kicks \(r.driver.stats.kicks.load(ordering: .relaxed)) interrupts \(r.driver.stats.interrupts.load(ordering: .relaxed))")
+        print(
+            "driver stats: kicks \(r.driver.stats.kicks.load(ordering: .relaxed)) interrupts \(r.driver.stats.interrupts.load(ordering: .relaxed))"
+        )
     }
 }

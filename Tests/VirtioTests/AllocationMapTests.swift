@@ -1,11 +1,12 @@
 import TestSupport
-import XCTest
 import VirtioBlock
+import XCTest
 
 /// The run-length allocation map behind NBD base:allocation, checked against a per-block model.
 final class AllocationMapTests: XCTestCase {
     func testRandomEditsMatchAPerBlockModel() {
-        let blocks = 256, b: UInt64 = 4096
+        let blocks = 256
+        let b: UInt64 = 4096
         var rng = SplitMix(seed: 42)
         for initial in [Allocation.data, .holeZero] {
             let map = AllocationMap(size: UInt64(blocks) * b, initial: initial)
@@ -19,8 +20,9 @@ final class AllocationMapTests: XCTestCase {
                 // The read fast path's question, for a random range.
                 let qlo = Int.random(in: 0..<blocks, using: &rng)
                 let qhi = Int.random(in: (qlo + 1)...min(blocks, qlo + 8), using: &rng)
-                XCTAssertEqual(map.isAllData(UInt64(qlo) * b, UInt64(qhi) * b), model[qlo..<qhi].allSatisfy { $0 == .data },
-                               "isAllData [\(qlo), \(qhi)) after step \(step), initial \(initial)")
+                XCTAssertEqual(
+                    map.isAllData(UInt64(qlo) * b, UInt64(qhi) * b), model[qlo..<qhi].allSatisfy { $0 == .data },
+                    "isAllData [\(qlo), \(qhi)) after step \(step), initial \(initial)")
                 if step % 100 == 0 || step == 2999 {
                     var got = [Allocation]()
                     for run in map.extents(0, UInt64(blocks) * b) {

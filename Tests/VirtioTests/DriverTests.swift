@@ -1,9 +1,10 @@
-import XCTest
-import TestSupport
-import NIOCore
 import NIOConcurrencyHelpers
+import NIOCore
+import TestSupport
 import Virtio
 import VirtioBlock
+import XCTest
+
 @testable import VirtioEmulator
 
 /// The real driver and block layer against the emulator on its own thread.
@@ -12,10 +13,15 @@ final class DriverTests: XCTestCase {
         let emu: VirtioBlkEmulator
         let driver: VirtioBlkDriver
         let dev: BlockDevice
-        func stop() { driver.shutdown(); emu.shutdown() }
+        func stop() {
+            driver.shutdown()
+            emu.shutdown()
+        }
     }
-    func rig(size: UInt64 = 4 << 20, order: EmulatorConfiguration.CompletionOrder = .reversed, queueSize: Int = 64,
-             features: VirtioFeatures? = nil, readOnly: Bool = false) throws -> Rig {
+    func rig(
+        size: UInt64 = 4 << 20, order: EmulatorConfiguration.CompletionOrder = .reversed, queueSize: Int = 64,
+        features: VirtioFeatures? = nil, readOnly: Bool = false
+    ) throws -> Rig {
         var cfg = EmulatorConfiguration()
         cfg.completionOrder = order
         if let f = features { cfg.features = f }
@@ -27,7 +33,10 @@ final class DriverTests: XCTestCase {
     func read(_ d: BlockDevice, _ off: UInt64, _ len: Int) throws -> [UInt8] {
         let e = expectation(description: "read")
         nonisolated(unsafe) var out: Result<ByteBuffer, BlkError>!
-        d.read(offset: off, length: len) { out = $0; e.fulfill() }
+        d.read(offset: off, length: len) {
+            out = $0
+            e.fulfill()
+        }
         wait(for: [e], timeout: 30)
         var b = try out.get()
         return b.readBytes(length: b.readableBytes)!
@@ -35,7 +44,10 @@ final class DriverTests: XCTestCase {
     func write(_ d: BlockDevice, _ off: UInt64, _ bytes: [UInt8], fua: Bool = false) throws {
         let e = expectation(description: "write")
         nonisolated(unsafe) var out: Result<Void, BlkError>!
-        d.write(offset: off, data: ByteBuffer(bytes: bytes), fua: fua) { out = $0; e.fulfill() }
+        d.write(offset: off, data: ByteBuffer(bytes: bytes), fua: fua) {
+            out = $0
+            e.fulfill()
+        }
         wait(for: [e], timeout: 30)
         try out.get()
     }
@@ -86,11 +98,17 @@ final class DriverTests: XCTestCase {
             // 256 writes of 64 bytes each, all inside blocks 0..3, all at once.
             for i in 0..<256 {
                 g.enter()
-                r.dev.write(offset: UInt64(i * 64), data: ByteBuffer(bytes: [UInt8](repeating: UInt8(i & 0xFF) | 1, count: 64)), fua: false) { _ in g.leave() }
+                r.dev.write(
+                    offset: UInt64(i * 64), data: ByteBuffer(bytes: [UInt8](repeating: UInt8(i & 0xFF) | 1, count: 64)),
+                    fua: false
+                ) { _ in g.leave() }
             }
             XCTAssertEqual(g.wait(timeout: .now() + 30), .success)
             let got = try read(r.dev, 0, 256 * 64)
-            for i in 0..<256 { XCTAssertEqual(got[(i * 64)..<(i * 64 + 64)].allSatisfy { $0 == UInt8(i & 0xFF) | 1 }, true, "chunk \(i) torn") }
+            for i in 0..<256 {
+                XCTAssertEqual(
+                    got[(i * 64)..<(i * 64 + 64)].allSatisfy { $0 == UInt8(i & 0xFF) | 1 }, true, "chunk \(i) torn")
+            }
             try write(r.dev, 0, [UInt8](repeating: 0, count: 256 * 64))
         }
         XCTAssertEqual(r.dev.locks.heldCount, 0)
@@ -105,7 +123,10 @@ final class DriverTests: XCTestCase {
             let got = try read(r.dev, 0, 3 * 4096)
             for i in 0..<(3 * 4096) {
                 let want: UInt8 = (off..<off + len).contains(i) ? 0x11 : 0xEE
-                if got[i] != want { XCTFail("byte \(i) after write \(off)+\(len): \(got[i]) != \(want)"); break }
+                if got[i] != want {
+                    XCTFail("byte \(i) after write \(off)+\(len): \(got[i]) != \(want)")
+                    break
+                }
             }
             try write(r.dev, 0, [UInt8](repeating: 0xEE, count: 3 * 4096))
         }
@@ -116,17 +137,25 @@ final class DriverTests: XCTestCase {
         let r = try rig()
         try write(r.dev, 0, [UInt8](repeating: 0x77, count: 64 << 10))
         let e = expectation(description: "zero")
-        r.dev.writeZeroes(offset: 100, length: 20000, mayUnmap: true, fua: true) { if case .failure(let err) = $0 { XCTFail("\(err)") }; e.fulfill() }
+        r.dev.writeZeroes(offset: 100, length: 20000, mayUnmap: true, fua: true) {
+            if case .failure(let err) = $0 { XCTFail("\(err)") }
+            e.fulfill()
+        }
         wait(for: [e], timeout: 10)
         let got = try read(r.dev, 0, 64 << 10)
         XCTAssertTrue(got[0..<100].allSatisfy { $0 == 0x77 })
         XCTAssertTrue(got[100..<20100].allSatisfy { $0 == 0 })
         XCTAssertTrue(got[20100...].allSatisfy { $0 == 0x77 })
         let t = expectation(description: "trim")
-        r.dev.trim(offset: 0, length: 64 << 10) { if case .failure(let err) = $0 { XCTFail("\(err)") }; t.fulfill() }
+        r.dev.trim(offset: 0, length: 64 << 10) {
+            if case .failure(let err) = $0 { XCTFail("\(err)") }
+            t.fulfill()
+        }
         wait(for: [t], timeout: 10)
         XCTAssertEqual(r.emu.stats.discards.load(ordering: .relaxed), 1)
-        XCTAssertEqual(try read(r.dev, 0, 64 << 10), [UInt8](repeating: 0, count: 64 << 10), "RAM backend reads zero after discard")
+        XCTAssertEqual(
+            try read(r.dev, 0, 64 << 10), [UInt8](repeating: 0, count: 64 << 10), "RAM backend reads zero after discard"
+        )
         r.stop()
     }
 
@@ -135,7 +164,10 @@ final class DriverTests: XCTestCase {
         XCTAssertFalse(r.driver.geometry.canWriteZeroes)
         try write(r.dev, 0, [UInt8](repeating: 0x55, count: 3 << 20))
         let e = expectation(description: "zero")
-        r.dev.writeZeroes(offset: 4096, length: 2 << 20, mayUnmap: true, fua: false) { if case .failure(let err) = $0 { XCTFail("\(err)") }; e.fulfill() }
+        r.dev.writeZeroes(offset: 4096, length: 2 << 20, mayUnmap: true, fua: false) {
+            if case .failure(let err) = $0 { XCTFail("\(err)") }
+            e.fulfill()
+        }
         wait(for: [e], timeout: 10)
         let got = try read(r.dev, 0, 3 << 20)
         XCTAssertTrue(got[0..<4096].allSatisfy { $0 == 0x55 })
@@ -199,10 +231,12 @@ final class DriverTests: XCTestCase {
         let g = DispatchGroup()
         let failures = NIOLockedValueBox(0)
         for i in 0..<total {
-            sem.wait(); g.enter()
+            sem.wait()
+            g.enter()
             r.driver.submit(.read(sector: UInt64(i % 256) * 8, pages: 1)) { res in
                 if case .failure = res { failures.withLockedValue { $0 += 1 } }
-                sem.signal(); g.leave()
+                sem.signal()
+                g.leave()
             }
         }
         XCTAssertEqual(g.wait(timeout: .now() + 120), .success)

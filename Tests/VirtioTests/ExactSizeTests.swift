@@ -3,10 +3,12 @@ import NIOCore
 import TestSupport
 import Virtio
 import VirtioBlock
-@testable import VirtioEmulator
 import XCTest
+
+@testable import VirtioEmulator
+
 #if canImport(Glibc)
-import Glibc
+    import Glibc
 #endif
 
 /// Exports whose size is not a multiple of 4 KiB (or of a sector) are served to the byte: the
@@ -30,16 +32,24 @@ final class ExactSizeTests: XCTestCase {
         let emu: VirtioBlkEmulator
         let driver: VirtioBlkDriver
         let dev: BlockDevice
-        func stop() { driver.shutdown(); emu.shutdown() }
+        func stop() {
+            driver.shutdown()
+            emu.shutdown()
+        }
     }
 
     /// backend → emulator → driver → BlockDevice, as `EmulatedDisk` builds it (the exact size
     /// passed separately unless `exactSize` is false: then the export is the device capacity).
-    func rig(_ backend: BlockBackend, cell: Cell = cells[0], holes: [Range<UInt64>], exactSize: Bool = true) throws -> Rig {
+    func rig(_ backend: BlockBackend, cell: Cell = cells[0], holes: [Range<UInt64>], exactSize: Bool = true) throws
+        -> Rig
+    {
         var cfg = EmulatorConfiguration()
         cfg.segMax = cell.segMax
         cfg.queues = 1
-        if !cell.sectorCommands { cfg.features.remove(.blkDiscard); cfg.features.remove(.blkWriteZeroes) }
+        if !cell.sectorCommands {
+            cfg.features.remove(.blkDiscard)
+            cfg.features.remove(.blkWriteZeroes)
+        }
         let emu = try VirtioBlkEmulator(backend: backend, configuration: cfg)
         let drv = try VirtioBlkDriver(transport: try VirtioMMIOTransport(bus: emu), queueSize: 64, ioPages: 256)
         let dev = BlockDevice(driver: drv, size: exactSize ? backend.size : nil, holes: holes, discardReadsZero: true)
@@ -56,12 +66,18 @@ final class ExactSizeTests: XCTestCase {
     func wait<T>(_ body: (@escaping @Sendable (Result<T, BlkError>) -> Void) -> Void) -> Result<T, BlkError> {
         let sem = DispatchSemaphore(value: 0)
         nonisolated(unsafe) var out: Result<T, BlkError>?
-        body { out = $0; sem.signal() }
+        body {
+            out = $0
+            sem.signal()
+        }
         XCTAssertEqual(sem.wait(timeout: .now() + 30), .success, "a block request did not complete")
         return out ?? .failure(.ioError("timed out"))
     }
     func read(_ d: BlockDevice, _ off: UInt64, _ len: Int) -> Result<[UInt8], BlkError> {
-        wait { d.read(offset: off, length: len, $0) }.map { b in var b = b; return b.readBytes(length: b.readableBytes)! }
+        wait { d.read(offset: off, length: len, $0) }.map { b in
+            var b = b
+            return b.readBytes(length: b.readableBytes)!
+        }
     }
     func write(_ d: BlockDevice, _ off: UInt64, _ bytes: [UInt8]) -> Result<Void, BlkError> {
         wait { d.write(offset: off, data: ByteBuffer(bytes: bytes), fua: false, $0) }
@@ -72,8 +88,12 @@ final class ExactSizeTests: XCTestCase {
             var out: [UInt8] = []
             for e in extents {
                 switch e {
-                case .data(let o, var b): XCTAssertEqual(o, off + UInt64(out.count)); out += b.readBytes(length: b.readableBytes)!
-                case .zero(let o, let n): XCTAssertEqual(o, off + UInt64(out.count)); out += [UInt8](repeating: 0, count: Int(n))
+                case .data(let o, var b):
+                    XCTAssertEqual(o, off + UInt64(out.count))
+                    out += b.readBytes(length: b.readableBytes)!
+                case .zero(let o, let n):
+                    XCTAssertEqual(o, off + UInt64(out.count))
+                    out += [UInt8](repeating: 0, count: Int(n))
                 }
             }
             return out
@@ -86,9 +106,13 @@ final class ExactSizeTests: XCTestCase {
         let runs = d.allocation.extents(0, d.size)
         XCTAssertEqual(runs.first?.start ?? 0, 0, "\(what): block status starts at 0")
         XCTAssertEqual(runs.last?.end ?? 0, UInt64(model.count), "\(what): block status ends at the exact size")
-        for (a, b) in zip(runs, runs.dropFirst()) { XCTAssertEqual(a.end, b.start, "\(what): block status is contiguous") }
+        for (a, b) in zip(runs, runs.dropFirst()) {
+            XCTAssertEqual(a.end, b.start, "\(what): block status is contiguous")
+        }
         for r in runs where r.state.readsAsZero {
-            XCTAssertTrue(model[Int(r.start)..<Int(r.end)].allSatisfy { $0 == 0 }, "\(what): [\(r.start), \(r.end)) is reported zero but holds data")
+            XCTAssertTrue(
+                model[Int(r.start)..<Int(r.end)].allSatisfy { $0 == 0 },
+                "\(what): [\(r.start), \(r.end)) is reported zero but holds data")
         }
     }
 
@@ -103,14 +127,18 @@ final class ExactSizeTests: XCTestCase {
         XCTAssertEqual(dev.size, size, "\(what): export size")
         func pick() -> (UInt64, Int) {
             let maxLen = UInt64(3 * 4096 + 100)
-            let off: UInt64, len: UInt64
+            let off: UInt64
+            let len: UInt64
             switch rng.next() % 4 {
-            case 0:   // ends exactly at the end
-                len = min(size, 1 + rng.next() % maxLen); off = size - len
-            case 1:   // starts inside the last 4 KiB block or sector
-                off = BlockDevice.down(size - 1) + rng.next() % (size - BlockDevice.down(size - 1)); len = 1 + rng.next() % (size - off)
+            case 0: // ends exactly at the end
+                len = min(size, 1 + rng.next() % maxLen)
+                off = size - len
+            case 1: // starts inside the last 4 KiB block or sector
+                off = BlockDevice.down(size - 1) + rng.next() % (size - BlockDevice.down(size - 1))
+                len = 1 + rng.next() % (size - off)
             default:
-                off = rng.next() % size; len = 1 + rng.next() % min(maxLen, size - off)
+                off = rng.next() % size
+                len = 1 + rng.next() % min(maxLen, size - off)
             }
             return (off, Int(len))
         }
@@ -120,34 +148,61 @@ final class ExactSizeTests: XCTestCase {
             switch rng.next() % 10 {
             case 0...2:
                 let bytes = rng.bytes(len)
-                guard case .success = write(dev, off, bytes) else { XCTFail("\(at): write failed"); return model }
+                guard case .success = write(dev, off, bytes) else {
+                    XCTFail("\(at): write failed")
+                    return model
+                }
                 model.replaceSubrange(Int(off)..<Int(off) + len, with: bytes)
             case 3:
                 let unmap = rng.next() % 2 == 0
-                guard case .success = wait({ dev.writeZeroes(offset: off, length: UInt64(len), mayUnmap: unmap, fua: false, $0) }) else {
-                    XCTFail("\(at): write-zeroes failed"); return model
+                guard
+                    case .success = wait({
+                        dev.writeZeroes(offset: off, length: UInt64(len), mayUnmap: unmap, fua: false, $0)
+                    })
+                else {
+                    XCTFail("\(at): write-zeroes failed")
+                    return model
                 }
                 model.replaceSubrange(Int(off)..<Int(off) + len, with: repeatElement(0, count: len))
             case 4:
-                guard case .success = wait({ dev.trim(offset: off, length: UInt64(len), $0) }) else { XCTFail("\(at): trim failed"); return model }
-                let lo = Int(BlockDevice.up(off)), end = Int(off) + len
-                let hi = min(Int(size), end == Int(size) ? Int(BlockDevice.up(UInt64(end))) : Int(BlockDevice.down(UInt64(end))))
+                guard case .success = wait({ dev.trim(offset: off, length: UInt64(len), $0) }) else {
+                    XCTFail("\(at): trim failed")
+                    return model
+                }
+                let lo = Int(BlockDevice.up(off))
+                let end = Int(off) + len
+                let hi = min(
+                    Int(size), end == Int(size) ? Int(BlockDevice.up(UInt64(end))) : Int(BlockDevice.down(UInt64(end))))
                 if lo < hi {
-                    guard case .success(let got) = read(dev, UInt64(lo), hi - lo) else { XCTFail("\(at): read after trim failed"); return model }
+                    guard case .success(let got) = read(dev, UInt64(lo), hi - lo) else {
+                        XCTFail("\(at): read after trim failed")
+                        return model
+                    }
                     for i in 0..<got.count where got[i] != 0 && got[i] != model[lo + i] {
-                        XCTFail("\(at): byte \(lo + i) after trim is \(got[i]), neither zero nor the old \(model[lo + i])"); return model
+                        XCTFail(
+                            "\(at): byte \(lo + i) after trim is \(got[i]), neither zero nor the old \(model[lo + i])")
+                        return model
                     }
                     model.replaceSubrange(lo..<hi, with: got)
                 }
             case 5...7:
-                guard case .success(let got) = read(dev, off, len) else { XCTFail("\(at): read failed"); return model }
+                guard case .success(let got) = read(dev, off, len) else {
+                    XCTFail("\(at): read failed")
+                    return model
+                }
                 if got != Array(model[Int(off)..<Int(off) + len]) {
-                    let i = zip(got, model[Int(off)...]).enumerated().first { $0.element.0 != $0.element.1 }?.offset ?? 0
-                    XCTFail("\(at): read differs from the model at byte \(off + UInt64(i))"); return model
+                    let i =
+                        zip(got, model[Int(off)...]).enumerated().first { $0.element.0 != $0.element.1 }?.offset ?? 0
+                    XCTFail("\(at): read differs from the model at byte \(off + UInt64(i))")
+                    return model
                 }
             default:
-                guard case .success(let got) = readExtents(dev, off, len) else { XCTFail("\(at): sparse read failed"); return model }
-                XCTAssertEqual(got, Array(model[Int(off)..<Int(off) + len]), "\(at): sparse read differs from the model")
+                guard case .success(let got) = readExtents(dev, off, len) else {
+                    XCTFail("\(at): sparse read failed")
+                    return model
+                }
+                XCTAssertEqual(
+                    got, Array(model[Int(off)..<Int(off) + len]), "\(at): sparse read differs from the model")
             }
             if step % 50 == 0 { checkBlockStatus(dev, model: model, at) }
         }
@@ -157,7 +212,8 @@ final class ExactSizeTests: XCTestCase {
         if case .success = read(dev, size - 1, 2) { XCTFail("\(what): a read past the end succeeded") }
         if case .success = write(dev, size, [1]) { XCTFail("\(what): a write at the end succeeded") }
         XCTAssertEqual(try? read(dev, size, 0).get(), [], "\(what): an empty read at the end")
-        XCTAssertEqual(r.emu.stats.ioErrors.load(ordering: .relaxed), 0, "\(what): the device saw a request past its capacity")
+        XCTAssertEqual(
+            r.emu.stats.ioErrors.load(ordering: .relaxed), 0, "\(what): the device saw a request past its capacity")
         return model
     }
 
@@ -172,7 +228,8 @@ final class ExactSizeTests: XCTestCase {
                 XCTAssertEqual(r.driver.capacityBytes, (size + 511) & ~511, "\(what): capacity in whole sectors")
                 let model = workload(r, size: size, seed: seed, ops: 400, what: what)
                 r.stop()
-                XCTAssertEqual(ram.store.bytes(at: 0, count: Int(size)), model, "\(what): the RAM backend holds the model")
+                XCTAssertEqual(
+                    ram.store.bytes(at: 0, count: Int(size)), model, "\(what): the RAM backend holds the model")
             }
         }
     }
@@ -222,7 +279,8 @@ final class ExactSizeTests: XCTestCase {
         XCTAssertEqual(r.dev.size, 1024)
         XCTAssertNoThrow(try write(r.dev, 0, [UInt8](repeating: 0xAB, count: 1024)).get())
         // Bytes 1000..<1024 are past the backend's end: dropped on write, zero on read.
-        XCTAssertEqual(try read(r.dev, 990, 34).get(), [UInt8](repeating: 0xAB, count: 10) + [UInt8](repeating: 0, count: 24))
+        XCTAssertEqual(
+            try read(r.dev, 990, 34).get(), [UInt8](repeating: 0xAB, count: 10) + [UInt8](repeating: 0, count: 24))
         XCTAssertEqual(ram.store.bytes(at: 0, count: 1000), [UInt8](repeating: 0xAB, count: 1000))
         r.stop()
     }
@@ -231,14 +289,15 @@ final class ExactSizeTests: XCTestCase {
     func testShrinkToAnUnalignedCapacity() throws {
         let r = try rig(try RAMBackend(size: 10000), holes: [0..<10000])
         XCTAssertEqual(r.dev.size, 10000)
-        r.emu.setCapacity(bytes: 5000)      // whole sectors: 4608
+        r.emu.setCapacity(bytes: 5000) // whole sectors: 4608
         let deadline = Date() + 10
         while r.dev.size != 4608 && Date() < deadline { Thread.sleep(forTimeInterval: 0.01) }
         XCTAssertEqual(r.dev.size, 4608)
         XCTAssertNoThrow(try write(r.dev, 4600, [1, 2, 3, 4, 5, 6, 7, 8]).get())
         XCTAssertEqual(try read(r.dev, 4096, 512).get(), [UInt8](repeating: 0, count: 504) + [1, 2, 3, 4, 5, 6, 7, 8])
         if case .success = read(r.dev, 4608, 1) { XCTFail("a read past the shrunk end succeeded") }
-        XCTAssertNoThrow(try wait({ r.dev.writeZeroes(offset: 4096, length: 512, mayUnmap: true, fua: false, $0) }).get())
+        XCTAssertNoThrow(
+            try wait({ r.dev.writeZeroes(offset: 4096, length: 512, mayUnmap: true, fua: false, $0) }).get())
         XCTAssertEqual(try read(r.dev, 4096, 512).get(), [UInt8](repeating: 0, count: 512))
         XCTAssertEqual(r.dev.allocation.extents(0, r.dev.size).last?.end, 4608)
         XCTAssertEqual(r.emu.stats.ioErrors.load(ordering: .relaxed), 0)

@@ -1,9 +1,10 @@
-import TestSupport
-import XCTest
-import NIOCore
 import NIOConcurrencyHelpers
+import NIOCore
+import TestSupport
 import Virtio
 import VirtioBlock
+import XCTest
+
 @testable import VirtioEmulator
 
 /// Every combination of ring format × EVENT_IDX × indirect descriptors × queue count runs the same
@@ -22,7 +23,11 @@ final class MatrixTests: XCTestCase {
     static var cells: [Cell] {
         var out: [Cell] = []
         for ring in RingFormat.allCases {
-            for e in [true, false] { for i in [true, false] { for q in [1, 4] { out.append(Cell(ring: ring, eventIdx: e, indirect: i, queues: q)) } } }
+            for e in [true, false] {
+                for i in [true, false] {
+                    for q in [1, 4] { out.append(Cell(ring: ring, eventIdx: e, indirect: i, queues: q)) }
+                }
+            }
         }
         return out
     }
@@ -33,8 +38,12 @@ final class MatrixTests: XCTestCase {
         cfg.queues = 4
         let emu = try VirtioBlkEmulator(backend: try RAMBackend(size: UInt64(Self.diskSize)), configuration: cfg)
         var o = DriverOptions()
-        o.ring = c.ring; o.eventIndex = c.eventIdx; o.indirect = c.indirect; o.queues = c.queues
-        o.queueSize = queueSize; o.ioPages = 1024
+        o.ring = c.ring
+        o.eventIndex = c.eventIdx
+        o.indirect = c.indirect
+        o.queues = c.queues
+        o.queueSize = queueSize
+        o.ioPages = 1024
         let drv = try VirtioBlkDriver(transport: try VirtioMMIOTransport(bus: emu), options: o)
         XCTAssertEqual(drv.queueCount, c.queues, "\(c)")
         XCTAssertEqual(drv.ring, c.ring, "\(c)")
@@ -53,7 +62,8 @@ final class MatrixTests: XCTestCase {
             try randomWorkload(dev, cell: c, seed: 7)
             XCTAssertEqual(emu.stats.badChains.load(ordering: .relaxed), 0, "\(c)")
             XCTAssertEqual(drv.stats.errors.load(ordering: .relaxed), 0, "\(c)")
-            drv.shutdown(); emu.shutdown()
+            drv.shutdown()
+            emu.shutdown()
         }
     }
 
@@ -109,7 +119,10 @@ final class MatrixTests: XCTestCase {
                 Thread {
                     VirtioBlkDriver.useLane(k)
                     dev.read(offset: UInt64(off), length: len) { r in
-                        if case .success(var b) = r, b.readBytes(length: len) == expected {} else { bad.withLockedValue { $0 += 1 } }
+                        if case .success(var b) = r, b.readBytes(length: len) == expected {
+                        } else {
+                            bad.withLockedValue { $0 += 1 }
+                        }
                         g.leave()
                     }
                 }.start()
@@ -123,7 +136,10 @@ final class MatrixTests: XCTestCase {
     func readAll(_ dev: BlockDevice) throws -> [UInt8] {
         let done = DispatchSemaphore(value: 0)
         nonisolated(unsafe) var out: Result<ByteBuffer, BlkError>!
-        dev.read(offset: 0, length: Self.diskSize) { out = $0; done.signal() }
+        dev.read(offset: 0, length: Self.diskSize) {
+            out = $0
+            done.signal()
+        }
         XCTAssertEqual(done.wait(timeout: .now() + 60), .success)
         var b = try out.get()
         return b.readBytes(length: b.readableBytes)!

@@ -1,6 +1,6 @@
-import XCTest
 import NIOConcurrencyHelpers
 import VirtioBlock
+import XCTest
 
 /// The 4 KiB range locks under BlockDevice: readers share, writers exclude, waiters keep their
 /// order, and `tryAcquire` (the no-closure fast path) never jumps the queue.
@@ -9,11 +9,13 @@ final class RangeLocksTests: XCTestCase {
         let l = RangeLocks()
         let r1 = l.tryAcquire(0, 8192, exclusive: false)
         let r2 = l.tryAcquire(4096, 12288, exclusive: false)
-        XCTAssertNotNil(r1); XCTAssertNotNil(r2)
+        XCTAssertNotNil(r1)
+        XCTAssertNotNil(r2)
         XCTAssertNil(l.tryAcquire(0, 4096, exclusive: true), "a write over a held read range waits")
         XCTAssertNotNil(l.tryAcquire(16384, 20480, exclusive: true), "a write elsewhere goes ahead")
         XCTAssertEqual(l.heldCount, 3)
-        l.release(r1!); l.release(r2!)
+        l.release(r1!)
+        l.release(r2!)
         XCTAssertNotNil(l.tryAcquire(0, 4096, exclusive: true), "free again after release")
     }
 

@@ -1,8 +1,9 @@
-import XCTest
-import NIOCore
 import NIOConcurrencyHelpers
+import NIOCore
 import Virtio
 import VirtioBlock
+import XCTest
+
 @testable import VirtioEmulator
 
 /// The driver's recovery, with the emulator misbehaving on purpose (debug-only fault hook).
@@ -12,7 +13,10 @@ final class RecoveryTests: XCTestCase {
         cfg.queues = queues
         let emu = try VirtioBlkEmulator(backend: try RAMBackend(size: 4 << 20), configuration: cfg)
         var o = DriverOptions()
-        o.queueSize = 64; o.ioPages = 256; o.requestTimeoutSeconds = timeout; o.queues = queues
+        o.queueSize = 64
+        o.ioPages = 256
+        o.requestTimeoutSeconds = timeout
+        o.queues = queues
         let drv = try VirtioBlkDriver(transport: try VirtioMMIOTransport(bus: emu), options: o)
         return (emu, drv, BlockDevice(driver: drv))
     }
@@ -20,16 +24,25 @@ final class RecoveryTests: XCTestCase {
     func write(_ d: BlockDevice, _ off: UInt64, _ bytes: [UInt8]) -> Result<Void, BlkError> {
         let done = DispatchSemaphore(value: 0)
         nonisolated(unsafe) var out: Result<Void, BlkError>!
-        d.write(offset: off, data: ByteBuffer(bytes: bytes), fua: false) { out = $0; done.signal() }
+        d.write(offset: off, data: ByteBuffer(bytes: bytes), fua: false) {
+            out = $0
+            done.signal()
+        }
         XCTAssertEqual(done.wait(timeout: .now() + 60), .success, "write never completed")
         return out ?? .failure(.shutdown)
     }
     func read(_ d: BlockDevice, _ off: UInt64, _ len: Int) -> Result<[UInt8], BlkError> {
         let done = DispatchSemaphore(value: 0)
         nonisolated(unsafe) var out: Result<ByteBuffer, BlkError>!
-        d.read(offset: off, length: len) { out = $0; done.signal() }
+        d.read(offset: off, length: len) {
+            out = $0
+            done.signal()
+        }
         XCTAssertEqual(done.wait(timeout: .now() + 60), .success, "read never completed")
-        return (out ?? .failure(.shutdown)).map { var b = $0; return b.readBytes(length: b.readableBytes)! }
+        return (out ?? .failure(.shutdown)).map {
+            var b = $0
+            return b.readBytes(length: b.readableBytes)!
+        }
     }
 
     /// A request the device swallows times out; the driver resets the device and resubmits it.
@@ -37,31 +50,48 @@ final class RecoveryTests: XCTestCase {
         let (emu, drv, dev) = try rig(timeout: 1)
         let data = (0..<8192).map { UInt8(truncatingIfNeeded: $0 &* 7) }
         XCTAssertNoThrow(try write(dev, 0, data).get())
-        emu.inject({ var f = EmulatorFaults(); f.swallow = [1]; return f }())
+        emu.inject(
+            {
+                var f = EmulatorFaults()
+                f.swallow = [1]
+                return f
+            }())
         XCTAssertEqual(try read(dev, 0, 8192).get(), data, "the swallowed read came back after the reset")
         XCTAssertEqual(drv.stats.timeouts.load(ordering: .relaxed), 1)
         XCTAssertEqual(drv.stats.resets.load(ordering: .relaxed), 1)
         // The device works normally afterwards.
         XCTAssertNoThrow(try write(dev, 4096, [UInt8](repeating: 9, count: 4096)).get())
         XCTAssertEqual(try read(dev, 4096, 4096).get(), [UInt8](repeating: 9, count: 4096))
-        drv.shutdown(); emu.shutdown()
+        drv.shutdown()
+        emu.shutdown()
     }
 
     /// A request that is swallowed again after its resubmission fails with EIO; others go on.
     func testRequestLostTwiceFailsWithIOError() throws {
         let (emu, drv, dev) = try rig(timeout: 1)
-        emu.inject({ var f = EmulatorFaults(); f.swallow = [1, 2]; return f }())
+        emu.inject(
+            {
+                var f = EmulatorFaults()
+                f.swallow = [1, 2]
+                return f
+            }())
         guard case .failure(.ioError(let why)) = read(dev, 0, 4096) else { return XCTFail("expected an I/O error") }
         XCTAssertTrue(why.contains("again after a device reset"), why)
         XCTAssertEqual(drv.stats.resets.load(ordering: .relaxed), 2)
         XCTAssertNoThrow(try read(dev, 0, 4096).get(), "later requests work")
-        drv.shutdown(); emu.shutdown()
+        drv.shutdown()
+        emu.shutdown()
     }
 
     /// DEVICE_NEEDS_RESET in the middle of a burst: every write still lands (resubmitted), on every queue.
     func testNeedsResetMidBurstResubmitsEverything() throws {
         let (emu, drv, dev) = try rig(queues: 2)
-        emu.inject({ var f = EmulatorFaults(); f.needsResetAfter = 20; return f }())
+        emu.inject(
+            {
+                var f = EmulatorFaults()
+                f.needsResetAfter = 20
+                return f
+            }())
         let g = DispatchGroup()
         let failures = NIOLockedValueBox<[String]>([])
         var model = [UInt8](repeating: 0, count: 4 << 20)
@@ -81,7 +111,8 @@ final class RecoveryTests: XCTestCase {
         XCTAssertEqual(failures.withLockedValue { $0 }, [])
         XCTAssertGreaterThanOrEqual(drv.stats.resets.load(ordering: .relaxed), 1)
         XCTAssertEqual(try read(dev, 0, 4 << 20).get(), model)
-        drv.shutdown(); emu.shutdown()
+        drv.shutdown()
+        emu.shutdown()
     }
 
     /// A configuration-change interrupt: the driver re-reads the capacity; the block layer
@@ -95,8 +126,11 @@ final class RecoveryTests: XCTestCase {
         XCTAssertEqual(drv.capacityBytes, 1 << 20)
         XCTAssertEqual(drv.stats.configChanges.load(ordering: .relaxed), 1)
         XCTAssertEqual(dev.size, 1 << 20)
-        guard case .failure(.invalid) = read(dev, 2 << 20, 4096) else { return XCTFail("read beyond the new end must be refused") }
+        guard case .failure(.invalid) = read(dev, 2 << 20, 4096) else {
+            return XCTFail("read beyond the new end must be refused")
+        }
         XCTAssertNoThrow(try read(dev, 0, 4096).get())
-        drv.shutdown(); emu.shutdown()
+        drv.shutdown()
+        emu.shutdown()
     }
 }

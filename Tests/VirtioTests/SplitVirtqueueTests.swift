@@ -1,4 +1,5 @@
 import XCTest
+
 @testable import Virtio
 @testable import VirtioEmulator
 
@@ -9,13 +10,16 @@ final class SplitVirtqueueTests: XCTestCase {
         return (arena, try SplitVirtqueue(arena: arena, size: size))
     }
 
-    func seg(_ len: UInt32 = 16, w: Bool = false) -> VirtqueueSegment { VirtqueueSegment(address: 0x1_0000_0000, length: len, deviceWritable: w) }
+    func seg(_ len: UInt32 = 16, w: Bool = false) -> VirtqueueSegment {
+        VirtqueueSegment(address: 0x1_0000_0000, length: len, deviceWritable: w)
+    }
 
     /// Writes a used element the way a device would.
     func deviceComplete(_ arena: DMAArena, _ q: SplitVirtqueue, id: UInt32, len: UInt32, usedIdx: inout UInt16) {
         let m = arena.memory
         let e = q.usedRing.offset + 4 + 8 * (Int(usedIdx) % q.size)
-        m.store32(e, id); m.store32(e + 4, len)
+        m.store32(e, id)
+        m.store32(e + 4, len)
         usedIdx &+= 1
         m.store16Release(q.usedRing.offset + 2, usedIdx)
     }
@@ -43,7 +47,10 @@ final class SplitVirtqueueTests: XCTestCase {
         var used: UInt16 = 0
         for h in heads.reversed() { deviceComplete(arena, q, id: UInt32(h), len: 16, usedIdx: &used) }
         var got: [UInt16] = []
-        while let u = try q.nextUsed() { got.append(u.id); XCTAssertEqual(u.length, 16) }
+        while let u = try q.nextUsed() {
+            got.append(u.id)
+            XCTAssertEqual(u.length, 16)
+        }
         XCTAssertEqual(got, heads.reversed())
         XCTAssertEqual(q.freeCount, 16)
     }
@@ -53,7 +60,9 @@ final class SplitVirtqueueTests: XCTestCase {
         _ = q.add(count: 1) { _ in self.seg() }
         var used: UInt16 = 0
         deviceComplete(arena, q, id: 4711, len: 0, usedIdx: &used)
-        XCTAssertThrowsError(try q.nextUsed()) { XCTAssertEqual($0 as? VirtqueueError, .usedIDOutOfRange(id: 4711, queueSize: 8)) }
+        XCTAssertThrowsError(try q.nextUsed()) {
+            XCTAssertEqual($0 as? VirtqueueError, .usedIDOutOfRange(id: 4711, queueSize: 8))
+        }
     }
 
     func testUsedIDNotInFlightIsAnError() throws {
@@ -79,12 +88,16 @@ final class SplitVirtqueueTests: XCTestCase {
         let (arena, q) = try makeQueue(size: 8)
         let h = q.add(count: 1) { _ in self.seg(8, w: true) }!
         arena.memory.store16(q.usedRing.offset + 2, 100)
-        XCTAssertThrowsError(try q.nextUsed()) { XCTAssertEqual($0 as? VirtqueueError, .usedIndexRunaway(used: 100, lastSeen: 0, queueSize: 8)) }
+        XCTAssertThrowsError(try q.nextUsed()) {
+            XCTAssertEqual($0 as? VirtqueueError, .usedIndexRunaway(used: 100, lastSeen: 0, queueSize: 8))
+        }
         let (arena2, q2) = try makeQueue(size: 8)
         let h2 = q2.add(count: 1) { _ in self.seg(8, w: true) }!
         var used: UInt16 = 0
         deviceComplete(arena2, q2, id: UInt32(h2), len: 9, usedIdx: &used)
-        XCTAssertThrowsError(try q2.nextUsed()) { XCTAssertEqual($0 as? VirtqueueError, .usedLengthTooLarge(id: h2, length: 9, writable: 8)) }
+        XCTAssertThrowsError(try q2.nextUsed()) {
+            XCTAssertEqual($0 as? VirtqueueError, .usedLengthTooLarge(id: h2, length: 9, writable: 8))
+        }
         _ = h
     }
 
@@ -100,8 +113,10 @@ final class SplitVirtqueueTests: XCTestCase {
         for eventIdx in [false, true] {
             let (arena, q) = try makeQueue(size: 32)
             q.eventIndex = eventIdx
-            let dev = try XCTUnwrap(DeviceSplitQueue(mem: arena.memory, size: 32, descAddr: q.descriptors.deviceAddress,
-                                                     driverAddr: q.availRing.deviceAddress, deviceAddr: q.usedRing.deviceAddress))
+            let dev = try XCTUnwrap(
+                DeviceSplitQueue(
+                    mem: arena.memory, size: 32, descAddr: q.descriptors.deviceAddress,
+                    driverAddr: q.availRing.deviceAddress, deviceAddr: q.usedRing.deviceAddress))
             dev.eventIndex = eventIdx
             var chain = DescriptorChain()
             var completed = 0
@@ -109,14 +124,19 @@ final class SplitVirtqueueTests: XCTestCase {
             while completed < 3 * 65536 + 123 {
                 var heads: Set<UInt16> = []
                 for _ in 0..<batch {
-                    let h = try XCTUnwrap(q.add(count: 3) { k in VirtqueueSegment(address: arena.memory.deviceBase + UInt64(k * 64), length: 16, deviceWritable: k == 2) })
+                    let h = try XCTUnwrap(
+                        q.add(count: 3) { k in
+                            VirtqueueSegment(
+                                address: arena.memory.deviceBase + UInt64(k * 64), length: 16, deviceWritable: k == 2)
+                        })
                     heads.insert(h)
                 }
                 _ = q.publish()
                 var popped: [UInt16] = []
                 while let h = try dev.popHead() {
                     try dev.walk(h, into: &chain)
-                    XCTAssertEqual(chain.readable.count, 2); XCTAssertEqual(chain.writable.count, 1)
+                    XCTAssertEqual(chain.readable.count, 2)
+                    XCTAssertEqual(chain.writable.count, 1)
                     popped.append(h)
                 }
                 XCTAssertEqual(Set(popped), heads)

@@ -27,8 +27,9 @@
 import Foundation
 import Logging
 import Virtio
+
 #if canImport(Glibc)
-import Glibc
+    import Glibc
 #endif
 
 private let arenaSize = 64 << 10
@@ -47,14 +48,19 @@ private final class Harness {
     let filePath: String
 
     init() {
-        arenas = [try! SharedMemory(size: arenaSize, deviceBase: 0, name: "fuzz-arena0"),
-                  try! SharedMemory(size: arenaSize, deviceBase: 0x1_0000_0000, name: "fuzz-arena1")]
+        arenas = [
+            try! SharedMemory(size: arenaSize, deviceBase: 0, name: "fuzz-arena0"),
+            try! SharedMemory(size: arenaSize, deviceBase: 0x1_0000_0000, name: "fuzz-arena1"),
+        ]
         let dir = access("/dev/shm", W_OK) == 0 ? "/dev/shm" : ProcessInfo.processInfo.environment["TMPDIR"] ?? "/tmp"
         filePath = "\(dir)/virtnbd-fuzz-device.\(getpid()).img"
         unlink(filePath)
         let file = try! FileBackend(path: filePath, readOnly: false, createSize: backendSize)
-        unlink(filePath)   // the open fd keeps it alive; nothing is left behind
-        backends = [try! RAMBackend(size: backendSize), file, try! RAMBackend(size: backendSize, readOnly: true), try! RAMBackend(size: 8192)]
+        unlink(filePath) // the open fd keeps it alive; nothing is left behind
+        backends = [
+            try! RAMBackend(size: backendSize), file, try! RAMBackend(size: backendSize, readOnly: true),
+            try! RAMBackend(size: 8192),
+        ]
         let quiet = Logger(label: "fuzz", factory: { _ in SwiftLogNoOpLogHandler() })
         var reversed = EmulatorConfiguration()
         reversed.completionOrder = .reversed
@@ -62,10 +68,12 @@ private final class Harness {
         small.maxQueueSize = 256
         small.maxDiscardSectors = 8
         var configs = [EmulatorConfiguration(), reversed, EmulatorConfiguration(), small]
-        for i in configs.indices { configs[i].queues = 1 }   // one device thread each, watched below
+        for i in configs.indices { configs[i].queues = 1 } // one device thread each, watched below
         // Each emulator starts one device thread; find it as the task that appears with it (its
         // name "virtio-blk-emulator" is longer than the kernel's 15 bytes, so it never shows).
-        func tasks() -> Set<String> { Set((try? FileManager.default.contentsOfDirectory(atPath: "/proc/self/task")) ?? []) }
+        func tasks() -> Set<String> {
+            Set((try? FileManager.default.contentsOfDirectory(atPath: "/proc/self/task")) ?? [])
+        }
         var emus: [VirtioBlkEmulator] = []
         var threads: [String] = []
         for (b, c) in zip(backends, configs) {
@@ -95,9 +103,9 @@ private final class Harness {
         guard n > 0 else { return false }
         let s = buf.prefix(n)
         #if arch(x86_64)
-        return s.starts(with: Array("7 ".utf8)) || s.starts(with: Array("271 ".utf8))
+            return s.starts(with: Array("7 ".utf8)) || s.starts(with: Array("271 ".utf8))
         #else
-        return s.starts(with: Array("73 ".utf8))
+            return s.starts(with: Array("73 ".utf8))
         #endif
     }
 
@@ -139,19 +147,28 @@ public func fuzzDevice(_ data: UnsafePointer<UInt8>, _ size: Int) -> CInt {
     let arenaIndex = Int(sel >> 2 & 1)
     let mem = h.arenas[arenaIndex]
     let base = mem.deviceBase
-    var descAddr = base, availAddr = base + UInt64(16 * qsize)
+    var descAddr = base
+    var availAddr = base + UInt64(16 * qsize)
     var usedAddr = (availAddr + UInt64(6 + 2 * qsize) + 3) & ~3
-    if sel & 8 != 0 { descAddr = input.u64(); availAddr = input.u64(); usedAddr = input.u64() }
+    if sel & 8 != 0 {
+        descAddr = input.u64()
+        availAddr = input.u64()
+        usedAddr = input.u64()
+    }
     var features: VirtioFeatures = [.version1, .eventIdx, .blkFlush, .blkDiscard, .blkWriteZeroes]
     if sel & 0x20 != 0 { features.remove(.eventIdx) }
     if sel & 0x40 != 0 { features.remove(.blkFlush) }
-    if sel & 0x80 != 0 { features.remove(.blkDiscard); features.remove(.blkWriteZeroes) }
+    if sel & 0x80 != 0 {
+        features.remove(.blkDiscard)
+        features.remove(.blkWriteZeroes)
+    }
     let packed = input.bytes[1] & 0x20 != 0
     if packed { features.insert(.ringPacked) }
     if input.bytes[1] & 0x40 != 0 { features.insert(.indirectDesc) }
     if packed && sel & 8 == 0 {
         // Packed layout: descriptor ring, then the two 4-byte event suppression structures.
-        availAddr = base + UInt64(16 * qsize); usedAddr = availAddr + 4
+        availAddr = base + UInt64(16 * qsize)
+        usedAddr = availAddr + 4
     }
 
     // The arena image.
@@ -160,15 +177,17 @@ public func fuzzDevice(_ data: UnsafePointer<UInt8>, _ size: Int) -> CInt {
     mem.write(image, at: 0)
 
     if sel & 0x10 != 0 {
-        queueMode(mem: mem, size: qsize, desc: descAddr, avail: availAddr, used: usedAddr, eventIndex: features.contains(.eventIdx),
-                  packed: packed, indirect: features.contains(.indirectDesc))
+        queueMode(
+            mem: mem, size: qsize, desc: descAddr, avail: availAddr, used: usedAddr,
+            eventIndex: features.contains(.eventIdx),
+            packed: packed, indirect: features.contains(.indirectDesc))
         return 0
     }
 
     let which = Int(sel & 3)
     let emu = h.emulators[which]
     let backend = h.backends[which]
-    try! backend.discard(at: 0, count: backend.size)       // no state carried between inputs
+    try! backend.discard(at: 0, count: backend.size) // no state carried between inputs
     if h.attached[which] != arenaIndex {
         try! emu.attachMemory(mem)
         h.attached[which] = arenaIndex
@@ -176,17 +195,24 @@ public func fuzzDevice(_ data: UnsafePointer<UInt8>, _ size: Int) -> CInt {
     emu.write32(MMIORegister.status, 0)
     emu.write32(MMIORegister.status, 1)
     emu.write32(MMIORegister.status, 3)
-    emu.write32(MMIORegister.driverFeaturesSel, 0); emu.write32(MMIORegister.driverFeatures, UInt32(truncatingIfNeeded: features.rawValue))
-    emu.write32(MMIORegister.driverFeaturesSel, 1); emu.write32(MMIORegister.driverFeatures, UInt32(truncatingIfNeeded: features.rawValue >> 32))
+    emu.write32(MMIORegister.driverFeaturesSel, 0)
+    emu.write32(MMIORegister.driverFeatures, UInt32(truncatingIfNeeded: features.rawValue))
+    emu.write32(MMIORegister.driverFeaturesSel, 1)
+    emu.write32(MMIORegister.driverFeatures, UInt32(truncatingIfNeeded: features.rawValue >> 32))
     emu.write32(MMIORegister.status, 11)
     emu.write32(MMIORegister.queueSel, 0)
     emu.write32(MMIORegister.queueNum, UInt32(qsize))
-    for (r, a) in [(MMIORegister.queueDescLow, descAddr), (MMIORegister.queueDriverLow, availAddr), (MMIORegister.queueDeviceLow, usedAddr)] {
-        emu.write32(r, UInt32(truncatingIfNeeded: a)); emu.write32(r + 4, UInt32(truncatingIfNeeded: a >> 32))
+    for (r, a) in [
+        (MMIORegister.queueDescLow, descAddr), (MMIORegister.queueDriverLow, availAddr),
+        (MMIORegister.queueDeviceLow, usedAddr),
+    ] {
+        emu.write32(r, UInt32(truncatingIfNeeded: a))
+        emu.write32(r + 4, UInt32(truncatingIfNeeded: a >> 32))
     }
     emu.write32(MMIORegister.queueReady, 1)
     let ready = emu.read32(MMIORegister.queueReady) == 1
-    let expectReady = packed
+    let expectReady =
+        packed
         ? PackedRingLayout.isValidSize(qsize) && qsize <= (which == 3 ? 256 : 32768)
             && descAddr % 16 == 0 && availAddr % 4 == 0 && usedAddr % 4 == 0
             && mem.offset(ofDeviceAddress: descAddr, length: 16 * qsize) != nil
@@ -202,11 +228,16 @@ public func fuzzDevice(_ data: UnsafePointer<UInt8>, _ size: Int) -> CInt {
             // the device-written used ring must not overlap the descriptor table or avail ring
             && !(usedAddr < descAddr &+ UInt64(16 * qsize) && descAddr < usedAddr &+ UInt64(6 + 8 * qsize))
             && !(usedAddr < availAddr &+ UInt64(6 + 2 * qsize) && availAddr < usedAddr &+ UInt64(6 + 8 * qsize))
-    check(ready == expectReady, "queue ready \(ready), expected \(expectReady) (size \(qsize) desc 0x\(String(descAddr, radix: 16)) avail 0x\(String(availAddr, radix: 16)) used 0x\(String(usedAddr, radix: 16)))")
+    check(
+        ready == expectReady,
+        "queue ready \(ready), expected \(expectReady) (size \(qsize) desc 0x\(String(descAddr, radix: 16)) avail 0x\(String(availAddr, radix: 16)) used 0x\(String(usedAddr, radix: 16)))"
+    )
     emu.write32(MMIORegister.status, 15)
     emu.write32(MMIORegister.queueNotify, 0)
     h.waitIdle()
-    if debug { print("emulator \(which) ready=\(ready) status=\(emu.read32(MMIORegister.status)): \(emu.stats.summary)") }
+    if debug {
+        print("emulator \(which) ready=\(ready) status=\(emu.read32(MMIORegister.status)): \(emu.stats.summary)")
+    }
     // Leave the device reset and idle for the next input.
     emu.write32(MMIORegister.status, 0)
     h.waitIdle()
@@ -215,8 +246,12 @@ public func fuzzDevice(_ data: UnsafePointer<UInt8>, _ size: Int) -> CInt {
 }
 
 /// A device queue (split or packed) alone, on the caller's thread.
-private func queueMode(mem: SharedMemory, size: Int, desc: UInt64, avail: UInt64, used: UInt64, eventIndex: Bool, packed: Bool, indirect: Bool) {
-    let made: (any DeviceVirtqueue)? = packed
+private func queueMode(
+    mem: SharedMemory, size: Int, desc: UInt64, avail: UInt64, used: UInt64, eventIndex: Bool, packed: Bool,
+    indirect: Bool
+) {
+    let made: (any DeviceVirtqueue)? =
+        packed
         ? DevicePackedQueue(mem: mem, size: size, descAddr: desc, driverAddr: avail, deviceAddr: used)
         : DeviceSplitQueue(mem: mem, size: size, descAddr: desc, driverAddr: avail, deviceAddr: used)
     guard let q = made else { return }
@@ -231,19 +266,40 @@ private func queueMode(mem: SharedMemory, size: Int, desc: UInt64, avail: UInt64
         let ok = chain.fault == nil
         check(Int(chain.head) < max(size, 1) || packed, "chain id \(chain.head) outside a split queue of \(size)")
         check(chain.ringSlots >= 1 && chain.ringSlots <= size, "chain takes \(chain.ringSlots) ring slots of \(size)")
-        var r = 0, w = 0
-        for s in chain.readable { check(s.offset >= 0 && s.length >= 0 && s.offset <= mem.size - s.length, "readable segment \(s) outside memory"); r += s.length }
-        for s in chain.writable { check(s.offset >= 0 && s.length >= 0 && s.offset <= mem.size - s.length, "writable segment \(s) outside memory"); w += s.length }
-        check(r == chain.readableBytes && w == chain.writableBytes, "byte counts \(chain.readableBytes)/\(chain.writableBytes) vs segments \(r)/\(w)")
+        var r = 0
+        var w = 0
+        for s in chain.readable {
+            check(
+                s.offset >= 0 && s.length >= 0 && s.offset <= mem.size - s.length,
+                "readable segment \(s) outside memory")
+            r += s.length
+        }
+        for s in chain.writable {
+            check(
+                s.offset >= 0 && s.length >= 0 && s.offset <= mem.size - s.length,
+                "writable segment \(s) outside memory")
+            w += s.length
+        }
+        check(
+            r == chain.readableBytes && w == chain.writableBytes,
+            "byte counts \(chain.readableBytes)/\(chain.writableBytes) vs segments \(r)/\(w)")
         // An indirect table holds at most (its length / 16) entries; without one a chain fits the ring.
-        check(indirect || chain.readable.count + chain.writable.count <= size, "chain of \(chain.readable.count + chain.writable.count) descriptors in a queue of \(size)")
+        check(
+            indirect || chain.readable.count + chain.writable.count <= size,
+            "chain of \(chain.readable.count + chain.writable.count) descriptors in a queue of \(size)")
         if ok { check(UInt64(r) + UInt64(w) <= UInt64(UInt32.max), "accepted chain of \(r + w) bytes") }
         // Touch every byte the device may use, as the request code would.
-        for s in chain.readable where s.length > 0 { _ = mem.load8(s.offset); _ = mem.load8(s.offset + s.length - 1) }
+        for s in chain.readable where s.length > 0 {
+            _ = mem.load8(s.offset)
+            _ = mem.load8(s.offset + s.length - 1)
+        }
         for s in chain.writable where s.length > 0 { mem.store8(s.offset + s.length - 1, 0xEE) }
         q.pushUsed(id: chain.head, ringSlots: chain.ringSlots, length: UInt32(truncatingIfNeeded: w))
         pending += 1
-        if pending >= 64 { _ = q.publishUsed(); pending = 0 }
+        if pending >= 64 {
+            _ = q.publishUsed()
+            pending = 0
+        }
     }
     _ = q.publishUsed()
     q.setNotifications(enabled: true)

@@ -15,11 +15,13 @@
 // transmission; STARTTLS is never acknowledged with TLS off or already active.
 import NIOCore
 
-private let exportA = NBDExportInfo(name: "disk", description: "main", size: 1 << 20,
-                                    flags: [.sendFlush, .sendFUA, .sendTrim, .sendDF],
-                                    minimumBlockSize: 1, preferredBlockSize: 4096, maximumPayload: 32 << 20)
-private let exportB = NBDExportInfo(name: "émoji-✓", description: "déscription ✓", size: UInt64.max,
-                                    flags: [.readOnly], minimumBlockSize: 512, preferredBlockSize: 4096, maximumPayload: 1 << 25)
+private let exportA = NBDExportInfo(
+    name: "disk", description: "main", size: 1 << 20,
+    flags: [.sendFlush, .sendFUA, .sendTrim, .sendDF],
+    minimumBlockSize: 1, preferredBlockSize: 4096, maximumPayload: 32 << 20)
+private let exportB = NBDExportInfo(
+    name: "émoji-✓", description: "déscription ✓", size: UInt64.max,
+    flags: [.readOnly], minimumBlockSize: 512, preferredBlockSize: 4096, maximumPayload: 1 << 25)
 private let catalog1 = NBDExportCatalog([exportA])
 private let catalog2 = NBDExportCatalog([exportA, exportB, NBDExportInfo(name: "", size: 4096, flags: [])])
 
@@ -32,7 +34,12 @@ private enum Outcome: Equatable {
 
 private struct PRNG {
     var s: UInt64
-    mutating func next() -> UInt64 { s ^= s << 13; s ^= s >> 7; s ^= s << 17; return s }
+    mutating func next() -> UInt64 {
+        s ^= s << 13
+        s ^= s >> 7
+        s ^= s << 17
+        return s
+    }
 }
 
 private func check(_ cond: @autoclosure () -> Bool, _ msg: @autoclosure () -> String) {
@@ -40,8 +47,10 @@ private func check(_ cond: @autoclosure () -> Bool, _ msg: @autoclosure () -> St
 }
 
 /// Feeds `bytes` in the given chunk sizes; returns the outcomes.
-private func run(_ bytes: ArraySlice<UInt8>, policy: NBDTLSPolicy, afterTLS: Bool, catalog: NBDExportCatalog,
-                 chunks: (inout PRNG) -> Int, prng: inout PRNG) -> [Outcome] {
+private func run(
+    _ bytes: ArraySlice<UInt8>, policy: NBDTLSPolicy, afterTLS: Bool, catalog: NBDExportCatalog,
+    chunks: (inout PRNG) -> Int, prng: inout PRNG
+) -> [Outcome] {
     var sm = HandshakeStateMachine(catalog: catalog, tls: policy)
     var flagsDone = false
     if afterTLS {
@@ -81,12 +90,17 @@ private func run(_ bytes: ArraySlice<UInt8>, policy: NBDTLSPolicy, afterTLS: Boo
                         let type = UInt32(v[12]) << 24 | UInt32(v[13]) << 16 | UInt32(v[14]) << 8 | UInt32(v[15])
                         let opt = UInt32(v[8]) << 24 | UInt32(v[9]) << 16 | UInt32(v[10]) << 8 | UInt32(v[11])
                         if policy == .require && !tlsBefore {
-                            check(type == NBDReply.errTLSReqd || type == NBDReply.errTooBig || type == NBDReply.errInvalid && opt == NBDOption.startTLS.rawValue
-                                  || type == NBDReply.ack && (opt == NBDOption.startTLS.rawValue || opt == NBDOption.abort.rawValue),
-                                  "reply type 0x\(String(type, radix: 16)) to option \(opt) before TLS with TLS required")
+                            check(
+                                type == NBDReply.errTLSReqd || type == NBDReply.errTooBig
+                                    || type == NBDReply.errInvalid && opt == NBDOption.startTLS.rawValue
+                                    || type == NBDReply.ack
+                                        && (opt == NBDOption.startTLS.rawValue || opt == NBDOption.abort.rawValue),
+                                "reply type 0x\(String(type, radix: 16)) to option \(opt) before TLS with TLS required")
                         }
                         if type == NBDReply.ack && opt == NBDOption.startTLS.rawValue {
-                            check(policy != .off && !tlsBefore, "STARTTLS acknowledged with policy \(policy), tlsActive \(tlsBefore)")
+                            check(
+                                policy != .off && !tlsBefore,
+                                "STARTTLS acknowledged with policy \(policy), tlsActive \(tlsBefore)")
                         }
                     } else {
                         // Only NBD_OPT_EXPORT_NAME's reply lacks the magic: size, flags, maybe 124 zeroes.
@@ -95,14 +109,18 @@ private func run(_ bytes: ArraySlice<UInt8>, policy: NBDTLSPolicy, afterTLS: Boo
                     }
                     out.append(.send(v))
                 case .close:
-                    out.append(.close); done = true
+                    out.append(.close)
+                    done = true
                 case .startTransmission(let s):
                     check(!(policy == .require && !sm.tlsActive), "transmission without TLS although TLS is required")
                     check(catalog.exports.contains { $0.name == s.export.name }, "unknown export \(s.export.name)")
                     check(!s.extendedHeaders || s.structuredReplies, "extended headers without structured replies")
-                    check(s.structuredReplies || !s.export.flags.contains(.sendDF), "DF offered without structured replies")
+                    check(
+                        s.structuredReplies || !s.export.flags.contains(.sendDF),
+                        "DF offered without structured replies")
                     check(sm.isFinished, "transmission started but machine not finished")
-                    out.append(.start(s)); done = true
+                    out.append(.start(s))
+                    done = true
                 case .startTLS:
                     check(policy != .off && !tlsBefore, "startTLS with policy \(policy), tlsActive \(tlsBefore)")
                     check(i == actions.count - 1, "actions after startTLS")
@@ -147,8 +165,9 @@ public func fuzzHandshake(_ data: UnsafePointer<UInt8>, _ size: Int) -> CInt {
     var p1 = PRNG(s: seed)
     let whole = run(body, policy: policy, afterTLS: afterTLS, catalog: catalog, chunks: { _ in Int.max }, prng: &p1)
     var p2 = PRNG(s: seed)
-    let split = run(body, policy: policy, afterTLS: afterTLS, catalog: catalog,
-                    chunks: { p in Int(p.next() % UInt64(maxChunk + 1)) }, prng: &p2)
+    let split = run(
+        body, policy: policy, afterTLS: afterTLS, catalog: catalog,
+        chunks: { p in Int(p.next() % UInt64(maxChunk + 1)) }, prng: &p2)
     if whole != split {
         fatalError("handshake: split feed differs from whole feed\nwhole: \(whole)\nsplit: \(split)")
     }

@@ -21,14 +21,20 @@ private enum Outcome: Equatable {
 
 private struct PRNG {
     var s: UInt64
-    mutating func next() -> UInt64 { s ^= s << 13; s ^= s >> 7; s ^= s << 17; return s }
+    mutating func next() -> UInt64 {
+        s ^= s << 13
+        s ^= s >> 7
+        s ^= s << 17
+        return s
+    }
 }
 
 private func check(_ cond: @autoclosure () -> Bool, _ msg: @autoclosure () -> String) {
     if !cond() { fatalError("transmission invariant violated: \(msg())") }
 }
 
-private func run(_ bytes: ArraySlice<UInt8>, extended: Bool, maxPayload: Int, maxChunk: Int?, seed: UInt64) -> [Outcome] {
+private func run(_ bytes: ArraySlice<UInt8>, extended: Bool, maxPayload: Int, maxChunk: Int?, seed: UInt64) -> [Outcome]
+{
     var parser = TransmissionParser(maximumPayload: maxPayload, extendedHeaders: extended)
     var prng = PRNG(s: seed)
     var acc = ByteBuffer()
@@ -49,8 +55,12 @@ private func run(_ bytes: ArraySlice<UInt8>, extended: Bool, maxPayload: Int, ma
                     if extended { check(!r.flags.contains(.payloadLen), "PAYLOAD_LEN left in flags of \(r)") }
                     if r.type == NBDCommand.write.rawValue {
                         guard let p = payload else { fatalError("WRITE without payload: \(r)") }
-                        check(UInt64(p.readableBytes) == r.length, "WRITE payload \(p.readableBytes) bytes for length \(r.length)")
-                        check(p.readableBytes <= maxPayload, "WRITE payload \(p.readableBytes) above maximum \(maxPayload)")
+                        check(
+                            UInt64(p.readableBytes) == r.length,
+                            "WRITE payload \(p.readableBytes) bytes for length \(r.length)")
+                        check(
+                            p.readableBytes <= maxPayload,
+                            "WRITE payload \(p.readableBytes) above maximum \(maxPayload)")
                         out.append(.request(r, payload: Array(p.readableBytesView)))
                     } else {
                         check(payload == nil, "payload on non-WRITE \(r)")
@@ -101,15 +111,24 @@ private func judge(_ outcomes: [Outcome], extended: Bool, maxPayload: Int, bits:
     if structured { flags.insert(.sendDF) }
     let size: UInt64 = bits & 4 != 0 ? 1 << 20 : 4097
     let info = NBDExportInfo(name: "", size: size, flags: flags, maximumPayload: UInt32(maxPayload))
-    let session = NBDSession(export: info, structuredReplies: structured, extendedHeaders: extended,
-                             allocationContext: structured && bits & 8 != 0 ? 1 : nil)
-    let rules = TransmissionRules(session: session, export: ExportFacts(size: size, flags: flags, maximumPayload: UInt64(maxPayload),
-                                                                        canFastZero: bits & 16 != 0))
+    let session = NBDSession(
+        export: info, structuredReplies: structured, extendedHeaders: extended,
+        allocationContext: structured && bits & 8 != 0 ? 1 : nil)
+    let rules = TransmissionRules(
+        session: session,
+        export: ExportFacts(
+            size: size, flags: flags, maximumPayload: UInt64(maxPayload),
+            canFastZero: bits & 16 != 0))
     for o in outcomes {
-        let r: NBDRequest, d: RequestDecision
+        let r: NBDRequest
+        let d: RequestDecision
         switch o {
-        case .request(let req, _): r = req; d = rules.decide(req)
-        case .rejected(let req, let why): r = req; d = rules.decide(why)
+        case .request(let req, _):
+            r = req
+            d = rules.decide(req)
+        case .rejected(let req, let why):
+            r = req
+            d = rules.decide(why)
         case .error: continue
         }
         var b = ByteBuffer()
@@ -122,7 +141,9 @@ private func judge(_ outcomes: [Outcome], extended: Bool, maxPayload: Int, bits:
         case .run(let op):
             switch op {
             case .read(let off, let len, let shape):
-                check(len > 0 && len <= UInt64(maxPayload) && off + len <= size, "READ \(off)+\(len) run on a \(size)-byte export")
+                check(
+                    len > 0 && len <= UInt64(maxPayload) && off + len <= size,
+                    "READ \(off)+\(len) run on a \(size)-byte export")
                 check((shape == .simple) == !structured, "READ shape \(shape) with structured=\(structured)")
                 rules.replies.readData(r, shape: shape, offset: off, dataLength: Int(len), done: true, into: &b)
             case .write(let off, let len, _), .trim(let off, let len, _), .writeZeroes(let off, let len, _, _):
@@ -138,6 +159,8 @@ private func judge(_ outcomes: [Outcome], extended: Bool, maxPayload: Int, bits:
         }
         let magic: UInt32? = b.getInteger(at: b.readerIndex)
         let want: Set<UInt32> = extended ? [0x6e8a_278c] : structured ? [0x6744_6698, 0x668e_33ef] : [0x6744_6698]
-        check(magic.map(want.contains) == true, "reply magic \(String(describing: magic)) for \(r) (extended \(extended))")
+        check(
+            magic.map(want.contains) == true, "reply magic \(String(describing: magic)) for \(r) (extended \(extended))"
+        )
     }
 }
