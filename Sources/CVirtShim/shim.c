@@ -8,6 +8,8 @@
 #include <unistd.h>
 #include <linux/falloc.h>
 #include <sys/prctl.h>
+#include <signal.h>
+#include <string.h>
 
 int vshim_memfd_create(const char *name) { return memfd_create(name, MFD_CLOEXEC); }
 
@@ -77,4 +79,28 @@ int vshim_lane_get(void) { return vshim_lane; }
 void vshim_lane_set(int lane) { vshim_lane = lane; }
 int vshim_set_parent_death_signal(int sig) {
     return prctl(PR_SET_PDEATHSIG, (unsigned long)sig, 0UL, 0UL, 0UL) == 0 ? 0 : -errno;
+}
+
+static int vshim_sigpipe_fds[2] = {-1, -1};
+
+static void vshim_signal_to_pipe(int sig) {
+    int saved = errno;
+    unsigned char b = (unsigned char)sig;
+    ssize_t r = write(vshim_sigpipe_fds[1], &b, 1);  /* async-signal-safe; a full pipe drops it */
+    (void)r;
+    errno = saved;
+}
+
+int vshim_signal_pipe(int sig) {
+    if (vshim_sigpipe_fds[0] < 0 && pipe2(vshim_sigpipe_fds, O_CLOEXEC | O_NONBLOCK) != 0) return -errno;
+    /* The read end blocks (a thread waits on it); the write end never blocks a handler. */
+    int fl = fcntl(vshim_sigpipe_fds[0], F_GETFL);
+    if (fl >= 0) fcntl(vshim_sigpipe_fds[0], F_SETFL, fl & ~O_NONBLOCK);
+    struct sigaction sa;
+    memset(&sa, 0, sizeof sa);
+    sa.sa_handler = vshim_signal_to_pipe;
+    sigemptyset(&sa.sa_mask);
+    sa.sa_flags = SA_RESTART;
+    if (sigaction(sig, &sa, NULL) != 0) return -errno;
+    return vshim_sigpipe_fds[0];
 }

@@ -18,11 +18,10 @@ enum ServerEvent: Sendable {
     case clientGone
 }
 
-/// The event stream and the signal sources feeding it.
+/// The event stream and what feeds it (signals, the parent watch, the --run command, the client).
 final class ServerEvents: Sendable {
     let stream: AsyncStream<ServerEvent>
     private let continuation: AsyncStream<ServerEvent>.Continuation
-    nonisolated(unsafe) private static var sources: [DispatchSourceSignal] = []
 
     init() {
         (stream, continuation) = AsyncStream.makeStream(of: ServerEvent.self, bufferingPolicy: .unbounded)
@@ -30,19 +29,30 @@ final class ServerEvents: Sendable {
 
     func post(_ e: ServerEvent) { continuation.yield(e) }
 
-    /// Turns SIGINT and SIGTERM (and SIGHUP when `reload`) into events. Their default actions
-    /// (ending the process) are disabled first, so a signal is never lost between the two steps.
-    /// Call once, from the main task.
+    /// Turns SIGINT and SIGTERM (and SIGHUP when `reload`) into events: a handler installed with
+    /// sigaction (`vshim_signal_pipe`) writes each signal to a pipe that one thread reads. Not a
+    /// DispatchSource: on Linux libdispatch reads signals from a signalfd, and one delivered to a
+    /// thread that had it unblocked could stay pending there for ever (seen: `nbdinfo -- [ virtnbd ]`
+    /// waiting on a virtnbd that never saw libnbd's SIGTERM). Call once, from the main task.
     func handleSignals(reload: Bool) {
         var signals = [SIGINT, SIGTERM]
         if reload { signals.append(SIGHUP) }
-        for sig in signals {
-            signal(sig, SIG_IGN)
-            let src = DispatchSource.makeSignalSource(signal: sig, queue: .global())
-            src.setEventHandler { [self] in post(sig == SIGHUP ? .reload : .terminate(signal: sig)) }
-            src.resume()
-            Self.sources.append(src)
+        var pipe: Int32 = -1
+        for sig in signals { pipe = vshim_signal_pipe(sig) }
+        guard pipe >= 0 else { return }
+        let fd = pipe
+        let t = Thread { [self] in
+            var b: UInt8 = 0
+            while true {
+                let n = read(fd, &b, 1)
+                if n < 0 && errno == EINTR { continue }
+                guard n == 1 else { return }
+                let sig = Int32(b)
+                post(sig == SIGHUP ? .reload : .terminate(signal: sig))
+            }
         }
+        t.name = "virtnbd-signals"
+        t.start()
     }
 }
 

@@ -51,4 +51,10 @@ void vshim_lane_set(int lane);
 /// prctl(PR_SET_PDEATHSIG, sig): the kernel sends `sig` to this process when the thread that
 /// created it exits (prctl is variadic, so Swift cannot call it). Returns 0 or -errno.
 int vshim_set_parent_death_signal(int sig);
+
+/// Installs a handler for `sig` that writes the signal number (one byte) to a close-on-exec
+/// pipe and returns the pipe's read end (the same pipe for every signal), or -errno. The handler
+/// runs on whichever thread the kernel picks, so no signal is lost to a thread that has it
+/// unblocked (libdispatch's signal sources on Linux can lose one that way). SA_RESTART is set.
+int vshim_signal_pipe(int sig);
 #endif
