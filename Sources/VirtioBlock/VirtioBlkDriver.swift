@@ -387,10 +387,20 @@ public final class VirtioBlkDriver: @unchecked Sendable {
             // The device fills only the sectors it has; the rest of the page reads as zero.
             mem.zero(arena.pageOffset(pages[pages.count - 1]) + lastPageBytes, count: Self.pageSize - lastPageBytes)
         }
+        var failed: String?
         let kick: QueueDoorbells? = lane.state.withLock { s in
             let n = descriptorCount(p.command)
             let indirect = goesIndirect(lane, p.command)
             s.reservedDescriptors -= ringDescriptors(segments: n, indirect: indirect)
+            if let why = s.broken {
+                // A reset failed between reserve and launch: the request is in neither the slots
+                // nor the waiting list the failure went through, so it fails here (else it would
+                // go onto a dead ring and never be answered).
+                s.freePages.append(contentsOf: pages)
+                s.inFlight -= 1
+                failed = why
+                return nil
+            }
             if s.resetting {
                 // The device went away between reserve and launch: wait for the reset, data kept.
                 var again = p
@@ -444,6 +454,7 @@ public final class VirtioBlkDriver: @unchecked Sendable {
             s.slots[id] = Slot(pages: pages, done: p.done, command: p.command, submitted: .now, retried: p.retried)
             return s.queue.publish() ? s.doorbells : nil
         }
+        if let why = failed { return p.done(.failure(.deviceBroken(why))) }
         if let d = kick {
             stats.kicks.add(1, ordering: .relaxed)
             d.kick()
