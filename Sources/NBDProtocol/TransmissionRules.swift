@@ -38,18 +38,14 @@ public struct ExportFacts: Sendable, Equatable {
     public var maximumPayload: UInt64
     /// WRITE_ZEROES without writing every byte (virtio-blk WRITE_ZEROES): FAST_ZERO can succeed.
     public var canFastZero: Bool
-    /// The answer to a write on a read-only export: names what made it read-only.
-    public var readOnlyMessage: String
+    /// The answer to a write on a read-only export.
+    public static let readOnlyMessage = "export is read-only"
 
-    public init(
-        size: UInt64, flags: NBDTransmissionFlags, maximumPayload: UInt64, canFastZero: Bool,
-        readOnlyMessage: String = "export is read-only"
-    ) {
+    public init(size: UInt64, flags: NBDTransmissionFlags, maximumPayload: UInt64, canFastZero: Bool) {
         self.size = size
         self.flags = flags
         self.maximumPayload = maximumPayload
         self.canFastZero = canFastZero
-        self.readOnlyMessage = readOnlyMessage
     }
 
     public var readOnly: Bool { flags.contains(.readOnly) }
@@ -151,19 +147,19 @@ public struct TransmissionRules: Sendable, Equatable {
             let shape: ReadReplyShape = !structuredReplies ? .simple : (r.flags.contains(.df) ? .contiguous : .sparse)
             return .run(.read(offset: r.offset, length: r.length, reply: shape))
         case .write:
-            guard !export.readOnly else { return .fail(.perm, export.readOnlyMessage) }
+            guard !export.readOnly else { return .fail(.perm, ExportFacts.readOnlyMessage) }
             guard inRange else { return .fail(.nospc, rangeError()) }
             if r.length == 0 { return .succeed }
             return .run(.write(offset: r.offset, length: r.length, fua: fua))
         case .flush:
             return .run(.flush)
         case .trim:
-            guard !export.readOnly else { return .fail(.perm, export.readOnlyMessage) }
+            guard !export.readOnly else { return .fail(.perm, ExportFacts.readOnlyMessage) }
             guard inRange else { return .fail(.inval, rangeError()) }
             if r.length == 0 { return .succeed }
             return .run(.trim(offset: r.offset, length: r.length, fua: fua))
         case .writeZeroes:
-            guard !export.readOnly else { return .fail(.perm, export.readOnlyMessage) }
+            guard !export.readOnly else { return .fail(.perm, ExportFacts.readOnlyMessage) }
             guard inRange else { return .fail(.nospc, rangeError()) }
             // FAST_ZERO: "the server MUST fail quickly ... with NBD_ENOTSUP" when zeroing would
             // mean writing every byte. Checked before the length: the answer must not depend on it.
@@ -210,10 +206,6 @@ public struct ReplyEncoder: Sendable {
     public init(structured: Bool, extended: Bool) {
         self.structured = structured || extended
         self.extended = extended
-    }
-
-    public init(session: NBDSession) {
-        self.init(structured: session.structuredReplies, extended: session.extendedHeaders)
     }
 
     public func framing(_ r: NBDRequest) -> ReplyFraming {
