@@ -8,6 +8,7 @@
 // `VirtioTransport` and to the rings only through `DriverVirtqueue` (split or packed).
 import Foundation
 import Logging
+import NIOCore
 import Synchronization
 import Virtio
 
@@ -103,8 +104,11 @@ public final class VirtioBlkDriver: @unchecked Sendable {
         var doorbells: QueueDoorbells
         var slots: [Slot?]
         var freePages: [Int32]
-        var waiting: [Pending] = []
-        var waitingHead = 0
+        /// Requests that did not fit (pages or descriptors), first come first served. A request
+        /// leaves the queue when it is launched, so nothing it holds (a read's reply buffer in its
+        /// completion) outlives it: an array with a moving head kept every request taken from it
+        /// until the queue was once empty, 1.4 GB of 1 MiB read buffers under fio 1M QD32.
+        var waiting = CircularBuffer<Pending>()
         var reservedDescriptors = 0
         /// Accepted and not yet completed (waiting or on the ring).
         var inFlight = 0
@@ -337,7 +341,7 @@ public final class VirtioBlkDriver: @unchecked Sendable {
             if let b = s.broken { return .fail(.deviceBroken(b)) }
             if s.closing { return .fail(.shutdown) }
             s.inFlight += 1
-            if !s.resetting, s.waitingHead == s.waiting.count, let pages = reserve(&s, lane, command) {
+            if !s.resetting, s.waiting.isEmpty, let pages = reserve(&s, lane, command) {
                 return .launch(pages)
             }
             s.waiting.append(p)
@@ -596,15 +600,8 @@ public final class VirtioBlkDriver: @unchecked Sendable {
     private func takeWaiting(_ s: inout LaneState, _ lane: Lane) -> [(Pending, [Int32])] {
         var out: [(Pending, [Int32])] = []
         guard !s.resetting else { return out }
-        while s.waitingHead < s.waiting.count,
-            let pages = reserve(&s, lane, s.waiting[s.waitingHead].command, pages: s.waiting[s.waitingHead].pages)
-        {
-            out.append((s.waiting[s.waitingHead], pages))
-            s.waitingHead += 1
-        }
-        if s.waitingHead == s.waiting.count {
-            s.waiting.removeAll(keepingCapacity: true)
-            s.waitingHead = 0
+        while let first = s.waiting.first, let pages = reserve(&s, lane, first.command, pages: first.pages) {
+            out.append((s.waiting.removeFirst(), pages))
         }
         return out
     }
@@ -704,10 +701,9 @@ public final class VirtioBlkDriver: @unchecked Sendable {
                 lane.state.withLock { s in
                     s.broken = why
                     s.resetting = false
-                    for i in s.waitingHead..<s.waiting.count { fail.append((s.waiting[i].done, .deviceBroken(why))) }
-                    s.inFlight -= s.waiting.count - s.waitingHead
+                    for w in s.waiting { fail.append((w.done, .deviceBroken(why))) }
+                    s.inFlight -= s.waiting.count
                     s.waiting.removeAll()
-                    s.waitingHead = 0
                 }
             }
             for (lane, p, pages) in retry {
