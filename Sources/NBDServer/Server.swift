@@ -136,15 +136,23 @@ public final class NBDServer: Sendable {
     private let listeners = Locked<[Channel]>([])
 
     private let limits: ServerLimits
+    private let reapers: QueueReapers
 
     public init(exports: [NBDExport], group: EventLoopGroup, limits: ServerLimits = .init(), logger: Logger) {
         self.directory = ExportDirectory(exports)
         self.group = group
         self.limits = limits
         self.logger = logger
-        // One virtqueue lane per event loop: a loop's requests never contend with another loop's.
+        // One virtqueue lane per event loop: a loop's requests never contend with another loop's,
+        // and (for drivers the caller reaps) the loop that submits to a queue also completes it.
         for (i, loop) in group.makeIterator().enumerated() { loop.execute { VirtioBlkDriver.useLane(i) } }
+        reapers = QueueReapers(group: group, logger: logger)
+        for e in exports { reapers.attach(e.device.driver) }
     }
+
+    /// Stops completing `export`'s device requests on the event loops: call it after the device
+    /// is shut down (a removed export's device; the loops must reap until its last request).
+    public func release(_ export: NBDExport) { reapers.detach(export.device.driver) }
 
     /// The exports served now (the handshake's list, in order).
     public var exports: [NBDExport] { directory.exports }
@@ -155,6 +163,7 @@ public final class NBDServer: Sendable {
     /// disconnected; this returns the removed exports once all of those connections have closed,
     /// so that their devices can be shut down.
     public func replaceExports(_ exports: [NBDExport]) async -> [NBDExport] {
+        for e in exports { reapers.attach(e.device.driver) }
         let (removed, ids) = directory.replace(with: exports)
         let channels = registry.channels(ids)
         for c in channels { c.pipeline.fireUserInboundEventTriggered(QuiesceEvent()) }

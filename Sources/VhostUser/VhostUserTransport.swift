@@ -50,6 +50,8 @@ public final class VhostUserTransport: VirtioTransport, @unchecked Sendable {
     private var driverFeatures: VirtioFeatures = []
     private var memory: SharedMemory?
     private var live: [Int: LiveQueue] = [:]
+    /// Each queue's call eventfd, made at its first setup and reused after every reset.
+    private var callFDs: [Int: EventFD] = [:]
     private var closed = false
 
     /// What the completion thread reads without waiting on socket traffic.
@@ -300,7 +302,15 @@ public final class VhostUserTransport: VirtioTransport, @unchecked Sendable {
         let call: EventFD
         do {
             kick = try EventFD()
-            call = try EventFD()
+            // A queue keeps its call eventfd across resets: a driver whose event loop watches it
+            // (VirtioBlkDriver's caller-reaped queues) must not lose its interrupts to a new one.
+            if let old = callFDs[index] {
+                old.drain()
+                call = old
+            } else {
+                call = try EventFD()
+                callFDs[index] = call
+            }
         } catch {
             throw VhostUserError.resourceFailed("cannot create eventfds for queue \(index): \(error)")
         }

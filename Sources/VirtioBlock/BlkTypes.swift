@@ -61,12 +61,12 @@ public enum BlkCommand: Sendable {
     }
     var typeCode: UInt32 {
         switch self {
-        case .read: return 0
-        case .write: return 1
-        case .flush: return 4
-        case .getID: return 8
-        case .discard: return 11
-        case .writeZeroes: return 13
+        case .read: return BlkRequestType.in
+        case .write: return BlkRequestType.out
+        case .flush: return BlkRequestType.flush
+        case .getID: return BlkRequestType.getID
+        case .discard: return BlkRequestType.discard
+        case .writeZeroes: return BlkRequestType.writeZeroes
         }
     }
 }

@@ -12,6 +12,14 @@ import NIOCore
 import Synchronization
 import Virtio
 
+/// Who takes completions off the used rings (`DriverOptions.completions`).
+public enum CompletionDelivery: Sendable, Equatable {
+    /// One completion thread per queue sleeps on its interrupt and runs the completions.
+    case threads
+    /// The caller services each queue on its own thread (an event loop watching the interrupt).
+    case caller
+}
+
 /// How the driver sets the device up. Everything both sides support is offered by default;
 /// these switches turn things off or force a choice (`--ring`, `--queues`, `--no-event-idx`, …).
 public struct DriverOptions: Sendable, Equatable {
@@ -32,6 +40,13 @@ public struct DriverOptions: Sendable, Equatable {
     /// A request the device has not completed after this many seconds makes the driver reset the
     /// device and resubmit (0 = wait forever).
     public var requestTimeoutSeconds = 30.0
+    /// Who reaps the used rings: a completion thread per queue (the default), or the caller
+    /// (`.caller`): the host watches each queue's interrupt eventfd in its own event loop and
+    /// calls `serviceQueue` when it fires and `tickQueue` once a second, so completions run on
+    /// the thread that submitted (no hop through a completion thread). The driver falls back to
+    /// threads with `pollMicroseconds` > 0 (polling would block the caller's loop) and when
+    /// queues share one interrupt (VFIO's single MSI-X vector), and says so in `reapedByCaller`.
+    public var completions: CompletionDelivery = .threads
     public init() {}
 
     /// Why a choice cannot work, before any device is touched.
@@ -80,6 +95,11 @@ public final class VirtioBlkDriver: @unchecked Sendable {
     private let recovery = NSLock()
     private let threadsDone = DispatchSemaphore(value: 0)
     private var threadCount = 0
+    /// The configuration generation last acted on (lane 0's reaper checks it).
+    private let seenConfigGeneration: Atomic<UInt32>
+    /// True when the caller services the queues (`DriverOptions.completions == .caller` and
+    /// nothing forced threads): it must watch `queueInterrupts` and call `serviceQueue` / `tickQueue`.
+    public let reapedByCaller: Bool
 
     public typealias Completion = @Sendable (Result<IOPages, BlkError>) -> Void
     public typealias Fill = @Sendable (IOPages) -> Void
@@ -121,7 +141,7 @@ public final class VirtioBlkDriver: @unchecked Sendable {
     }
     private final class Lane: @unchecked Sendable {
         let index: Int
-        /// Per-id request slot: header at +0, discard/zeroes segment at +16, status at +32.
+        /// The per-id request slots (`BlkRequestSlot`: header, discard / zeroes segment, status).
         let headers: DMARegion
         /// Per-id indirect table (nil without VIRTIO_F_INDIRECT_DESC).
         let tables: DMARegion?
@@ -193,18 +213,19 @@ public final class VirtioBlkDriver: @unchecked Sendable {
             let gen = transport.configGeneration()
             let cfg = { (o: Int, w: Int) in transport.readConfig(offset: o, width: w) }
             g = BlkGeometry(
-                capacityBytes: cfg(0, 8) &* 512,
-                blockSize: features.contains(.blkBlkSize) ? UInt32(cfg(20, 4)) : 512,
-                segMax: features.contains(.blkSegMax) ? UInt32(cfg(12, 4)) : 1,
-                sizeMax: features.contains(.blkSizeMax) ? UInt32(cfg(8, 4)) : UInt32.max,
+                capacityBytes: cfg(BlkConfig.capacity, 8) &* 512,
+                blockSize: features.contains(.blkBlkSize) ? UInt32(cfg(BlkConfig.blockSize, 4)) : 512,
+                segMax: features.contains(.blkSegMax) ? UInt32(cfg(BlkConfig.segMax, 4)) : 1,
+                sizeMax: features.contains(.blkSizeMax) ? UInt32(cfg(BlkConfig.sizeMax, 4)) : UInt32.max,
                 readOnly: features.contains(.blkRO),
                 canFlush: features.contains(.blkFlush),
                 canDiscard: features.contains(.blkDiscard),
                 canWriteZeroes: features.contains(.blkWriteZeroes),
-                maxDiscardSectors: features.contains(.blkDiscard) ? UInt32(cfg(36, 4)) : 0,
-                maxWriteZeroesSectors: features.contains(.blkWriteZeroes) ? UInt32(cfg(48, 4)) : 0,
-                writeZeroesMayUnmap: features.contains(.blkWriteZeroes) && cfg(56, 1) != 0)
-            numQueues = features.contains(.blkMQ) ? max(1, Int(cfg(34, 2))) : 1
+                maxDiscardSectors: features.contains(.blkDiscard) ? UInt32(cfg(BlkConfig.maxDiscardSectors, 4)) : 0,
+                maxWriteZeroesSectors: features.contains(.blkWriteZeroes)
+                    ? UInt32(cfg(BlkConfig.maxWriteZeroesSectors, 4)) : 0,
+                writeZeroesMayUnmap: features.contains(.blkWriteZeroes) && cfg(BlkConfig.writeZeroesMayUnmap, 1) != 0)
+            numQueues = features.contains(.blkMQ) ? max(1, Int(cfg(BlkConfig.numQueues, 2))) : 1
             if gen == transport.configGeneration() { break }
         } while true
         // Some devices (QEMU 7.2's vhost-user-blk) offer SIZE_MAX but leave it 0: no limit.
@@ -241,7 +262,8 @@ public final class VirtioBlkDriver: @unchecked Sendable {
             ? split.descriptorTableBytes + split.availBytes + split.usedBytes + 64
             : PackedRingLayout(size: queueSize).descriptorRingBytes + 2 * PackedRingLayout.eventSuppressionBytes + 64
         let tableStride = 16 * (maxPagesPerRequest + 3)
-        let perQueue = ringBytes + 64 * queueSize + (useIndirect ? tableStride * queueSize + 64 : 0) + 4096
+        let perQueue =
+            ringBytes + BlkRequestSlot.stride * queueSize + (useIndirect ? tableStride * queueSize + 64 : 0) + 4096
         let pagesPerQueue = max(maxPagesPerRequest, options.ioPages / nQueues)
         let arena = try DMAArena(structureBytes: perQueue * nQueues, ioPages: pagesPerQueue * nQueues)
         self.arena = arena
@@ -254,7 +276,7 @@ public final class VirtioBlkDriver: @unchecked Sendable {
             let vq = try Self.makeQueue(ring, arena: arena, size: queueSize)
             vq.eventIndex = features.contains(.eventIdx)
             let addresses = vq.addresses
-            let headers = try arena.allocate(64 * queueSize, alignment: 64)
+            let headers = try arena.allocate(BlkRequestSlot.stride * queueSize, alignment: BlkRequestSlot.stride)
             let tables = useIndirect ? try arena.allocate(tableStride * queueSize, alignment: 16) : nil
             let d = try transport.setupQueue(
                 q, size: queueSize, descriptors: addresses.descriptors,
@@ -278,9 +300,18 @@ public final class VirtioBlkDriver: @unchecked Sendable {
                 "queue-size": "\(queueSize)", "seg-max": "\(g.segMax)", "pages-per-request": "\(maxPagesPerRequest)",
                 "io-pages": "\(pagesPerQueue * nQueues)",
             ])
-        let generation = transport.configGeneration()
+        seenConfigGeneration = Atomic(transport.configGeneration())
+        let interrupts = lanes.map { l in l.state.withLock { ObjectIdentifier($0.doorbells.interrupt) } }
+        let distinct = Set(interrupts).count == interrupts.count
+        reapedByCaller = options.completions == .caller && options.pollMicroseconds == 0 && distinct
+        if options.completions == .caller && !reapedByCaller {
+            logger.debug(
+                "completion threads instead of the caller's loops",
+                metadata: ["why": "\(distinct ? "--poll-us polls the rings" : "the queues share one interrupt")"])
+        }
+        if reapedByCaller { return }
         for lane in lanes {
-            let t = Thread { [unowned self] in self.completionLoop(lane, configGeneration: generation) }
+            let t = Thread { [unowned self] in self.completionLoop(lane) }
             t.name = "virtio-blk-irq\(lane.index)"
             threadCount += 1
             t.start()
@@ -414,39 +445,54 @@ public final class VirtioBlkDriver: @unchecked Sendable {
             }
             // Header and status live in the per-id slot of the chain add() is about to build.
             let id = Int(s.queue.nextFreeID)
-            let h = lane.headers.offset + 64 * id
-            let hAddr = lane.headers.deviceAddress + UInt64(64 * id)
+            let slot = BlkRequestSlot(id: id, base: lane.headers.offset, device: lane.headers.deviceAddress)
+            let h = slot.offset + BlkRequestSlot.header
+            let seg = slot.offset + BlkRequestSlot.segment
             var sector: UInt64 = 0
             switch p.command {
             case .read(let sec, _), .write(let sec, _): sector = sec
             case .discard(let sec, let n), .writeZeroes(let sec, let n, _):
-                mem.store64(h + 16, sec)
-                mem.store32(h + 24, n)
+                mem.store64(seg, sec)
+                mem.store32(seg + 8, n)
                 if case .writeZeroes(_, _, let unmap) = p.command {
-                    mem.store32(h + 28, unmap ? 1 : 0)
+                    mem.store32(seg + 12, unmap ? BlkRequestLayout.unmapFlag : 0)
                 } else {
-                    mem.store32(h + 28, 0)
+                    mem.store32(seg + 12, 0)
                 }
             default: break
             }
             mem.store32(h, p.command.typeCode)
             mem.store32(h + 4, 0)
             mem.store64(h + 8, sector)
-            mem.store8(h + 32, 0xFF) // no status yet: anything but 0/1/2 afterwards is an I/O error
+            // No status yet: anything but ok / ioErr / unsupp afterwards is an I/O error.
+            mem.store8(slot.offset + BlkRequestSlot.status, 0xFF)
             let isRead: Bool
             switch p.command {
             case .read, .getID: isRead = true
             default: isRead = false
             }
-            let seg = isSegmentCommand(p.command)
+            let hasSegment = isSegmentCommand(p.command)
             let table = indirect ? lane.tables!.slice(at: lane.tableStride * id, length: lane.tableStride) : nil
+            let a = slot.deviceAddress
             let got = s.queue.add(count: n, indirect: table) { k in
-                if k == 0 { return VirtqueueSegment(address: hAddr, length: 16, deviceWritable: false) }
-                if k == n - 1 { return VirtqueueSegment(address: hAddr + 32, length: 1, deviceWritable: true) }
-                if seg { return VirtqueueSegment(address: hAddr + 16, length: 16, deviceWritable: false) }
+                if k == 0 {
+                    return VirtqueueSegment(
+                        address: a + UInt64(BlkRequestSlot.header), length: UInt32(BlkRequestLayout.headerBytes),
+                        deviceWritable: false)
+                }
+                if k == n - 1 {
+                    return VirtqueueSegment(
+                        address: a + UInt64(BlkRequestSlot.status), length: UInt32(BlkRequestLayout.statusBytes),
+                        deviceWritable: true)
+                }
+                if hasSegment {
+                    return VirtqueueSegment(
+                        address: a + UInt64(BlkRequestSlot.segment), length: UInt32(BlkRequestLayout.segmentBytes),
+                        deviceWritable: false)
+                }
                 let len: UInt32 = {
                     if case .getID = p.command {
-                        return 20
+                        return UInt32(BlkRequestLayout.deviceIDBytes)
                     } else {
                         return UInt32(k == n - 2 ? lastPageBytes : Self.pageSize)
                     }
@@ -488,11 +534,10 @@ public final class VirtioBlkDriver: @unchecked Sendable {
 
     // MARK: completion
 
-    private func completionLoop(_ lane: Lane, configGeneration: UInt32) {
+    private func completionLoop(_ lane: Lane) {
         defer { threadsDone.signal() }
         IOLane.set(lane.index) // follow-up requests issued from completions stay on this queue
         var finished: [(Slot, UInt8)] = []
-        var lastGeneration = configGeneration
         let timeout = options.requestTimeoutSeconds
         // The timeout sweep scans every slot of the lane under its lock: once a second is enough
         // (a request is late after `timeout` seconds, so finding it up to 1 s later is fine).
@@ -507,7 +552,7 @@ public final class VirtioBlkDriver: @unchecked Sendable {
                 interrupt.drain()
                 stats.interrupts.add(1, ordering: .relaxed)
             }
-            if lane.index == 0 { checkConfig(&lastGeneration) }
+            if lane.index == 0 { checkConfig() }
             let n = reap(lane, into: &finished)
             if options.pollMicroseconds > 0 && n > 0 {
                 // Adaptive polling: while completions keep coming, poll instead of taking interrupts;
@@ -526,6 +571,32 @@ public final class VirtioBlkDriver: @unchecked Sendable {
                 nextSweep = .now + .seconds(1)
             }
         }
+    }
+
+    /// Each queue's interrupt, for a caller that reaps (`reapedByCaller`): watch `queueInterrupts[i]`
+    /// for readability on the thread that submits to queue i (an event loop's epoll) and call
+    /// `serviceQueue(i)` there when it fires. The eventfd is the same one for the driver's whole
+    /// life, across device resets. Empty when completion threads reap.
+    public var queueInterrupts: [EventFD] {
+        reapedByCaller ? lanes.map { l in l.state.withLock { $0.doorbells.interrupt } } : []
+    }
+
+    /// Queue `i`'s interrupt fired and the caller has read (cleared) its eventfd: run what the
+    /// device has completed, on the calling thread (the caller's event loop), inside this call.
+    public func serviceQueue(_ i: Int) {
+        let lane = lanes[i]
+        stats.interrupts.add(1, ordering: .relaxed)
+        if i == 0 { checkConfig() }
+        var finished: [(Slot, UInt8)] = []
+        reap(lane, into: &finished)
+    }
+
+    /// Once a second on queue `i`'s thread when the caller reaps: a configuration change missed
+    /// (queue 0), requests the device sits on longer than the request timeout.
+    public func tickQueue(_ i: Int) {
+        if i == 0 { checkConfig() }
+        let timeout = options.requestTimeoutSeconds
+        if timeout > 0 { checkTimeouts(lanes[i], limit: timeout) }
     }
 
     /// Completes, on the calling thread, whatever the device has used on this thread's queue, and
@@ -557,7 +628,8 @@ public final class VirtioBlkDriver: @unchecked Sendable {
                 while let (id, _) = try s.queue.nextUsed() {
                     guard let slot = s.slots[Int(id)] else { continue }
                     s.slots[Int(id)] = nil
-                    finished.append((slot, mem.load8(lane.headers.offset + 64 * Int(id) + 32)))
+                    let at = BlkRequestSlot(id: Int(id), base: lane.headers.offset, device: 0).offset
+                    finished.append((slot, mem.load8(at + BlkRequestSlot.status)))
                 }
             } catch {
                 failure = "\(error)"
@@ -572,11 +644,11 @@ public final class VirtioBlkDriver: @unchecked Sendable {
         for (slot, status) in finished {
             let io = IOPages(pages: slot.pages, memory: mem, arena: arena)
             switch status {
-            case 0: slot.done(.success(io))
-            case 2:
+            case BlkStatus.ok: slot.done(.success(io))
+            case BlkStatus.unsupp:
                 stats.errors.add(1, ordering: .relaxed)
                 slot.done(.failure(.unsupported(describe(slot.command))))
-            case 1:
+            case BlkStatus.ioErr:
                 stats.errors.add(1, ordering: .relaxed)
                 slot.done(.failure(.ioError("\(describe(slot.command)) failed")))
             default:
@@ -620,18 +692,18 @@ public final class VirtioBlkDriver: @unchecked Sendable {
     }
 
     /// A configuration change (§2.5.1): re-read the capacity under the generation counter.
-    private func checkConfig(_ last: inout UInt32) {
+    private func checkConfig() {
         let gen = transport.configGeneration()
-        guard gen != last else { return }
+        guard gen != seenConfigGeneration.load(ordering: .relaxed) else { return }
         var bytes: UInt64
         var g = gen
         repeat {
-            bytes = transport.readConfig(offset: 0, width: 8) &* 512
+            bytes = transport.readConfig(offset: BlkConfig.capacity, width: 8) &* 512
             let again = transport.configGeneration()
             if again == g { break }
             g = again
         } while true
-        last = g
+        seenConfigGeneration.store(g, ordering: .relaxed)
         let old = capacity.exchange(bytes, ordering: .relaxed)
         if old != bytes {
             stats.configChanges.add(1, ordering: .relaxed)
@@ -687,7 +759,15 @@ public final class VirtioBlkDriver: @unchecked Sendable {
                         lane.index, size: queueSize, descriptors: lane.addresses.descriptors,
                         driverArea: lane.addresses.driverArea, deviceArea: lane.addresses.deviceArea)
                 }
-                lane.state.withLock { $0.doorbells = d }
+                try lane.state.withLock { s in
+                    // A caller watches the interrupt it was given at start: it must stay the same.
+                    guard !reapedByCaller || d.interrupt === s.doorbells.interrupt else {
+                        throw VirtioTransportError.deviceFailed(
+                            "queue \(lane.index) got a new interrupt eventfd from the reset, which the event loop does not watch"
+                        )
+                    }
+                    s.doorbells = d
+                }
             }
             try transport.writeStatus([.acknowledge, .driver, .featuresOK, .driverOK])
             guard !transport.readStatus().contains(.deviceNeedsReset) else {

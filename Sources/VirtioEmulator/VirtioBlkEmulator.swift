@@ -8,15 +8,6 @@ import Logging
 import Synchronization
 import Virtio
 
-/// virtio-blk request types and statuses (§5.2.6).
-public enum BlkRequestType {
-    public static let `in`: UInt32 = 0, out: UInt32 = 1, flush: UInt32 = 4, getID: UInt32 = 8
-    public static let discard: UInt32 = 11, writeZeroes: UInt32 = 13
-}
-public enum BlkStatus {
-    public static let ok: UInt8 = 0, ioErr: UInt8 = 1, unsupp: UInt8 = 2
-}
-
 /// Counters the emulator keeps (exposed in logs and metrics).
 public final class EmulatorStats: Sendable {
     public let reads = Atomic<Int>(0), writes = Atomic<Int>(0), flushes = Atomic<Int>(0)
@@ -208,21 +199,21 @@ public final class VirtioBlkEmulator: MMIOBus, @unchecked Sendable {
 
     /// Config space layout (§5.2.4).
     static func makeConfig(capacitySectors: UInt64, queues: Int, c: EmulatorConfiguration) -> [UInt8] {
-        var b = [UInt8](repeating: 0, count: 60)
+        var b = [UInt8](repeating: 0, count: BlkConfig.size)
         func put(_ off: Int, _ v: UInt64, _ w: Int) {
             for i in 0..<w { b[off + i] = UInt8(truncatingIfNeeded: v >> (8 * UInt64(i))) }
         }
-        put(0, capacitySectors, 8)
-        put(8, UInt64(c.sizeMax), 4)
-        put(12, UInt64(c.segMax), 4)
-        put(20, 4096, 4) // blk_size
-        put(34, UInt64(queues), 2) // num_queues
-        put(36, UInt64(c.maxDiscardSectors), 4)
-        put(40, 1, 4) // max_discard_seg
-        put(44, 8, 4) // discard_sector_alignment (4 KiB)
-        put(48, UInt64(c.maxWriteZeroesSectors), 4)
-        put(52, 1, 4) // max_write_zeroes_seg
-        put(56, 1, 1) // write_zeroes_may_unmap
+        put(BlkConfig.capacity, capacitySectors, 8)
+        put(BlkConfig.sizeMax, UInt64(c.sizeMax), 4)
+        put(BlkConfig.segMax, UInt64(c.segMax), 4)
+        put(BlkConfig.blockSize, 4096, 4)
+        put(BlkConfig.numQueues, UInt64(queues), 2)
+        put(BlkConfig.maxDiscardSectors, UInt64(c.maxDiscardSectors), 4)
+        put(BlkConfig.maxDiscardSegments, 1, 4)
+        put(BlkConfig.discardSectorAlignment, 8, 4) // 4 KiB
+        put(BlkConfig.maxWriteZeroesSectors, UInt64(c.maxWriteZeroesSectors), 4)
+        put(BlkConfig.maxWriteZeroesSegments, 1, 4)
+        put(BlkConfig.writeZeroesMayUnmap, 1, 1)
         return b
     }
 

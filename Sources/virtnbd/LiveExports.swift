@@ -105,7 +105,10 @@ struct ExportSet {
             return opened[p.name]
         }
         let retired = await server.replaceExports(step2.map(\.export))
-        for l in live where retired.contains(where: { $0 === l.export }) { l.close() }
+        for l in live where retired.contains(where: { $0 === l.export }) {
+            l.close()
+            server.release(l.export)
+        }
         live = step2
 
         // Step 3.

@@ -248,6 +248,7 @@ struct ServeOptions: ParsableArguments {
         o.indirect = !noIndirect
         o.pollMicroseconds = pollMicroseconds
         o.requestTimeoutSeconds = requestTimeout
+        o.completions = .caller // the event loop that submits to a queue reaps it (NBDServer.QueueReapers)
         return o
     }
 

@@ -14,7 +14,7 @@ final class HandlerTests: XCTestCase {
     var channel: EmbeddedChannel!
 
     override func setUpWithError() throws {
-        disk = try TestDisk.ram(size: 1 << 20)
+        disk = try TestDisk.ram(size: 1 << 20, completions: .threads) // no event loop reaps here
         let export = NBDExport(name: "disk", description: "", device: disk.device)
         var log = Logger(label: "test.handler")
         log.logLevel = .critical

@@ -20,16 +20,24 @@ final class TestDisk: @unchecked Sendable {
     let device: BlockDevice
     private var stopped = false
 
-    init(backend: BlockBackend, holes: [Range<UInt64>] = []) throws {
+    /// `completions`: `.caller` (the default) for disks an NBDServer serves, whose event loops reap
+    /// the queues; `.threads` for a disk used without one (the handler tests' EmbeddedChannel).
+    init(backend: BlockBackend, holes: [Range<UInt64>] = [], completions: CompletionDelivery = .caller) throws {
         var log = Logger(label: "test.disk")
         log.logLevel = .warning
-        emulator = try VirtioBlkEmulator(backend: backend, configuration: EmulatorConfiguration(), logger: log)
-        driver = try VirtioBlkDriver(transport: try VirtioMMIOTransport(bus: emulator), queueSize: 256, logger: log)
+        // As the server runs it: a queue per event loop (the test servers have 2), each reaped by its loop.
+        var cfg = EmulatorConfiguration()
+        cfg.queues = 2
+        emulator = try VirtioBlkEmulator(backend: backend, configuration: cfg, logger: log)
+        var o = DriverOptions()
+        o.queues = 2
+        o.completions = completions
+        driver = try VirtioBlkDriver(transport: try VirtioMMIOTransport(bus: emulator), options: o, logger: log)
         device = BlockDevice(driver: driver, size: backend.size, holes: holes, discardReadsZero: !holes.isEmpty)
     }
 
-    static func ram(size: UInt64, readOnly: Bool = false) throws -> TestDisk {
-        try TestDisk(backend: try RAMBackend(size: size, readOnly: readOnly))
+    static func ram(size: UInt64, readOnly: Bool = false, completions: CompletionDelivery = .caller) throws -> TestDisk {
+        try TestDisk(backend: try RAMBackend(size: size, readOnly: readOnly), completions: completions)
     }
 
     func shutdown() {

@@ -7,7 +7,16 @@ import XCTest
 @testable import VirtioEmulator
 
 /// The driver's recovery, with the emulator misbehaving on purpose (debug-only fault hook).
-final class RecoveryTests: XCTestCase {
+/// Runs each test twice: with completion threads (this class) and with the queues reaped by
+/// the caller (`RecoveryCallerReapedTests`), as the server's event loops do.
+class RecoveryTests: XCTestCase {
+    var completions: CompletionDelivery { .threads }
+    private var reapers: [CallerReaper] = []
+    override func tearDown() {
+        for r in reapers { r.stop() }
+        reapers = []
+    }
+
     func rig(timeout: Double = 30, queues: Int = 1) throws -> (VirtioBlkEmulator, VirtioBlkDriver, BlockDevice) {
         var cfg = EmulatorConfiguration()
         cfg.queues = queues
@@ -17,7 +26,10 @@ final class RecoveryTests: XCTestCase {
         o.ioPages = 256
         o.requestTimeoutSeconds = timeout
         o.queues = queues
+        o.completions = completions
         let drv = try VirtioBlkDriver(transport: try VirtioMMIOTransport(bus: emu), options: o)
+        XCTAssertEqual(drv.reapedByCaller, completions == .caller)
+        if drv.reapedByCaller { reapers.append(try CallerReaper(drv)) }
         return (emu, drv, BlockDevice(driver: drv))
     }
 
@@ -132,5 +144,51 @@ final class RecoveryTests: XCTestCase {
         XCTAssertNoThrow(try read(dev, 0, 4096).get())
         drv.shutdown()
         emu.shutdown()
+    }
+}
+
+final class RecoveryCallerReapedTests: RecoveryTests {
+    override var completions: CompletionDelivery { .caller }
+    // Linux XCTest discovers only the methods a class declares itself.
+    override func testTimedOutRequestIsResubmittedAfterReset() throws {
+        try super.testTimedOutRequestIsResubmittedAfterReset()
+    }
+    override func testRequestLostTwiceFailsWithIOError() throws { try super.testRequestLostTwiceFailsWithIOError() }
+    override func testNeedsResetMidBurstResubmitsEverything() throws {
+        try super.testNeedsResetMidBurstResubmitsEverything()
+    }
+    override func testConfigChangeRereadsCapacity() throws { try super.testConfigChangeRereadsCapacity() }
+}
+
+/// Stands in for the server's event loops (NBDServer.QueueReapers): one thread per queue that
+/// sleeps on the queue's interrupt, clears it and calls `serviceQueue`, and `tickQueue` each second.
+final class CallerReaper: @unchecked Sendable {
+    private let stopFD: EventFD
+    private let done = DispatchGroup()
+    init(_ driver: VirtioBlkDriver) throws {
+        stopFD = try EventFD()
+        for (i, interrupt) in driver.queueInterrupts.enumerated() {
+            done.enter()
+            Thread { [stopFD, done] in
+                var nextTick = Date().addingTimeInterval(1)
+                while true {
+                    let (fired, stop) = interrupt.wait(orUntil: stopFD, timeoutMilliseconds: 100)
+                    if stop { break }
+                    if fired {
+                        interrupt.drain()
+                        driver.serviceQueue(i)
+                    }
+                    if Date() >= nextTick {
+                        driver.tickQueue(i)
+                        nextTick = Date().addingTimeInterval(1)
+                    }
+                }
+                done.leave()
+            }.start()
+        }
+    }
+    func stop() {
+        stopFD.signal()
+        done.wait()
     }
 }
