@@ -36,7 +36,8 @@ final class TestDisk: @unchecked Sendable {
         device = BlockDevice(driver: driver, size: backend.size, holes: holes, discardReadsZero: !holes.isEmpty)
     }
 
-    static func ram(size: UInt64, readOnly: Bool = false, completions: CompletionDelivery = .caller) throws -> TestDisk {
+    static func ram(size: UInt64, readOnly: Bool = false, completions: CompletionDelivery = .caller) throws -> TestDisk
+    {
         try TestDisk(backend: try RAMBackend(size: size, readOnly: readOnly), completions: completions)
     }
 
