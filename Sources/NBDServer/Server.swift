@@ -195,7 +195,10 @@ public final class NBDServer: Sendable {
         let bootstrap = ServerBootstrap(group: group)
             .serverChannelOption(.backlog, value: 256)
             .serverChannelOption(.socketOption(.so_reuseaddr), value: 1)
-            .childChannelOption(.socketOption(.tcp_nodelay), value: 1)
+            // At the TCP level (NIO skips it on Unix sockets): `.socketOption(.tcp_nodelay)` was
+            // SOL_SOCKET option 1, SO_DEBUG, which needs CAP_NET_ADMIN, so without root every
+            // accepted connection failed its options and was closed at once.
+            .childChannelOption(.tcpOption(.tcp_nodelay), value: 1)
             // Unsent replies beyond 16 MiB make the channel unwritable, which pauses reading.
             .childChannelOption(.writeBufferWaterMark, value: .init(low: 4 << 20, high: 16 << 20))
             .childChannelOption(
