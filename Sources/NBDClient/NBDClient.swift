@@ -161,7 +161,7 @@ public final class NBDClient: Sendable {
         do {
             switch uri.transport {
             case .tcp(let host, let port):
-                bootstrap = bootstrap.channelOption(.socketOption(.tcp_nodelay), value: 1)
+                bootstrap = bootstrap.channelOption(.tcpOption(.tcp_nodelay), value: 1)
                 channel = try await bootstrap.connect(host: host, port: port).get()
             case .unix(let path):
                 channel = try await bootstrap.connect(unixDomainSocketPath: path).get()

@@ -67,6 +67,9 @@ public struct ServerLimits: Sendable {
     public var tls: TLSSettings = .off
     /// TCP peers outside every network are closed before the greeting (empty = everyone may connect).
     public var allow = AccessList()
+    /// TCP keepalive on accepted TCP connections (nil = off); Unix-socket clients are not affected.
+    /// The default is virtnbd's (`VirtNBDConfig.Keepalive`): a vanished client is closed after 120 s.
+    public var keepalive: TCPKeepalive? = TCPKeepalive(idle: 60, interval: 10, count: 6)
     public init() {}
 }
 
@@ -201,10 +204,14 @@ public final class NBDServer: Sendable {
         let logger = self.logger
         let maxConnections = limits.maxConnections
         let allow = limits.allow
+        let keepalive = limits.keepalive
         let bootstrap = ServerBootstrap(group: group)
             .serverChannelOption(.backlog, value: 256)
             .serverChannelOption(.socketOption(.so_reuseaddr), value: 1)
-            .childChannelOption(.socketOption(.tcp_nodelay), value: 1)
+            // At the TCP level (NIO skips it on Unix sockets): `.socketOption(.tcp_nodelay)` was
+            // SOL_SOCKET option 1, SO_DEBUG, which needs CAP_NET_ADMIN, so without root every
+            // accepted connection failed its options and was closed at once.
+            .childChannelOption(.tcpOption(.tcp_nodelay), value: 1)
             // Unsent replies beyond 16 MiB make the channel unwritable, which pauses reading.
             .childChannelOption(.writeBufferWaterMark, value: .init(low: 4 << 20, high: 16 << 20))
             .childChannelOption(
@@ -221,6 +228,7 @@ public final class NBDServer: Sendable {
                 }
                 let id = registry.add(channel)
                 channel.closeFuture.whenComplete { _ in registry.remove(id) }
+                keepalive?.apply(to: channel, logger: logger, metadata: ["conn": "\(id)"])
                 return channel.eventLoop.makeCompletedFuture {
                     try channel.pipeline.syncOperations.addHandler(self.makeHandler(id: id))
                 }

@@ -8,6 +8,11 @@
 //                                   address they describe (-U wins; else --listen (127.0.0.1) and
 //                                   -p (10809) with those defaults).
 //   --max-connections, --handshake-timeout  replace limits.*.
+//   --keepalive, --no-keepalive     replace limits.keepalive.
+//   --keepalive-idle, --keepalive-interval, --keepalive-count  replace limits.keepalive-*; without
+//                                   --keepalive they also turn a file's `keepalive: false` on (a timing
+//                                   on the command line means "use keepalive"). With --no-keepalive
+//                                   they are refused: they would be ignored.
 //   -v                              raises log.level to debug (never lowers it from trace).
 //   --tls                           replaces tls.policy.
 //   --tls-certificates, --tls-psk   replace the file's credentials, both kinds: a flag's credential
@@ -47,6 +52,14 @@ public struct CommandLineOverrides: Sendable, Equatable {
     public var allow: AccessList?
     public var maxConnections: Int?
     public var handshakeTimeout: Int?
+    /// `--keepalive` (true) or `--no-keepalive` (false); nil when neither is given.
+    public var keepalive: Bool?
+    /// `--keepalive-idle` in seconds.
+    public var keepaliveIdle: Int?
+    /// `--keepalive-interval` in seconds.
+    public var keepaliveInterval: Int?
+    /// `--keepalive-count`.
+    public var keepaliveCount: Int?
     public var verbose = false
     public var tls: TLSPolicy?
     public var tlsCertificates: String?
@@ -171,6 +184,7 @@ extension VirtNBDConfig {
             }
             c.limits.handshakeTimeout = h
         }
+        try mergeKeepalive(flags, into: &c.limits.keepalive, fail)
         if flags.verbose && c.logLevel > .debug { c.logLevel = .debug }
         if let t = flags.tls { c.tls.policy = t }
         if let m = flags.metrics {
@@ -317,6 +331,35 @@ extension VirtNBDConfig {
 }
 
 extension VirtNBDConfig {
+    /// `--keepalive`, `--no-keepalive` and `--keepalive-idle|interval|count` over the file's `limits.keepalive*`.
+    fileprivate func mergeKeepalive(
+        _ flags: CommandLineOverrides, into k: inout Keepalive,
+        _ fail: (ConfigError.Kind, String, String, String) -> ConfigError
+    ) throws(ConfigError) {
+        let timings: [(flag: String, value: Int?, range: ClosedRange<Int>, example: String)] = [
+            ("--keepalive-idle", flags.keepaliveIdle, Keepalive.secondsRange, "60"),
+            ("--keepalive-interval", flags.keepaliveInterval, Keepalive.secondsRange, "10"),
+            ("--keepalive-count", flags.keepaliveCount, Keepalive.countRange, "6"),
+        ]
+        for t in timings {
+            guard let v = t.value else { continue }
+            guard t.range.contains(v) else {
+                throw fail(
+                    .badValue, t.flag, "\(v) is not from \(t.range.lowerBound) to \(t.range.upperBound)",
+                    "use e.g. \(t.example)")
+            }
+            if flags.keepalive == false {
+                throw fail(
+                    .badValue, t.flag, "has no effect with --no-keepalive", "drop \(t.flag), or drop --no-keepalive")
+            }
+        }
+        if let on = flags.keepalive { k.enabled = on }
+        if timings.contains(where: { $0.value != nil }) { k.enabled = true }
+        if let v = flags.keepaliveIdle { k.idle = v }
+        if let v = flags.keepaliveInterval { k.interval = v }
+        if let v = flags.keepaliveCount { k.count = v }
+    }
+
     /// An authorisation problem in the words of the flags, for a configuration made of flags only.
     static func flagWording(_ p: AuthorisationProblem) -> (String, String)? {
         switch p {

@@ -42,7 +42,9 @@ extension VirtNBDConfig {
 /// The keys each mapping accepts.
 enum Keys {
     static let root = ["listen", "allow", "limits", "log", "metrics", "tls", "exports"]
-    static let limits = ["max-connections", "handshake-timeout"]
+    static let limits = [
+        "max-connections", "handshake-timeout", "keepalive", "keepalive-idle", "keepalive-interval", "keepalive-count",
+    ]
     static let log = ["level"]
     static let tls = ["policy", "certificates", "psk", "verify-peer"]
     static let export = [
@@ -273,6 +275,7 @@ struct ConfigParser {
                 cfg.limits.handshakeTimeout = try int(
                     v, t.path("handshake-timeout"), 1...86400, fix: "give whole seconds, e.g. 10")
             }
+            cfg.limits.keepalive = try keepalive(t)
         }
         if let node = top["log"] {
             let t = try table(node, "log", known: Keys.log, example: "log: { level: info }")
@@ -475,6 +478,34 @@ struct ConfigParser {
     }
     private func port(_ s: String, _ node: Node, _ path: String) throws(ConfigError) -> Int {
         try parsedHostPort(s, node, path).port
+    }
+
+    /// `limits.keepalive` and its timings. Timings under `keepalive: false` would be ignored, so they are refused.
+    func keepalive(_ t: Table) throws(ConfigError) -> VirtNBDConfig.Keepalive {
+        var k = VirtNBDConfig.Keepalive()
+        if let v = t["keepalive"] { k.enabled = try bool(v, t.path("keepalive")) }
+        let enabled = k.enabled
+        func timing(_ key: String, _ range: ClosedRange<Int>, fix: String) throws(ConfigError) -> Int? {
+            guard let v = t[key] else { return nil }
+            let n = try int(v, t.path(key), range, fix: fix)
+            guard enabled else {
+                throw error(
+                    .badValue, t.keyLine(key), t.path(key),
+                    "has no effect while keepalive is false (line \(t.keyLine("keepalive") ?? 0))",
+                    "remove it, or set keepalive: true")
+            }
+            return n
+        }
+        let seconds = VirtNBDConfig.Keepalive.secondsRange
+        k.idle =
+            try timing("keepalive-idle", seconds, fix: "give whole seconds before the first probe, e.g. 60") ?? k.idle
+        k.interval =
+            try timing("keepalive-interval", seconds, fix: "give whole seconds between probes, e.g. 10") ?? k.interval
+        k.count =
+            try timing(
+                "keepalive-count", VirtNBDConfig.Keepalive.countRange,
+                fix: "give how many unanswered probes close the connection, e.g. 6") ?? k.count
+        return k
     }
 
     func metrics(_ node: Node, listeners: [Listener], lines: [Int?]) throws(ConfigError) -> String {

@@ -114,9 +114,48 @@ public struct VirtNBDConfig: Sendable, Equatable {
         public var maxConnections = 0
         /// Seconds (`--handshake-timeout`).
         public var handshakeTimeout = 10
-        public init(maxConnections: Int = 0, handshakeTimeout: Int = 10) {
+        /// TCP keepalive on accepted TCP connections (`--keepalive`, `limits.keepalive`).
+        public var keepalive = Keepalive()
+        public init(maxConnections: Int = 0, handshakeTimeout: Int = 10, keepalive: Keepalive = .init()) {
             self.maxConnections = maxConnections
             self.handshakeTimeout = handshakeTimeout
+            self.keepalive = keepalive
+        }
+    }
+
+    /// TCP keepalive for accepted TCP clients, so that a client that vanished without a FIN
+    /// (power loss, a cut cable, a dropped NAT entry) gives back its connection slot: after `idle`
+    /// seconds without traffic the kernel sends a probe every `interval` seconds, and closes the
+    /// connection once `count` probes went unanswered. Unix-socket clients are not affected.
+    public struct Keepalive: Sendable, Equatable, CustomStringConvertible {
+        /// On by default: a dead client holds a `max-connections` slot and its requests otherwise.
+        public var enabled = true
+        /// Seconds of silence before the first probe (TCP_KEEPIDLE).
+        public var idle = 60
+        /// Seconds between probes (TCP_KEEPINTVL).
+        public var interval = 10
+        /// Unanswered probes before the connection is closed (TCP_KEEPCNT).
+        public var count = 6
+
+        /// TCP_KEEPIDLE and TCP_KEEPINTVL (Linux: 1 to 32767 s).
+        public static let secondsRange = 1...32767
+        /// TCP_KEEPCNT (Linux: 1 to 127).
+        public static let countRange = 1...127
+
+        public init(enabled: Bool = true, idle: Int = 60, interval: Int = 10, count: Int = 6) {
+            self.enabled = enabled
+            self.idle = idle
+            self.interval = interval
+            self.count = count
+        }
+
+        /// Seconds after which a silent, vanished client is closed: idle + interval × count.
+        public var deadline: Int { idle + interval * count }
+
+        public var description: String {
+            enabled
+                ? "on (idle \(idle) s, interval \(interval) s, count \(count): a vanished TCP client is closed after \(deadline) s)"
+                : "off"
         }
     }
 

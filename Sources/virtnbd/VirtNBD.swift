@@ -135,6 +135,16 @@ struct ServeOptions: ParsableArguments {
         Int?
     @Option(name: .long, help: "Drop clients that have not finished negotiating after this many seconds (default 10).")
     var handshakeTimeout: Int?
+    @Flag(
+        inversion: .prefixedNo,
+        help:
+            "TCP keepalive on TCP clients (default on): one that vanished without closing is closed after idle + interval × count seconds, freeing its slot. Unix sockets are not affected."
+    ) var keepalive: Bool?
+    @Option(name: .long, help: "Keepalive: seconds of silence before the first probe (default 60).")
+    var keepaliveIdle: Int?
+    @Option(name: .long, help: "Keepalive: seconds between probes (default 10).") var keepaliveInterval: Int?
+    @Option(name: .long, help: "Keepalive: unanswered probes after which the client is closed (default 6).")
+    var keepaliveCount: Int?
     @Option(
         name: .long,
         help:
@@ -279,6 +289,7 @@ struct ServeOptions: ParsableArguments {
         var allow: AccessList
         var maxConnections: Int
         var handshakeTimeout: Int
+        var keepalive: VirtNBDConfig.Keepalive
         var tls: NBDTLSPolicy
         var tlsCertificates: String?
         var tlsPsk: String?
@@ -292,7 +303,8 @@ struct ServeOptions: ParsableArguments {
             [
                 "listen": listeners.map(\.description).joined(separator: ", "),
                 "limits.max-connections": "\(maxConnections)",
-                "limits.handshake-timeout": "\(handshakeTimeout)", "tls.policy": tls.rawValue,
+                "limits.handshake-timeout": "\(handshakeTimeout)", "limits.keepalive": "\(keepalive)",
+                "tls.policy": tls.rawValue,
                 "tls.certificates": tlsCertificates ?? "-",
                 "tls.psk": tlsPsk ?? "-", "tls.verify-peer": "\(tlsVerifyPeer)", "log.level": "\(level)",
                 "metrics": metrics ?? "-",
@@ -310,6 +322,10 @@ struct ServeOptions: ParsableArguments {
             device: device, queueSize: queueSize, metrics: metrics, allow: try allowList(),
             maxPayload: maxPayload?.bytes, packedRing: ring == .packed)
         flags.tlsVerifyPeer = tlsVerifyPeer
+        flags.keepalive = keepalive
+        flags.keepaliveIdle = keepaliveIdle
+        flags.keepaliveInterval = keepaliveInterval
+        flags.keepaliveCount = keepaliveCount
         return flags
     }
 
@@ -354,7 +370,7 @@ struct ServeOptions: ParsableArguments {
         if captive(activated: activated) && !verbose && level == .info { level = .warning }
         return Plan(
             exports: exports, listeners: listeners, allow: cfg.allow, maxConnections: cfg.limits.maxConnections,
-            handshakeTimeout: cfg.limits.handshakeTimeout,
+            handshakeTimeout: cfg.limits.handshakeTimeout, keepalive: cfg.limits.keepalive,
             tls: NBDTLSPolicy(rawValue: cfg.serverTLSPolicy.rawValue) ?? .off,
             tlsCertificates: cfg.tls.certificates, tlsPsk: cfg.tls.psk, tlsVerifyPeer: cfg.tls.verifyPeer, level: level,
             metrics: cfg.metrics)
@@ -439,6 +455,8 @@ struct ServeOptions: ParsableArguments {
         limits.maxConnections = plan.maxConnections
         limits.allow = plan.allow
         limits.handshakeTimeout = .seconds(Int64(plan.handshakeTimeout))
+        let k = plan.keepalive
+        limits.keepalive = k.enabled ? TCPKeepalive(idle: k.idle, interval: k.interval, count: k.count) : nil
         let server = NBDServer(exports: exports.exports, group: group, limits: limits, logger: logger)
         var endpoint: MetricsEndpoint?
         var addresses: [ListenAddress] = []
@@ -499,7 +517,7 @@ struct ServeOptions: ParsableArguments {
                 }
             }
             logger.info(
-                "limits: max-connections \(plan.maxConnections == 0 ? "0 (no limit)" : "\(plan.maxConnections)"), handshake-timeout \(plan.handshakeTimeout) s"
+                "limits: max-connections \(plan.maxConnections == 0 ? "0 (no limit)" : "\(plan.maxConnections)"), handshake-timeout \(plan.handshakeTimeout) s, keepalive \(plan.keepalive)"
             )
             for l in exports.live { logServing(l, exports.live, addresses, tls: plan.tls, logger) }
         }
