@@ -51,7 +51,14 @@ final class NBDConnectionHandler: ChannelDuplexHandler {
     private var batching = false
     private var needsFlush = false
 
-    init(directory: ExportDirectory, id: Int, handshakeTimeout: TimeAmount, tls: TLSSettings, logger: Logger) {
+    /// The server's bytes in flight, shared with every other connection.
+    private let budget: ByteBudget
+
+    init(
+        directory: ExportDirectory, id: Int, handshakeTimeout: TimeAmount, tls: TLSSettings, logger: Logger,
+        budget: ByteBudget = ByteBudget()
+    ) {
+        self.budget = budget
         self.handshakeTimeout = handshakeTimeout
         self.tls = tls
         self.phase = .handshake(HandshakeStateMachine(catalog: directory.catalog, tls: tls.policy))
@@ -174,7 +181,7 @@ final class NBDConnectionHandler: ChannelDuplexHandler {
             case .transmission(var parser, let export, let rules):
                 // Parse no further while requests, their bytes or unsent replies are at their bounds.
                 if quiescing || inFlight >= Self.maxInFlight || inFlightBytes >= inFlightByteLimit
-                    || !context.channel.isWritable
+                    || overBudget || !context.channel.isWritable
                 {
                     return
                 }
@@ -227,7 +234,7 @@ final class NBDConnectionHandler: ChannelDuplexHandler {
         switch op {
         case .read(let offset, let length, .sparse):
             start(context, .read, bytes: Int(length)) { done in
-                device.readExtents(offset: offset, length: Int(length), allocator: context.channel.allocator, done)
+                device.readExtents(offset: offset, length: Int(length), allocator: ReplyBuffers.allocator, done)
             } completion: { this, ctx, result in
                 switch result {
                 case .success(let extents):
@@ -238,7 +245,7 @@ final class NBDConnectionHandler: ChannelDuplexHandler {
             }
         case .read(let offset, let length, let shape):
             start(context, .read, bytes: Int(length)) { done in
-                device.read(offset: offset, length: Int(length), allocator: context.channel.allocator, done)
+                device.read(offset: offset, length: Int(length), allocator: ReplyBuffers.allocator, done)
             } completion: { this, ctx, result in
                 switch result {
                 case .success(let data):
@@ -360,6 +367,7 @@ final class NBDConnectionHandler: ChannelDuplexHandler {
     ) {
         inFlight += 1
         inFlightBytes += bytes
+        budget.take(bytes)
         let loop = context.eventLoop
         let bound = NIOLoopBound((self, context, completion), eventLoop: loop)
         let mailbox = self.mailbox
@@ -372,6 +380,7 @@ final class NBDConnectionHandler: ChannelDuplexHandler {
                 let (this, ctx, completion) = bound.value
                 this.inFlight -= 1
                 this.inFlightBytes -= bytes
+                this.budget.give(bytes)
                 metrics?.finished(kind, nanoseconds: UInt64(clamping: (NIODeadline.now() - began).nanoseconds))
                 completion(this, ctx, result)
             }
@@ -449,9 +458,13 @@ final class NBDConnectionHandler: ChannelDuplexHandler {
     /// input and unsent replies are all bounded. A client that floods requests without reading
     /// replies fills its own socket buffers instead of the server's memory.
     private func mayRead(_ context: ChannelHandlerContext) -> Bool {
-        !quiescing && inFlight < Self.maxInFlight && inFlightBytes < inFlightByteLimit
+        !quiescing && inFlight < Self.maxInFlight && inFlightBytes < inFlightByteLimit && !overBudget
             && input.readableBytes < maxBufferedInput && context.channel.isWritable
     }
+
+    /// The server-wide budget is spent and this connection has requests of its own in flight,
+    /// whose completions will look again (one with nothing in flight always proceeds).
+    private var overBudget: Bool { inFlight > 0 && budget.exhausted }
 
     func read(context: ChannelHandlerContext) {
         guard mayRead(context) else {

@@ -3,6 +3,7 @@ import Logging
 import NBDProtocol
 import NIOCore
 import NIOPosix
+import Synchronization
 // Listeners: TCP and Unix sockets, each connection with its own NBDConnectionHandler.
 import Virtio
 import VirtioBlock
@@ -70,7 +71,23 @@ public struct ServerLimits: Sendable {
     /// TCP keepalive on accepted TCP connections (nil = off); Unix-socket clients are not affected.
     /// The default is virtnbd's (`VirtNBDConfig.Keepalive`): a vanished client is closed after 120 s.
     public var keepalive: TCPKeepalive? = TCPKeepalive(idle: 60, interval: 10, count: 6)
+    /// Request bytes (WRITE payloads, READ data) all connections together may have in flight
+    /// before those with requests outstanding stop reading; bounds the server's buffers
+    /// whatever the number of clients (a connection with nothing in flight always proceeds).
+    public var inFlightBytes = ByteBudget.defaultLimit
     public init() {}
+}
+
+/// Bytes in flight across every connection of a server (`ServerLimits.inFlightBytes`).
+public final class ByteBudget: Sendable {
+    public static let defaultLimit = 16 << 20
+    public let limit: Int
+    private let used = Atomic<Int>(0)
+    public init(limit: Int = ByteBudget.defaultLimit) { self.limit = limit }
+    public var inUse: Int { used.load(ordering: .relaxed) }
+    var exhausted: Bool { used.load(ordering: .relaxed) >= limit }
+    func take(_ n: Int) { if n > 0 { used.add(n, ordering: .relaxed) } }
+    func give(_ n: Int) { if n > 0 { used.subtract(n, ordering: .relaxed) } }
 }
 
 /// The exports being served, swapped as a whole on reload. A connection reads the current
@@ -140,6 +157,7 @@ public final class NBDServer: Sendable {
 
     private let limits: ServerLimits
     private let reapers: QueueReapers
+    private let budget: ByteBudget
 
     public init(exports: [NBDExport], group: EventLoopGroup, limits: ServerLimits = .init(), logger: Logger) {
         self.directory = ExportDirectory(exports)
@@ -150,6 +168,7 @@ public final class NBDServer: Sendable {
         // and (for drivers the caller reaps) the loop that submits to a queue also completes it.
         for (i, loop) in group.makeIterator().enumerated() { loop.execute { VirtioBlkDriver.useLane(i) } }
         reapers = QueueReapers(group: group, logger: logger)
+        budget = ByteBudget(limit: limits.inFlightBytes)
         for e in exports { reapers.attach(e.device.driver) }
     }
 
@@ -181,7 +200,8 @@ public final class NBDServer: Sendable {
 
     private func makeHandler(id: Int) -> NBDConnectionHandler {
         NBDConnectionHandler(
-            directory: directory, id: id, handshakeTimeout: limits.handshakeTimeout, tls: limits.tls, logger: logger)
+            directory: directory, id: id, handshakeTimeout: limits.handshakeTimeout, tls: limits.tls, logger: logger,
+            budget: budget)
     }
 
     /// Serves exactly one client on stdin/stdout (`-s`); returns when it disconnects.
@@ -212,8 +232,8 @@ public final class NBDServer: Sendable {
             // SOL_SOCKET option 1, SO_DEBUG, which needs CAP_NET_ADMIN, so without root every
             // accepted connection failed its options and was closed at once.
             .childChannelOption(.tcpOption(.tcp_nodelay), value: 1)
-            // Unsent replies beyond 16 MiB make the channel unwritable, which pauses reading.
-            .childChannelOption(.writeBufferWaterMark, value: .init(low: 4 << 20, high: 16 << 20))
+            // Unsent replies beyond 4 MiB make the channel unwritable, which pauses reading.
+            .childChannelOption(.writeBufferWaterMark, value: .init(low: 1 << 20, high: 4 << 20))
             .childChannelOption(
                 .recvAllocator,
                 value: AdaptiveRecvByteBufferAllocator(minimum: 4096, initial: 256 << 10, maximum: 4 << 20)

@@ -34,7 +34,7 @@ public struct DriverOptions: Sendable, Equatable {
     /// Offer VIRTIO_F_INDIRECT_DESC (multi-page requests then take one ring descriptor).
     public var indirect = true
     /// 4 KiB data pages in the arena, shared out among the queues; bounds the bytes in flight.
-    public var ioPages = 4096
+    public var ioPages = 2048
     /// After a completion, poll the ring this long before sleeping on the interrupt again (0 = never poll).
     public var pollMicroseconds = 0
     /// A request the device has not completed after this many seconds makes the driver reset the

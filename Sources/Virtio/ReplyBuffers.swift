@@ -1,0 +1,20 @@
+// The allocator for READ reply buffers (part of the DMA arena's unsafe corner: it hands C
+// memory to NIO). Large replies come from CVirtShim's size-class cache (bufpool.c), so a 1 MiB
+// READ reuses an already faulted-in block instead of fresh heap, and the memory kept is capped.
+import CVirtShim
+@_spi(CustomByteBufferAllocator) import NIOCore
+
+public enum ReplyBuffers {
+    /// A ByteBufferAllocator over `vshim_pool_*`: blocks of 64 KiB to 64 MiB are cached when freed
+    /// (at most `cacheLimit` bytes in all), smaller ones are plain malloc.
+    public static let allocator = ByteBufferAllocator(
+        allocate: { vshim_pool_alloc($0) },
+        reallocate: { vshim_pool_realloc($0, $1, $2) },
+        deallocate: { vshim_pool_release($0) },
+        copy: { vshim_pool_copy($0, $1, $2) })
+
+    /// Bytes of freed blocks kept for reuse, at most (default 24 MiB).
+    public static func setCacheLimit(_ bytes: Int) { vshim_pool_set_cap(bytes) }
+    /// Bytes cached now.
+    public static var cachedBytes: Int { vshim_pool_cached_bytes() }
+}
