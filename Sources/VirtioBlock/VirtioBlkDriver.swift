@@ -829,6 +829,9 @@ public final class VirtioBlkDriver: @unchecked Sendable {
     // MARK: lifecycle
 
     /// Waits for every request to finish (new ones are refused), flushes, resets the device.
+    /// Must not be called on a thread that reaps a queue (an event loop watching it). When the
+    /// caller reaps, the waiting thread also reaps, every 10 ms: whoever was meant to (an
+    /// NBDServer's loops) may not exist, e.g. when the server failed to start after the device.
     public func shutdown(flush: Bool = true) {
         if flush && geometry.canFlush {
             let sem = DispatchSemaphore(value: 0)
@@ -836,14 +839,22 @@ public final class VirtioBlkDriver: @unchecked Sendable {
                 if case .failure(let e) = r { self.logger.error("final flush failed: \(e)") }
                 sem.signal()
             }
-            sem.wait()
+            while sem.wait(timeout: .now() + .milliseconds(10)) == .timedOut { reapFromShutdown() }
         }
         for lane in lanes { lane.state.withLock { $0.closing = true } }
         while lanes.contains(where: { l in l.state.withLock { $0.inFlight > 0 && $0.broken == nil } }) {
             Thread.sleep(forTimeInterval: 0.01)
+            reapFromShutdown()
         }
         try? transport.reset()
         stopThreads()
+    }
+
+    /// Reaps every queue on the calling thread, when the caller reaps (see `shutdown`).
+    private func reapFromShutdown() {
+        guard reapedByCaller else { return }
+        var finished: [(Slot, UInt8)] = []
+        for lane in lanes { reap(lane, into: &finished) }
     }
 
     private func stopThreads() {
