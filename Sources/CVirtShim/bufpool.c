@@ -25,25 +25,12 @@ struct vshim_block {
 static pthread_mutex_t vshim_pool_lock = PTHREAD_MUTEX_INITIALIZER;
 static struct vshim_block *vshim_pool_free[VSHIM_POOL_MAX_SHIFT + 1];
 static size_t vshim_pool_cached;
-static size_t vshim_pool_cap = 24u << 20;
+static const size_t vshim_pool_cap = 24u << 20;
 
 static unsigned vshim_shift_for(size_t n) {
     unsigned s = VSHIM_POOL_MIN_SHIFT;
     while (((size_t)1 << s) < n) s++;
     return s;
-}
-
-void vshim_pool_set_cap(size_t bytes) {
-    pthread_mutex_lock(&vshim_pool_lock);
-    vshim_pool_cap = bytes;
-    pthread_mutex_unlock(&vshim_pool_lock);
-}
-
-size_t vshim_pool_cached_bytes(void) {
-    pthread_mutex_lock(&vshim_pool_lock);
-    size_t n = vshim_pool_cached;
-    pthread_mutex_unlock(&vshim_pool_lock);
-    return n;
 }
 
 void *vshim_pool_alloc(size_t n) {
@@ -98,4 +85,3 @@ void *vshim_pool_realloc(void *p, size_t old_size, size_t new_size) {
     return q;
 }
 
-void vshim_pool_copy(void *dst, const void *src, size_t n) { memcpy(dst, src, n); }

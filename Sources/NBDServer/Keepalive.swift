@@ -26,9 +26,6 @@ public struct TCPKeepalive: Sendable, Equatable {
         self.count = count
     }
 
-    /// Seconds after which a client that vanished is closed: idle + interval × count.
-    public var deadline: Int { idle + interval * count }
-
     /// The socket options, in the order they are set.
     ///
     /// Keepalive probes only a connection with nothing unacknowledged. A client that vanishes

@@ -84,7 +84,6 @@ public final class ByteBudget: Sendable {
     public let limit: Int
     private let used = Atomic<Int>(0)
     public init(limit: Int = ByteBudget.defaultLimit) { self.limit = limit }
-    public var inUse: Int { used.load(ordering: .relaxed) }
     var exhausted: Bool { used.load(ordering: .relaxed) >= limit }
     func take(_ n: Int) { if n > 0 { used.add(n, ordering: .relaxed) } }
     func give(_ n: Int) { if n > 0 { used.subtract(n, ordering: .relaxed) } }

@@ -6,15 +6,10 @@ import CVirtShim
 
 public enum ReplyBuffers {
     /// A ByteBufferAllocator over `vshim_pool_*`: blocks of 64 KiB to 64 MiB are cached when freed
-    /// (at most `cacheLimit` bytes in all), smaller ones are plain malloc.
+    /// (at most 24 MiB in all), smaller ones are plain malloc.
     public static let allocator = ByteBufferAllocator(
         allocate: { vshim_pool_alloc($0) },
         reallocate: { vshim_pool_realloc($0, $1, $2) },
         deallocate: { vshim_pool_release($0) },
-        copy: { vshim_pool_copy($0, $1, $2) })
-
-    /// Bytes of freed blocks kept for reuse, at most (default 24 MiB).
-    public static func setCacheLimit(_ bytes: Int) { vshim_pool_set_cap(bytes) }
-    /// Bytes cached now.
-    public static var cachedBytes: Int { vshim_pool_cached_bytes() }
+        copy: { $0.copyMemory(from: $1, byteCount: $2) })
 }

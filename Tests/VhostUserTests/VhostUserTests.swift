@@ -258,7 +258,7 @@ final class VhostUserTests: XCTestCase {
             }
             r.daemon.cleanup()
         }
-        let seed = UInt64(truncatingIfNeeded: Date().timeIntervalSince1970.bitPattern)
+        let seed = TestSeed.seed("VhostUserTests.testConcurrentRandomIOTrimZeroesAndImageMatchesModel")
         var rng = SplitMix(seed: seed)
         var model = [UInt8](repeating: 0, count: Self.diskSize)
         let window = 1 << 20
@@ -355,7 +355,7 @@ final class VhostUserTests: XCTestCase {
         XCTAssertTrue(drv.negotiated.contains(.blkMQ), "\(drv.negotiated)")
         let dev = BlockDevice(driver: drv)
 
-        let seed = UInt64(truncatingIfNeeded: Date().timeIntervalSince1970.bitPattern)
+        let seed = TestSeed.seed("VhostUserTests.testFourQueuesAgainstQemuStorageDaemon")
         var rng = SplitMix(seed: seed)
         let model = rng.bytes(Self.diskSize)
         let quarter = Self.diskSize / 4

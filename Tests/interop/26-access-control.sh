@@ -39,22 +39,6 @@ else:
 PY
 }
 
-# start_plain ARGS...: start virtnbd with exactly these arguments (no probe: a refused client
-# cannot probe) and wait for the printed URI. Sets SERVER_PID, SERVER_OUT, SERVER_ERR.
-start_plain() {
-    _SERVER_SEQ=$((_SERVER_SEQ + 1))
-    SERVER_OUT="$T/server.$_SERVER_SEQ.out"; SERVER_ERR="$T/server.$_SERVER_SEQ.err"
-    log "starting server: $(_quote "$VIRTNBD" "$@")"
-    "$VIRTNBD" "$@" >"$SERVER_OUT" 2>"$SERVER_ERR" </dev/null &
-    SERVER_PID=$!
-    _ALL_PIDS+=("$SERVER_PID")
-    local deadline=$((SECONDS + START_TIMEOUT))
-    while [[ ! -s "$SERVER_OUT" ]] && ((SECONDS < deadline)); do
-        kill -0 "$SERVER_PID" 2>/dev/null || die "server exited before printing its URI" "$(_tail_of "$SERVER_ERR")"
-        sleep 0.05
-    done
-    [[ -s "$SERVER_OUT" ]] || die "server printed no URI within ${START_TIMEOUT}s" "$(_tail_of "$SERVER_ERR")"
-}
 
 # --allow 10.0.0.0/8: 127.0.0.1 is outside; closed before the greeting, one log line.
 START_WAIT=printed start_server --tcp --size 1M --allow 10.0.0.0/8

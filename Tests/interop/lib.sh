@@ -286,6 +286,23 @@ start_server() {
     log "server pid $SERVER_PID ready at $URI${PRINTED_URI:+ (printed: $PRINTED_URI)}"
 }
 
+# start_plain ARGS...: start virtnbd with exactly these arguments (no probe: a refused or idle
+# client is what some tests want) and wait for its printed URI. Sets SERVER_PID, SERVER_OUT, SERVER_ERR.
+start_plain() {
+    _SERVER_SEQ=$((_SERVER_SEQ + 1))
+    SERVER_OUT="$T/server.$_SERVER_SEQ.out"; SERVER_ERR="$T/server.$_SERVER_SEQ.err"
+    log "starting server: $(_quote "$VIRTNBD" "$@")"
+    "$VIRTNBD" "$@" >"$SERVER_OUT" 2>"$SERVER_ERR" </dev/null &
+    SERVER_PID=$!
+    _ALL_PIDS+=("$SERVER_PID")
+    local deadline=$((SECONDS + START_TIMEOUT))
+    while [[ ! -s "$SERVER_OUT" ]] && ((SECONDS < deadline)); do
+        kill -0 "$SERVER_PID" 2>/dev/null || die "server exited before printing its URI" "$(_tail_of "$SERVER_ERR")"
+        sleep 0.05
+    done
+    [[ -s "$SERVER_OUT" ]] || die "server printed no URI within ${START_TIMEOUT}s" "$(_tail_of "$SERVER_ERR")"
+}
+
 # stop_server [PID] [SIGNAL]: send SIGNAL (default TERM) to the server and
 # check that it exits with status 0 within STOP_TIMEOUT.
 stop_server() {

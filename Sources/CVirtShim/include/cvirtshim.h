@@ -58,13 +58,10 @@ int vshim_set_parent_death_signal(int sig);
 /// unblocked (libdispatch's signal sources on Linux can lose one that way). SA_RESTART is set.
 int vshim_signal_pipe(int sig);
 /* bufpool.c: reply buffers for large READs (NIO's custom ByteBuffer allocator). Blocks of 64 KiB
- * to 64 MiB come from power-of-two classes whose freed blocks are cached up to a cap
- * (vshim_pool_set_cap, default 24 MiB); everything else is malloc. */
+ * to 64 MiB come from power-of-two classes whose freed blocks are cached, 24 MiB at most;
+ * everything else is malloc. */
 void *vshim_pool_alloc(size_t n);
 void *vshim_pool_realloc(void *p, size_t old_size, size_t new_size);
 void vshim_pool_release(void *p);
-void vshim_pool_copy(void *dst, const void *src, size_t n);
-void vshim_pool_set_cap(size_t bytes);
-size_t vshim_pool_cached_bytes(void);
 
 #endif
