@@ -100,6 +100,9 @@ public enum VhostUserError: Error, CustomStringConvertible, Equatable {
     case resourceFailed(String)
     /// The transport is already marked failed (backend gone, or closed by us); reconnect to recover.
     case backendFailed(String)
+    /// A backend that came back offers less than the one the driver negotiated with (features,
+    /// capacity or queues); serving on would change the disk under the clients.
+    case backendShrank(path: String, what: String)
 
     private static func err(_ e: Int32) -> String { String(cString: strerror(e)) }
 
@@ -158,6 +161,9 @@ public enum VhostUserError: Error, CustomStringConvertible, Equatable {
             return "vhost-user front end: \(s)"
         case .backendFailed(let s):
             return "vhost-user transport is unusable: \(s)"
+        case .backendShrank(let p, let w):
+            return
+                "the vhost-user backend on \(p) came back with \(w); refusing it. Start it with the same image and export options as before"
         }
     }
 }

@@ -14,7 +14,11 @@
 //
 // A backend that goes away (EOF/HUP on the socket) is noticed by a small watch thread: the transport
 // is marked failed, readStatus() then reports DEVICE_NEEDS_RESET, and the call eventfds are signalled
-// so the driver wakes, finds no completions, reads the status and fails everything in flight.
+// so the driver wakes, finds no completions, reads the status and resets. Made with `reconnect`, the
+// transport's reset() then connects to the socket again and repeats the connect-time negotiation and
+// SET_MEM_TABLE (the driver's setup replays the rest, with the same call eventfds); a returning
+// backend that offers fewer features, less capacity or fewer queues is refused. Without it (or while
+// the backend is still away) reset() throws and the driver fails, or holds, what was in flight.
 import CVirtShim
 import Foundation
 import Logging
@@ -36,7 +40,9 @@ public final class VhostUserTransport: VirtioTransport, @unchecked Sendable {
     private var queues: Int = 1
     private let maxQueue: Int
     private let replyTimeoutMilliseconds: Int32
-    private let sock: Int32
+    /// reset() reconnects to a backend that went away (`canReconnect`).
+    private let reconnect: Bool
+    private var sock: Int32
     private let logger: Logger
 
     private struct LiveQueue {
@@ -48,6 +54,10 @@ public final class VhostUserTransport: VirtioTransport, @unchecked Sendable {
     /// Socket traffic and ring setup; held across a request and its reply.
     private let control = NSLock()
     private var driverFeatures: VirtioFeatures = []
+    /// What SET_FEATURES last accepted: a returning backend must offer at least these.
+    private var acceptedFeatures: UInt64 = 0
+    /// The refusal last logged, so a backend that keeps coming back short is logged once.
+    private var lastRefusal: String?
     private var memory: SharedMemory?
     private var live: [Int: LiveQueue] = [:]
     /// Each queue's call eventfd, made at its first setup and reused after every reset.
@@ -70,10 +80,13 @@ public final class VhostUserTransport: VirtioTransport, @unchecked Sendable {
     ///   - maxQueueSize: largest ring offered to the driver. vhost-user has no message for it; libvhost-user
     ///     (qemu-storage-daemon) handles up to 1024.
     ///   - replyTimeout: seconds to wait for any reply before declaring the backend hung.
+    ///   - reconnect: when the backend goes away, reset() connects to `socketPath` again.
     public init(
-        socketPath: String, logger: Logger, deviceID: UInt32 = 2, maxQueueSize: Int = 1024, replyTimeout: Double = 10
+        socketPath: String, logger: Logger, deviceID: UInt32 = 2, maxQueueSize: Int = 1024, replyTimeout: Double = 10,
+        reconnect: Bool = false
     ) throws {
         self.socketPath = socketPath
+        self.reconnect = reconnect
         self.logger = logger
         self.deviceID = deviceID
         self.maxQueue = maxQueueSize
@@ -83,21 +96,30 @@ public final class VhostUserTransport: VirtioTransport, @unchecked Sendable {
         guard fd >= 0 else { throw VhostUserError.connectFailed(path: socketPath, errno: -fd) }
         sock = fd
         do {
+            control.lock()
+            defer { control.unlock() }
             try handshake()
-            watch = try HangupWatch(
-                socket: fd,
-                onHangup: { [weak self] in
-                    self?.markFailed(
-                        "the backend closed the vhost-user connection (it exited, crashed, or dropped us after a bad request; check its log)"
-                    )
-                },
-                rewake: { [weak self] in
-                    self?.signalCalls()
-                })
+            try startWatch()
         } catch {
             close()
             throw error
         }
+    }
+
+    public var canReconnect: Bool { reconnect }
+
+    /// Watches the current socket for the backend hanging up (callers hold `control`).
+    private func startWatch() throws {
+        watch = try HangupWatch(
+            socket: sock,
+            onHangup: { [weak self] in
+                self?.markFailed(
+                    "the backend closed the vhost-user connection (it exited, crashed, or dropped us after a bad request; check its log)"
+                )
+            },
+            rewake: { [weak self] in
+                self?.signalCalls()
+            })
     }
 
     deinit { close() }
@@ -105,12 +127,14 @@ public final class VhostUserTransport: VirtioTransport, @unchecked Sendable {
     /// Stops watching and closes the connection; the backend then drops its side of the rings.
     /// Anything still using the transport sees it as failed. Idempotent.
     public func close() {
-        watch?.stop()
         control.lock()
+        watch?.stop()
+        watch = nil
         let wasOpen = !closed
         if wasOpen {
             closed = true
-            Glibc.close(sock)
+            if sock >= 0 { Glibc.close(sock) }
+            sock = -1
         }
         live.removeAll()
         control.unlock()
@@ -122,9 +146,8 @@ public final class VhostUserTransport: VirtioTransport, @unchecked Sendable {
 
     // MARK: connect-time negotiation
 
-    private func handshake() throws {
-        control.lock()
-        defer { control.unlock() }
+    /// SET_OWNER through GET_CONFIG on a fresh connection (callers hold `control`).
+    private func handshake(reconnected: Bool = false) throws {
         try send(.setOwner, [], fds: [], needReply: false)
         backendFeatures = try requestU64(.getFeatures)
         guard backendFeatures & VhostUser.protocolFeaturesBit != 0 else {
@@ -150,7 +173,7 @@ public final class VhostUserTransport: VirtioTransport, @unchecked Sendable {
                 "backend offers VIRTIO_BLK_F_SIZE_MAX with size_max 0; hiding the feature (no segment size limit)")
         }
         logger.info(
-            "vhost-user backend connected",
+            reconnected ? "vhost-user backend reconnected" : "vhost-user backend connected",
             metadata: [
                 "socket": "\(socketPath)",
                 "features": "0x\(String(backendFeatures, radix: 16))",
@@ -184,6 +207,12 @@ public final class VhostUserTransport: VirtioTransport, @unchecked Sendable {
         control.lock()
         defer { control.unlock() }
         try checkUsable(.setMemTable)
+        try sendMemTable(memory)
+        self.memory = memory
+    }
+
+    /// SET_MEM_TABLE with the arena as the one region (callers hold `control`).
+    private func sendMemTable(_ memory: SharedMemory) throws {
         var w = WireWriter()
         w.u32(1)
         w.u32(0) // one region, padding
@@ -192,7 +221,6 @@ public final class VhostUserTransport: VirtioTransport, @unchecked Sendable {
         w.u64(memory.hostAddress) // userspace_addr: what ring addresses carry
         w.u64(0) // mmap_offset
         try command(.setMemTable, w.bytes, fds: [memory.fd])
-        self.memory = memory
         logger.debug(
             "vhost-user memory attached",
             metadata: [
@@ -210,6 +238,7 @@ public final class VhostUserTransport: VirtioTransport, @unchecked Sendable {
             live.removeAll()
             health.withLock { $0.calls.removeAll() }
         }
+        if reconnect, !closed, health.withLock({ $0.failure != nil }) { return try reconnectToBackend() }
         try checkUsable(.getVringBase)
         let indices = live.keys.sorted()
         for i in indices {
@@ -224,6 +253,51 @@ public final class VhostUserTransport: VirtioTransport, @unchecked Sendable {
             }
             logger.debug(
                 "vhost-user queue stopped", metadata: ["queue": "\(r.le(0, 4))", "last-avail": "\(r.le(4, 4))"])
+        }
+    }
+
+    /// A new connection to the socket after the backend went away (callers hold `control`): the
+    /// connect-time negotiation, then the checks that it is the same disk, then SET_MEM_TABLE.
+    /// Throws while nobody listens there yet; the transport stays failed until one succeeds.
+    private func reconnectToBackend() throws {
+        watch?.stop()
+        watch = nil
+        if sock >= 0 { Glibc.close(sock) }
+        sock = -1
+        let before = (features: acceptedFeatures, capacity: configSpace.le(0, 8), queues: callFDs.count)
+        let fd = vshim_unix_connect(socketPath)
+        guard fd >= 0 else { throw VhostUserError.connectFailed(path: socketPath, errno: -fd) }
+        sock = fd
+        health.withLock { $0.failure = nil }
+        do {
+            try handshake(reconnected: true)
+            var short: [String] = []
+            let missing = before.features & ~backendFeatures
+            if missing != 0 { short.append("features 0x\(String(missing, radix: 16)) no longer offered") }
+            let capacity = configSpace.le(0, 8)
+            if capacity < before.capacity {
+                short.append("capacity \(capacity) sectors, was \(before.capacity)")
+            }
+            if queues < before.queues { short.append("\(queues) queue(s), \(before.queues) in use") }
+            if !short.isEmpty {
+                let e = VhostUserError.backendShrank(path: socketPath, what: short.joined(separator: ", "))
+                if lastRefusal != e.description { logger.error("\(e)") }
+                lastRefusal = e.description
+                throw e
+            }
+            lastRefusal = nil
+            if capacity > before.capacity {
+                logger.notice(
+                    "the returning backend is larger (\(capacity) sectors, was \(before.capacity)); the export keeps its size"
+                )
+            }
+            if let m = memory { try sendMemTable(m) }
+            try startWatch()
+        } catch {
+            if sock >= 0 { Glibc.close(sock) }
+            sock = -1
+            markFailed("reconnecting failed: \(error)", quiet: true)
+            throw error
         }
     }
 
@@ -252,6 +326,7 @@ public final class VhostUserTransport: VirtioTransport, @unchecked Sendable {
                 var w = WireWriter()
                 w.u64(driverFeatures.rawValue | (backendFeatures & VhostUser.protocolFeaturesBit))
                 try command(.setFeatures, w.bytes, fds: [])
+                acceptedFeatures = driverFeatures.rawValue
             }
         }
         health.withLock { $0.status = new }

@@ -21,6 +21,14 @@ public protocol VirtioTransport: AnyObject, Sendable {
     /// Device-specific config space (little-endian), read with the config-generation retry loop.
     func readConfig(offset: Int, width: Int) -> UInt64
     func configGeneration() -> UInt32
+    /// True when a `reset()` that failed may succeed later: the device lives in another process that
+    /// can restart (a vhost-user backend), and `reset()` reconnects to it. The driver then holds
+    /// requests and retries the reset for `DriverOptions.reconnectTimeoutSeconds`.
+    var canReconnect: Bool { get }
+}
+
+extension VirtioTransport {
+    public var canReconnect: Bool { false }
 }
 
 /// How a queue signals in both directions.

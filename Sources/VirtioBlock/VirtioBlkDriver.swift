@@ -40,6 +40,11 @@ public struct DriverOptions: Sendable, Equatable {
     /// A request the device has not completed after this many seconds makes the driver reset the
     /// device and resubmit (0 = wait forever).
     public var requestTimeoutSeconds = 30.0
+    /// When a reset fails on a transport that can reconnect (`VirtioTransport.canReconnect`: a
+    /// vhost-user backend that exited), keep the requests in flight held and retry for this many
+    /// seconds before failing them with EIO (0 = fail at once). After the window the driver keeps
+    /// retrying in the background and serves again when the device returns.
+    public var reconnectTimeoutSeconds = 30.0
     /// Who reaps the used rings: a completion thread per queue (the default), or the caller
     /// (`.caller`): the host watches each queue's interrupt eventfd in its own event loop and
     /// calls `serviceQueue` when it fires and `tickQueue` once a second, so completions run on
@@ -65,6 +70,9 @@ public struct DriverOptions: Sendable, Equatable {
             }
         }
         guard ioPages >= 1 else { throw .deviceFailed("ioPages must be at least 1") }
+        guard reconnectTimeoutSeconds >= 0, reconnectTimeoutSeconds <= 86400 else {
+            throw .deviceFailed("the reconnect timeout must be 0 to 86400 seconds")
+        }
     }
 }
 
@@ -92,7 +100,10 @@ public final class VirtioBlkDriver: @unchecked Sendable {
     private let capacity: Atomic<UInt64>
     /// Bumped by each reset; a lane that saw a failure in epoch e asks for a reset of epoch e only.
     private let epoch = Atomic<Int>(0)
-    private let recovery = NSLock()
+    /// A recovery thread is running (at most one; `requestRecovery`).
+    private let recovering = Atomic<Bool>(false)
+    /// `shutdown` began: a recovery waiting for a device to return gives up.
+    private let stopping = Atomic<Bool>(false)
     private let threadsDone = DispatchSemaphore(value: 0)
     private var threadCount = 0
     /// The configuration generation last acted on (lane 0's reaper checks it).
@@ -110,14 +121,15 @@ public final class VirtioBlkDriver: @unchecked Sendable {
         var done: Completion
         /// Pages already holding the data (a resubmission after a reset).
         var pages: [Int32]?
-        var retried = false
+        /// Times this request was resubmitted after a device reset.
+        var resubmissions = 0
     }
     private struct Slot {
         var pages: [Int32]
         var done: Completion
         var command: BlkCommand
         var submitted: ContinuousClock.Instant
-        var retried: Bool
+        var resubmissions: Int
     }
     private struct LaneState {
         var queue: any DriverVirtqueue
@@ -501,7 +513,8 @@ public final class VirtioBlkDriver: @unchecked Sendable {
                     address: arena.pageDeviceAddress(pages[k - 1]), length: len, deviceWritable: isRead)
             }
             precondition(got.map(Int.init) == id, "reserved descriptors must be available")
-            s.slots[id] = Slot(pages: pages, done: p.done, command: p.command, submitted: .now, retried: p.retried)
+            s.slots[id] = Slot(
+                pages: pages, done: p.done, command: p.command, submitted: .now, resubmissions: p.resubmissions)
             return s.queue.publish() ? s.doorbells : nil
         }
         if let why = failed { return p.done(.failure(.deviceBroken(why))) }
@@ -664,7 +677,7 @@ public final class VirtioBlkDriver: @unchecked Sendable {
         }
         finished.removeAll(keepingCapacity: true)
         for (p, pages) in toLaunch { launch(lane, p, pages) }
-        if let f = failure { recover(reason: f, seenEpoch: seen) }
+        if let f = failure { requestRecovery(reason: f, seenEpoch: seen) }
         return count
     }
 
@@ -687,7 +700,7 @@ public final class VirtioBlkDriver: @unchecked Sendable {
         }
         if let l = late {
             stats.timeouts.add(1, ordering: .relaxed)
-            recover(reason: "\(describe(l.command)) was not completed within \(limit) s", seenEpoch: seen)
+            requestRecovery(reason: "\(describe(l.command)) was not completed within \(limit) s", seenEpoch: seen)
         }
     }
 
@@ -713,18 +726,92 @@ public final class VirtioBlkDriver: @unchecked Sendable {
 
     // MARK: recovery
 
+    /// Starts `recover` on a thread of its own unless one runs. A recovery may wait many seconds
+    /// for a device to come back (a vhost-user backend restarting), which must not hold up the
+    /// event loop or completion thread that noticed the failure.
+    private func requestRecovery(reason: String, seenEpoch: Int) {
+        guard epoch.load(ordering: .acquiring) == seenEpoch,
+            recovering.compareExchange(expected: false, desired: true, ordering: .acquiringAndReleasing).exchanged
+        else { return }
+        let t = Thread { [self] in
+            recover(reason: reason, seenEpoch: seenEpoch)
+            recovering.store(false, ordering: .releasing)
+        }
+        t.name = "virtio-blk-recovery"
+        t.start()
+    }
+
     /// Resets the device and brings it back (§2.1.2: DEVICE_NEEDS_RESET; or a request timed out).
-    /// Every virtio-blk request is idempotent, so each one in flight is resubmitted once; one that
-    /// already was, and everything when the reset itself fails, completes with an error.
+    /// Every virtio-blk request is idempotent, so each one in flight is resubmitted (once; up to
+    /// three times on a transport that reconnects, where a backend restart is the usual cause).
+    /// When the reset fails, everything fails at once, unless the transport can reconnect: then
+    /// the requests are held and the reset retried with backoff for `reconnectTimeoutSeconds`,
+    /// after which they fail and the retries go on in the background until the device returns.
     private func recover(reason: String, seenEpoch: Int) {
-        recovery.lock()
-        defer { recovery.unlock() }
         guard epoch.load(ordering: .acquiring) == seenEpoch,
             lanes.allSatisfy({ l in l.state.withLock { $0.broken == nil && !$0.closing } })
         else { return }
         logger.warning("resetting the virtio-blk device: \(reason)")
         stats.resets.add(1, ordering: .relaxed)
-        var retry: [(Lane, Pending, [Int32])] = []
+        let window = transport.canReconnect ? options.reconnectTimeoutSeconds : 0
+        let windowText = window == window.rounded() ? "\(Int(window)) s" : "\(window) s"
+        var (held, fail) = holdInFlight(maxResubmissions: window > 0 ? 3 : 1)
+        let started = ContinuousClock.now
+        var delay = Duration.milliseconds(50)
+        var gaveUp = false
+        var waitLogged = false
+        while true {
+            do {
+                try bringUp()
+                break
+            } catch {
+                let why = "\(reason); the reset failed: \(error)"
+                if window <= 0 || stopping.load(ordering: .acquiring) {
+                    if !gaveUp { failEverything(why, held: held, alsoFailing: fail) }
+                    return
+                }
+                if !waitLogged {
+                    waitLogged = true
+                    logger.warning(
+                        "virtio-blk device gone; holding \(held.count) request(s) and reconnecting for up to \(windowText): \(error)"
+                    )
+                } else {
+                    logger.debug("virtio-blk device still gone: \(error)")
+                }
+                if !gaveUp, ContinuousClock.now - started >= .seconds(window) {
+                    gaveUp = true
+                    logger.error(
+                        "virtio-blk device did not come back within \(windowText) (\(error)); failing \(held.count) held request(s) and new ones with EIO until it does. Restart the backend on the same socket (virtnbd reconnects by itself) or raise --reconnect-timeout"
+                    )
+                    failEverything(why, held: held, alsoFailing: fail)
+                    held = []
+                    fail = []
+                }
+                if !sleepUnlessStopping(delay) {
+                    if !gaveUp { failEverything("\(why); the server is shutting down", held: held, alsoFailing: fail) }
+                    return
+                }
+                delay = min(delay * 2, .milliseconds(500))
+            }
+        }
+        epoch.add(1, ordering: .releasing)
+        let (secs, atto) = (ContinuousClock.now - started).components
+        let outage = String(format: "%.1f ms", Double(secs) * 1000 + Double(atto) / 1e15)
+        if gaveUp {
+            logger.notice("virtio-blk device is back after \(outage); serving again")
+        } else {
+            logger.notice(
+                "virtio-blk device reset in \(outage); resubmitting \(held.count) request(s), \(fail.count) failed")
+        }
+        resume(held: held, failing: fail)
+    }
+
+    /// Marks every lane resetting and takes its requests off the ring: those still allowed a
+    /// resubmission are held, the others fail.
+    private func holdInFlight(maxResubmissions: Int) -> (
+        held: [(Lane, Pending, [Int32])], fail: [(Completion, BlkError)]
+    ) {
+        var held: [(Lane, Pending, [Int32])] = []
         var fail: [(Completion, BlkError)] = []
         for lane in lanes {
             lane.state.withLock { s in
@@ -732,78 +819,88 @@ public final class VirtioBlkDriver: @unchecked Sendable {
                 for i in s.slots.indices {
                     guard let sl = s.slots[i] else { continue }
                     s.slots[i] = nil
-                    if sl.retried {
+                    if sl.resubmissions >= maxResubmissions {
                         fail.append((sl.done, .ioError("\(describe(sl.command)) failed again after a device reset")))
                         s.freePages.append(contentsOf: sl.pages)
                         s.inFlight -= 1
                     } else {
-                        retry.append(
-                            (
-                                lane,
-                                Pending(command: sl.command, fill: nil, done: sl.done, pages: sl.pages, retried: true),
-                                sl.pages
-                            ))
+                        let p = Pending(
+                            command: sl.command, fill: nil, done: sl.done, pages: sl.pages,
+                            resubmissions: sl.resubmissions + 1)
+                        held.append((lane, p, sl.pages))
                     }
                 }
             }
         }
-        do {
-            try transport.reset()
-            try transport.writeStatus([.acknowledge])
-            try transport.writeStatus([.acknowledge, .driver])
-            try Self.negotiate(transport, negotiated)
-            for lane in lanes {
-                let d = try lane.state.withLock { s in
-                    s.queue.reset()
-                    return try transport.setupQueue(
-                        lane.index, size: queueSize, descriptors: lane.addresses.descriptors,
-                        driverArea: lane.addresses.driverArea, deviceArea: lane.addresses.deviceArea)
-                }
-                try lane.state.withLock { s in
-                    // A caller watches the interrupt it was given at start: it must stay the same.
-                    guard !reapedByCaller || d.interrupt === s.doorbells.interrupt else {
-                        throw VirtioTransportError.deviceFailed(
-                            "queue \(lane.index) got a new interrupt eventfd from the reset, which the event loop does not watch"
-                        )
-                    }
-                    s.doorbells = d
-                }
+        return (held, fail)
+    }
+
+    /// §3.1.1 again on the same arena and ring addresses; the transport's `reset` reconnects a
+    /// backend that went away.
+    private func bringUp() throws {
+        try transport.reset()
+        try transport.writeStatus([.acknowledge])
+        try transport.writeStatus([.acknowledge, .driver])
+        try Self.negotiate(transport, negotiated)
+        for lane in lanes {
+            let d = try lane.state.withLock { s in
+                s.queue.reset()
+                return try transport.setupQueue(
+                    lane.index, size: queueSize, descriptors: lane.addresses.descriptors,
+                    driverArea: lane.addresses.driverArea, deviceArea: lane.addresses.deviceArea)
             }
-            try transport.writeStatus([.acknowledge, .driver, .featuresOK, .driverOK])
-            guard !transport.readStatus().contains(.deviceNeedsReset) else {
-                throw VirtioTransportError.deviceFailed("the device still needs a reset after one")
-            }
-        } catch {
-            let why = "\(reason); the reset failed: \(error)"
-            logger.error("virtio-blk device failed: \(why); failing every request")
-            epoch.add(1, ordering: .releasing)
-            for lane in lanes {
-                lane.state.withLock { s in
-                    s.broken = why
-                    s.resetting = false
-                    for w in s.waiting { fail.append((w.done, .deviceBroken(why))) }
-                    s.inFlight -= s.waiting.count
-                    s.waiting.removeAll()
+            try lane.state.withLock { s in
+                // A caller watches the interrupt it was given at start: it must stay the same.
+                guard !reapedByCaller || d.interrupt === s.doorbells.interrupt else {
+                    throw VirtioTransportError.deviceFailed(
+                        "queue \(lane.index) got a new interrupt eventfd from the reset, which the event loop does not watch"
+                    )
                 }
+                s.doorbells = d
             }
-            for (lane, p, pages) in retry {
-                lane.state.withLock { s in
-                    s.freePages.append(contentsOf: pages)
-                    s.inFlight -= 1
-                }
-                fail.append((p.done, .deviceBroken(why)))
-            }
-            for (d, e) in fail { d(.failure(e)) }
-            return
         }
+        try transport.writeStatus([.acknowledge, .driver, .featuresOK, .driverOK])
+        guard !transport.readStatus().contains(.deviceNeedsReset) else {
+            throw VirtioTransportError.deviceFailed("the device still needs a reset after one")
+        }
+    }
+
+    /// The reset failed for good (or for now): every lane is broken, so new requests fail at once,
+    /// and everything held or waiting fails with `why`.
+    private func failEverything(
+        _ why: String, held: [(Lane, Pending, [Int32])], alsoFailing already: [(Completion, BlkError)]
+    ) {
+        logger.error("virtio-blk device failed: \(why); failing every request")
         epoch.add(1, ordering: .releasing)
-        logger.notice("virtio-blk device reset; resubmitting \(retry.count) request(s), \(fail.count) failed")
+        var fail = already
+        for lane in lanes {
+            lane.state.withLock { s in
+                s.broken = why
+                s.resetting = false
+                for w in s.waiting { fail.append((w.done, .deviceBroken(why))) }
+                s.inFlight -= s.waiting.count
+                s.waiting.removeAll()
+            }
+        }
+        for (lane, p, pages) in held {
+            lane.state.withLock { s in
+                s.freePages.append(contentsOf: pages)
+                s.inFlight -= 1
+            }
+            fail.append((p.done, .deviceBroken(why)))
+        }
+        for (d, e) in fail { d(.failure(e)) }
+    }
+
+    /// The device is back: lanes take requests again, held ones first, then whatever waited.
+    private func resume(held: [(Lane, Pending, [Int32])], failing fail: [(Completion, BlkError)]) {
         var launches: [(Lane, Pending, [Int32])] = []
         for lane in lanes {
             lane.state.withLock { s in
                 s.resetting = false
+                s.broken = nil
                 // Resubmissions go first; a fresh ring has room for everything that was on it.
-                for (l, p, pages) in retry where l === lane {
+                for (l, p, pages) in held where l === lane {
                     s.reservedDescriptors += ringCost(lane, p.command)
                     launches.append((lane, p, pages))
                 }
@@ -813,6 +910,16 @@ public final class VirtioBlkDriver: @unchecked Sendable {
         }
         for (d, e) in fail { d(.failure(e)) }
         for (lane, p, pages) in launches { launch(lane, p, pages) }
+    }
+
+    /// Sleeps `d` in short steps; false if `shutdown` began meanwhile.
+    private func sleepUnlessStopping(_ d: Duration) -> Bool {
+        let end = ContinuousClock.now + d
+        while ContinuousClock.now < end {
+            if stopping.load(ordering: .acquiring) { return false }
+            Thread.sleep(forTimeInterval: 0.01)
+        }
+        return !stopping.load(ordering: .acquiring)
     }
 
     private func describe(_ c: BlkCommand) -> String {
@@ -833,6 +940,8 @@ public final class VirtioBlkDriver: @unchecked Sendable {
     /// caller reaps, the waiting thread also reaps, every 10 ms: whoever was meant to (an
     /// NBDServer's loops) may not exist, e.g. when the server failed to start after the device.
     public func shutdown(flush: Bool = true) {
+        // A recovery waiting for the device to come back gives up now (failing what it holds).
+        stopping.store(true, ordering: .releasing)
         if flush && geometry.canFlush {
             let sem = DispatchSemaphore(value: 0)
             submit(.flush) { r in
@@ -846,6 +955,7 @@ public final class VirtioBlkDriver: @unchecked Sendable {
             Thread.sleep(forTimeInterval: 0.01)
             reapFromShutdown()
         }
+        while recovering.load(ordering: .acquiring) { Thread.sleep(forTimeInterval: 0.01) }
         try? transport.reset()
         stopThreads()
     }

@@ -54,7 +54,8 @@ struct TransportDisk: ServedDisk {
     static func vhostUser(socketPath: String, options: DriverOptions, logger: Logger) throws -> TransportDisk {
         var tlog = logger
         tlog[metadataKey: "component"] = "vhost-user"
-        let t = try VhostUserTransport(socketPath: socketPath, logger: tlog)
+        let t = try VhostUserTransport(
+            socketPath: socketPath, logger: tlog, reconnect: options.reconnectTimeoutSeconds > 0)
         return try TransportDisk(
             transport: t, close: { t.close() }, label: "vhost-user \(socketPath)", options: options, logger: logger)
     }

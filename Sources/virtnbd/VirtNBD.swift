@@ -123,6 +123,11 @@ struct ServeOptions: ParsableArguments {
         name: .long,
         help: "Reset the device and resubmit when a request takes longer than this many seconds (0 = never).")
     var requestTimeout: Double = 30
+    @Option(
+        name: .long,
+        help:
+            "vhost-user: when the backend exits, hold requests and reconnect to its socket for this many seconds before failing them with EIO (0 = fail at once); it reconnects whenever the backend returns."
+    ) var reconnectTimeout: Double = 30
     @Option(name: .long, help: "The virtio-blk device: emulator (default), vhost-user:SOCKET, or vfio:PCI-ADDRESS.")
     var device: String?
 
@@ -187,6 +192,10 @@ struct ServeOptions: ParsableArguments {
         }
         guard pollMicroseconds >= 0, pollMicroseconds <= 1_000_000, requestTimeout >= 0 else {
             throw ValidationError("--poll-us must be 0-1000000 and --request-timeout ≥ 0")
+        }
+        guard reconnectTimeout >= 0, reconnectTimeout <= 86400 else {
+            throw ValidationError(
+                "--reconnect-timeout must be 0 (fail at once) to 86400 seconds, not \(reconnectTimeout)")
         }
         if let p = port {
             guard (1...65535).contains(p) else { throw ValidationError("--port must be 1-65535, not \(p)") }
@@ -258,6 +267,7 @@ struct ServeOptions: ParsableArguments {
         o.indirect = !noIndirect
         o.pollMicroseconds = pollMicroseconds
         o.requestTimeoutSeconds = requestTimeout
+        o.reconnectTimeoutSeconds = reconnectTimeout
         o.completions = .caller // the event loop that submits to a queue reaps it (NBDServer.QueueReapers)
         return o
     }
