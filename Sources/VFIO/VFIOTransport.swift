@@ -5,7 +5,7 @@ import CVirtShim
 //   container /dev/vfio/vfio ── TYPE1v2 IOMMU ── MAP_DMA(arena: vaddr → IOVA = deviceBase)
 //   group /dev/vfio/<n> ── device fd ── config space (region 7, pread/pwrite)
 //                                     └─ BARs (mmap) holding the COMMON / NOTIFY / ISR / DEVICE capabilities
-//   MSI-X vector 0 ── eventfd  (queue 0 and config changes share it)
+//   MSI-X vector i ── eventfd i (queue i; vector 0 also carries config changes)
 //
 // Register accesses go through MappedBAR (BAR.swift), the only file here with unsafe pointers.
 import Foundation
@@ -73,7 +73,9 @@ public final class VFIOTransport: VirtioTransport, @unchecked Sendable {
     private let notifyMultiplier: UInt32
     private let isr: RegisterWindow?
     private let deviceConfig: RegisterWindow
-    private let interrupt: EventFD
+    /// One eventfd per MSI-X vector in use: vector 0 for queue 0 and config changes, vector i for
+    /// queue i while the device has vectors for it (queues beyond share vector 0).
+    private let interrupts: [EventFD]
 
     private struct Mapping {
         let memory: SharedMemory
@@ -195,15 +197,16 @@ public final class VFIOTransport: VirtioTransport, @unchecked Sendable {
         deviceConfig = try window(4, minLength: 0)
         if caps[3] != nil { isr = try window(3, minLength: 1) } else { isr = nil }
 
-        // 6. Interrupts: MSI-X vector 0 → one eventfd (queue 0 and config changes share it).
+        // 6. Interrupts: MSI-X vector i → eventfd i, one per queue while vectors last (queue 0 and
+        // config changes share vector 0), so each queue's completions wake only its own reaper.
         var irqFlags: UInt32 = 0
         var irqCount: UInt32 = 0
         r = vshim_vfio_irq_info(dfd, VFIOTransport.vfioPCIMSIXIRQ, &irqFlags, &irqCount)
         guard r == 0, irqCount >= 1 else { throw VFIOTransportError.noMSIX(errno: -r) }
-        let irq = try EventFD()
-        interrupt = irq
-        let fds: [Int32] = [irq.fd]
-        r = vshim_vfio_set_irq_eventfds(dfd, VFIOTransport.vfioPCIMSIXIRQ, 0, 1, fds)
+        let vectors = max(1, min(Int(irqCount), Int(common.read16(CommonCfg.numQueues)), 64))
+        interrupts = try (0..<vectors).map { _ in try EventFD() }
+        let fds = interrupts.map(\.fd)
+        r = vshim_vfio_set_irq_eventfds(dfd, VFIOTransport.vfioPCIMSIXIRQ, 0, UInt32(vectors), fds)
         guard r == 0 else { throw VFIOTransportError.irqSetupFailed(errno: -r) }
 
         logger.info(
@@ -211,7 +214,7 @@ public final class VFIOTransport: VirtioTransport, @unchecked Sendable {
             metadata: [
                 "pci": "\(bdf)", "iommu-group": "\(g)", "id": "\(String(format: "%04x:%04x", vendor, devid))",
                 "bars": "\(bars.keys.sorted().map { "BAR\($0)=\(bars[$0]!.size / 1024)K" }.joined(separator: ","))",
-                "notify-multiplier": "\(notifyMultiplier)", "msix-vectors": "\(irqCount)",
+                "notify-multiplier": "\(notifyMultiplier)", "msix-vectors": "\(irqCount)", "vectors-used": "\(vectors)",
                 "queues": "\(common.read16(CommonCfg.numQueues))",
             ])
     }
@@ -317,7 +320,8 @@ public final class VFIOTransport: VirtioTransport, @unchecked Sendable {
         guard max > 0 else { throw VirtioTransportError.queueUnavailable(index: index) }
         guard size <= max else { throw VirtioTransportError.queueTooLarge(index: index, requested: size, max: max) }
         common.write16(CommonCfg.queueSize, UInt16(size))
-        common.write16(CommonCfg.queueMSIXVector, 0)
+        let vector = index < interrupts.count ? index : 0
+        common.write16(CommonCfg.queueMSIXVector, UInt16(vector))
         guard common.read16(CommonCfg.queueMSIXVector) != 0xFFFF else {
             throw VFIOTransportError.vectorRejected("queue \(index)")
         }
@@ -332,10 +336,10 @@ public final class VFIOTransport: VirtioTransport, @unchecked Sendable {
         guard common.read16(CommonCfg.queueEnable) == 1 else {
             throw VirtioTransportError.deviceFailed("queue \(index) refused its addresses")
         }
-        logger.debug("VFIO: queue \(index) size \(size) enabled, notify at +\(notifyAt)")
+        logger.debug("VFIO: queue \(index) size \(size) enabled, notify at +\(notifyAt), MSI-X vector \(vector)")
         let n = notify
         let q = UInt16(index)
-        return QueueDoorbells(kick: { n.write16(notifyAt, q) }, interrupt: interrupt)
+        return QueueDoorbells(kick: { n.write16(notifyAt, q) }, interrupt: interrupts[vector])
     }
 
     /// Device-specific config (§4.1.4.6): aligned fields with one access of their width; 64-bit

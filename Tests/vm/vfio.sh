@@ -5,11 +5,12 @@
 #
 # The host kernel has no VFIO, so virtnbd runs in a QEMU guest (Scripts/vmtest/vmtest.sh: Debian's
 # kernel, the host's root over 9p) that has an emulated Intel IOMMU and a file-backed
-# virtio-blk-pci (modern only, iommu_platform=on) at 0000:00:05.0. The guest binds the device to
+# virtio-blk-pci (modern only, iommu_platform=on, num-queues=2) at 0000:00:05.0. The guest binds the device to
 # vfio-pci and runs virtnbd on it; QEMU forwards 127.0.0.1:PORT on the host to the guest's 10809.
 # The host then checks, as NBD client:
 #   host-error  - on the host (no VFIO) `virtnbd --device vfio:...` exits non-zero with a clear error
 #   guest-unbound - in the guest, before binding, it exits non-zero and says how to bind to vfio-pci
+#   queues      - with num-queues=2 and --queues 2, both queues are live, each on its own MSI-X vector
 #   size        - nbdinfo reports the image size
 #   read        - the device's existing contents read back over NBD equal the image
 #   copy        - nbdcopy of 16 MiB random data in and out again, byte-identical
@@ -52,7 +53,7 @@ if [ "${VFIO_GUEST:-0}" = 1 ]; then
   vm_log "$BDF bound to vfio-pci, IOMMU group $grp"
 
   vm_step "start virtnbd --device vfio:$BDF"
-  /tmp/virtnbd --device "vfio:$BDF" --listen 0.0.0.0 -p 10809 > "$D/server.out" 2> "$D/server.log" &
+  /tmp/virtnbd --device "vfio:$BDF" --queues 2 -v --listen 0.0.0.0 -p 10809 > "$D/server.out" 2> "$D/server.log" &
   spid=$!
   for _ in $(seq 600); do
     grep -qs 'nbd://' "$D/server.out" && break
@@ -63,6 +64,13 @@ if [ "${VFIO_GUEST:-0}" = 1 ]; then
     cat "$D/server.log"; fail "virtnbd did not start (see server.log)"
   fi
   vm_log "virtnbd up: $(cat "$D/server.out")"
+  # Two queues, each on its own MSI-X vector (so each event loop reaps its own queue).
+  if grep -q 'queues=2 .*virtio-blk ready' "$D/server.log" && grep -q 'queue 1 size .* MSI-X vector 1' "$D/server.log" \
+     && grep -q 'queue 0 size .* MSI-X vector 0' "$D/server.log"; then
+    echo "PASS queues --queues 2 on num-queues=2: 2 queues live, MSI-X vectors 0 and 1" >> "$D/guest-results"
+  else
+    echo "FAIL queues $(grep -E 'virtio-blk ready|VFIO: queue' "$D/server.log" | tr '\n' ' ')" >> "$D/guest-results"
+  fi
   touch "$D/ready"
 
   vm_step "serve until the host is done"
@@ -145,7 +153,7 @@ tb=$(date +%s.%N)
   "$0" -- \
   -device intel-iommu \
   -drive "file=$IMG,if=none,id=vb,format=raw" \
-  -device virtio-blk-pci,drive=vb,addr=05.0,disable-legacy=on,iommu_platform=on \
+  -device virtio-blk-pci,drive=vb,addr=05.0,disable-legacy=on,iommu_platform=on,num-queues=2 \
   > "$D/vm.log" 2>&1 &
 vpid=$!
 trap 'kill $vpid 2>/dev/null || true' EXIT
