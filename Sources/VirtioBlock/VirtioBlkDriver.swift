@@ -2,10 +2,13 @@
 // header / data / status chains (§5.2.6), many in flight on one or more queues (VIRTIO_BLK_F_MQ),
 // completed in whatever order the device uses, and recovery by reset (§2.1.2).
 //
-// Each queue is a `Lane` with its own ring, lock, page pool, request slots and completion thread:
-// a submitting thread uses the lane `IOLane.current` names (one per NIO event loop), so event
-// loops never share a lock on the fast path. The driver talks to the device only through
-// `VirtioTransport` and to the rings only through `DriverVirtqueue` (split or packed).
+// Each queue is a `Lane` with its own ring, lock, page pool and request slots: a submitting thread
+// uses the lane `IOLane.current` names (one per NIO event loop), which also reaps it (or, with
+// `--poll-us` or a shared interrupt, a completion thread per lane does). The driver talks to the
+// device only through `VirtioTransport` and to the rings only through `DriverVirtqueue`.
+//
+// The parts: this file (options, state, bring-up), +Submission (commands into chains),
+// +Completion (reaping, timeouts, config changes), +Recovery (reset, resubmission, reconnect).
 import Foundation
 import Logging
 import NIOCore
@@ -91,23 +94,24 @@ public final class VirtioBlkDriver: @unchecked Sendable {
     /// Current capacity, re-read on every configuration change (§2.5.1).
     public var capacityBytes: UInt64 { capacity.load(ordering: .relaxed) }
 
-    private let transport: VirtioTransport
-    private let arena: DMAArena
-    private let options: DriverOptions
-    private let logger: Logger
-    private let lanes: [Lane]
-    private let stopFD: EventFD
-    private let capacity: Atomic<UInt64>
+    let transport: VirtioTransport
+    let arena: DMAArena
+    let options: DriverOptions
+    let logger: Logger
+    let lanes: [Lane]
+    let stopFD: EventFD
+    let capacity: Atomic<UInt64>
     /// Bumped by each reset; a lane that saw a failure in epoch e asks for a reset of epoch e only.
-    private let epoch = Atomic<Int>(0)
+    let epoch = Atomic<Int>(0)
     /// A recovery thread is running (at most one; `requestRecovery`).
-    private let recovering = Atomic<Bool>(false)
+    let recovering = Atomic<Bool>(false)
     /// `shutdown` began: a recovery waiting for a device to return gives up.
-    private let stopping = Atomic<Bool>(false)
-    private let threadsDone = DispatchSemaphore(value: 0)
-    private var threadCount = 0
+    let stopping = Atomic<Bool>(false)
+    let threadsDone = DispatchSemaphore(value: 0)
+    /// Completion threads running (written by init, stopThreads and deinit).
+    let threadCount = Locked(0)
     /// The configuration generation last acted on (lane 0's reaper checks it).
-    private let seenConfigGeneration: Atomic<UInt32>
+    let seenConfigGeneration: Atomic<UInt32>
     /// True when the caller services the queues (`DriverOptions.completions == .caller` and
     /// nothing forced threads): it must watch `queueInterrupts` and call `serviceQueue` / `tickQueue`.
     public let reapedByCaller: Bool
@@ -115,7 +119,7 @@ public final class VirtioBlkDriver: @unchecked Sendable {
     public typealias Completion = @Sendable (Result<IOPages, BlkError>) -> Void
     public typealias Fill = @Sendable (IOPages) -> Void
 
-    private struct Pending {
+    struct Pending {
         var command: BlkCommand
         var fill: Fill?
         var done: Completion
@@ -124,14 +128,14 @@ public final class VirtioBlkDriver: @unchecked Sendable {
         /// Times this request was resubmitted after a device reset.
         var resubmissions = 0
     }
-    private struct Slot {
+    struct Slot {
         var pages: [Int32]
         var done: Completion
         var command: BlkCommand
         var submitted: ContinuousClock.Instant
         var resubmissions: Int
     }
-    private struct LaneState {
+    struct LaneState {
         var queue: any DriverVirtqueue
         var doorbells: QueueDoorbells
         var slots: [Slot?]
@@ -151,7 +155,7 @@ public final class VirtioBlkDriver: @unchecked Sendable {
         /// A caller reaps this queue itself (`pollCompletions`); interrupts stay off.
         var polled = false
     }
-    private final class Lane: @unchecked Sendable {
+    final class Lane: @unchecked Sendable {
         let index: Int
         /// The per-id request slots (`BlkRequestSlot`: header, discard / zeroes segment, status).
         let headers: DMARegion
@@ -173,7 +177,7 @@ public final class VirtioBlkDriver: @unchecked Sendable {
         }
     }
 
-    /// Brings the device up and starts one completion thread per queue.
+    /// Brings the device up (§3.1.1) and, unless the caller reaps, starts one completion thread per queue.
     public init(
         transport: VirtioTransport, options: DriverOptions = .init(), logger: Logger = Logger(label: "virtnbd.driver")
     ) throws {
@@ -184,12 +188,55 @@ public final class VirtioBlkDriver: @unchecked Sendable {
         self.transport = transport
         self.logger = logger
         self.options = options
+        let (features, ring) = try Self.negotiateFeatures(transport, options, logger)
+        negotiated = features
+        self.ring = ring
+        let (g, numQueues) = try Self.readGeometry(transport, features)
+        geometry = g
+        capacity = Atomic(g.capacityBytes)
+        let useIndirect = features.contains(.indirectDesc)
+        // Without indirect tables a request's descriptors must fit in the ring (header + pages + status).
+        maxPagesPerRequest = max(1, min(Int(g.segMax), 32, useIndirect ? 32 : options.queueSize - 2))
+        let nQueues = min(options.queues, numQueues, transport.queueCount > 0 ? transport.queueCount : 1)
+        if nQueues < options.queues {
+            logger.notice("asked for \(options.queues) queues; the device offers \(numQueues); using \(nQueues)")
+        }
+        queueSize = options.queueSize
+        let (arena, lanes) = try Self.makeLanes(
+            transport, count: nQueues, ring: ring, features: features, queueSize: queueSize,
+            pagesPerRequest: maxPagesPerRequest, ioPages: options.ioPages)
+        self.arena = arena
+        self.lanes = lanes
+        stopFD = try EventFD()
+        // Step 8: DRIVER_OK.
+        try transport.writeStatus([.acknowledge, .driver, .featuresOK, .driverOK])
+        logger.info(
+            "virtio-blk ready",
+            metadata: [
+                "capacity": "\(g.capacityBytes)", "features": "\(features)", "ring": "\(ring)", "queues": "\(nQueues)",
+                "queue-size": "\(queueSize)", "seg-max": "\(g.segMax)", "pages-per-request": "\(maxPagesPerRequest)",
+                "io-pages": "\(lanes.reduce(0) { n, l in n + l.state.withLock { $0.freePages.count } })",
+            ])
+        seenConfigGeneration = Atomic(transport.configGeneration())
+        let interrupts = lanes.map { l in l.state.withLock { ObjectIdentifier($0.doorbells.interrupt) } }
+        let distinct = Set(interrupts).count == interrupts.count
+        reapedByCaller = options.completions == .caller && options.pollMicroseconds == 0 && distinct
+        if options.completions == .caller && !reapedByCaller {
+            logger.debug(
+                "completion threads instead of the caller's loops",
+                metadata: ["why": "\(distinct ? "--poll-us polls the rings" : "the queues share one interrupt")"])
+        }
+        if !reapedByCaller { startCompletionThreads() }
+    }
 
-        // §3.1.1 steps 1-3: reset, ACKNOWLEDGE, DRIVER.
+    /// §3.1.1 steps 1-6: reset, ACKNOWLEDGE, DRIVER, then everything both sides support minus what
+    /// the options turn off; and the ring format (packed falls back to split without RING_PACKED).
+    static func negotiateFeatures(_ transport: VirtioTransport, _ options: DriverOptions, _ logger: Logger)
+        throws -> (VirtioFeatures, RingFormat)
+    {
         try transport.reset()
         try transport.writeStatus([.acknowledge])
         try transport.writeStatus([.acknowledge, .driver])
-        // Steps 4-6: offer everything both sides support, minus what the options turn off.
         let offered = transport.readDeviceFeatures()
         var wanted: VirtioFeatures = [
             .version1, .accessPlatform, .blkSizeMax, .blkSegMax, .blkBlkSize, .blkFlush, .blkRO, .blkDiscard,
@@ -204,21 +251,24 @@ public final class VirtioBlkDriver: @unchecked Sendable {
             try? transport.writeStatus([.failed])
             throw VirtioTransportError.featuresRejected(offered)
         }
-        try Self.negotiate(transport, features)
-        negotiated = features
+        try negotiate(transport, features)
         var ring = options.ring
         if ring == .packed && !features.contains(.ringPacked) {
             logger.warning("the device does not offer VIRTIO_F_RING_PACKED; using a split ring")
             ring = .split
         }
-        self.ring = ring
-        let queueSize = options.queueSize
-        if ring == .split && !SplitRingLayout.isValidSize(queueSize) {
+        if ring == .split && !SplitRingLayout.isValidSize(options.queueSize) {
             throw VirtioTransportError.deviceFailed(
-                "queue size \(queueSize) is not a power of two, which the split ring the device forces needs")
+                "queue size \(options.queueSize) is not a power of two, which the split ring the device forces needs")
         }
+        return (features, ring)
+    }
 
-        // Config space (§5.2.4), read under the generation counter (§2.5.1).
+    /// The config space (§5.2.4), read under the generation counter (§2.5.1): the disk's shape
+    /// and the device's queue count.
+    static func readGeometry(_ transport: VirtioTransport, _ features: VirtioFeatures) throws -> (
+        BlkGeometry, Int
+    ) {
         var g: BlkGeometry
         var numQueues = 1
         repeat {
@@ -248,15 +298,15 @@ public final class VirtioBlkDriver: @unchecked Sendable {
         guard g.blockSize <= 4096 else {
             throw VirtioTransportError.deviceFailed("blk_size \(g.blockSize) > 4096 is not supported")
         }
-        geometry = g
-        capacity = Atomic(g.capacityBytes)
-        let useIndirect = features.contains(.indirectDesc)
-        // Without indirect tables a request's descriptors must fit in the ring (header + pages + status).
-        maxPagesPerRequest = max(1, min(Int(g.segMax), 32, useIndirect ? 32 : queueSize - 2))
-        let nQueues = min(options.queues, numQueues, transport.queueCount > 0 ? transport.queueCount : 1)
-        if nQueues < options.queues {
-            logger.notice("asked for \(options.queues) queues; the device offers \(numQueues); using \(nQueues)")
-        }
+        return (g, numQueues)
+    }
+
+    /// Step 7: the queues, their request slots and indirect tables in one arena, the I/O pages
+    /// shared out among them, each ring handed to the device.
+    static func makeLanes(
+        _ transport: VirtioTransport, count nQueues: Int, ring: RingFormat, features: VirtioFeatures, queueSize: Int,
+        pagesPerRequest: Int, ioPages: Int
+    ) throws -> (DMAArena, [Lane]) {
         for q in 0..<nQueues {
             let maxQ = transport.maxQueueSize(q)
             guard maxQ > 0 else { throw VirtioTransportError.queueUnavailable(index: q) }
@@ -264,28 +314,25 @@ public final class VirtioBlkDriver: @unchecked Sendable {
                 throw VirtioTransportError.queueTooLarge(index: q, requested: queueSize, max: maxQ)
             }
         }
-        self.queueSize = queueSize
-
-        // Step 7: queues, headers and indirect tables in one arena; pages shared out per queue.
+        let useIndirect = features.contains(.indirectDesc)
         let split = SplitRingLayout(size: queueSize)
         // Packed: the descriptor ring plus two 4-byte event suppression structures (§2.8.10).
         let ringBytes =
             ring == .split
             ? split.descriptorTableBytes + split.availBytes + split.usedBytes + 64
             : PackedRingLayout(size: queueSize).descriptorRingBytes + 2 * PackedRingLayout.eventSuppressionBytes + 64
-        let tableStride = 16 * (maxPagesPerRequest + 3)
+        let tableStride = 16 * (pagesPerRequest + 3)
         let perQueue =
             ringBytes + BlkRequestSlot.stride * queueSize + (useIndirect ? tableStride * queueSize + 64 : 0) + 4096
-        let pagesPerQueue = max(maxPagesPerRequest, options.ioPages / nQueues)
+        let pagesPerQueue = max(pagesPerRequest, ioPages / nQueues)
         let arena = try DMAArena(structureBytes: perQueue * nQueues, ioPages: pagesPerQueue * nQueues)
-        self.arena = arena
-        var laneList: [Lane] = []
+        var lanes: [Lane] = []
         let firstPage = arena.poolFirstPage
         var pool = (0..<(pagesPerQueue * nQueues)).map { Int32(firstPage + $0) }
         // The device sees the whole memfd, so rings allocated after attaching are visible too.
         try transport.attachMemory(arena.memory)
         for q in 0..<nQueues {
-            let vq = try Self.makeQueue(ring, arena: arena, size: queueSize)
+            let vq = try makeQueue(ring, arena: arena, size: queueSize)
             vq.eventIndex = features.contains(.eventIdx)
             let addresses = vq.addresses
             let headers = try arena.allocate(BlkRequestSlot.stride * queueSize, alignment: BlkRequestSlot.stride)
@@ -295,37 +342,20 @@ public final class VirtioBlkDriver: @unchecked Sendable {
                 driverArea: addresses.driverArea, deviceArea: addresses.deviceArea)
             let mine = Array(pool.suffix(pagesPerQueue))
             pool.removeLast(pagesPerQueue)
-            laneList.append(
+            lanes.append(
                 Lane(
                     index: q, headers: headers, tables: tables, tableStride: tableStride, addresses: addresses,
                     state: LaneState(
                         queue: vq, doorbells: d, slots: Array(repeating: nil, count: queueSize), freePages: mine)))
         }
-        lanes = laneList
-        stopFD = try EventFD()
-        // Step 8: DRIVER_OK.
-        try transport.writeStatus([.acknowledge, .driver, .featuresOK, .driverOK])
-        logger.info(
-            "virtio-blk ready",
-            metadata: [
-                "capacity": "\(g.capacityBytes)", "features": "\(features)", "ring": "\(ring)", "queues": "\(nQueues)",
-                "queue-size": "\(queueSize)", "seg-max": "\(g.segMax)", "pages-per-request": "\(maxPagesPerRequest)",
-                "io-pages": "\(pagesPerQueue * nQueues)",
-            ])
-        seenConfigGeneration = Atomic(transport.configGeneration())
-        let interrupts = lanes.map { l in l.state.withLock { ObjectIdentifier($0.doorbells.interrupt) } }
-        let distinct = Set(interrupts).count == interrupts.count
-        reapedByCaller = options.completions == .caller && options.pollMicroseconds == 0 && distinct
-        if options.completions == .caller && !reapedByCaller {
-            logger.debug(
-                "completion threads instead of the caller's loops",
-                metadata: ["why": "\(distinct ? "--poll-us polls the rings" : "the queues share one interrupt")"])
-        }
-        if reapedByCaller { return }
+        return (arena, lanes)
+    }
+
+    func startCompletionThreads() {
         for lane in lanes {
             let t = Thread { [unowned self] in self.completionLoop(lane) }
             t.name = "virtio-blk-irq\(lane.index)"
-            threadCount += 1
+            threadCount.withLock { $0 += 1 }
             t.start()
         }
     }
@@ -347,7 +377,7 @@ public final class VirtioBlkDriver: @unchecked Sendable {
     deinit { stopThreads() }
 
     /// §3.1.1 steps 5-6: write the features, set FEATURES_OK, check the device kept it.
-    private static func negotiate(_ transport: VirtioTransport, _ features: VirtioFeatures) throws {
+    static func negotiate(_ transport: VirtioTransport, _ features: VirtioFeatures) throws {
         try transport.writeDriverFeatures(features)
         try transport.writeStatus([.acknowledge, .driver, .featuresOK])
         guard transport.readStatus().contains(.featuresOK) else {
@@ -357,579 +387,10 @@ public final class VirtioBlkDriver: @unchecked Sendable {
     }
 
     /// A ring of the chosen format in the arena.
-    private static func makeQueue(_ ring: RingFormat, arena: DMAArena, size: Int) throws -> any DriverVirtqueue {
+    static func makeQueue(_ ring: RingFormat, arena: DMAArena, size: Int) throws -> any DriverVirtqueue {
         switch ring {
         case .split: return try SplitVirtqueue(arena: arena, size: size)
         case .packed: return try PackedVirtqueue(arena: arena, size: size)
-        }
-    }
-
-    // MARK: submission
-
-    private enum Decision {
-        case launch([Int32])
-        case wait
-        case fail(BlkError)
-    }
-
-    /// Issues one request on the calling thread's lane. `fill` runs before the request is made
-    /// available (writes copy their data into the pages there); `done` runs on the completion
-    /// thread with the pages, which return to the pool when it returns. Requests that do not fit
-    /// wait, first come first served.
-    public func submit(_ command: BlkCommand, fill: Fill? = nil, done: @escaping Completion) {
-        precondition(command.pages <= maxPagesPerRequest, "callers split requests to maxPagesPerRequest")
-        let lane = lanes[IOLane.current % lanes.count]
-        let p = Pending(command: command, fill: fill, done: done)
-        let d: Decision = lane.state.withLock { s in
-            if let b = s.broken { return .fail(.deviceBroken(b)) }
-            if s.closing { return .fail(.shutdown) }
-            s.inFlight += 1
-            if !s.resetting, s.waiting.isEmpty, let pages = reserve(&s, lane, command) {
-                return .launch(pages)
-            }
-            s.waiting.append(p)
-            return .wait
-        }
-        switch d {
-        case .launch(let pages): launch(lane, p, pages)
-        case .fail(let e): done(.failure(e))
-        case .wait: break
-        }
-    }
-
-    private func isSegmentCommand(_ c: BlkCommand) -> Bool {
-        if case .discard = c { return true }
-        if case .writeZeroes = c { return true }
-        return false
-    }
-    private func descriptorCount(_ c: BlkCommand) -> Int { c.pages + 2 + (isSegmentCommand(c) ? 1 : 0) }
-    /// Requests of more than one data page go through an indirect table when there is one.
-    @inline(__always) private func goesIndirect(_ lane: Lane, _ c: BlkCommand) -> Bool {
-        lane.tables != nil && descriptorCount(c) > 3
-    }
-    private func ringCost(_ lane: Lane, _ c: BlkCommand) -> Int {
-        ringDescriptors(segments: descriptorCount(c), indirect: goesIndirect(lane, c))
-    }
-
-    /// Takes pages and reserves ring descriptors, or returns nil if either is short.
-    private func reserve(_ s: inout LaneState, _ lane: Lane, _ c: BlkCommand, pages given: [Int32]? = nil) -> [Int32]? {
-        let descs = ringCost(lane, c)
-        guard s.queue.freeCount - s.reservedDescriptors >= descs, given != nil || s.freePages.count >= c.pages else {
-            return nil
-        }
-        s.reservedDescriptors += descs
-        if let g = given { return g }
-        var pages: [Int32] = []
-        pages.reserveCapacity(c.pages)
-        for _ in 0..<c.pages { pages.append(s.freePages.removeLast()) }
-        return pages
-    }
-
-    /// Fills data (outside the lock), builds the chain, publishes it and kicks if the device wants.
-    private func launch(_ lane: Lane, _ p: Pending, _ pages: [Int32]) {
-        if p.pages == nil, let fill = p.fill { fill(IOPages(pages: pages, memory: arena.memory, arena: arena)) }
-        let mem = arena.memory
-        let lastPageBytes = lastPageLength(p.command)
-        if lastPageBytes < Self.pageSize, case .read = p.command {
-            // The device fills only the sectors it has; the rest of the page reads as zero.
-            mem.zero(arena.pageOffset(pages[pages.count - 1]) + lastPageBytes, count: Self.pageSize - lastPageBytes)
-        }
-        var failed: String?
-        let kick: QueueDoorbells? = lane.state.withLock { s in
-            let n = descriptorCount(p.command)
-            let indirect = goesIndirect(lane, p.command)
-            s.reservedDescriptors -= ringDescriptors(segments: n, indirect: indirect)
-            if let why = s.broken {
-                // A reset failed between reserve and launch: the request is in neither the slots
-                // nor the waiting list the failure went through, so it fails here (else it would
-                // go onto a dead ring and never be answered).
-                s.freePages.append(contentsOf: pages)
-                s.inFlight -= 1
-                failed = why
-                return nil
-            }
-            if s.resetting {
-                // The device went away between reserve and launch: wait for the reset, data kept.
-                var again = p
-                again.pages = pages
-                s.waiting.append(again)
-                return nil
-            }
-            // Header and status live in the per-id slot of the chain add() is about to build.
-            let id = Int(s.queue.nextFreeID)
-            let slot = BlkRequestSlot(id: id, base: lane.headers.offset, device: lane.headers.deviceAddress)
-            let h = slot.offset + BlkRequestSlot.header
-            let seg = slot.offset + BlkRequestSlot.segment
-            var sector: UInt64 = 0
-            switch p.command {
-            case .read(let sec, _), .write(let sec, _): sector = sec
-            case .discard(let sec, let n), .writeZeroes(let sec, let n, _):
-                mem.store64(seg, sec)
-                mem.store32(seg + 8, n)
-                if case .writeZeroes(_, _, let unmap) = p.command {
-                    mem.store32(seg + 12, unmap ? BlkRequestLayout.unmapFlag : 0)
-                } else {
-                    mem.store32(seg + 12, 0)
-                }
-            default: break
-            }
-            mem.store32(h, p.command.typeCode)
-            mem.store32(h + 4, 0)
-            mem.store64(h + 8, sector)
-            // No status yet: anything but ok / ioErr / unsupp afterwards is an I/O error.
-            mem.store8(slot.offset + BlkRequestSlot.status, 0xFF)
-            let isRead: Bool
-            switch p.command {
-            case .read, .getID: isRead = true
-            default: isRead = false
-            }
-            let hasSegment = isSegmentCommand(p.command)
-            let table = indirect ? lane.tables!.slice(at: lane.tableStride * id, length: lane.tableStride) : nil
-            let a = slot.deviceAddress
-            let got = s.queue.add(count: n, indirect: table) { k in
-                if k == 0 {
-                    return VirtqueueSegment(
-                        address: a + UInt64(BlkRequestSlot.header), length: UInt32(BlkRequestLayout.headerBytes),
-                        deviceWritable: false)
-                }
-                if k == n - 1 {
-                    return VirtqueueSegment(
-                        address: a + UInt64(BlkRequestSlot.status), length: UInt32(BlkRequestLayout.statusBytes),
-                        deviceWritable: true)
-                }
-                if hasSegment {
-                    return VirtqueueSegment(
-                        address: a + UInt64(BlkRequestSlot.segment), length: UInt32(BlkRequestLayout.segmentBytes),
-                        deviceWritable: false)
-                }
-                let len: UInt32 = {
-                    if case .getID = p.command {
-                        return UInt32(BlkRequestLayout.deviceIDBytes)
-                    } else {
-                        return UInt32(k == n - 2 ? lastPageBytes : Self.pageSize)
-                    }
-                }()
-                return VirtqueueSegment(
-                    address: arena.pageDeviceAddress(pages[k - 1]), length: len, deviceWritable: isRead)
-            }
-            precondition(got.map(Int.init) == id, "reserved descriptors must be available")
-            s.slots[id] = Slot(
-                pages: pages, done: p.done, command: p.command, submitted: .now, resubmissions: p.resubmissions)
-            return s.queue.publish() ? s.doorbells : nil
-        }
-        if let why = failed { return p.done(.failure(.deviceBroken(why))) }
-        if let d = kick {
-            stats.kicks.add(1, ordering: .relaxed)
-            d.kick()
-        }
-    }
-
-    /// The data length of a read or write's last page: 4096, or less when the request would run
-    /// past the device's capacity only inside that page (a capacity that is not a multiple of
-    /// 4 KiB, e.g. a 10240-byte image): then the request stops at the capacity, in whole sectors.
-    /// A request that starts at or past the capacity, or runs past it by a page or more (the
-    /// device shrank under it), goes out whole and the device fails it.
-    private func lastPageLength(_ c: BlkCommand) -> Int {
-        let sector: UInt64
-        let pages: Int
-        switch c {
-        case .read(let s, let p), .write(let s, let p):
-            sector = s
-            pages = p
-        default: return Self.pageSize
-        }
-        let cap = capacity.load(ordering: .relaxed)
-        let (start, o1) = sector.multipliedReportingOverflow(by: 512)
-        let (end, o2) = start.addingReportingOverflow(UInt64(pages * Self.pageSize))
-        guard !o1, !o2, start < cap, end > cap, end - cap < UInt64(Self.pageSize) else { return Self.pageSize }
-        return Self.pageSize - Int(end - cap)
-    }
-
-    // MARK: completion
-
-    private func completionLoop(_ lane: Lane) {
-        defer { threadsDone.signal() }
-        IOLane.set(lane.index) // follow-up requests issued from completions stay on this queue
-        var finished: [(Slot, UInt8)] = []
-        let timeout = options.requestTimeoutSeconds
-        // The timeout sweep scans every slot of the lane under its lock: once a second is enough
-        // (a request is late after `timeout` seconds, so finding it up to 1 s later is fine).
-        var nextSweep = ContinuousClock.now + .seconds(1)
-        while true {
-            let interrupt = lane.state.withLock { $0.doorbells.interrupt }
-            // With a request timeout, wake once a second to look for requests the device sits on
-            // (an idle lane costs one wake-up a second, nothing measurable).
-            let (fired, stop) = interrupt.wait(orUntil: stopFD, timeoutMilliseconds: timeout > 0 ? 1000 : -1)
-            if stop { return }
-            if fired {
-                interrupt.drain()
-                stats.interrupts.add(1, ordering: .relaxed)
-            }
-            if lane.index == 0 { checkConfig() }
-            let n = reap(lane, into: &finished)
-            if options.pollMicroseconds > 0 && n > 0 {
-                // Adaptive polling: while completions keep coming, poll instead of taking interrupts;
-                // after a quiet window, re-arm the interrupt (and poll on if buffers slipped in).
-                let window = Duration.microseconds(options.pollMicroseconds)
-                repeat {
-                    lane.state.withLock { $0.queue.disableInterrupts() }
-                    var deadline = ContinuousClock.now + window
-                    while ContinuousClock.now < deadline {
-                        if reap(lane, into: &finished, checkStatus: false) > 0 { deadline = .now + window }
-                    }
-                } while lane.state.withLock({ !$0.polled && $0.queue.enableInterrupts() })
-            }
-            if timeout > 0, ContinuousClock.now >= nextSweep {
-                checkTimeouts(lane, limit: timeout)
-                nextSweep = .now + .seconds(1)
-            }
-        }
-    }
-
-    /// Each queue's interrupt, for a caller that reaps (`reapedByCaller`): watch `queueInterrupts[i]`
-    /// for readability on the thread that submits to queue i (an event loop's epoll) and call
-    /// `serviceQueue(i)` there when it fires. The eventfd is the same one for the driver's whole
-    /// life, across device resets. Empty when completion threads reap.
-    public var queueInterrupts: [EventFD] {
-        reapedByCaller ? lanes.map { l in l.state.withLock { $0.doorbells.interrupt } } : []
-    }
-
-    /// Queue `i`'s interrupt fired and the caller has read (cleared) its eventfd: run what the
-    /// device has completed, on the calling thread (the caller's event loop), inside this call.
-    public func serviceQueue(_ i: Int) {
-        let lane = lanes[i]
-        stats.interrupts.add(1, ordering: .relaxed)
-        if i == 0 { checkConfig() }
-        var finished: [(Slot, UInt8)] = []
-        reap(lane, into: &finished)
-    }
-
-    /// Once a second on queue `i`'s thread when the caller reaps: a configuration change missed
-    /// (queue 0), requests the device sits on longer than the request timeout.
-    public func tickQueue(_ i: Int) {
-        if i == 0 { checkConfig() }
-        let timeout = options.requestTimeoutSeconds
-        if timeout > 0 { checkTimeouts(lanes[i], limit: timeout) }
-    }
-
-    /// Completes, on the calling thread, whatever the device has used on this thread's queue, and
-    /// returns how many (for callers that spin instead of waiting, like io_uring's IOPOLL). The
-    /// first call turns the queue's interrupts off: from then on the caller must keep polling
-    /// (the completion thread still sweeps once a second when a request timeout is set).
-    @discardableResult
-    public func pollCompletions() -> Int {
-        let lane = lanes[IOLane.current % lanes.count]
-        lane.state.withLock { s in
-            if !s.polled {
-                s.polled = true
-                s.queue.disableInterrupts()
-            }
-        }
-        var finished: [(Slot, UInt8)] = []
-        return reap(lane, into: &finished, checkStatus: false)
-    }
-
-    /// Completes what the device has used; returns how many.
-    @discardableResult
-    private func reap(_ lane: Lane, into finished: inout [(Slot, UInt8)], checkStatus: Bool = true) -> Int {
-        let mem = arena.memory
-        var failure: String?
-        let seen = epoch.load(ordering: .acquiring)
-        let usable = lane.state.withLock { s -> Bool in
-            guard !s.resetting, s.broken == nil else { return false }
-            do {
-                while let (id, _) = try s.queue.nextUsed() {
-                    guard let slot = s.slots[Int(id)] else { continue }
-                    s.slots[Int(id)] = nil
-                    let at = BlkRequestSlot(id: Int(id), base: lane.headers.offset, device: 0).offset
-                    finished.append((slot, mem.load8(at + BlkRequestSlot.status)))
-                }
-            } catch {
-                failure = "\(error)"
-            }
-            return true
-        }
-        guard usable else { return 0 }
-        if checkStatus, failure == nil, finished.isEmpty, transport.readStatus().contains(.deviceNeedsReset) {
-            failure = "the device set DEVICE_NEEDS_RESET"
-        }
-        let count = finished.count
-        for (slot, status) in finished {
-            let io = IOPages(pages: slot.pages, memory: mem, arena: arena)
-            switch status {
-            case BlkStatus.ok: slot.done(.success(io))
-            case BlkStatus.unsupp:
-                stats.errors.add(1, ordering: .relaxed)
-                slot.done(.failure(.unsupported(describe(slot.command))))
-            case BlkStatus.ioErr:
-                stats.errors.add(1, ordering: .relaxed)
-                slot.done(.failure(.ioError("\(describe(slot.command)) failed")))
-            default:
-                stats.errors.add(1, ordering: .relaxed)
-                slot.done(.failure(.ioError("\(describe(slot.command)): device wrote no status")))
-            }
-        }
-        // Return pages, then start whatever now fits.
-        let toLaunch: [(Pending, [Int32])] = lane.state.withLock { s in
-            for (slot, _) in finished { s.freePages.append(contentsOf: slot.pages) }
-            s.inFlight -= finished.count
-            return takeWaiting(&s, lane)
-        }
-        finished.removeAll(keepingCapacity: true)
-        for (p, pages) in toLaunch { launch(lane, p, pages) }
-        if let f = failure { requestRecovery(reason: f, seenEpoch: seen) }
-        return count
-    }
-
-    /// Waiting requests that now fit, in order.
-    private func takeWaiting(_ s: inout LaneState, _ lane: Lane) -> [(Pending, [Int32])] {
-        var out: [(Pending, [Int32])] = []
-        guard !s.resetting else { return out }
-        while let first = s.waiting.first, let pages = reserve(&s, lane, first.command, pages: first.pages) {
-            out.append((s.waiting.removeFirst(), pages))
-        }
-        return out
-    }
-
-    private func checkTimeouts(_ lane: Lane, limit: Double) {
-        let seen = epoch.load(ordering: .acquiring)
-        let now = ContinuousClock.now
-        let late: Slot? = lane.state.withLock { s in
-            guard !s.resetting, s.broken == nil, s.inFlight > 0 else { return nil }
-            return s.slots.lazy.compactMap { $0 }.first { now - $0.submitted > .seconds(limit) }
-        }
-        if let l = late {
-            stats.timeouts.add(1, ordering: .relaxed)
-            requestRecovery(reason: "\(describe(l.command)) was not completed within \(limit) s", seenEpoch: seen)
-        }
-    }
-
-    /// A configuration change (§2.5.1): re-read the capacity under the generation counter.
-    private func checkConfig() {
-        let gen = transport.configGeneration()
-        guard gen != seenConfigGeneration.load(ordering: .relaxed) else { return }
-        var bytes: UInt64
-        var g = gen
-        repeat {
-            bytes = transport.readConfig(offset: BlkConfig.capacity, width: 8) &* 512
-            let again = transport.configGeneration()
-            if again == g { break }
-            g = again
-        } while true
-        seenConfigGeneration.store(g, ordering: .relaxed)
-        let old = capacity.exchange(bytes, ordering: .relaxed)
-        if old != bytes {
-            stats.configChanges.add(1, ordering: .relaxed)
-            logger.notice("device capacity changed from \(old) to \(bytes) bytes", metadata: ["generation": "\(g)"])
-        }
-    }
-
-    // MARK: recovery
-
-    /// Starts `recover` on a thread of its own unless one runs. A recovery may wait many seconds
-    /// for a device to come back (a vhost-user backend restarting), which must not hold up the
-    /// event loop or completion thread that noticed the failure.
-    private func requestRecovery(reason: String, seenEpoch: Int) {
-        guard epoch.load(ordering: .acquiring) == seenEpoch,
-            recovering.compareExchange(expected: false, desired: true, ordering: .acquiringAndReleasing).exchanged
-        else { return }
-        let t = Thread { [self] in
-            recover(reason: reason, seenEpoch: seenEpoch)
-            recovering.store(false, ordering: .releasing)
-        }
-        t.name = "virtio-blk-recovery"
-        t.start()
-    }
-
-    /// Resets the device and brings it back (§2.1.2: DEVICE_NEEDS_RESET; or a request timed out).
-    /// Every virtio-blk request is idempotent, so each one in flight is resubmitted (once; up to
-    /// three times on a transport that reconnects, where a backend restart is the usual cause).
-    /// When the reset fails, everything fails at once, unless the transport can reconnect: then
-    /// the requests are held and the reset retried with backoff for `reconnectTimeoutSeconds`,
-    /// after which they fail and the retries go on in the background until the device returns.
-    private func recover(reason: String, seenEpoch: Int) {
-        guard epoch.load(ordering: .acquiring) == seenEpoch,
-            lanes.allSatisfy({ l in l.state.withLock { $0.broken == nil && !$0.closing } })
-        else { return }
-        logger.warning("resetting the virtio-blk device: \(reason)")
-        stats.resets.add(1, ordering: .relaxed)
-        let window = transport.canReconnect ? options.reconnectTimeoutSeconds : 0
-        let windowText = window == window.rounded() ? "\(Int(window)) s" : "\(window) s"
-        var (held, fail) = holdInFlight(maxResubmissions: window > 0 ? 3 : 1)
-        let started = ContinuousClock.now
-        var delay = Duration.milliseconds(50)
-        var gaveUp = false
-        var waitLogged = false
-        while true {
-            do {
-                try bringUp()
-                break
-            } catch {
-                let why = "\(reason); the reset failed: \(error)"
-                if window <= 0 || stopping.load(ordering: .acquiring) {
-                    if !gaveUp { failEverything(why, held: held, alsoFailing: fail) }
-                    return
-                }
-                if !waitLogged {
-                    waitLogged = true
-                    logger.warning(
-                        "virtio-blk device gone; holding \(held.count) request(s) and reconnecting for up to \(windowText): \(error)"
-                    )
-                } else {
-                    logger.debug("virtio-blk device still gone: \(error)")
-                }
-                if !gaveUp, ContinuousClock.now - started >= .seconds(window) {
-                    gaveUp = true
-                    logger.error(
-                        "virtio-blk device did not come back within \(windowText) (\(error)); failing \(held.count) held request(s) and new ones with EIO until it does. Restart the backend on the same socket (virtnbd reconnects by itself) or raise --reconnect-timeout"
-                    )
-                    failEverything(why, held: held, alsoFailing: fail)
-                    held = []
-                    fail = []
-                }
-                if !sleepUnlessStopping(delay) {
-                    if !gaveUp { failEverything("\(why); the server is shutting down", held: held, alsoFailing: fail) }
-                    return
-                }
-                delay = min(delay * 2, .milliseconds(500))
-            }
-        }
-        epoch.add(1, ordering: .releasing)
-        let (secs, atto) = (ContinuousClock.now - started).components
-        let outage = String(format: "%.1f ms", Double(secs) * 1000 + Double(atto) / 1e15)
-        if gaveUp {
-            logger.notice("virtio-blk device is back after \(outage); serving again")
-        } else {
-            logger.notice(
-                "virtio-blk device reset in \(outage); resubmitting \(held.count) request(s), \(fail.count) failed")
-        }
-        resume(held: held, failing: fail)
-    }
-
-    /// Marks every lane resetting and takes its requests off the ring: those still allowed a
-    /// resubmission are held, the others fail.
-    private func holdInFlight(maxResubmissions: Int) -> (
-        held: [(Lane, Pending, [Int32])], fail: [(Completion, BlkError)]
-    ) {
-        var held: [(Lane, Pending, [Int32])] = []
-        var fail: [(Completion, BlkError)] = []
-        for lane in lanes {
-            lane.state.withLock { s in
-                s.resetting = true
-                for i in s.slots.indices {
-                    guard let sl = s.slots[i] else { continue }
-                    s.slots[i] = nil
-                    if sl.resubmissions >= maxResubmissions {
-                        fail.append((sl.done, .ioError("\(describe(sl.command)) failed again after a device reset")))
-                        s.freePages.append(contentsOf: sl.pages)
-                        s.inFlight -= 1
-                    } else {
-                        let p = Pending(
-                            command: sl.command, fill: nil, done: sl.done, pages: sl.pages,
-                            resubmissions: sl.resubmissions + 1)
-                        held.append((lane, p, sl.pages))
-                    }
-                }
-            }
-        }
-        return (held, fail)
-    }
-
-    /// §3.1.1 again on the same arena and ring addresses; the transport's `reset` reconnects a
-    /// backend that went away.
-    private func bringUp() throws {
-        try transport.reset()
-        try transport.writeStatus([.acknowledge])
-        try transport.writeStatus([.acknowledge, .driver])
-        try Self.negotiate(transport, negotiated)
-        for lane in lanes {
-            let d = try lane.state.withLock { s in
-                s.queue.reset()
-                return try transport.setupQueue(
-                    lane.index, size: queueSize, descriptors: lane.addresses.descriptors,
-                    driverArea: lane.addresses.driverArea, deviceArea: lane.addresses.deviceArea)
-            }
-            try lane.state.withLock { s in
-                // A caller watches the interrupt it was given at start: it must stay the same.
-                guard !reapedByCaller || d.interrupt === s.doorbells.interrupt else {
-                    throw VirtioTransportError.deviceFailed(
-                        "queue \(lane.index) got a new interrupt eventfd from the reset, which the event loop does not watch"
-                    )
-                }
-                s.doorbells = d
-            }
-        }
-        try transport.writeStatus([.acknowledge, .driver, .featuresOK, .driverOK])
-        guard !transport.readStatus().contains(.deviceNeedsReset) else {
-            throw VirtioTransportError.deviceFailed("the device still needs a reset after one")
-        }
-    }
-
-    /// The reset failed for good (or for now): every lane is broken, so new requests fail at once,
-    /// and everything held or waiting fails with `why`.
-    private func failEverything(
-        _ why: String, held: [(Lane, Pending, [Int32])], alsoFailing already: [(Completion, BlkError)]
-    ) {
-        logger.error("virtio-blk device failed: \(why); failing every request")
-        epoch.add(1, ordering: .releasing)
-        var fail = already
-        for lane in lanes {
-            lane.state.withLock { s in
-                s.broken = why
-                s.resetting = false
-                for w in s.waiting { fail.append((w.done, .deviceBroken(why))) }
-                s.inFlight -= s.waiting.count
-                s.waiting.removeAll()
-            }
-        }
-        for (lane, p, pages) in held {
-            lane.state.withLock { s in
-                s.freePages.append(contentsOf: pages)
-                s.inFlight -= 1
-            }
-            fail.append((p.done, .deviceBroken(why)))
-        }
-        for (d, e) in fail { d(.failure(e)) }
-    }
-
-    /// The device is back: lanes take requests again, held ones first, then whatever waited.
-    private func resume(held: [(Lane, Pending, [Int32])], failing fail: [(Completion, BlkError)]) {
-        var launches: [(Lane, Pending, [Int32])] = []
-        for lane in lanes {
-            lane.state.withLock { s in
-                s.resetting = false
-                s.broken = nil
-                // Resubmissions go first; a fresh ring has room for everything that was on it.
-                for (l, p, pages) in held where l === lane {
-                    s.reservedDescriptors += ringCost(lane, p.command)
-                    launches.append((lane, p, pages))
-                }
-                for (p, pages) in takeWaiting(&s, lane) { launches.append((lane, p, pages)) }
-                if s.polled { s.queue.disableInterrupts() }
-            }
-        }
-        for (d, e) in fail { d(.failure(e)) }
-        for (lane, p, pages) in launches { launch(lane, p, pages) }
-    }
-
-    /// Sleeps `d` in short steps; false if `shutdown` began meanwhile.
-    private func sleepUnlessStopping(_ d: Duration) -> Bool {
-        let end = ContinuousClock.now + d
-        while ContinuousClock.now < end {
-            if stopping.load(ordering: .acquiring) { return false }
-            Thread.sleep(forTimeInterval: 0.01)
-        }
-        return !stopping.load(ordering: .acquiring)
-    }
-
-    private func describe(_ c: BlkCommand) -> String {
-        switch c {
-        case .read(let s, let p): return "read of \(p * 4096) bytes at sector \(s)"
-        case .write(let s, let p): return "write of \(p * 4096) bytes at sector \(s)"
-        case .flush: return "flush"
-        case .discard(let s, let n): return "discard of \(n) sectors at \(s)"
-        case .writeZeroes(let s, let n, _): return "write-zeroes of \(n) sectors at \(s)"
-        case .getID: return "get-id"
         }
     }
 
@@ -961,17 +422,20 @@ public final class VirtioBlkDriver: @unchecked Sendable {
     }
 
     /// Reaps every queue on the calling thread, when the caller reaps (see `shutdown`).
-    private func reapFromShutdown() {
+    func reapFromShutdown() {
         guard reapedByCaller else { return }
         var finished: [(Slot, UInt8)] = []
         for lane in lanes { reap(lane, into: &finished) }
     }
 
-    private func stopThreads() {
-        guard threadCount > 0 else { return }
+    func stopThreads() {
+        let n = threadCount.withLock { n in
+            defer { n = 0 }
+            return n
+        }
+        guard n > 0 else { return }
         stopFD.signal()
-        for _ in 0..<threadCount { threadsDone.wait() }
-        threadCount = 0
+        for _ in 0..<n { threadsDone.wait() }
     }
 
     public var inFlightCount: Int { lanes.reduce(0) { n, l in n + l.state.withLock { $0.inFlight } } }
