@@ -83,6 +83,7 @@ let package = Package(
             "TestSupport", "CNBD", "NBDServer", "VirtioBlock", "VirtioEmulator",
             .product(name: "NIOPosix", package: "swift-nio"),
             .product(name: "NIOEmbedded", package: "swift-nio"),
+            .product(name: "CoreMetrics", package: "swift-metrics"),
         ]),
     ],
     swiftLanguageModes: [.v6]

@@ -407,8 +407,11 @@ final class ServerIntegrationTests: XCTestCase {
         }
     }
 
-    /// More requests in flight than the handler's in-flight limit (128): backpressure must not stall.
+    /// 600 requests sent at once, more than the handler's in-flight limit (128): the server holds
+    /// many at a time (its own in-flight gauge peaks near the limit, never above it), and
+    /// backpressure does not stall the rest.
     func testHundredsOfRequestsInFlight() async throws {
+        let peaks = InFlightPeaks.shared
         try await TestServer.with(try await TestServer.ram(size: 1 << 20)) { s in
             let c = try NBDClient(socket: s.socketPath, export: "disk")
             var model = DiskModel(size: 1 << 20)
@@ -433,6 +436,9 @@ final class ServerIntegrationTests: XCTestCase {
             }
             assertBytes(try c.pread(1 << 20, at: 0), model.bytes, "whole disk")
             c.close()
+            let peak = try XCTUnwrap(peaks.peak(export: "disk"), "the server made no in-flight gauge")
+            XCTAssertGreaterThanOrEqual(peak, 64, "requests the server held at once")
+            XCTAssertLessThanOrEqual(peak, 128, "the per-connection limit (NBDConnectionHandler.maxInFlight)")
         }
     }
 
