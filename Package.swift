@@ -72,6 +72,15 @@ let package = Package(
         .executableTarget(name: "virtqueue-bench", dependencies: ["Virtio", "VirtioBlock", "VirtioEmulator"]),
         .systemLibrary(name: "CNBD", path: "Tests/CNBD", pkgConfig: "libnbd", providers: [.apt(["libnbd-dev"])]),
         .testTarget(name: "NBDProtocolTests", dependencies: ["NBDProtocol"]),
+        // The fuzz targets' entry points, replaying Tests/fuzz/regressions under swift test.
+        .testTarget(
+            name: "FuzzRegressionTests",
+            dependencies: [
+                "NBDProtocol", "Virtio", "VirtioEmulator", .product(name: "NIOCore", package: "swift-nio"),
+                .product(name: "Logging", package: "swift-log"),
+            ],
+            path: "Tests/fuzz", exclude: ["corpus", "regressions", "make-seeds.py"], sources: ["targets", "replay"],
+            swiftSettings: [.define("FUZZ_REPLAY")]),
         .testTarget(name: "NBDClientTests", dependencies: ["NBDClient", "NBDProtocol", .product(name: "NIOCore", package: "swift-nio")]),
         .testTarget(name: "ServerConfigTests", dependencies: ["ServerConfig", "AccessControl"]),
         .testTarget(name: "AccessControlTests", dependencies: ["AccessControl"]),

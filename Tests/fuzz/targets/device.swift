@@ -1,3 +1,7 @@
+import Foundation
+import Logging
+import Virtio
+
 // libFuzzer entry: the virtio-blk device side (Sources/VirtioEmulator), fed hostile shared memory.
 // Compiled by Scripts/fuzz together with Sources/VirtioEmulator/*.swift as module VirtioEmulator,
 // so the internal DeviceSplitQueue is reachable without @testable.
@@ -24,9 +28,9 @@
 //   if byte 0 bit 3: 3 × u64 little-endian: desc, avail (driver), used (device) addresses
 //   rest     the arena image from offset 0 (the descriptor table sits at offset 0 by default,
 //            then the avail ring, then the used ring; anything after is data)
-import Foundation
-import Logging
-import Virtio
+#if FUZZ_REPLAY
+    @testable import VirtioEmulator
+#endif
 
 #if canImport(Glibc)
     import Glibc
@@ -135,7 +139,9 @@ private struct Input {
     }
 }
 
-@_cdecl("LLVMFuzzerTestOneInput")
+#if !FUZZ_REPLAY
+    @_cdecl("LLVMFuzzerTestOneInput")
+#endif
 public func fuzzDevice(_ data: UnsafePointer<UInt8>, _ size: Int) -> CInt {
     guard size >= 2 else { return 0 }
     if harness == nil { harness = Harness() }

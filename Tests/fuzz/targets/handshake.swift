@@ -1,3 +1,5 @@
+import NIOCore
+
 // libFuzzer entry: HandshakeStateMachine (Sources/NBDProtocol/Handshake.swift).
 // Compiled by Scripts/fuzz together with Sources/NBDProtocol/*.swift as module NBDProtocol.
 //
@@ -13,7 +15,9 @@
 // as the server does. Invariants checked: nothing happens after close/startTransmission; option
 // replies are well formed; with TLS required, nothing but ERR_TLS_REQD/ACK before TLS and never
 // transmission; STARTTLS is never acknowledged with TLS off or already active.
-import NIOCore
+#if FUZZ_REPLAY
+    @testable import NBDProtocol
+#endif
 
 private let exportA = NBDExportInfo(
     name: "disk", description: "main", size: 1 << 20,
@@ -150,7 +154,9 @@ private func run(
     return out
 }
 
-@_cdecl("LLVMFuzzerTestOneInput")
+#if !FUZZ_REPLAY
+    @_cdecl("LLVMFuzzerTestOneInput")
+#endif
 public func fuzzHandshake(_ data: UnsafePointer<UInt8>, _ size: Int) -> CInt {
     guard size >= 3 else { return 0 }
     let bytes = Array(UnsafeBufferPointer(start: data, count: size))

@@ -1,3 +1,5 @@
+import NIOCore
+
 // libFuzzer entry: TransmissionParser (Sources/NBDProtocol/Transmission.swift).
 // Compiled by Scripts/fuzz together with Sources/NBDProtocol/*.swift as module NBDProtocol.
 //
@@ -11,7 +13,9 @@
 // the same events and the same error. Invariants: a WRITE's payload is exactly its length and at
 // most the maximum payload; other requests carry none; with extended headers PAYLOAD_LEN never
 // reaches the handler.
-import NIOCore
+#if FUZZ_REPLAY
+    @testable import NBDProtocol
+#endif
 
 private enum Outcome: Equatable {
     case request(NBDRequest, payload: [UInt8]?)
@@ -83,7 +87,9 @@ private func run(_ bytes: ArraySlice<UInt8>, extended: Bool, maxPayload: Int, ma
     return out
 }
 
-@_cdecl("LLVMFuzzerTestOneInput")
+#if !FUZZ_REPLAY
+    @_cdecl("LLVMFuzzerTestOneInput")
+#endif
 public func fuzzTransmission(_ data: UnsafePointer<UInt8>, _ size: Int) -> CInt {
     guard size >= 3 else { return 0 }
     let bytes = Array(UnsafeBufferPointer(start: data, count: size))
