@@ -69,7 +69,9 @@ let package = Package(
             .product(name: "Prometheus", package: "swift-prometheus"),
         ]),
         // The virtqueue round-trip microbenchmark (driver → emulator → completion), release builds.
-        .executableTarget(name: "virtqueue-bench", dependencies: ["Virtio", "VirtioBlock", "VirtioEmulator"]),
+        .executableTarget(
+            name: "virtqueue-bench",
+            dependencies: ["Virtio", "VirtioBlock", "VirtioEmulator", .product(name: "Logging", package: "swift-log")]),
         .systemLibrary(name: "CNBD", path: "Tests/CNBD", pkgConfig: "libnbd", providers: [.apt(["libnbd-dev"])]),
         .testTarget(name: "NBDProtocolTests", dependencies: ["NBDProtocol"]),
         // The fuzz targets' entry points, replaying Tests/fuzz/regressions under swift test.

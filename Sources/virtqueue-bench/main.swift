@@ -2,6 +2,7 @@
 // completion, for 4 KiB reads from a RAM disk. No NBD, no sockets: just the virtio path.
 //
 //   swift run -c release virtqueue-bench [--requests N] [--ring split|packed] [--mode irq|poll]
+//   swift run -c release virtqueue-bench --check-wraps     (a check, not a benchmark: WrapCheck.swift)
 //
 // For each ring format and completion mode it prints, at queue depth 1, the median and 99th
 // percentile time per request and requests per second, and at queue depth 32 requests per second.
@@ -18,6 +19,7 @@ struct Options {
     var requests = 200_000
     var rings: [RingFormat] = RingFormat.allCases
     var modes = ["irq", "poll"]
+    var checkWraps = false
 }
 
 func parse() -> Options {
@@ -28,9 +30,12 @@ func parse() -> Options {
         case "--requests": o.requests = Int(args.next() ?? "") ?? o.requests
         case "--ring": if let r = args.next().flatMap(RingFormat.init(rawValue:)) { o.rings = [r] }
         case "--mode": if let m = args.next(), ["irq", "poll"].contains(m) { o.modes = [m] }
+        case "--check-wraps": o.checkWraps = true
         default:
             FileHandle.standardError.write(
-                Data("usage: virtqueue-bench [--requests N] [--ring split|packed] [--mode irq|poll]\n".utf8))
+                Data(
+                    "usage: virtqueue-bench [--requests N] [--ring split|packed] [--mode irq|poll] | --check-wraps\n"
+                        .utf8))
             exit(2)
         }
     }
@@ -121,6 +126,7 @@ func run(ring: RingFormat, mode: String, requests: Int) throws -> String {
 }
 
 let opts = parse()
+if opts.checkWraps { exit(checkWraps(perQueue: 2 * 65536 + 777)) }
 print(
     "virtqueue round trip, 4 KiB reads from a RAM-backed emulator, \(opts.requests) requests per cell, \(ProcessInfo.processInfo.activeProcessorCount) CPUs"
 )

@@ -11,8 +11,10 @@ import XCTest
 /// data-verifying workload against the emulator. Each one-queue cell then pushes its ring's index
 /// past 65535 twice (a packed ring's wrap counters flip about a thousand times on the way); a
 /// four-queue cell runs the same ring code once per queue, so it sends 3 × 256 + 77 requests
-/// through every queue (its packed wrap counters flip six times each) and the index wraps are left
-/// to the one-queue cells. Under AddressSanitizer that keeps the test near a minute instead of four.
+/// through every queue (its packed wrap counters flip six times each): under AddressSanitizer that
+/// keeps the test near a minute instead of four. The four-queue index wraps run release-built in
+/// `virtqueue-bench --check-wraps` (Sources/virtqueue-bench/WrapCheck.swift), which Scripts/test's
+/// unit stage runs after swift test.
 final class MatrixTests: XCTestCase {
     struct Cell: CustomStringConvertible {
         var ring: RingFormat, eventIdx: Bool, indirect: Bool, queues: Int
