@@ -104,3 +104,7 @@ int vshim_signal_pipe(int sig) {
     if (sigaction(sig, &sa, NULL) != 0) return -errno;
     return vshim_sigpipe_fds[0];
 }
+
+int vshim_set_thread_name(const char *name) {
+    return prctl(PR_SET_NAME, (unsigned long)name, 0, 0, 0) == 0 ? 0 : -errno;
+}

@@ -17,11 +17,10 @@ extension VirtioBlkDriver {
         guard epoch.load(ordering: .acquiring) == seenEpoch,
             recovering.compareExchange(expected: false, desired: true, ordering: .acquiringAndReleasing).exchanged
         else { return }
-        let t = Thread { [self] in
+        let t = Thread.named("virtio-blk-recovery") { [self] in
             recover(reason: reason, seenEpoch: seenEpoch)
             recovering.store(false, ordering: .releasing)
         }
-        t.name = "virtio-blk-recovery"
         t.start()
     }
 

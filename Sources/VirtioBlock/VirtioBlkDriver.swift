@@ -353,8 +353,7 @@ public final class VirtioBlkDriver: @unchecked Sendable {
 
     func startCompletionThreads() {
         for lane in lanes {
-            let t = Thread { [unowned self] in self.completionLoop(lane) }
-            t.name = "virtio-blk-irq\(lane.index)"
+            let t = Thread.named("virtio-blk-irq\(lane.index)") { [unowned self] in self.completionLoop(lane) }
             threadCount.withLock { $0 += 1 }
             t.start()
         }

@@ -146,8 +146,7 @@ public final class VirtioBlkEmulator: MMIOBus, @unchecked Sendable {
                 configSpace: Self.makeConfig(capacitySectors: deviceBytes / 512, queues: n, c: configuration),
                 capacityBytes: deviceBytes))
         for q in 0..<n {
-            let t = Thread { [unowned self] in self.run(queue: q) }
-            t.name = "virtio-blk-dev\(q)" // ≤ 15 bytes: Linux thread names
+            let t = Thread.named("virtio-blk-dev\(q)") { [unowned self] in self.run(queue: q) }
             threads.append(t)
             t.start()
         }

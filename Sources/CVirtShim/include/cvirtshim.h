@@ -51,6 +51,9 @@ void vshim_lane_set(int lane);
 /// prctl(PR_SET_PDEATHSIG, sig): the kernel sends `sig` to this process when the thread that
 /// created it exits (prctl is variadic, so Swift cannot call it). Returns 0 or -errno.
 int vshim_set_parent_death_signal(int sig);
+/// prctl(PR_SET_NAME): the calling thread's name as top, perf and /proc show it (15 bytes kept).
+/// Returns 0 or -errno.
+int vshim_set_thread_name(const char *name);
 
 /// Installs a handler for `sig` that writes the signal number (one byte) to a close-on-exec
 /// pipe and returns the pipe's read end (the same pipe for every signal), or -errno. The handler
