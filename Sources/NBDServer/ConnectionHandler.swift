@@ -200,17 +200,14 @@ final class NBDConnectionHandler: ChannelDuplexHandler {
                 case .rejected(let r, let reason):
                     export.metrics.request(ExportMetrics.Op(r.command))
                     logger.debug("rejecting request", metadata: ["type": "\(r.type)", "length": "\(r.length)"])
-                    execute(context, r, rules.decide(reason), payload: nil, export: export, rules: rules)
-                case .request(let r, let payload):
-                    export.metrics.request(ExportMetrics.Op(r.command))
-                    let decision = rules.decide(r)
-                    if decision == .run(.disconnect) {
-                        logger.debug("client sent NBD_CMD_DISC")
-                        phase = .closing
-                        closeWhenDrained(context: context)
+                    guard answer(context, r, rules.decide(reason), payload: nil, export: export, rules: rules) else {
                         return
                     }
-                    execute(context, r, decision, payload: payload, export: export, rules: rules)
+                case .request(let r, let payload):
+                    export.metrics.request(ExportMetrics.Op(r.command))
+                    guard answer(context, r, rules.decide(r), payload: payload, export: export, rules: rules) else {
+                        return
+                    }
                 }
             }
         }
@@ -218,17 +215,30 @@ final class NBDConnectionHandler: ChannelDuplexHandler {
 
     // MARK: requests
 
-    /// Runs what the transmission rules decided for one request; every request gets exactly one reply.
-    private func execute(
+    /// Does what the transmission rules decided for one request: every request but NBD_CMD_DISC gets
+    /// exactly one reply. False after NBD_CMD_DISC: parse no further, close once the replies are out.
+    private func answer(
         _ context: ChannelHandlerContext, _ r: NBDRequest, _ decision: RequestDecision, payload: ByteBuffer?,
         export: NBDExport, rules: TransmissionRules
-    ) {
-        let op: TransmissionOperation
+    ) -> Bool {
         switch decision {
-        case .fail(let err, let message): return fail(context, r, rules, err, message)
-        case .succeed: return succeed(context, r, rules)
-        case .run(let o): op = o
+        case .fail(let err, let message): fail(context, r, rules, err, message)
+        case .succeed: succeed(context, r, rules)
+        case .run(let op): execute(context, r, op, payload: payload, export: export, rules: rules)
+        case .disconnect:
+            logger.debug("client sent NBD_CMD_DISC")
+            phase = .closing
+            closeWhenDrained(context: context)
+            return false
         }
+        return true
+    }
+
+    /// Runs one valid request on the device; its completion sends the one reply.
+    private func execute(
+        _ context: ChannelHandlerContext, _ r: NBDRequest, _ op: TransmissionOperation, payload: ByteBuffer?,
+        export: NBDExport, rules: TransmissionRules
+    ) {
         let device = export.device
         let metrics = export.metrics
         switch op {
@@ -283,8 +293,6 @@ final class NBDConnectionHandler: ChannelDuplexHandler {
             var b = context.channel.allocator.buffer(capacity: 40 + 16 * descriptors.count)
             rules.replies.blockStatus(r, context: ctx, descriptors: descriptors, into: &b)
             emit(context, b)
-        case .disconnect:
-            break
         }
     }
 

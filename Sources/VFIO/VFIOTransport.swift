@@ -4,7 +4,7 @@ import CVirtShim
 //
 //   container /dev/vfio/vfio ── TYPE1v2 IOMMU ── MAP_DMA(arena: vaddr → IOVA = deviceBase)
 //   group /dev/vfio/<n> ── device fd ── config space (region 7, pread/pwrite)
-//                                     └─ BARs (mmap) holding the COMMON / NOTIFY / ISR / DEVICE capabilities
+//                                     └─ BARs (mmap) holding the COMMON / NOTIFY / DEVICE capabilities
 //   MSI-X vector 0 ── eventfd  (queue 0 and config changes share it)
 //
 // Register accesses go through MappedBAR (BAR.swift), the only file here with unsafe pointers.
@@ -71,7 +71,6 @@ public final class VFIOTransport: VirtioTransport, @unchecked Sendable {
     private let common: RegisterWindow
     private let notify: RegisterWindow
     private let notifyMultiplier: UInt32
-    private let isr: RegisterWindow?
     private let deviceConfig: RegisterWindow
     private let interrupt: EventFD
 
@@ -193,7 +192,6 @@ public final class VFIOTransport: VirtioTransport, @unchecked Sendable {
         notify = try window(2, minLength: 2)
         notifyMultiplier = VFIOTransport.le32(cfg, caps[2]!.capAt + 16)
         deviceConfig = try window(4, minLength: 0)
-        if caps[3] != nil { isr = try window(3, minLength: 1) } else { isr = nil }
 
         // 6. Interrupts: MSI-X vector 0 → one eventfd (queue 0 and config changes share it).
         var irqFlags: UInt32 = 0
@@ -356,9 +354,6 @@ public final class VFIOTransport: VirtioTransport, @unchecked Sendable {
     }
 
     public func configGeneration() -> UInt32 { UInt32(common.read8(CommonCfg.configGeneration)) }
-
-    /// Reads (and so clears) the ISR status: bit 0 queue interrupt, bit 1 config change. Unused with MSI-X.
-    public func readISR() -> UInt8 { isr?.read8(0) ?? 0 }
 
     // MARK: helpers
 

@@ -99,7 +99,7 @@ final class TransmissionRulesTests: XCTestCase {
             r.decide(request(6, flags: 2)), .run(.writeZeroes(offset: 0, length: 4096, fua: false, mayUnmap: false)))
         XCTAssertEqual(r.decide(request(6)), .run(.writeZeroes(offset: 0, length: 4096, fua: false, mayUnmap: true)))
         XCTAssertEqual(r.decide(request(3)), .run(.flush))
-        XCTAssertEqual(r.decide(request(2)), .run(.disconnect))
+        XCTAssertEqual(r.decide(request(2)), .disconnect)
         XCTAssertEqual(r.decide(request(5)), .succeed, "CACHE has nothing to prefetch")
         XCTAssertEqual(
             r.decide(request(7, flags: 8, offset: 4096, length: 100)),
