@@ -91,16 +91,50 @@ public final class VFIOTransport: VirtioTransport, @unchecked Sendable {
         let bdf = try VFIOTransport.normalise(pciAddress)
         self.pciAddress = bdf
         self.logger = logger
+        let container = try Self.openContainer()
+        self.container = container
+        let g = try Self.findIOMMUGroup(bdf)
+        iommuGroup = g
+        let (group, device) = try Self.openDevice(bdf, group: g, container: container.fd)
+        self.group = group
+        self.device = device
+        let dfd = device.fd
+        let (cfg, vendor, devid) = try Self.probe(dfd)
+        deviceID = 2 // probe accepts virtio-blk only
+        let caps = try Self.capabilities(cfg)
+        let windows = try Self.map(caps, dfd)
+        common = windows.common
+        notify = windows.notify
+        deviceConfig = windows.device
+        notifyMultiplier = VFIOTransport.le32(cfg, caps[2]!.capAt + 16)
+        let (irq, irqCount) = try Self.routeInterrupt(dfd)
+        interrupt = irq
 
-        // 1. The container: API version and the TYPE1v2 IOMMU.
+        let bars = windows.bars
+        logger.info(
+            "VFIO device ready",
+            metadata: [
+                "pci": "\(bdf)", "iommu-group": "\(g)",
+                "id": "\(String(format: "%04x:%04x", vendor, devid))",
+                "bars": "\(bars.keys.sorted().map { "BAR\($0)=\(bars[$0]!.size / 1024)K" }.joined(separator: ","))",
+                "notify-multiplier": "\(notifyMultiplier)", "msix-vectors": "\(irqCount)",
+                "queues": "\(common.read16(CommonCfg.numQueues))",
+            ])
+    }
+
+    /// 1. The container: API version and the TYPE1v2 IOMMU.
+    private static func openContainer() throws(VFIOTransportError) -> OwnedFD {
         let c = Glibc.open("/dev/vfio/vfio", O_RDWR | O_CLOEXEC)
         guard c >= 0 else { throw VFIOTransportError.noContainer(errno: errno) }
-        container = OwnedFD(c)
+        let container = OwnedFD(c)
         let api = vshim_vfio_get_api_version(c)
         guard api == 0 else { throw VFIOTransportError.unsupportedAPI(version: api) }
         guard vshim_vfio_check_extension(c, VFIOTransport.type1v2) > 0 else { throw VFIOTransportError.noType1v2 }
+        return container
+    }
 
-        // 2. The device in sysfs: IOMMU group and driver.
+    /// 2. The device in sysfs: IOMMU group and driver.
+    private static func findIOMMUGroup(_ bdf: String) throws(VFIOTransportError) -> Int {
         let sys = "/sys/bus/pci/devices/\(bdf)"
         guard FileManager.default.fileExists(atPath: sys) else {
             throw VFIOTransportError.noSuchDevice(pciAddress: bdf)
@@ -108,15 +142,19 @@ public final class VFIOTransport: VirtioTransport, @unchecked Sendable {
         guard let g = VFIOTransport.linkBasename("\(sys)/iommu_group").flatMap({ Int($0) }) else {
             throw VFIOTransportError.noIOMMUGroup(pciAddress: bdf)
         }
-        iommuGroup = g
         let driver = VFIOTransport.linkBasename("\(sys)/driver")
         guard driver == "vfio-pci" else { throw VFIOTransportError.notBoundToVFIO(pciAddress: bdf, driver: driver) }
+        return g
+    }
 
-        // 3. The group: viable, attached to the container; then the IOMMU model; then the device fd.
+    /// 3. The group: viable, attached to the container; then the IOMMU model; then the device fd.
+    private static func openDevice(
+        _ bdf: String, group g: Int, container c: Int32
+    ) throws(VFIOTransportError) -> (group: OwnedFD, device: OwnedFD) {
         let gpath = "/dev/vfio/\(g)"
         let gfd = Glibc.open(gpath, O_RDWR | O_CLOEXEC)
         guard gfd >= 0 else { throw VFIOTransportError.groupOpenFailed(path: gpath, errno: errno) }
-        group = OwnedFD(gfd)
+        let group = OwnedFD(gfd)
         var gflags: UInt32 = 0
         var r = vshim_vfio_group_status(gfd, &gflags)
         guard r == 0, gflags & 1 != 0 else {
@@ -128,9 +166,13 @@ public final class VFIOTransport: VirtioTransport, @unchecked Sendable {
         guard r == 0 else { throw VFIOTransportError.setIOMMUFailed(errno: -r) }
         let dfd = vshim_vfio_group_get_device_fd(gfd, bdf)
         guard dfd >= 0 else { throw VFIOTransportError.deviceFDFailed(pciAddress: bdf, errno: -dfd) }
-        device = OwnedFD(dfd)
+        return (group, OwnedFD(dfd))
+    }
 
-        // 4. PCI config space: identity, then memory decoding + bus mastering (the device DMAs).
+    /// 4. PCI config space: identity (a virtio-blk device), then memory decoding + bus mastering
+    /// (the device DMAs). Returns the first 256 bytes of config space, the vendor and device IDs.
+    private static func probe(_ dfd: Int32) throws(VFIOTransportError) -> (cfg: [UInt8], vendor: UInt16, device: UInt16)
+    {
         let cfgRegion = try VFIOTransport.regionInfo(dfd, VFIOTransport.vfioPCIConfigRegion)
         let cfg = try PCIConfigIO.read(deviceFD: dfd, regionOffset: cfgRegion.offset, at: 0, count: 256)
         let vendor = VFIOTransport.le16(cfg, 0)
@@ -142,14 +184,20 @@ public final class VFIOTransport: VirtioTransport, @unchecked Sendable {
         guard vendor == VFIOTransport.virtioVendor, virtioID == 2 else {
             throw VFIOTransportError.notVirtioBlk(vendor: vendor, device: devid)
         }
-        deviceID = UInt32(virtioID)
         let command = VFIOTransport.le16(cfg, 4)
         if command & 0x6 != 0x6 {
             try PCIConfigIO.write16(deviceFD: dfd, regionOffset: cfgRegion.offset, at: 4, command | 0x6)
         }
+        return (cfg, vendor, devid)
+    }
 
-        // 5. The virtio vendor capabilities (§4.1.4), and the BARs they live in.
-        var caps: [UInt8: (bar: Int, offset: Int, length: Int, capAt: Int)] = [:]
+    /// A virtio vendor capability: where its structure lies, and where the capability itself is in config space.
+    private typealias Capability = (bar: Int, offset: Int, length: Int, capAt: Int)
+    private static let capabilityNames: [UInt8: String] = [1: "COMMON", 2: "NOTIFY", 3: "ISR", 4: "DEVICE"]
+
+    /// 5a. The virtio vendor capabilities (§4.1.4); COMMON, NOTIFY and DEVICE must be there.
+    private static func capabilities(_ cfg: [UInt8]) throws(VFIOTransportError) -> [UInt8: Capability] {
+        var caps: [UInt8: Capability] = [:]
         if VFIOTransport.le16(cfg, 6) & 0x10 != 0 {
             var p = Int(cfg[0x34]) & ~3
             var hops = 0
@@ -165,12 +213,20 @@ public final class VFIOTransport: VirtioTransport, @unchecked Sendable {
                 hops += 1
             }
         }
-        let names: [UInt8: String] = [1: "COMMON", 2: "NOTIFY", 3: "ISR", 4: "DEVICE"]
         for t: UInt8 in [1, 2, 4] where caps[t] == nil {
-            throw VFIOTransportError.missingCapability("\(names[t]!)_CFG")
+            throw VFIOTransportError.missingCapability("\(capabilityNames[t]!)_CFG")
         }
+        return caps
+    }
+
+    /// 5b. The BARs the capabilities live in (mmap), and a register window for each structure.
+    private static func map(
+        _ caps: [UInt8: Capability], _ dfd: Int32
+    ) throws(VFIOTransportError) -> (
+        common: RegisterWindow, notify: RegisterWindow, device: RegisterWindow, bars: [Int: MappedBAR]
+    ) {
         var bars: [Int: MappedBAR] = [:]
-        func window(_ t: UInt8, minLength: Int) throws -> RegisterWindow {
+        func window(_ t: UInt8, minLength: Int) throws(VFIOTransportError) -> RegisterWindow {
             let cap = caps[t]!
             if bars[cap.bar] == nil {
                 let info = try VFIOTransport.regionInfo(dfd, UInt32(cap.bar))
@@ -184,34 +240,28 @@ public final class VFIOTransport: VirtioTransport, @unchecked Sendable {
             }
             let b = bars[cap.bar]!
             guard cap.length >= minLength, cap.offset >= 0, cap.offset <= b.size - cap.length else {
-                throw VFIOTransportError.capabilityOutOfRange(names[t]!)
+                throw VFIOTransportError.capabilityOutOfRange(capabilityNames[t]!)
             }
             return RegisterWindow(bar: b, offset: cap.offset, length: cap.length)
         }
-        common = try window(1, minLength: CommonCfg.length)
-        notify = try window(2, minLength: 2)
-        notifyMultiplier = VFIOTransport.le32(cfg, caps[2]!.capAt + 16)
-        deviceConfig = try window(4, minLength: 0)
+        let common = try window(1, minLength: CommonCfg.length)
+        let notify = try window(2, minLength: 2)
+        let device = try window(4, minLength: 0)
+        return (common, notify, device, bars)
+    }
 
-        // 6. Interrupts: MSI-X vector 0 → one eventfd (queue 0 and config changes share it).
+    /// 6. Interrupts: MSI-X vector 0 → one eventfd (queue 0 and config changes share it). Returns
+    /// the eventfd and the number of MSI-X vectors the device has.
+    private static func routeInterrupt(_ dfd: Int32) throws -> (EventFD, UInt32) {
         var irqFlags: UInt32 = 0
         var irqCount: UInt32 = 0
-        r = vshim_vfio_irq_info(dfd, VFIOTransport.vfioPCIMSIXIRQ, &irqFlags, &irqCount)
+        var r = vshim_vfio_irq_info(dfd, VFIOTransport.vfioPCIMSIXIRQ, &irqFlags, &irqCount)
         guard r == 0, irqCount >= 1 else { throw VFIOTransportError.noMSIX(errno: -r) }
         let irq = try EventFD()
-        interrupt = irq
         let fds: [Int32] = [irq.fd]
         r = vshim_vfio_set_irq_eventfds(dfd, VFIOTransport.vfioPCIMSIXIRQ, 0, 1, fds)
         guard r == 0 else { throw VFIOTransportError.irqSetupFailed(errno: -r) }
-
-        logger.info(
-            "VFIO device ready",
-            metadata: [
-                "pci": "\(bdf)", "iommu-group": "\(g)", "id": "\(String(format: "%04x:%04x", vendor, devid))",
-                "bars": "\(bars.keys.sorted().map { "BAR\($0)=\(bars[$0]!.size / 1024)K" }.joined(separator: ","))",
-                "notify-multiplier": "\(notifyMultiplier)", "msix-vectors": "\(irqCount)",
-                "queues": "\(common.read16(CommonCfg.numQueues))",
-            ])
+        return (irq, irqCount)
     }
 
     deinit { close() }
