@@ -67,6 +67,16 @@ public final class VirtioBlkEmulator: MMIOBus, @unchecked Sendable {
     /// write returns no device thread still touches the old rings: §2.1.2 / §4.2.2.1 — after a
     /// reset the device must not use the queues any more, or a used entry published late would
     /// complete a request the driver has already resubmitted.
+    ///
+    /// It is held across backend I/O (a pread, pwrite, fdatasync or hole punch of the file), the
+    /// one exception to `Locked`'s "do not block inside it", and that is deliberate: a batch's
+    /// requests are popped from the old rings and their used entries published after their I/O,
+    /// so releasing it around the I/O would reopen the window the barrier closes. Nothing else
+    /// contends for it: the queue's own device thread takes it per batch, and only a reset (a
+    /// status-0 write: at setup, in the driver's recovery, at shutdown) waits on it, for the I/O
+    /// of the requests the batch still finds available plus the poll window (`pollMicroseconds`).
+    /// A resetting driver submits nothing more, so that is bounded. Other register accesses take
+    /// `regs`, never this lock.
     private let processing: [Locked<Void>]
     private let stopFD: EventFD
     private let backend: BlockBackend
