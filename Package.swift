@@ -71,7 +71,7 @@ let package = Package(
         // The virtqueue round-trip microbenchmark (driver → emulator → completion), release builds.
         .executableTarget(name: "virtqueue-bench", dependencies: ["Virtio", "VirtioBlock", "VirtioEmulator"]),
         .systemLibrary(name: "CNBD", path: "Tests/CNBD", pkgConfig: "libnbd", providers: [.apt(["libnbd-dev"])]),
-        .testTarget(name: "NBDProtocolTests", dependencies: ["NBDProtocol"]),
+        .testTarget(name: "NBDProtocolTests", dependencies: ["TestSupport", "NBDProtocol"]),
         .testTarget(name: "NBDClientTests", dependencies: ["NBDClient", "NBDProtocol", .product(name: "NIOCore", package: "swift-nio")]),
         .testTarget(name: "ServerConfigTests", dependencies: ["ServerConfig", "AccessControl"]),
         .testTarget(name: "AccessControlTests", dependencies: ["AccessControl"]),
