@@ -75,7 +75,7 @@ let package = Package(
         .testTarget(name: "NBDClientTests", dependencies: ["NBDClient", "NBDProtocol", .product(name: "NIOCore", package: "swift-nio")]),
         .testTarget(name: "ServerConfigTests", dependencies: ["ServerConfig", "AccessControl"]),
         .testTarget(name: "AccessControlTests", dependencies: ["AccessControl"]),
-        // Shared by the test targets (a seeded generator); not a product.
+        // Shared by the test targets (a seeded generator, NBD wire bytes, a blocking NBD client); not a product.
         .target(name: "TestSupport", path: "Tests/TestSupport"),
         .testTarget(name: "VirtioTests", dependencies: ["TestSupport", "Virtio", "VirtioBlock", "VirtioEmulator", .product(name: "NIOCore", package: "swift-nio"), .product(name: "NIOConcurrencyHelpers", package: "swift-nio")]),
         .testTarget(name: "VhostUserTests", dependencies: ["TestSupport", "VhostUser", "VirtioBlock", "Virtio", .product(name: "NIOCore", package: "swift-nio")]),

@@ -227,9 +227,7 @@ public struct HandshakeStateMachine {
     /// the clients it names, over TLS (nbdinfo --list asks for each export listed).
     private func list(_ data: ByteBuffer) -> [HandshakeAction] {
         let option = NBDOption.list.rawValue
-        guard data.readableBytes == 0 else {
-            return [.send(Self.optionReply(option, NBDReply.errInvalid, message: "NBD_OPT_LIST takes no data"))]
-        }
+        if let refused = Self.refuseData(option, data, "NBD_OPT_LIST") { return refused }
         var out: [HandshakeAction] = []
         for e in catalog.exports where refusal(e) == nil {
             var p = ByteBuffer()
@@ -297,13 +295,7 @@ public struct HandshakeStateMachine {
 
     private mutating func structuredReply(_ data: ByteBuffer) -> [HandshakeAction] {
         let option = NBDOption.structuredReply.rawValue
-        guard data.readableBytes == 0 else {
-            return [
-                .send(
-                    Self.optionReply(option, NBDReply.errInvalid, message: "NBD_OPT_STRUCTURED_REPLY takes no data")
-                )
-            ]
-        }
+        if let refused = Self.refuseData(option, data, "NBD_OPT_STRUCTURED_REPLY") { return refused }
         // ERR_EXT_HEADER_REQD "is also used to indicate ... STRUCTURED_REPLY if extended headers have already been negotiated".
         if extendedHeaders {
             return [
@@ -318,13 +310,7 @@ public struct HandshakeStateMachine {
 
     private mutating func enableExtendedHeaders(_ data: ByteBuffer) -> [HandshakeAction] {
         let option = NBDOption.extendedHeaders.rawValue
-        guard data.readableBytes == 0 else {
-            return [
-                .send(
-                    Self.optionReply(option, NBDReply.errInvalid, message: "NBD_OPT_EXTENDED_HEADERS takes no data")
-                )
-            ]
-        }
+        if let refused = Self.refuseData(option, data, "NBD_OPT_EXTENDED_HEADERS") { return refused }
         extendedHeaders = true
         structuredReplies = true
         return [.send(Self.optionReply(option, NBDReply.ack))]
@@ -340,11 +326,15 @@ public struct HandshakeStateMachine {
         guard !tlsActive else {
             return [.send(Self.optionReply(option, NBDReply.errInvalid, message: "TLS is already active"))]
         }
-        guard data.readableBytes == 0 else {
-            return [.send(Self.optionReply(option, NBDReply.errInvalid, message: "NBD_OPT_STARTTLS takes no data"))]
-        }
+        if let refused = Self.refuseData(option, data, "NBD_OPT_STARTTLS") { return refused }
         state = .finished // this machine is done; the handler continues with init(afterTLS:)
         return [.send(Self.optionReply(option, NBDReply.ack)), .startTLS]
+    }
+
+    /// ERR_INVALID for an option that takes no data but came with some; nil when it came with none.
+    private static func refuseData(_ option: UInt32, _ data: ByteBuffer, _ name: String) -> [HandshakeAction]? {
+        guard data.readableBytes != 0 else { return nil }
+        return [.send(optionReply(option, NBDReply.errInvalid, message: "\(name) takes no data"))]
     }
 
     /// Why this client may not use an export with an allow-list, and the error reply for it:
