@@ -359,7 +359,7 @@ public final class VFIOTransport: VirtioTransport, @unchecked Sendable {
         }
         common.write16(CommonCfg.queueSelect, UInt16(index))
         guard common.read16(CommonCfg.queueEnable) == 0 else {
-            throw VirtioTransportError.deviceFailed("queue \(index) already live")
+            throw VirtioTransportError.queueAlreadyLive(index: index)
         }
         let max = Int(common.read16(CommonCfg.queueSize))
         guard max > 0 else { throw VirtioTransportError.queueUnavailable(index: index) }
@@ -378,7 +378,7 @@ public final class VFIOTransport: VirtioTransport, @unchecked Sendable {
         }
         common.write16(CommonCfg.queueEnable, 1)
         guard common.read16(CommonCfg.queueEnable) == 1 else {
-            throw VirtioTransportError.deviceFailed("queue \(index) refused its addresses")
+            throw VirtioTransportError.queueRefused(index: index)
         }
         logger.debug("VFIO: queue \(index) size \(size) enabled, notify at +\(notifyAt)")
         let n = notify
