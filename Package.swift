@@ -33,6 +33,8 @@ let package = Package(
         .target(name: "VirtioBlock", dependencies: ["Virtio", .product(name: "NIOCore", package: "swift-nio"), .product(name: "Logging", package: "swift-log")], swiftSettings: ringSpeed),
         // The in-process virtio-blk device (virtio-mmio register model, own thread).
         .target(name: "VirtioEmulator", dependencies: ["Virtio", "CVirtShim", .product(name: "Logging", package: "swift-log")], swiftSettings: ringSpeed),
+        // The emulated disk, built one way for the server and the tests: backend → emulator → driver → block layer.
+        .target(name: "VirtioDisk", dependencies: ["Virtio", "VirtioBlock", "VirtioEmulator", .product(name: "Logging", package: "swift-log")], swiftSettings: ringSpeed),
         // The vhost-user-blk front end: a VirtioTransport over a vhost-user Unix socket.
         .target(name: "VhostUser", dependencies: ["Virtio", "CVirtShim", .product(name: "Logging", package: "swift-log")]),
         // The VFIO virtio-pci transport: a virtio-blk PCI device bound to vfio-pci, driven from user space.
@@ -59,7 +61,7 @@ let package = Package(
         // The operator's configuration file (YAML) and its merge with command-line flags. Pure values.
         .target(name: "ServerConfig", dependencies: ["AccessControl", .product(name: "Yams", package: "Yams")]),
         .executableTarget(name: "virtnbd", dependencies: [
-            "NBDServer", "NBDProtocol", "NBDClient", "VirtioBlock", "VirtioEmulator", "Virtio", "VhostUser", "VFIO", "ServerConfig", "CVirtShim", "AccessControl",
+            "NBDServer", "NBDProtocol", "NBDClient", "VirtioBlock", "VirtioEmulator", "VirtioDisk", "Virtio", "VhostUser", "VFIO", "ServerConfig", "CVirtShim", "AccessControl",
             .product(name: "ArgumentParser", package: "swift-argument-parser"),
             .product(name: "Logging", package: "swift-log"),
             .product(name: "NIOCore", package: "swift-nio"),
@@ -73,7 +75,7 @@ let package = Package(
             name: "virtqueue-bench",
             dependencies: ["Virtio", "VirtioBlock", "VirtioEmulator", .product(name: "Logging", package: "swift-log")]),
         .systemLibrary(name: "CNBD", path: "Tests/CNBD", pkgConfig: "libnbd", providers: [.apt(["libnbd-dev"])]),
-        .testTarget(name: "NBDProtocolTests", dependencies: ["NBDProtocol"]),
+        .testTarget(name: "NBDProtocolTests", dependencies: ["TestSupport", "NBDProtocol"]),
         // The fuzz targets' entry points, replaying Tests/fuzz/regressions under swift test.
         .testTarget(
             name: "FuzzRegressionTests",
@@ -86,12 +88,12 @@ let package = Package(
         .testTarget(name: "NBDClientTests", dependencies: ["NBDClient", "NBDProtocol", .product(name: "NIOCore", package: "swift-nio")]),
         .testTarget(name: "ServerConfigTests", dependencies: ["ServerConfig", "AccessControl"]),
         .testTarget(name: "AccessControlTests", dependencies: ["AccessControl"]),
-        // Shared by the test targets (a seeded generator); not a product.
+        // Shared by the test targets (a seeded generator, NBD wire bytes, a blocking NBD client); not a product.
         .target(name: "TestSupport", path: "Tests/TestSupport"),
         .testTarget(name: "VirtioTests", dependencies: ["TestSupport", "Virtio", "VirtioBlock", "VirtioEmulator", .product(name: "NIOCore", package: "swift-nio"), .product(name: "NIOConcurrencyHelpers", package: "swift-nio")]),
         .testTarget(name: "VhostUserTests", dependencies: ["TestSupport", "VhostUser", "VirtioBlock", "Virtio", .product(name: "NIOCore", package: "swift-nio")]),
         .testTarget(name: "IntegrationTests", dependencies: [
-            "TestSupport", "CNBD", "NBDServer", "VirtioBlock", "VirtioEmulator",
+            "TestSupport", "CNBD", "NBDServer", "VirtioBlock", "VirtioEmulator", "VirtioDisk",
             .product(name: "NIOPosix", package: "swift-nio"),
             .product(name: "NIOEmbedded", package: "swift-nio"),
             .product(name: "CoreMetrics", package: "swift-metrics"),

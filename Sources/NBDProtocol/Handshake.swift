@@ -164,160 +164,177 @@ public struct HandshakeStateMachine {
     }
 
     private mutating func handle(option: UInt32, data: ByteBuffer) -> [HandshakeAction] {
-        var data = data
-        // "NBD_OPT_STARTTLS": with TLS required, every option but STARTTLS, ABORT and EXPORT_NAME
-        // gets ERR_TLS_REQD until TLS is up; EXPORT_NAME cannot carry an error, so it closes.
-        if tlsPolicy == .require && !tlsActive {
-            switch NBDOption(rawValue: option) {
-            case .startTLS?, .abort?: break
-            case .exportName?:
-                state = .finished
-                return [.close(reason: "NBD_OPT_EXPORT_NAME without TLS, which this server requires")]
-            default:
-                return [
-                    .send(
-                        Self.optionReply(
-                            option, NBDReply.errTLSReqd, message: "this server requires TLS: use NBD_OPT_STARTTLS first"
-                        ))
-                ]
-            }
-        }
+        if let refused = refuseWithoutTLS(option) { return refused }
         guard let opt = NBDOption(rawValue: option) else {
             return [.send(Self.optionReply(option, NBDReply.errUnsup, message: "option \(option) is not supported"))]
         }
         switch opt {
-        case .exportName:
-            // "NBD_OPT_EXPORT_NAME": the whole payload is the name; no error reply exists, so an
-            // unknown name closes the connection.
-            let name = data.readString(length: data.readableBytes) ?? ""
-            state = .finished
-            if extendedHeaders {
-                return [.close(reason: "NBD_OPT_EXPORT_NAME after NBD_OPT_EXTENDED_HEADERS (the client MUST NOT)")]
-            }
-            guard let e = catalog.lookup(name) else {
-                return [.close(reason: "unknown export \"\(name)\" requested with NBD_OPT_EXPORT_NAME")]
-            }
-            if let refusal = refusal(e) { return [.close(reason: "NBD_OPT_EXPORT_NAME: \(refusal.message)")] }
-            var b = ByteBuffer()
-            b.writeInteger(e.size)
-            b.writeInteger(flags(for: e).rawValue)
-            if !clientNoZeroes { b.writeRepeatingByte(0, count: 124) }
-            return [.send(b), .startTransmission(session(for: e))]
+        case .exportName: return exportName(data)
         case .abort:
             state = .finished
             return [.send(Self.optionReply(option, NBDReply.ack)), .close(reason: "client sent NBD_OPT_ABORT")]
-        case .list:
-            guard data.readableBytes == 0 else {
-                return [.send(Self.optionReply(option, NBDReply.errInvalid, message: "NBD_OPT_LIST takes no data"))]
-            }
-            var out: [HandshakeAction] = []
-            // Only the exports this client may use now: an allow-listed export is listed to the
-            // clients it names, over TLS (nbdinfo --list asks for each export listed).
-            for e in catalog.exports where refusal(e) == nil {
-                var p = ByteBuffer()
-                p.writeInteger(UInt32(e.name.utf8.count))
-                p.writeString(e.name)
-                p.writeString(e.description)
-                out.append(.send(Self.optionReply(option, NBDReply.server, payload: p)))
-            }
-            out.append(.send(Self.optionReply(option, NBDReply.ack)))
-            return out
-        case .info, .go:
-            guard let nameLen: UInt32 = data.readInteger(), Int(nameLen) <= data.readableBytes - 2,
-                let name = data.readString(length: Int(nameLen)),
-                let count: UInt16 = data.readInteger(), data.readableBytes == 2 * Int(count)
-            else {
-                return [
-                    .send(Self.optionReply(option, NBDReply.errInvalid, message: "malformed NBD_OPT_INFO/GO payload"))
-                ]
-            }
-            var requested: [UInt16] = []
-            for _ in 0..<count { requested.append(data.readInteger()!) }
-            guard let e = catalog.lookup(name) else {
-                return [.send(Self.optionReply(option, NBDReply.errUnknown, message: "no export named \"\(name)\""))]
-            }
-            if let refusal = refusal(e) {
-                return [.send(Self.optionReply(option, refusal.reply, message: refusal.message))]
-            }
-            var out: [HandshakeAction] = []
-            var p = ByteBuffer()
-            p.writeInteger(NBDInfo.export)
-            p.writeInteger(e.size)
-            p.writeInteger(flags(for: e).rawValue)
-            out.append(.send(Self.optionReply(option, NBDReply.info, payload: p)))
-            if requested.contains(NBDInfo.name) {
-                var p = ByteBuffer()
-                p.writeInteger(NBDInfo.name)
-                p.writeString(e.name)
-                out.append(.send(Self.optionReply(option, NBDReply.info, payload: p)))
-            }
-            if requested.contains(NBDInfo.description) {
-                var p = ByteBuffer()
-                p.writeInteger(NBDInfo.description)
-                p.writeString(e.description)
-                out.append(.send(Self.optionReply(option, NBDReply.info, payload: p)))
-            }
-            // Block sizes are always sent: clients that did not ask may ignore them.
-            var bs = ByteBuffer()
-            bs.writeInteger(NBDInfo.blockSize)
-            bs.writeInteger(e.minimumBlockSize)
-            bs.writeInteger(e.preferredBlockSize)
-            bs.writeInteger(e.maximumPayload)
-            out.append(.send(Self.optionReply(option, NBDReply.info, payload: bs)))
-            out.append(.send(Self.optionReply(option, NBDReply.ack)))
-            if opt == .go {
-                state = .finished
-                out.append(.startTransmission(session(for: e)))
-            }
-            return out
-        case .structuredReply:
-            guard data.readableBytes == 0 else {
-                return [
-                    .send(
-                        Self.optionReply(option, NBDReply.errInvalid, message: "NBD_OPT_STRUCTURED_REPLY takes no data")
-                    )
-                ]
-            }
-            // ERR_EXT_HEADER_REQD "is also used to indicate ... STRUCTURED_REPLY if extended headers have already been negotiated".
-            if extendedHeaders {
-                return [
-                    .send(
-                        Self.optionReply(
-                            option, NBDReply.errExtHeaderReqd, message: "extended headers are already negotiated"))
-                ]
-            }
-            structuredReplies = true
-            return [.send(Self.optionReply(option, NBDReply.ack))]
-        case .extendedHeaders:
-            guard data.readableBytes == 0 else {
-                return [
-                    .send(
-                        Self.optionReply(option, NBDReply.errInvalid, message: "NBD_OPT_EXTENDED_HEADERS takes no data")
-                    )
-                ]
-            }
-            extendedHeaders = true
-            structuredReplies = true
-            return [.send(Self.optionReply(option, NBDReply.ack))]
-        case .listMetaContext, .setMetaContext:
-            return metaContext(opt, data)
-        case .startTLS:
-            guard tlsPolicy != .off else {
-                return [
-                    .send(Self.optionReply(option, NBDReply.errPolicy, message: "TLS is not configured on this server"))
-                ]
-            }
-            guard !tlsActive else {
-                return [.send(Self.optionReply(option, NBDReply.errInvalid, message: "TLS is already active"))]
-            }
-            guard data.readableBytes == 0 else {
-                return [.send(Self.optionReply(option, NBDReply.errInvalid, message: "NBD_OPT_STARTTLS takes no data"))]
-            }
-            state = .finished // this machine is done; the handler continues with init(afterTLS:)
-            return [.send(Self.optionReply(option, NBDReply.ack)), .startTLS]
+        case .list: return list(data)
+        case .info, .go: return infoOrGo(opt, data)
+        case .structuredReply: return structuredReply(data)
+        case .extendedHeaders: return enableExtendedHeaders(data)
+        case .listMetaContext, .setMetaContext: return metaContext(opt, data)
+        case .startTLS: return startTLS(data)
         default:
             return [.send(Self.optionReply(option, NBDReply.errUnsup, message: "option \(option) is not supported"))]
         }
+    }
+
+    /// "NBD_OPT_STARTTLS": with TLS required, every option but STARTTLS, ABORT and EXPORT_NAME
+    /// gets ERR_TLS_REQD until TLS is up; EXPORT_NAME cannot carry an error, so it closes. nil: go on.
+    private mutating func refuseWithoutTLS(_ option: UInt32) -> [HandshakeAction]? {
+        guard tlsPolicy == .require && !tlsActive else { return nil }
+        switch NBDOption(rawValue: option) {
+        case .startTLS?, .abort?: return nil
+        case .exportName?:
+            state = .finished
+            return [.close(reason: "NBD_OPT_EXPORT_NAME without TLS, which this server requires")]
+        default:
+            return [
+                .send(
+                    Self.optionReply(
+                        option, NBDReply.errTLSReqd, message: "this server requires TLS: use NBD_OPT_STARTTLS first"
+                    ))
+            ]
+        }
+    }
+
+    /// "NBD_OPT_EXPORT_NAME": the whole payload is the name; no error reply exists, so an unknown
+    /// name closes the connection.
+    private mutating func exportName(_ input: ByteBuffer) -> [HandshakeAction] {
+        var data = input
+        let name = data.readString(length: data.readableBytes) ?? ""
+        state = .finished
+        if extendedHeaders {
+            return [.close(reason: "NBD_OPT_EXPORT_NAME after NBD_OPT_EXTENDED_HEADERS (the client MUST NOT)")]
+        }
+        guard let e = catalog.lookup(name) else {
+            return [.close(reason: "unknown export \"\(name)\" requested with NBD_OPT_EXPORT_NAME")]
+        }
+        if let refusal = refusal(e) { return [.close(reason: "NBD_OPT_EXPORT_NAME: \(refusal.message)")] }
+        var b = ByteBuffer()
+        b.writeInteger(e.size)
+        b.writeInteger(flags(for: e).rawValue)
+        if !clientNoZeroes { b.writeRepeatingByte(0, count: 124) }
+        return [.send(b), .startTransmission(session(for: e))]
+    }
+
+    /// NBD_OPT_LIST: only the exports this client may use now: an allow-listed export is listed to
+    /// the clients it names, over TLS (nbdinfo --list asks for each export listed).
+    private func list(_ data: ByteBuffer) -> [HandshakeAction] {
+        let option = NBDOption.list.rawValue
+        if let refused = Self.refuseData(option, data, "NBD_OPT_LIST") { return refused }
+        var out: [HandshakeAction] = []
+        for e in catalog.exports where refusal(e) == nil {
+            var p = ByteBuffer()
+            p.writeInteger(UInt32(e.name.utf8.count))
+            p.writeString(e.name)
+            p.writeString(e.description)
+            out.append(.send(Self.optionReply(option, NBDReply.server, payload: p)))
+        }
+        out.append(.send(Self.optionReply(option, NBDReply.ack)))
+        return out
+    }
+
+    /// NBD_OPT_INFO and NBD_OPT_GO: the export's INFO replies, then (GO) transmission.
+    private mutating func infoOrGo(_ opt: NBDOption, _ input: ByteBuffer) -> [HandshakeAction] {
+        let option = opt.rawValue
+        var data = input
+        guard let nameLen: UInt32 = data.readInteger(), Int(nameLen) <= data.readableBytes - 2,
+            let name = data.readString(length: Int(nameLen)),
+            let count: UInt16 = data.readInteger(), data.readableBytes == 2 * Int(count)
+        else {
+            return [
+                .send(Self.optionReply(option, NBDReply.errInvalid, message: "malformed NBD_OPT_INFO/GO payload"))
+            ]
+        }
+        var requested: [UInt16] = []
+        for _ in 0..<count { requested.append(data.readInteger()!) }
+        guard let e = catalog.lookup(name) else {
+            return [.send(Self.optionReply(option, NBDReply.errUnknown, message: "no export named \"\(name)\""))]
+        }
+        if let refusal = refusal(e) {
+            return [.send(Self.optionReply(option, refusal.reply, message: refusal.message))]
+        }
+        var out: [HandshakeAction] = []
+        var p = ByteBuffer()
+        p.writeInteger(NBDInfo.export)
+        p.writeInteger(e.size)
+        p.writeInteger(flags(for: e).rawValue)
+        out.append(.send(Self.optionReply(option, NBDReply.info, payload: p)))
+        if requested.contains(NBDInfo.name) {
+            var p = ByteBuffer()
+            p.writeInteger(NBDInfo.name)
+            p.writeString(e.name)
+            out.append(.send(Self.optionReply(option, NBDReply.info, payload: p)))
+        }
+        if requested.contains(NBDInfo.description) {
+            var p = ByteBuffer()
+            p.writeInteger(NBDInfo.description)
+            p.writeString(e.description)
+            out.append(.send(Self.optionReply(option, NBDReply.info, payload: p)))
+        }
+        // Block sizes are always sent: clients that did not ask may ignore them.
+        var bs = ByteBuffer()
+        bs.writeInteger(NBDInfo.blockSize)
+        bs.writeInteger(e.minimumBlockSize)
+        bs.writeInteger(e.preferredBlockSize)
+        bs.writeInteger(e.maximumPayload)
+        out.append(.send(Self.optionReply(option, NBDReply.info, payload: bs)))
+        out.append(.send(Self.optionReply(option, NBDReply.ack)))
+        if opt == .go {
+            state = .finished
+            out.append(.startTransmission(session(for: e)))
+        }
+        return out
+    }
+
+    private mutating func structuredReply(_ data: ByteBuffer) -> [HandshakeAction] {
+        let option = NBDOption.structuredReply.rawValue
+        if let refused = Self.refuseData(option, data, "NBD_OPT_STRUCTURED_REPLY") { return refused }
+        // ERR_EXT_HEADER_REQD "is also used to indicate ... STRUCTURED_REPLY if extended headers have already been negotiated".
+        if extendedHeaders {
+            return [
+                .send(
+                    Self.optionReply(
+                        option, NBDReply.errExtHeaderReqd, message: "extended headers are already negotiated"))
+            ]
+        }
+        structuredReplies = true
+        return [.send(Self.optionReply(option, NBDReply.ack))]
+    }
+
+    private mutating func enableExtendedHeaders(_ data: ByteBuffer) -> [HandshakeAction] {
+        let option = NBDOption.extendedHeaders.rawValue
+        if let refused = Self.refuseData(option, data, "NBD_OPT_EXTENDED_HEADERS") { return refused }
+        extendedHeaders = true
+        structuredReplies = true
+        return [.send(Self.optionReply(option, NBDReply.ack))]
+    }
+
+    private mutating func startTLS(_ data: ByteBuffer) -> [HandshakeAction] {
+        let option = NBDOption.startTLS.rawValue
+        guard tlsPolicy != .off else {
+            return [
+                .send(Self.optionReply(option, NBDReply.errPolicy, message: "TLS is not configured on this server"))
+            ]
+        }
+        guard !tlsActive else {
+            return [.send(Self.optionReply(option, NBDReply.errInvalid, message: "TLS is already active"))]
+        }
+        if let refused = Self.refuseData(option, data, "NBD_OPT_STARTTLS") { return refused }
+        state = .finished // this machine is done; the handler continues with init(afterTLS:)
+        return [.send(Self.optionReply(option, NBDReply.ack)), .startTLS]
+    }
+
+    /// ERR_INVALID for an option that takes no data but came with some; nil when it came with none.
+    private static func refuseData(_ option: UInt32, _ data: ByteBuffer, _ name: String) -> [HandshakeAction]? {
+        guard data.readableBytes != 0 else { return nil }
+        return [.send(optionReply(option, NBDReply.errInvalid, message: "\(name) takes no data"))]
     }
 
     /// Why this client may not use an export with an allow-list, and the error reply for it:

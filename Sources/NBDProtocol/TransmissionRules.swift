@@ -70,8 +70,6 @@ public enum TransmissionOperation: Sendable, Equatable {
     case trim(offset: UInt64, length: UInt64, fua: Bool)
     case writeZeroes(offset: UInt64, length: UInt64, fua: Bool, mayUnmap: Bool)
     case blockStatus(offset: UInt64, length: UInt64, context: UInt32, reqOne: Bool)
-    /// NBD_CMD_DISC: no reply; close once everything in flight is answered.
-    case disconnect
 }
 
 /// What to do with one request.
@@ -81,6 +79,8 @@ public enum RequestDecision: Sendable, Equatable {
     /// WRITE_ZEROES, and CACHE): answered with success at once.
     case succeed
     case fail(NBDErrno, String)
+    /// NBD_CMD_DISC: no reply; close once everything in flight is answered.
+    case disconnect
 }
 
 /// The rules for one connection: what the session negotiated and the export's facts. Only the
@@ -121,7 +121,7 @@ public struct TransmissionRules: Sendable, Equatable {
     /// The decision for a request the parser accepted (WRITE's payload, if any, is complete).
     public func decide(_ r: NBDRequest) -> RequestDecision {
         guard let cmd = r.command else { return .fail(.inval, "unknown command \(r.type)") }
-        if cmd == .disc { return .run(.disconnect) }
+        if cmd == .disc { return .disconnect }
         guard r.flags.isSubset(of: allowedFlags(cmd)) else {
             return .fail(.inval, "flags 0x\(String(r.flags.rawValue, radix: 16)) are not valid for \(cmd)")
         }
@@ -184,7 +184,7 @@ public struct TransmissionRules: Sendable, Equatable {
             return .run(
                 .blockStatus(offset: r.offset, length: r.length, context: ctx, reqOne: r.flags.contains(.reqOne)))
         case .disc:
-            return .run(.disconnect)
+            return .disconnect
         case .resize:
             return .fail(.inval, "RESIZE is not supported")
         }

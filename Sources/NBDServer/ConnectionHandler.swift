@@ -116,119 +116,147 @@ final class NBDConnectionHandler: ChannelDuplexHandler {
             switch phase {
             case .closing, .awaitingTLS:
                 return
-            case .handshake(var hs):
-                // The exports as they are now: a reload may have added or removed some since the last option.
-                hs.catalog = directory.catalog
-                let actions = hs.receive(&input)
-                phase = .handshake(hs)
-                for a in actions {
-                    switch a {
-                    case .send(let b): context.write(wrapOutboundOut(b), promise: nil)
-                    case .close(let reason):
-                        logger.info("closing during handshake: \(reason)")
-                        phase = .closing
-                        context.writeAndFlush(wrapOutboundOut(ByteBuffer()), promise: nil)
-                        context.close(promise: nil)
-                        return
-                    case .startTLS:
-                        // The ACK goes out in plaintext; everything after it is TLS. Bytes the client
-                        // sent before seeing the ACK are not part of either and are dropped.
-                        context.flush()
-                        input.clear()
-                        do {
-                            let (handler, identity) = try tls.makeServerHandler()
-                            try context.pipeline.syncOperations.addHandler(handler, position: .first)
-                            phase = .awaitingTLS(hs, identity: identity)
-                        } catch {
-                            logger.error("cannot start TLS: \(error)")
-                            phase = .closing
-                            context.close(promise: nil)
-                            return
-                        }
-                        logger.debug("STARTTLS: TLS handshake starting")
-                        return
-                    case .startTransmission(let session):
-                        let info = session.export
-                        guard let e = directory.attach(info, connection: id) else {
-                            // Removed or changed by a reload between the client's GO and now.
-                            logger.info(
-                                "closing: export \"\(info.name)\" was removed or changed by a configuration reload during the handshake"
-                            )
-                            phase = .closing
-                            context.close(promise: nil)
-                            return
-                        }
-                        attached = e
-                        logger[metadataKey: "export"] = "\(info.name)"
-                        logger.debug(
-                            "transmission started",
-                            metadata: [
-                                "size": "\(info.size)",
-                                "structured": "\(session.structuredReplies)",
-                                "base:allocation": "\(session.allocationContext != nil)",
-                            ])
-                        let facts = ExportFacts(
-                            size: info.size, flags: info.flags, maximumPayload: UInt64(info.maximumPayload),
-                            canFastZero: e.device.geometry.canWriteZeroes)
-                        phase = .transmission(
-                            TransmissionParser(
-                                maximumPayload: Int(info.maximumPayload), extendedHeaders: session.extendedHeaders),
-                            e, TransmissionRules(session: session, export: facts))
-                    }
-                }
+            case .handshake(let hs):
+                guard negotiate(context, hs) else { return }
+            case .transmission(let parser, let export, let rules):
+                guard transmit(context, parser, export, rules) else { return }
+            }
+        }
+    }
+
+    /// Feeds the input to the handshake and carries out its actions. False: wait for more input
+    /// (or TLS, or the close).
+    private func negotiate(_ context: ChannelHandlerContext, _ machine: HandshakeStateMachine) -> Bool {
+        var hs = machine
+        // The exports as they are now: a reload may have added or removed some since the last option.
+        hs.catalog = directory.catalog
+        let actions = hs.receive(&input)
+        phase = .handshake(hs)
+        for a in actions {
+            switch a {
+            case .send(let b): context.write(wrapOutboundOut(b), promise: nil)
+            case .close(let reason):
+                logger.info("closing during handshake: \(reason)")
+                phase = .closing
+                context.writeAndFlush(wrapOutboundOut(ByteBuffer()), promise: nil)
+                context.close(promise: nil)
+                return false
+            case .startTLS:
+                // The ACK goes out in plaintext; everything after it is TLS. Bytes the client
+                // sent before seeing the ACK are not part of either and are dropped.
                 context.flush()
-                if case .handshake = phase { return }
-            case .transmission(var parser, let export, let rules):
-                // Parse no further while requests, their bytes or unsent replies are at their bounds.
-                if quiescing || inFlight >= Self.maxInFlight || inFlightBytes >= inFlightByteLimit
-                    || overBudget || !context.channel.isWritable
-                {
-                    return
-                }
-                let event: TransmissionEvent?
+                input.clear()
                 do {
-                    event = try parser.next(&input)
+                    let (handler, identity) = try tls.makeServerHandler()
+                    try context.pipeline.syncOperations.addHandler(handler, position: .first)
+                    phase = .awaitingTLS(hs, identity: identity)
                 } catch {
-                    logger.warning("protocol error: \(error)")
+                    logger.error("cannot start TLS: \(error)")
                     phase = .closing
                     context.close(promise: nil)
-                    return
+                    return false
                 }
-                phase = .transmission(parser, export, rules)
-                guard let ev = event else { return }
-                switch ev {
-                case .rejected(let r, let reason):
-                    export.metrics.request(ExportMetrics.Op(r.command))
-                    logger.debug("rejecting request", metadata: ["type": "\(r.type)", "length": "\(r.length)"])
-                    execute(context, r, rules.decide(reason), payload: nil, export: export, rules: rules)
-                case .request(let r, let payload):
-                    export.metrics.request(ExportMetrics.Op(r.command))
-                    let decision = rules.decide(r)
-                    if decision == .run(.disconnect) {
-                        logger.debug("client sent NBD_CMD_DISC")
-                        phase = .closing
-                        closeWhenDrained(context: context)
-                        return
-                    }
-                    execute(context, r, decision, payload: payload, export: export, rules: rules)
-                }
+                logger.debug("STARTTLS: TLS handshake starting")
+                return false
+            case .startTransmission(let session):
+                guard startTransmission(context, session) else { return false }
             }
+        }
+        context.flush()
+        if case .handshake = phase { return false }
+        return true
+    }
+
+    /// Attaches to the export the client chose and enters transmission; false (and closing) if a
+    /// reload removed or changed it meanwhile.
+    private func startTransmission(_ context: ChannelHandlerContext, _ session: NBDSession) -> Bool {
+        let info = session.export
+        guard let e = directory.attach(info, connection: id) else {
+            // Removed or changed by a reload between the client's GO and now.
+            logger.info(
+                "closing: export \"\(info.name)\" was removed or changed by a configuration reload during the handshake"
+            )
+            phase = .closing
+            context.close(promise: nil)
+            return false
+        }
+        attached = e
+        logger[metadataKey: "export"] = "\(info.name)"
+        logger.debug(
+            "transmission started",
+            metadata: [
+                "size": "\(info.size)",
+                "structured": "\(session.structuredReplies)",
+                "base:allocation": "\(session.allocationContext != nil)",
+            ])
+        let facts = ExportFacts(
+            size: info.size, flags: info.flags, maximumPayload: UInt64(info.maximumPayload),
+            canFastZero: e.device.geometry.canWriteZeroes)
+        phase = .transmission(
+            TransmissionParser(maximumPayload: Int(info.maximumPayload), extendedHeaders: session.extendedHeaders),
+            e, TransmissionRules(session: session, export: facts))
+        return true
+    }
+
+    /// Parses the next request, if the bounds allow one, and answers it. False: stop parsing for now.
+    private func transmit(
+        _ context: ChannelHandlerContext, _ p: TransmissionParser, _ export: NBDExport, _ rules: TransmissionRules
+    ) -> Bool {
+        // Parse no further while requests, their bytes or unsent replies are at their bounds.
+        if quiescing || inFlight >= Self.maxInFlight || inFlightBytes >= inFlightByteLimit
+            || overBudget || !context.channel.isWritable
+        {
+            return false
+        }
+        var parser = p
+        let event: TransmissionEvent?
+        do {
+            event = try parser.next(&input)
+        } catch {
+            logger.warning("protocol error: \(error)")
+            phase = .closing
+            context.close(promise: nil)
+            return false
+        }
+        phase = .transmission(parser, export, rules)
+        guard let ev = event else { return false }
+        switch ev {
+        case .rejected(let r, let reason):
+            export.metrics.request(ExportMetrics.Op(r.command))
+            logger.debug("rejecting request", metadata: ["type": "\(r.type)", "length": "\(r.length)"])
+            return answer(context, r, rules.decide(reason), payload: nil, export: export, rules: rules)
+        case .request(let r, let payload):
+            export.metrics.request(ExportMetrics.Op(r.command))
+            return answer(context, r, rules.decide(r), payload: payload, export: export, rules: rules)
         }
     }
 
     // MARK: requests
 
-    /// Runs what the transmission rules decided for one request; every request gets exactly one reply.
-    private func execute(
+    /// Does what the transmission rules decided for one request: every request but NBD_CMD_DISC gets
+    /// exactly one reply. False after NBD_CMD_DISC: parse no further, close once the replies are out.
+    private func answer(
         _ context: ChannelHandlerContext, _ r: NBDRequest, _ decision: RequestDecision, payload: ByteBuffer?,
         export: NBDExport, rules: TransmissionRules
-    ) {
-        let op: TransmissionOperation
+    ) -> Bool {
         switch decision {
-        case .fail(let err, let message): return fail(context, r, rules, err, message)
-        case .succeed: return succeed(context, r, rules)
-        case .run(let o): op = o
+        case .fail(let err, let message): fail(context, r, rules, err, message)
+        case .succeed: succeed(context, r, rules)
+        case .run(let op): execute(context, r, op, payload: payload, export: export, rules: rules)
+        case .disconnect:
+            logger.debug("client sent NBD_CMD_DISC")
+            phase = .closing
+            closeWhenDrained(context: context)
+            return false
         }
+        return true
+    }
+
+    /// Runs one valid request on the device; its completion sends the one reply.
+    private func execute(
+        _ context: ChannelHandlerContext, _ r: NBDRequest, _ op: TransmissionOperation, payload: ByteBuffer?,
+        export: NBDExport, rules: TransmissionRules
+    ) {
         let device = export.device
         let metrics = export.metrics
         switch op {
@@ -283,8 +311,6 @@ final class NBDConnectionHandler: ChannelDuplexHandler {
             var b = context.channel.allocator.buffer(capacity: 40 + 16 * descriptors.count)
             rules.replies.blockStatus(r, context: ctx, descriptors: descriptors, into: &b)
             emit(context, b)
-        case .disconnect:
-            break
         }
     }
 

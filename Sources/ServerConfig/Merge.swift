@@ -157,8 +157,23 @@ extension VirtNBDConfig {
             ConfigError(kind, file: file, line: nil, keyPath: flag, problem: problem, fix: fix)
         }
         var c = self
+        try Self.mergeGlobals(flags, into: &c, file: file, fail)
+        try Self.mergeExports(flags, into: &c, fail)
+        try Self.validateListeners(c, flags, fail)
+        try Self.validateExports(c, flags, fail)
+        try Self.validateTLS(c, flags, fail)
+        return c
+    }
+}
 
-        // Globals.
+/// Makes the ConfigError for a flag: kind, flag, problem, fix.
+private typealias FlagFailure = (ConfigError.Kind, String, String, String) -> ConfigError
+
+extension VirtNBDConfig {
+    /// Listeners, access, limits, logging, metrics and TLS from the flags.
+    fileprivate static func mergeGlobals(
+        _ flags: CommandLineOverrides, into c: inout VirtNBDConfig, file: String, _ fail: FlagFailure
+    ) throws(ConfigError) {
         if let u = flags.unix {
             c.listeners = [.unix(path: u)]
         } else if flags.port != nil || flags.listen != nil {
@@ -184,7 +199,7 @@ extension VirtNBDConfig {
             }
             c.limits.handshakeTimeout = h
         }
-        try mergeKeepalive(flags, into: &c.limits.keepalive, fail)
+        try Self.mergeKeepalive(flags, into: &c.limits.keepalive, fail)
         if flags.verbose && c.logLevel > .debug { c.logLevel = .debug }
         if let t = flags.tls { c.tls.policy = t }
         if let m = flags.metrics {
@@ -197,8 +212,13 @@ extension VirtNBDConfig {
             if flags.tls == nil && c.tls.policy == .off { c.tls.policy = .on }
         }
         if flags.tlsVerifyPeer { c.tls.verifyPeer = true }
+    }
 
-        // Exports.
+    /// The flags' export (--size, --file, --device) added or replacing its namesake, or the
+    /// per-export flags applied to the file's exports.
+    fileprivate static func mergeExports(
+        _ flags: CommandLineOverrides, into c: inout VirtNBDConfig, _ fail: FlagFailure
+    ) throws(ConfigError) {
         if let d = flags.device {
             guard let parsed = CommandLineOverrides.parseDevice(d) else {
                 throw fail(
@@ -248,8 +268,12 @@ extension VirtNBDConfig {
                 c.exports[0].description = d
             }
         }
+    }
 
-        // Validate the result.
+    /// Metrics on an NBD listener's port; Unix socket paths the kernel cannot bind.
+    fileprivate static func validateListeners(
+        _ c: VirtNBDConfig, _ flags: CommandLineOverrides, _ fail: FlagFailure
+    ) throws(ConfigError) {
         let listenersFromFlags = flags.unix != nil || flags.port != nil || flags.listen != nil
         for (i, l) in c.listeners.enumerated() {
             if let m = c.metrics, case .success(let hp) = Values.hostPort(m),
@@ -258,7 +282,7 @@ extension VirtNBDConfig {
                 let listener =
                     listenersFromFlags
                     ? "the NBD listener -p/--listen (\(l))"
-                    : source != nil && c.listeners != [VirtNBDConfig.defaultListener]
+                    : c.source != nil && c.listeners != [VirtNBDConfig.defaultListener]
                         ? "listen[\(i)] (\(l))" : "the NBD listener \(l)"
                 if flags.metrics != nil {
                     throw fail(
@@ -276,6 +300,12 @@ extension VirtNBDConfig {
                     "choose a shorter path")
             }
         }
+    }
+
+    /// Ring sizes the ring format takes, and devices two writable exports would share.
+    fileprivate static func validateExports(
+        _ c: VirtNBDConfig, _ flags: CommandLineOverrides, _ fail: FlagFailure
+    ) throws(ConfigError) {
         for (i, e) in c.exports.enumerated() {
             // The flag's value, or the file's for an export it left alone.
             let queueKey =
@@ -302,6 +332,12 @@ extension VirtNBDConfig {
                     "two exports may share a file only if both are read-only; add -r or use another file")
             }
         }
+    }
+
+    /// TLS credentials the policy needs, and per-export authorisation that can take effect.
+    fileprivate static func validateTLS(
+        _ c: VirtNBDConfig, _ flags: CommandLineOverrides, _ fail: FlagFailure
+    ) throws(ConfigError) {
         if c.tls.certificates != nil && c.tls.psk != nil {
             throw fail(
                 .tlsCredentials, "--tls-psk", "both --tls-certificates and --tls-psk are given", "give one of them")
@@ -321,20 +357,18 @@ extension VirtNBDConfig {
             default: key = flags.tlsVerifyPeer ? "--tls-verify-peer" : "tls.verify-peer"
             }
             // Flags alone (no file): say it in flags.
-            if source == nil, let (problem, fix) = Self.flagWording(p) {
+            if c.source == nil, let (problem, fix) = Self.flagWording(p) {
                 throw fail(.tlsCredentials, key, problem, fix)
             }
             throw fail(.tlsCredentials, key, p.problem, p.fix)
         }
-        return c
     }
 }
 
 extension VirtNBDConfig {
     /// `--keepalive`, `--no-keepalive` and `--keepalive-idle|interval|count` over the file's `limits.keepalive*`.
-    fileprivate func mergeKeepalive(
-        _ flags: CommandLineOverrides, into k: inout Keepalive,
-        _ fail: (ConfigError.Kind, String, String, String) -> ConfigError
+    fileprivate static func mergeKeepalive(
+        _ flags: CommandLineOverrides, into k: inout Keepalive, _ fail: FlagFailure
     ) throws(ConfigError) {
         let timings: [(flag: String, value: Int?, range: ClosedRange<Int>, example: String)] = [
             ("--keepalive-idle", flags.keepaliveIdle, Keepalive.secondsRange, "60"),

@@ -264,18 +264,7 @@ struct ConfigParser {
             cfg.allow = try allowList(node)
         }
         if let node = top["limits"] {
-            let t = try table(
-                node, "limits", known: Keys.limits, example: "limits: { max-connections: 16, handshake-timeout: 10 }")
-            if let v = t["max-connections"] {
-                cfg.limits.maxConnections = try int(
-                    v, t.path("max-connections"), 0...1_000_000,
-                    fix: "use 0 for no limit, or the most clients served at once")
-            }
-            if let v = t["handshake-timeout"] {
-                cfg.limits.handshakeTimeout = try int(
-                    v, t.path("handshake-timeout"), 1...86400, fix: "give whole seconds, e.g. 10")
-            }
-            cfg.limits.keepalive = try keepalive(t)
+            try limits(node, into: &cfg.limits)
         }
         if let node = top["log"] {
             let t = try table(node, "log", known: Keys.log, example: "log: { level: info }")
@@ -286,33 +275,9 @@ struct ConfigParser {
         if let node = top["metrics"] {
             cfg.metrics = try metrics(node, listeners: cfg.listeners, lines: listenerLines)
         }
-        var tlsLines: (policy: Int?, certificates: Int?, psk: Int?, verifyPeer: Int?) = (nil, nil, nil, nil)
+        var tlsLines = TLSLines()
         if let node = top["tls"] {
-            let t = try table(
-                node, "tls", known: Keys.tls, example: "tls: { policy: require, certificates: /etc/pki/virtnbd }")
-            if let v = t["policy"] {
-                cfg.tls.policy = TLSPolicy(
-                    rawValue: try oneOf(v, t.path("policy"), TLSPolicy.allCases.map(\.rawValue)))!
-                tlsLines.policy = v.mark?.line
-            }
-            if let v = t["certificates"] {
-                cfg.tls.certificates = try filePath(v, t.path("certificates"), example: "/etc/pki/virtnbd")
-                tlsLines.certificates = v.mark?.line
-            }
-            if let v = t["psk"] {
-                cfg.tls.psk = try filePath(v, t.path("psk"), example: "/etc/virtnbd/keys.psk")
-                tlsLines.psk = v.mark?.line
-            }
-            if let v = t["verify-peer"] {
-                cfg.tls.verifyPeer = try bool(v, t.path("verify-peer"))
-                tlsLines.verifyPeer = v.mark?.line
-            }
-            if cfg.tls.certificates != nil && cfg.tls.psk != nil {
-                throw error(
-                    .tlsCredentials, tlsLines.psk, "tls.psk",
-                    "both tls.certificates (line \(tlsLines.certificates ?? 0)) and tls.psk are set",
-                    "keep one of them: X.509 certificates or a PSK file")
-            }
+            tlsLines = try tls(node, into: &cfg.tls)
         }
         guard let exportsNode = top["exports"] else {
             throw error(
@@ -321,8 +286,70 @@ struct ConfigParser {
         }
         var exportLines: [ExportLines] = []
         (cfg.exports, exportLines) = try exports(exportsNode)
+        try checkCredentials(cfg, tlsLines, exportLines)
+        return cfg
+    }
 
-        // TLS that some export asks for needs credentials.
+    /// `limits:`: max-connections, handshake-timeout and keepalive.
+    func limits(_ node: Node, into limits: inout VirtNBDConfig.Limits) throws(ConfigError) {
+        let t = try table(
+            node, "limits", known: Keys.limits, example: "limits: { max-connections: 16, handshake-timeout: 10 }")
+        if let v = t["max-connections"] {
+            limits.maxConnections = try int(
+                v, t.path("max-connections"), 0...1_000_000,
+                fix: "use 0 for no limit, or the most clients served at once")
+        }
+        if let v = t["handshake-timeout"] {
+            limits.handshakeTimeout = try int(
+                v, t.path("handshake-timeout"), 1...86400, fix: "give whole seconds, e.g. 10")
+        }
+        limits.keepalive = try keepalive(t)
+    }
+
+    /// The lines of the `tls:` keys, for errors found once the exports are read.
+    struct TLSLines {
+        var policy: Int?
+        var certificates: Int?
+        var psk: Int?
+        var verifyPeer: Int?
+    }
+
+    /// `tls:`: policy, certificates or psk, verify-peer.
+    func tls(_ node: Node, into tls: inout VirtNBDConfig.TLS) throws(ConfigError) -> TLSLines {
+        var lines = TLSLines()
+        let t = try table(
+            node, "tls", known: Keys.tls, example: "tls: { policy: require, certificates: /etc/pki/virtnbd }")
+        if let v = t["policy"] {
+            tls.policy = TLSPolicy(
+                rawValue: try oneOf(v, t.path("policy"), TLSPolicy.allCases.map(\.rawValue)))!
+            lines.policy = v.mark?.line
+        }
+        if let v = t["certificates"] {
+            tls.certificates = try filePath(v, t.path("certificates"), example: "/etc/pki/virtnbd")
+            lines.certificates = v.mark?.line
+        }
+        if let v = t["psk"] {
+            tls.psk = try filePath(v, t.path("psk"), example: "/etc/virtnbd/keys.psk")
+            lines.psk = v.mark?.line
+        }
+        if let v = t["verify-peer"] {
+            tls.verifyPeer = try bool(v, t.path("verify-peer"))
+            lines.verifyPeer = v.mark?.line
+        }
+        if tls.certificates != nil && tls.psk != nil {
+            throw error(
+                .tlsCredentials, lines.psk, "tls.psk",
+                "both tls.certificates (line \(lines.certificates ?? 0)) and tls.psk are set",
+                "keep one of them: X.509 certificates or a PSK file")
+        }
+        return lines
+    }
+
+    /// TLS that the policy or some export asks for needs credentials; allow-lists need what
+    /// identifies their clients.
+    func checkCredentials(
+        _ cfg: VirtNBDConfig, _ tlsLines: TLSLines, _ exportLines: [ExportLines]
+    ) throws(ConfigError) {
         if cfg.tls.certificates == nil && cfg.tls.psk == nil {
             let fix =
                 "set tls.certificates (a directory with server-cert.pem and server-key.pem) or tls.psk (a psktool key file)"
@@ -347,7 +374,6 @@ struct ConfigParser {
             }
             throw error(.tlsCredentials, line, key, p.problem, p.fix)
         }
-        return cfg
     }
 
     func listeners(_ node: Node) throws(ConfigError) -> ([Listener], [Int?]) {
@@ -598,6 +624,15 @@ struct ConfigParser {
         lines.name = nameNode.mark?.line
 
         var e = ExportConfig(name: name, device: .simulated)
+        try exportSettings(t, into: &e, lines: &lines)
+        try exportAllowLists(t, into: &e, lines: &lines)
+        try exportRing(t, into: &e)
+        try exportDevice(t, node, path, into: &e, lines: &lines)
+        return (e, lines)
+    }
+
+    /// An export's description, read-only and tls.
+    func exportSettings(_ t: Table, into e: inout ExportConfig, lines: inout ExportLines) throws(ConfigError) {
         if let v = t["description"] {
             e.description = try string(
                 v, t.path("description"), fix: "write description: \"text shown by nbdinfo --list\"")
@@ -610,6 +645,10 @@ struct ConfigParser {
             e.tls = TLSPolicy(rawValue: try oneOf(v, t.path("tls"), TLSPolicy.allCases.map(\.rawValue)))!
             lines.tls = v.mark?.line
         }
+    }
+
+    /// An export's allow-dn and allow-psk: the TLS clients that may use it.
+    func exportAllowLists(_ t: Table, into e: inout ExportConfig, lines: inout ExportLines) throws(ConfigError) {
         if let v = t["allow-dn"] {
             e.allowDN = try allowItems(v, t.path("allow-dn"), example: "allow-dn: [\"CN=alice,O=Example\"]") {
                 (s, node, path) throws(ConfigError) in
@@ -631,6 +670,10 @@ struct ConfigParser {
             }
             lines.allowPSK = v.mark?.line
         }
+    }
+
+    /// An export's queue-size and max-payload.
+    func exportRing(_ t: Table, into e: inout ExportConfig) throws(ConfigError) {
         if let v = t["queue-size"] {
             // A power of two for split rings (the default), checked with the ring format in `merged(with:)`.
             e.queueSize = try int(
@@ -646,7 +689,12 @@ struct ConfigParser {
             }
             e.maxPayload = UInt32(n)
         }
+    }
 
+    /// An export's device and the keys that device takes (and no others).
+    func exportDevice(
+        _ t: Table, _ node: Node, _ path: String, into e: inout ExportConfig, lines: inout ExportLines
+    ) throws(ConfigError) {
         guard let deviceNode = t["device"] else {
             throw error(.missingDevice, node, path, "no device", "add device: ram, file, vhost-user, vfio or simulated")
         }
@@ -698,6 +746,5 @@ struct ConfigParser {
         default:
             e.device = .simulated
         }
-        return (e, lines)
     }
 }

@@ -4,7 +4,7 @@ import CVirtShim
 //
 //   container /dev/vfio/vfio ── TYPE1v2 IOMMU ── MAP_DMA(arena: vaddr → IOVA = deviceBase)
 //   group /dev/vfio/<n> ── device fd ── config space (region 7, pread/pwrite)
-//                                     └─ BARs (mmap) holding the COMMON / NOTIFY / ISR / DEVICE capabilities
+//                                     └─ BARs (mmap) holding the COMMON / NOTIFY / DEVICE capabilities
 //   MSI-X vector i ── eventfd i (queue i; vector 0 also carries config changes)
 //
 // Register accesses go through MappedBAR (BAR.swift), the only file here with unsafe pointers.
@@ -71,7 +71,6 @@ public final class VFIOTransport: VirtioTransport, @unchecked Sendable {
     private let common: RegisterWindow
     private let notify: RegisterWindow
     private let notifyMultiplier: UInt32
-    private let isr: RegisterWindow?
     private let deviceConfig: RegisterWindow
     /// One eventfd per MSI-X vector in use: vector 0 for queue 0 and config changes, vector i for
     /// queue i while the device has vectors for it (queues beyond share vector 0).
@@ -89,21 +88,56 @@ public final class VFIOTransport: VirtioTransport, @unchecked Sendable {
     private let state = Locked(State())
 
     /// Takes over the virtio-blk device at `pciAddress` (e.g. "0000:00:05.0" or "00:05.0"), which must
-    /// be bound to vfio-pci, maps its registers and routes MSI-X vector 0 to an eventfd.
+    /// be bound to vfio-pci, maps its registers and routes each queue's MSI-X vector to an eventfd.
     public init(pciAddress: String, logger: Logger) throws {
         let bdf = try VFIOTransport.normalise(pciAddress)
         self.pciAddress = bdf
         self.logger = logger
+        let container = try Self.openContainer()
+        self.container = container
+        let g = try Self.findIOMMUGroup(bdf)
+        iommuGroup = g
+        let (group, device) = try Self.openDevice(bdf, group: g, container: container.fd)
+        self.group = group
+        self.device = device
+        let dfd = device.fd
+        let (cfg, vendor, devid) = try Self.probe(dfd)
+        deviceID = 2 // probe accepts virtio-blk only
+        let caps = try Self.capabilities(cfg)
+        let windows = try Self.map(caps, dfd)
+        common = windows.common
+        notify = windows.notify
+        deviceConfig = windows.device
+        notifyMultiplier = VFIOTransport.le32(cfg, caps[2]!.capAt + 16)
+        let (irqs, irqCount) = try Self.routeInterrupts(dfd, queues: Int(windows.common.read16(CommonCfg.numQueues)))
+        interrupts = irqs
 
-        // 1. The container: API version and the TYPE1v2 IOMMU.
+        let bars = windows.bars
+        logger.info(
+            "VFIO device ready",
+            metadata: [
+                "pci": "\(bdf)", "iommu-group": "\(g)",
+                "id": "\(String(format: "%04x:%04x", vendor, devid))",
+                "bars": "\(bars.keys.sorted().map { "BAR\($0)=\(bars[$0]!.size / 1024)K" }.joined(separator: ","))",
+                "notify-multiplier": "\(notifyMultiplier)", "msix-vectors": "\(irqCount)",
+                "vectors-used": "\(irqs.count)",
+                "queues": "\(common.read16(CommonCfg.numQueues))",
+            ])
+    }
+
+    /// 1. The container: API version and the TYPE1v2 IOMMU.
+    private static func openContainer() throws(VFIOTransportError) -> OwnedFD {
         let c = Glibc.open("/dev/vfio/vfio", O_RDWR | O_CLOEXEC)
         guard c >= 0 else { throw VFIOTransportError.noContainer(errno: errno) }
-        container = OwnedFD(c)
+        let container = OwnedFD(c)
         let api = vshim_vfio_get_api_version(c)
         guard api == 0 else { throw VFIOTransportError.unsupportedAPI(version: api) }
         guard vshim_vfio_check_extension(c, VFIOTransport.type1v2) > 0 else { throw VFIOTransportError.noType1v2 }
+        return container
+    }
 
-        // 2. The device in sysfs: IOMMU group and driver.
+    /// 2. The device in sysfs: IOMMU group and driver.
+    private static func findIOMMUGroup(_ bdf: String) throws(VFIOTransportError) -> Int {
         let sys = "/sys/bus/pci/devices/\(bdf)"
         guard FileManager.default.fileExists(atPath: sys) else {
             throw VFIOTransportError.noSuchDevice(pciAddress: bdf)
@@ -111,15 +145,19 @@ public final class VFIOTransport: VirtioTransport, @unchecked Sendable {
         guard let g = VFIOTransport.linkBasename("\(sys)/iommu_group").flatMap({ Int($0) }) else {
             throw VFIOTransportError.noIOMMUGroup(pciAddress: bdf)
         }
-        iommuGroup = g
         let driver = VFIOTransport.linkBasename("\(sys)/driver")
         guard driver == "vfio-pci" else { throw VFIOTransportError.notBoundToVFIO(pciAddress: bdf, driver: driver) }
+        return g
+    }
 
-        // 3. The group: viable, attached to the container; then the IOMMU model; then the device fd.
+    /// 3. The group: viable, attached to the container; then the IOMMU model; then the device fd.
+    private static func openDevice(
+        _ bdf: String, group g: Int, container c: Int32
+    ) throws(VFIOTransportError) -> (group: OwnedFD, device: OwnedFD) {
         let gpath = "/dev/vfio/\(g)"
         let gfd = Glibc.open(gpath, O_RDWR | O_CLOEXEC)
         guard gfd >= 0 else { throw VFIOTransportError.groupOpenFailed(path: gpath, errno: errno) }
-        group = OwnedFD(gfd)
+        let group = OwnedFD(gfd)
         var gflags: UInt32 = 0
         var r = vshim_vfio_group_status(gfd, &gflags)
         guard r == 0, gflags & 1 != 0 else {
@@ -131,9 +169,13 @@ public final class VFIOTransport: VirtioTransport, @unchecked Sendable {
         guard r == 0 else { throw VFIOTransportError.setIOMMUFailed(errno: -r) }
         let dfd = vshim_vfio_group_get_device_fd(gfd, bdf)
         guard dfd >= 0 else { throw VFIOTransportError.deviceFDFailed(pciAddress: bdf, errno: -dfd) }
-        device = OwnedFD(dfd)
+        return (group, OwnedFD(dfd))
+    }
 
-        // 4. PCI config space: identity, then memory decoding + bus mastering (the device DMAs).
+    /// 4. PCI config space: identity (a virtio-blk device), then memory decoding + bus mastering
+    /// (the device DMAs). Returns the first 256 bytes of config space, the vendor and device IDs.
+    private static func probe(_ dfd: Int32) throws(VFIOTransportError) -> (cfg: [UInt8], vendor: UInt16, device: UInt16)
+    {
         let cfgRegion = try VFIOTransport.regionInfo(dfd, VFIOTransport.vfioPCIConfigRegion)
         let cfg = try PCIConfigIO.read(deviceFD: dfd, regionOffset: cfgRegion.offset, at: 0, count: 256)
         let vendor = VFIOTransport.le16(cfg, 0)
@@ -145,14 +187,20 @@ public final class VFIOTransport: VirtioTransport, @unchecked Sendable {
         guard vendor == VFIOTransport.virtioVendor, virtioID == 2 else {
             throw VFIOTransportError.notVirtioBlk(vendor: vendor, device: devid)
         }
-        deviceID = UInt32(virtioID)
         let command = VFIOTransport.le16(cfg, 4)
         if command & 0x6 != 0x6 {
             try PCIConfigIO.write16(deviceFD: dfd, regionOffset: cfgRegion.offset, at: 4, command | 0x6)
         }
+        return (cfg, vendor, devid)
+    }
 
-        // 5. The virtio vendor capabilities (§4.1.4), and the BARs they live in.
-        var caps: [UInt8: (bar: Int, offset: Int, length: Int, capAt: Int)] = [:]
+    /// A virtio vendor capability: where its structure lies, and where the capability itself is in config space.
+    private typealias Capability = (bar: Int, offset: Int, length: Int, capAt: Int)
+    private static let capabilityNames: [UInt8: String] = [1: "COMMON", 2: "NOTIFY", 3: "ISR", 4: "DEVICE"]
+
+    /// 5a. The virtio vendor capabilities (§4.1.4); COMMON, NOTIFY and DEVICE must be there.
+    private static func capabilities(_ cfg: [UInt8]) throws(VFIOTransportError) -> [UInt8: Capability] {
+        var caps: [UInt8: Capability] = [:]
         if VFIOTransport.le16(cfg, 6) & 0x10 != 0 {
             var p = Int(cfg[0x34]) & ~3
             var hops = 0
@@ -168,12 +216,20 @@ public final class VFIOTransport: VirtioTransport, @unchecked Sendable {
                 hops += 1
             }
         }
-        let names: [UInt8: String] = [1: "COMMON", 2: "NOTIFY", 3: "ISR", 4: "DEVICE"]
         for t: UInt8 in [1, 2, 4] where caps[t] == nil {
-            throw VFIOTransportError.missingCapability("\(names[t]!)_CFG")
+            throw VFIOTransportError.missingCapability("\(capabilityNames[t]!)_CFG")
         }
+        return caps
+    }
+
+    /// 5b. The BARs the capabilities live in (mmap), and a register window for each structure.
+    private static func map(
+        _ caps: [UInt8: Capability], _ dfd: Int32
+    ) throws(VFIOTransportError) -> (
+        common: RegisterWindow, notify: RegisterWindow, device: RegisterWindow, bars: [Int: MappedBAR]
+    ) {
         var bars: [Int: MappedBAR] = [:]
-        func window(_ t: UInt8, minLength: Int) throws -> RegisterWindow {
+        func window(_ t: UInt8, minLength: Int) throws(VFIOTransportError) -> RegisterWindow {
             let cap = caps[t]!
             if bars[cap.bar] == nil {
                 let info = try VFIOTransport.regionInfo(dfd, UInt32(cap.bar))
@@ -187,36 +243,29 @@ public final class VFIOTransport: VirtioTransport, @unchecked Sendable {
             }
             let b = bars[cap.bar]!
             guard cap.length >= minLength, cap.offset >= 0, cap.offset <= b.size - cap.length else {
-                throw VFIOTransportError.capabilityOutOfRange(names[t]!)
+                throw VFIOTransportError.capabilityOutOfRange(capabilityNames[t]!)
             }
             return RegisterWindow(bar: b, offset: cap.offset, length: cap.length)
         }
-        common = try window(1, minLength: CommonCfg.length)
-        notify = try window(2, minLength: 2)
-        notifyMultiplier = VFIOTransport.le32(cfg, caps[2]!.capAt + 16)
-        deviceConfig = try window(4, minLength: 0)
-        if caps[3] != nil { isr = try window(3, minLength: 1) } else { isr = nil }
+        let common = try window(1, minLength: CommonCfg.length)
+        let notify = try window(2, minLength: 2)
+        let device = try window(4, minLength: 0)
+        return (common, notify, device, bars)
+    }
 
-        // 6. Interrupts: MSI-X vector i → eventfd i, one per queue while vectors last (queue 0 and
-        // config changes share vector 0), so each queue's completions wake only its own reaper.
+    /// 6. Interrupts: MSI-X vector i → eventfd i, one per queue while vectors last (queue 0 and
+    /// config changes share vector 0), so each queue's completions wake only its own reaper.
+    /// Returns the eventfds and the number of MSI-X vectors the device has.
+    private static func routeInterrupts(_ dfd: Int32, queues: Int) throws -> ([EventFD], UInt32) {
         var irqFlags: UInt32 = 0
         var irqCount: UInt32 = 0
-        r = vshim_vfio_irq_info(dfd, VFIOTransport.vfioPCIMSIXIRQ, &irqFlags, &irqCount)
+        var r = vshim_vfio_irq_info(dfd, VFIOTransport.vfioPCIMSIXIRQ, &irqFlags, &irqCount)
         guard r == 0, irqCount >= 1 else { throw VFIOTransportError.noMSIX(errno: -r) }
-        let vectors = max(1, min(Int(irqCount), Int(common.read16(CommonCfg.numQueues)), 64))
-        interrupts = try (0..<vectors).map { _ in try EventFD() }
-        let fds = interrupts.map(\.fd)
-        r = vshim_vfio_set_irq_eventfds(dfd, VFIOTransport.vfioPCIMSIXIRQ, 0, UInt32(vectors), fds)
+        let vectors = max(1, min(Int(irqCount), queues, 64))
+        let irqs = try (0..<vectors).map { _ in try EventFD() }
+        r = vshim_vfio_set_irq_eventfds(dfd, VFIOTransport.vfioPCIMSIXIRQ, 0, UInt32(vectors), irqs.map(\.fd))
         guard r == 0 else { throw VFIOTransportError.irqSetupFailed(errno: -r) }
-
-        logger.info(
-            "VFIO device ready",
-            metadata: [
-                "pci": "\(bdf)", "iommu-group": "\(g)", "id": "\(String(format: "%04x:%04x", vendor, devid))",
-                "bars": "\(bars.keys.sorted().map { "BAR\($0)=\(bars[$0]!.size / 1024)K" }.joined(separator: ","))",
-                "notify-multiplier": "\(notifyMultiplier)", "msix-vectors": "\(irqCount)", "vectors-used": "\(vectors)",
-                "queues": "\(common.read16(CommonCfg.numQueues))",
-            ])
+        return (irqs, irqCount)
     }
 
     deinit { close() }
@@ -314,7 +363,7 @@ public final class VFIOTransport: VirtioTransport, @unchecked Sendable {
         }
         common.write16(CommonCfg.queueSelect, UInt16(index))
         guard common.read16(CommonCfg.queueEnable) == 0 else {
-            throw VirtioTransportError.deviceFailed("queue \(index) already live")
+            throw VirtioTransportError.queueAlreadyLive(index: index)
         }
         let max = Int(common.read16(CommonCfg.queueSize))
         guard max > 0 else { throw VirtioTransportError.queueUnavailable(index: index) }
@@ -334,7 +383,7 @@ public final class VFIOTransport: VirtioTransport, @unchecked Sendable {
         }
         common.write16(CommonCfg.queueEnable, 1)
         guard common.read16(CommonCfg.queueEnable) == 1 else {
-            throw VirtioTransportError.deviceFailed("queue \(index) refused its addresses")
+            throw VirtioTransportError.queueRefused(index: index)
         }
         logger.debug("VFIO: queue \(index) size \(size) enabled, notify at +\(notifyAt), MSI-X vector \(vector)")
         let n = notify
@@ -360,9 +409,6 @@ public final class VFIOTransport: VirtioTransport, @unchecked Sendable {
     }
 
     public func configGeneration() -> UInt32 { UInt32(common.read8(CommonCfg.configGeneration)) }
-
-    /// Reads (and so clears) the ISR status: bit 0 queue interrupt, bit 1 config change. Unused with MSI-X.
-    public func readISR() -> UInt8 { isr?.read8(0) ?? 0 }
 
     // MARK: helpers
 

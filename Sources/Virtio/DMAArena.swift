@@ -1,6 +1,7 @@
-// The DMA arena: shared memory plus two allocators.
-//  - a bump allocator for long-lived structures (rings, per-slot request headers);
-//  - a pool of fixed 4 KiB pages for I/O data.
+// The DMA arena: shared memory split in two.
+//  - structures: a bump allocator for long-lived structures (rings, per-slot request headers);
+//  - I/O pages: fixed 4 KiB pages for data, numbered from `poolFirstPage`; the driver hands them
+//    out to its lanes and keeps their free lists itself.
 // Every allocation knows its offset (host side) and its device address (what goes into descriptors).
 
 /// A range of arena memory.
@@ -27,10 +28,8 @@ public final class DMAArena: @unchecked Sendable {
     public let memory: SharedMemory
     private var bumpNext = 0
     private let bumpLimit: Int
-    /// Page pool: pages [poolFirstPage, poolFirstPage + poolPages).
+    /// I/O pages: [poolFirstPage, poolFirstPage + ioPages).
     public let poolFirstPage: Int
-    public let poolPages: Int
-    private var freePages: [Int32]
 
     /// - Parameters:
     ///   - structureBytes: room for rings and headers (rounded up to pages).
@@ -41,8 +40,6 @@ public final class DMAArena: @unchecked Sendable {
         memory = try SharedMemory(size: (structPages + ioPages) * Self.pageSize, deviceBase: deviceBase)
         bumpLimit = structPages * Self.pageSize
         poolFirstPage = structPages
-        poolPages = ioPages
-        freePages = (0..<ioPages).reversed().map { Int32(structPages + $0) }
     }
 
     /// Allocates long-lived, zeroed memory (never freed).
@@ -57,12 +54,7 @@ public final class DMAArena: @unchecked Sendable {
         return DMARegion(offset: start, length: length, deviceAddress: memory.deviceBase + UInt64(start))
     }
 
-    // MARK: page pool (not thread-safe: the owner serialises)
-    public var freePageCount: Int { freePages.count }
-
-    /// Takes one I/O page, or nil if the pool is empty.
-    @inline(__always) public func takePage() -> Int32? { freePages.popLast() }
-    @inline(__always) public func returnPage(_ p: Int32) { freePages.append(p) }
+    // MARK: I/O pages
 
     @inline(__always) public func pageOffset(_ p: Int32) -> Int { Int(p) * Self.pageSize }
     @inline(__always) public func pageDeviceAddress(_ p: Int32) -> UInt64 {

@@ -1,6 +1,13 @@
 import NIOConcurrencyHelpers
 
-/// A value that is only reached while holding its lock: the one lock type of virtnbd.
+/// A value that is only reached while holding its lock: virtnbd's lock type for shared values.
+///
+/// Two kinds of lock are not values and stay `NSLock`: a lock that serialises a whole exchange
+/// and blocks while held, which `withLock` forbids: the driver's recovery (`VirtioBlkDriver`:
+/// one reset and resubmission at a time, waiting for the device) and the vhost-user transport's
+/// control channel (`VhostUserTransport`: a request and its reply over the socket; its
+/// `HangupWatch` too). The emulator's per-queue batch lock is a `Locked<Void>` that is held
+/// across backend I/O on purpose; `VirtioBlkEmulator.processing` says why.
 ///
 /// Why not `Synchronization.Mutex`: on Linux its slow path lives in the runtime's
 /// libswiftSynchronization.so, which is not built with ThreadSanitizer, so under

@@ -84,7 +84,7 @@ public final class VirtioMMIOTransport: VirtioTransport, @unchecked Sendable {
     {
         bus.write32(MMIORegister.queueSel, UInt32(index))
         guard bus.read32(MMIORegister.queueReady) == 0 else {
-            throw VirtioTransportError.deviceFailed("queue \(index) already live")
+            throw VirtioTransportError.queueAlreadyLive(index: index)
         }
         let max = Int(bus.read32(MMIORegister.queueNumMax))
         guard max > 0 else { throw VirtioTransportError.queueUnavailable(index: index) }
@@ -99,7 +99,7 @@ public final class VirtioMMIOTransport: VirtioTransport, @unchecked Sendable {
         }
         bus.write32(MMIORegister.queueReady, 1)
         guard bus.read32(MMIORegister.queueReady) == 1 else {
-            throw VirtioTransportError.deviceFailed("queue \(index) refused its addresses")
+            throw VirtioTransportError.queueRefused(index: index)
         }
         let bus = self.bus
         let q = UInt32(index)

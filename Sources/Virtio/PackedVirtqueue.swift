@@ -309,7 +309,4 @@ public final class PackedVirtqueue: DriverVirtqueue {
         Fence.full() // the request before re-checking the ring (§2.8.22)
         return PackedRingLayout.isUsed(mem.load16Acquire(descOffset(nextUsedPos) + 14), wrap: usedWrap)
     }
-
-    /// Whether buffer `id` is in flight (for tests and recovery).
-    public func isInFlight(_ id: UInt16) -> Bool { Int(id) < size && shadow[Int(id)].ringSlots > 0 }
 }

@@ -3,11 +3,6 @@
 import NIOCore
 
 extension SharedMemory {
-    /// Appends `count` bytes at `offset` to `buffer`.
-    public func copyOut(_ o: Int, count: Int, appendingTo buffer: inout ByteBuffer) {
-        _ = withBytes(at: o, count: count) { buffer.writeBytes($0) }
-    }
-
     /// Copies `count` bytes at `offset` into `buffer` at absolute index `index` (capacity must suffice).
     public func copyOut(_ o: Int, count: Int, into buffer: inout ByteBuffer, at index: Int) {
         withBytes(at: o, count: count) { _ = buffer.setBytes($0, at: index) }

@@ -244,7 +244,5 @@ public final class SplitVirtqueue: DriverVirtqueue {
         return mem.load16Acquire(usedRing.offset + 2) != lastUsedIdx
     }
 
-    /// Whether chain `head` is in flight (for tests and recovery).
-    public func isInFlight(_ head: UInt16) -> Bool { Int(head) < size && shadow[Int(head)].chainLength > 0 }
     @exclusivity(unchecked) public private(set) var inFlightCount = 0
 }

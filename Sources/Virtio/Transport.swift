@@ -51,6 +51,10 @@ public enum VirtioTransportError: Error, CustomStringConvertible {
     case featuresRejected(VirtioFeatures)
     case queueUnavailable(index: Int)
     case queueTooLarge(index: Int, requested: Int, max: Int)
+    /// The queue was already enabled when the driver came to set it up (the device was not reset).
+    case queueAlreadyLive(index: Int)
+    /// The device did not enable the queue after the driver gave it the ring addresses.
+    case queueRefused(index: Int)
     case deviceFailed(String)
 
     public var description: String {
@@ -63,6 +67,11 @@ public enum VirtioTransportError: Error, CustomStringConvertible {
         case .queueUnavailable(let i): return "queue \(i) does not exist on this device"
         case .queueTooLarge(let i, let r, let m):
             return "queue \(i): size \(r) exceeds device maximum \(m); use a smaller --queue-size"
+        case .queueAlreadyLive(let i):
+            return "queue \(i) was already enabled before setup: the device was not reset (is another driver using it?)"
+        case .queueRefused(let i):
+            return "queue \(i) stayed disabled after its ring addresses were written: the device refused the rings; "
+                + "try another --queue-size or --ring"
         case .deviceFailed(let s): return "device failed: \(s)"
         }
     }

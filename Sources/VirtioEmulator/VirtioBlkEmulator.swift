@@ -67,6 +67,16 @@ public final class VirtioBlkEmulator: MMIOBus, @unchecked Sendable {
     /// write returns no device thread still touches the old rings: §2.1.2 / §4.2.2.1 — after a
     /// reset the device must not use the queues any more, or a used entry published late would
     /// complete a request the driver has already resubmitted.
+    ///
+    /// It is held across backend I/O (a pread, pwrite, fdatasync or hole punch of the file), the
+    /// one exception to `Locked`'s "do not block inside it", and that is deliberate: a batch's
+    /// requests are popped from the old rings and their used entries published after their I/O,
+    /// so releasing it around the I/O would reopen the window the barrier closes. Nothing else
+    /// contends for it: the queue's own device thread takes it per batch, and only a reset (a
+    /// status-0 write: at setup, in the driver's recovery, at shutdown) waits on it, for the I/O
+    /// of the requests the batch still finds available plus the poll window (`pollMicroseconds`).
+    /// A resetting driver submits nothing more, so that is bounded. Other register accesses take
+    /// `regs`, never this lock.
     private let processing: [Locked<Void>]
     private let stopFD: EventFD
     private let backend: BlockBackend
@@ -440,114 +450,89 @@ public final class VirtioBlkEmulator: MMIOBus, @unchecked Sendable {
         if let q = queue { interrupts[q].signal() } else { for i in interrupts { i.signal() } }
     }
 
-    /// Executes one request; returns the used length (bytes written into device-writable buffers).
+    /// Parses one chain, then executes it; returns the used length (bytes written into
+    /// device-writable buffers).
     private func process(chain: DescriptorChain, mem: SharedMemory, header: inout [UInt8], features: VirtioFeatures)
         -> UInt32
     {
-        let head = chain.head
-        if let fault = chain.fault {
+        let parser = BlkRequestParser(
+            features: features, readOnly: backend.readOnly,
+            capacityBytes: min(deviceBytes, capacity.load(ordering: .relaxed)),
+            maxDiscardSectors: config.maxDiscardSectors, maxWriteZeroesSectors: config.maxWriteZeroesSectors)
+        switch parser.parse(chain, mem: mem, header: &header) {
+        case .request(let request, let status):
+            return execute(request, chain, mem, status: status)
+        case .refused(let why, let status):
+            return why.status == BlkStatus.unsupp ? unsupp(mem, status) : ioErr(mem, status)
+        case .fault(let fault):
             stats.badChains.add(1, ordering: .relaxed)
-            logger.debug("rejecting chain \(head): \(fault)")
-            return failChain(chain, mem)
+            switch fault {
+            case .invalid(let why):
+                logger.debug("rejecting chain \(chain.head): \(why)")
+                return failChain(chain, mem)
+            case .noStatusByte:
+                logger.debug("rejecting chain \(chain.head): no device-writable status byte")
+                return 0
+            case .shortHeader(let status):
+                return finish(mem, status, BlkStatus.ioErr, 1)
+            }
         }
-        // The status byte is the last device-writable byte (§5.2.6).
-        guard let last = chain.writable.last, last.length > 0 else {
-            stats.badChains.add(1, ordering: .relaxed)
-            logger.debug("rejecting chain \(head): no device-writable status byte")
-            return 0
-        }
-        let statusOffset = last.offset + last.length - 1
-        let dataIn = chain.writableBytes - 1
-        guard chain.readableBytes >= 16 else {
-            stats.badChains.add(1, ordering: .relaxed)
-            return finish(mem, statusOffset, BlkStatus.ioErr, 1)
-        }
-        gather(chain.readable, skip: 0, count: 16, mem: mem, into: &header)
-        let type = le32(header, 0)
-        let sector = le64(header, 8)
-        let dataOut = chain.readableBytes - 16
+    }
+
+    /// Runs a parsed request against the backend and writes its status byte; a backend error is IOERR.
+    private func execute(_ request: BlkRequest, _ chain: DescriptorChain, _ mem: SharedMemory, status: Int) -> UInt32 {
         do {
-            switch type {
-            case BlkRequestType.in:
-                guard dataOut == 0, dataIn % 512 == 0, inRange(sector, UInt64(dataIn)) else {
-                    return ioErr(mem, statusOffset)
-                }
+            switch request {
+            case .read(let sector, let bytes):
                 var pos = sector * 512
-                try forEach(chain.writable, skip: 0, count: dataIn) { off, n in
+                try forEachPiece(chain.writable, skip: 0, count: bytes) { off, n in
                     try readBackend(at: pos, into: mem, offset: off, count: n)
                     pos += UInt64(n)
                 }
                 stats.reads.add(1, ordering: .relaxed)
-                return finish(mem, statusOffset, BlkStatus.ok, UInt32(dataIn + 1))
-            case BlkRequestType.out:
-                guard !backend.readOnly else { return ioErr(mem, statusOffset) }
-                guard dataIn == 0, dataOut % 512 == 0, inRange(sector, UInt64(dataOut)) else {
-                    return ioErr(mem, statusOffset)
-                }
+                return finish(mem, status, BlkStatus.ok, UInt32(bytes + 1))
+            case .write(let sector, let bytes):
                 var pos = sector * 512
-                try forEach(chain.readable, skip: 16, count: dataOut) { off, n in
+                try forEachPiece(chain.readable, skip: 16, count: bytes) { off, n in
                     let k = backendBytes(at: pos, n)
                     if k > 0 { try backend.write(at: pos, from: mem, offset: off, count: k) }
                     pos += UInt64(n)
                 }
                 stats.writes.add(1, ordering: .relaxed)
-                return finish(mem, statusOffset, BlkStatus.ok, 1)
-            case BlkRequestType.flush:
-                guard features.contains(.blkFlush) else { return unsupp(mem, statusOffset) }
+                return finish(mem, status, BlkStatus.ok, 1)
+            case .flush:
                 try backend.flush()
                 stats.flushes.add(1, ordering: .relaxed)
-                return finish(mem, statusOffset, BlkStatus.ok, 1)
-            case BlkRequestType.getID:
-                guard dataIn >= 20 else { return ioErr(mem, statusOffset) }
+                return finish(mem, status, BlkStatus.ok, 1)
+            case .getID:
                 var id = Array(config.serial.utf8.prefix(20))
                 id += [UInt8](repeating: 0, count: 20 - id.count)
                 var k = 0
-                forEach(chain.writable, skip: 0, count: 20) { off, n in
+                forEachPiece(chain.writable, skip: 0, count: 20) { off, n in
                     mem.write(id[k..<k + n], at: off)
                     k += n
                 }
                 stats.getIDs.add(1, ordering: .relaxed)
-                return finish(mem, statusOffset, BlkStatus.ok, 21)
-            case BlkRequestType.discard, BlkRequestType.writeZeroes:
-                let isDiscard = type == BlkRequestType.discard
-                guard features.contains(isDiscard ? .blkDiscard : .blkWriteZeroes) else {
-                    return unsupp(mem, statusOffset)
-                }
-                guard !backend.readOnly else { return ioErr(mem, statusOffset) }
-                guard dataOut > 0, dataOut % 16 == 0, dataOut / 16 <= 1 else { return unsupp(mem, statusOffset) }
-                var seg = [UInt8](repeating: 0, count: 16)
-                gather(chain.readable, skip: 16, count: 16, mem: mem, into: &seg)
-                let s = le64(seg, 0)
-                let n = UInt64(le32(seg, 8))
-                let flags = le32(seg, 12)
-                let limit = UInt64(isDiscard ? config.maxDiscardSectors : config.maxWriteZeroesSectors)
-                // §5.2.6.2: unmap must be 0 on DISCARD; unknown flag bits are UNSUPP.
-                guard flags & ~1 == 0, !(isDiscard && flags & 1 != 0) else { return unsupp(mem, statusOffset) }
-                guard n <= limit, inRange(s, n * 512) else { return ioErr(mem, statusOffset) }
+                return finish(mem, status, BlkStatus.ok, 21)
+            case .discard(let s, let n):
                 let k = UInt64(backendBytes(at: s * 512, Int(n * 512)))
-                if isDiscard {
-                    if k > 0 { try backend.discard(at: s * 512, count: k) }
-                    stats.discards.add(1, ordering: .relaxed)
-                } else {
-                    if k > 0 { try backend.writeZeroes(at: s * 512, count: k, unmap: flags & 1 != 0) }
-                    stats.writeZeroes.add(1, ordering: .relaxed)
-                }
-                logger.debug("\(isDiscard ? "DISCARD" : "WRITE_ZEROES") sector=\(s) sectors=\(n)")
-                return finish(mem, statusOffset, BlkStatus.ok, 1)
-            default:
-                return unsupp(mem, statusOffset)
+                if k > 0 { try backend.discard(at: s * 512, count: k) }
+                stats.discards.add(1, ordering: .relaxed)
+                logger.debug("DISCARD sector=\(s) sectors=\(n)")
+                return finish(mem, status, BlkStatus.ok, 1)
+            case .writeZeroes(let s, let n, let unmap):
+                let k = UInt64(backendBytes(at: s * 512, Int(n * 512)))
+                if k > 0 { try backend.writeZeroes(at: s * 512, count: k, unmap: unmap) }
+                stats.writeZeroes.add(1, ordering: .relaxed)
+                logger.debug("WRITE_ZEROES sector=\(s) sectors=\(n)")
+                return finish(mem, status, BlkStatus.ok, 1)
             }
         } catch {
             logger.error("backend I/O failed: \(error)")
-            return ioErr(mem, statusOffset)
+            return ioErr(mem, status)
         }
     }
 
-    private func inRange(_ sector: UInt64, _ bytes: UInt64) -> Bool {
-        let (start, o1) = sector.multipliedReportingOverflow(by: 512)
-        let (end, o2) = start.addingReportingOverflow(bytes)
-        return !o1 && !o2 && end <= deviceBytes && end <= capacity.load(ordering: .relaxed)
-    }
     /// How many of the `count` bytes at `at` (an in-range request) the backend holds: all but
     /// those past its end, in the last sector.
     private func backendBytes(at: UInt64, _ count: Int) -> Int {
@@ -575,33 +560,5 @@ public final class VirtioBlkEmulator: MMIOBus, @unchecked Sendable {
     private func failChain(_ chain: DescriptorChain, _ mem: SharedMemory) -> UInt32 {
         guard let last = chain.writable.last, last.length > 0 else { return 0 }
         return ioErr(mem, last.offset + last.length - 1)
-    }
-
-    private func forEach(_ segs: [MemorySegment], skip: Int, count: Int, _ body: (Int, Int) throws -> Void) rethrows {
-        var skip = skip
-        var left = count
-        for s in segs where left > 0 {
-            if skip >= s.length {
-                skip -= s.length
-                continue
-            }
-            let n = min(s.length - skip, left)
-            try body(s.offset + skip, n)
-            left -= n
-            skip = 0
-        }
-    }
-    private func gather(_ segs: [MemorySegment], skip: Int, count: Int, mem: SharedMemory, into out: inout [UInt8]) {
-        var k = 0
-        forEach(segs, skip: skip, count: count) { off, n in
-            for i in 0..<n { out[k + i] = mem.load8(off + i) }
-            k += n
-        }
-    }
-    private func le32(_ b: [UInt8], _ o: Int) -> UInt32 {
-        (0..<4).reduce(0) { $0 | UInt32(b[o + $1]) << (8 * UInt32($1)) }
-    }
-    private func le64(_ b: [UInt8], _ o: Int) -> UInt64 {
-        (0..<8).reduce(0) { $0 | UInt64(b[o + $1]) << (8 * UInt64($1)) }
     }
 }

@@ -1,17 +1,17 @@
 import Logging
 import Virtio
 import VirtioBlock
+import VirtioDisk
 import VirtioEmulator
 
-/// The default export: the in-process virtio-blk emulator, its driver, and the block layer on top.
-struct EmulatedDisk {
+/// The default export: an `EmulatedDisk` on a RAM disk or a raw file, with the label the logs use.
+struct EmulatorExport {
     /// The simulated disk served when neither --size nor --file is given.
     static let simulatedSize: UInt64 = 512 * 1024
 
-    let emulator: VirtioBlkEmulator
-    let driver: VirtioBlkDriver
-    let device: BlockDevice
+    let disk: EmulatedDisk
     let label: String
+    var device: BlockDevice { disk.device }
 
     /// `sizeKey` names where `size` came from (`--size`, or the file's key) for a size-mismatch message.
     init(
@@ -36,25 +36,14 @@ struct EmulatedDisk {
             holes = [0..<s]
             label = size == nil ? "simulated 512 KiB disk" : "RAM \(s) bytes"
         }
-        // The device's capacity is whole sectors (rounded up); the export is the backend's exact size.
-        var cfg = EmulatorConfiguration()
-        cfg.serial = file == nil && size == nil ? "virtnbd-simulated" : "virtnbd-emulator"
-        cfg.queues = options.queues
-        var elog = logger
-        elog[metadataKey: "component"] = "emulator"
-        emulator = try VirtioBlkEmulator(backend: backend, configuration: cfg, logger: elog)
-        var dlog = logger
-        dlog[metadataKey: "component"] = "driver"
-        driver = try VirtioBlkDriver(transport: try VirtioMMIOTransport(bus: emulator), options: options, logger: dlog)
-        device = BlockDevice(driver: driver, size: backend.size, holes: holes, discardReadsZero: true)
+        disk = try EmulatedDisk(
+            backend: backend, holes: holes, discardReadsZero: true,
+            serial: file == nil && size == nil ? "virtnbd-simulated" : "virtnbd-emulator", options: options,
+            logger: logger)
     }
 
-    func shutdown() {
-        driver.shutdown(flush: true)
-        emulator.shutdown()
-    }
+    func shutdown() { disk.shutdown() }
 }
-
 /// `--file EXISTING --size N` with a different size: virtnbd never resizes an image.
 struct ImageSizeError: Error, CustomStringConvertible {
     let path: String, size: UInt64, wanted: UInt64, key: String

@@ -14,8 +14,8 @@ protocol ServedDisk {
     func shutdown()
 }
 
-extension EmulatedDisk: ServedDisk {
-    var statsSummary: String { emulator.stats.summary + " " + device.driver.stats.summary }
+extension EmulatorExport: ServedDisk {
+    var statsSummary: String { disk.emulator.stats.summary + " " + device.driver.stats.summary }
 }
 /// A device reached through a transport that must be closed after the driver stops
 /// (vhost-user: stop the ring, close the socket; VFIO: reset, disable interrupts, unmap DMA).
@@ -95,7 +95,7 @@ enum DeviceSpec: Equatable {
     ) throws -> ServedDisk {
         switch self {
         case .emulator:
-            return try EmulatedDisk(
+            return try EmulatorExport(
                 size: size, sizeKey: sizeKey, file: file, readOnly: readOnly, options: options, logger: logger)
         case .vhostUser(let path):
             return try TransportDisk.vhostUser(socketPath: path, options: options, logger: logger)

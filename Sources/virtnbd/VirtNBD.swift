@@ -8,6 +8,7 @@ import NBDProtocol
 import NBDServer
 import NIOCore
 import NIOPosix
+import Prometheus
 import ServerConfig
 import Virtio
 import VirtioBlock
@@ -406,35 +407,19 @@ struct ServeOptions: ParsableArguments {
             return
         }
         let parentAtStart = getppid()
-        if stdio, let problem = Self.stdioProblem() {
-            FileHandle.standardError.write(Data("virtnbd: \(problem)\n".utf8))
-            throw ExitCode(1)
-        }
-        // systemd / libnbd socket activation: LISTEN_PID is us and LISTEN_FDS ≥ 1 → fd 3.
-        let activation = Self.socketActivationFD()
-        if let fd = activation, let problem = Self.inheritedSocketProblem(fd) {
-            FileHandle.standardError.write(Data("virtnbd: \(problem)\n".utf8))
-            throw ExitCode(1)
-        }
+        let activation = try inheritedSocket()
         let activated = activation != nil
         var plan: Plan
         do { plan = try self.plan(activated: activated) } catch {
             FileHandle.standardError.write(Data("virtnbd: \(Self.message(error))\n".utf8))
             throw ExitCode(1)
         }
-        let level = plan.level
-        LoggingSystem.bootstrap { label in
-            var h = StreamLogHandler.standardError(label: label)
-            h.logLevel = level
-            return h
-        }
-        let logger = Logger(label: "virtnbd")
+        let logger = Self.bootstrapLogging(plan.level)
         // Before any export exists: each export makes its metrics through the bootstrapped factory.
         let registry = plan.metrics != nil ? MetricsBackend.bootstrap() : nil
-        let reloads = (
+        let reloads = ReloadCounters(
             ok: Counter(label: "virtnbd_config_reloads_total", dimensions: [("result", "ok")]),
-            failed: Counter(label: "virtnbd_config_reloads_total", dimensions: [("result", "error")])
-        )
+            failed: Counter(label: "virtnbd_config_reloads_total", dimensions: [("result", "error")]))
 
         // Signals first: from here on SIGINT/SIGTERM drain instead of killing, and SIGHUP reloads.
         let events = ServerEvents()
@@ -452,29 +437,84 @@ struct ServeOptions: ParsableArguments {
             throw ExitCode(1)
         }
         let group = MultiThreadedEventLoopGroup(numberOfThreads: System.coreCount)
-        var limits = ServerLimits()
-        do {
-            limits.tls = try TLSSettings.load(
-                policy: plan.tls, certificates: plan.tlsCertificates, pskFile: plan.tlsPsk,
-                verifyPeer: plan.tlsVerifyPeer)
-        } catch {
+        let limits: ServerLimits
+        do { limits = try Self.serverLimits(plan) } catch {
             logger.critical("TLS setup failed: \(error)")
             exports.closeAll()
             throw ExitCode(1)
         }
+        let server = NBDServer(exports: exports.exports, group: group, limits: limits, logger: logger)
+        var running = Running(server: server, group: group)
+        do {
+            try await start(plan, activation: activation, registry: registry, events: events, exports, &running, logger)
+        } catch {
+            await running.teardown(exports)
+            throw error
+        }
+        let status = await eventLoop(
+            events, &exports, &plan, running, activated: activated, reloads: reloads, logger: logger)
+        await running.teardown(exports)
+        logger.info("stopped; \(exports.live.map(\.disk.statsSummary).joined(separator: " | "))")
+        if status != 0 { throw ExitCode(status) }
+    }
+
+    /// Refuses a `-s` without a client on stdin/stdout, and an inherited socket (systemd / libnbd
+    /// socket activation: LISTEN_PID is us and LISTEN_FDS ≥ 1 → fd 3) that cannot serve. Returns
+    /// the inherited socket, if any.
+    private func inheritedSocket() throws -> Int32? {
+        if stdio, let problem = Self.stdioProblem() {
+            FileHandle.standardError.write(Data("virtnbd: \(problem)\n".utf8))
+            throw ExitCode(1)
+        }
+        let activation = Self.socketActivationFD()
+        if let fd = activation, let problem = Self.inheritedSocketProblem(fd) {
+            FileHandle.standardError.write(Data("virtnbd: \(problem)\n".utf8))
+            throw ExitCode(1)
+        }
+        return activation
+    }
+
+    /// swift-log to stderr at `level`; the logger every part of the server is given.
+    private static func bootstrapLogging(_ level: Logger.Level) -> Logger {
+        LoggingSystem.bootstrap { label in
+            var h = StreamLogHandler.standardError(label: label)
+            h.logLevel = level
+            return h
+        }
+        return Logger(label: "virtnbd")
+    }
+
+    /// The server's limits from the plan; throws if the TLS credentials do not load.
+    private static func serverLimits(_ plan: Plan) throws -> ServerLimits {
+        var limits = ServerLimits()
+        limits.tls = try TLSSettings.load(
+            policy: plan.tls, certificates: plan.tlsCertificates, pskFile: plan.tlsPsk,
+            verifyPeer: plan.tlsVerifyPeer)
         limits.maxConnections = plan.maxConnections
         limits.allow = plan.allow
         limits.handshakeTimeout = .seconds(Int64(plan.handshakeTimeout))
         let k = plan.keepalive
         limits.keepalive = k.enabled ? TCPKeepalive(idle: k.idle, interval: k.interval, count: k.count) : nil
-        let server = NBDServer(exports: exports.exports, group: group, limits: limits, logger: logger)
+        return limits
+    }
+
+    /// `virtnbd_config_reloads_total`, by result.
+    private struct ReloadCounters {
+        let ok: Metrics.Counter
+        let failed: Metrics.Counter
+    }
+
+    /// What `serve` has started, for the teardown.
+    private struct Running {
+        let server: NBDServer
+        let group: MultiThreadedEventLoopGroup
         var endpoint: MetricsEndpoint?
         var addresses: [ListenAddress] = []
         var tempDir: String?
         var pid: PidFile?
 
         /// Stops accepting, drains every client, flushes and resets every device.
-        func teardown() async {
+        func teardown(_ exports: ExportSet) async {
             await server.shutdown()
             await endpoint?.close()
             exports.closeAll()
@@ -483,18 +523,26 @@ struct ServeOptions: ParsableArguments {
             if let d = tempDir { try? FileManager.default.removeItem(atPath: d) }
             pid?.remove()
         }
+    }
 
+    /// Everything between opening the exports and the event loop: the metrics endpoint, the
+    /// listeners (or the stdio client), the pidfile, then --run's command or the URIs. A failure
+    /// is logged here and thrown as exit status 1; the caller tears down what `running` holds.
+    private func start(
+        _ plan: Plan, activation: Int32?, registry: PrometheusCollectorRegistry?, events: ServerEvents,
+        _ exports: ExportSet, _ running: inout Running, _ logger: Logger
+    ) async throws {
+        let server = running.server
         if let registry, let m = plan.metrics, let hp = try? VirtNBDConfig.hostPort(m, flag: "metrics") {
             do {
-                endpoint = try await MetricsEndpoint.start(
-                    host: hp.host, port: hp.port, group: group, registry: registry,
+                running.endpoint = try await MetricsEndpoint.start(
+                    host: hp.host, port: hp.port, group: running.group, registry: registry,
                     beforeScrape: { for e in server.exports { e.metrics.sample(e.device) } }, logger: logger)
                 logger.info("metrics at http://\(m)/metrics")
             } catch {
                 let key = metrics != nil ? "--metrics" : "metrics in \(config ?? "the configuration")"
                 logger.critical(
                     "\(Self.bindFailure(.tcp(host: hp.host, port: hp.port), error, key: key, what: "metrics"))")
-                await teardown()
                 throw ExitCode(1)
             }
         }
@@ -506,85 +554,100 @@ struct ServeOptions: ParsableArguments {
                 events.post(.clientGone)
             }
         } else {
-            // Where to listen: an inherited socket (socket activation), a private socket for --run, or the plan's listeners.
-            addresses = plan.listeners
-            if let fd = activation {
-                addresses = [.boundSocket(fd: fd)]
-            } else if run != nil && port == nil && listen == nil && unix == nil && config == nil {
-                let dir = FileManager.default.temporaryDirectory.appendingPathComponent("virtnbd-\(getpid())").path
-                try? FileManager.default.createDirectory(atPath: dir, withIntermediateDirectories: true)
-                tempDir = dir
-                addresses = [.unix(path: dir + "/nbd.sock")]
-            }
-            for (i, address) in addresses.enumerated() {
-                do {
-                    try await server.listen(address)
-                } catch {
-                    logger.critical(
-                        "\(Self.bindFailure(address, error, key: listenerKey(i, address), what: "NBD clients"))")
-                    await teardown()
-                    throw ExitCode(1)
-                }
-            }
-            logger.info(
-                "limits: max-connections \(plan.maxConnections == 0 ? "0 (no limit)" : "\(plan.maxConnections)"), handshake-timeout \(plan.handshakeTimeout) s, keepalive \(plan.keepalive)"
-            )
-            for l in exports.live { logServing(l, exports.live, addresses, tls: plan.tls, logger) }
+            try await bindListeners(plan, activation: activation, exports, &running, logger)
         }
         if let path = pidfile {
-            do { pid = try PidFile.write(path) } catch {
+            do { running.pid = try PidFile.write(path) } catch {
                 logger.critical("\(error)")
-                await teardown()
                 throw ExitCode(1)
             }
         }
-        if !stdio, let first = addresses.first {
-            let tls = plan.tls != .off
-            if let cmd = run {
-                let uri = Self.uri(first, Self.defaultExport(exports.live)?.export.info.name ?? "", tls: tls)
-                Task {
-                    events.post(.commandExited(await Self.runCommand(cmd, uri: uri, address: first, logger: logger)))
-                }
-            } else if case .boundSocket = first {
-            } else {
-                // Every export on every listener, in the file's order (exports, then listeners).
-                let lines = exports.live.flatMap { l in
-                    addresses.map { Self.uri($0, l.export.info.name, tls: tls) + "\n" }
-                }
-                FileHandle.standardOutput.write(Data(lines.joined().utf8))
+        announce(plan, exports, running.addresses, events, logger)
+    }
+
+    /// Binds the listeners: an inherited socket (socket activation), a private socket for --run, or
+    /// the plan's listeners.
+    private func bindListeners(
+        _ plan: Plan, activation: Int32?, _ exports: ExportSet, _ running: inout Running, _ logger: Logger
+    ) async throws {
+        running.addresses = plan.listeners
+        if let fd = activation {
+            running.addresses = [.boundSocket(fd: fd)]
+        } else if run != nil && port == nil && listen == nil && unix == nil && config == nil {
+            let dir = FileManager.default.temporaryDirectory.appendingPathComponent("virtnbd-\(getpid())").path
+            try? FileManager.default.createDirectory(atPath: dir, withIntermediateDirectories: true)
+            running.tempDir = dir
+            running.addresses = [.unix(path: dir + "/nbd.sock")]
+        }
+        for (i, address) in running.addresses.enumerated() {
+            do {
+                try await running.server.listen(address)
+            } catch {
+                logger.critical(
+                    "\(Self.bindFailure(address, error, key: listenerKey(i, address), what: "NBD clients"))")
+                throw ExitCode(1)
             }
         }
+        logger.info(
+            "limits: max-connections \(plan.maxConnections == 0 ? "0 (no limit)" : "\(plan.maxConnections)"), handshake-timeout \(plan.handshakeTimeout) s, keepalive \(plan.keepalive)"
+        )
+        for l in exports.live { logServing(l, exports.live, running.addresses, tls: plan.tls, logger) }
+    }
 
-        var status: Int32 = 0
-        loop: for await event in events.stream {
+    /// Starts --run's command with the default export's URI, or prints every export on every
+    /// listener, in the file's order (exports, then listeners). Nothing for stdio or an inherited socket.
+    private func announce(
+        _ plan: Plan, _ exports: ExportSet, _ addresses: [ListenAddress], _ events: ServerEvents, _ logger: Logger
+    ) {
+        guard !stdio, let first = addresses.first else { return }
+        let tls = plan.tls != .off
+        if let cmd = run {
+            let uri = Self.uri(first, Self.defaultExport(exports.live)?.export.info.name ?? "", tls: tls)
+            Task {
+                events.post(.commandExited(await Self.runCommand(cmd, uri: uri, address: first, logger: logger)))
+            }
+        } else if case .boundSocket = first {
+        } else {
+            let lines = exports.live.flatMap { l in
+                addresses.map { Self.uri($0, l.export.info.name, tls: tls) + "\n" }
+            }
+            FileHandle.standardOutput.write(Data(lines.joined().utf8))
+        }
+    }
+
+    /// Serves until a signal, the parent's exit, --run's command or the stdio client ends it; SIGHUP
+    /// reloads. Returns the exit status (--run's command's, else 0).
+    private func eventLoop(
+        _ events: ServerEvents, _ exports: inout ExportSet, _ plan: inout Plan, _ running: Running, activated: Bool,
+        reloads: ReloadCounters, logger: Logger
+    ) async -> Int32 {
+        for await event in events.stream {
             switch event {
             case .reload:
+                let server = running.server
                 if let summary = await reload(&exports, &plan, server: server, activated: activated, logger: logger) {
                     reloads.ok.increment()
                     let new = Set(summary.added + summary.changed)
                     for l in exports.live where new.contains(l.plan.name) {
-                        logServing(l, exports.live, addresses, tls: plan.tls, logger)
+                        logServing(l, exports.live, running.addresses, tls: plan.tls, logger)
                     }
                 } else if config != nil {
                     reloads.failed.increment()
                 }
             case .terminate(let sig):
                 logger.info("\(sig == SIGINT ? "SIGINT" : "SIGTERM") received: draining connections")
-                break loop
+                return 0
             case .parentExited:
                 logger.info("parent process exited (--exit-with-parent): draining connections")
-                break loop
+                return 0
             case .commandExited(let s):
-                status = s
-                break loop
+                return s
             case .clientGone:
                 logger.info("client gone")
-                break loop
+                return 0
             }
         }
-        await teardown()
-        logger.info("stopped; \(exports.live.map(\.disk.statsSummary).joined(separator: " | "))")
-        if status != 0 { throw ExitCode(status) }
+        return 0
     }
 
     /// The export an empty name reaches: the one named "", else the first (as nbdkit and qemu-nbd).

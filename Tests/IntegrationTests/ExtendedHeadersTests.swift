@@ -3,6 +3,7 @@
 // text ("Request message", "Extended reply chunk message", "NBD_REPLY_TYPE_BLOCK_STATUS_EXT"),
 // with every constant spelled out, sharing nothing with the server's encoders.
 import Foundation
+import TestSupport
 import VirtioEmulator
 import XCTest
 
@@ -36,15 +37,8 @@ extension RawClient {
     func sendExtRequest(
         flags: UInt16, type: UInt16, cookie: UInt64, offset: UInt64, length: UInt64, payload: [UInt8] = []
     ) throws {
-        var w = Wire()
-        w.u32(0x21e4_1c71)
-        w.u16(flags)
-        w.u16(type)
-        w.u64(cookie)
-        w.u64(offset)
-        w.u64(length)
-        w.raw(payload)
-        try send(w.bytes)
+        try send(
+            extendedRequest(flags: flags, type: type, cookie: cookie, offset: offset, length: length, payload: payload))
     }
 
     func readExtChunk() throws -> ExtChunk {

@@ -5,6 +5,7 @@
 import Logging
 import NIOCore
 import NIOEmbedded
+import TestSupport
 import XCTest
 
 @testable import NBDServer

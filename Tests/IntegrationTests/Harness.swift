@@ -1,5 +1,5 @@
 // In-process server + libnbd client plumbing for the integration tests.
-// The disk chain mirrors Sources/virtnbd/EmulatedDisk.swift (an executable target, not importable):
+// Disks are VirtioDisk's EmulatedDisk, built as the server builds its default export:
 // backend → VirtioBlkEmulator → VirtioMMIOTransport → VirtioBlkDriver → BlockDevice → NBDExport.
 import CNBD
 import Foundation
@@ -10,14 +10,16 @@ import NIOPosix
 import Synchronization
 import Virtio
 import VirtioBlock
+import VirtioDisk
 import VirtioEmulator
 import XCTest
 
 /// One emulated virtio-blk disk.
 final class TestDisk: @unchecked Sendable {
-    let emulator: VirtioBlkEmulator
-    let driver: VirtioBlkDriver
-    let device: BlockDevice
+    let disk: EmulatedDisk
+    var emulator: VirtioBlkEmulator { disk.emulator }
+    var driver: VirtioBlkDriver { disk.driver }
+    var device: BlockDevice { disk.device }
     private var stopped = false
 
     /// `completions`: `.caller` (the default) for disks an NBDServer serves, whose event loops reap
@@ -26,14 +28,11 @@ final class TestDisk: @unchecked Sendable {
         var log = Logger(label: "test.disk")
         log.logLevel = .warning
         // As the server runs it: a queue per event loop (the test servers have 2), each reaped by its loop.
-        var cfg = EmulatorConfiguration()
-        cfg.queues = 2
-        emulator = try VirtioBlkEmulator(backend: backend, configuration: cfg, logger: log)
         var o = DriverOptions()
         o.queues = 2
         o.completions = completions
-        driver = try VirtioBlkDriver(transport: try VirtioMMIOTransport(bus: emulator), options: o, logger: log)
-        device = BlockDevice(driver: driver, size: backend.size, holes: holes, discardReadsZero: !holes.isEmpty)
+        disk = try EmulatedDisk(
+            backend: backend, holes: holes, discardReadsZero: !holes.isEmpty, options: o, logger: log)
     }
 
     static func ram(size: UInt64, readOnly: Bool = false, completions: CompletionDelivery = .caller) throws -> TestDisk
@@ -44,8 +43,7 @@ final class TestDisk: @unchecked Sendable {
     func shutdown() {
         guard !stopped else { return }
         stopped = true
-        driver.shutdown(flush: true)
-        emulator.shutdown()
+        disk.shutdown()
     }
 }
 

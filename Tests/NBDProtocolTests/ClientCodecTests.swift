@@ -3,6 +3,7 @@
 // machine and reply encoders, so both halves agree.
 import NBDProtocol
 import NIOCore
+import TestSupport
 import XCTest
 
 final class ClientCodecTests: XCTestCase {

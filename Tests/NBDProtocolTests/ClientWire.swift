@@ -3,6 +3,7 @@
 // It deliberately does not use the server's encoders or constants: every number is spelled out
 // here from the spec text, so the tests compare the server against the spec, not against itself.
 import NIOCore
+import TestSupport
 import XCTest
 
 enum Spec {
@@ -31,43 +32,6 @@ enum Spec {
     // Commands
     static let cmdRead: UInt16 = 0, cmdWrite: UInt16 = 1, cmdDisc: UInt16 = 2, cmdFlush: UInt16 = 3, cmdTrim: UInt16 = 4
     static let cmdWriteZeroes: UInt16 = 6
-}
-
-/// Big-endian byte writer.
-struct Wire {
-    var bytes: [UInt8] = []
-    mutating func u8(_ v: UInt8) { bytes.append(v) }
-    mutating func u16(_ v: UInt16) {
-        for s in stride(from: 8, through: 0, by: -8) { bytes.append(UInt8(truncatingIfNeeded: v >> UInt16(s))) }
-    }
-    mutating func u32(_ v: UInt32) {
-        for s in stride(from: 24, through: 0, by: -8) { bytes.append(UInt8(truncatingIfNeeded: v >> UInt32(s))) }
-    }
-    mutating func u64(_ v: UInt64) {
-        for s in stride(from: 56, through: 0, by: -8) { bytes.append(UInt8(truncatingIfNeeded: v >> UInt64(s))) }
-    }
-    mutating func str(_ s: String) { bytes.append(contentsOf: Array(s.utf8)) }
-    mutating func raw(_ b: [UInt8]) { bytes.append(contentsOf: b) }
-}
-
-/// Big-endian byte reader that fails the test (via nil) on short input.
-struct WireReader {
-    let bytes: [UInt8]
-    var pos = 0
-    init(_ bytes: [UInt8]) { self.bytes = bytes }
-    var remaining: Int { bytes.count - pos }
-    mutating func take(_ n: Int) -> [UInt8]? {
-        guard n >= 0, remaining >= n else { return nil }
-        defer { pos += n }
-        return Array(bytes[pos..<pos + n])
-    }
-    mutating func uint(_ width: Int) -> UInt64? {
-        guard let b = take(width) else { return nil }
-        return b.reduce(0) { ($0 << 8) | UInt64($1) }
-    }
-    mutating func u16() -> UInt16? { uint(2).map { UInt16($0) } }
-    mutating func u32() -> UInt32? { uint(4).map { UInt32($0) } }
-    mutating func u64() -> UInt64? { uint(8) }
 }
 
 enum Client {

@@ -2,6 +2,7 @@
 // "Option types", "Option reply types"), with client bytes built by ClientWire.swift.
 import NBDProtocol
 import NIOCore
+import TestSupport
 import XCTest
 
 /// Drives a state machine and keeps what it did.

@@ -4,6 +4,7 @@
 // written out here from the spec text, not computed with the code under test.
 import NBDProtocol
 import NIOCore
+import TestSupport
 import XCTest
 
 final class TransmissionRulesTests: XCTestCase {
@@ -99,7 +100,7 @@ final class TransmissionRulesTests: XCTestCase {
             r.decide(request(6, flags: 2)), .run(.writeZeroes(offset: 0, length: 4096, fua: false, mayUnmap: false)))
         XCTAssertEqual(r.decide(request(6)), .run(.writeZeroes(offset: 0, length: 4096, fua: false, mayUnmap: true)))
         XCTAssertEqual(r.decide(request(3)), .run(.flush))
-        XCTAssertEqual(r.decide(request(2)), .run(.disconnect))
+        XCTAssertEqual(r.decide(request(2)), .disconnect)
         XCTAssertEqual(r.decide(request(5)), .succeed, "CACHE has nothing to prefetch")
         XCTAssertEqual(
             r.decide(request(7, flags: 8, offset: 4096, length: 100)),
@@ -407,17 +408,4 @@ extension WireReader {
         var c = self
         return c.u32()
     }
-}
-
-/// A 32-byte extended request (extension branch, "Request message"): magic 0x21e41c71, u16 flags,
-/// u16 type, u64 cookie, u64 offset, u64 length.
-func extendedRequest(flags: UInt16, type: UInt16, cookie: UInt64, offset: UInt64, length: UInt64) -> [UInt8] {
-    var w = Wire()
-    w.u32(0x21e4_1c71)
-    w.u16(flags)
-    w.u16(type)
-    w.u64(cookie)
-    w.u64(offset)
-    w.u64(length)
-    return w.bytes
 }

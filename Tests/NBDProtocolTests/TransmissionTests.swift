@@ -1,6 +1,7 @@
 // TransmissionParser and the simple reply encoder against "Request message" and "Simple reply message".
 import NBDProtocol
 import NIOCore
+import TestSupport
 import XCTest
 
 final class TransmissionTests: XCTestCase {

@@ -142,7 +142,7 @@ private func judge(_ outcomes: [Outcome], extended: Bool, maxPayload: Int, bits:
         case .fail(_, let m):
             check(!m.isEmpty, "a failure without a message for \(r)")
             rules.replies.error(r, .inval, message: m, into: &b)
-        case .succeed:
+        case .succeed, .disconnect:
             rules.replies.success(r, into: &b)
         case .run(let op):
             switch op {
@@ -159,7 +159,7 @@ private func judge(_ outcomes: [Outcome], extended: Bool, maxPayload: Int, bits:
             case .blockStatus(let off, let len, _, _):
                 check(len > 0 && off + len <= size && rules.allocationContext != nil, "\(op)")
                 rules.replies.success(r, into: &b)
-            case .flush, .disconnect:
+            case .flush:
                 rules.replies.success(r, into: &b)
             }
         }
