@@ -51,67 +51,76 @@ private func wrapCell(ring: RingFormat, eventIdx: Bool, indirect: Bool, perQueue
         emu.shutdown()
     }
     guard drv.queueCount == 4, drv.ring == ring else { return "negotiated \(drv.queueCount) queues, \(drv.ring)" }
-    let failures = Atomic<Int>(0)
-    let mismatches = Atomic<Int>(0)
-    // Per lane: 8 pages of pattern at its own offset, the wrap run, then the pattern read back.
+    let tally = Tally()
     let g = DispatchGroup()
     for lane in 0..<4 {
         g.enter()
         Thread {
-            VirtioBlkDriver.useLane(lane)
-            let sector = UInt64(lane * 64 * 8)
-            let expected = (0..<(8 * 4096)).map { i in UInt8(truncatingIfNeeded: i &* 31 &+ lane &* 7 &+ 1) }
-            let step = DispatchGroup()
-            step.enter()
-            drv.submit(
-                .write(sector: sector, pages: 8),
-                fill: { io in
-                    for p in 0..<8 {
-                        io.memory.write(expected[(p * 4096)..<((p + 1) * 4096)], at: io.offset(ofPage: p))
-                    }
-                }
-            ) { r in
-                if case .failure = r { failures.add(1, ordering: .relaxed) }
-                step.leave()
-            }
-            step.wait()
-            var left = perQueue
-            while left > 0 {
-                let n = min(left, 512)
-                for _ in 0..<n {
-                    step.enter()
-                    drv.submit(.flush) { r in
-                        if case .failure = r { failures.add(1, ordering: .relaxed) }
-                        step.leave()
-                    }
-                }
-                step.wait()
-                left -= n
-            }
-            step.enter()
-            drv.submit(.read(sector: sector, pages: 8)) { r in
-                switch r {
-                case .success(let io):
-                    for p in 0..<8
-                    where io.memory.bytes(at: io.offset(ofPage: p), count: 4096)
-                        != Array(expected[(p * 4096)..<((p + 1) * 4096)])
-                    {
-                        mismatches.add(1, ordering: .relaxed)
-                    }
-                case .failure: failures.add(1, ordering: .relaxed)
-                }
-                step.leave()
-            }
-            step.wait()
+            wrapLane(drv, lane: lane, perQueue: perQueue, tally: tally)
             g.leave()
         }.start()
     }
     guard g.wait(timeout: .now() + 600) == .success else { return "the wrap run did not finish in 600 s" }
     var out: [String] = []
-    let f = failures.load(ordering: .relaxed)
-    let m = mismatches.load(ordering: .relaxed)
+    let f = tally.failures.load(ordering: .relaxed)
+    let m = tally.mismatches.load(ordering: .relaxed)
     if f > 0 { out.append("\(f) request(s) failed") }
     if m > 0 { out.append("\(m) page(s) read back wrong") }
     if emu.stats.badChains.load(ordering: .relaxed) > 0 { out.append("the device saw bad chains") }
     return out.joined(separator: ", ")
+}
+
+/// One lane's part: 8 pages of pattern at its own offset, `perQueue` flushes, the pattern read back.
+private func wrapLane(_ drv: VirtioBlkDriver, lane: Int, perQueue: Int, tally: Tally) {
+    VirtioBlkDriver.useLane(lane)
+    let sector = UInt64(lane * 64 * 8)
+    let expected = (0..<(8 * 4096)).map { i in UInt8(truncatingIfNeeded: i &* 31 &+ lane &* 7 &+ 1) }
+    let step = DispatchGroup()
+    step.enter()
+    drv.submit(
+        .write(sector: sector, pages: 8),
+        fill: { io in
+            for p in 0..<8 {
+                io.memory.write(expected[(p * 4096)..<((p + 1) * 4096)], at: io.offset(ofPage: p))
+            }
+        },
+        done: { r in
+            if case .failure = r { tally.failures.add(1, ordering: .relaxed) }
+            step.leave()
+        })
+    step.wait()
+    var left = perQueue
+    while left > 0 {
+        let n = min(left, 512)
+        for _ in 0..<n {
+            step.enter()
+            drv.submit(.flush) { r in
+                if case .failure = r { tally.failures.add(1, ordering: .relaxed) }
+                step.leave()
+            }
+        }
+        step.wait()
+        left -= n
+    }
+    step.enter()
+    drv.submit(.read(sector: sector, pages: 8)) { r in
+        switch r {
+        case .success(let io):
+            for p in 0..<8
+            where io.memory.bytes(at: io.offset(ofPage: p), count: 4096)
+                != Array(expected[(p * 4096)..<((p + 1) * 4096)])
+            {
+                tally.mismatches.add(1, ordering: .relaxed)
+            }
+        case .failure: tally.failures.add(1, ordering: .relaxed)
+        }
+        step.leave()
+    }
+    step.wait()
+}
+
+/// Failed requests and wrong pages, counted from the completions.
+private final class Tally: Sendable {
+    let failures = Atomic<Int>(0)
+    let mismatches = Atomic<Int>(0)
 }
