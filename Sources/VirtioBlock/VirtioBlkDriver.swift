@@ -58,23 +58,37 @@ public struct DriverOptions: Sendable, Equatable {
     public init() {}
 
     /// Why a choice cannot work, before any device is touched.
-    public func validate() throws(VirtioTransportError) {
-        guard queues >= 1, queues <= 64 else { throw .deviceFailed("--queues must be 1-64, not \(queues)") }
+    public func validate() throws(DriverOptionsError) {
+        guard queues >= 1, queues <= 64 else { throw .queues(queues) }
         switch ring {
-        case .split:
-            guard SplitRingLayout.isValidSize(queueSize) else {
-                throw .deviceFailed(
-                    "queue size \(queueSize) is not a power of two from 1 to 32768, which a split ring needs (a packed ring takes any size from 2 to 32768)"
-                )
-            }
-        case .packed:
-            guard queueSize >= 2, queueSize <= 32768 else {
-                throw .deviceFailed("queue size \(queueSize) is not from 2 to 32768 (a packed ring's sizes)")
-            }
+        case .split: guard SplitRingLayout.isValidSize(queueSize) else { throw .splitQueueSize(queueSize) }
+        case .packed: guard queueSize >= 2, queueSize <= 32768 else { throw .packedQueueSize(queueSize) }
         }
-        guard ioPages >= 1 else { throw .deviceFailed("ioPages must be at least 1") }
+        guard ioPages >= 1 else { throw .ioPages(ioPages) }
         guard reconnectTimeoutSeconds >= 0, reconnectTimeoutSeconds <= 86400 else {
-            throw .deviceFailed("the reconnect timeout must be 0 to 86400 seconds")
+            throw .reconnectTimeout(reconnectTimeoutSeconds)
+        }
+    }
+}
+
+/// A `DriverOptions` value that cannot work, found before any device is touched; each says which
+/// flag to change.
+public enum DriverOptionsError: Error, Equatable, CustomStringConvertible {
+    case queues(Int)
+    case splitQueueSize(Int)
+    case packedQueueSize(Int)
+    case ioPages(Int)
+    case reconnectTimeout(Double)
+
+    public var description: String {
+        switch self {
+        case .queues(let n): return "--queues must be 1-64, not \(n)"
+        case .splitQueueSize(let n):
+            return
+                "queue size \(n) is not a power of two from 1 to 32768, which a split ring needs (a packed ring takes any size from 2 to 32768)"
+        case .packedQueueSize(let n): return "queue size \(n) is not from 2 to 32768 (a packed ring's sizes)"
+        case .ioPages(let n): return "ioPages must be at least 1, not \(n)"
+        case .reconnectTimeout(let t): return "--reconnect-timeout must be 0 to 86400 seconds, not \(t)"
         }
     }
 }

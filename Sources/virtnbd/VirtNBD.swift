@@ -189,7 +189,7 @@ struct ServeOptions: ParsableArguments {
         if version { return }
         // Queue sizes are checked with the ring format and the file's exports in ServerConfig's merge.
         do { try driverOptions(queueSize: 256).validate() } catch {
-            throw ValidationError("\(error)".replacingOccurrences(of: "device failed: ", with: ""))
+            throw ValidationError("\(error)")
         }
         guard pollMicroseconds >= 0, pollMicroseconds <= 1_000_000, requestTimeout >= 0 else {
             throw ValidationError("--poll-us must be 0-1000000 and --request-timeout ≥ 0")
