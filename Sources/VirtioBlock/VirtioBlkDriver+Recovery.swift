@@ -126,12 +126,13 @@ extension VirtioBlkDriver {
         try transport.writeStatus([.acknowledge, .driver])
         try Self.negotiate(transport, negotiated)
         for lane in lanes {
-            let d = try lane.state.withLock { s in
-                s.queue.reset()
-                return try transport.setupQueue(
-                    lane.index, size: queueSize, descriptors: lane.addresses.descriptors,
-                    driverArea: lane.addresses.driverArea, deviceArea: lane.addresses.deviceArea)
-            }
+            // The lane is resetting (or broken), so nothing else touches its ring; the transport's
+            // setup, which may be a socket round trip, runs outside the lane lock that submitting
+            // event loops take.
+            lane.state.withLock { $0.queue.reset() }
+            let d = try transport.setupQueue(
+                lane.index, size: queueSize, descriptors: lane.addresses.descriptors,
+                driverArea: lane.addresses.driverArea, deviceArea: lane.addresses.deviceArea)
             try lane.state.withLock { s in
                 // A caller watches the interrupt it was given at start: it must stay the same.
                 guard !reapedByCaller || d.interrupt === s.doorbells.interrupt else {

@@ -6,8 +6,8 @@
 //
 // For each ring format and completion mode it prints, at queue depth 1, the median and 99th
 // percentile time per request and requests per second, and at queue depth 32 requests per second.
-// Modes: irq = both sides sleep on eventfds (kick / interrupt) and the caller waits on a
-// semaphore; poll = the device polls its ring for 200 µs before sleeping, and the caller reaps
+// Modes: irq = both sides sleep on eventfds (kick / interrupt) and the caller reaps the queue
+// itself when its interrupt fires (DriverOptions.completions = .caller, as the server's loops); poll = the device polls its ring for 200 µs before sleeping, and the caller reaps
 // completions itself (VirtioBlkDriver.pollCompletions, interrupts off) instead of waiting.
 import Foundation
 import Synchronization
@@ -58,6 +58,9 @@ func run(ring: RingFormat, mode: String, requests: Int) throws -> String {
     o.ring = ring
     o.queueSize = 256
     o.requestTimeoutSeconds = 0
+    // irq: this thread sleeps on the queue's interrupt eventfd and reaps it itself, as an NBD
+    // server's event loop does (no completion thread).
+    o.completions = poll > 0 ? .threads : .caller
     let drv = try VirtioBlkDriver(transport: try VirtioMMIOTransport(bus: emu), options: o)
     defer {
         drv.shutdown(flush: false)
@@ -66,16 +69,27 @@ func run(ring: RingFormat, mode: String, requests: Int) throws -> String {
     var rng = SystemRandomNumberGenerator()
     let sectors = (0..<4096).map { _ in UInt64(Int.random(in: 0..<diskPages, using: &rng) * 8) }
 
+    // Completions are taken on this thread: polled, or after sleeping on the interrupt.
+    let irq = drv.queueInterrupts.first
+    let never = try EventFD()
+    func reap() {
+        if let irq {
+            _ = irq.wait(orUntil: never)
+            irq.drain()
+            drv.serviceQueue(0)
+        } else {
+            drv.pollCompletions()
+        }
+    }
     // Queue depth 1: one request at a time, timed one by one.
     let flag = Flag()
-    let sem = DispatchSemaphore(value: 0)
     func once(_ i: Int) {
         flag.done.store(false, ordering: .relaxed)
         drv.submit(.read(sector: sectors[i & 4095], pages: 1)) { r in
             if case .failure = r { flag.errors.add(1, ordering: .relaxed) }
-            if poll > 0 { flag.done.store(true, ordering: .releasing) } else { sem.signal() }
+            flag.done.store(true, ordering: .releasing)
         }
-        if poll > 0 { while !flag.done.load(ordering: .acquiring) { drv.pollCompletions() } } else { sem.wait() }
+        while !flag.done.load(ordering: .acquiring) { reap() }
     }
     for i in 0..<min(20_000, requests / 10) { once(i) } // warm-up
     var samples = [Int64](repeating: 0, count: requests)
@@ -95,26 +109,20 @@ func run(ring: RingFormat, mode: String, requests: Int) throws -> String {
         Double(requests) / (Double(qd1Total.components.seconds) + Double(qd1Total.components.attoseconds) / 1e18)
 
     // Queue depth 32: a window of 32 requests kept full.
-    let window = DispatchSemaphore(value: 32)
     let all = DispatchGroup()
     let t1 = clock.now
     let inFlight = Atomic<Int>(0)
     for i in 0..<requests {
-        if poll > 0 {
-            while inFlight.load(ordering: .acquiring) >= 32 { drv.pollCompletions() }
-        } else {
-            window.wait()
-        }
+        while inFlight.load(ordering: .acquiring) >= 32 { reap() }
         inFlight.add(1, ordering: .relaxed)
         all.enter()
         drv.submit(.read(sector: sectors[i & 4095], pages: 1)) { r in
             if case .failure = r { flag.errors.add(1, ordering: .relaxed) }
             inFlight.subtract(1, ordering: .releasing)
-            if poll == 0 { window.signal() }
             all.leave()
         }
     }
-    if poll > 0 { while inFlight.load(ordering: .acquiring) > 0 { drv.pollCompletions() } }
+    while inFlight.load(ordering: .acquiring) > 0 { reap() }
     all.wait()
     let qd32Total = clock.now - t1
     let qd32Rate =
