@@ -47,6 +47,30 @@ final class Flag: Sendable {
     let errors = Atomic<Int>(0)
 }
 
+/// Queue depth 32: a window of 32 requests kept full; returns requests per second.
+func queueDepth32(
+    _ drv: VirtioBlkDriver, sectors: [UInt64], requests: Int, flag: Flag, reap: () -> Void
+) -> Double {
+    let all = DispatchGroup()
+    let clock = ContinuousClock()
+    let t1 = clock.now
+    let inFlight = Atomic<Int>(0)
+    for i in 0..<requests {
+        while inFlight.load(ordering: .acquiring) >= 32 { reap() }
+        inFlight.add(1, ordering: .relaxed)
+        all.enter()
+        drv.submit(.read(sector: sectors[i & 4095], pages: 1)) { r in
+            if case .failure = r { flag.errors.add(1, ordering: .relaxed) }
+            inFlight.subtract(1, ordering: .releasing)
+            all.leave()
+        }
+    }
+    while inFlight.load(ordering: .acquiring) > 0 { reap() }
+    all.wait()
+    let total = clock.now - t1
+    return Double(requests) / (Double(total.components.seconds) + Double(total.components.attoseconds) / 1e18)
+}
+
 func run(ring: RingFormat, mode: String, requests: Int) throws -> String {
     let poll = mode == "poll" ? 200 : 0
     var cfg = EmulatorConfiguration()
@@ -108,25 +132,7 @@ func run(ring: RingFormat, mode: String, requests: Int) throws -> String {
     let qd1Rate =
         Double(requests) / (Double(qd1Total.components.seconds) + Double(qd1Total.components.attoseconds) / 1e18)
 
-    // Queue depth 32: a window of 32 requests kept full.
-    let all = DispatchGroup()
-    let t1 = clock.now
-    let inFlight = Atomic<Int>(0)
-    for i in 0..<requests {
-        while inFlight.load(ordering: .acquiring) >= 32 { reap() }
-        inFlight.add(1, ordering: .relaxed)
-        all.enter()
-        drv.submit(.read(sector: sectors[i & 4095], pages: 1)) { r in
-            if case .failure = r { flag.errors.add(1, ordering: .relaxed) }
-            inFlight.subtract(1, ordering: .releasing)
-            all.leave()
-        }
-    }
-    while inFlight.load(ordering: .acquiring) > 0 { reap() }
-    all.wait()
-    let qd32Total = clock.now - t1
-    let qd32Rate =
-        Double(requests) / (Double(qd32Total.components.seconds) + Double(qd32Total.components.attoseconds) / 1e18)
+    let qd32Rate = queueDepth32(drv, sectors: sectors, requests: requests, flag: flag, reap: reap)
     let errors = flag.errors.load(ordering: .relaxed)
     return String(
         format: "| %-6@ | %-4@ | %9d | %9d | %11.0f | %12.0f | %6d |",
