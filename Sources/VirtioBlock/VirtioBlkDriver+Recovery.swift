@@ -66,7 +66,7 @@ extension VirtioBlkDriver {
                     logger.error(
                         "virtio-blk device did not come back within \(windowText) (\(error)); failing \(held.count) held request(s) and new ones with EIO until it does. Restart the backend on the same socket (virtnbd reconnects by itself) or raise --reconnect-timeout"
                     )
-                    failEverything(why, held: held, alsoFailing: fail)
+                    failEverything(why, held: held, alsoFailing: fail, logged: true)
                     held = []
                     fail = []
                 }
@@ -151,10 +151,12 @@ extension VirtioBlkDriver {
 
     /// The reset failed for good (or for now): every lane is broken, so new requests fail at once,
     /// and everything held or waiting fails with `why`.
+    /// `logged`: the caller has already said so in its own line (the reconnect window ran out).
     func failEverything(
-        _ why: String, held: [(Lane, Pending, [Int32])], alsoFailing already: [(Completion, BlkError)]
+        _ why: String, held: [(Lane, Pending, [Int32])], alsoFailing already: [(Completion, BlkError)],
+        logged: Bool = false
     ) {
-        logger.error("virtio-blk device failed: \(why); failing every request")
+        if !logged { logger.error("virtio-blk device failed: \(why); failing every request") }
         epoch.add(1, ordering: .releasing)
         var fail = already
         for lane in lanes {

@@ -16,18 +16,7 @@ fi
 
 img="$T/disk.img"; vsock="$T/vub.sock"
 truncate -s 64M "$img"
-# start_qsd NUM-QUEUES
-start_qsd() {
-    qemu-storage-daemon --blockdev driver=file,node-name=disk,filename="$img",discard=unmap \
-        --export type=vhost-user-blk,id=exp0,node-name=disk,addr.type=unix,addr.path="$vsock",writable=on,num-queues="$1" \
-        >"$T/qsd.log" 2>&1 &
-    QSD_PID=$!; _ALL_PIDS+=("$QSD_PID")
-    for _ in $(seq 100); do [[ -S "$vsock" ]] && return 0; sleep 0.05; done
-    die "qemu-storage-daemon did not create $vsock" "$(cat "$T/qsd.log")"
-}
-stop_qsd() { kill "$QSD_PID" 2>/dev/null; wait "$QSD_PID" 2>/dev/null; _forget_pid "$QSD_PID"; rm -f "$vsock"; }
-
-start_qsd 4
+start_qsd "$vsock" "$img" 4
 start_server -v --device "vhost-user:$vsock" --queues 4
 check_match "the backend reports 4 queues (GET_QUEUE_NUM)" 'queues=4 .*vhost-user backend connected' \
     "$(grep 'vhost-user backend connected' "$SERVER_ERR")"
@@ -58,7 +47,7 @@ if cmp "$T/dump" "$img" >"$T/cmp" 2>&1; then pass "backing file equals what NBD 
 else fail "backing file vs NBD dump" "$(cat "$T/cmp")"; fi
 
 # More queues than the backend has: capped, with a notice.
-start_qsd 4
+start_qsd "$vsock" "$img" 4
 start_server --device "vhost-user:$vsock" --queues 8
 check_match "--queues 8 on a 4-queue backend: capped with a notice" 'asked for 8 queues; the device offers 4; using 4' \
     "$(cat "$SERVER_ERR")"
@@ -67,7 +56,7 @@ stop_server
 stop_qsd
 
 # A one-queue backend (qemu-storage-daemon's default) gets one queue.
-start_qsd 1
+start_qsd "$vsock" "$img" 1
 start_server --device "vhost-user:$vsock" --queues 4
 check_match "--queues 4 on a 1-queue backend: one queue" 'queues=1 ' "$(grep 'virtio-blk ready' "$SERVER_ERR")"
 check_eq "one queue: nbdinfo size" 67108864 "$(nbdinfo --size "$URI" 2>&1)"

@@ -286,6 +286,35 @@ start_server() {
     log "server pid $SERVER_PID ready at $URI${PRINTED_URI:+ (printed: $PRINTED_URI)}"
 }
 
+# start_qsd SOCKET IMAGE [NUM-QUEUES]: qemu-storage-daemon exporting IMAGE as vhost-user-blk on
+# SOCKET (a stale socket file is removed first); waits for the socket. Sets QSD_PID; the log is
+# appended to $T/qsd.log. kill_qsd: SIGKILL (the socket file stays); stop_qsd: SIGTERM, socket removed.
+start_qsd() {
+    QSD_SOCK=$1
+    rm -f "$QSD_SOCK"
+    qemu-storage-daemon --blockdev driver=file,node-name=disk,filename="$2",discard=unmap \
+        --export type=vhost-user-blk,id=exp0,node-name=disk,addr.type=unix,addr.path="$QSD_SOCK",writable=on,num-queues="${3:-1}" \
+        >>"$T/qsd.log" 2>&1 &
+    QSD_PID=$!; _ALL_PIDS+=("$QSD_PID")
+    local _i
+    for _i in $(seq 200); do [[ -S "$QSD_SOCK" ]] && return 0; sleep 0.05; done
+    die "qemu-storage-daemon did not create $QSD_SOCK" "$(cat "$T/qsd.log")"
+}
+kill_qsd() { kill -KILL "$QSD_PID" 2>/dev/null; wait "$QSD_PID" 2>/dev/null; _forget_pid "$QSD_PID"; }
+stop_qsd() { kill "$QSD_PID" 2>/dev/null; wait "$QSD_PID" 2>/dev/null; _forget_pid "$QSD_PID"; rm -f "$QSD_SOCK"; }
+
+# expect_log COUNT REGEX DESCRIPTION: passes once the server's log has COUNT lines matching the
+# extended REGEX (waiting up to 20 s), else fails with the log's tail.
+expect_log() {
+    local _i
+    for _i in $(seq 400); do
+        if [[ $(grep -cE -- "$2" "$SERVER_ERR") -ge $1 ]]; then pass "$3"; return 0; fi
+        sleep 0.05
+    done
+    fail "$3" "no $1 line(s) matching /$2/ in the server log; its tail:" "$(tail -5 "$SERVER_ERR")"
+    return 1
+}
+
 # start_plain ARGS...: start virtnbd with exactly these arguments (no probe: a refused or idle
 # client is what some tests want) and wait for its printed URI. Sets SERVER_PID, SERVER_OUT, SERVER_ERR.
 start_plain() {
