@@ -34,6 +34,7 @@ let package = Package(
         // The in-process virtio-blk device (virtio-mmio register model, own thread).
         .target(name: "VirtioEmulator", dependencies: ["Virtio", "CVirtShim", .product(name: "Logging", package: "swift-log")], swiftSettings: ringSpeed),
         // The emulated disk, built one way for the server and the tests: backend → emulator → driver → block layer.
+        .target(name: "BlockLayer", dependencies: ["Virtio", "VirtioBlock", .product(name: "NIOCore", package: "swift-nio"), .product(name: "Logging", package: "swift-log")]),
         .target(name: "VirtioDisk", dependencies: ["Virtio", "VirtioBlock", "VirtioEmulator", .product(name: "Logging", package: "swift-log")], swiftSettings: ringSpeed),
         // The vhost-user-blk front end: a VirtioTransport over a vhost-user Unix socket.
         .target(name: "VhostUser", dependencies: ["Virtio", "CVirtShim", .product(name: "Logging", package: "swift-log")]),
@@ -43,7 +44,7 @@ let package = Package(
         .target(name: "AccessControl"),
         // SwiftNIO glue: listeners and per-connection handlers.
         .target(name: "NBDServer", dependencies: [
-            "NBDProtocol", "VirtioBlock", "AccessControl",
+            "NBDProtocol", "VirtioBlock", "BlockLayer", "AccessControl",
             .product(name: "NIOCore", package: "swift-nio"),
             .product(name: "NIOPosix", package: "swift-nio"),
             .product(name: "NIOSSL", package: "swift-nio-ssl"),
@@ -61,7 +62,7 @@ let package = Package(
         // The operator's configuration file (YAML) and its merge with command-line flags. Pure values.
         .target(name: "ServerConfig", dependencies: ["AccessControl", .product(name: "Yams", package: "Yams")]),
         .executableTarget(name: "virtnbd", dependencies: [
-            "NBDServer", "NBDProtocol", "NBDClient", "VirtioBlock", "VirtioEmulator", "VirtioDisk", "Virtio", "VhostUser", "VFIO", "ServerConfig", "CVirtShim", "AccessControl",
+            "NBDServer", "NBDProtocol", "NBDClient", "BlockLayer", "VirtioBlock", "VirtioEmulator", "VirtioDisk", "Virtio", "VhostUser", "VFIO", "ServerConfig", "CVirtShim", "AccessControl",
             .product(name: "ArgumentParser", package: "swift-argument-parser"),
             .product(name: "Logging", package: "swift-log"),
             .product(name: "NIOCore", package: "swift-nio"),

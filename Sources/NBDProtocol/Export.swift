@@ -71,7 +71,13 @@ public struct NBDClientAllowList: Sendable, Equatable {
 /// The exports a handshake can choose from.
 public struct NBDExportCatalog: Sendable {
     public var exports: [NBDExportInfo]
-    public init(_ exports: [NBDExportInfo]) { self.exports = exports }
+    /// Metadata contexts beside base:allocation, by export name (`qemu:dirty-bitmap:NAME`).
+    public var otherContexts: [String: [String]]
+    public init(_ exports: [NBDExportInfo], otherContexts: [String: [String]] = [:]) {
+        self.exports = exports
+        self.otherContexts = otherContexts
+    }
+    public func metaContexts(of export: String) -> [String] { otherContexts[export] ?? [] }
     /// Exact name match; an empty name selects the default (first) export, as nbdkit and qemu-nbd do.
     public func lookup(_ name: String) -> NBDExportInfo? {
         if let e = exports.first(where: { $0.name == name }) { return e }

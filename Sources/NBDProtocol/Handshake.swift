@@ -29,14 +29,34 @@ public struct NBDSession: Sendable, Equatable {
     public var extendedHeaders: Bool = false
     /// The context id of `base:allocation` if SET_META_CONTEXT selected it.
     public var allocationContext: UInt32?
+    /// The server's other contexts SET_META_CONTEXT selected (`qemu:dirty-bitmap:NAME`), in id order.
+    public var otherContexts: [NBDMetaContextID] = []
 
     public init(
-        export: NBDExportInfo, structuredReplies: Bool, extendedHeaders: Bool = false, allocationContext: UInt32? = nil
+        export: NBDExportInfo, structuredReplies: Bool, extendedHeaders: Bool = false, allocationContext: UInt32? = nil,
+        otherContexts: [NBDMetaContextID] = []
     ) {
         self.export = export
         self.structuredReplies = structuredReplies
         self.extendedHeaders = extendedHeaders
         self.allocationContext = allocationContext
+        self.otherContexts = otherContexts
+    }
+
+    /// Every selected context, base:allocation first.
+    public var contexts: [NBDMetaContextID] {
+        (allocationContext.map { [NBDMetaContextID(id: $0, name: NBDMetaContext.baseAllocation)] } ?? [])
+            + otherContexts
+    }
+}
+
+/// A metadata context a session selected: the id its BLOCK_STATUS chunks carry, and its name.
+public struct NBDMetaContextID: Sendable, Equatable {
+    public var id: UInt32
+    public var name: String
+    public init(id: UInt32, name: String) {
+        self.id = id
+        self.name = name
     }
 }
 
@@ -44,6 +64,16 @@ public struct NBDSession: Sendable, Equatable {
 public enum NBDMetaContext {
     public static let baseAllocation = "base:allocation"
     public static let baseAllocationID: UInt32 = 1
+    /// QEMU's namespace for dirty bitmaps: `qemu:dirty-bitmap:NAME`, flag bit 0 = dirty.
+    public static let dirtyBitmapPrefix = "qemu:dirty-bitmap:"
+
+    /// Whether a LIST query names `context`: exactly, or as its namespace ("base:", "qemu:") or,
+    /// for QEMU's, a leading part ending in ':' ("qemu:dirty-bitmap:") — "the server SHOULD
+    /// reply with a list of all contexts in that namespace" ("NBD_OPT_LIST_META_CONTEXT").
+    static func listQuery(_ query: String, matches context: String) -> Bool {
+        query == context || (query.hasSuffix(":") && context.hasPrefix(query) && !query.dropLast().contains(":"))
+            || (query == dirtyBitmapPrefix && context.hasPrefix(dirtyBitmapPrefix))
+    }
 }
 
 public struct HandshakeStateMachine {
@@ -66,7 +96,8 @@ public struct HandshakeStateMachine {
     public private(set) var extendedHeaders = false
     /// Export and contexts chosen by the last SET_META_CONTEXT.
     private var metaExport: String?
-    private var allocationSelected = false
+    /// The contexts the last SET_META_CONTEXT selected, by name.
+    private var selectedContexts: [NBDMetaContextID] = []
     /// The exports offered; the server may replace it between calls to `receive` (configuration reload).
     public var catalog: NBDExportCatalog
     public let tlsPolicy: NBDTLSPolicy
@@ -374,14 +405,14 @@ public struct HandshakeStateMachine {
 
     func session(for e: NBDExportInfo) -> NBDSession {
         // Contexts chosen for another export do not carry over ("NBD_OPT_SET_META_CONTEXT").
-        let ctx =
-            allocationSelected && metaExport.flatMap { catalog.lookup($0)?.name } == e.name
-            ? NBDMetaContext.baseAllocationID : nil
+        let chosen = metaExport.flatMap { catalog.lookup($0)?.name } == e.name ? selectedContexts : []
+        let ctx = chosen.first { $0.name == NBDMetaContext.baseAllocation }?.id
+        let others = chosen.filter { $0.name != NBDMetaContext.baseAllocation }
         var export = e
         export.flags = flags(for: e)
         return NBDSession(
             export: export, structuredReplies: structuredReplies, extendedHeaders: extendedHeaders,
-            allocationContext: ctx)
+            allocationContext: ctx, otherContexts: others)
     }
 
     /// "NBD_OPT_LIST_META_CONTEXT" / "NBD_OPT_SET_META_CONTEXT": u32 name length, name,
@@ -393,7 +424,7 @@ public struct HandshakeStateMachine {
         // command fails)": forget the old selection before anything can fail.
         if opt == .setMetaContext {
             metaExport = nil
-            allocationSelected = false
+            selectedContexts = []
         }
         if opt == .setMetaContext && !structuredReplies {
             return [
@@ -429,28 +460,42 @@ public struct HandshakeStateMachine {
         guard catalog.lookup(name) != nil else {
             return [.send(Self.optionReply(option, NBDReply.errUnknown, message: "no export named \"\(name)\""))]
         }
-        // A LIST with no queries lists everything; "base:" names the whole namespace.
-        let matches: Bool
+        // A LIST with no queries lists everything; "base:" names the whole namespace. A SET
+        // selects exact names only, each once.
+        let export = catalog.lookup(name)!.name
+        let offered = [NBDMetaContext.baseAllocation] + catalog.metaContexts(of: export)
+        let matching: [String]
         if opt == .listMetaContext && queries.isEmpty {
-            matches = true
+            matching = offered
+        } else if opt == .listMetaContext {
+            matching = offered.filter { c in queries.contains { NBDMetaContext.listQuery($0, matches: c) } }
         } else {
-            matches = queries.contains {
-                $0 == NBDMetaContext.baseAllocation || (opt == .listMetaContext && $0 == "base:")
-            }
+            matching = offered.filter(queries.contains)
         }
         var out: [HandshakeAction] = []
-        if matches {
+        var selected: [NBDMetaContextID] = []
+        for c in matching {
+            // "the server MUST reply with a context id of 0" to LIST.
+            let id = opt == .setMetaContext ? contextID(c, export: export) ?? 0 : 0
+            selected.append(NBDMetaContextID(id: id, name: c))
             var p = ByteBuffer()
-            p.writeInteger(opt == .setMetaContext ? NBDMetaContext.baseAllocationID : 0)
-            p.writeString(NBDMetaContext.baseAllocation)
+            p.writeInteger(id)
+            p.writeString(c)
             out.append(.send(Self.optionReply(option, NBDReply.metaContext, payload: p)))
         }
         if opt == .setMetaContext {
             metaExport = name
-            allocationSelected = matches
+            selectedContexts = selected
         }
         out.append(.send(Self.optionReply(option, NBDReply.ack)))
         return out
+    }
+
+    /// A context's id: 1 for base:allocation, 2 + its place among the export's other contexts.
+    private func contextID(_ context: String, export: String) -> UInt32? {
+        if context == NBDMetaContext.baseAllocation { return NBDMetaContext.baseAllocationID }
+        guard let i = catalog.metaContexts(of: export).firstIndex(of: context) else { return nil }
+        return UInt32(2 + i)
     }
 
     /// "Option reply": magic, option, type, length, payload.

@@ -69,7 +69,8 @@ public enum TransmissionOperation: Sendable, Equatable {
     case flush
     case trim(offset: UInt64, length: UInt64, fua: Bool)
     case writeZeroes(offset: UInt64, length: UInt64, fua: Bool, mayUnmap: Bool)
-    case blockStatus(offset: UInt64, length: UInt64, context: UInt32, reqOne: Bool)
+    /// One chunk per selected context, in `contexts` order.
+    case blockStatus(offset: UInt64, length: UInt64, contexts: [NBDMetaContextID], reqOne: Bool)
 }
 
 /// What to do with one request.
@@ -92,12 +93,15 @@ public struct TransmissionRules: Sendable, Equatable {
     public let extendedHeaders: Bool
     /// The base:allocation context id, if SET_META_CONTEXT selected it for this export.
     public let allocationContext: UInt32?
+    /// Every context SET_META_CONTEXT selected for this export, base:allocation first.
+    public let contexts: [NBDMetaContextID]
     public let export: ExportFacts
 
     public init(session: NBDSession, export: ExportFacts) {
         structuredReplies = session.structuredReplies || session.extendedHeaders
         extendedHeaders = session.extendedHeaders
         allocationContext = session.allocationContext
+        contexts = session.contexts
         self.export = export
     }
 
@@ -174,7 +178,7 @@ public struct TransmissionRules: Sendable, Equatable {
             guard inRange else { return .fail(.inval, rangeError()) }
             return .succeed
         case .blockStatus:
-            guard let ctx = allocationContext else {
+            guard !contexts.isEmpty else {
                 return .fail(.inval, "no metadata context was negotiated (NBD_OPT_SET_META_CONTEXT)")
             }
             // "The client SHOULD NOT request a status length of 0"; a reply needs "at least one
@@ -182,7 +186,8 @@ public struct TransmissionRules: Sendable, Equatable {
             guard r.length > 0 else { return .fail(.inval, "BLOCK_STATUS of length 0") }
             guard inRange else { return .fail(.inval, rangeError()) }
             return .run(
-                .blockStatus(offset: r.offset, length: r.length, context: ctx, reqOne: r.flags.contains(.reqOne)))
+                .blockStatus(
+                    offset: r.offset, length: r.length, contexts: contexts, reqOne: r.flags.contains(.reqOne)))
         case .disc:
             return .disconnect
         case .resize:
@@ -260,17 +265,19 @@ public struct ReplyEncoder: Sendable {
     }
 
     /// The BLOCK_STATUS reply for `descriptors` (from `BlockStatusDescriptors.merge`).
+    /// `done`: the last chunk of the reply (one chunk per selected context).
     public func blockStatus(
-        _ r: NBDRequest, context: UInt32, descriptors: [BlockStatusDescriptor], into b: inout ByteBuffer
+        _ r: NBDRequest, context: UInt32, descriptors: [BlockStatusDescriptor], done: Bool = true,
+        into b: inout ByteBuffer
     ) {
         if extended {
             StructuredReply.blockStatusExt(
                 cookie: r.cookie, context: context, extents: descriptors.map { ($0.length, UInt64($0.flags)) },
-                done: true, framing: framing(r), into: &b)
+                done: done, framing: framing(r), into: &b)
         } else {
             StructuredReply.blockStatus(
                 cookie: r.cookie, context: context, extents: descriptors.map { (UInt32($0.length), $0.flags) },
-                done: true, into: &b)
+                done: done, into: &b)
         }
     }
 }

@@ -1,3 +1,4 @@
+import BlockLayer
 import Logging
 import NBDProtocol
 import NIOCore
@@ -187,11 +188,11 @@ final class NBDConnectionHandler: ChannelDuplexHandler {
             metadata: [
                 "size": "\(info.size)",
                 "structured": "\(session.structuredReplies)",
-                "base:allocation": "\(session.allocationContext != nil)",
+                "contexts": "\(session.contexts.map(\.name))",
             ])
         let facts = ExportFacts(
             size: info.size, flags: info.flags, maximumPayload: UInt64(info.maximumPayload),
-            canFastZero: e.device.geometry.canWriteZeroes)
+            canFastZero: e.stack.capabilities.canFastZero)
         phase = .transmission(
             TransmissionParser(maximumPayload: Int(info.maximumPayload), extendedHeaders: session.extendedHeaders),
             e, TransmissionRules(session: session, export: facts))
@@ -257,7 +258,7 @@ final class NBDConnectionHandler: ChannelDuplexHandler {
         _ context: ChannelHandlerContext, _ r: NBDRequest, _ op: TransmissionOperation, payload: ByteBuffer?,
         export: NBDExport, rules: TransmissionRules
     ) {
-        let device = export.device
+        let device = export.stack
         let metrics = export.metrics
         switch op {
         case .read(let offset, let length, .sparse):
@@ -301,17 +302,31 @@ final class NBDConnectionHandler: ChannelDuplexHandler {
             startVoid(context, r, rules) { done in
                 device.writeZeroes(offset: offset, length: length, mayUnmap: mayUnmap, fua: fua, done)
             }
-        case .blockStatus(let offset, let length, let ctx, let reqOne):
-            let runs = device.allocation.extents(BlockDevice.down(offset), BlockDevice.up(offset + length)).lazy
-                .map { (start: $0.start, end: $0.end, flags: $0.state.baseAllocationFlags) }
-            let descriptors = BlockStatusDescriptors.merge(
-                runs, offset: offset, length: length,
-                extended: rules.extendedHeaders, reqOne: reqOne)
+        case .blockStatus(let offset, let length, let contexts, let reqOne):
             guard context.channel.isActive else { return }
-            var b = context.channel.allocator.buffer(capacity: 40 + 16 * descriptors.count)
-            rules.replies.blockStatus(r, context: ctx, descriptors: descriptors, into: &b)
+            var b = context.channel.allocator.buffer(capacity: 64 * contexts.count)
+            for (i, c) in contexts.enumerated() {
+                let descriptors = BlockStatusDescriptors.merge(
+                    Self.statusRuns(export, c.name, offset, length), offset: offset, length: length,
+                    extended: rules.extendedHeaders, reqOne: reqOne)
+                rules.replies.blockStatus(
+                    r, context: c.id, descriptors: descriptors, done: i == contexts.count - 1, into: &b)
+            }
             emit(context, b)
         }
+    }
+
+    /// One context's status over [offset, offset+length), as runs that cover it.
+    private static func statusRuns(_ export: NBDExport, _ context: String, _ offset: UInt64, _ length: UInt64)
+        -> [(start: UInt64, end: UInt64, flags: UInt32)]
+    {
+        if context == NBDMetaContext.baseAllocation {
+            return export.stack.allocationRuns(BlockDevice.down(offset), BlockDevice.up(offset + length))
+                .map { ($0.start, $0.end, $0.state.baseAllocationFlags) }
+        }
+        let name = String(context.dropFirst(NBDMetaContext.dirtyBitmapPrefix.count))
+        // A bitmap removed since the client selected it: every block may have changed.
+        return export.bitmaps?.runs(name, offset, offset + length) ?? [(offset, offset + length, 1)]
     }
 
     // MARK: replies

@@ -1,11 +1,17 @@
+import BlockLayer
 import Logging
 import NBDProtocol
 import VirtioBlock
 
-/// One named export: its handshake description and the device behind it.
+/// One named export: its handshake description, the device behind it and the block layers
+/// between them.
 public final class NBDExport: Sendable {
     public let info: NBDExportInfo
     public let device: BlockDevice
+    /// What requests run on: the top of the export's block layers, or the device itself.
+    public let stack: BlockLayer
+    /// The dirty bitmaps a `DirtyTracking` layer keeps, offered as `qemu:dirty-bitmap:NAME`.
+    public let bitmaps: DirtyBitmaps?
     /// This export's series (label `export="NAME"`).
     public let metrics: ExportMetrics
 
@@ -14,25 +20,28 @@ public final class NBDExport: Sendable {
     public init(
         name: String, description: String, device: BlockDevice, forceReadOnly: Bool = false,
         maximumPayload: UInt32 = NBDExportInfo.defaultMaximumPayload, allowedClients: NBDClientAllowList? = nil,
-        requiresTLS: Bool = false
+        requiresTLS: Bool = false, stack: BlockLayer? = nil, bitmaps: DirtyBitmaps? = nil
     ) {
-        let g = device.geometry
-        // Every connection shares one device whose completions are write-through to it, and a FLUSH
+        let stack = stack ?? device
+        let c = stack.capabilities
+        // Every connection shares one stack whose completions are write-through to it, and a FLUSH
         // on any connection flushes the device: multi-conn is safe ("NBD_FLAG_CAN_MULTI_CONN").
         var flags: NBDTransmissionFlags = [
             .hasFlags, .sendWriteZeroes, .sendFastZero, .canMultiConn, .sendCache, .sendDF,
         ]
-        if g.readOnly || forceReadOnly { flags.insert(.readOnly) }
-        if g.canFlush { flags.formUnion([.sendFlush, .sendFUA]) }
-        if g.canDiscard { flags.insert(.sendTrim) }
+        if c.readOnly || forceReadOnly { flags.insert(.readOnly) }
+        if c.canFlush { flags.formUnion([.sendFlush, .sendFUA]) }
+        if c.canTrim { flags.insert(.sendTrim) }
         if flags.contains(.readOnly) { flags.subtract([.sendWriteZeroes, .sendTrim, .sendFastZero]) }
         var info = NBDExportInfo(
-            name: name, description: description, size: device.size, flags: flags,
+            name: name, description: description, size: stack.size, flags: flags,
             minimumBlockSize: 1, preferredBlockSize: 4096, maximumPayload: maximumPayload,
             allowedClients: allowedClients)
         info.requiresTLS = requiresTLS
         self.info = info
         self.device = device
+        self.stack = stack
+        self.bitmaps = bitmaps
         metrics = ExportMetrics(export: name)
     }
 

@@ -96,18 +96,23 @@ public final class ByteBudget: Sendable {
 final class ExportDirectory: Sendable {
     private struct State {
         var exports: [NBDExport]
-        var catalog: NBDExportCatalog
         /// Connection ids in transmission, by export.
         var users: [ObjectIdentifier: Set<Int>] = [:]
     }
     private let state: Locked<State>
 
     init(_ exports: [NBDExport]) {
-        state = Locked(State(exports: exports, catalog: NBDExportCatalog(exports.map(\.info))))
+        state = Locked(State(exports: exports))
     }
 
     var exports: [NBDExport] { state.withLock { $0.exports } }
-    var catalog: NBDExportCatalog { state.withLock { $0.catalog } }
+    /// The exports and their metadata contexts as they are now (bitmaps come and go at run time).
+    var catalog: NBDExportCatalog {
+        let exports = self.exports
+        var contexts: [String: [String]] = [:]
+        for e in exports { if let b = e.bitmaps { contexts[e.info.name] = b.contextNames } }
+        return NBDExportCatalog(exports.map(\.info), otherContexts: contexts)
+    }
 
     /// The export `info` names, if it is still served as negotiated; registers the connection as its user.
     /// (The handshake hides SEND_DF from clients without structured replies; that flag is not compared.)
@@ -141,7 +146,6 @@ final class ExportDirectory: Sendable {
             let removed = s.exports.filter { !keep.contains(ObjectIdentifier($0)) }
             let conns = removed.flatMap { s.users[ObjectIdentifier($0)] ?? [] }
             s.exports = exports
-            s.catalog = NBDExportCatalog(exports.map(\.info))
             return (removed, conns)
         }
     }

@@ -81,6 +81,12 @@ public struct CommandLineOverrides: Sendable, Equatable {
     public var maxPayload: UInt64?
     /// `--ring packed`: queue sizes need not be powers of two.
     public var packedRing = false
+    /// `--snapshot` (true when given).
+    public var snapshot = false
+    /// `--bitmap NAME`, every occurrence.
+    public var bitmaps: [String] = []
+    /// `--bitmap-granularity` in bytes.
+    public var bitmapGranularity: UInt64?
 
     public init(
         port: Int? = nil, listen: String? = nil, unix: String? = nil, maxConnections: Int? = nil,
@@ -134,10 +140,21 @@ public struct CommandLineOverrides: Sendable, Equatable {
         } else {
             device = .simulated
         }
-        return ExportConfig(
+        var e = ExportConfig(
             name: exportName ?? "", description: description ?? "", device: device,
             readOnly: readOnly, queueSize: queueSize ?? ExportConfig.defaultQueueSize,
             maxPayload: maxPayload.map { UInt32($0) } ?? ExportConfig.defaultMaxPayload)
+        e.snapshot = snapshot
+        e.bitmaps = bitmaps
+        e.bitmapGranularity = bitmapGranularity ?? ExportConfig.defaultBitmapGranularity
+        return e
+    }
+
+    /// --snapshot, --bitmap and --bitmap-granularity over an export of the file.
+    func applyLayers(to e: inout ExportConfig) {
+        if snapshot { e.snapshot = true }
+        for b in bitmaps where !e.bitmaps.contains(b) { e.bitmaps.append(b) }
+        if let g = bitmapGranularity { e.bitmapGranularity = g }
     }
 }
 
@@ -237,6 +254,17 @@ extension VirtNBDConfig {
         if let p = flags.maxPayload, !ExportConfig.maxPayloadRange.contains(p) {
             throw fail(.badValue, "--max-payload", "\(p) bytes is not from 4K to 1G", "use e.g. 64M (the default)")
         }
+        for b in flags.bitmaps {
+            if let problem = ExportConfig.bitmapNameProblem(b) {
+                throw fail(.badValue, "--bitmap", problem, "name it with 1 to 4078 printable bytes, e.g. backup")
+            }
+        }
+        if let dup = flags.bitmaps.enumerated().first(where: { flags.bitmaps.prefix($0.offset).contains($0.element) }) {
+            throw fail(.badValue, "--bitmap", "bitmap \(Values.quoted(dup.element)) is given twice", "give it once")
+        }
+        if let g = flags.bitmapGranularity, let problem = ExportConfig.granularityProblem(g) {
+            throw fail(.badValue, "--bitmap-granularity", problem, "use e.g. 64K (the default)")
+        }
         if flags.hasDeviceFlag {
             let e = flags.flagExport()
             if let i = c.exports.firstIndex(where: { $0.name == e.name }) {
@@ -253,10 +281,12 @@ extension VirtNBDConfig {
             }
             if let d = flags.description { c.exports[i].description = d }
             if flags.readOnly { c.exports[i].readOnly = true }
+            flags.applyLayers(to: &c.exports[i])
             if let q = flags.queueSize { c.exports[i].queueSize = q }
             if let p = flags.maxPayload { c.exports[i].maxPayload = UInt32(p) }
         } else {
             if flags.readOnly { for i in c.exports.indices { c.exports[i].readOnly = true } }
+            for i in c.exports.indices { flags.applyLayers(to: &c.exports[i]) }
             if let q = flags.queueSize { for i in c.exports.indices { c.exports[i].queueSize = q } }
             if let p = flags.maxPayload { for i in c.exports.indices { c.exports[i].maxPayload = UInt32(p) } }
             if let d = flags.description {

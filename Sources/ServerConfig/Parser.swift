@@ -49,7 +49,7 @@ enum Keys {
     static let tls = ["policy", "certificates", "psk", "verify-peer"]
     static let export = [
         "name", "description", "device", "size", "path", "socket", "pci", "read-only", "tls", "queue-size",
-        "max-payload", "allow-dn", "allow-psk",
+        "max-payload", "allow-dn", "allow-psk", "snapshot", "bitmaps", "bitmap-granularity",
     ]
     static let devices = ["ram", "file", "vhost-user", "vfio", "simulated"]
     /// Device parameters and the devices that take them.
@@ -641,9 +641,44 @@ struct ConfigParser {
             }
         }
         if let v = t["read-only"] { e.readOnly = try bool(v, t.path("read-only")) }
+        if let v = t["snapshot"] { e.snapshot = try bool(v, t.path("snapshot")) }
+        try exportBitmaps(t, into: &e)
         if let v = t["tls"] {
             e.tls = TLSPolicy(rawValue: try oneOf(v, t.path("tls"), TLSPolicy.allCases.map(\.rawValue)))!
             lines.tls = v.mark?.line
+        }
+    }
+
+    /// An export's bitmaps and bitmap-granularity.
+    func exportBitmaps(_ t: Table, into e: inout ExportConfig) throws(ConfigError) {
+        if let v = t["bitmaps"] {
+            let items: [Node]
+            switch v {
+            case .sequence(let s): items = Array(s)
+            case .scalar: items = [v]
+            default:
+                throw error(
+                    .wrongType, v, t.path("bitmaps"), "expected a list of bitmap names, found \(Self.what(v))",
+                    "write bitmaps: [backup]")
+            }
+            for (i, n) in items.enumerated() {
+                let p = "\(t.path("bitmaps"))[\(i)]"
+                let name = try string(n, p, fix: "write bitmaps: [backup]")
+                if let problem = ExportConfig.bitmapNameProblem(name) {
+                    throw error(.badValue, n, p, problem, "name it with 1 to 4078 printable bytes, e.g. backup")
+                }
+                guard !e.bitmaps.contains(name) else {
+                    throw error(.badValue, n, p, "bitmap \(Values.quoted(name)) is listed twice", "list it once")
+                }
+                e.bitmaps.append(name)
+            }
+        }
+        if let v = t["bitmap-granularity"] {
+            let g = try size(v, t.path("bitmap-granularity"))
+            if let problem = ExportConfig.granularityProblem(g) {
+                throw error(.badValue, v, t.path("bitmap-granularity"), problem, "use e.g. 64K (the default)")
+            }
+            e.bitmapGranularity = g
         }
     }
 

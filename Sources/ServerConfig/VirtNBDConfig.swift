@@ -82,8 +82,34 @@ public struct ExportConfig: Sendable, Equatable {
     public var allowPSK: [String]?
     /// The largest READ or WRITE payload a client may send (NBD_INFO_BLOCK_SIZE's maximum).
     public var maxPayload: UInt32
+    /// `snapshot` / `--snapshot`: writes go to a private overlay, dropped at exit.
+    public var snapshot = false
+    /// `bitmaps` / `--bitmap`: dirty bitmaps to keep (created if missing; a file export's persist).
+    public var bitmaps: [String] = []
+    /// `bitmap-granularity` / `--bitmap-granularity`: bytes per bit of new bitmaps.
+    public var bitmapGranularity: UInt64 = ExportConfig.defaultBitmapGranularity
 
     public static let defaultQueueSize = 256
+    public static let defaultBitmapGranularity: UInt64 = 64 << 10
+    /// qemu:dirty-bitmap:NAME must fit an NBD string of 4096 bytes.
+    public static let maxBitmapNameBytes = 4096 - "qemu:dirty-bitmap:".utf8.count
+
+    /// Why `name` cannot name a bitmap, if it cannot.
+    public static func bitmapNameProblem(_ name: String) -> String? {
+        if name.isEmpty { return "an empty bitmap name" }
+        if name.utf8.count > maxBitmapNameBytes {
+            return
+                "a bitmap name of \(name.utf8.count) bytes (at most \(maxBitmapNameBytes): qemu:dirty-bitmap:NAME is an NBD string of at most 4096)"
+        }
+        if name.unicodeScalars.contains(where: { $0.value < 0x20 || $0.value == 0x7f }) {
+            return "a bitmap name with a control character"
+        }
+        return nil
+    }
+
+    public static func granularityProblem(_ g: UInt64) -> String? {
+        g.nonzeroBitCount == 1 && g >= 4096 && g <= 1 << 31 ? nil : "\(g) bytes is not a power of two from 4K to 2G"
+    }
     public static let defaultMaxPayload: UInt32 = 64 << 20
     /// `max-payload` / `--max-payload`: 4 KiB to 1 GiB.
     public static let maxPayloadRange: ClosedRange<UInt64> = 4096...(1 << 30)

@@ -25,6 +25,11 @@ public final class AllocationMap: Sendable {
         public var start: UInt64
         public var end: UInt64
         public var state: Allocation
+        public init(start: UInt64, end: UInt64, state: Allocation) {
+            self.start = start
+            self.end = end
+            self.state = state
+        }
     }
     private let runs: Locked<[Run]>
     public let size: UInt64

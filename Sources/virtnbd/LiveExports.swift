@@ -1,8 +1,11 @@
 // The exports of the running server: opened at start, changed by SIGHUP (configuration reload).
 // Owned by `ServeOptions.serve`'s task; reloads are handled one at a time, in the order the signals came.
+import BlockLayer
+import Foundation
 import Logging
 import NBDProtocol
 import NBDServer
+import VirtioBlock
 
 /// One export being served: the plan it was opened from, its device, and its NBD side.
 struct LiveExport {
@@ -19,17 +22,46 @@ struct LiveExport {
             d = try p.device.open(
                 size: p.size, sizeKey: p.sizeKey, file: p.file, readOnly: p.readOnly, options: p.driver, logger: elog)
         } catch { throw ExportOpenError(name: p.name, underlying: "\(error)") }
+        let layers: (BlockLayer?, DirtyBitmaps?)
+        do { layers = try stack(p, over: d.device, logger: elog) } catch {
+            d.shutdown()
+            throw ExportOpenError(name: p.name, underlying: "\(error)")
+        }
         return LiveExport(
             plan: p, disk: d,
             export: NBDExport(
                 name: p.name, description: p.description, device: d.device, forceReadOnly: p.readOnly,
                 maximumPayload: p.maxPayload, allowedClients: p.allowedClients,
-                requiresTLS: p.requiresTLS))
+                requiresTLS: p.requiresTLS, stack: layers.0, bitmaps: layers.1))
     }
 
-    /// Drains, flushes and resets the device; removes the export's metrics series.
+    /// The export's block layers over its device, bottom up: the snapshot overlay, then dirty
+    /// tracking (so it sees every write the client makes). Nil: none, requests go to the device.
+    /// Tracking is there with --bitmap, with a bitmap file beside the image, and with --control
+    /// (so that `virtnbd bitmap add` can start one).
+    static func stack(_ p: ServeOptions.ExportPlan, over device: BlockDevice, logger: Logger) throws(BitmapError) -> (
+        BlockLayer?, DirtyBitmaps?
+    ) {
+        var top: BlockLayer = device
+        if p.snapshot { top = SnapshotOverlay(over: top) }
+        guard !p.bitmaps.isEmpty || p.tracking || !p.snapshot && hasBitmapFile(p) else {
+            return (p.snapshot ? top : nil, nil)
+        }
+        // A file export's bitmaps persist beside it, unless its writes are thrown away.
+        let file = p.snapshot ? nil : p.file.map { $0 + ".bitmaps" }
+        let bitmaps = try DirtyBitmaps(size: top.size, file: file, logger: logger)
+        try bitmaps.ensure(p.bitmaps, granularity: p.bitmapGranularity)
+        return (DirtyTracking(over: top, bitmaps: bitmaps), bitmaps)
+    }
+
+    private static func hasBitmapFile(_ p: ServeOptions.ExportPlan) -> Bool {
+        p.file.map { FileManager.default.fileExists(atPath: $0 + ".bitmaps") } ?? false
+    }
+
+    /// Drains, flushes and resets the device, saves the bitmaps; removes the export's metrics series.
     func close() {
         disk.shutdown()
+        export.bitmaps?.close()
         export.metrics.destroy()
     }
 }

@@ -23,10 +23,11 @@ struct VirtNBD: AsyncParsableCommand {
             virtnbd [serve] [--size SIZE | --file PATH | --device SPEC | --config FILE] [OPTIONS]
             virtnbd info [--list] [--json] [--timeout S] URI
             virtnbd copy SRC DST
+            virtnbd bitmap list|add|remove|clear [NAME] --control PATH [--export NAME]
             """,
         discussion:
             "With neither --size nor --file it serves a simulated 512 KiB disk. -V/--version prints the versions.",
-        subcommands: [Serve.self, Info.self, Copy.self])
+        subcommands: [Serve.self, Info.self, Copy.self, BitmapCommand.self])
 
     @OptionGroup var options: ServeOptions
 
@@ -36,6 +37,10 @@ struct VirtNBD: AsyncParsableCommand {
     /// Parses and runs, exiting like nbdkit: 0, 1 for usage errors and failures, or --run's status.
     static func runMain() async {
         do {
+            // `virtnbd bitmap …` parses on its own: the root command's serve options include
+            // --control, which would otherwise take the subcommand's --control.
+            let args = Array(CommandLine.arguments.dropFirst())
+            if args.first == "bitmap" { return await BitmapCommand.main(Array(args.dropFirst())) }
             var command = try parseAsRoot()
             if var a = command as? AsyncParsableCommand { try await a.run() } else { try command.run() }
         } catch {
@@ -131,6 +136,25 @@ struct ServeOptions: ParsableArguments {
     ) var reconnectTimeout: Double = 30
     @Option(name: .long, help: "The virtio-blk device: emulator (default), vhost-user:SOCKET, or vfio:PCI-ADDRESS.")
     var device: String?
+    @Flag(
+        name: .long,
+        help:
+            "Throwaway writes (as qemu-nbd -s): writes, trims and zeroes go to a RAM overlay, dropped at exit; the device is never written."
+    ) var snapshot = false
+    @Option(
+        name: .long,
+        help: ArgumentHelp(
+            "Keep a dirty bitmap NAME, offered as the meta context qemu:dirty-bitmap:NAME (repeatable). A --file export's bitmaps persist in FILE.bitmaps.",
+            valueName: "name")) var bitmap: [String] = []
+    @Option(
+        name: .long, parsing: .unconditional,
+        help: ArgumentHelp("Bytes per bit of a new --bitmap, 4K to 2G (default 64K).", valueName: "size"),
+        transform: ByteSize.parse) var bitmapGranularity: ByteSize?
+    @Option(
+        name: .long,
+        help: ArgumentHelp(
+            "Open a control socket (mode 0600) for `virtnbd bitmap` at this path; never on TCP.", valueName: "path"))
+    var control: String?
 
     @Flag(name: [.short, .long], help: "Serve one client on stdin/stdout (for nbd_connect_command / nbdsh).")
     var stdio = false
@@ -291,6 +315,13 @@ struct ServeOptions: ParsableArguments {
         var allowedClients: NBDClientAllowList? = nil
         /// The export's own `tls: require`: plaintext clients get ERR_TLS_REQD for it.
         var requiresTLS = false
+        /// `--snapshot`: a RAM overlay takes every write.
+        var snapshot = false
+        /// `--bitmap`: the dirty bitmaps to keep, and the granularity of new ones.
+        var bitmaps: [String] = []
+        var bitmapGranularity = ExportConfig.defaultBitmapGranularity
+        /// --control: dirty tracking is ready for bitmaps added at run time.
+        var tracking = false
     }
 
     /// Everything `run` needs: the flags merged over `--config` (or over nothing), defaults applied.
@@ -333,6 +364,9 @@ struct ServeOptions: ParsableArguments {
             device: device, queueSize: queueSize, metrics: metrics, allow: try allowList(),
             maxPayload: maxPayload?.bytes, packedRing: ring == .packed)
         flags.tlsVerifyPeer = tlsVerifyPeer
+        flags.snapshot = snapshot
+        flags.bitmaps = bitmap
+        flags.bitmapGranularity = bitmapGranularity?.bytes
         flags.keepalive = keepalive
         flags.keepaliveIdle = keepaliveIdle
         flags.keepaliveInterval = keepaliveInterval
@@ -356,6 +390,10 @@ struct ServeOptions: ParsableArguments {
                 driver: driverOptions(queueSize: e.queueSize), maxPayload: e.maxPayload)
             if let path = config, e.name != flagExport { p.sizeKey = "exports[\(i)].size in \(path)" }
             p.requiresTLS = cfg.effectiveTLS(for: e) == .require
+            p.snapshot = e.snapshot
+            p.bitmaps = e.bitmaps
+            p.bitmapGranularity = e.bitmapGranularity
+            p.tracking = control != nil
             if e.isRestricted {
                 p.allowedClients = NBDClientAllowList(
                     certificateDNs: Set(e.allowDN ?? []), pskIdentities: Set(e.allowPSK ?? []))
@@ -512,9 +550,11 @@ struct ServeOptions: ParsableArguments {
         var addresses: [ListenAddress] = []
         var tempDir: String?
         var pid: PidFile?
+        var control: ControlServer?
 
         /// Stops accepting, drains every client, flushes and resets every device.
         func teardown(_ exports: ExportSet) async {
+            await control?.close()
             await server.shutdown()
             await endpoint?.close()
             exports.closeAll()
@@ -547,6 +587,15 @@ struct ServeOptions: ParsableArguments {
             }
         }
 
+        if let path = control {
+            do {
+                running.control = try await ControlServer.start(
+                    path: path, group: running.group, exports: { server.exports }, logger: logger)
+            } catch {
+                logger.critical("cannot open the control socket \(path) (--control): \(error)")
+                throw ExitCode(1)
+            }
+        }
         if stdio {
             logger.info("serving \(exports.live.map(\.disk.label).joined(separator: ", ")) on stdin/stdout")
             Task {

@@ -104,7 +104,10 @@ final class TransmissionRulesTests: XCTestCase {
         XCTAssertEqual(r.decide(request(5)), .succeed, "CACHE has nothing to prefetch")
         XCTAssertEqual(
             r.decide(request(7, flags: 8, offset: 4096, length: 100)),
-            .run(.blockStatus(offset: 4096, length: 100, context: 1, reqOne: true)))
+            .run(
+                .blockStatus(
+                    offset: 4096, length: 100, contexts: [NBDMetaContextID(id: 1, name: "base:allocation")],
+                    reqOne: true)))
         XCTAssertEqual(rules(.simple).decide(request(0)), .run(.read(offset: 0, length: 4096, reply: .simple)))
         XCTAssertEqual(r.decide(request(0)), .run(.read(offset: 0, length: 4096, reply: .sparse)))
         XCTAssertEqual(r.decide(request(0, flags: 4)), .run(.read(offset: 0, length: 4096, reply: .contiguous)))

@@ -157,7 +157,7 @@ private func judge(_ outcomes: [Outcome], extended: Bool, maxPayload: Int, bits:
                 check(len > 0 && off + len <= size, "\(op) on a \(size)-byte export")
                 rules.replies.success(r, into: &b)
             case .blockStatus(let off, let len, _, _):
-                check(len > 0 && off + len <= size && rules.allocationContext != nil, "\(op)")
+                check(len > 0 && off + len <= size && !rules.contexts.isEmpty, "\(op)")
                 rules.replies.success(r, into: &b)
             case .flush:
                 rules.replies.success(r, into: &b)

@@ -1,0 +1,59 @@
+// The block layer: what an NBD export calls, a small stack of layers over the virtio-blk device,
+// in the spirit of nbdkit's filters. Each layer is a `BlockLayer` that wraps the one below it;
+// the bottom is the device itself (`BlockDevice`). An export with no layers calls the device
+// directly, so a request no layer changes costs nothing.
+//
+// Offsets and lengths arrive already checked against the export's size by the transmission
+// rules; layers check again only where they must (the device does).
+import NIOCore
+import VirtioBlock
+
+/// What a stack of layers can do, as the transmission flags advertise it.
+public struct BlockCapabilities: Sendable, Equatable {
+    public var readOnly: Bool
+    public var canFlush: Bool
+    public var canTrim: Bool
+    /// WRITE_ZEROES without writing every byte (NBD_CMD_FLAG_FAST_ZERO may succeed).
+    public var canFastZero: Bool
+
+    public init(readOnly: Bool, canFlush: Bool, canTrim: Bool, canFastZero: Bool) {
+        self.readOnly = readOnly
+        self.canFlush = canFlush
+        self.canTrim = canTrim
+        self.canFastZero = canFastZero
+    }
+}
+
+/// One layer of an export's block stack.
+public protocol BlockLayer: AnyObject, Sendable {
+    /// The export's byte size.
+    var size: UInt64 { get }
+    var capabilities: BlockCapabilities { get }
+    func read(
+        offset: UInt64, length: Int, allocator: ByteBufferAllocator, _ done: @escaping BlockDevice.ReadCompletion)
+    /// Data and known-zero extents in order (sparse reads: zero extents cost no device I/O).
+    func readExtents(
+        offset: UInt64, length: Int, allocator: ByteBufferAllocator,
+        _ done: @escaping @Sendable (Result<[BlockDevice.Extent], BlkError>) -> Void)
+    /// With `fua`, the bytes are on stable storage when `done` runs.
+    func write(offset: UInt64, data: ByteBuffer, fua: Bool, _ done: @escaping BlockDevice.Completion)
+    func flush(_ done: @escaping BlockDevice.Completion)
+    /// Advisory: whole blocks inside the range may be deallocated.
+    func trim(offset: UInt64, length: UInt64, _ done: @escaping BlockDevice.Completion)
+    func writeZeroes(
+        offset: UInt64, length: UInt64, mayUnmap: Bool, fua: Bool, _ done: @escaping BlockDevice.Completion)
+    /// base:allocation over [start, end): consecutive runs covering it (they may start before it).
+    func allocationRuns(_ start: UInt64, _ end: UInt64) -> [AllocationMap.Run]
+}
+
+extension BlockDevice: BlockLayer {
+    public var capabilities: BlockCapabilities {
+        let g = geometry
+        return BlockCapabilities(
+            readOnly: g.readOnly, canFlush: g.canFlush, canTrim: g.canDiscard, canFastZero: g.canWriteZeroes)
+    }
+
+    public func allocationRuns(_ start: UInt64, _ end: UInt64) -> [AllocationMap.Run] {
+        allocation.extents(start, end)
+    }
+}

@@ -1,0 +1,277 @@
+// `--snapshot`: writes, trims and zeroes go to a private overlay in RAM, at 4 KiB blocks; reads
+// merge the overlay over the device. The device below is never written, so the overlay is
+// dropped at exit and the image is as it was (qemu-nbd -s, nbdkit's cow filter).
+//
+// Because the device never changes, a partial-block write can read its block's old contents
+// from the device without holding anything: if another write put the block in the overlay
+// meanwhile, its bytes are merged over the overlay's copy instead, under the lock.
+import NIOCore
+import Virtio
+import VirtioBlock
+
+public final class SnapshotOverlay: BlockLayer {
+    public static let block: UInt64 = 4096
+    public let inner: BlockLayer
+
+    enum Slot {
+        /// The block's bytes (always 4096; past the export's end they are never handed out).
+        case data([UInt8])
+        /// Trimmed or zeroed: reads as zero.
+        case zero
+    }
+    private let blocks = Locked<[UInt64: Slot]>([:])
+
+    public init(over inner: BlockLayer) { self.inner = inner }
+
+    public var size: UInt64 { inner.size }
+    /// Writable even over a read-only device; flush and FUA have nothing to make durable.
+    public var capabilities: BlockCapabilities {
+        BlockCapabilities(readOnly: false, canFlush: true, canTrim: true, canFastZero: true)
+    }
+
+    /// Bytes held by the overlay.
+    public var overlayBytes: UInt64 { blocks.withLock { UInt64($0.count) * Self.block } }
+
+    private func slots(_ lo: UInt64, _ hi: UInt64) -> [(UInt64, Slot)] {
+        blocks.withLock { b in
+            if b.isEmpty { return [] }
+            if hi - lo < UInt64(b.count) {
+                return (lo..<hi).compactMap { i in b[i].map { (i, $0) } }
+            }
+            return b.filter { $0.key >= lo && $0.key < hi }.map { ($0.key, $0.value) }
+        }
+    }
+
+    private func blockRange(_ offset: UInt64, _ length: UInt64) -> (UInt64, UInt64) {
+        (offset / Self.block, (offset + length + Self.block - 1) / Self.block)
+    }
+
+    // MARK: reads
+
+    public func read(
+        offset: UInt64, length: Int, allocator: ByteBufferAllocator, _ done: @escaping BlockDevice.ReadCompletion
+    ) {
+        let (lo, hi) = blockRange(offset, UInt64(length))
+        if blocks.withLock({ $0.isEmpty }) || slots(lo, hi).isEmpty {
+            return inner.read(offset: offset, length: length, allocator: allocator, done)
+        }
+        inner.read(offset: offset, length: length, allocator: allocator) { r in
+            guard case .success(var buf) = r else { return done(r) }
+            // The overlay as it is now, over what the device holds.
+            for (i, slot) in self.slots(lo, hi) { Self.patch(&buf, at: offset, block: i, slot) }
+            done(.success(buf))
+        }
+    }
+
+    /// Copies the part of overlay block `i` inside the buffer (which holds bytes from `offset`).
+    private static func patch(_ buf: inout ByteBuffer, at offset: UInt64, block i: UInt64, _ slot: Slot) {
+        let end = offset + UInt64(buf.readableBytes)
+        let a = max(i * block, offset)
+        let b = min((i + 1) * block, end)
+        guard a < b else { return }
+        let at = buf.readerIndex + Int(a - offset)
+        switch slot {
+        case .data(let bytes):
+            let from = Int(a - i * block)
+            buf.setBytes(bytes[from..<from + Int(b - a)], at: at)
+        case .zero:
+            buf.setRepeatingByte(0, count: Int(b - a), at: at)
+        }
+    }
+
+    public func readExtents(
+        offset: UInt64, length: Int, allocator: ByteBufferAllocator,
+        _ done: @escaping @Sendable (Result<[BlockDevice.Extent], BlkError>) -> Void
+    ) {
+        let (lo, hi) = blockRange(offset, UInt64(length))
+        if slots(lo, hi).isEmpty {
+            return inner.readExtents(offset: offset, length: length, allocator: allocator, done)
+        }
+        read(offset: offset, length: length, allocator: allocator) { r in done(r.map { [.data(offset: offset, $0)] }) }
+    }
+
+    // MARK: writes
+
+    public func write(offset: UInt64, data: ByteBuffer, fua: Bool, _ done: @escaping BlockDevice.Completion) {
+        let length = UInt64(data.readableBytes)
+        guard length > 0 else { return done(.success(())) }
+        let end = offset + length
+        let (lo, hi) = blockRange(offset, length)
+        // Blocks the write covers only in part, not yet in the overlay: their old bytes come from the device.
+        var partial: [UInt64] = []
+        if offset % Self.block != 0 || end < lo * Self.block + Self.block { partial.append(lo) }
+        if hi - 1 != lo && end % Self.block != 0 { partial.append(hi - 1) }
+        let missing = blocks.withLock { b in partial.filter { b[$0] == nil } }
+        if missing.isEmpty {
+            apply(offset: offset, data: data, base: [:])
+            return done(.success(()))
+        }
+        let base = Locked<[UInt64: [UInt8]]>([:])
+        let left = Locked(missing.count)
+        for i in missing {
+            let start = i * Self.block
+            let n = Int(min(Self.block, size - start))
+            inner.read(offset: start, length: n, allocator: .init()) { r in
+                switch r {
+                case .failure(let e):
+                    if left.withLock({ l in
+                        defer { l = -1 }
+                        return l > 0
+                    }) {
+                        done(.failure(e))
+                    }
+                case .success(var b):
+                    var bytes = b.readBytes(length: b.readableBytes) ?? []
+                    bytes += Array(repeating: 0, count: Int(Self.block) - bytes.count)
+                    base.withLock { $0[i] = bytes }
+                    let last = left.withLock { l in
+                        guard l > 0 else { return false }
+                        l -= 1
+                        return l == 0
+                    }
+                    if last {
+                        self.apply(offset: offset, data: data, base: base.withLock { $0 })
+                        done(.success(()))
+                    }
+                }
+            }
+        }
+    }
+
+    /// Puts the bytes of `data` (at `offset`) into the overlay; a block not in the overlay and not
+    /// wholly covered starts from `base` (its device contents).
+    private func apply(offset: UInt64, data: ByteBuffer, base: [UInt64: [UInt8]]) {
+        let end = offset + UInt64(data.readableBytes)
+        let (lo, hi) = blockRange(offset, UInt64(data.readableBytes))
+        blocks.withLock { b in
+            for i in lo..<hi {
+                let bs = i * Self.block
+                let a = max(bs, offset)
+                let e = min(bs + Self.block, end)
+                var bytes: [UInt8]
+                if a == bs && e == bs + Self.block {
+                    bytes = []
+                } else {
+                    switch b[i] {
+                    case .data(let old): bytes = old
+                    case .zero: bytes = Array(repeating: 0, count: Int(Self.block))
+                    case nil: bytes = base[i] ?? Array(repeating: 0, count: Int(Self.block))
+                    }
+                }
+                let piece = data.getBytes(at: data.readerIndex + Int(a - offset), length: Int(e - a)) ?? []
+                if bytes.isEmpty {
+                    bytes = piece
+                } else {
+                    bytes.replaceSubrange(Int(a - bs)..<Int(e - bs), with: piece)
+                }
+                b[i] = .data(bytes)
+            }
+        }
+    }
+
+    public func flush(_ done: @escaping BlockDevice.Completion) { done(.success(())) }
+
+    /// Whole blocks inside the range (or reaching the export's end) read as zero from now on.
+    public func trim(offset: UInt64, length: UInt64, _ done: @escaping BlockDevice.Completion) {
+        zeroWholeBlocks(offset, length)
+        done(.success(()))
+    }
+
+    public func writeZeroes(
+        offset: UInt64, length: UInt64, mayUnmap: Bool, fua: Bool, _ done: @escaping BlockDevice.Completion
+    ) {
+        guard length > 0 else { return done(.success(())) }
+        let (inner0, inner1) = zeroWholeBlocks(offset, length)
+        // The unaligned edges are written as zero bytes.
+        var edges: [(UInt64, UInt64)] = []
+        if inner0 >= inner1 {
+            edges.append((offset, offset + length))
+        } else {
+            if offset < inner0 { edges.append((offset, inner0)) }
+            if inner1 < offset + length { edges.append((inner1, offset + length)) }
+        }
+        guard !edges.isEmpty else { return done(.success(())) }
+        let left = Locked(edges.count)
+        let failed = Locked<BlkError?>(nil)
+        for (a, b) in edges {
+            var z = ByteBuffer()
+            z.writeRepeatingByte(0, count: Int(b - a))
+            write(offset: a, data: z, fua: false) { r in
+                if case .failure(let e) = r { failed.withLock { $0 = $0 ?? e } }
+                if left.withLock({ l in
+                    l -= 1
+                    return l == 0
+                }) {
+                    done(failed.withLock { $0 }.map { .failure($0) } ?? .success(()))
+                }
+            }
+        }
+    }
+
+    /// Marks the whole blocks in [offset, offset+length) zero (the partial last block of the
+    /// export too, when the range reaches the end); returns that byte range.
+    @discardableResult
+    private func zeroWholeBlocks(_ offset: UInt64, _ length: UInt64) -> (UInt64, UInt64) {
+        let end = offset + length
+        let a = (offset + Self.block - 1) / Self.block
+        let b = end >= size ? (size + Self.block - 1) / Self.block : end / Self.block
+        guard a < b else { return (a * Self.block, a * Self.block) }
+        blocks.withLock { m in for i in a..<b { m[i] = .zero } }
+        return (a * Self.block, min(b * Self.block, size))
+    }
+
+    // MARK: block status
+
+    /// The device's runs with the overlay painted over them: written blocks are data, trimmed
+    /// and zeroed ones read as zero (hole and zero).
+    public func allocationRuns(_ start: UInt64, _ end: UInt64) -> [AllocationMap.Run] {
+        let base = inner.allocationRuns(start, end)
+        let lo = start / Self.block
+        let hi = (end + Self.block - 1) / Self.block
+        let over = slots(lo, hi).sorted { $0.0 < $1.0 }
+        guard !over.isEmpty else { return base }
+        var paint: [AllocationMap.Run] = []
+        for (i, slot) in over {
+            let state: Allocation = { if case .zero = slot { return .holeZero } else { return .data } }()
+            let a = max(i * Self.block, start)
+            let b = min((i + 1) * Self.block, end, size)
+            guard a < b else { continue }
+            if let l = paint.last, l.end == a, l.state == state {
+                paint[paint.count - 1].end = b
+            } else {
+                paint.append(AllocationMap.Run(start: a, end: b, state: state))
+            }
+        }
+        return Self.paint(paint, over: base)
+    }
+
+    /// `top` (disjoint, ascending) over `base` (consecutive, ascending), as consecutive runs.
+    static func paint(_ top: [AllocationMap.Run], over base: [AllocationMap.Run]) -> [AllocationMap.Run] {
+        var out: [AllocationMap.Run] = []
+        func add(_ r: AllocationMap.Run) {
+            guard r.start < r.end else { return }
+            if let l = out.last, l.end == r.start, l.state == r.state {
+                out[out.count - 1].end = r.end
+            } else {
+                out.append(r)
+            }
+        }
+        var t = 0
+        for r in base {
+            var at = r.start
+            while at < r.end {
+                while t < top.count && top[t].end <= at { t += 1 }
+                if t < top.count && top[t].start <= at {
+                    let e = min(top[t].end, r.end)
+                    add(AllocationMap.Run(start: at, end: e, state: top[t].state))
+                    at = e
+                } else {
+                    let e = t < top.count ? min(top[t].start, r.end) : r.end
+                    add(AllocationMap.Run(start: at, end: e, state: r.state))
+                    at = e
+                }
+            }
+        }
+        return out
+    }
+}
