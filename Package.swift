@@ -28,49 +28,75 @@ let package = Package(
         // NBD wire formats and state machines. Pure values, no I/O.
         .target(name: "NBDProtocol", dependencies: [.product(name: "NIOCore", package: "swift-nio")]),
         // DMA arena, rings, features, transport protocol.
-        .target(name: "Virtio", dependencies: ["CVirtShim", .product(name: "NIOCore", package: "swift-nio")], swiftSettings: ringSpeed),
+        .target(
+            name: "Virtio", dependencies: ["CVirtShim", .product(name: "NIOCore", package: "swift-nio")],
+            swiftSettings: ringSpeed),
         // The virtio-blk driver.
-        .target(name: "VirtioBlock", dependencies: ["Virtio", .product(name: "NIOCore", package: "swift-nio"), .product(name: "Logging", package: "swift-log")], swiftSettings: ringSpeed),
+        .target(
+            name: "VirtioBlock",
+            dependencies: [
+                "Virtio", .product(name: "NIOCore", package: "swift-nio"),
+                .product(name: "Logging", package: "swift-log"),
+            ], swiftSettings: ringSpeed),
         // The in-process virtio-blk device (virtio-mmio register model, own thread).
-        .target(name: "VirtioEmulator", dependencies: ["Virtio", "CVirtShim", .product(name: "Logging", package: "swift-log")], swiftSettings: ringSpeed),
+        .target(
+            name: "VirtioEmulator",
+            dependencies: ["Virtio", "CVirtShim", .product(name: "Logging", package: "swift-log")],
+            swiftSettings: ringSpeed),
         // The emulated disk, built one way for the server and the tests: backend → emulator → driver → block layer.
-        .target(name: "BlockLayer", dependencies: ["Virtio", "VirtioBlock", .product(name: "NIOCore", package: "swift-nio"), .product(name: "Logging", package: "swift-log")]),
-        .target(name: "VirtioDisk", dependencies: ["Virtio", "VirtioBlock", "VirtioEmulator", .product(name: "Logging", package: "swift-log")], swiftSettings: ringSpeed),
+        .target(
+            name: "BlockLayer",
+            dependencies: [
+                "Virtio", "VirtioBlock", .product(name: "NIOCore", package: "swift-nio"),
+                .product(name: "Logging", package: "swift-log"),
+            ]),
+        .target(
+            name: "VirtioDisk",
+            dependencies: ["Virtio", "VirtioBlock", "VirtioEmulator", .product(name: "Logging", package: "swift-log")],
+            swiftSettings: ringSpeed),
         // The vhost-user-blk front end: a VirtioTransport over a vhost-user Unix socket.
-        .target(name: "VhostUser", dependencies: ["Virtio", "CVirtShim", .product(name: "Logging", package: "swift-log")]),
+        .target(
+            name: "VhostUser", dependencies: ["Virtio", "CVirtShim", .product(name: "Logging", package: "swift-log")]),
         // The VFIO virtio-pci transport: a virtio-blk PCI device bound to vfio-pci, driven from user space.
         .target(name: "VFIO", dependencies: ["Virtio", "CVirtShim", .product(name: "Logging", package: "swift-log")]),
         // Client address rules (--allow CIDR). Pure values.
         .target(name: "AccessControl"),
         // SwiftNIO glue: listeners and per-connection handlers.
-        .target(name: "NBDServer", dependencies: [
-            "NBDProtocol", "VirtioBlock", "BlockLayer", "AccessControl",
-            .product(name: "NIOCore", package: "swift-nio"),
-            .product(name: "NIOPosix", package: "swift-nio"),
-            .product(name: "NIOSSL", package: "swift-nio-ssl"),
-            .product(name: "NIOTLS", package: "swift-nio"),
-            .product(name: "Logging", package: "swift-log"),
-            .product(name: "Metrics", package: "swift-metrics"),
-        ]),
+        .target(
+            name: "NBDServer",
+            dependencies: [
+                "NBDProtocol", "VirtioBlock", "BlockLayer", "AccessControl",
+                .product(name: "NIOCore", package: "swift-nio"),
+                .product(name: "NIOPosix", package: "swift-nio"),
+                .product(name: "NIOSSL", package: "swift-nio-ssl"),
+                .product(name: "NIOTLS", package: "swift-nio"),
+                .product(name: "Logging", package: "swift-log"),
+                .product(name: "Metrics", package: "swift-metrics"),
+            ]),
         // The NBD client: URI parsing, negotiation, pipelined requests (used by `virtnbd info` / `copy`).
-        .target(name: "NBDClient", dependencies: [
-            "NBDProtocol",
-            .product(name: "NIOCore", package: "swift-nio"),
-            .product(name: "NIOPosix", package: "swift-nio"),
-            .product(name: "Logging", package: "swift-log"),
-        ]),
+        .target(
+            name: "NBDClient",
+            dependencies: [
+                "NBDProtocol",
+                .product(name: "NIOCore", package: "swift-nio"),
+                .product(name: "NIOPosix", package: "swift-nio"),
+                .product(name: "Logging", package: "swift-log"),
+            ]),
         // The operator's configuration file (YAML) and its merge with command-line flags. Pure values.
         .target(name: "ServerConfig", dependencies: ["AccessControl", .product(name: "Yams", package: "Yams")]),
-        .executableTarget(name: "virtnbd", dependencies: [
-            "NBDServer", "NBDProtocol", "NBDClient", "BlockLayer", "VirtioBlock", "VirtioEmulator", "VirtioDisk", "Virtio", "VhostUser", "VFIO", "ServerConfig", "CVirtShim", "AccessControl",
-            .product(name: "ArgumentParser", package: "swift-argument-parser"),
-            .product(name: "Logging", package: "swift-log"),
-            .product(name: "NIOCore", package: "swift-nio"),
-            .product(name: "NIOPosix", package: "swift-nio"),
-            .product(name: "NIOHTTP1", package: "swift-nio"),
-            .product(name: "Metrics", package: "swift-metrics"),
-            .product(name: "Prometheus", package: "swift-prometheus"),
-        ]),
+        .executableTarget(
+            name: "virtnbd",
+            dependencies: [
+                "NBDServer", "NBDProtocol", "NBDClient", "BlockLayer", "VirtioBlock", "VirtioEmulator", "VirtioDisk",
+                "Virtio", "VhostUser", "VFIO", "ServerConfig", "CVirtShim", "AccessControl",
+                .product(name: "ArgumentParser", package: "swift-argument-parser"),
+                .product(name: "Logging", package: "swift-log"),
+                .product(name: "NIOCore", package: "swift-nio"),
+                .product(name: "NIOPosix", package: "swift-nio"),
+                .product(name: "NIOHTTP1", package: "swift-nio"),
+                .product(name: "Metrics", package: "swift-metrics"),
+                .product(name: "Prometheus", package: "swift-prometheus"),
+            ]),
         // The virtqueue round-trip microbenchmark (driver → emulator → completion), release builds.
         .executableTarget(
             name: "virtqueue-bench",
@@ -86,19 +112,39 @@ let package = Package(
             ],
             path: "Tests/fuzz", exclude: ["corpus", "regressions", "make-seeds.py"], sources: ["targets", "replay"],
             swiftSettings: [.define("FUZZ_REPLAY")]),
-        .testTarget(name: "NBDClientTests", dependencies: ["NBDClient", "NBDProtocol", .product(name: "NIOCore", package: "swift-nio")]),
+        .testTarget(
+            name: "NBDClientTests",
+            dependencies: ["NBDClient", "NBDProtocol", .product(name: "NIOCore", package: "swift-nio")]),
+        .testTarget(
+            name: "BlockLayerTests",
+            dependencies: [
+                "TestSupport", "BlockLayer", "VirtioBlock", "VirtioDisk", "VirtioEmulator", "Virtio",
+                .product(name: "NIOCore", package: "swift-nio"), .product(name: "Logging", package: "swift-log"),
+            ]),
         .testTarget(name: "ServerConfigTests", dependencies: ["ServerConfig", "AccessControl"]),
         .testTarget(name: "AccessControlTests", dependencies: ["AccessControl"]),
         // Shared by the test targets (a seeded generator, NBD wire bytes, a blocking NBD client); not a product.
         .target(name: "TestSupport", path: "Tests/TestSupport"),
-        .testTarget(name: "VirtioTests", dependencies: ["TestSupport", "Virtio", "VirtioBlock", "VirtioEmulator", .product(name: "NIOCore", package: "swift-nio"), .product(name: "NIOConcurrencyHelpers", package: "swift-nio")]),
-        .testTarget(name: "VhostUserTests", dependencies: ["TestSupport", "VhostUser", "VirtioBlock", "Virtio", .product(name: "NIOCore", package: "swift-nio")]),
-        .testTarget(name: "IntegrationTests", dependencies: [
-            "TestSupport", "CNBD", "NBDServer", "VirtioBlock", "VirtioEmulator", "VirtioDisk",
-            .product(name: "NIOPosix", package: "swift-nio"),
-            .product(name: "NIOEmbedded", package: "swift-nio"),
-            .product(name: "CoreMetrics", package: "swift-metrics"),
-        ]),
+        .testTarget(
+            name: "VirtioTests",
+            dependencies: [
+                "TestSupport", "Virtio", "VirtioBlock", "VirtioEmulator",
+                .product(name: "NIOCore", package: "swift-nio"),
+                .product(name: "NIOConcurrencyHelpers", package: "swift-nio"),
+            ]),
+        .testTarget(
+            name: "VhostUserTests",
+            dependencies: [
+                "TestSupport", "VhostUser", "VirtioBlock", "Virtio", .product(name: "NIOCore", package: "swift-nio"),
+            ]),
+        .testTarget(
+            name: "IntegrationTests",
+            dependencies: [
+                "TestSupport", "CNBD", "NBDServer", "VirtioBlock", "VirtioEmulator", "VirtioDisk",
+                .product(name: "NIOPosix", package: "swift-nio"),
+                .product(name: "NIOEmbedded", package: "swift-nio"),
+                .product(name: "CoreMetrics", package: "swift-metrics"),
+            ]),
     ],
     swiftLanguageModes: [.v6]
 )

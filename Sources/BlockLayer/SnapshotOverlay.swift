@@ -246,7 +246,7 @@ public final class SnapshotOverlay: BlockLayer {
     }
 
     /// `top` (disjoint, ascending) over `base` (consecutive, ascending), as consecutive runs.
-    static func paint(_ top: [AllocationMap.Run], over base: [AllocationMap.Run]) -> [AllocationMap.Run] {
+    public static func paint(_ top: [AllocationMap.Run], over base: [AllocationMap.Run]) -> [AllocationMap.Run] {
         var out: [AllocationMap.Run] = []
         func add(_ r: AllocationMap.Run) {
             guard r.start < r.end else { return }

@@ -1,0 +1,110 @@
+import BlockLayer
+import Dispatch
+import Logging
+import NIOCore
+import TestSupport
+import VirtioBlock
+import VirtioDisk
+import VirtioEmulator
+import XCTest
+
+/// The overlay over a real emulated RAM disk: random writes, trims and zeroes at unaligned
+/// offsets read back as a model says, block status agrees with the reads, and the device
+/// below is never written.
+final class SnapshotOverlayTests: XCTestCase {
+    private func wait<T: Sendable>(_ body: (@escaping @Sendable (T) -> Void) -> Void) -> T {
+        let s = DispatchSemaphore(value: 0)
+        let box = Box<T?>(nil)
+        body { v in
+            box.withLock { $0 = v }
+            s.signal()
+        }
+        s.wait()
+        return box.withLock { $0! }
+    }
+
+    func testOverlayMatchesAModelAndLeavesTheDeviceAlone() throws {
+        var rng = TestSeed.generator("SnapshotOverlayTests.model")
+        let size: UInt64 = 1 << 20 + 1234 // a partial last block
+        var log = Logger(label: "test")
+        log.logLevel = .warning
+        var o = DriverOptions()
+        o.queues = 1
+        o.completions = .threads
+        let disk = try EmulatedDisk(
+            backend: try RAMBackend(size: size), holes: [], discardReadsZero: true, options: o, logger: log)
+        defer { disk.shutdown() }
+        let device = disk.device
+        // A base image with a pattern, written through the device before the overlay exists.
+        var base = [UInt8](repeating: 0, count: Int(size))
+        for i in base.indices { base[i] = UInt8(truncatingIfNeeded: i &* 31 &+ 7) }
+        let wrote: Result<Void, BlkError> = wait { done in
+            device.write(offset: 0, data: ByteBuffer(bytes: base), fua: false, done)
+        }
+        XCTAssertNoThrow(try wrote.get())
+
+        let overlay = SnapshotOverlay(over: device)
+        var model = base
+        for step in 0..<300 {
+            let off = UInt64.random(in: 0..<size, using: &rng)
+            let len = UInt64.random(in: 1...min(size - off, 20000), using: &rng)
+            let kind = Int.random(in: 0..<10, using: &rng)
+            let r: Result<Void, BlkError>
+            if kind < 6 {
+                let bytes = (0..<Int(len)).map { _ in UInt8.random(in: 0...255, using: &rng) }
+                r = wait { overlay.write(offset: off, data: ByteBuffer(bytes: bytes), fua: false, $0) }
+                model.replaceSubrange(Int(off)..<Int(off + len), with: bytes)
+            } else if kind < 8 {
+                r = wait { overlay.writeZeroes(offset: off, length: len, mayUnmap: true, fua: false, $0) }
+                model.replaceSubrange(Int(off)..<Int(off + len), with: repeatElement(0, count: Int(len)))
+            } else {
+                // Trim zeroes whole blocks only (and the partial last one when it reaches the end).
+                r = wait { overlay.trim(offset: off, length: len, $0) }
+                let a = (off + 4095) / 4096 * 4096
+                let b = off + len >= size ? size : (off + len) / 4096 * 4096
+                if a < b { model.replaceSubrange(Int(a)..<Int(b), with: repeatElement(0, count: Int(b - a))) }
+            }
+            XCTAssertNoThrow(try r.get(), "step \(step)")
+            let qa = UInt64.random(in: 0..<size, using: &rng)
+            let qn = Int.random(in: 1...Int(min(size - qa, 70000)), using: &rng)
+            let read: Result<ByteBuffer, BlkError> = wait {
+                overlay.read(offset: qa, length: qn, allocator: .init(), $0)
+            }
+            XCTAssertEqual(
+                try read.get().getBytes(at: 0, length: qn), Array(model[Int(qa)..<Int(qa) + qn]), "step \(step)")
+        }
+        // Block status: every range said to read as zero does.
+        for run in overlay.allocationRuns(0, size) where run.state.readsAsZero {
+            XCTAssertTrue(model[Int(run.start)..<Int(run.end)].allSatisfy { $0 == 0 }, "\(run)")
+        }
+        // Sparse reads assemble to the same bytes.
+        let extents: Result<[BlockDevice.Extent], BlkError> = wait {
+            overlay.readExtents(offset: 0, length: Int(size), allocator: .init(), $0)
+        }
+        var assembled = [UInt8]()
+        for e in try extents.get() {
+            switch e {
+            case .data(_, let b): assembled += b.getBytes(at: b.readerIndex, length: b.readableBytes)!
+            case .zero(_, let n): assembled += repeatElement(0, count: Int(n))
+            }
+        }
+        XCTAssertEqual(assembled, model)
+        // The device below still holds the base image.
+        let below: Result<ByteBuffer, BlkError> = wait {
+            device.read(offset: 0, length: Int(size), allocator: .init(), $0)
+        }
+        XCTAssertEqual(try below.get().getBytes(at: 0, length: Int(size)), base, "the device is never written")
+        XCTAssertGreaterThan(overlay.overlayBytes, 0)
+    }
+
+    func testPaintKeepsRunsConsecutive() {
+        let base = [AllocationMap.Run(start: 0, end: 100, state: .data), .init(start: 100, end: 300, state: .holeZero)]
+        let top = [AllocationMap.Run(start: 50, end: 150, state: .holeZero), .init(start: 200, end: 250, state: .data)]
+        XCTAssertEqual(
+            SnapshotOverlay.paint(top, over: base),
+            [
+                .init(start: 0, end: 50, state: .data), .init(start: 50, end: 200, state: .holeZero),
+                .init(start: 200, end: 250, state: .data), .init(start: 250, end: 300, state: .holeZero),
+            ])
+    }
+}
