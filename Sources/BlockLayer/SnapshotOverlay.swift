@@ -1,10 +1,16 @@
-// `--snapshot`: writes, trims and zeroes go to a private overlay in RAM, at 4 KiB blocks; reads
-// merge the overlay over the device. The device below is never written, so the overlay is
-// dropped at exit and the image is as it was (qemu-nbd -s, nbdkit's cow filter).
+// `--snapshot`: writes, trims and zeroes go to a private overlay, at 4 KiB blocks; reads merge
+// the overlay over the device. The device below is never written, so the overlay is dropped at
+// exit and the image is as it was (qemu-nbd -s, nbdkit's cow filter).
+//
+// The overlay's bytes live in RAM (`.ram`), or for large writes in a temporary file
+// (`.file(directory:)`, `--snapshot-overlay file`): a sparse file the export's size, block i at
+// offset i·4096, unlinked as soon as it is open so that nothing is left behind even after
+// kill -9. Only the map of which blocks are overlaid stays in RAM.
 //
 // Because the device never changes, a partial-block write can read its block's old contents
 // from the device without holding anything: if another write put the block in the overlay
 // meanwhile, its bytes are merged over the overlay's copy instead, under the lock.
+import Foundation
 import NIOCore
 import Virtio
 import VirtioBlock
@@ -13,15 +19,60 @@ public final class SnapshotOverlay: BlockLayer {
     public static let block: UInt64 = 4096
     public let inner: BlockLayer
 
+    /// Where overlaid bytes are kept.
+    public enum Storage: Sendable, Equatable {
+        case ram
+        /// A temporary file in this directory (unlinked at once).
+        case file(directory: String)
+    }
+
     enum Slot {
         /// The block's bytes (always 4096; past the export's end they are never handed out).
         case data([UInt8])
+        /// The block's bytes are in the overlay file, at its own offset.
+        case stored
         /// Trimmed or zeroed: reads as zero.
         case zero
     }
-    private let blocks = Locked<[UInt64: Slot]>([:])
+    /// The map and, with a file, the file itself (every file access is under this lock).
+    private struct State {
+        var blocks: [UInt64: Slot] = [:]
+        var file: FileHandle?
+    }
+    private let state: Locked<State>
 
-    public init(over inner: BlockLayer) { self.inner = inner }
+    /// Why the overlay file cannot be made.
+    public struct StorageError: Error, CustomStringConvertible {
+        public let directory: String
+        public let why: String
+        public var description: String {
+            "cannot create the snapshot overlay file in \(directory): \(why); make it writable, choose another place (TMPDIR), or use --snapshot-overlay ram"
+        }
+    }
+
+    public init(over inner: BlockLayer, storage: Storage = .ram) throws(StorageError) {
+        self.inner = inner
+        var s = State()
+        if case .file(let dir) = storage {
+            let path = (dir as NSString).appendingPathComponent(".virtnbd-snapshot-\(UUID().uuidString)")
+            guard FileManager.default.createFile(atPath: path, contents: nil, attributes: [.posixPermissions: 0o600])
+            else { throw StorageError(directory: dir, why: "creating \(path) failed") }
+            defer { try? FileManager.default.removeItem(atPath: path) }
+            guard let h = FileHandle(forUpdatingAtPath: path) else {
+                throw StorageError(directory: dir, why: "opening \(path) failed")
+            }
+            do { try h.truncate(atOffset: inner.size) } catch {
+                throw StorageError(directory: dir, why: "\(error)")
+            }
+            s.file = h
+        }
+        state = Locked(s)
+    }
+
+    deinit { try? state.withLock { $0.file }?.close() }
+
+    /// Where the overlay keeps its bytes.
+    public var storage: String { state.withLock { $0.file == nil ? "ram" : "file" } }
 
     public var size: UInt64 { inner.size }
     /// Writable even over a read-only device; flush and FUA have nothing to make durable.
@@ -30,10 +81,11 @@ public final class SnapshotOverlay: BlockLayer {
     }
 
     /// Bytes held by the overlay.
-    public var overlayBytes: UInt64 { blocks.withLock { UInt64($0.count) * Self.block } }
+    public var overlayBytes: UInt64 { state.withLock { UInt64($0.blocks.count) * Self.block } }
 
     private func slots(_ lo: UInt64, _ hi: UInt64) -> [(UInt64, Slot)] {
-        blocks.withLock { b in
+        state.withLock { s in
+            let b = s.blocks
             if b.isEmpty { return [] }
             if hi - lo < UInt64(b.count) {
                 return (lo..<hi).compactMap { i in b[i].map { (i, $0) } }
@@ -52,14 +104,68 @@ public final class SnapshotOverlay: BlockLayer {
         offset: UInt64, length: Int, allocator: ByteBufferAllocator, _ done: @escaping BlockDevice.ReadCompletion
     ) {
         let (lo, hi) = blockRange(offset, UInt64(length))
-        if blocks.withLock({ $0.isEmpty }) || slots(lo, hi).isEmpty {
+        if state.withLock({ $0.blocks.isEmpty }) || slots(lo, hi).isEmpty {
             return inner.read(offset: offset, length: length, allocator: allocator, done)
         }
         inner.read(offset: offset, length: length, allocator: allocator) { r in
             guard case .success(var buf) = r else { return done(r) }
             // The overlay as it is now, over what the device holds.
-            for (i, slot) in self.slots(lo, hi) { Self.patch(&buf, at: offset, block: i, slot) }
+            do throws(BlkError) { try self.merge(into: &buf, at: offset, lo, hi) } catch {
+                return done(.failure(error))
+            }
             done(.success(buf))
+        }
+    }
+
+    /// Copies the overlay's blocks in [lo, hi) over `buf` (bytes from `offset`); with a file,
+    /// a run of consecutive stored blocks is one read.
+    private func merge(into buf: inout ByteBuffer, at offset: UInt64, _ lo: UInt64, _ hi: UInt64) throws(BlkError) {
+        let end = offset + UInt64(buf.readableBytes)
+        let failure: BlkError? = state.withLock { s in
+            var i = lo
+            while i < hi {
+                guard let slot = s.blocks[i] else {
+                    i += 1
+                    continue
+                }
+                guard case .stored = slot, let f = s.file else {
+                    Self.patch(&buf, at: offset, block: i, slot)
+                    i += 1
+                    continue
+                }
+                var j = i + 1
+                while j < hi, case .stored = s.blocks[j] { j += 1 }
+                let a = max(i * Self.block, offset)
+                let b = min(j * Self.block, end)
+                switch Self.readFile(f, a, Int(b - a)) {
+                case .failure(let e): return e
+                case .success(let bytes): buf.setBytes(bytes, at: buf.readerIndex + Int(a - offset))
+                }
+                i = j
+            }
+            return nil
+        }
+        if let failure { throw failure }
+    }
+
+    private static func readFile(_ f: FileHandle, _ at: UInt64, _ n: Int) -> Result<[UInt8], BlkError> {
+        do {
+            try f.seek(toOffset: at)
+            var bytes = [UInt8](try f.read(upToCount: n) ?? Data())
+            // A hole past the file's written end reads short: it is zero.
+            if bytes.count < n { bytes += Array(repeating: 0, count: n - bytes.count) }
+            return .success(bytes)
+        } catch {
+            return .failure(.ioError("snapshot overlay file: read of \(n) bytes at \(at) failed: \(error)"))
+        }
+    }
+
+    private static func writeFile(_ f: FileHandle, _ at: UInt64, _ bytes: [UInt8]) throws(BlkError) {
+        do {
+            try f.seek(toOffset: at)
+            try f.write(contentsOf: bytes)
+        } catch {
+            throw .ioError("snapshot overlay file: write of \(bytes.count) bytes at \(at) failed: \(error)")
         }
     }
 
@@ -76,6 +182,8 @@ public final class SnapshotOverlay: BlockLayer {
             buf.setBytes(bytes[from..<from + Int(b - a)], at: at)
         case .zero:
             buf.setRepeatingByte(0, count: Int(b - a), at: at)
+        case .stored:
+            preconditionFailure("stored blocks are merged from the overlay file")
         }
     }
 
@@ -101,10 +209,9 @@ public final class SnapshotOverlay: BlockLayer {
         var partial: [UInt64] = []
         if offset % Self.block != 0 || end < lo * Self.block + Self.block { partial.append(lo) }
         if hi - 1 != lo && end % Self.block != 0 { partial.append(hi - 1) }
-        let missing = blocks.withLock { b in partial.filter { b[$0] == nil } }
+        let missing = state.withLock { s in partial.filter { s.blocks[$0] == nil } }
         if missing.isEmpty {
-            apply(offset: offset, data: data, base: [:])
-            return done(.success(()))
+            return done(Result { () throws(BlkError) in try apply(offset: offset, data: data, base: [:]) })
         }
         let base = Locked<[UInt64: [UInt8]]>([:])
         let left = Locked(missing.count)
@@ -130,8 +237,10 @@ public final class SnapshotOverlay: BlockLayer {
                         return l == 0
                     }
                     if last {
-                        self.apply(offset: offset, data: data, base: base.withLock { $0 })
-                        done(.success(()))
+                        done(
+                            Result { () throws(BlkError) in
+                                try self.apply(offset: offset, data: data, base: base.withLock { $0 })
+                            })
                     }
                 }
             }
@@ -140,10 +249,16 @@ public final class SnapshotOverlay: BlockLayer {
 
     /// Puts the bytes of `data` (at `offset`) into the overlay; a block not in the overlay and not
     /// wholly covered starts from `base` (its device contents).
-    private func apply(offset: UInt64, data: ByteBuffer, base: [UInt64: [UInt8]]) {
+    private func apply(offset: UInt64, data: ByteBuffer, base: [UInt64: [UInt8]]) throws(BlkError) {
         let end = offset + UInt64(data.readableBytes)
         let (lo, hi) = blockRange(offset, UInt64(data.readableBytes))
-        blocks.withLock { b in
+        let failure: BlkError? = state.withLock { s in
+            if let f = s.file {
+                do throws(BlkError) { try Self.store(&s, f, offset: offset, data: data, base: base) } catch {
+                    return error
+                }
+                return nil
+            }
             for i in lo..<hi {
                 let bs = i * Self.block
                 let a = max(bs, offset)
@@ -152,9 +267,9 @@ public final class SnapshotOverlay: BlockLayer {
                 if a == bs && e == bs + Self.block {
                     bytes = []
                 } else {
-                    switch b[i] {
+                    switch s.blocks[i] {
                     case .data(let old): bytes = old
-                    case .zero: bytes = Array(repeating: 0, count: Int(Self.block))
+                    case .zero, .stored: bytes = Array(repeating: 0, count: Int(Self.block))
                     case nil: bytes = base[i] ?? Array(repeating: 0, count: Int(Self.block))
                     }
                 }
@@ -164,9 +279,34 @@ public final class SnapshotOverlay: BlockLayer {
                 } else {
                     bytes.replaceSubrange(Int(a - bs)..<Int(e - bs), with: piece)
                 }
-                b[i] = .data(bytes)
+                s.blocks[i] = .data(bytes)
+            }
+            return nil
+        }
+        if let failure { throw failure }
+    }
+
+    /// The file overlay's write: edge blocks not yet stored get their old bytes first, then the
+    /// data goes in with one write at its own offset.
+    private static func store(
+        _ s: inout State, _ f: FileHandle, offset: UInt64, data: ByteBuffer, base: [UInt64: [UInt8]]
+    ) throws(BlkError) {
+        let end = offset + UInt64(data.readableBytes)
+        let lo = offset / block
+        let hi = (end + block - 1) / block
+        let zero = [UInt8](repeating: 0, count: Int(block))
+        for i in Set([lo, hi - 1]) {
+            let bs = i * block
+            if bs >= offset && bs + block <= end { continue }
+            switch s.blocks[i] {
+            case .stored: continue
+            case .data(let old): try writeFile(f, bs, old)
+            case .zero: try writeFile(f, bs, zero)
+            case nil: try writeFile(f, bs, base[i] ?? zero)
             }
         }
+        try writeFile(f, offset, Array(data.readableBytesView))
+        for i in lo..<hi { s.blocks[i] = .stored }
     }
 
     public func flush(_ done: @escaping BlockDevice.Completion) { done(.success(())) }
@@ -216,7 +356,7 @@ public final class SnapshotOverlay: BlockLayer {
         let a = (offset + Self.block - 1) / Self.block
         let b = end >= size ? (size + Self.block - 1) / Self.block : end / Self.block
         guard a < b else { return (a * Self.block, a * Self.block) }
-        blocks.withLock { m in for i in a..<b { m[i] = .zero } }
+        state.withLock { s in for i in a..<b { s.blocks[i] = .zero } }
         return (a * Self.block, min(b * Self.block, size))
     }
 

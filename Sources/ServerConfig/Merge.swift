@@ -83,6 +83,8 @@ public struct CommandLineOverrides: Sendable, Equatable {
     public var packedRing = false
     /// `--snapshot` (true when given).
     public var snapshot = false
+    /// `--snapshot-overlay` (implies --snapshot).
+    public var snapshotOverlay: ExportConfig.SnapshotStorage?
     /// `--bitmap NAME`, every occurrence.
     public var bitmaps: [String] = []
     /// `--bitmap-granularity` in bytes.
@@ -144,7 +146,8 @@ public struct CommandLineOverrides: Sendable, Equatable {
             name: exportName ?? "", description: description ?? "", device: device,
             readOnly: readOnly, queueSize: queueSize ?? ExportConfig.defaultQueueSize,
             maxPayload: maxPayload.map { UInt32($0) } ?? ExportConfig.defaultMaxPayload)
-        e.snapshot = snapshot
+        e.snapshot = snapshot || snapshotOverlay != nil
+        if let o = snapshotOverlay { e.snapshotOverlay = o }
         e.bitmaps = bitmaps
         e.bitmapGranularity = bitmapGranularity ?? ExportConfig.defaultBitmapGranularity
         return e
@@ -153,6 +156,10 @@ public struct CommandLineOverrides: Sendable, Equatable {
     /// --snapshot, --bitmap and --bitmap-granularity over an export of the file.
     func applyLayers(to e: inout ExportConfig) {
         if snapshot { e.snapshot = true }
+        if let o = snapshotOverlay {
+            e.snapshot = true
+            e.snapshotOverlay = o
+        }
         for b in bitmaps where !e.bitmaps.contains(b) { e.bitmaps.append(b) }
         if let g = bitmapGranularity { e.bitmapGranularity = g }
     }

@@ -49,7 +49,7 @@ enum Keys {
     static let tls = ["policy", "certificates", "psk", "verify-peer"]
     static let export = [
         "name", "description", "device", "size", "path", "socket", "pci", "read-only", "tls", "queue-size",
-        "max-payload", "allow-dn", "allow-psk", "snapshot", "bitmaps", "bitmap-granularity",
+        "max-payload", "allow-dn", "allow-psk", "snapshot", "snapshot-overlay", "bitmaps", "bitmap-granularity",
     ]
     static let devices = ["ram", "file", "vhost-user", "vfio", "simulated"]
     /// Device parameters and the devices that take them.
@@ -642,6 +642,12 @@ struct ConfigParser {
         }
         if let v = t["read-only"] { e.readOnly = try bool(v, t.path("read-only")) }
         if let v = t["snapshot"] { e.snapshot = try bool(v, t.path("snapshot")) }
+        if let v = t["snapshot-overlay"] {
+            let choices = ExportConfig.SnapshotStorage.allCases.map(\.rawValue)
+            e.snapshotOverlay = ExportConfig.SnapshotStorage(
+                rawValue: try oneOf(v, t.path("snapshot-overlay"), choices))!
+            e.snapshot = true
+        }
         try exportBitmaps(t, into: &e)
         if let v = t["tls"] {
             e.tls = TLSPolicy(rawValue: try oneOf(v, t.path("tls"), TLSPolicy.allCases.map(\.rawValue)))!

@@ -84,10 +84,18 @@ public struct ExportConfig: Sendable, Equatable {
     public var maxPayload: UInt32
     /// `snapshot` / `--snapshot`: writes go to a private overlay, dropped at exit.
     public var snapshot = false
+    /// `snapshot-overlay` / `--snapshot-overlay`: where the overlay keeps written bytes.
+    public var snapshotOverlay = SnapshotStorage.ram
     /// `bitmaps` / `--bitmap`: dirty bitmaps to keep (created if missing; a file export's persist).
     public var bitmaps: [String] = []
     /// `bitmap-granularity` / `--bitmap-granularity`: bytes per bit of new bitmaps.
     public var bitmapGranularity: UInt64 = ExportConfig.defaultBitmapGranularity
+
+    /// Where a snapshot overlay keeps written bytes: RAM, or a temporary file beside a file
+    /// export's image (in TMPDIR, default /var/tmp, for other devices).
+    public enum SnapshotStorage: String, CaseIterable, Sendable, Equatable {
+        case ram, file
+    }
 
     public static let defaultQueueSize = 256
     public static let defaultBitmapGranularity: UInt64 = 64 << 10

@@ -55,7 +55,7 @@ struct BitmapCommand: AsyncParsableCommand {
             throw ExitCode(1)
         }
         if json {
-            var d = try JSONEncoder().encode(reply)
+            var d = try ControlReply.encoder.encode(reply)
             d.append(UInt8(ascii: "\n"))
             FileHandle.standardOutput.write(d)
         }

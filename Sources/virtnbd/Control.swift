@@ -34,6 +34,13 @@ struct ControlReply: Codable, Equatable {
     var bitmaps: [BitmapInfo]?
 
     static func failure(_ why: String) -> ControlReply { ControlReply(ok: false, error: why) }
+
+    /// Keys in a stable order, so that replies compare as text.
+    static var encoder: JSONEncoder {
+        let e = JSONEncoder()
+        e.outputFormatting = [.sortedKeys]
+        return e
+    }
 }
 
 final class ControlServer: Sendable {
@@ -183,7 +190,9 @@ final class ControlHandler: ChannelInboundHandler {
         let line = input.readSlice(length: nl - input.readerIndex)!
         input.moveReaderIndex(forwardBy: 1)
         guard line.readableBytes <= ControlServer.maxLine else {
-            return finish(context, .failure("request longer than \(ControlServer.maxLine) bytes"))
+            return finish(
+                context,
+                .failure("request longer than \(ControlServer.maxLine) bytes; send one JSON object per line"))
         }
         let request: ControlRequest
         do { request = try JSONDecoder().decode(ControlRequest.self, from: Data(line.readableBytesView)) } catch {
@@ -219,7 +228,7 @@ final class ControlHandler: ChannelInboundHandler {
     }
 
     private func send(_ context: ChannelHandlerContext, _ reply: ControlReply) {
-        guard context.channel.isActive, var data = try? JSONEncoder().encode(reply) else { return }
+        guard context.channel.isActive, var data = try? ControlReply.encoder.encode(reply) else { return }
         data.append(UInt8(ascii: "\n"))
         var b = context.channel.allocator.buffer(capacity: data.count)
         b.writeBytes(data)

@@ -43,7 +43,11 @@ struct LiveExport {
         BlockLayer?, DirtyBitmaps?
     ) {
         var top: BlockLayer = device
-        if p.snapshot { top = SnapshotOverlay(over: top) }
+        if p.snapshot {
+            do { top = try SnapshotOverlay(over: top, storage: overlayStorage(p)) } catch {
+                throw .persistence(path: error.directory, error.description)
+            }
+        }
         guard !p.bitmaps.isEmpty || p.tracking || !p.snapshot && hasBitmapFile(p) else {
             return (p.snapshot ? top : nil, nil)
         }
@@ -52,6 +56,17 @@ struct LiveExport {
         let bitmaps = try DirtyBitmaps(size: top.size, file: file, logger: logger)
         try bitmaps.ensure(p.bitmaps, granularity: p.bitmapGranularity)
         return (DirtyTracking(over: top, bitmaps: bitmaps), bitmaps)
+    }
+
+    /// A file overlay sits beside the image (the same filesystem, the same space), else in TMPDIR.
+    private static func overlayStorage(_ p: ServeOptions.ExportPlan) -> SnapshotOverlay.Storage {
+        guard p.snapshotOverlay == .file else { return .ram }
+        if let f = p.file {
+            let dir = (f as NSString).deletingLastPathComponent
+            return .file(directory: dir.isEmpty ? "." : dir)
+        }
+        let tmp = ProcessInfo.processInfo.environment["TMPDIR"] ?? ""
+        return .file(directory: tmp.isEmpty ? "/var/tmp" : tmp)
     }
 
     private static func hasBitmapFile(_ p: ServeOptions.ExportPlan) -> Bool {

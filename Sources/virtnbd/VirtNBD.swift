@@ -144,6 +144,11 @@ struct ServeOptions: ParsableArguments {
     @Option(
         name: .long,
         help: ArgumentHelp(
+            "Where --snapshot keeps written bytes: ram (default) or file, a temporary file beside the --file image (in TMPDIR, default /var/tmp, for other devices), unlinked at once. Implies --snapshot.",
+            valueName: "ram|file")) var snapshotOverlay: ExportConfig.SnapshotStorage?
+    @Option(
+        name: .long,
+        help: ArgumentHelp(
             "Keep a dirty bitmap NAME, offered as the meta context qemu:dirty-bitmap:NAME (repeatable). A --file export's bitmaps persist in FILE.bitmaps.",
             valueName: "name")) var bitmap: [String] = []
     @Option(
@@ -315,8 +320,9 @@ struct ServeOptions: ParsableArguments {
         var allowedClients: NBDClientAllowList? = nil
         /// The export's own `tls: require`: plaintext clients get ERR_TLS_REQD for it.
         var requiresTLS = false
-        /// `--snapshot`: a RAM overlay takes every write.
+        /// `--snapshot`: an overlay takes every write, in RAM or a temporary file.
         var snapshot = false
+        var snapshotOverlay = ExportConfig.SnapshotStorage.ram
         /// `--bitmap`: the dirty bitmaps to keep, and the granularity of new ones.
         var bitmaps: [String] = []
         var bitmapGranularity = ExportConfig.defaultBitmapGranularity
@@ -365,6 +371,7 @@ struct ServeOptions: ParsableArguments {
             maxPayload: maxPayload?.bytes, packedRing: ring == .packed)
         flags.tlsVerifyPeer = tlsVerifyPeer
         flags.snapshot = snapshot
+        flags.snapshotOverlay = snapshotOverlay
         flags.bitmaps = bitmap
         flags.bitmapGranularity = bitmapGranularity?.bytes
         flags.keepalive = keepalive
@@ -391,6 +398,7 @@ struct ServeOptions: ParsableArguments {
             if let path = config, e.name != flagExport { p.sizeKey = "exports[\(i)].size in \(path)" }
             p.requiresTLS = cfg.effectiveTLS(for: e) == .require
             p.snapshot = e.snapshot
+            p.snapshotOverlay = e.snapshotOverlay
             p.bitmaps = e.bitmaps
             p.bitmapGranularity = e.bitmapGranularity
             p.tracking = control != nil
@@ -932,3 +940,5 @@ struct ServeOptions: ParsableArguments {
 }
 
 extension NBDTLSPolicy: ExpressibleByArgument {}
+
+extension ExportConfig.SnapshotStorage: ExpressibleByArgument {}

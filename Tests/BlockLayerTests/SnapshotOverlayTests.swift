@@ -24,7 +24,30 @@ final class SnapshotOverlayTests: XCTestCase {
     }
 
     func testOverlayMatchesAModelAndLeavesTheDeviceAlone() throws {
-        var rng = TestSeed.generator("SnapshotOverlayTests.model")
+        try modelRun(.ram, "SnapshotOverlayTests.model")
+    }
+
+    /// The same over a temporary overlay file, which is unlinked at once: nothing stays behind.
+    func testFileOverlayMatchesAModelAndLeavesNoFile() throws {
+        let dir = FileManager.default.temporaryDirectory.appendingPathComponent("overlay-\(UUID().uuidString)").path
+        try FileManager.default.createDirectory(atPath: dir, withIntermediateDirectories: false)
+        defer { try? FileManager.default.removeItem(atPath: dir) }
+        try modelRun(.file(directory: dir), "SnapshotOverlayTests.fileModel")
+        XCTAssertEqual(try FileManager.default.contentsOfDirectory(atPath: dir), [], "the overlay file is unlinked")
+    }
+
+    func testAnUnwritableOverlayDirectoryIsATypedError() throws {
+        let device = try EmulatedDisk(
+            backend: try RAMBackend(size: 1 << 20), holes: [], discardReadsZero: true, options: DriverOptions(),
+            logger: Logger(label: "test"))
+        defer { device.shutdown() }
+        XCTAssertThrowsError(try SnapshotOverlay(over: device.device, storage: .file(directory: "/nonexistent/dir"))) {
+            XCTAssertTrue("\($0)".contains("--snapshot-overlay ram"), "\($0)")
+        }
+    }
+
+    private func modelRun(_ storage: SnapshotOverlay.Storage, _ seedName: String) throws {
+        var rng = TestSeed.generator(seedName)
         let size: UInt64 = 1 << 20 + 1234 // a partial last block
         var log = Logger(label: "test")
         log.logLevel = .warning
@@ -43,7 +66,8 @@ final class SnapshotOverlayTests: XCTestCase {
         }
         XCTAssertNoThrow(try wrote.get())
 
-        let overlay = SnapshotOverlay(over: device)
+        let overlay = try SnapshotOverlay(over: device, storage: storage)
+        XCTAssertEqual(overlay.storage, storage == .ram ? "ram" : "file")
         var model = base
         for step in 0..<300 {
             let off = UInt64.random(in: 0..<size, using: &rng)
