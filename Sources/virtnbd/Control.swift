@@ -165,6 +165,8 @@ final class ControlHandler: ChannelInboundHandler {
     /// A request is running (a clear may wait): further lines wait their turn.
     private var busy = false
     private var closing = false
+    /// The client half-closed: once every complete line is answered, the connection closes.
+    private var inputClosed = false
 
     init(exports: @escaping @Sendable () -> [NBDExport], logger: Logger) {
         self.exports = exports
@@ -180,7 +182,15 @@ final class ControlHandler: ChannelInboundHandler {
     private func next(_ context: ChannelHandlerContext) {
         guard !busy, !closing else { return }
         guard let nl = input.readableBytesView.firstIndex(of: UInt8(ascii: "\n")) else {
-            if input.readableBytes > ControlServer.maxLine {
+            if inputClosed {
+                // Every complete request is answered; what is left has no newline.
+                if input.readableBytes > 0 {
+                    finish(context, .failure("truncated request (no newline before the end of input)"))
+                } else {
+                    closing = true
+                    context.close(promise: nil)
+                }
+            } else if input.readableBytes > ControlServer.maxLine {
                 finish(
                     context,
                     .failure("request longer than \(ControlServer.maxLine) bytes; send one JSON object per line"))
@@ -243,12 +253,10 @@ final class ControlHandler: ChannelInboundHandler {
 
     func userInboundEventTriggered(context: ChannelHandlerContext, event: Any) {
         if case ChannelEvent.inputClosed = event {
-            // The client finished sending: answer what is complete, then a truncated rest.
-            if input.readableBytes > 0 && !busy {
-                finish(context, .failure("truncated request (no newline before the end of input)"))
-            } else if !busy {
-                context.close(promise: nil)
-            }
+            // The client finished sending: answer what is complete (a running request first),
+            // then a truncated rest, then close.
+            inputClosed = true
+            next(context)
             return
         }
         context.fireUserInboundEventTriggered(event)

@@ -311,6 +311,12 @@ if mode == "bad":
     expect_error("a truncated request (no newline before EOF) gets an error", rep, "truncated")
     s.close()
     s, f = conn()
+    s.sendall(b'{"command":"list"}\n{"command":"list"}\n')
+    s.shutdown(socket.SHUT_WR)
+    lines = f.read().splitlines()   # to EOF: the server must close after answering
+    ok("a half-close after two requests gets two answers, then EOF") if len(lines) == 2 and all(json.loads(l)["ok"] for l in lines) else fail("a half-close after two requests gets two answers, then EOF", repr(lines))
+    s.close()
+    s, f = conn()
     s.sendall(b"x" * (70 << 10) + b"\n")
     line = f.readline()
     rep = json.loads(line) if line else None
