@@ -104,8 +104,17 @@ public final class SnapshotOverlay: BlockLayer {
         offset: UInt64, length: Int, allocator: ByteBufferAllocator, _ done: @escaping BlockDevice.ReadCompletion
     ) {
         let (lo, hi) = blockRange(offset, UInt64(length))
-        if state.withLock({ $0.blocks.isEmpty }) || slots(lo, hi).isEmpty {
+        let overlaid = state.withLock({ $0.blocks.isEmpty }) ? 0 : slots(lo, hi).count
+        if overlaid == 0 {
             return inner.read(offset: offset, length: length, allocator: allocator, done)
+        }
+        if overlaid == Int(hi - lo) {
+            // Every block is in the overlay: the device is not read at all (nor, for a RAM or
+            // memfd device, are its pages made resident by the read).
+            var buf = allocator.buffer(capacity: length)
+            buf.writeRepeatingByte(0, count: length)
+            do throws(BlkError) { try merge(into: &buf, at: offset, lo, hi) } catch { return done(.failure(error)) }
+            return done(.success(buf))
         }
         inner.read(offset: offset, length: length, allocator: allocator) { r in
             guard case .success(var buf) = r else { return done(r) }

@@ -121,6 +121,40 @@ final class SnapshotOverlayTests: XCTestCase {
         XCTAssertGreaterThan(overlay.overlayBytes, 0)
     }
 
+    /// A read the overlay covers in full is answered from the overlay alone: the device sees no
+    /// read (so a RAM device's untouched pages stay untouched); one block past it does.
+    func testAFullyOverlaidReadDoesNotReadTheDevice() throws {
+        var o = DriverOptions()
+        o.queues = 1
+        o.completions = .threads
+        var log = Logger(label: "test")
+        log.logLevel = .warning
+        let disk = try EmulatedDisk(
+            backend: try RAMBackend(size: 1 << 20), holes: [], discardReadsZero: true, options: o, logger: log)
+        defer { disk.shutdown() }
+        let overlay = try SnapshotOverlay(over: disk.device)
+        let bytes = (0..<65536).map { UInt8(truncatingIfNeeded: $0 &* 13 &+ 1) }
+        let wrote: Result<Void, BlkError> = wait {
+            overlay.write(offset: 0, data: ByteBuffer(bytes: bytes), fua: false, $0)
+        }
+        XCTAssertNoThrow(try wrote.get())
+        let devReads = { disk.emulator.stats.reads.load(ordering: .relaxed) }
+        let before = devReads()
+        for (off, len) in [(0, 65536), (100, 5000), (65535, 1), (8192, 4096)] {
+            let r: Result<ByteBuffer, BlkError> = wait {
+                overlay.read(offset: UInt64(off), length: len, allocator: .init(), $0)
+            }
+            XCTAssertEqual(try r.get().getBytes(at: 0, length: len), Array(bytes[off..<off + len]), "\(off)+\(len)")
+        }
+        XCTAssertEqual(devReads(), before, "reads inside the overlay went to the device")
+        let past: Result<ByteBuffer, BlkError> = wait {
+            overlay.read(offset: 65000, length: 1000, allocator: .init(), $0)
+        }
+        XCTAssertEqual(
+            try past.get().getBytes(at: 0, length: 1000), Array(bytes[65000..<65536]) + Array(repeating: 0, count: 464))
+        XCTAssertEqual(devReads(), before + 1, "a read past the overlay reads the device once")
+    }
+
     func testPaintKeepsRunsConsecutive() {
         let base = [AllocationMap.Run(start: 0, end: 100, state: .data), .init(start: 100, end: 300, state: .holeZero)]
         let top = [AllocationMap.Run(start: 50, end: 150, state: .holeZero), .init(start: 200, end: 250, state: .data)]
