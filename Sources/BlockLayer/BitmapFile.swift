@@ -19,6 +19,7 @@
 // server cannot lose it (the kernel writes the page back), and only a host crash can.
 import Foundation
 import NIOCore
+import VirtioBlock
 
 struct BitmapFile {
     static let magic = Array("VNBDBMAP".utf8)
@@ -134,17 +135,19 @@ struct BitmapFile {
     }
 
     /// Writes words `indices` of `bitmap` in place (before the data write they cover).
-    func writeWords(_ bitmap: DirtyBitmap, _ indices: [Int]) throws(BitmapError) {
+    func writeWords(_ bitmap: DirtyBitmap, _ indices: [Int]) throws(BlkError) {
         guard let handle, let base = wordOffsets[bitmap.name] else { return }
-        do {
-            for i in indices {
-                var b = ByteBuffer()
-                b.writeInteger(bitmap.words[i], endianness: .little)
-                try handle.seek(toOffset: base + UInt64(i) * 8)
+        for i in indices {
+            var b = ByteBuffer()
+            b.writeInteger(bitmap.words[i], endianness: .little)
+            let at = base + UInt64(i) * 8
+            do {
+                try handle.seek(toOffset: at)
                 try handle.write(contentsOf: Data(b.readableBytesView))
+            } catch {
+                throw .layerStorage(
+                    LayerStorageFailure(.bitmapFile(path: path), .write, bytes: 8, at: at, error: error))
             }
-        } catch {
-            throw .persistence(path: path, "\(error)")
         }
     }
 

@@ -163,9 +163,9 @@ public final class DirtyBitmaps: Sendable {
             for i in s.bitmaps.indices where !s.bitmaps[i].frozen {
                 let changed = s.bitmaps[i].mark(offset, length)
                 if !changed.isEmpty, let f = s.file {
-                    do { try f.writeWords(s.bitmaps[i], changed) } catch {
+                    do throws(BlkError) { try f.writeWords(s.bitmaps[i], changed) } catch {
                         // Not tracked durably: the write must not happen (a backup would miss it).
-                        return .failure(.ioError("\(error)"))
+                        return .failure(error)
                     }
                 }
             }

@@ -165,7 +165,7 @@ public final class SnapshotOverlay: BlockLayer {
             if bytes.count < n { bytes += Array(repeating: 0, count: n - bytes.count) }
             return .success(bytes)
         } catch {
-            return .failure(.ioError("snapshot overlay file: read of \(n) bytes at \(at) failed: \(error)"))
+            return .failure(.layerStorage(LayerStorageFailure(.snapshotOverlay, .read, bytes: n, at: at, error: error)))
         }
     }
 
@@ -174,7 +174,7 @@ public final class SnapshotOverlay: BlockLayer {
             try f.seek(toOffset: at)
             try f.write(contentsOf: bytes)
         } catch {
-            throw .ioError("snapshot overlay file: write of \(bytes.count) bytes at \(at) failed: \(error)")
+            throw .layerStorage(LayerStorageFailure(.snapshotOverlay, .write, bytes: bytes.count, at: at, error: error))
         }
     }
 

@@ -52,9 +52,9 @@ extension BlkError {
     /// The NBD error a failed block operation is reported as ("Error values").
     var nbdErrno: NBDErrno {
         switch self {
-        case .ioError, .deviceBroken, .unsupported: return .io
+        case .ioError, .noStatus, .failedAfterReset, .deviceBroken, .unsupported, .layerStorage: return .io
         case .shutdown: return .shutdown
-        case .invalid: return .inval
+        case .outOfRange: return .inval
         case .readOnly: return .perm
         }
     }

@@ -55,7 +55,6 @@ public enum VirtioTransportError: Error, CustomStringConvertible {
     case queueAlreadyLive(index: Int)
     /// The device did not enable the queue after the driver gave it the ring addresses.
     case queueRefused(index: Int)
-    case deviceFailed(String)
 
     public var description: String {
         switch self {
@@ -72,7 +71,6 @@ public enum VirtioTransportError: Error, CustomStringConvertible {
         case .queueRefused(let i):
             return "queue \(i) stayed disabled after its ring addresses were written: the device refused the rings; "
                 + "try another --queue-size or --ring"
-        case .deviceFailed(let s): return "device failed: \(s)"
         }
     }
 }

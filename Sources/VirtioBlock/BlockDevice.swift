@@ -61,7 +61,7 @@ public final class BlockDevice: Sendable {
 
     private func checkRange(_ offset: UInt64, _ length: UInt64) -> BlkError? {
         let (end, o) = offset.addingReportingOverflow(length)
-        if o || end > size { return .invalid("range \(offset)+\(length) exceeds the export size \(size)") }
+        if o || end > size { return .outOfRange(offset: offset, length: length, size: size) }
         return nil
     }
 

@@ -95,11 +95,11 @@ extension VirtioBlkDriver {
     @discardableResult
     func reap(_ lane: Lane, into finished: inout [(Slot, UInt8)], checkStatus: Bool = true) -> Int {
         let mem = arena.memory
-        var failure: String?
+        var failure: ResetCause?
         let seen = epoch.load(ordering: .acquiring)
         let usable = lane.state.withLock { s -> Bool in
             guard !s.resetting, s.broken == nil else { return false }
-            do {
+            do throws(VirtqueueError) {
                 while let (id, _) = try s.queue.nextUsed() {
                     guard let slot = s.slots[Int(id)] else { continue }
                     s.slots[Int(id)] = nil
@@ -107,13 +107,13 @@ extension VirtioBlkDriver {
                     finished.append((slot, mem.load8(at + BlkRequestSlot.status)))
                 }
             } catch {
-                failure = "\(error)"
+                failure = .ring(error)
             }
             return true
         }
         guard usable else { return 0 }
         if checkStatus, failure == nil, finished.isEmpty, transport.readStatus().contains(.deviceNeedsReset) {
-            failure = "the device set DEVICE_NEEDS_RESET"
+            failure = .needsReset
         }
         let count = finished.count
         for (slot, status) in finished {
@@ -122,13 +122,13 @@ extension VirtioBlkDriver {
             case BlkStatus.ok: slot.done(.success(io))
             case BlkStatus.unsupp:
                 stats.errors.add(1, ordering: .relaxed)
-                slot.done(.failure(.unsupported(describe(slot.command))))
+                slot.done(.failure(.unsupported(slot.command)))
             case BlkStatus.ioErr:
                 stats.errors.add(1, ordering: .relaxed)
-                slot.done(.failure(.ioError("\(describe(slot.command)) failed")))
+                slot.done(.failure(.ioError(slot.command)))
             default:
                 stats.errors.add(1, ordering: .relaxed)
-                slot.done(.failure(.ioError("\(describe(slot.command)): device wrote no status")))
+                slot.done(.failure(.noStatus(slot.command, status: status)))
             }
         }
         // Return pages, then start whatever now fits.
@@ -162,7 +162,7 @@ extension VirtioBlkDriver {
         }
         if let l = late {
             stats.timeouts.add(1, ordering: .relaxed)
-            requestRecovery(reason: "\(describe(l.command)) was not completed within \(limit) s", seenEpoch: seen)
+            requestRecovery(reason: .timedOut(l.command, seconds: limit), seenEpoch: seen)
         }
     }
 

@@ -13,7 +13,7 @@ extension VirtioBlkDriver {
     /// Starts `recover` on a thread of its own unless one runs. A recovery may wait many seconds
     /// for a device to come back (a vhost-user backend restarting), which must not hold up the
     /// event loop or completion thread that noticed the failure.
-    func requestRecovery(reason: String, seenEpoch: Int) {
+    func requestRecovery(reason: ResetCause, seenEpoch: Int) {
         guard epoch.load(ordering: .acquiring) == seenEpoch,
             recovering.compareExchange(expected: false, desired: true, ordering: .acquiringAndReleasing).exchanged
         else { return }
@@ -30,7 +30,7 @@ extension VirtioBlkDriver {
     /// When the reset fails, everything fails at once, unless the transport can reconnect: then
     /// the requests are held and the reset retried with backoff for `reconnectTimeoutSeconds`,
     /// after which they fail and the retries go on in the background until the device returns.
-    func recover(reason: String, seenEpoch: Int) {
+    func recover(reason: ResetCause, seenEpoch: Int) {
         guard epoch.load(ordering: .acquiring) == seenEpoch,
             lanes.allSatisfy({ l in l.state.withLock { $0.broken == nil && !$0.closing } })
         else { return }
@@ -48,7 +48,7 @@ extension VirtioBlkDriver {
                 try bringUp()
                 break
             } catch {
-                let why = "\(reason); the reset failed: \(error)"
+                let why = DeviceFailure(cause: reason, resetError: error)
                 if window <= 0 || stopping.load(ordering: .acquiring) {
                     if !gaveUp { failEverything(why, held: held, alsoFailing: fail) }
                     return
@@ -71,7 +71,11 @@ extension VirtioBlkDriver {
                     fail = []
                 }
                 if !sleepUnlessStopping(delay) {
-                    if !gaveUp { failEverything("\(why); the server is shutting down", held: held, alsoFailing: fail) }
+                    if !gaveUp {
+                        failEverything(
+                            DeviceFailure(cause: reason, resetError: why.resetError, shuttingDown: true), held: held,
+                            alsoFailing: fail)
+                    }
                     return
                 }
                 delay = min(delay * 2, .milliseconds(500))
@@ -103,7 +107,7 @@ extension VirtioBlkDriver {
                     guard let sl = s.slots[i] else { continue }
                     s.slots[i] = nil
                     if sl.resubmissions >= maxResubmissions {
-                        fail.append((sl.done, .ioError("\(describe(sl.command)) failed again after a device reset")))
+                        fail.append((sl.done, .failedAfterReset(sl.command, resets: sl.resubmissions + 1)))
                         s.freePages.append(contentsOf: sl.pages)
                         s.inFlight -= 1
                     } else {
@@ -136,16 +140,14 @@ extension VirtioBlkDriver {
             try lane.state.withLock { s in
                 // A caller watches the interrupt it was given at start: it must stay the same.
                 guard !reapedByCaller || d.interrupt === s.doorbells.interrupt else {
-                    throw VirtioTransportError.deviceFailed(
-                        "queue \(lane.index) got a new interrupt eventfd from the reset, which the event loop does not watch"
-                    )
+                    throw BlkDeviceError.interruptReplaced(queue: lane.index)
                 }
                 s.doorbells = d
             }
         }
         try transport.writeStatus([.acknowledge, .driver, .featuresOK, .driverOK])
         guard !transport.readStatus().contains(.deviceNeedsReset) else {
-            throw VirtioTransportError.deviceFailed("the device still needs a reset after one")
+            throw BlkDeviceError.stillNeedsReset
         }
     }
 
@@ -153,7 +155,7 @@ extension VirtioBlkDriver {
     /// and everything held or waiting fails with `why`.
     /// `logged`: the caller has already said so in its own line (the reconnect window ran out).
     func failEverything(
-        _ why: String, held: [(Lane, Pending, [Int32])], alsoFailing already: [(Completion, BlkError)],
+        _ why: DeviceFailure, held: [(Lane, Pending, [Int32])], alsoFailing already: [(Completion, BlkError)],
         logged: Bool = false
     ) {
         if !logged { logger.error("virtio-blk device failed: \(why); failing every request") }
@@ -206,16 +208,5 @@ extension VirtioBlkDriver {
             Thread.sleep(forTimeInterval: 0.01)
         }
         return !stopping.load(ordering: .acquiring)
-    }
-
-    func describe(_ c: BlkCommand) -> String {
-        switch c {
-        case .read(let s, let p): return "read of \(p * 4096) bytes at sector \(s)"
-        case .write(let s, let p): return "write of \(p * 4096) bytes at sector \(s)"
-        case .flush: return "flush"
-        case .discard(let s, let n): return "discard of \(n) sectors at \(s)"
-        case .writeZeroes(let s, let n, _): return "write-zeroes of \(n) sectors at \(s)"
-        case .getID: return "get-id"
-        }
     }
 }

@@ -77,7 +77,7 @@ extension VirtioBlkDriver {
             // The device fills only the sectors it has; the rest of the page reads as zero.
             mem.zero(arena.pageOffset(pages[pages.count - 1]) + lastPageBytes, count: Self.pageSize - lastPageBytes)
         }
-        var failed: String?
+        var failed: DeviceFailure?
         let kick: QueueDoorbells? = lane.state.withLock { s in
             let n = descriptorCount(p.command)
             let indirect = goesIndirect(lane, p.command)

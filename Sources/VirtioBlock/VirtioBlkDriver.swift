@@ -162,7 +162,7 @@ public final class VirtioBlkDriver: @unchecked Sendable {
         var reservedDescriptors = 0
         /// Accepted and not yet completed (waiting or on the ring).
         var inFlight = 0
-        var broken: String?
+        var broken: DeviceFailure?
         var closing = false
         /// The device is being reset: nothing goes to the ring, new requests wait.
         var resetting = false
@@ -272,8 +272,7 @@ public final class VirtioBlkDriver: @unchecked Sendable {
             ring = .split
         }
         if ring == .split && !SplitRingLayout.isValidSize(options.queueSize) {
-            throw VirtioTransportError.deviceFailed(
-                "queue size \(options.queueSize) is not a power of two, which the split ring the device forces needs")
+            throw BlkDeviceError.splitRingNeedsPowerOfTwo(queueSize: options.queueSize)
         }
         return (features, ring)
     }
@@ -307,10 +306,10 @@ public final class VirtioBlkDriver: @unchecked Sendable {
         // Some devices (QEMU 7.2's vhost-user-blk) offer SIZE_MAX but leave it 0: no limit.
         if g.sizeMax == 0 { g.sizeMax = UInt32.max }
         guard g.sizeMax >= UInt32(Self.pageSize) else {
-            throw VirtioTransportError.deviceFailed("size_max \(g.sizeMax) is below 4096; 4 KiB segments are required")
+            throw BlkDeviceError.sizeMaxTooSmall(g.sizeMax)
         }
         guard g.blockSize <= 4096 else {
-            throw VirtioTransportError.deviceFailed("blk_size \(g.blockSize) > 4096 is not supported")
+            throw BlkDeviceError.blockSizeTooLarge(g.blockSize)
         }
         return (g, numQueues)
     }

@@ -27,9 +27,9 @@ final class TestDisk: @unchecked Sendable {
     init(backend: BlockBackend, holes: [Range<UInt64>] = [], completions: CompletionDelivery = .caller) throws {
         var log = Logger(label: "test.disk")
         log.logLevel = .warning
-        // As the server runs it: a queue per event loop (the test servers have 2), each reaped by its loop.
+        // As virtnbd runs it by default: a queue per event loop, one loop per core, each queue reaped by its loop.
         var o = DriverOptions()
-        o.queues = 2
+        o.queues = System.coreCount
         o.completions = completions
         disk = try EmulatedDisk(
             backend: backend, holes: holes, discardReadsZero: !holes.isEmpty, options: o, logger: log)
@@ -72,7 +72,7 @@ final class TestServer: @unchecked Sendable {
     }
 
     static func start(_ exports: [ExportSpec]) async throws -> TestServer {
-        let group = MultiThreadedEventLoopGroup(numberOfThreads: 2)
+        let group = MultiThreadedEventLoopGroup(numberOfThreads: System.coreCount)
         var log = Logger(label: "test.server")
         log.logLevel = .warning
         let nbdExports = exports.map {

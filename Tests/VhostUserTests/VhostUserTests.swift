@@ -175,7 +175,7 @@ final class VhostUserTests: XCTestCase {
         }
         guard sem.wait(timeout: .now() + seconds) == .success else {
             XCTFail("\(what) did not complete within \(seconds) s")
-            throw BlkError.ioError("timeout: \(what)")
+            throw BlkError.shutdown // the XCTFail above says what timed out
         }
         return box.withLock { $0! }
     }

@@ -182,7 +182,7 @@ final class DriverTests: XCTestCase {
         // Past the end, caught before the device.
         let e1 = expectation(description: "range")
         r.dev.read(offset: (1 << 20) - 10, length: 20) { res in
-            if case .failure(.invalid) = res {} else { XCTFail("expected .invalid, got \(res)") }
+            if case .failure(.outOfRange) = res {} else { XCTFail("expected .outOfRange, got \(res)") }
             e1.fulfill()
         }
         // Past the end at the device: IOERR.

@@ -87,8 +87,11 @@ class RecoveryTests: XCTestCase {
                 f.swallow = [1, 2]
                 return f
             }())
-        guard case .failure(.ioError(let why)) = read(dev, 0, 4096) else { return XCTFail("expected an I/O error") }
-        XCTAssertTrue(why.contains("again after a device reset"), why)
+        let r = read(dev, 0, 4096)
+        guard case .failure(.failedAfterReset(.read(sector: 0, pages: 1), resets: 2)) = r else {
+            return XCTFail("expected failedAfterReset, got \(r)")
+        }
+        XCTAssertTrue("\(r)".contains("lost again after 2 device reset(s)"), "\(r)")
         XCTAssertEqual(drv.stats.resets.load(ordering: .relaxed), 2)
         XCTAssertNoThrow(try read(dev, 0, 4096).get(), "later requests work")
         drv.shutdown()
@@ -138,7 +141,7 @@ class RecoveryTests: XCTestCase {
         XCTAssertEqual(drv.capacityBytes, 1 << 20)
         XCTAssertEqual(drv.stats.configChanges.load(ordering: .relaxed), 1)
         XCTAssertEqual(dev.size, 1 << 20)
-        guard case .failure(.invalid) = read(dev, 2 << 20, 4096) else {
+        guard case .failure(.outOfRange) = read(dev, 2 << 20, 4096) else {
             return XCTFail("read beyond the new end must be refused")
         }
         XCTAssertNoThrow(try read(dev, 0, 4096).get())
