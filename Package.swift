@@ -100,7 +100,9 @@ let package = Package(
         // The virtqueue round-trip microbenchmark (driver → emulator → completion), release builds.
         .executableTarget(
             name: "virtqueue-bench",
-            dependencies: ["Virtio", "VirtioBlock", "VirtioEmulator", .product(name: "Logging", package: "swift-log")]),
+            dependencies: [
+                "Virtio", "VirtioBlock", "VirtioDisk", "VirtioEmulator", .product(name: "Logging", package: "swift-log"),
+            ]),
         .systemLibrary(name: "CNBD", path: "Tests/CNBD", pkgConfig: "libnbd", providers: [.apt(["libnbd-dev"])]),
         .testTarget(name: "NBDProtocolTests", dependencies: ["TestSupport", "NBDProtocol"]),
         // The fuzz targets' entry points, replaying Tests/fuzz/regressions under swift test.
@@ -128,7 +130,7 @@ let package = Package(
         .testTarget(
             name: "VirtioTests",
             dependencies: [
-                "TestSupport", "Virtio", "VirtioBlock", "VirtioEmulator",
+                "TestSupport", "Virtio", "VirtioBlock", "VirtioDisk", "VirtioEmulator",
                 .product(name: "NIOCore", package: "swift-nio"),
                 .product(name: "NIOConcurrencyHelpers", package: "swift-nio"),
             ]),

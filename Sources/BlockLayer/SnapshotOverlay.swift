@@ -104,7 +104,7 @@ public final class SnapshotOverlay: BlockLayer {
         offset: UInt64, length: Int, allocator: ByteBufferAllocator, _ done: @escaping BlockDevice.ReadCompletion
     ) {
         let (lo, hi) = blockRange(offset, UInt64(length))
-        let overlaid = state.withLock({ $0.blocks.isEmpty }) ? 0 : slots(lo, hi).count
+        let overlaid = slots(lo, hi).count
         if overlaid == 0 {
             return inner.read(offset: offset, length: length, allocator: allocator, done)
         }

@@ -1,6 +1,7 @@
 // The one way to build an emulated disk: backend → VirtioBlkEmulator → VirtioMMIOTransport →
-// VirtioBlkDriver → BlockDevice. virtnbd's default export and the integration tests' disks are
-// both made here, so what the tests serve is what the server serves.
+// VirtioBlkDriver → BlockDevice. virtnbd's default export, the integration tests' disks, the
+// driver, recovery and matrix tests and virtqueue-bench are all made here, so what the tests
+// serve is what the server serves.
 import Logging
 import Virtio
 import VirtioBlock
@@ -12,12 +13,12 @@ public struct EmulatedDisk: Sendable {
     public let driver: VirtioBlkDriver
     public let device: BlockDevice
 
+    /// virtnbd's disk: the emulator offers `options.queues` request queues and answers GET_ID
+    /// with `serial`; everything else is the emulator's default configuration.
     /// - Parameters:
     ///   - holes: what reads as zero at start (a fresh RAM disk: all of it; a file: its holes).
     ///   - discardReadsZero: whether a discarded range reads back as zero (true for the
     ///     emulator's backends, which punch holes).
-    ///   - serial: the device's GET_ID answer.
-    ///   - options: the driver's; the emulator offers `options.queues` request queues.
     /// The device's capacity is whole sectors (rounded up); the block layer serves the backend's
     /// exact size.
     public init(
@@ -27,18 +28,32 @@ public struct EmulatedDisk: Sendable {
         var cfg = EmulatorConfiguration()
         cfg.serial = serial
         cfg.queues = options.queues
+        try self.init(
+            backend: backend, configuration: cfg, options: options, holes: holes, discardReadsZero: discardReadsZero,
+            logger: logger)
+    }
+
+    /// A disk whose device is configured in full: its features, queue count (which may differ
+    /// from the driver's), completion order and fault hooks, as the tests and virtqueue-bench
+    /// need. `exactSize: false` exports the device's capacity instead of the backend's size.
+    public init(
+        backend: BlockBackend, configuration: EmulatorConfiguration, options: DriverOptions = DriverOptions(),
+        holes: [Range<UInt64>] = [], discardReadsZero: Bool = true, exactSize: Bool = true,
+        logger: Logger = Logger(label: "virtnbd")
+    ) throws {
         var elog = logger
         elog[metadataKey: "component"] = "emulator"
-        emulator = try VirtioBlkEmulator(backend: backend, configuration: cfg, logger: elog)
+        emulator = try VirtioBlkEmulator(backend: backend, configuration: configuration, logger: elog)
         var dlog = logger
         dlog[metadataKey: "component"] = "driver"
         driver = try VirtioBlkDriver(transport: try VirtioMMIOTransport(bus: emulator), options: options, logger: dlog)
-        device = BlockDevice(driver: driver, size: backend.size, holes: holes, discardReadsZero: discardReadsZero)
+        device = BlockDevice(
+            driver: driver, size: exactSize ? backend.size : nil, holes: holes, discardReadsZero: discardReadsZero)
     }
 
-    /// Drains and flushes the driver, then stops the device.
-    public func shutdown() {
-        driver.shutdown(flush: true)
+    /// Drains the driver (and flushes the device unless `flush` is false), then stops the device.
+    public func shutdown(flush: Bool = true) {
+        driver.shutdown(flush: flush)
         emulator.shutdown()
     }
 }

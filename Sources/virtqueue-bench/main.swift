@@ -10,9 +10,11 @@
 // itself when its interrupt fires (DriverOptions.completions = .caller, as the server's loops); poll = the device polls its ring for 200 µs before sleeping, and the caller reaps
 // completions itself (VirtioBlkDriver.pollCompletions, interrupts off) instead of waiting.
 import Foundation
+import Logging
 import Synchronization
 import Virtio
 import VirtioBlock
+import VirtioDisk
 import VirtioEmulator
 
 struct Options {
@@ -77,7 +79,6 @@ func run(ring: RingFormat, mode: String, requests: Int) throws -> String {
     cfg.queues = 1
     cfg.pollMicroseconds = poll
     let diskPages = 16384 // 64 MiB
-    let emu = try VirtioBlkEmulator(backend: try RAMBackend(size: UInt64(diskPages * 4096)), configuration: cfg)
     var o = DriverOptions()
     o.ring = ring
     o.queueSize = 256
@@ -85,11 +86,12 @@ func run(ring: RingFormat, mode: String, requests: Int) throws -> String {
     // irq: this thread sleeps on the queue's interrupt eventfd and reaps it itself, as an NBD
     // server's event loop does (no completion thread).
     o.completions = poll > 0 ? .threads : .caller
-    let drv = try VirtioBlkDriver(transport: try VirtioMMIOTransport(bus: emu), options: o)
-    defer {
-        drv.shutdown(flush: false)
-        emu.shutdown()
-    }
+    var log = Logger(label: "virtqueue-bench")
+    log.logLevel = .warning
+    let disk = try EmulatedDisk(
+        backend: try RAMBackend(size: UInt64(diskPages * 4096)), configuration: cfg, options: o, logger: log)
+    let drv = disk.driver
+    defer { disk.shutdown(flush: false) }
     var rng = SystemRandomNumberGenerator()
     let sectors = (0..<4096).map { _ in UInt64(Int.random(in: 0..<diskPages, using: &rng) * 8) }
 

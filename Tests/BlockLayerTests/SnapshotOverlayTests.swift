@@ -75,7 +75,7 @@ final class SnapshotOverlayTests: XCTestCase {
             let kind = Int.random(in: 0..<10, using: &rng)
             let r: Result<Void, BlkError>
             if kind < 6 {
-                let bytes = (0..<Int(len)).map { _ in UInt8.random(in: 0...255, using: &rng) }
+                let bytes = rng.bytes(Int(len))
                 r = wait { overlay.write(offset: off, data: ByteBuffer(bytes: bytes), fua: false, $0) }
                 model.replaceSubrange(Int(off)..<Int(off + len), with: bytes)
             } else if kind < 8 {

@@ -3,6 +3,7 @@ import NIOCore
 import TestSupport
 import Virtio
 import VirtioBlock
+import VirtioDisk
 import XCTest
 
 @testable import VirtioEmulator
@@ -10,13 +11,11 @@ import XCTest
 /// The real driver and block layer against the emulator on its own thread.
 final class DriverTests: XCTestCase {
     struct Rig {
-        let emu: VirtioBlkEmulator
-        let driver: VirtioBlkDriver
-        let dev: BlockDevice
-        func stop() {
-            driver.shutdown()
-            emu.shutdown()
-        }
+        let disk: EmulatedDisk
+        var emu: VirtioBlkEmulator { disk.emulator }
+        var driver: VirtioBlkDriver { disk.driver }
+        var dev: BlockDevice { disk.device }
+        func stop() { disk.shutdown() }
     }
     func rig(
         size: UInt64 = 4 << 20, order: EmulatorConfiguration.CompletionOrder = .reversed, queueSize: Int = 64,
@@ -25,9 +24,12 @@ final class DriverTests: XCTestCase {
         var cfg = EmulatorConfiguration()
         cfg.completionOrder = order
         if let f = features { cfg.features = f }
-        let emu = try VirtioBlkEmulator(backend: try RAMBackend(size: size, readOnly: readOnly), configuration: cfg)
-        let drv = try VirtioBlkDriver(transport: try VirtioMMIOTransport(bus: emu), queueSize: queueSize, ioPages: 512)
-        return Rig(emu: emu, driver: drv, dev: BlockDevice(driver: drv))
+        var o = DriverOptions()
+        o.queueSize = queueSize
+        o.ioPages = 512
+        return Rig(
+            disk: try EmulatedDisk(
+                backend: try RAMBackend(size: size, readOnly: readOnly), configuration: cfg, options: o))
     }
 
     func read(_ d: BlockDevice, _ off: UInt64, _ len: Int) throws -> [UInt8] {
@@ -74,7 +76,7 @@ final class DriverTests: XCTestCase {
             for w in windows {
                 let off = w * 65536 + Int.random(in: 0..<4096, using: &rng)
                 let len = Int.random(in: 1...(60000), using: &rng)
-                let bytes = (0..<len).map { _ in UInt8.random(in: 0...255, using: &rng) }
+                let bytes = rng.bytes(len)
                 model.replaceSubrange(off..<off + len, with: bytes)
                 g.enter()
                 r.dev.write(offset: UInt64(off), data: ByteBuffer(bytes: bytes), fua: round % 5 == 0) { res in

@@ -3,6 +3,7 @@ import NIOCore
 import TestSupport
 import Virtio
 import VirtioBlock
+import VirtioDisk
 import XCTest
 
 @testable import VirtioEmulator
@@ -29,17 +30,15 @@ final class ExactSizeTests: XCTestCase {
     static let cells = [Cell(segMax: 254, sectorCommands: true), Cell(segMax: 1, sectorCommands: false)]
 
     struct Rig {
-        let emu: VirtioBlkEmulator
-        let driver: VirtioBlkDriver
-        let dev: BlockDevice
-        func stop() {
-            driver.shutdown()
-            emu.shutdown()
-        }
+        let disk: EmulatedDisk
+        var emu: VirtioBlkEmulator { disk.emulator }
+        var driver: VirtioBlkDriver { disk.driver }
+        var dev: BlockDevice { disk.device }
+        func stop() { disk.shutdown() }
     }
 
-    /// backend → emulator → driver → BlockDevice, as `EmulatedDisk` builds it (the exact size
-    /// passed separately unless `exactSize` is false: then the export is the device capacity).
+    /// An `EmulatedDisk` on `backend` (the exact size unless `exactSize` is false: then the
+    /// export is the device capacity).
     func rig(_ backend: BlockBackend, cell: Cell = cells[0], holes: [Range<UInt64>], exactSize: Bool = true) throws
         -> Rig
     {
@@ -50,10 +49,12 @@ final class ExactSizeTests: XCTestCase {
             cfg.features.remove(.blkDiscard)
             cfg.features.remove(.blkWriteZeroes)
         }
-        let emu = try VirtioBlkEmulator(backend: backend, configuration: cfg)
-        let drv = try VirtioBlkDriver(transport: try VirtioMMIOTransport(bus: emu), queueSize: 64, ioPages: 256)
-        let dev = BlockDevice(driver: drv, size: exactSize ? backend.size : nil, holes: holes, discardReadsZero: true)
-        return Rig(emu: emu, driver: drv, dev: dev)
+        var o = DriverOptions()
+        o.queueSize = 64
+        o.ioPages = 256
+        return Rig(
+            disk: try EmulatedDisk(
+                backend: backend, configuration: cfg, options: o, holes: holes, exactSize: exactSize))
     }
 
     static var baseSeed: UInt64 {

@@ -2,6 +2,7 @@ import NIOConcurrencyHelpers
 import NIOCore
 import Virtio
 import VirtioBlock
+import VirtioDisk
 import XCTest
 
 @testable import VirtioEmulator
@@ -20,17 +21,16 @@ class RecoveryTests: XCTestCase {
     func rig(timeout: Double = 30, queues: Int = 1) throws -> (VirtioBlkEmulator, VirtioBlkDriver, BlockDevice) {
         var cfg = EmulatorConfiguration()
         cfg.queues = queues
-        let emu = try VirtioBlkEmulator(backend: try RAMBackend(size: 4 << 20), configuration: cfg)
         var o = DriverOptions()
         o.queueSize = 64
         o.ioPages = 256
         o.requestTimeoutSeconds = timeout
         o.queues = queues
         o.completions = completions
-        let drv = try VirtioBlkDriver(transport: try VirtioMMIOTransport(bus: emu), options: o)
-        XCTAssertEqual(drv.reapedByCaller, completions == .caller)
-        if drv.reapedByCaller { reapers.append(try CallerReaper(drv)) }
-        return (emu, drv, BlockDevice(driver: drv))
+        let disk = try EmulatedDisk(backend: try RAMBackend(size: 4 << 20), configuration: cfg, options: o)
+        XCTAssertEqual(disk.driver.reapedByCaller, completions == .caller)
+        if disk.driver.reapedByCaller { reapers.append(try CallerReaper(disk.driver)) }
+        return (disk.emulator, disk.driver, disk.device)
     }
 
     func write(_ d: BlockDevice, _ off: UInt64, _ bytes: [UInt8]) -> Result<Void, BlkError> {
