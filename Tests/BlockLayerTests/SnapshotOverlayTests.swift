@@ -80,13 +80,13 @@ final class SnapshotOverlayTests: XCTestCase {
                 model.replaceSubrange(Int(off)..<Int(off + len), with: bytes)
             } else if kind < 8 {
                 r = wait { overlay.writeZeroes(offset: off, length: len, mayUnmap: true, fua: false, $0) }
-                model.replaceSubrange(Int(off)..<Int(off + len), with: repeatElement(0, count: Int(len)))
+                model.replaceSubrange(Int(off)..<Int(off + len), with: [UInt8](repeating: 0, count: Int(len)))
             } else {
                 // Trim zeroes whole blocks only (and the partial last one when it reaches the end).
                 r = wait { overlay.trim(offset: off, length: len, $0) }
                 let a = (off + 4095) / 4096 * 4096
                 let b = off + len >= size ? size : (off + len) / 4096 * 4096
-                if a < b { model.replaceSubrange(Int(a)..<Int(b), with: repeatElement(0, count: Int(b - a))) }
+                if a < b { model.replaceSubrange(Int(a)..<Int(b), with: [UInt8](repeating: 0, count: Int(b - a))) }
             }
             XCTAssertNoThrow(try r.get(), "step \(step)")
             let qa = UInt64.random(in: 0..<size, using: &rng)
@@ -109,7 +109,7 @@ final class SnapshotOverlayTests: XCTestCase {
         for e in try extents.get() {
             switch e {
             case .data(_, let b): assembled += b.getBytes(at: b.readerIndex, length: b.readableBytes)!
-            case .zero(_, let n): assembled += repeatElement(0, count: Int(n))
+            case .zero(_, let n): assembled += [UInt8](repeating: 0, count: Int(n))
             }
         }
         XCTAssertEqual(assembled, model)

@@ -8,6 +8,7 @@ import NBDServer
 import NIOCore
 import NIOPosix
 import Synchronization
+import TestSupport
 import Virtio
 import VirtioBlock
 import VirtioDisk
@@ -252,16 +253,8 @@ struct DiskModel {
     func read(_ count: Int, at offset: UInt64) -> [UInt8] { Array(bytes[Int(offset)..<Int(offset) + count]) }
 }
 
-/// Where two byte arrays first differ, for readable failures.
-func firstDifference(_ a: [UInt8], _ b: [UInt8]) -> String {
-    if a.count != b.count { return "lengths \(a.count) vs \(b.count)" }
-    guard let i = zip(a, b).enumerated().first(where: { $0.element.0 != $0.element.1 })?.offset else { return "equal" }
-    let diffCount = zip(a, b).filter { $0 != $1 }.count
-    return "first difference at +\(i): \(a[i]) vs \(b[i]) (\(diffCount) bytes differ)"
-}
-
 func assertBytes(_ got: [UInt8], _ want: [UInt8], _ what: String, file: StaticString = #filePath, line: UInt = #line) {
-    if got != want { XCTFail("\(what): \(firstDifference(got, want))", file: file, line: line) }
+    if !sameBytes(got, want) { XCTFail("\(what): \(firstDifference(got, want))", file: file, line: line) }
 }
 
 /// Asserts that `body` fails with the given errno.

@@ -164,7 +164,7 @@ final class ExactSizeTests: XCTestCase {
                     XCTFail("\(at): write-zeroes failed")
                     return model
                 }
-                model.replaceSubrange(Int(off)..<Int(off) + len, with: repeatElement(0, count: len))
+                model.replaceSubrange(Int(off)..<Int(off) + len, with: [UInt8](repeating: 0, count: len))
             case 4:
                 guard case .success = wait({ dev.trim(offset: off, length: UInt64(len), $0) }) else {
                     XCTFail("\(at): trim failed")
