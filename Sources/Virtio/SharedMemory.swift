@@ -53,30 +53,30 @@ public final class SharedMemory: @unchecked Sendable {
             close(fd)
             throw .truncateFailed(size: size, errno: e)
         }
-        guard let p = mmap(nil, size, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0), p != MAP_FAILED else {
-            let e = errno
-            close(fd)
-            throw .mmapFailed(size: size, errno: e)
-        }
+        self.base = try Self.map(fd, size)
         self.fd = fd
         self.size = size
         self.deviceBase = deviceBase
-        self.base = p
     }
 
     /// Maps an existing shared-memory fd (as a device does with the driver's arena). The fd is dup'ed.
     public init(mapping otherFD: Int32, size: Int, deviceBase: UInt64) throws(SharedMemoryError) {
         let fd = dup(otherFD)
         guard fd >= 0 else { throw .memfdFailed(errno: errno) }
+        self.base = try Self.map(fd, size)
+        self.fd = fd
+        self.size = size
+        self.deviceBase = deviceBase
+    }
+
+    /// Maps `fd` shared and read-write; on failure closes it.
+    private static func map(_ fd: Int32, _ size: Int) throws(SharedMemoryError) -> UnsafeMutableRawPointer {
         guard let p = mmap(nil, size, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0), p != MAP_FAILED else {
             let e = errno
             close(fd)
             throw .mmapFailed(size: size, errno: e)
         }
-        self.fd = fd
-        self.size = size
-        self.deviceBase = deviceBase
-        self.base = p
+        return p
     }
 
     deinit {
