@@ -376,21 +376,28 @@ struct ConfigParser {
         }
     }
 
-    func listeners(_ node: Node) throws(ConfigError) -> ([Listener], [Int?]) {
+    /// The items of a list that must not be empty (`listen:`, `exports:`); with `scalarIsOne`, a
+    /// single value stands for a list of one.
+    func nonEmptyList(
+        _ node: Node, _ key: String, of what: String, scalarIsOne: Bool, wrongTypeFix: String,
+        emptyProblem: String = "an empty list", emptyFix: String
+    ) throws(ConfigError) -> [Node] {
         let items: [Node]
         switch node {
         case .sequence(let s): items = Array(s)
-        case .scalar: items = [node]
+        case .scalar where scalarIsOne: items = [node]
         default:
-            throw error(
-                .wrongType, node, "listen", "expected a list of addresses, found \(Self.what(node))",
-                "write listen: [127.0.0.1:10809, /run/virtnbd/nbd.sock]")
+            throw error(.wrongType, node, key, "expected a list of \(what), found \(Self.what(node))", wrongTypeFix)
         }
-        guard !items.isEmpty else {
-            throw error(
-                .missingValue, node, "listen", "an empty list",
-                "add an address such as 127.0.0.1:10809, or leave listen out for that default")
-        }
+        guard !items.isEmpty else { throw error(.missingValue, node, key, emptyProblem, emptyFix) }
+        return items
+    }
+
+    func listeners(_ node: Node) throws(ConfigError) -> ([Listener], [Int?]) {
+        let items = try nonEmptyList(
+            node, "listen", of: "addresses", scalarIsOne: true,
+            wrongTypeFix: "write listen: [127.0.0.1:10809, /run/virtnbd/nbd.sock]",
+            emptyFix: "add an address such as 127.0.0.1:10809, or leave listen out for that default")
         var out: [Listener] = []
         var lines: [Int?] = []
         for (i, item) in items.enumerated() {
@@ -427,19 +434,10 @@ struct ConfigParser {
         _ node: Node, _ path: String, example: String,
         _ item: (String, Node, String) throws(ConfigError) -> String
     ) throws(ConfigError) -> [String] {
-        let items: [Node]
-        switch node {
-        case .sequence(let s): items = Array(s)
-        case .scalar: items = [node]
-        default:
-            throw error(
-                .wrongType, node, path, "expected a list of client names, found \(Self.what(node))", "write \(example)")
-        }
-        guard !items.isEmpty else {
-            throw error(
-                .missingValue, node, path, "an empty list would refuse every client",
-                "list the clients allowed, e.g. \(example), or leave the key out to allow every client")
-        }
+        let items = try nonEmptyList(
+            node, path, of: "client names", scalarIsOne: true, wrongTypeFix: "write \(example)",
+            emptyProblem: "an empty list would refuse every client",
+            emptyFix: "list the clients allowed, e.g. \(example), or leave the key out to allow every client")
         var out: [String] = []
         for (i, n) in items.enumerated() {
             let p = "\(path)[\(i)]"
@@ -452,19 +450,10 @@ struct ConfigParser {
     /// `allow: [10.0.0.0/8, ::1/128]` or one network as a single value.
     func allowList(_ node: Node) throws(ConfigError) -> AccessList {
         let example = "allow: [127.0.0.0/8, ::1/128]"
-        let items: [Node]
-        switch node {
-        case .sequence(let s): items = Array(s)
-        case .scalar: items = [node]
-        default:
-            throw error(
-                .wrongType, node, "allow", "expected a list of networks, found \(Self.what(node))", "write \(example)")
-        }
-        guard !items.isEmpty else {
-            throw error(
-                .missingValue, node, "allow", "an empty list would refuse every TCP client",
-                "list the networks allowed, e.g. \(example), or leave allow out to allow everyone")
-        }
+        let items = try nonEmptyList(
+            node, "allow", of: "networks", scalarIsOne: true, wrongTypeFix: "write \(example)",
+            emptyProblem: "an empty list would refuse every TCP client",
+            emptyFix: "list the networks allowed, e.g. \(example), or leave allow out to allow everyone")
         var out: [IPNetwork] = []
         for (i, item) in items.enumerated() {
             let path = "allow[\(i)]"
@@ -559,16 +548,10 @@ struct ConfigParser {
     }
 
     func exports(_ node: Node) throws(ConfigError) -> ([ExportConfig], [ExportLines]) {
-        guard case .sequence(let seq) = node else {
-            throw error(
-                .wrongType, node, "exports", "expected a list of exports, found \(Self.what(node))",
-                "start each export with \"- name: …\" under exports:")
-        }
-        guard !seq.isEmpty else {
-            throw error(
-                .missingValue, node, "exports", "an empty list",
-                "add at least one export, e.g. - { name: disk, device: ram, size: 64M }")
-        }
+        let seq = try nonEmptyList(
+            node, "exports", of: "exports", scalarIsOne: false,
+            wrongTypeFix: "start each export with \"- name: …\" under exports:",
+            emptyFix: "add at least one export, e.g. - { name: disk, device: ram, size: 64M }")
         var out: [ExportConfig] = []
         var lines: [ExportLines] = []
         for (i, item) in seq.enumerated() {

@@ -13,6 +13,7 @@ import CVirtShim
 /// What went wrong with shared memory, and what to do about it.
 public enum SharedMemoryError: Error, CustomStringConvertible, Equatable {
     case memfdFailed(errno: Int32)
+    case dupFailed(fd: Int32, errno: Int32)
     case truncateFailed(size: Int, errno: Int32)
     case mmapFailed(size: Int, errno: Int32)
     case outOfRange(address: UInt64, length: Int)
@@ -23,6 +24,9 @@ public enum SharedMemoryError: Error, CustomStringConvertible, Equatable {
         case .memfdFailed(let e):
             return
                 "memfd_create failed: \(String(cString: strerror(e))); check RLIMIT_NOFILE and that /proc/sys/fs is sane"
+        case .dupFailed(let fd, let e):
+            return
+                "cannot duplicate shared-memory fd \(fd): \(String(cString: strerror(e))); raise RLIMIT_NOFILE (ulimit -n)"
         case .truncateFailed(let s, let e):
             return
                 "cannot size shared memory to \(s) bytes: \(String(cString: strerror(e))); is there enough memory or tmpfs space?"
@@ -62,7 +66,7 @@ public final class SharedMemory: @unchecked Sendable {
     /// Maps an existing shared-memory fd (as a device does with the driver's arena). The fd is dup'ed.
     public init(mapping otherFD: Int32, size: Int, deviceBase: UInt64) throws(SharedMemoryError) {
         let fd = dup(otherFD)
-        guard fd >= 0 else { throw .memfdFailed(errno: errno) }
+        guard fd >= 0 else { throw .dupFailed(fd: otherFD, errno: errno) }
         self.base = try Self.map(fd, size)
         self.fd = fd
         self.size = size
