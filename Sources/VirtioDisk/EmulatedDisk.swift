@@ -36,9 +36,12 @@ public struct EmulatedDisk: Sendable {
     /// A disk whose device is configured in full: its features, queue count (which may differ
     /// from the driver's), completion order and fault hooks, as the tests and virtqueue-bench
     /// need. `exactSize: false` exports the device's capacity instead of the backend's size.
+    /// `discardReadsZero` defaults to false, as `BlockDevice`'s does: with it true the block
+    /// layer answers reads of discarded ranges as zeroes without asking the device, so a test
+    /// that means to read the device back sets it only on purpose.
     public init(
         backend: BlockBackend, configuration: EmulatorConfiguration, options: DriverOptions = DriverOptions(),
-        holes: [Range<UInt64>] = [], discardReadsZero: Bool = true, exactSize: Bool = true,
+        holes: [Range<UInt64>] = [], discardReadsZero: Bool = false, exactSize: Bool = true,
         logger: Logger = Logger(label: "virtnbd")
     ) throws {
         var elog = logger

@@ -148,6 +148,7 @@ final class DriverTests: XCTestCase {
         XCTAssertTrue(got[0..<100].allSatisfy { $0 == 0x77 })
         XCTAssertTrue(got[100..<20100].allSatisfy { $0 == 0 })
         XCTAssertTrue(got[20100...].allSatisfy { $0 == 0x77 })
+        XCTAssertTrue(sameBytes(try deviceRead(r, sector: 0, pages: 16), got), "the device holds the zeroes")
         let t = expectation(description: "trim")
         r.dev.trim(offset: 0, length: 64 << 10) {
             if case .failure(let err) = $0 { XCTFail("\(err)") }
@@ -158,7 +159,23 @@ final class DriverTests: XCTestCase {
         XCTAssertEqual(
             try read(r.dev, 0, 64 << 10), [UInt8](repeating: 0, count: 64 << 10), "RAM backend reads zero after discard"
         )
+        XCTAssertTrue(
+            sameBytes(try deviceRead(r, sector: 0, pages: 16), [UInt8](repeating: 0, count: 64 << 10)),
+            "the device reads zero after discard")
         r.stop()
+    }
+
+    /// `pages` pages from `sector` as the device holds them: a driver READ, past the block
+    /// layer's allocation map (which may answer a range it knows is zero without the device).
+    func deviceRead(_ r: Rig, sector: UInt64, pages: Int) throws -> [UInt8] {
+        let e = expectation(description: "device read")
+        nonisolated(unsafe) var out: Result<[UInt8], BlkError>!
+        r.driver.submit(.read(sector: sector, pages: pages)) { res in
+            out = res.map { io in (0..<pages).flatMap { io.memory.bytes(at: io.offset(ofPage: $0), count: 4096) } }
+            e.fulfill()
+        }
+        wait(for: [e], timeout: 30)
+        return try out.get()
     }
 
     func testWriteZeroesFallsBackWithoutDeviceSupport() throws {

@@ -54,7 +54,8 @@ final class ExactSizeTests: XCTestCase {
         o.ioPages = 256
         return Rig(
             disk: try EmulatedDisk(
-                backend: backend, configuration: cfg, options: o, holes: holes, exactSize: exactSize))
+                backend: backend, configuration: cfg, options: o, holes: holes, discardReadsZero: true,
+                exactSize: exactSize))
     }
 
     static var baseSeed: UInt64 {
