@@ -44,6 +44,27 @@ public protocol BlockLayer: AnyObject, Sendable {
         offset: UInt64, length: UInt64, mayUnmap: Bool, fua: Bool, _ done: @escaping BlockDevice.Completion)
     /// base:allocation over [start, end): consecutive runs covering it (they may start before it).
     func allocationRuns(_ start: UInt64, _ end: UInt64) -> [AllocationMap.Run]
+    /// A READ that may leave its bytes in device memory for the server to send without a copy
+    /// (`.held`); a layer that changes data answers `.data` or `.extents` (the default does).
+    func readHeld(
+        offset: UInt64, length: Int, sparse: Bool, allocator: ByteBufferAllocator,
+        _ done: @escaping @Sendable (Result<BlockDevice.ReadReply, BlkError>) -> Void)
+    /// The most bytes one connection may hold in `.held` replies not yet sent; 0: never ask.
+    var heldReadLimit: Int { get }
+}
+
+extension BlockLayer {
+    public func readHeld(
+        offset: UInt64, length: Int, sparse: Bool, allocator: ByteBufferAllocator,
+        _ done: @escaping @Sendable (Result<BlockDevice.ReadReply, BlkError>) -> Void
+    ) {
+        if sparse {
+            readExtents(offset: offset, length: length, allocator: allocator) { done($0.map { .extents($0) }) }
+        } else {
+            read(offset: offset, length: length, allocator: allocator) { done($0.map { .data($0) }) }
+        }
+    }
+    public var heldReadLimit: Int { 0 }
 }
 
 extension BlockDevice: BlockLayer {

@@ -51,6 +51,13 @@ final class NBDConnectionHandler: ChannelDuplexHandler {
     private let mailbox = CompletionMailbox()
     private var batching = false
     private var needsFlush = false
+    /// READ bytes this connection holds in device pages (dispatched, or replied and not yet
+    /// written). At the stack's `heldReadLimit` parsing pauses until writes drain, so a client
+    /// that stops reading holds at most that share of its lane's pages.
+    private var heldBytes = 0
+    private var heldLimit = 0
+    /// READs this long and longer are answered from the device's pages, without a copy.
+    static let heldReadMinimum = 64 << 10
 
     /// The server's bytes in flight, shared with every other connection.
     private let budget: ByteBudget
@@ -182,6 +189,7 @@ final class NBDConnectionHandler: ChannelDuplexHandler {
             return false
         }
         attached = e
+        heldLimit = e.stack.heldReadLimit
         logger[metadataKey: "export"] = "\(info.name)"
         logger.debug(
             "transmission started",
@@ -205,7 +213,7 @@ final class NBDConnectionHandler: ChannelDuplexHandler {
     ) -> Bool {
         // Parse no further while requests, their bytes or unsent replies are at their bounds.
         if quiescing || inFlight >= Self.maxInFlight || inFlightBytes >= inFlightByteLimit
-            || overBudget || !context.channel.isWritable
+            || overBudget || heldFull || !context.channel.isWritable
         {
             return false
         }
@@ -261,6 +269,29 @@ final class NBDConnectionHandler: ChannelDuplexHandler {
         let device = export.stack
         let metrics = export.metrics
         switch op {
+        case .read(let offset, let length, let shape)
+        where Int(length) >= Self.heldReadMinimum && Int(length) <= heldLimit:
+            let n = Int(length)
+            heldBytes += n
+            start(context, .read, bytes: n) { done in
+                device.readHeld(
+                    offset: offset, length: n, sparse: shape == .sparse, allocator: ReplyBuffers.allocator, done)
+            } completion: { this, ctx, result in
+                switch result {
+                case .success(.held(let h)):
+                    metrics.read(bytes: n)
+                    this.replyHeld(context: ctx, request: r, rules: rules, shape: shape, held: h)
+                    return
+                case .success(.extents(let extents)):
+                    metrics.read(bytes: n)
+                    this.replyExtents(context: ctx, request: r, rules: rules, extents: extents)
+                case .success(.data(let data)):
+                    metrics.read(bytes: data.readableBytes)
+                    this.replyData(context: ctx, request: r, rules: rules, shape: shape, data: data)
+                case .failure(let e): this.fail(ctx, r, rules, e.nbdErrno, "\(e)")
+                }
+                this.heldBytes -= n
+            }
         case .read(let offset, let length, .sparse):
             start(context, .read, bytes: Int(length)) { done in
                 device.readExtents(offset: offset, length: Int(length), allocator: ReplyBuffers.allocator, done)
@@ -398,6 +429,34 @@ final class NBDConnectionHandler: ChannelDuplexHandler {
         emit(context, data)
     }
 
+    /// A READ answered from the device's pages: its header, then the lent buffers (one writev
+    /// copies them into the socket). `heldBytes` drops once they are written (or the write failed).
+    private func replyHeld(
+        context: ChannelHandlerContext, request r: NBDRequest, rules: TransmissionRules, shape: ReadReplyShape,
+        held: BlockDevice.HeldRead
+    ) {
+        let n = held.length
+        guard context.channel.isActive else {
+            heldBytes -= n
+            return
+        }
+        var header = context.channel.allocator.buffer(capacity: 48)
+        rules.replies.readData(r, shape: shape, offset: r.offset, dataLength: n, done: true, into: &header)
+        context.write(wrapOutboundOut(header), promise: nil)
+        let written = context.eventLoop.makePromise(of: Void.self)
+        for (i, b) in held.buffers.enumerated() {
+            context.write(wrapOutboundOut(b), promise: i == held.buffers.count - 1 ? written : nil)
+        }
+        let bound = NIOLoopBound((self, context), eventLoop: context.eventLoop)
+        written.futureResult.whenComplete { _ in
+            let (this, ctx) = bound.value
+            let wasFull = this.heldFull
+            this.heldBytes -= n
+            if wasFull && !this.heldFull { this.afterCompletion(context: ctx) }
+        }
+        if batching { needsFlush = true } else { context.flush() }
+    }
+
     /// Runs a block operation. Its completion is posted to this connection's mailbox; the first
     /// post of a batch schedules one drain on the event loop, which answers every completion that
     /// has arrived and flushes the socket once (coalesced replies, one wakeup per batch).
@@ -500,8 +559,11 @@ final class NBDConnectionHandler: ChannelDuplexHandler {
     /// replies fills its own socket buffers instead of the server's memory.
     private func mayRead(_ context: ChannelHandlerContext) -> Bool {
         !quiescing && inFlight < Self.maxInFlight && inFlightBytes < inFlightByteLimit && !overBudget
-            && input.readableBytes < maxBufferedInput && context.channel.isWritable
+            && !heldFull && input.readableBytes < maxBufferedInput && context.channel.isWritable
     }
+
+    /// This connection holds its share of device pages in READs not yet written.
+    private var heldFull: Bool { heldBytes > 0 && heldBytes >= heldLimit }
 
     /// The server-wide budget is spent and this connection has requests of its own in flight,
     /// whose completions will look again (one with nothing in flight always proceeds).

@@ -5,6 +5,7 @@
 // (fd, size, deviceBase) triple is what vhost-user sends in SET_MEM_TABLE and what VFIO maps with
 // IOMMU_MAP_DMA, so nothing here assumes a particular transport.
 import CVirtShim
+import NIOCore
 
 #if canImport(Glibc)
     import Glibc
@@ -178,6 +179,15 @@ public final class SharedMemory: @unchecked Sendable {
     }
 
     /// Gives read-only access to a range for bulk consumers that copy out (e.g. into a NIO ByteBuffer).
+    /// A ByteBuffer whose storage is [o, o+count) of this memory itself: no copy. `owner` stays
+    /// alive until NIO frees the buffer (its last copy is gone); the owner's deinit may then take
+    /// the bytes back. Nothing may write the range meanwhile (the caller's pages are its own).
+    public func lend(_ o: Int, count: Int, to owner: AnyObject & Sendable) -> ByteBuffer {
+        check(o, count)
+        precondition(count > 0 && count <= Int(UInt32.max), "a lent range is 1 byte to 4 GiB")
+        return ArenaLoans.lend(UnsafeMutableRawBufferPointer(start: base + o, count: count), to: owner)
+    }
+
     public func withBytes<R>(at o: Int, count: Int, _ body: (UnsafeRawBufferPointer) throws -> R) rethrows -> R {
         check(o, count)
         return try body(UnsafeRawBufferPointer(start: base + o, count: count))

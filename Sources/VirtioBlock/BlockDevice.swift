@@ -59,7 +59,7 @@ public final class BlockDevice: Sendable {
     /// export's end: the whole blocks a trim or zeroing of [_, end) may cover.
     @inline(__always) private func blockEnd(_ end: UInt64) -> UInt64 { end == size ? Self.up(end) : Self.down(end) }
 
-    private func checkRange(_ offset: UInt64, _ length: UInt64) -> BlkError? {
+    func checkRange(_ offset: UInt64, _ length: UInt64) -> BlkError? {
         let (end, o) = offset.addingReportingOverflow(length)
         if o || end > size { return .outOfRange(offset: offset, length: length, size: size) }
         return nil

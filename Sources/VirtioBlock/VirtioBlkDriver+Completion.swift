@@ -133,7 +133,8 @@ extension VirtioBlkDriver {
         }
         // Return pages, then start whatever now fits.
         let toLaunch: [(Pending, [Int32])] = lane.state.withLock { s in
-            for (slot, _) in finished { s.freePages.append(contentsOf: slot.pages) }
+            // A held read's pages come back through `HeldPages.release` once its data is sent.
+            for (slot, status) in finished where !(slot.keep && status == BlkStatus.ok) { s.pool.give(slot.pages) }
             s.inFlight -= finished.count
             return takeWaiting(&s, lane)
         }
@@ -141,6 +142,15 @@ extension VirtioBlkDriver {
         for (p, pages) in toLaunch { launch(lane, p, pages) }
         if let f = failure { requestRecovery(reason: f, seenEpoch: seen) }
         return count
+    }
+
+    /// Pages a completed request kept (`HeldPages`) go back; whatever now fits launches.
+    func giveBack(_ lane: Lane, _ pages: [Int32]) {
+        let toLaunch: [(Pending, [Int32])] = lane.state.withLock { s in
+            s.pool.give(pages)
+            return takeWaiting(&s, lane)
+        }
+        for (p, pages) in toLaunch { launch(lane, p, pages) }
     }
 
     /// Waiting requests that now fit, in order.

@@ -108,12 +108,12 @@ extension VirtioBlkDriver {
                     s.slots[i] = nil
                     if sl.resubmissions >= maxResubmissions {
                         fail.append((sl.done, .failedAfterReset(sl.command, resets: sl.resubmissions + 1)))
-                        s.freePages.append(contentsOf: sl.pages)
+                        s.pool.give(sl.pages)
                         s.inFlight -= 1
                     } else {
                         let p = Pending(
                             command: sl.command, fill: nil, done: sl.done, pages: sl.pages,
-                            resubmissions: sl.resubmissions + 1)
+                            resubmissions: sl.resubmissions + 1, keep: sl.keep)
                         held.append((lane, p, sl.pages))
                     }
                 }
@@ -172,7 +172,7 @@ extension VirtioBlkDriver {
         }
         for (lane, p, pages) in held {
             lane.state.withLock { s in
-                s.freePages.append(contentsOf: pages)
+                s.pool.give(pages)
                 s.inFlight -= 1
             }
             fail.append((p.done, .deviceBroken(why)))

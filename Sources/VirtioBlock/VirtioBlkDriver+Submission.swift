@@ -20,9 +20,23 @@ extension VirtioBlkDriver {
     /// thread with the pages, which return to the pool when it returns. Requests that do not fit
     /// wait, first come first served.
     public func submit(_ command: BlkCommand, fill: Fill? = nil, done: @escaping Completion) {
-        precondition(command.pages <= maxPagesPerRequest, "callers split requests to maxPagesPerRequest")
+        submit(command, on: lanes[IOLane.current % lanes.count], fill: fill, keep: false, done: done)
+    }
+
+    /// Issues a READ whose pages stay taken after it completes: `done` gets them as `HeldPages`,
+    /// which go back to the lane's pool when released (after the server has sent their bytes).
+    public func submitHeld(_ command: BlkCommand, done: @escaping @Sendable (Result<HeldPages, BlkError>) -> Void) {
+        guard case .read = command else { preconditionFailure("only READs hold their pages") }
         let lane = lanes[IOLane.current % lanes.count]
-        let p = Pending(command: command, fill: fill, done: done)
+        submit(command, on: lane, fill: nil, keep: true) { r in
+            done(r.map { HeldPages(io: $0, lane: lane, driver: self) })
+        }
+    }
+
+    private func submit(_ command: BlkCommand, on lane: Lane, fill: Fill?, keep: Bool, done: @escaping Completion) {
+        precondition(command.pages <= maxPagesPerRequest, "callers split requests to maxPagesPerRequest")
+        var p = Pending(command: command, fill: fill, done: done)
+        p.keep = keep
         let d: Decision = lane.state.withLock { s in
             if let b = s.broken { return .fail(.deviceBroken(b)) }
             if s.closing { return .fail(.shutdown) }
@@ -57,14 +71,12 @@ extension VirtioBlkDriver {
     /// Takes pages and reserves ring descriptors, or returns nil if either is short.
     func reserve(_ s: inout LaneState, _ lane: Lane, _ c: BlkCommand, pages given: [Int32]? = nil) -> [Int32]? {
         let descs = ringCost(lane, c)
-        guard s.queue.freeCount - s.reservedDescriptors >= descs, given != nil || s.freePages.count >= c.pages else {
+        guard s.queue.freeCount - s.reservedDescriptors >= descs, given != nil || s.pool.count >= c.pages else {
             return nil
         }
         s.reservedDescriptors += descs
         if let g = given { return g }
-        var pages: [Int32] = []
-        pages.reserveCapacity(c.pages)
-        for _ in 0..<c.pages { pages.append(s.freePages.removeLast()) }
+        guard let pages = s.pool.take(c.pages) else { preconditionFailure("the pool count was checked") }
         return pages
     }
 
@@ -86,7 +98,7 @@ extension VirtioBlkDriver {
                 // A reset failed between reserve and launch: the request is in neither the slots
                 // nor the waiting list the failure went through, so it fails here (else it would
                 // go onto a dead ring and never be answered).
-                s.freePages.append(contentsOf: pages)
+                s.pool.give(pages)
                 s.inFlight -= 1
                 failed = why
                 return nil
@@ -108,7 +120,8 @@ extension VirtioBlkDriver {
             }
             precondition(got.map(Int.init) == id, "reserved descriptors must be available")
             s.slots[id] = Slot(
-                pages: pages, done: p.done, command: p.command, submitted: .now, resubmissions: p.resubmissions)
+                pages: pages, done: p.done, command: p.command, submitted: .now, resubmissions: p.resubmissions,
+                keep: p.keep)
             return s.queue.publish() ? s.doorbells : nil
         }
         if let why = failed { return p.done(.failure(.deviceBroken(why))) }

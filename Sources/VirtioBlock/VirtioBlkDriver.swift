@@ -110,6 +110,8 @@ public final class VirtioBlkDriver: @unchecked Sendable {
 
     let transport: VirtioTransport
     let arena: DMAArena
+    /// I/O pages per lane: a connection holds at most half of them in held READs at a time.
+    public let pagesPerLane: Int
     let options: DriverOptions
     let logger: Logger
     let lanes: [Lane]
@@ -141,6 +143,8 @@ public final class VirtioBlkDriver: @unchecked Sendable {
         var pages: [Int32]?
         /// Times this request was resubmitted after a device reset.
         var resubmissions = 0
+        /// On success the pages stay taken: the completion made a `HeldPages` of them.
+        var keep = false
     }
     struct Slot {
         var pages: [Int32]
@@ -148,12 +152,13 @@ public final class VirtioBlkDriver: @unchecked Sendable {
         var command: BlkCommand
         var submitted: ContinuousClock.Instant
         var resubmissions: Int
+        var keep: Bool
     }
     struct LaneState {
         var queue: any DriverVirtqueue
         var doorbells: QueueDoorbells
         var slots: [Slot?]
-        var freePages: [Int32]
+        var pool: PagePool
         /// Requests that did not fit (pages or descriptors), first come first served. A request
         /// leaves the queue when it is launched, so nothing it holds (a read's reply buffer in its
         /// completion) outlives it: an array with a moving head kept every request taken from it
@@ -221,6 +226,7 @@ public final class VirtioBlkDriver: @unchecked Sendable {
             pagesPerRequest: maxPagesPerRequest, ioPages: options.ioPages)
         self.arena = arena
         self.lanes = lanes
+        pagesPerLane = lanes.first.map { $0.state.withLock { $0.pool.capacity } } ?? 0
         stopFD = try EventFD()
         // Step 8: DRIVER_OK.
         try transport.writeStatus([.acknowledge, .driver, .featuresOK, .driverOK])
@@ -229,7 +235,7 @@ public final class VirtioBlkDriver: @unchecked Sendable {
             metadata: [
                 "capacity": "\(g.capacityBytes)", "features": "\(features)", "ring": "\(ring)", "queues": "\(nQueues)",
                 "queue-size": "\(queueSize)", "seg-max": "\(g.segMax)", "pages-per-request": "\(maxPagesPerRequest)",
-                "io-pages": "\(lanes.reduce(0) { n, l in n + l.state.withLock { $0.freePages.count } })",
+                "io-pages": "\(lanes.reduce(0) { n, l in n + l.state.withLock { $0.pool.count } })",
             ])
         seenConfigGeneration = Atomic(transport.configGeneration())
         let interrupts = lanes.map { l in l.state.withLock { ObjectIdentifier($0.doorbells.interrupt) } }
@@ -341,7 +347,6 @@ public final class VirtioBlkDriver: @unchecked Sendable {
         let arena = try DMAArena(structureBytes: perQueue * nQueues, ioPages: pagesPerQueue * nQueues)
         var lanes: [Lane] = []
         let firstPage = arena.poolFirstPage
-        var pool = (0..<(pagesPerQueue * nQueues)).map { Int32(firstPage + $0) }
         // The device sees the whole memfd, so rings allocated after attaching are visible too.
         try transport.attachMemory(arena.memory)
         for q in 0..<nQueues {
@@ -353,13 +358,12 @@ public final class VirtioBlkDriver: @unchecked Sendable {
             let d = try transport.setupQueue(
                 q, size: queueSize, descriptors: addresses.descriptors,
                 driverArea: addresses.driverArea, deviceArea: addresses.deviceArea)
-            let mine = Array(pool.suffix(pagesPerQueue))
-            pool.removeLast(pagesPerQueue)
+            let mine = PagePool(first: Int32(firstPage + q * pagesPerQueue), capacity: pagesPerQueue)
             lanes.append(
                 Lane(
                     index: q, headers: headers, tables: tables, tableStride: tableStride, addresses: addresses,
                     state: LaneState(
-                        queue: vq, doorbells: d, slots: Array(repeating: nil, count: queueSize), freePages: mine)))
+                        queue: vq, doorbells: d, slots: Array(repeating: nil, count: queueSize), pool: mine)))
         }
         return (arena, lanes)
     }
