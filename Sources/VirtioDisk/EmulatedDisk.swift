@@ -21,13 +21,16 @@ public struct EmulatedDisk: Sendable {
     ///     emulator's backends, which punch holes).
     /// The device's capacity is whole sectors (rounded up); the block layer serves the backend's
     /// exact size.
+    ///   - devicePollMicroseconds: the device keeps polling a drained queue this long before it
+    ///     sleeps on the kick eventfd (`EmulatorConfiguration.pollMicroseconds`).
     public init(
         backend: BlockBackend, holes: [Range<UInt64>], discardReadsZero: Bool, serial: String = "virtnbd-emulator",
-        options: DriverOptions, logger: Logger
+        options: DriverOptions, devicePollMicroseconds: Int = 0, logger: Logger
     ) throws {
         var cfg = EmulatorConfiguration()
         cfg.serial = serial
         cfg.queues = options.queues
+        cfg.pollMicroseconds = devicePollMicroseconds
         try self.init(
             backend: backend, configuration: cfg, options: options, holes: holes, discardReadsZero: discardReadsZero,
             logger: logger)

@@ -395,7 +395,7 @@ public final class VirtioBlkEmulator: MMIOBus, @unchecked Sendable {
                                 if completed.count >= 64 { flushCompleted(&completed, q, index) }
                             }
                             flushCompleted(&completed, q, index)
-                            if got { deadline = .now + window }
+                            if got { deadline = .now + window } else if window > .zero { sched_yield() }
                         } while window > .zero && ContinuousClock.now < deadline
                         q.setNotifications(enabled: true)
                     } while q.hasAvailable

@@ -20,7 +20,8 @@ struct LiveExport {
         let d: ServedDisk
         do {
             d = try p.device.open(
-                size: p.size, sizeKey: p.sizeKey, file: p.file, readOnly: p.readOnly, options: p.driver, logger: elog)
+                size: p.size, sizeKey: p.sizeKey, file: p.file, readOnly: p.readOnly, options: p.driver,
+                devicePollMicroseconds: p.devicePollMicroseconds, logger: elog)
         } catch { throw ExportOpenError(name: p.name, underlying: "\(error)") }
         let layers: (BlockLayer?, DirtyBitmaps?)
         do { layers = try stack(p, over: d.device, logger: elog) } catch {

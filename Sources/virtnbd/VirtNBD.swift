@@ -126,6 +126,14 @@ struct ServeOptions: ParsableArguments {
         help: "Poll the used ring this many microseconds after a completion before sleeping (0 = interrupts only).")
     var pollMicroseconds: Int = 0
     @Option(
+        name: .customLong("device-poll-us"),
+        help: ArgumentHelp(
+            "The in-process device keeps polling its queue this many microseconds after the last request before it sleeps (0 = sleep at once; default 50).",
+            discussion:
+                "A QD1 client's next request then needs no kick and no device wake-up. The device yields the CPU between looks, and an idle server costs nothing (the window ends)."
+        ))
+    var devicePollMicroseconds: Int = 50
+    @Option(
         name: .long,
         help: "Reset the device and resubmit when a request takes longer than this many seconds (0 = never).")
     var requestTimeout: Double = 30
@@ -223,6 +231,9 @@ struct ServeOptions: ParsableArguments {
         guard pollMicroseconds >= 0, pollMicroseconds <= 1_000_000, requestTimeout >= 0 else {
             throw ValidationError("--poll-us must be 0-1000000 and --request-timeout ≥ 0")
         }
+        guard devicePollMicroseconds >= 0, devicePollMicroseconds <= 1_000_000 else {
+            throw ValidationError("--device-poll-us must be 0-1000000 microseconds, not \(devicePollMicroseconds)")
+        }
         guard reconnectTimeout >= 0, reconnectTimeout <= 86400 else {
             throw ValidationError(
                 "--reconnect-timeout must be 0 (fail at once) to 86400 seconds, not \(reconnectTimeout)")
@@ -312,6 +323,8 @@ struct ServeOptions: ParsableArguments {
         var readOnly: Bool
         /// The virtio policy (ring, queues, features, queue size) of this export's driver.
         var driver: DriverOptions
+        /// The emulator's poll window (`--device-poll-us`); other devices poll as they do.
+        var devicePollMicroseconds = 50
         /// NBD_INFO_BLOCK_SIZE's maximum payload.
         var maxPayload: UInt32
         /// Where `size` came from, for messages: `--size` or `exports[1].size in FILE`.
@@ -395,6 +408,7 @@ struct ServeOptions: ParsableArguments {
             var p = ExportPlan(
                 name: e.name, description: e.description, device: .emulator, size: nil, file: nil, readOnly: e.readOnly,
                 driver: driverOptions(queueSize: e.queueSize), maxPayload: e.maxPayload)
+            p.devicePollMicroseconds = devicePollMicroseconds
             if let path = config, e.name != flagExport { p.sizeKey = "exports[\(i)].size in \(path)" }
             p.requiresTLS = cfg.effectiveTLS(for: e) == .require
             p.snapshot = e.snapshot

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # nbdcopy round trips of 64 MiB of random data with the virtio feature switches forced each way:
-# packed rings on 4 queues, and a split ring with neither EVENT_IDX nor indirect descriptors.
+# packed rings on 4 queues, a split ring with neither EVENT_IDX nor indirect descriptors, and
+# driver-side and device-side polling.
 # The server's "virtio-blk ready" line must show what was negotiated.
 . "$(dirname "$0")/lib.sh"
 need_cmd nbdcopy nbdinfo sha256sum
@@ -36,9 +37,12 @@ if grep -qE 'EVENT_IDX|INDIRECT_DESC' <<<"$ready"; then fail "EVENT_IDX or INDIR
 else pass "neither EVENT_IDX nor INDIRECT_DESC negotiated"; fi
 
 round_trip "packed, odd queue size 100, adaptive polling" --ring packed --queue-size 100 --poll-us 50
+round_trip "split, the device sleeping as soon as its queue is empty" --device-poll-us 0
+round_trip "packed, driver and device both polling" --ring packed --poll-us 20 --device-poll-us 50
 
 # Bad switches are refused before anything starts.
 expect_fail "--queue-size 100 with a split ring is refused" 'power of two' "$VIRTNBD" --size 1M --ring split --queue-size 100 -U "$T/x.sock"
 expect_fail "--queues 0 is refused" 'queues must be 1-64' "$VIRTNBD" --size 1M --queues 0 -U "$T/x.sock"
 expect_fail "--ring ring-of-fire is refused" 'ring' "$VIRTNBD" --size 1M --ring ring-of-fire -U "$T/x.sock"
+expect_fail "--device-poll-us -1 is refused" 'device-poll-us' "$VIRTNBD" --size 1M --device-poll-us -1 -U "$T/x.sock"
 finish
