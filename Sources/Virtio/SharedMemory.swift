@@ -42,7 +42,7 @@ public enum SharedMemoryError: Error, CustomStringConvertible, Equatable {
 }
 
 public final class SharedMemory: @unchecked Sendable {
-    /// The memfd; owned (closed on deinit).
+    /// The memfd; owned (closed on deinit). -1 for private memory (`init(privateSize:)`).
     public let fd: Int32
     public let size: Int
     /// Device address of offset 0.
@@ -62,6 +62,22 @@ public final class SharedMemory: @unchecked Sendable {
         self.fd = fd
         self.size = size
         self.deviceBase = deviceBase
+    }
+
+    /// Private anonymous memory, zero-filled, that only this process sees: a device's own RAM
+    /// (the emulator's RAM backend), never an arena. Anonymous pages fault in more cheaply than a
+    /// memfd's (a first nbdcopy of 512 MiB: 0.45-0.51 s against 0.60-0.64 s). Huge pages are not
+    /// asked for: with MADV_HUGEPAGE the same copy took 0.27-1.12 s, the slow ones waiting for
+    /// compaction. Never-written pages cost nothing.
+    public init(privateSize size: Int) throws(SharedMemoryError) {
+        guard
+            let p = mmap(nil, size, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0),
+            p != MAP_FAILED
+        else { throw .mmapFailed(size: size, errno: errno) }
+        self.base = p
+        self.fd = -1
+        self.size = size
+        self.deviceBase = 0
     }
 
     /// Maps an existing shared-memory fd (as a device does with the driver's arena). The fd is dup'ed.
@@ -86,7 +102,7 @@ public final class SharedMemory: @unchecked Sendable {
 
     deinit {
         munmap(base, size)
-        close(fd)
+        if fd >= 0 { close(fd) }
     }
 
     /// The host virtual address of offset 0, as a number (vhost-user's "user address").
@@ -243,6 +259,20 @@ public final class SharedMemory: @unchecked Sendable {
     /// Releases the backing pages of a range (reads return zero afterwards).
     public func punchHole(_ o: Int, count: Int) {
         check(o, count)
-        if vshim_punch_hole(fd, Int64(o), Int64(count)) != 0 { memset(base + o, 0, count) }
+        if fd >= 0 {
+            if vshim_punch_hole(fd, Int64(o), Int64(count)) != 0 { memset(base + o, 0, count) }
+            return
+        }
+        // Private memory: whole pages are dropped (they read as zero again), the edges zeroed.
+        let page = 4096
+        let lo = (o + page - 1) / page * page
+        let hi = (o + count) / page * page
+        guard lo < hi else {
+            memset(base + o, 0, count)
+            return
+        }
+        memset(base + o, 0, lo - o)
+        memset(base + hi, 0, o + count - hi)
+        if madvise(base + lo, hi - lo, MADV_DONTNEED) != 0 { memset(base + lo, 0, hi - lo) }
     }
 }

@@ -44,7 +44,8 @@ public protocol BlockBackend: AnyObject {
     func writeZeroes(at: UInt64, count: UInt64, unmap: Bool) throws
 }
 
-/// Blocks in RAM: a memfd, so never-written pages cost nothing and DISCARD gives memory back.
+/// Blocks in RAM: private anonymous memory, so never-written pages cost nothing and DISCARD
+/// gives memory back (MADV_DONTNEED).
 public final class RAMBackend: BlockBackend {
     public let size: UInt64
     public let readOnly: Bool
@@ -53,7 +54,7 @@ public final class RAMBackend: BlockBackend {
         guard size >= 1 else { throw BackendError.emptyRAM }
         self.size = size
         self.readOnly = readOnly
-        store = try SharedMemory(size: Int(size), deviceBase: 0, name: "virtnbd-ram")
+        store = try SharedMemory(privateSize: Int(size))
     }
     public func read(at: UInt64, into mem: SharedMemory, offset: Int, count: Int) throws {
         mem.copy(from: store, at: Int(at), to: offset, count: count)
