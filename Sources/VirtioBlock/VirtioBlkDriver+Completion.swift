@@ -133,7 +133,7 @@ extension VirtioBlkDriver {
         }
         // Return pages, then start whatever now fits.
         let toLaunch: [(Pending, [Int32])] = lane.state.withLock { s in
-            // A held read's pages come back through `HeldPages.release` once its data is sent.
+            // A held read's pages come back through `giveBack` when its `HeldPages` goes (data sent).
             for (slot, status) in finished where !(slot.keep && status == BlkStatus.ok) { s.pool.give(slot.pages) }
             s.inFlight -= finished.count
             return takeWaiting(&s, lane)

@@ -16,7 +16,7 @@ final class PrivateMemoryTests: XCTestCase {
         var holes = [(0, 1), (4096, 4096), (100, 9000), (size - 513, 513), (12_288, 70_000), (5000, 10)]
         for _ in 0..<50 {
             let o = Int(rng.next() % UInt64(size))
-            holes.append((o, Int(rng.next() % UInt64(size - o)) + 0))
+            holes.append((o, Int(rng.next() % UInt64(size - o))))
         }
         for (o, n) in holes {
             mem.punchHole(o, count: n)
