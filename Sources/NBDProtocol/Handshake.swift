@@ -7,6 +7,9 @@ public enum HandshakeAction: Equatable {
     case send(ByteBuffer)
     /// Close the connection (after writing anything already queued).
     case close(reason: String)
+    /// Nothing to do on the wire: a fact for the server's log (a client asked for an export that
+    /// does not exist), so that the operator can see why a client failed.
+    case report(String)
     /// Negotiation finished; transmission starts with this session.
     case startTransmission(NBDSession)
     /// STARTTLS was acknowledged: after the queued bytes go out, wrap the connection in TLS and
@@ -81,6 +84,24 @@ public struct HandshakeStateMachine {
     /// ("Option haggling": "NBD strings ... MUST NOT exceed 4096 bytes"); longer options are
     /// drained without buffering and answered NBD_REP_ERR_TOO_BIG.
     public static let maxOptionLength = 16 * 1024
+    /// The close reason of NBD_OPT_ABORT, the normal end of a client that only asked (nbdinfo, --list).
+    public static let abortReason = "client sent NBD_OPT_ABORT"
+
+    /// The log line for a name no export has, with the names there are.
+    func unknownExport(_ name: String, _ option: UInt32) -> String {
+        let opt =
+            switch NBDOption(rawValue: option) {
+            case .exportName: "NBD_OPT_EXPORT_NAME"
+            case .info: "NBD_OPT_INFO"
+            case .go: "NBD_OPT_GO"
+            case .listMetaContext: "NBD_OPT_LIST_META_CONTEXT"
+            case .setMetaContext: "NBD_OPT_SET_META_CONTEXT"
+            default: "option \(option)"
+            }
+        let names = catalog.exports.prefix(8).map { "\"\($0.name)\"" }.joined(separator: ", ")
+        return
+            "the client asked for export \"\(name)\" (\(opt)), which does not exist; exports: \(names)\(catalog.exports.count > 8 ? ", …" : "")"
+    }
 
     enum State: Equatable {
         case awaitingClientFlags
@@ -203,7 +224,7 @@ public struct HandshakeStateMachine {
         case .exportName: return exportName(data)
         case .abort:
             state = .finished
-            return [.send(Self.optionReply(option, NBDReply.ack)), .close(reason: "client sent NBD_OPT_ABORT")]
+            return [.send(Self.optionReply(option, NBDReply.ack)), .close(reason: Self.abortReason)]
         case .list: return list(data)
         case .info, .go: return infoOrGo(opt, data)
         case .structuredReply: return structuredReply(data)
@@ -244,7 +265,7 @@ public struct HandshakeStateMachine {
             return [.close(reason: "NBD_OPT_EXPORT_NAME after NBD_OPT_EXTENDED_HEADERS (the client MUST NOT)")]
         }
         guard let e = catalog.lookup(name) else {
-            return [.close(reason: "unknown export \"\(name)\" requested with NBD_OPT_EXPORT_NAME")]
+            return [.close(reason: unknownExport(name, NBDOption.exportName.rawValue))]
         }
         if let refusal = refusal(e) { return [.close(reason: "NBD_OPT_EXPORT_NAME: \(refusal.message)")] }
         var b = ByteBuffer()
@@ -286,7 +307,10 @@ public struct HandshakeStateMachine {
         var requested: [UInt16] = []
         for _ in 0..<count { requested.append(data.readInteger()!) }
         guard let e = catalog.lookup(name) else {
-            return [.send(Self.optionReply(option, NBDReply.errUnknown, message: "no export named \"\(name)\""))]
+            return [
+                .report(unknownExport(name, option)),
+                .send(Self.optionReply(option, NBDReply.errUnknown, message: "no export named \"\(name)\"")),
+            ]
         }
         if let refusal = refusal(e) {
             return [.send(Self.optionReply(option, refusal.reply, message: refusal.message))]
@@ -458,7 +482,10 @@ public struct HandshakeStateMachine {
             ]
         }
         guard catalog.lookup(name) != nil else {
-            return [.send(Self.optionReply(option, NBDReply.errUnknown, message: "no export named \"\(name)\""))]
+            return [
+                .report(unknownExport(name, option)),
+                .send(Self.optionReply(option, NBDReply.errUnknown, message: "no export named \"\(name)\"")),
+            ]
         }
         // A LIST with no queries lists everything; "base:" names the whole namespace. A SET
         // selects exact names only, each once.

@@ -20,7 +20,7 @@ final class NBDConnectionHandler: ChannelDuplexHandler {
     /// Bytes of request payload and reply data in flight before parsing pauses (at least one
     /// maximum payload: a request is never split to fit).
     static let maxInFlightBytes = 64 << 20
-    private var inFlightByteLimit: Int { max(Self.maxInFlightBytes, attached.map { Int($0.info.maximumPayload) } ?? 0) }
+    private var inFlightByteLimit: Int { max(Self.maxInFlightBytes, attached.map { Int($0.maximumPayload) } ?? 0) }
     /// Unparsed input buffered before the socket is no longer read: one maximum request (its
     /// header and payload) once transmission starts, 1 MiB during the handshake (options are at
     /// most 16 KiB; longer ones are drained).
@@ -143,8 +143,12 @@ final class NBDConnectionHandler: ChannelDuplexHandler {
         for a in actions {
             switch a {
             case .send(let b): context.write(wrapOutboundOut(b), promise: nil)
+            case .report(let fact): logger.info("\(fact)")
             case .close(let reason):
-                logger.info("closing during handshake: \(reason)")
+                // ABORT is how a client that only asked (nbdinfo, --list) says goodbye: nothing to report.
+                logger.log(
+                    level: reason == HandshakeStateMachine.abortReason ? .debug : .info,
+                    "closing during handshake: \(reason)")
                 phase = .closing
                 context.writeAndFlush(wrapOutboundOut(ByteBuffer()), promise: nil)
                 context.close(promise: nil)
@@ -612,7 +616,7 @@ final class NBDConnectionHandler: ChannelDuplexHandler {
     func errorCaught(context: ChannelHandlerContext, error: Error) {
         if case .awaitingTLS = phase {
             // E.g. --tls-verify-peer and no client certificate, or one ca-cert.pem did not sign.
-            logger.info("closing: TLS handshake failed: \(error)")
+            logger.notice("closing: TLS handshake failed: \(TLSFailure.describe(error))")
         } else {
             logger.debug("connection error: \(error)")
         }

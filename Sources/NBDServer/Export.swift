@@ -1,12 +1,42 @@
 import BlockLayer
 import Logging
 import NBDProtocol
+import Virtio
 import VirtioBlock
 
 /// One named export: its handshake description, the device behind it and the block layers
 /// between them.
 public final class NBDExport: Sendable {
-    public let info: NBDExportInfo
+    /// What the handshake shows: the transmission facts, fixed for the export's life, and its
+    /// presentation, which a reload may change under connected clients (`present`).
+    public var info: NBDExportInfo {
+        var i = base
+        let p = presentation.withLock { $0 }
+        i.description = p.description
+        i.allowedClients = p.allowedClients
+        i.requiresTLS = p.requiresTLS
+        return i
+    }
+    /// NBD_INFO_BLOCK_SIZE's maximum payload (read per request, so not behind the lock).
+    public let maximumPayload: UInt32
+    private let base: NBDExportInfo
+    private let presentation: Locked<Presentation>
+
+    /// What only new handshakes see: changing it touches neither the device nor the clients in transmission.
+    public struct Presentation: Sendable, Equatable {
+        public var description: String
+        public var allowedClients: NBDClientAllowList?
+        public var requiresTLS: Bool
+        public init(description: String, allowedClients: NBDClientAllowList?, requiresTLS: Bool) {
+            self.description = description
+            self.allowedClients = allowedClients
+            self.requiresTLS = requiresTLS
+        }
+    }
+
+    /// Changes the description and who may negotiate the export from now on (configuration reload).
+    public func present(_ p: Presentation) { presentation.withLock { $0 = p } }
+
     public let device: BlockDevice
     /// What requests run on: the top of the export's block layers, or the device itself.
     public let stack: BlockLayer
@@ -38,7 +68,10 @@ public final class NBDExport: Sendable {
             minimumBlockSize: 1, preferredBlockSize: 4096, maximumPayload: maximumPayload,
             allowedClients: allowedClients)
         info.requiresTLS = requiresTLS
-        self.info = info
+        self.base = info
+        self.maximumPayload = maximumPayload
+        presentation = Locked(
+            Presentation(description: description, allowedClients: allowedClients, requiresTLS: requiresTLS))
         self.device = device
         self.stack = stack
         self.bitmaps = bitmaps

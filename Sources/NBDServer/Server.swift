@@ -117,22 +117,28 @@ final class ExportDirectory: Sendable {
     /// The export `info` names, if it is still served as negotiated; registers the connection as its user.
     /// (The handshake hides SEND_DF from clients without structured replies; that flag is not compared.)
     func attach(_ info: NBDExportInfo, connection: Int) -> NBDExport? {
-        var negotiated = info
-        negotiated.flags.remove(.sendDF)
+        // What transmission relies on; the presentation (description, who may negotiate) may
+        // have been changed by a reload meanwhile without changing the export.
+        func facts(_ i: NBDExportInfo) -> [String] {
+            var flags = i.flags
+            flags.remove(.sendDF)
+            return [
+                i.name, "\(i.size)", "\(flags.rawValue)", "\(i.minimumBlockSize)", "\(i.preferredBlockSize)",
+                "\(i.maximumPayload)",
+            ]
+        }
+        let negotiated = facts(info)
         let e: NBDExport? = state.withLock { s in
-            guard
-                let e = s.exports.first(where: {
-                    var i = $0.info
-                    i.flags.remove(.sendDF)
-                    return i == negotiated
-                })
-            else { return nil }
+            guard let e = s.exports.first(where: { facts($0.info) == negotiated }) else { return nil }
             s.users[ObjectIdentifier(e), default: []].insert(connection)
             return e
         }
         e?.metrics.connected()
         return e
     }
+
+    /// Connections in transmission on `export`.
+    func userCount(_ export: NBDExport) -> Int { state.withLock { $0.users[ObjectIdentifier(export)]?.count ?? 0 } }
 
     func detach(_ export: NBDExport, connection: Int) {
         let removed = state.withLock { s in s.users[ObjectIdentifier(export)]?.remove(connection) != nil }
@@ -157,6 +163,8 @@ public final class NBDServer: Sendable {
     private let logger: Logger
     private let registry = ConnectionRegistry()
     private let listeners = Locked<[Channel]>([])
+    /// The Unix socket files `listen` created, removed by `shutdown` (only if they are still ours).
+    private let sockets = Locked<[UnixSocketClaim]>([])
 
     private let limits: ServerLimits
     private let reapers: QueueReapers
@@ -178,6 +186,9 @@ public final class NBDServer: Sendable {
     /// Stops completing `export`'s device requests on the event loops: call it after the device
     /// is shut down (a removed export's device; the loops must reap until its last request).
     public func release(_ export: NBDExport) { reapers.detach(export.device.driver) }
+
+    /// Clients in transmission on `export` now.
+    public func clientCount(of export: NBDExport) -> Int { directory.userCount(export) }
 
     /// The exports served now (the handshake's list, in order).
     public var exports: [NBDExport] { directory.exports }
@@ -260,20 +271,27 @@ public final class NBDServer: Sendable {
         switch address {
         case .tcp(let host, let port): channel = try await bootstrap.bind(host: host, port: port).get()
         case .unix(let path):
-            channel = try await bootstrap.bind(unixDomainSocketPath: path, cleanupExistingSocketFile: true).get()
+            try await UnixSocketPath.prepare(path, group: group)
+            channel = try await bootstrap.bind(unixDomainSocketPath: path).get()
+            if let claim = UnixSocketClaim(boundAt: path) { sockets.withLock { $0.append(claim) } }
         case .boundSocket(let fd): channel = try await bootstrap.withBoundSocket(fd).get()
         }
         listeners.withLock { $0.append(channel) }
         return channel.localAddress
     }
 
-    /// Stops accepting, lets every connection finish its in-flight requests, and waits for them to close.
+    /// Stops accepting (removing the Unix socket files it bound), lets every connection finish its in-flight requests, and waits for them to close.
     public func shutdown() async {
         let ls = listeners.withLock { l in
             defer { l.removeAll() }
             return l
         }
         for l in ls { try? await l.close() }
+        let ours = sockets.withLock { s in
+            defer { s.removeAll() }
+            return s
+        }
+        for s in ours { s.release() }
         let conns = registry.all
         for c in conns { c.pipeline.fireUserInboundEventTriggered(QuiesceEvent()) }
         for c in conns { try? await c.closeFuture.get() }

@@ -22,6 +22,10 @@ public enum TLSSetupError: Error, CustomStringConvertible {
     case verifyPeerWithoutCertificates
     /// --tls-verify-peer needs DIR/ca-cert.pem, the CA that signs client certificates.
     case missingCA(path: String)
+    /// The PSK file cannot be read (missing, no permission).
+    case pskUnreadable(path: String, reason: String)
+    /// server-key.pem is not the key of server-cert.pem.
+    case keyMismatch(certificate: String, key: String)
 
     public var description: String {
         switch self {
@@ -41,6 +45,12 @@ public enum TLSSetupError: Error, CustomStringConvertible {
         case .missingCA(let p):
             return
                 "--tls-verify-peer needs \(p), the CA certificate that client certificates must be signed by; copy the CA's certificate there (certtool/openssl PEM)"
+        case .pskUnreadable(let p, let reason):
+            return
+                "cannot read the PSK key file \(p): \(reason); check --tls-psk, or create it with: psktool -u alice -p \(p)"
+        case .keyMismatch(let c, let k):
+            return
+                "\(k) is not the private key of \(c) (the key does not match the certificate's public key); put the matching pair in the directory"
         }
     }
 }
@@ -79,10 +89,12 @@ public struct TLSSettings: Sendable {
             let chain: [NIOSSLCertificate]
             let key: NIOSSLPrivateKey
             do { chain = try NIOSSLCertificate.fromPEMFile(certPath) } catch {
-                throw TLSSetupError.unreadable(path: certPath, what: "the server certificate", underlying: "\(error)")
+                throw TLSSetupError.unreadable(
+                    path: certPath, what: "the server certificate", underlying: fileProblem(certPath, error))
             }
             do { key = try NIOSSLPrivateKey(file: keyPath, format: .pem) } catch {
-                throw TLSSetupError.unreadable(path: keyPath, what: "the server private key", underlying: "\(error)")
+                throw TLSSetupError.unreadable(
+                    path: keyPath, what: "the server private key", underlying: fileProblem(keyPath, error))
             }
             var cfg = TLSConfiguration.makeServerConfiguration(
                 certificateChain: chain.map { .certificate($0) }, privateKey: .privateKey(key))
@@ -95,7 +107,8 @@ public struct TLSSettings: Sendable {
                 }
                 let ca: [NIOSSLCertificate]
                 do { ca = try NIOSSLCertificate.fromPEMFile(caPath) } catch {
-                    throw TLSSetupError.unreadable(path: caPath, what: "the CA certificate", underlying: "\(error)")
+                    throw TLSSetupError.unreadable(
+                        path: caPath, what: "the CA certificate", underlying: fileProblem(caPath, error))
                 }
                 guard !ca.isEmpty else {
                     throw TLSSetupError.unreadable(
@@ -105,7 +118,12 @@ public struct TLSSettings: Sendable {
                 cfg.trustRoots = .certificates(ca)
                 cfg.sendCANameList = true
             }
-            var s = TLSSettings(policy: policy, context: try NIOSSLContext(configuration: cfg))
+            let context: NIOSSLContext
+            do { context = try NIOSSLContext(configuration: cfg) } catch NIOSSLError.failedToLoadPrivateKey {
+                // Both files loaded on their own: BoringSSL refuses a key that is not the certificate's.
+                throw TLSSetupError.keyMismatch(certificate: certPath, key: keyPath)
+            }
+            var s = TLSSettings(policy: policy, context: context)
             s.verifyPeer = verifyPeer
             return s
         case (nil, let path?):
@@ -164,7 +182,7 @@ public struct TLSSettings: Sendable {
     static func loadPSK(_ path: String) throws -> [String: [UInt8]] {
         let text: String
         do { text = try String(contentsOfFile: path, encoding: .utf8) } catch {
-            throw TLSSetupError.unreadable(path: path, what: "PSK keys", underlying: "\(error)")
+            throw TLSSetupError.pskUnreadable(path: path, reason: fileProblem(path, error))
         }
         var keys: [String: [UInt8]] = [:]
         for (i, raw) in text.split(separator: "\n", omittingEmptySubsequences: false).enumerated() {
@@ -190,9 +208,50 @@ public struct TLSSettings: Sendable {
     }
 }
 
+/// Why a credential file did not load, in one line: the OS's reason when it cannot be read at all,
+/// else the loader's (not PEM, a wrong type of key).
+func fileProblem(_ path: String, _ error: Error) -> String {
+    if access(path, R_OK) != 0 { return String(cString: strerror(errno)) }
+    if let e = error as? NIOSSLError { return "not a PEM file of the right kind (\(e))" }
+    return "the file is not valid UTF-8 text or PEM"
+}
+
 /// The PSK identity one connection's TLS handshake used (set from NIOSSL's key callback).
 final class PSKIdentityRecorder: Sendable {
     private let value = Locked<String?>(nil)
     func record(_ id: String) { value.withLock { $0 = id } }
     var identity: String? { value.withLock { $0 } }
+}
+
+/// A failed TLS handshake as one line for the log: BoringSSL's reason in words, without its
+/// error queue dump (which carries source paths of the build).
+enum TLSFailure {
+    static func describe(_ error: Error) -> String {
+        let text = "\(error)"
+        guard let reason = boringSSLReason(text) else {
+            // Not a BoringSSL error (EOF, a reset): NIO's own description is short.
+            return text.split(separator: "\n").first.map(String.init) ?? text
+        }
+        switch reason {
+        case "PEER_DID_NOT_RETURN_A_CERTIFICATE":
+            return "the client presented no certificate (--tls-verify-peer requires one signed by ca-cert.pem)"
+        case "CERTIFICATE_VERIFY_FAILED":
+            return "the client's certificate is not signed by ca-cert.pem (--tls-verify-peer)"
+        case "WRONG_VERSION_NUMBER", "HTTP_REQUEST":
+            return "the client did not speak TLS after STARTTLS"
+        case "NO_SHARED_CIPHER":
+            return "the client offered no cipher this server accepts (with --tls-psk: no PSK cipher suite)"
+        default:
+            return reason.lowercased().replacingOccurrences(of: "_", with: " ")
+        }
+    }
+
+    /// The REASON of the first `error:HEX:LIBRARY:FUNCTION:REASON` in BoringSSL's text.
+    static func boringSSLReason(_ text: String) -> String? {
+        guard let r = text.range(of: "error:") else { return nil }
+        let fields = text[r.upperBound...].split(separator: ":", maxSplits: 4, omittingEmptySubsequences: false)
+        guard fields.count >= 4 else { return nil }
+        let reason = fields[3].prefix { $0.isLetter || $0.isNumber || $0 == "_" }
+        return reason.isEmpty ? nil : String(reason)
+    }
 }

@@ -4,9 +4,10 @@
 //
 // Global settings. A flag that is given replaces the file's value; a flag that is absent leaves it.
 //   --allow                         replaces the file's whole `allow` list.
-//   -p/--port, --listen, -U/--unix  any of them replaces the file's whole `listen` list with the one
-//                                   address they describe (-U wins; else --listen (127.0.0.1) and
-//                                   -p (10809) with those defaults).
+//   -p/--port, --listen, -U/--unix  any of them replaces the file's whole `listen` list with the
+//                                   addresses they describe: -U PATH; else every --listen (repeatable:
+//                                   HOST, HOST:PORT, [V6]:PORT or an absolute socket path; default
+//                                   127.0.0.1), each on its own port or -p's (default 10809).
 //   --max-connections, --handshake-timeout  replace limits.*.
 //   --keepalive, --no-keepalive     replace limits.keepalive.
 //   --keepalive-idle, --keepalive-interval, --keepalive-count  replace limits.keepalive-*; without
@@ -46,7 +47,8 @@ import AccessControl
 /// The flags of `virtnbd serve`, each nil (or false) when not given on the command line.
 public struct CommandLineOverrides: Sendable, Equatable {
     public var port: Int?
-    public var listen: String?
+    /// Every `--listen`, in order (empty: not given).
+    public var listen: [String]
     public var unix: String?
     /// `--allow` (already parsed, every occurrence); nil when not given.
     public var allow: AccessList?
@@ -91,7 +93,7 @@ public struct CommandLineOverrides: Sendable, Equatable {
     public var bitmapGranularity: UInt64?
 
     public init(
-        port: Int? = nil, listen: String? = nil, unix: String? = nil, maxConnections: Int? = nil,
+        port: Int? = nil, listen: [String] = [], unix: String? = nil, maxConnections: Int? = nil,
         handshakeTimeout: Int? = nil, verbose: Bool = false, tls: TLSPolicy? = nil,
         tlsCertificates: String? = nil, tlsPsk: String? = nil, exportName: String? = nil,
         description: String? = nil, readOnly: Bool = false, size: UInt64? = nil, file: String? = nil,
@@ -200,17 +202,22 @@ extension VirtNBDConfig {
     ) throws(ConfigError) {
         if let u = flags.unix {
             c.listeners = [.unix(path: u)]
-        } else if flags.port != nil || flags.listen != nil {
-            let host = (flags.listen ?? "127.0.0.1").lowercased()
+        } else if flags.port != nil || !flags.listen.isEmpty {
             let port = flags.port ?? 10809
             guard (1...65535).contains(port) else {
                 throw fail(.badValue, "--port", "\(port) is not a port", "use 1 to 65535")
             }
-            c.listeners = [
-                .tcp(
-                    host: host.hasPrefix("[") && host.hasSuffix("]") ? String(host.dropFirst().dropLast()) : host,
-                    port: port)
-            ]
+            var listeners: [Listener] = []
+            for text in flags.listen.isEmpty ? ["127.0.0.1"] : flags.listen {
+                let l = try listener(flag: text, port: flags.port, fail)
+                if listeners.contains(where: { Values.collide($0, l) }) {
+                    throw fail(
+                        .listenerCollision, "--listen", "\(text) is given twice (or overlaps another --listen)",
+                        "give each address once")
+                }
+                listeners.append(l)
+            }
+            c.listeners = listeners
         }
         if let a = flags.allow { c.allow = a }
         if let m = flags.maxConnections {
@@ -307,11 +314,51 @@ extension VirtNBDConfig {
         }
     }
 
+    /// One `--listen`: HOST (on -p's port), HOST:PORT, [V6]:PORT, a bare IPv6 address, or an
+    /// absolute Unix socket path, as the file's `listen:` entries.
+    fileprivate static func listener(flag text: String, port: Int?, _ fail: FlagFailure) throws(ConfigError)
+        -> Listener
+    {
+        if text.hasPrefix("/") {
+            if port != nil {
+                throw fail(
+                    .badValue, "--listen", "\(text) is a Unix socket, which has no port, but -p \(port ?? 0) was given",
+                    "drop -p, or give a TCP address")
+            }
+            return .unix(path: text)
+        }
+        let fix = "write HOST, HOST:PORT or [IPv6]:PORT (e.g. 127.0.0.1, 0.0.0.0:10809, [::1]:10809)"
+        switch Values.hostPort(text) {
+        case .success(let hp):
+            if let p = port, p != hp.port {
+                throw fail(
+                    .badValue, "--listen", "\(text) names port \(hp.port) but -p says \(p)",
+                    "give the port once: --listen \(hp.host.contains(":") ? "[\(hp.host)]" : hp.host) -p \(p), or drop -p"
+                )
+            }
+            return .tcp(host: hp.host, port: hp.port)
+        case .failure(.noPort), .failure(.unbracketedIPv6):
+            // A bare host: "127.0.0.1", "localhost", "::", "[::1]".
+            var host = text.lowercased()
+            if host.hasPrefix("[") && host.hasSuffix("]") { host = String(host.dropFirst().dropLast()) }
+            guard !host.isEmpty, !host.contains("[") && !host.contains("]"), !host.contains(where: \.isWhitespace)
+            else { throw fail(.badValue, "--listen", "\(Values.quoted(text)) is not an address", fix) }
+            return .tcp(host: host, port: port ?? 10809)
+        case .failure(.badPort):
+            throw fail(.badValue, "--listen", "\(Values.quoted(text)) has no valid port", "use a port from 1 to 65535")
+        case .failure(.emptyHost):
+            throw fail(
+                .badValue, "--listen", "\(Values.quoted(text)) has no host",
+                "name the address, e.g. 0.0.0.0\(text) for every IPv4 address")
+        case .failure(.spaces): throw fail(.badValue, "--listen", "\(Values.quoted(text)) contains spaces", fix)
+        }
+    }
+
     /// Metrics on an NBD listener's port; Unix socket paths the kernel cannot bind.
     fileprivate static func validateListeners(
         _ c: VirtNBDConfig, _ flags: CommandLineOverrides, _ fail: FlagFailure
     ) throws(ConfigError) {
-        let listenersFromFlags = flags.unix != nil || flags.port != nil || flags.listen != nil
+        let listenersFromFlags = flags.unix != nil || flags.port != nil || !flags.listen.isEmpty
         for (i, l) in c.listeners.enumerated() {
             if let m = c.metrics, case .success(let hp) = Values.hostPort(m),
                 Values.collide(l, .tcp(host: hp.host, port: hp.port))
@@ -327,7 +374,7 @@ extension VirtNBDConfig {
                         "give --metrics its own port, e.g. 127.0.0.1:9100")
                 }
                 throw fail(
-                    .listenerCollision, flags.listen != nil && flags.port == nil ? "--listen" : "--port",
+                    .listenerCollision, !flags.listen.isEmpty && flags.port == nil ? "--listen" : "--port",
                     "\(l) collides with metrics (\(m))", "choose another port with -p, or move metrics")
             }
             if case .unix(let p) = l, p.utf8.count > 107 {

@@ -7,7 +7,8 @@ import Virtio
 #endif
 
 public enum BackendError: Error, CustomStringConvertible {
-    case open(path: String, errno: Int32)
+    /// `mayCreate`: the file would have been created had it been given a size.
+    case open(path: String, errno: Int32, readOnly: Bool, mayCreate: Bool)
     case notRegular(path: String)
     case badSize(path: String, size: Int64)
     /// An existing image whose size is not the one asked for: images are never resized.
@@ -16,9 +17,19 @@ public enum BackendError: Error, CustomStringConvertible {
     case io(op: String, errno: Int32)
     public var description: String {
         switch self {
-        case .open(let p, let e):
-            return
-                "cannot open \(p): \(String(cString: strerror(e))); check the path and permissions (use -r for a read-only file)"
+        case .open(let p, let e, let readOnly, let mayCreate):
+            let what = "cannot open \(p): \(String(cString: strerror(e)))"
+            switch e {
+            case ENOENT:
+                return mayCreate
+                    ? "\(what); check the path, or give a size (--size, or size: in the configuration) to create it"
+                    : "\(what); check that its directory exists"
+            case EACCES, EPERM, EROFS:
+                return readOnly
+                    ? "\(what); check the permissions of the file and its directories"
+                    : "\(what); check the permissions, or serve it read-only (-r, or read-only: true)"
+            default: return "\(what); check the path"
+            }
         case .notRegular(let p): return "\(p) is not a regular file or block device"
         case .badSize(let p, let s):
             return s == 0
@@ -74,21 +85,30 @@ public final class FileBackend: BlockBackend {
     public let size: UInt64
     public let readOnly: Bool
     public let path: String
+    /// Whether this open created the file (`createSize`), so that a start that fails can remove it.
+    public let created: Bool
     let fd: Int32
 
-    /// Opens `path`. With `createSize` a missing file is created sparse with that size, and an
-    /// existing one must already have exactly that size: an image is never resized (`.sizeMismatch`).
+    /// Opens `path`. With `createSize` a missing file is created sparse with that size (read-only
+    /// too: it then serves zeroes), and an existing one must already have exactly that size: an
+    /// image is never resized (`.sizeMismatch`).
     public init(path: String, readOnly: Bool, createSize: UInt64? = nil) throws {
         self.path = path
         self.readOnly = readOnly
         var fd: Int32 = -1
         var created = false
-        if createSize != nil && !readOnly {
+        if createSize != nil {
             fd = open(path, O_RDWR | O_CLOEXEC | O_CREAT | O_EXCL, 0o644)
-            if fd >= 0 { created = true } else if errno != EEXIST { throw BackendError.open(path: path, errno: errno) }
+            if fd >= 0 {
+                created = true
+            } else if errno != EEXIST {
+                throw BackendError.open(path: path, errno: errno, readOnly: readOnly, mayCreate: false)
+            }
         }
         if fd < 0 { fd = open(path, (readOnly ? O_RDONLY : O_RDWR) | O_CLOEXEC) }
-        guard fd >= 0 else { throw BackendError.open(path: path, errno: errno) }
+        guard fd >= 0 else {
+            throw BackendError.open(path: path, errno: errno, readOnly: readOnly, mayCreate: createSize == nil)
+        }
         var st = stat()
         guard fstat(fd, &st) == 0 else {
             close(fd)
@@ -120,6 +140,7 @@ public final class FileBackend: BlockBackend {
         }
         self.fd = fd
         self.size = UInt64(sz)
+        self.created = created
     }
     deinit { close(fd) }
 

@@ -48,19 +48,18 @@ struct BitmapCommand: AsyncParsableCommand {
             command: action.rawValue, export: export, bitmap: name, granularity: granularity?.bytes, freeze: freezeAs)
         let reply: ControlReply
         do { reply = try await Self.send(request, to: control) } catch {
-            FileHandle.standardError.write(
-                Data(
-                    "virtnbd bitmap: cannot reach the control socket \(control): \(error); is virtnbd running with --control \(control)?\n"
-                        .utf8))
+            Console.err(
+                "virtnbd bitmap: cannot reach the control socket \(control): \(error); is virtnbd running with --control \(control)?\n"
+            )
             throw ExitCode(1)
         }
         if json {
             var d = try ControlReply.encoder.encode(reply)
             d.append(UInt8(ascii: "\n"))
-            FileHandle.standardOutput.write(d)
+            Console.out(d)
         }
         guard reply.ok else {
-            FileHandle.standardError.write(Data("virtnbd bitmap: \(reply.error ?? "failed")\n".utf8))
+            Console.err("virtnbd bitmap: \(reply.error ?? "failed")\n")
             throw ExitCode(1)
         }
         if !json, action == .list {
@@ -70,7 +69,7 @@ struct BitmapCommand: AsyncParsableCommand {
                     "\(b.name)\t\(b.frozen ? "frozen" : "active")\tgranularity=\(b.granularity)\tdirty=\(b.dirtyBytes)"
                 out += b.persistent ? "\tpersistent\n" : "\n"
             }
-            FileHandle.standardOutput.write(Data(out.utf8))
+            Console.out(out)
         }
     }
 

@@ -48,20 +48,20 @@ final class ControlServer: Sendable {
     private let channel: Channel
     let path: String
 
-    private init(channel: Channel, path: String) {
+    private let claim: UnixSocketClaim?
+
+    private init(channel: Channel, path: String, claim: UnixSocketClaim?) {
         self.channel = channel
         self.path = path
+        self.claim = claim
     }
 
     static func start(
         path: String, group: EventLoopGroup, exports: @escaping @Sendable () -> [NBDExport], logger: Logger
     ) async throws -> ControlServer {
-        var st = stat()
-        if lstat(path, &st) == 0 {
-            guard st.st_mode & S_IFMT == S_IFSOCK else {
-                throw ControlError("\(path) exists and is not a socket; choose another --control path")
-            }
-            unlink(path) // a stale socket of an earlier run
+        // Nothing there, or a stale socket of an earlier run; never a file or a live server's socket.
+        do { try await UnixSocketPath.prepare(path, group: group) } catch {
+            throw ControlError("\(error); choose another --control path")
         }
         let temporary = path + ".\(getpid()).tmp"
         unlink(temporary)
@@ -83,12 +83,13 @@ final class ControlServer: Sendable {
             throw ControlError("cannot restrict and place the socket: \(why)")
         }
         logger.info("control socket at \(path) (virtnbd bitmap … --control \(path))")
-        return ControlServer(channel: channel, path: path)
+        return ControlServer(channel: channel, path: path, claim: UnixSocketClaim(boundAt: path))
     }
 
+    /// Stops listening; removes the socket file if the path still holds ours.
     func close() async {
         try? await channel.close()
-        unlink(path)
+        claim?.release()
     }
 
     /// Runs one request; `reply` is called once (a clear calls it when the clear completes).

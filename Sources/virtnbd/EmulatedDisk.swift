@@ -1,3 +1,4 @@
+import Foundation
 import Logging
 import Virtio
 import VirtioBlock
@@ -11,6 +12,8 @@ struct EmulatorExport {
 
     let disk: EmulatedDisk
     let label: String
+    /// The image, when this start created it.
+    let createdFiles: [String]
     var device: BlockDevice { disk.device }
 
     /// `sizeKey` names where `size` came from (`--size`, or the file's key) for a size-mismatch message.
@@ -31,16 +34,23 @@ struct EmulatorExport {
             holes = f.holes()
             backend = f
             label = "file \(path)"
+            createdFiles = f.created ? [path] : []
         } else {
             let s = size ?? Self.simulatedSize
             backend = try RAMBackend(size: s, readOnly: readOnly)
             holes = [0..<s]
             label = size == nil ? "simulated 512 KiB disk" : "RAM \(s) bytes"
+            createdFiles = []
         }
-        disk = try EmulatedDisk(
-            backend: backend, holes: holes, discardReadsZero: true,
-            serial: file == nil && size == nil ? "virtnbd-simulated" : "virtnbd-emulator", options: options,
-            devicePollMicroseconds: devicePollMicroseconds, logger: logger)
+        do {
+            disk = try EmulatedDisk(
+                backend: backend, holes: holes, discardReadsZero: true,
+                serial: file == nil && size == nil ? "virtnbd-simulated" : "virtnbd-emulator", options: options,
+                devicePollMicroseconds: devicePollMicroseconds, logger: logger)
+        } catch {
+            for f in createdFiles { unlink(f) }
+            throw error
+        }
     }
 
     func shutdown() { disk.shutdown() }

@@ -29,7 +29,7 @@ struct Info: AsyncParsableCommand {
                 parsed, list: list, timeout: timeAmount(timeout), logger: logger)
             let text =
                 json ? Self.json(negotiation, exports, base: parsed) : Self.text(negotiation, exports, base: parsed)
-            FileHandle.standardOutput.write(Data(text.utf8))
+            Console.out(text)
         } catch {
             throw toolFailure("info", error)
         }
@@ -161,6 +161,6 @@ func timeAmount(_ seconds: Double) -> TimeAmount? {
 
 /// Prints `virtnbd CMD: error` on stderr; the caller throws the returned exit status 1.
 func toolFailure(_ command: String, _ error: Error) -> ExitCode {
-    FileHandle.standardError.write(Data("virtnbd \(command): \(error)\n".utf8))
+    Console.err("virtnbd \(command): \(error)\n")
     return ExitCode(1)
 }

@@ -90,6 +90,21 @@ struct PidFile {
         }
     }
 
+    /// Why the pid file could not be written, checked before anything starts: its directory is
+    /// missing or not writable. Nil when it looks writable.
+    static func directoryProblem(_ path: String) -> WriteError? {
+        let dir = (path as NSString).deletingLastPathComponent
+        let d = dir.isEmpty ? "." : dir
+        var isDir: ObjCBool = false
+        guard FileManager.default.fileExists(atPath: d, isDirectory: &isDir), isDir.boolValue else {
+            return WriteError(path: path, reason: "the directory \(d) does not exist")
+        }
+        guard access(d, W_OK) == 0 else {
+            return WriteError(path: path, reason: "the directory \(d): \(String(cString: strerror(errno)))")
+        }
+        return nil
+    }
+
     /// Writes "PID\n" to a temporary file beside `path`, then renames it: a reader sees the whole file or none.
     static func write(_ path: String) throws(WriteError) -> PidFile {
         let tmp = path + ".tmp.\(getpid())"
@@ -97,7 +112,9 @@ struct PidFile {
         do {
             try data.write(to: URL(fileURLWithPath: tmp))
         } catch {
-            throw WriteError(path: path, reason: "\(error.localizedDescription)")
+            let code = (error as NSError).userInfo[NSUnderlyingErrorKey].map { ($0 as? NSError)?.code ?? 0 } ?? 0
+            throw WriteError(
+                path: path, reason: code > 0 ? String(cString: strerror(Int32(code))) : "it cannot be written")
         }
         guard rename(tmp, path) == 0 else {
             let e = errno

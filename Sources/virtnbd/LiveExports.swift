@@ -9,9 +9,11 @@ import VirtioBlock
 
 /// One export being served: the plan it was opened from, its device, and its NBD side.
 struct LiveExport {
-    let plan: ServeOptions.ExportPlan
+    var plan: ServeOptions.ExportPlan
     let disk: ServedDisk
     let export: NBDExport
+    /// Files opening it created (a new image, its new bitmap file): a start that fails removes them.
+    var createdFiles: [String] = []
 
     /// Opens the export's device.
     static func open(_ p: ServeOptions.ExportPlan, logger: Logger) throws(ExportOpenError) -> LiveExport {
@@ -23,9 +25,13 @@ struct LiveExport {
                 size: p.size, sizeKey: p.sizeKey, file: p.file, readOnly: p.readOnly, options: p.driver,
                 devicePollMicroseconds: p.devicePollMicroseconds, logger: elog)
         } catch { throw ExportOpenError(name: p.name, underlying: "\(error)") }
+        var created = d.createdFiles
+        let bitmapFile = p.file.map { $0 + ".bitmaps" }
+        if let b = bitmapFile, !FileManager.default.fileExists(atPath: b) { created.append(b) }
         let layers: (BlockLayer?, DirtyBitmaps?)
         do { layers = try stack(p, over: d.device, logger: elog) } catch {
             d.shutdown()
+            removeFiles(created)
             throw ExportOpenError(name: p.name, underlying: "\(error)")
         }
         return LiveExport(
@@ -33,8 +39,12 @@ struct LiveExport {
             export: NBDExport(
                 name: p.name, description: p.description, device: d.device, forceReadOnly: p.readOnly,
                 maximumPayload: p.maxPayload, allowedClients: p.allowedClients,
-                requiresTLS: p.requiresTLS, stack: layers.0, bitmaps: layers.1))
+                requiresTLS: p.requiresTLS, stack: layers.0, bitmaps: layers.1),
+            createdFiles: created)
     }
+
+    /// Removes what a failed start created (only paths that did not exist before it).
+    static func removeFiles(_ paths: [String]) { for f in paths { unlink(f) } }
 
     /// The export's block layers over its device, bottom up: the snapshot overlay, then dirty
     /// tracking (so it sees every write the client makes). Nil: none, requests go to the device.
@@ -91,12 +101,15 @@ struct ExportOpenError: Error, CustomStringConvertible {
 /// What a reload did, for the log.
 struct ReloadSummary: CustomStringConvertible {
     var added: [String] = [], removed: [String] = [], changed: [String] = [], unchanged = 0
+    /// Exports whose description or client rules changed: the device and its clients stay.
+    var updated: [String] = []
     /// Changed exports whose new device could not be opened: no longer served.
     var lost: [String] = []
 
     var description: String {
         func list(_ n: [String]) -> String { n.isEmpty ? "none" : n.map { "\"\($0)\"" }.joined(separator: ", ") }
-        var s = "added \(list(added)); removed \(list(removed)); changed \(list(changed)); \(unchanged) unchanged"
+        var s = "added \(list(added)); removed \(list(removed)); replaced \(list(changed))"
+        s += "; updated in place \(list(updated)); \(unchanged) unchanged"
         if !lost.isEmpty { s += "; NOT SERVED (device failed to open): \(list(lost))" }
         return s
     }
@@ -112,7 +125,7 @@ struct ExportSet {
         var live: [LiveExport] = []
         for p in plans {
             do { live.append(try LiveExport.open(p, logger: logger)) } catch {
-                for l in live { l.close() }
+                ExportSet(live).closeAll(removingCreatedFiles: true)
                 throw error
             }
         }
@@ -143,13 +156,23 @@ struct ExportSet {
             summary.added.append(p.name)
         }
         summary.removed = live.map(\.plan.name).filter { !newNames.contains($0) }
-        let changed = plans.filter { p in old[p.name].map { $0.plan != p } ?? false }
+        // A change to the description or to who may connect is made in place: same device, same clients.
+        var kept = old
+        for p in plans {
+            guard var o = old[p.name], o.plan != p, o.plan.sameDevice(as: p) else { continue }
+            o.export.present(p.presentation)
+            o.plan = p
+            kept[p.name] = o
+            summary.updated.append(p.name)
+        }
+        let changed = plans.filter { p in kept[p.name].map { $0.plan != p } ?? false }
         summary.changed = changed.map(\.name)
-        summary.unchanged = plans.count - summary.added.count - changed.count
+        summary.unchanged = plans.count - summary.added.count - changed.count - summary.updated.count
+        for p in changed { if let o = old[p.name] { warnReplacing(o, with: p, server: server, logger: logger) } }
 
         // Step 2: in the new file's order, without the changed exports for now.
         let step2 = plans.compactMap { p -> LiveExport? in
-            if let o = old[p.name] { return o.plan == p ? o : nil }
+            if let o = kept[p.name] { return o.plan == p ? o : nil }
             return opened[p.name]
         }
         let retired = await server.replaceExports(step2.map(\.export))
@@ -173,6 +196,32 @@ struct ExportSet {
         return summary
     }
 
-    /// Shuts down every device (the server has drained its clients).
-    func closeAll() { for l in live { l.close() } }
+    /// A reload that replaces a device says, at warning level, what that costs: its clients are
+    /// disconnected, and a RAM disk's bytes are gone.
+    private func warnReplacing(_ o: LiveExport, with p: ServeOptions.ExportPlan, server: NBDServer, logger: Logger) {
+        let what = o.plan.differences(from: p).joined(separator: ", ")
+        let clients = server.clientCount(of: o.export)
+        var loss = "its \(clients) client(s) are disconnected"
+        if o.plan.file == nil && o.plan.device == .emulator {
+            loss += " and the data of its RAM disk (\(o.export.info.size) bytes) is discarded"
+        }
+        logger.warning("reload: export \"\(p.name)\" gets a new device (\(what)): \(loss)")
+    }
+
+    /// Shuts down every device (the server has drained its clients). After a start that failed,
+    /// `removingCreatedFiles` also removes the images and bitmap files the start created, so that
+    /// a configuration that cannot start leaves nothing behind.
+    /// Returns the files removed.
+    @discardableResult
+    func closeAll(removingCreatedFiles: Bool = false) -> [String] {
+        var removed: [String] = []
+        for l in live {
+            l.close()
+            if removingCreatedFiles {
+                LiveExport.removeFiles(l.createdFiles)
+                removed += l.createdFiles
+            }
+        }
+        return removed
+    }
 }

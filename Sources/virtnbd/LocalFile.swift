@@ -142,5 +142,5 @@ final class ProgressBar {
         emit("\r\(percent) [\(bar)] \(mib(done))/\(mib(total)) MiB \(String(format: "%.0f", rate)) MiB/s ")
     }
 
-    private func emit(_ s: String) { FileHandle.standardError.write(Data(s.utf8)) }
+    private func emit(_ s: String) { Console.err(s) }
 }

@@ -12,6 +12,12 @@ protocol ServedDisk {
     var statsSummary: String { get }
     /// Drains, flushes and resets the device.
     func shutdown()
+    /// Files this start created (a new image), removed if the start fails.
+    var createdFiles: [String] { get }
+}
+
+extension ServedDisk {
+    var createdFiles: [String] { [] }
 }
 
 extension EmulatorExport: ServedDisk {

@@ -36,20 +36,31 @@ struct VirtNBD: AsyncParsableCommand {
 
     /// Parses and runs, exiting like nbdkit: 0, 1 for usage errors and failures, or --run's status.
     static func runMain() async {
-        do {
-            // `virtnbd bitmap …` parses on its own: the root command's serve options include
-            // --control, which would otherwise take the subcommand's --control.
-            let args = Array(CommandLine.arguments.dropFirst())
-            if args.first == "bitmap" { return await BitmapCommand.main(Array(args.dropFirst())) }
-            var command = try parseAsRoot()
-            if var a = command as? AsyncParsableCommand { try await a.run() } else { try command.run() }
-        } catch {
-            if exitCode(for: error) == .validationFailure {
-                FileHandle.standardError.write(Data((fullMessage(for: error) + "\n").utf8))
-                Foundation.exit(1)
-            }
-            exit(withError: error)
+        let args = Array(CommandLine.arguments.dropFirst())
+        // `virtnbd bitmap …` parses on its own: the root command's serve options include
+        // --control, which would otherwise take the subcommand's --control.
+        if args.first == "bitmap" {
+            let rest = Array(args.dropFirst())
+            do {
+                var command = try BitmapCommand.parse(rest)
+                try await command.run()
+            } catch { Usage.exit(error, command: BitmapCommand.self, arguments: rest) }
+            return
         }
+        var command: ParsableCommand
+        do { command = try parseAsRoot(args) } catch {
+            let sub = subcommandType(args.first)
+            Usage.exit(error, command: sub, arguments: args)
+        }
+        do {
+            if var a = command as? AsyncParsableCommand { try await a.run() } else { try command.run() }
+        } catch { Usage.exit(error, command: type(of: command), arguments: args) }
+    }
+
+    /// The subcommand `name` selects, for its error messages (the root command otherwise).
+    private static func subcommandType(_ name: String?) -> ParsableCommand.Type {
+        configuration.subcommands.first { $0.configuration.commandName == name || $0._commandName == name }
+            ?? VirtNBD.self
     }
 }
 
@@ -86,7 +97,11 @@ struct ByteSize: ExpressibleByArgument {
 /// defaults are applied once, after merging (ServerConfig's `VirtNBDConfig` / `ExportConfig`).
 struct ServeOptions: ParsableArguments {
     @Option(name: [.short, .long], help: "TCP port (default 10809).") var port: Int?
-    @Option(name: .long, help: "Address to listen on (default 127.0.0.1).") var listen: String?
+    @Option(
+        name: .long,
+        help: ArgumentHelp(
+            "Listen here (repeatable): HOST, HOST:PORT, [IPv6]:PORT or an absolute Unix socket path (default 127.0.0.1; -p gives the port of those without one).",
+            valueName: "address")) var listen: [String] = []
     @Option(name: [.customShort("U"), .long], help: "Listen on this Unix socket instead of TCP.") var unix: String?
     @Option(
         name: .long,
@@ -270,10 +285,10 @@ struct ServeOptions: ParsableArguments {
 
     /// Flags that ask for two different things (the configuration file refuses its own contradictions).
     func refuseContradictions() throws {
-        let tcp = [port.map { "-p \($0)" }, listen.map { "--listen \($0)" }].compactMap { $0 }
+        let tcp = [port.map { "-p \($0)" }, listen.first.map { "--listen \($0)" }].compactMap { $0 }
         if unix != nil, let t = tcp.first {
             throw ValidationError(
-                "-U/--unix listens on a Unix socket only, so \(t) would be ignored; give either -U or -p/--listen (several listeners: --config with listen: [...])"
+                "-U/--unix listens on a Unix socket only, so \(t) would be ignored; give either -U or -p/--listen (several listeners: repeat --listen, which also takes socket paths)"
             )
         }
         if stdio, let other = (tcp + [unix.map { _ in "-U/--unix" }, run.map { _ in "--run" }].compactMap { $0 }).first
@@ -341,6 +356,38 @@ struct ServeOptions: ParsableArguments {
         var bitmapGranularity = ExportConfig.defaultBitmapGranularity
         /// --control: dirty tracking is ready for bitmaps added at run time.
         var tracking = false
+
+        /// What a reload changes in place, without touching the device or its clients.
+        var presentation: NBDExport.Presentation {
+            .init(description: description, allowedClients: allowedClients, requiresTLS: requiresTLS)
+        }
+
+        /// Whether `other` differs from this plan at most in its presentation.
+        func sameDevice(as other: ExportPlan) -> Bool {
+            var a = self
+            a.description = other.description
+            a.allowedClients = other.allowedClients
+            a.requiresTLS = other.requiresTLS
+            return a == other
+        }
+
+        /// The settings that differ, for a reload's warning: `size 1048576 → 2097152`.
+        func differences(from o: ExportPlan) -> [String] {
+            var d: [String] = []
+            func note<T: Equatable>(_ key: String, _ a: T, _ b: T) { if a != b { d.append("\(key) \(a) → \(b)") } }
+            note("device", "\(device)", "\(o.device)")
+            note("size", size.map { "\($0)" } ?? "-", o.size.map { "\($0)" } ?? "-")
+            note("file", file ?? "-", o.file ?? "-")
+            note("read-only", readOnly, o.readOnly)
+            note("max-payload", maxPayload, o.maxPayload)
+            note("snapshot", snapshot, o.snapshot)
+            note("bitmaps", bitmaps, o.bitmaps)
+            if driver != o.driver || devicePollMicroseconds != o.devicePollMicroseconds {
+                d.append("virtqueue settings")
+            }
+            if d.isEmpty { d.append("device settings") }
+            return d
+        }
     }
 
     /// Everything `run` needs: the flags merged over `--config` (or over nothing), defaults applied.
@@ -376,7 +423,8 @@ struct ServeOptions: ParsableArguments {
     /// The flags exactly as given: nil (or false) for every flag not on the command line.
     func overrides() throws -> CommandLineOverrides {
         var flags = CommandLineOverrides(
-            port: port, listen: listen, unix: unix, maxConnections: maxConnections, handshakeTimeout: handshakeTimeout,
+            port: port, listen: listen, unix: unix.map(Self.absolutePath), maxConnections: maxConnections,
+            handshakeTimeout: handshakeTimeout,
             verbose: verbose, tls: tls.map { TLSPolicy(rawValue: $0.rawValue)! }, tlsCertificates: tlsCertificates,
             tlsPsk: tlsPsk,
             exportName: exportName, description: description, readOnly: readOnly, size: size?.bytes, file: file,
@@ -447,6 +495,13 @@ struct ServeOptions: ParsableArguments {
             metrics: cfg.metrics)
     }
 
+    /// A start that cannot go on: `virtnbd: WHAT; FIX` on stderr (not a log line, so that it reads
+    /// the same as a usage error, whatever the log level), then exit status 1.
+    static func startFailure(_ message: String) -> ExitCode {
+        Console.err("virtnbd: \(message)\n")
+        return ExitCode(1)
+    }
+
     /// A configuration error as one line: a flag's problem without the "command line:" prefix.
     static func message(_ error: Error) -> String {
         if let c = error as? ConfigError, c.file == "command line" { return "\(c.keyPath): \(c.problem); \(c.fix)" }
@@ -456,14 +511,15 @@ struct ServeOptions: ParsableArguments {
     /// Where a listener came from, for the fix in a bind error.
     func listenerKey(_ index: Int, _ a: ListenAddress) -> String {
         if case .boundSocket = a { return "the .socket unit" }
-        if let path = config, port == nil && listen == nil && unix == nil { return "listen[\(index)] in \(path)" }
-        if case .unix = a { return "-U" }
+        if let path = config, port == nil && listen.isEmpty && unix == nil { return "listen[\(index)] in \(path)" }
+        if case .unix = a, unix != nil { return "-U" }
+        if case .unix = a { return "--listen" }
         return "-p/--listen"
     }
 
     func serve() async throws {
         if version {
-            FileHandle.standardOutput.write(Data(Versions.text.utf8))
+            Console.out(Versions.text)
             return
         }
         let parentAtStart = getppid()
@@ -471,7 +527,7 @@ struct ServeOptions: ParsableArguments {
         let activated = activation != nil
         var plan: Plan
         do { plan = try self.plan(activated: activated) } catch {
-            FileHandle.standardError.write(Data("virtnbd: \(Self.message(error))\n".utf8))
+            Console.err("virtnbd: \(Self.message(error))\n")
             throw ExitCode(1)
         }
         let logger = Self.bootstrapLogging(plan.level)
@@ -486,29 +542,32 @@ struct ServeOptions: ParsableArguments {
         events.handleSignals(reload: true)
         if exitWithParent {
             do { try ParentWatch.start(events: events, parentAtStart: parentAtStart, logger: logger) } catch {
-                logger.critical("\(error)")
-                throw ExitCode(1)
+                throw Self.startFailure("\(error)")
             }
         }
 
-        var exports: ExportSet
-        do { exports = try ExportSet.open(plan.exports, logger: logger) } catch {
-            logger.critical("\(error)")
-            throw ExitCode(1)
-        }
-        let group = MultiThreadedEventLoopGroup(numberOfThreads: System.coreCount)
+        // What can fail without touching anything comes before the exports, which may create files.
         let limits: ServerLimits
         do { limits = try Self.serverLimits(plan) } catch {
-            logger.critical("TLS setup failed: \(error)")
-            exports.closeAll()
-            throw ExitCode(1)
+            throw Self.startFailure("\(error)")
         }
+        if let path = pidfile, let problem = PidFile.directoryProblem(path) {
+            throw Self.startFailure("\(problem)")
+        }
+        var exports: ExportSet
+        do { exports = try ExportSet.open(plan.exports, logger: logger) } catch {
+            throw Self.startFailure("\(error)")
+        }
+        let group = MultiThreadedEventLoopGroup(numberOfThreads: System.coreCount)
         let server = NBDServer(exports: exports.exports, group: group, limits: limits, logger: logger)
         var running = Running(server: server, group: group)
         do {
             try await start(plan, activation: activation, registry: registry, events: events, exports, &running, logger)
         } catch {
-            await running.teardown(exports)
+            let removed = await running.teardown(exports, startFailed: true)
+            if !removed.isEmpty {
+                logger.notice("the start failed: removed what it created (\(removed.joined(separator: ", ")))")
+            }
             throw error
         }
         let status = await eventLoop(
@@ -523,12 +582,12 @@ struct ServeOptions: ParsableArguments {
     /// the inherited socket, if any.
     private func inheritedSocket() throws -> Int32? {
         if stdio, let problem = Self.stdioProblem() {
-            FileHandle.standardError.write(Data("virtnbd: \(problem)\n".utf8))
+            Console.err("virtnbd: \(problem)\n")
             throw ExitCode(1)
         }
         let activation = Self.socketActivationFD()
         if let fd = activation, let problem = Self.inheritedSocketProblem(fd) {
-            FileHandle.standardError.write(Data("virtnbd: \(problem)\n".utf8))
+            Console.err("virtnbd: \(problem)\n")
             throw ExitCode(1)
         }
         return activation
@@ -573,17 +632,21 @@ struct ServeOptions: ParsableArguments {
         var tempDir: String?
         var pid: PidFile?
         var control: ControlServer?
+        /// --run's command while it runs.
+        var command: RunCommand?
 
-        /// Stops accepting, drains every client, flushes and resets every device.
-        func teardown(_ exports: ExportSet) async {
+        /// Stops accepting, drains every client, flushes and resets every device. After a failed
+        /// start, also removes the files the start created; returns those.
+        @discardableResult
+        func teardown(_ exports: ExportSet, startFailed: Bool = false) async -> [String] {
             await control?.close()
             await server.shutdown()
             await endpoint?.close()
-            exports.closeAll()
+            let removed = exports.closeAll(removingCreatedFiles: startFailed)
             try? await group.shutdownGracefully()
-            for a in addresses { if case .unix(let path) = a { unlink(path) } }
             if let d = tempDir { try? FileManager.default.removeItem(atPath: d) }
             pid?.remove()
+            return removed
         }
     }
 
@@ -603,9 +666,8 @@ struct ServeOptions: ParsableArguments {
                 logger.info("metrics at http://\(m)/metrics")
             } catch {
                 let key = metrics != nil ? "--metrics" : "metrics in \(config ?? "the configuration")"
-                logger.critical(
-                    "\(Self.bindFailure(.tcp(host: hp.host, port: hp.port), error, key: key, what: "metrics"))")
-                throw ExitCode(1)
+                throw Self.startFailure(
+                    Self.bindFailure(.tcp(host: hp.host, port: hp.port), error, key: key, what: "metrics"))
             }
         }
 
@@ -614,8 +676,7 @@ struct ServeOptions: ParsableArguments {
                 running.control = try await ControlServer.start(
                     path: path, group: running.group, exports: { server.exports }, logger: logger)
             } catch {
-                logger.critical("cannot open the control socket \(path) (--control): \(error)")
-                throw ExitCode(1)
+                throw Self.startFailure("cannot open the control socket \(path) (--control): \(error)")
             }
         }
         if stdio {
@@ -629,11 +690,10 @@ struct ServeOptions: ParsableArguments {
         }
         if let path = pidfile {
             do { running.pid = try PidFile.write(path) } catch {
-                logger.critical("\(error)")
-                throw ExitCode(1)
+                throw Self.startFailure("\(error)")
             }
         }
-        announce(plan, exports, running.addresses, events, logger)
+        announce(plan, exports, &running, events, logger)
     }
 
     /// Binds the listeners: an inherited socket (socket activation), a private socket for --run, or
@@ -644,7 +704,7 @@ struct ServeOptions: ParsableArguments {
         running.addresses = plan.listeners
         if let fd = activation {
             running.addresses = [.boundSocket(fd: fd)]
-        } else if run != nil && port == nil && listen == nil && unix == nil && config == nil {
+        } else if run != nil && port == nil && listen.isEmpty && unix == nil && config == nil {
             let dir = FileManager.default.temporaryDirectory.appendingPathComponent("virtnbd-\(getpid())").path
             try? FileManager.default.createDirectory(atPath: dir, withIntermediateDirectories: true)
             running.tempDir = dir
@@ -654,9 +714,8 @@ struct ServeOptions: ParsableArguments {
             do {
                 try await running.server.listen(address)
             } catch {
-                logger.critical(
-                    "\(Self.bindFailure(address, error, key: listenerKey(i, address), what: "NBD clients"))")
-                throw ExitCode(1)
+                throw Self.startFailure(
+                    Self.bindFailure(address, error, key: listenerKey(i, address), what: "NBD clients"))
             }
         }
         logger.info(
@@ -668,21 +727,23 @@ struct ServeOptions: ParsableArguments {
     /// Starts --run's command with the default export's URI, or prints every export on every
     /// listener, in the file's order (exports, then listeners). Nothing for stdio or an inherited socket.
     private func announce(
-        _ plan: Plan, _ exports: ExportSet, _ addresses: [ListenAddress], _ events: ServerEvents, _ logger: Logger
+        _ plan: Plan, _ exports: ExportSet, _ running: inout Running, _ events: ServerEvents, _ logger: Logger
     ) {
+        let addresses = running.addresses
         guard !stdio, let first = addresses.first else { return }
         let tls = plan.tls != .off
         if let cmd = run {
             let uri = Self.uri(first, Self.defaultExport(exports.live)?.export.info.name ?? "", tls: tls)
-            Task {
-                events.post(.commandExited(await Self.runCommand(cmd, uri: uri, address: first, logger: logger)))
-            }
+            running.command = RunCommand.start(cmd, uri: uri, address: first, events: events, logger: logger)
         } else if case .boundSocket = first {
         } else {
             let lines = exports.live.flatMap { l in
                 addresses.map { Self.uri($0, l.export.info.name, tls: tls) + "\n" }
             }
-            FileHandle.standardOutput.write(Data(lines.joined().utf8))
+            if let why = Console.out(lines.joined()) {
+                logger.warning(
+                    "cannot print the URIs on stdout (\(why)); serving anyway: the log's \"serving\" lines name them")
+            }
         }
     }
 
@@ -706,10 +767,15 @@ struct ServeOptions: ParsableArguments {
                     reloads.failed.increment()
                 }
             case .terminate(let sig):
-                logger.info("\(sig == SIGINT ? "SIGINT" : "SIGTERM") received: draining connections")
+                let name = sig == SIGINT ? "SIGINT" : "SIGTERM"
+                // With --run, the command goes first: virtnbd exits with its status once it has exited.
+                if let c = running.command, c.stop(signal: sig, reason: "\(name) received", logger: logger) { continue }
+                logger.info("\(name) received: draining connections")
                 return 0
             case .parentExited:
-                logger.info("parent process exited (--exit-with-parent): draining connections")
+                let reason = "the parent process exited (--exit-with-parent)"
+                if let c = running.command, c.stop(signal: SIGTERM, reason: reason, logger: logger) { continue }
+                logger.info("\(reason): draining connections")
                 return 0
             case .commandExited(let s):
                 return s
@@ -841,6 +907,15 @@ struct ServeOptions: ParsableArguments {
         case .boundSocket(let fd): place = "the inherited socket (fd \(fd))"
         }
         let head = "cannot listen for \(what) on \(place)"
+        if let p = error as? UnixSocketPathProblem {
+            switch p {
+            case .notASocket:
+                return "\(head): \(p): remove it yourself if it is not needed, or choose another path with \(key)"
+            case .inUse: return "\(head): \(p); stop that server, or choose another path with \(key)"
+            case .cannotInspect:
+                return "\(head): \(p); check the directory's permissions, or choose another path with \(key)"
+            }
+        }
         var unresolved: String?
         if let e = error as? SocketAddressError.UnknownHost { unresolved = "\(e.host) (\(e.errorDescription))" }
         if let e = error as? SocketAddressError, case .unknown(let host, _) = e { unresolved = host }
@@ -875,67 +950,12 @@ struct ServeOptions: ParsableArguments {
         return "\(head): \(reason); \(fix)"
     }
 
-    /// `--run`: like nbdkit, run CMD through /bin/sh with $uri, $unixsocket and $port set. Returns
-    /// its exit status, or 128 + N when a signal N killed it (as shells report it).
-    static func runCommand(_ cmd: String, uri: String, address: ListenAddress, logger: Logger) async -> Int32 {
-        var env = ProcessInfo.processInfo.environment
-        env["uri"] = uri
-        switch address {
-        case .unix(let path):
-            env["unixsocket"] = path
-            env["nbd"] = uri
-        case .tcp(_, let port):
-            env["port"] = "\(port)"
-            env["nbd"] = uri
-        case .boundSocket: break
-        }
-        let pid: pid_t
-        do { pid = try spawnShell(cmd, environment: env) } catch {
-            logger.error("--run: cannot start /bin/sh: \(String(cString: strerror(error.code)))")
-            return 127
-        }
-        return await withCheckedContinuation { (c: CheckedContinuation<Int32, Never>) in
-            let t = Thread {
-                var status: Int32 = 0
-                while waitpid(pid, &status, 0) < 0 && errno == EINTR {}
-                let signal = status & 0x7f
-                if signal != 0 && signal != 0x7f {
-                    logger.warning("--run: the command was killed by signal \(signal)")
-                    c.resume(returning: 128 + signal)
-                } else {
-                    c.resume(returning: (status >> 8) & 0xff)
-                }
-            }
-            t.name = "virtnbd-run-wait"
-            t.start()
-        }
-    }
-
-    struct SpawnError: Error { let code: Int32 }
-
-    /// Starts `/bin/sh -c CMD` with the default action for the signals virtnbd itself ignores
-    /// (SIGINT, SIGTERM and SIGHUP become events here; NIO ignores SIGPIPE): an ignored signal
-    /// would stay ignored in the command, which could then neither be stopped nor end a pipeline.
-    static func spawnShell(_ cmd: String, environment: [String: String]) throws(SpawnError) -> pid_t {
-        var attr = posix_spawnattr_t()
-        posix_spawnattr_init(&attr)
-        defer { posix_spawnattr_destroy(&attr) }
-        var defaults = sigset_t()
-        sigemptyset(&defaults)
-        for sig in [SIGINT, SIGTERM, SIGHUP, SIGPIPE, SIGQUIT] { sigaddset(&defaults, sig) }
-        posix_spawnattr_setsigdefault(&attr, &defaults)
-        var unblocked = sigset_t()
-        sigemptyset(&unblocked)
-        posix_spawnattr_setsigmask(&attr, &unblocked)
-        posix_spawnattr_setflags(&attr, Int16(POSIX_SPAWN_SETSIGDEF | POSIX_SPAWN_SETSIGMASK))
-        let args: [String] = ["/bin/sh", "-c", cmd]
-        let argv: [UnsafeMutablePointer<CChar>?] = args.map { strdup($0) } + [nil]
-        let envp: [UnsafeMutablePointer<CChar>?] = environment.map { strdup("\($0.key)=\($0.value)") } + [nil]
-        defer { for p in argv + envp { free(p) } }
-        var pid = pid_t()
-        let rc = posix_spawn(&pid, "/bin/sh", nil, &attr, argv, envp)
-        guard rc == 0 else { throw SpawnError(code: rc) }
-        return pid
+    /// A relative path made absolute against the working directory at start, so that the URI
+    /// printed works from anywhere.
+    static func absolutePath(_ path: String) -> String {
+        guard !path.hasPrefix("/") else { return path }
+        let cwd = FileManager.default.currentDirectoryPath
+        return (cwd.hasSuffix("/") ? cwd : cwd + "/") + (path.hasPrefix("./") ? String(path.dropFirst(2)) : path)
     }
 
     static func uri(_ a: ListenAddress, _ name: String, tls: Bool = false) -> String {

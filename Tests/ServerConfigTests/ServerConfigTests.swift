@@ -581,7 +581,7 @@ final class MergeTests: XCTestCase {
         XCTAssertEqual(m.exports, file.exports)
         XCTAssertEqual(
             try file.merged(with: .init(port: 1, unix: "/tmp/x.sock")).listeners, [.unix(path: "/tmp/x.sock")])
-        XCTAssertEqual(try file.merged(with: .init(listen: "::")).listeners, [.tcp(host: "::", port: 10809)])
+        XCTAssertEqual(try file.merged(with: .init(listen: ["::"])).listeners, [.tcp(host: "::", port: 10809)])
     }
 
     func testVerboseNeverLowersTrace() throws {

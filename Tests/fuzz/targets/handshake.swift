@@ -112,6 +112,10 @@ private func run(
                         check(i + 1 < actions.count, "export-name reply not followed by startTransmission")
                     }
                     out.append(.send(v))
+                case .report(let fact):
+                    // Only for a name no export has, and a reply (or the close) must follow.
+                    check(fact.contains("which does not exist"), "report that is not an unknown export: \(fact)")
+                    check(i + 1 < actions.count, "report not followed by the reply")
                 case .close:
                     out.append(.close)
                     done = true
