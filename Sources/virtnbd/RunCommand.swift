@@ -56,10 +56,10 @@ final class RunCommand: Sendable {
         return command
     }
 
-    /// Passes `signal` to the command if it still runs (SIGKILL from the second time on). Returns
-    /// false when it has already exited: the caller stops at once.
-    func stop(signal: Int32, reason: String, logger: Logger) -> Bool {
-        guard !exited.load(ordering: .sequentiallyConsistent) else { return false }
+    /// Passes `signal` to the command if it still runs (SIGKILL from the second time on). Once it
+    /// has exited, its `.commandExited` is posted (or already queued) and ends the server.
+    func stop(signal: Int32, reason: String, logger: Logger) {
+        guard !exited.load(ordering: .sequentiallyConsistent) else { return }
         let n = forwarded.add(1, ordering: .sequentiallyConsistent).newValue
         let sig = n == 1 ? signal : SIGKILL
         logger.info(
@@ -69,7 +69,6 @@ final class RunCommand: Sendable {
         // first, so that none is left running without its server once the shell has gone.
         for p in Self.descendants(of: pid).reversed() { kill(p, sig) }
         kill(pid, sig)
-        return true
     }
 
     /// Every process below `root`, parents before children (from /proc/PID/stat's ppid field).

@@ -42,7 +42,7 @@ struct VirtNBD: AsyncParsableCommand {
         if args.first == "bitmap" {
             let rest = Array(args.dropFirst())
             do {
-                var command = try BitmapCommand.parse(rest)
+                let command = try BitmapCommand.parse(rest)
                 try await command.run()
             } catch { Usage.exit(error, command: BitmapCommand.self, arguments: rest) }
             return
@@ -769,12 +769,19 @@ struct ServeOptions: ParsableArguments {
             case .terminate(let sig):
                 let name = sig == SIGINT ? "SIGINT" : "SIGTERM"
                 // With --run, the command goes first: virtnbd exits with its status once it has exited.
-                if let c = running.command, c.stop(signal: sig, reason: "\(name) received", logger: logger) { continue }
+                // (If it has just exited, its status is on its way as the next event.)
+                if let c = running.command {
+                    c.stop(signal: sig, reason: "\(name) received", logger: logger)
+                    continue
+                }
                 logger.info("\(name) received: draining connections")
                 return 0
             case .parentExited:
                 let reason = "the parent process exited (--exit-with-parent)"
-                if let c = running.command, c.stop(signal: SIGTERM, reason: reason, logger: logger) { continue }
+                if let c = running.command {
+                    c.stop(signal: SIGTERM, reason: reason, logger: logger)
+                    continue
+                }
                 logger.info("\(reason): draining connections")
                 return 0
             case .commandExited(let s):
