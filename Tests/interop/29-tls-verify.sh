@@ -108,6 +108,12 @@ before=$(grep -c "TLS handshake failed" "$SERVER_ERR")
 expect_fail "--tls-verify-peer: qemu-img info with another CA's certificate fails" '.' qemu-img info \
     --object "tls-creds-x509,id=tls0,dir=$T/q-otheralice,endpoint=client" --image-opts "driver=nbd,host=localhost,port=$port,tls-creds=tls0"
 check_eq "--tls-verify-peer: the server refused qemu-img's TLS handshake" $((before + 1)) "$(refusals_after $((before + 1)))"
+# Each refusal is one log line at notice, in words, without BoringSSL's error queue (build paths).
+refusal_lines=$(grep "TLS handshake failed" "$SERVER_ERR")
+check_eq "refusals are logged at notice, not info" 0 "$(grep -vc ' notice ' <<<"$refusal_lines")"
+check_eq "... and carry no source path of the build" 0 "$(grep -c '/' <<<"$refusal_lines")"
+check_match "... a client without a certificate is told apart" "the client presented no certificate" "$refusal_lines"
+check_match "... and one signed by another CA" "not signed by ca-cert.pem" "$refusal_lines"
 stop_server
 
 # --- Startup errors.
