@@ -79,7 +79,7 @@ write_config scratch images golden extra
 kill -HUP "$pid"
 check_eq "after SIGHUP, nbdinfo --list shows four exports" "scratch images golden extra" "$(wait_names "scratch images golden extra")"
 expect_ok "the new export serves I/O" nbdsh -u "$(uri extra)" -c "h.pwrite(b'\\x11' * 4096, 0); assert h.pread(4096, 0) == b'\\x11' * 4096; assert h.get_size() == 4 << 20"
-check_match "the reload is logged" 'configuration reloaded: added "extra"; removed none; changed none; 3 unchanged' "$(cat "$T/err")"
+check_match "the reload is logged" 'configuration reloaded: added "extra"; removed none; replaced none; updated in place none; 3 unchanged' "$(cat "$T/err")"
 
 # Reload 2: images removed.
 write_config scratch golden extra

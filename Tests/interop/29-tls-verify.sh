@@ -112,8 +112,8 @@ check_eq "--tls-verify-peer: the server refused qemu-img's TLS handshake" $((bef
 refusal_lines=$(grep "TLS handshake failed" "$SERVER_ERR")
 check_eq "refusals are logged at notice, not info" 0 "$(grep -vc ' notice ' <<<"$refusal_lines")"
 check_eq "... and carry no source path of the build" 0 "$(grep -c '/' <<<"$refusal_lines")"
-check_match "... a client without a certificate is told apart" "the client presented no certificate" "$refusal_lines"
-check_match "... and one signed by another CA" "not signed by ca-cert.pem" "$refusal_lines"
+# (A client whose certificate the server's CA list does not name sends none: gnutls picks by that list.)
+check_match "... in words: the client presented no certificate" "the client presented no certificate" "$refusal_lines"
 stop_server
 
 # --- Startup errors.
