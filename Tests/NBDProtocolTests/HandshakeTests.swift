@@ -290,6 +290,14 @@ final class HandshakeTests: XCTestCase {
             XCTAssertEqual(replies.first?.option, opt)
             XCTAssertTrue(startedExports(a).isEmpty)
             XCTAssertTrue(closeReasons(a).isEmpty)
+            // The operator's log learns the name asked for and the names there are.
+            let reports = a.compactMap { x in if case .report(let r) = x { return r } else { return nil } }
+            XCTAssertEqual(reports.count, 1)
+            XCTAssertTrue(
+                reports.first?.hasPrefix("the client asked for export \"nope\" (NBD_OPT_") ?? false, "\(reports)")
+            XCTAssertTrue(
+                reports.first?.hasSuffix("which does not exist; exports: \"disk\", \"other\", \"émoji-✓\"") ?? false,
+                "\(reports)")
             XCTAssertFalse(n.sm.isFinished)
             let b = n.feed(Client.option(Spec.optGo, Client.goData(name: "disk", infos: [])))
             XCTAssertEqual(startedExports(b).map(\.name), ["disk"])

@@ -727,13 +727,38 @@ final class MergeTests: XCTestCase {
             """)
         let m = try f.merged(
             with: .init(
-                listen: "127.0.0.1", maxConnections: 0, handshakeTimeout: 10, queueSize: 256, maxPayload: 64 << 20))
+                listen: ["127.0.0.1"], maxConnections: 0, handshakeTimeout: 10, queueSize: 256, maxPayload: 64 << 20))
         XCTAssertEqual(m.listeners, [.tcp(host: "127.0.0.1", port: 10809)])
         XCTAssertEqual(m.limits, .init(maxConnections: 0, handshakeTimeout: 10))
         XCTAssertEqual(m.exports[0].queueSize, 256)
         XCTAssertEqual(m.exports[0].maxPayload, 64 << 20)
         XCTAssertEqual(try f.merged(with: .init(port: 10809)).listeners, [.tcp(host: "127.0.0.1", port: 10809)])
         XCTAssertEqual(try f.merged(with: .init()), f, "no flags: the file as written")
+    }
+
+    /// `--listen` takes what the file's `listen:` takes, repeatedly, each with its own port or -p's.
+    func testRepeatedListenWithPorts() throws {
+        let none = VirtNBDConfig.fromCommandLine
+        XCTAssertEqual(
+            try none(.init(listen: ["127.0.0.1:10810", "[::1]:10811", "/run/n.sock"])).listeners,
+            [.tcp(host: "127.0.0.1", port: 10810), .tcp(host: "::1", port: 10811), .unix(path: "/run/n.sock")])
+        XCTAssertEqual(
+            try none(.init(port: 7000, listen: ["127.0.0.1", "::2", "[::1]"])).listeners,
+            [.tcp(host: "127.0.0.1", port: 7000), .tcp(host: "::2", port: 7000), .tcp(host: "::1", port: 7000)])
+        XCTAssertEqual(try none(.init(listen: ["localhost"])).listeners, [.tcp(host: "localhost", port: 10809)])
+        for (flags, problem) in [
+            (CommandLineOverrides(listen: ["127.0.0.1", "127.0.0.1:10809"]), "given twice"),
+            (CommandLineOverrides(listen: ["127.0.0.1", "::"]), "overlaps"),
+            (CommandLineOverrides(port: 7000, listen: ["127.0.0.1:7001"]), "names port 7001 but -p says 7000"),
+            (CommandLineOverrides(port: 7000, listen: ["/run/n.sock"]), "has no port"),
+            (CommandLineOverrides(listen: ["127.0.0.1:99999"]), "no valid port"),
+            (CommandLineOverrides(listen: [":10809"]), "has no host"),
+        ] {
+            XCTAssertThrowsError(try none(flags), "\(flags.listen)") { e in
+                XCTAssertTrue("\(e)".contains(problem), "\(e)")
+                XCTAssertEqual((e as? ConfigError)?.keyPath, "--listen")
+            }
+        }
     }
 
     func testSizeText() {
