@@ -6,8 +6,8 @@
 // A build command, not a prebuild command: SwiftPM skips prebuild commands on incremental builds
 // when the package graph is not reloaded (swiftlang/swift-package-manager#5476), which would leave
 // the value stale. A build command reruns when one of its inputs changes: the git files that move
-// with HEAD (HEAD, its reflog, the branch's ref, packed-refs, the index) and the package's source
-// files (an edit may make the tree dirty). It rewrites GitCommit.swift only when the text changes,
+// with HEAD (HEAD, its reflog, the index) and the package's source files (an edit may make the tree
+// dirty). It rewrites GitCommit.swift only when the text changes,
 // so a build with nothing new compiles nothing.
 import Foundation
 import PackagePlugin
@@ -30,8 +30,10 @@ struct GitCommit: BuildToolPlugin {
         ]
     }
 
-    /// The files of the checkout at `package` that change when HEAD or the index does, those that exist.
-    /// `.git` is a directory, or a file `gitdir: PATH` in a worktree (its shared refs are under `commondir`).
+    /// The files of the checkout at `package` that change when HEAD moves or the index is written, those
+    /// that exist: HEAD, its reflog (appended on every commit, checkout, reset, merge) and the index.
+    /// Not the branch's ref file: `git gc` packs and deletes it, and a missing input fails the build
+    /// until the package is reloaded. `.git` is a directory, or in a worktree a file `gitdir: PATH`.
     static func gitFiles(_ package: URL) -> [URL] {
         let fm = FileManager.default
         let dotGit = package.appending(path: ".git")
@@ -45,20 +47,9 @@ struct GitCommit: BuildToolPlugin {
             let path = text.dropFirst("gitdir:".count).trimmingCharacters(in: .whitespacesAndNewlines)
             gitDir = path.hasPrefix("/") ? URL(fileURLWithPath: path) : package.appending(path: path)
         }
-        var commonDir = gitDir
-        if let common = try? String(contentsOf: gitDir.appending(path: "commondir"), encoding: .utf8) {
-            let path = common.trimmingCharacters(in: .whitespacesAndNewlines)
-            commonDir = path.hasPrefix("/") ? URL(fileURLWithPath: path) : gitDir.appending(path: path)
+        return ["HEAD", "logs/HEAD", "index"].map { gitDir.appending(path: $0) }.filter {
+            fm.fileExists(atPath: $0.path)
         }
-        var files = [
-            gitDir.appending(path: "HEAD"), gitDir.appending(path: "logs/HEAD"), gitDir.appending(path: "index"),
-            commonDir.appending(path: "packed-refs"),
-        ]
-        if let head = try? String(contentsOf: gitDir.appending(path: "HEAD"), encoding: .utf8), head.hasPrefix("ref:") {
-            let ref = head.dropFirst("ref:".count).trimmingCharacters(in: .whitespacesAndNewlines)
-            files.append(commonDir.appending(path: ref))
-        }
-        return files.filter { fm.fileExists(atPath: $0.path) }
     }
 
     /// `sh -c script GitCommit PACKAGE_DIR OUTPUT_FILE`. Git is asked only about PACKAGE_DIR itself:
