@@ -84,6 +84,8 @@ let package = Package(
             ]),
         // The operator's configuration file (YAML) and its merge with command-line flags. Pure values.
         .target(name: "ServerConfig", dependencies: ["AccessControl", .product(name: "Yams", package: "Yams")]),
+        // Writes the git commit `virtnbd -V` and virtnbd_build_info report (a build command that reruns when HEAD moves).
+        .plugin(name: "GitCommit", capability: .buildTool()),
         .executableTarget(
             name: "virtnbd",
             dependencies: [
@@ -96,7 +98,7 @@ let package = Package(
                 .product(name: "NIOHTTP1", package: "swift-nio"),
                 .product(name: "Metrics", package: "swift-metrics"),
                 .product(name: "Prometheus", package: "swift-prometheus"),
-            ]),
+            ], plugins: ["GitCommit"]),
         // The virtqueue round-trip microbenchmark (driver → emulator → completion), release builds.
         .executableTarget(
             name: "virtqueue-bench",

@@ -9,7 +9,7 @@ import Virtio
 import VirtioBlock
 
 public final class ExportMetrics: Sendable {
-    /// The names of every metric, for the endpoint's histogram buckets and the docs.
+    /// The names of every metric, for the endpoint's histogram buckets, the help table below and the docs.
     public enum Name {
         public static let requests = "virtnbd_requests_total"
         public static let requestErrors = "virtnbd_request_errors_total"
@@ -23,7 +23,34 @@ public final class ExportMetrics: Sendable {
         public static let kicks = "virtnbd_virtqueue_kicks_total"
         public static let interrupts = "virtnbd_virtqueue_interrupts_total"
         public static let deviceErrors = "virtnbd_device_errors_total"
+        /// Made by the executable: SIGHUP reloads, by result.
+        public static let configReloads = "virtnbd_config_reloads_total"
+        /// Made by the metrics endpoint: 1, with the version, commit and compiler as labels.
+        public static let buildInfo = "virtnbd_build_info"
     }
+
+    /// The `# HELP` text of every metric, by name: the metrics backend attaches it when a metric is
+    /// made. A name missing here is exported without HELP, which `promtool check metrics` reports
+    /// (Tests/interop/23-metrics.sh).
+    public static let help: [String: String] = [
+        Name.requests: "NBD requests received in transmission, by export and command.",
+        Name.requestErrors: "NBD requests answered with an error (invalid, read-only, or failed by the device).",
+        Name.requestDuration: "Time from dispatch to the virtio device until the completion is taken up, in seconds.",
+        Name.readBytes: "Bytes of successful NBD READs.",
+        Name.writtenBytes: "Payload bytes of successful NBD WRITEs.",
+        Name.requestsInFlight: "Device requests dispatched and not yet completed, over all connections.",
+        Name.connectionsActive: "Clients in transmission with the export.",
+        Name.connections: "Clients that entered transmission with the export.",
+        Name.virtqueueInFlight: "virtio-blk requests on the export's virtqueue, sampled at scrape time.",
+        Name.kicks: "Notifications the virtio-blk driver sent the device, sampled at scrape time.",
+        Name.interrupts:
+            "Device interrupts the virtio-blk driver's completion thread woke up for, sampled at scrape time.",
+        Name.deviceErrors:
+            "virtio-blk requests the device completed with IOERR, UNSUPP or no status, sampled at scrape time.",
+        Name.configReloads: "SIGHUP reloads of the configuration file, by result (ok, error).",
+        Name.buildInfo:
+            "Always 1; the labels name virtnbd's version, the git commit it was built from, and the Swift compiler.",
+    ]
 
     /// The `op` label: NBD commands by their protocol names, lower case.
     public enum Op: Int, CaseIterable, Sendable {

@@ -16,14 +16,68 @@ enum MetricsBackend {
         .milliseconds(50), .milliseconds(100), .milliseconds(250), .seconds(1),
     ]
 
-    /// Makes swift-metrics report into a new Prometheus registry. Call once, before any export is created.
+    /// Makes swift-metrics report into a new Prometheus registry, and registers `virtnbd_build_info`.
+    /// Call once, before any export is created.
     static func bootstrap() -> PrometheusCollectorRegistry {
         let registry = PrometheusCollectorRegistry()
         var factory = PrometheusMetricsFactory(registry: registry)
         factory.durationHistogramBuckets[ExportMetrics.Name.requestDuration] = durationBuckets
-        MetricsSystem.bootstrap(factory)
+        MetricsSystem.bootstrap(HelpingMetricsFactory(prometheus: factory))
+        registry.makeGauge(
+            descriptor: descriptor(ExportMetrics.Name.buildInfo),
+            labels: [("version", Versions.virtnbd), ("commit", Versions.commit), ("swift", Versions.swiftCompiler)]
+        ).set(to: 1)
         return registry
     }
+
+    /// A metric's name with its HELP text from ExportMetrics.help (empty, so no `# HELP` line, for a
+    /// name missing there). The whole name is `metricName`: swift-prometheus joins the parts with `_`.
+    static func descriptor(_ name: String) -> MetricNameDescriptor {
+        MetricNameDescriptor(metricName: name, unitName: "", helpText: ExportMetrics.help[name] ?? "")
+    }
+}
+
+/// swift-metrics → Prometheus with `# HELP` lines. `PrometheusMetricsFactory` (swift-prometheus
+/// 2.4.1) registers every metric with empty help, and the registry refuses (fatalError) a second
+/// registration of a name with different help, so help cannot be added afterwards; this factory
+/// makes the metrics through the registry's `make…(descriptor:labels:)` instead, with the help from
+/// `ExportMetrics.help`, and leaves bucket choice and unregistering to `PrometheusMetricsFactory`.
+struct HelpingMetricsFactory: MetricsFactory {
+    let prometheus: PrometheusMetricsFactory
+    private var registry: PrometheusCollectorRegistry { prometheus.registry }
+
+    private func d(_ label: String) -> MetricNameDescriptor { MetricsBackend.descriptor(label) }
+
+    func makeCounter(label: String, dimensions: [(String, String)]) -> CounterHandler {
+        registry.makeCounter(descriptor: d(label), labels: dimensions)
+    }
+
+    func makeFloatingPointCounter(label: String, dimensions: [(String, String)]) -> FloatingPointCounterHandler {
+        registry.makeCounter(descriptor: d(label), labels: dimensions)
+    }
+
+    func makeRecorder(label: String, dimensions: [(String, String)], aggregate: Bool) -> RecorderHandler {
+        guard aggregate else { return registry.makeGauge(descriptor: d(label), labels: dimensions) }
+        let buckets = prometheus.valueHistogramBuckets[label] ?? prometheus.defaultValueHistogramBuckets
+        return registry.makeValueHistogram(descriptor: d(label), labels: dimensions, buckets: buckets)
+    }
+
+    func makeMeter(label: String, dimensions: [(String, String)]) -> MeterHandler {
+        registry.makeGauge(descriptor: d(label), labels: dimensions)
+    }
+
+    func makeTimer(label: String, dimensions: [(String, String)]) -> TimerHandler {
+        let buckets = prometheus.durationHistogramBuckets[label] ?? prometheus.defaultDurationHistogramBuckets
+        return registry.makeDurationHistogram(descriptor: d(label), labels: dimensions, buckets: buckets)
+    }
+
+    func destroyCounter(_ handler: CounterHandler) { prometheus.destroyCounter(handler) }
+    func destroyFloatingPointCounter(_ handler: FloatingPointCounterHandler) {
+        prometheus.destroyFloatingPointCounter(handler)
+    }
+    func destroyRecorder(_ handler: RecorderHandler) { prometheus.destroyRecorder(handler) }
+    func destroyMeter(_ handler: MeterHandler) { prometheus.destroyMeter(handler) }
+    func destroyTimer(_ handler: TimerHandler) { prometheus.destroyTimer(handler) }
 }
 
 /// The HTTP listener. `beforeScrape` copies sampled values (driver counters) into the registry.

@@ -1,9 +1,13 @@
 // `virtnbd --version` / `-V`: virtnbd's version and those of the components that decide its
 // behaviour, as `nbdkit --version` names its own. The package versions are the ones
 // Package.resolved pins (copied here by hand when it changes; Tests/interop/31-cli.sh fails
-// when they drift apart); the compiler's comes from `#if compiler`.
+// when they drift apart); the compiler's comes from `#if compiler`; the git commit from the
+// GitCommit build tool plugin (Plugins/GitCommit), which runs before every build.
 enum Versions {
     static let virtnbd = "0.1.0"
+    /// The commit the binary was built from: `git rev-parse --short HEAD`, with `-dirty` when tracked
+    /// files had uncommitted changes, or `unknown` when built outside a git checkout.
+    static let commit = GitCommit.short
     /// Package.resolved: swift-nio.
     static let swiftNIO = "2.101.3"
     /// Package.resolved: swift-nio-ssl.
@@ -39,6 +43,7 @@ enum Versions {
     static var text: String {
         """
         virtnbd \(virtnbd)
+        commit \(commit)
         swift \(swiftCompiler)
         swift-nio \(swiftNIO)
         swift-nio-ssl \(swiftNIOSSL)

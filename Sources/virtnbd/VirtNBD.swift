@@ -534,8 +534,8 @@ struct ServeOptions: ParsableArguments {
         // Before any export exists: each export makes its metrics through the bootstrapped factory.
         let registry = plan.metrics != nil ? MetricsBackend.bootstrap() : nil
         let reloads = ReloadCounters(
-            ok: Counter(label: "virtnbd_config_reloads_total", dimensions: [("result", "ok")]),
-            failed: Counter(label: "virtnbd_config_reloads_total", dimensions: [("result", "error")]))
+            ok: Counter(label: ExportMetrics.Name.configReloads, dimensions: [("result", "ok")]),
+            failed: Counter(label: ExportMetrics.Name.configReloads, dimensions: [("result", "error")]))
 
         // Signals first: from here on SIGINT/SIGTERM drain instead of killing, and SIGHUP reloads.
         let events = ServerEvents()

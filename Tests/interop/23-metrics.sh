@@ -1,8 +1,11 @@
 #!/usr/bin/env bash
 # --metrics: Prometheus text at GET /metrics; known I/O moves the per-export counters by exactly
-# the expected amounts; other paths are 404.
+# the expected amounts; other paths are 404. After traffic from nbdsh, nbdcopy, nbdinfo and qemu-io
+# (one server with one export, one with two from --config), `promtool check metrics` finds no
+# problem, every metric has HELP and TYPE, and virtnbd_build_info matches `virtnbd -V`.
 . "$(dirname "$0")/lib.sh"
-need_cmd curl nbdcopy
+need_cmd curl nbdcopy nbdinfo qemu-io promtool
+[[ "$INTEROP_SERVER" == virtnbd ]] || { skip "23-metrics tests virtnbd's own metrics"; finish; }
 
 mport=$(free_tcp_port)
 MURL="http://127.0.0.1:$mport/metrics"
@@ -86,5 +89,91 @@ expect_ok "nbdcopy 1 MiB in" nbdcopy "$T/src" "$URI"
 scrape "$T/after"
 check_eq "written_bytes_total +1048576 after nbdcopy" 1048576 "$(delta virtnbd_written_bytes_total export=m)"
 
+# ------------------------------------------------------------ a scrape a Prometheus user can trust
+# lint FILE WHAT: promtool finds no problem in the scrape. promtool 2.42 exits 3 on lint problems,
+# other versions print them and exit 0, so the output must be empty too.
+lint() {
+    local out rc=0
+    out=$(promtool check metrics <"$1" 2>&1) || rc=$?
+    check_eq "promtool check metrics ($2): no problems printed" "" "$out"
+    check_eq "promtool check metrics ($2): exit 0" 0 "$rc"
+}
+# families FILE: every family has HELP and TYPE before its samples (a histogram's _bucket, _sum and
+# _count count as its own), counters end _total, only known bounded labels appear, and the families
+# are exactly the names in ExportMetrics.Name.
+families() {
+    /usr/bin/python3 - "$1" "$REPO_ROOT/Sources/NBDServer/Metrics.swift" <<'PY'
+import re, sys
+help, typ, problems, seen = {}, {}, [], set()
+for line in open(sys.argv[1]):
+    line = line.rstrip("\n")
+    m = re.match(r'^# (HELP|TYPE) (\S+) ?(.*)$', line)
+    if m:
+        (help if m.group(1) == "HELP" else typ)[m.group(2)] = m.group(3)
+        continue
+    m = re.match(r'^([a-zA-Z_:][a-zA-Z0-9_:]*)(\{(.*)\})? \S+$', line)
+    if not m:
+        if line: problems.append(f"unparsed line: {line}")
+        continue
+    name, family = m.group(1), m.group(1)
+    for suffix in ("_bucket", "_sum", "_count"):
+        if name.endswith(suffix) and typ.get(name[: -len(suffix)]) == "histogram":
+            family = name[: -len(suffix)]
+    seen.add(family)
+    if family not in typ: problems.append(f"{name}: sample before a TYPE line")
+    if not help.get(family): problems.append(f"{family}: no HELP text")
+    labels = re.findall(r'([a-zA-Z_][a-zA-Z0-9_]*)="', m.group(3) or "")
+    # Bounded labels only: a label per client, address or connection would grow without limit.
+    for l in set(labels) - {"export", "op", "result", "le", "version", "commit", "swift"}:
+        problems.append(f"{name}: label {l} is not one of the known bounded ones")
+for f, t in typ.items():
+    if t == "counter" and not f.endswith("_total"): problems.append(f"{f}: a counter not ending _total")
+    if f not in seen: problems.append(f"{f}: TYPE without samples")
+names = set(re.findall(r'public static let \w+ = "(virtnbd_\w+)"', open(sys.argv[2]).read()))
+for n in sorted(names - seen): problems.append(f"{n}: in ExportMetrics.Name but not in the scrape")
+for n in sorted(seen - names): problems.append(f"{n}: in the scrape but not in ExportMetrics.Name")
+print("\n".join(problems))
+PY
+}
+
+# More clients on the one-export server: nbdinfo (with the block status map) and qemu-io.
+expect_ok "nbdinfo --map" nbdinfo --map "$URI"
+expect_ok "qemu-io: write, read back, flush, discard, write zeroes" qemu-io -f raw \
+    -c 'write -P 0x33 0 64k' -c 'read -P 0x33 0 64k' -c flush -c 'discard 64k 64k' -c 'write -z 128k 64k' "$URI"
+scrape "$T/one"
+check_match "block_status requests counted" '^[1-9]' "$(val "$T/one" virtnbd_requests_total export=m op=block_status)"
+check_match "write_zeroes requests counted" '^[1-9]' "$(val "$T/one" virtnbd_requests_total export=m op=write_zeroes)"
+lint "$T/one" "one export"
+check_eq "every family has HELP and TYPE, sane names and labels (one export)" "" "$(families "$T/one")"
+
+# virtnbd_build_info: the version, commit and compiler of `virtnbd -V`.
+"$VIRTNBD" -V >"$T/version"
+bi_want=$(printf 'virtnbd_build_info{version="%s",commit="%s",swift="%s"} 1' \
+    "$(sed -n 's/^virtnbd //p' "$T/version")" "$(sed -n 's/^commit //p' "$T/version")" \
+    "$(sed -n 's/^swift //p' "$T/version")")
+check_eq "virtnbd_build_info has -V's version, commit and swift" "$bi_want" \
+    "$(grep '^virtnbd_build_info' "$T/one" | sed 's/ 1\.0$/ 1/')"
+check_match "virtnbd_build_info's commit is not empty" 'commit="([0-9a-f]{7,}(-dirty)?|unknown)"' \
+    "$(grep '^virtnbd_build_info' "$T/one")"
 stop_server
+
+# Two exports from --config, traffic on both.
+mport2=$(free_tcp_port)
+S2="$T/multi.sock"
+printf 'listen:\n  - %s\nmetrics: 127.0.0.1:%s\nexports:\n' "$S2" "$mport2" >"$T/multi.yaml"
+printf '  - name: %s\n    device: ram\n    size: 8M\n' a b >>"$T/multi.yaml"
+"$VIRTNBD" --config "$T/multi.yaml" >"$T/multi.out" 2>"$T/multi.err" &
+multi=$!
+_ALL_PIDS+=("$multi")
+# shellcheck disable=SC2034  # read by stop_server (lib.sh) for its failure messages
+SERVER_ERR="$T/multi.err"
+for _ in $(seq 100); do [[ -S "$S2" ]] && curl -sf -o /dev/null "http://127.0.0.1:$mport2/metrics" && break; sleep 0.1; done
+expect_ok "nbdinfo --map on export a" nbdinfo --map "nbd+unix:///a?socket=$S2"
+expect_ok "qemu-io on export b" qemu-io -f raw -c 'write -P 0x44 0 1M' -c 'read 0 64k' -c flush "nbd+unix:///b?socket=$S2"
+curl -sf "http://127.0.0.1:$mport2/metrics" >"$T/two" || die "curl of the two-export server failed"
+check_match "export a: block_status counted" '^[1-9]' "$(val "$T/two" virtnbd_requests_total export=a op=block_status)"
+check_eq "export b: 1 MiB written" 1048576 "$(val "$T/two" virtnbd_written_bytes_total export=b)"
+lint "$T/two" "two exports"
+check_eq "every family has HELP and TYPE, sane names and labels (two exports)" "" "$(families "$T/two")"
+stop_server "$multi"
 finish

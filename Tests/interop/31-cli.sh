@@ -137,6 +137,15 @@ check_eq "--version exits 0" 0 "$rc"
 cp "$LAST_OUT" "$T/version"
 if [[ "$(vn -V 2>&1)" == "$(cat "$T/version")" ]]; then pass "-V prints the same"; else fail "-V prints the same" "$(vn -V 2>&1)"; fi
 check_match "--version names virtnbd" '^virtnbd [0-9]+\.[0-9]+' "$(head -n1 "$T/version")"
+# The commit line: the tree's HEAD (plus -dirty when tracked files had changes at build time), or
+# "unknown" for a binary built outside git. A binary built before the tree's last commit fails here.
+if command -v git >/dev/null && head=$(git -C "$REPO_ROOT" rev-parse --short HEAD 2>/dev/null); then
+    check_match "--version: commit is the tree's HEAD ($head, -dirty allowed)" "^commit $head(-dirty)?\$" \
+        "$(grep '^commit ' "$T/version")"
+else
+    check_match "--version: a commit line (no git checkout to compare with)" '^commit ([0-9a-f]{7,}(-dirty)?|unknown)$' \
+        "$(grep '^commit ' "$T/version")"
+fi
 swift_bin=$(command -v swift || echo /opt/swift/usr/bin/swift)
 if [[ -x "$swift_bin" ]]; then
     sv=$("$swift_bin" --version 2>/dev/null | grep -o 'Swift version [0-9.]*' | grep -o '[0-9.]*$')
