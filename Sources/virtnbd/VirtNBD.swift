@@ -234,7 +234,9 @@ struct ServeOptions: ParsableArguments {
         false
     @Flag(
         name: [.customShort("V"), .long],
-        help: "Print virtnbd's version and its components' (Swift, SwiftNIO, NIOSSL/BoringSSL) and exit.") var version =
+        help:
+            "Print virtnbd's version, the git commit it was built from and its components' (Swift, SwiftNIO, NIOSSL/BoringSSL), and exit."
+    ) var version =
         false
 
     func validate() throws {
