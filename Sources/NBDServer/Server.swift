@@ -250,7 +250,7 @@ public final class NBDServer: Sendable {
             .childChannelOption(.writeBufferWaterMark, value: .init(low: 1 << 20, high: 4 << 20))
             .childChannelOption(
                 .recvAllocator,
-                value: AdaptiveRecvByteBufferAllocator(minimum: 4096, initial: 256 << 10, maximum: 4 << 20)
+                value: AdaptiveRecvByteBufferAllocator(minimum: 4096, initial: 4096, maximum: 4 << 20)
             )
             .childChannelInitializer { channel in
                 guard allow.admits(channel.remoteAddress, logger: logger) else { return channel.close() }
