@@ -84,6 +84,9 @@ public struct HandshakeStateMachine {
     /// ("Option haggling": "NBD strings ... MUST NOT exceed 4096 bytes"); longer options are
     /// drained without buffering and answered NBD_REP_ERR_TOO_BIG.
     public static let maxOptionLength = 16 * 1024
+    /// Options a little longer than `maxOptionLength` are drained and answered NBD_REP_ERR_TOO_BIG
+    /// (a client may retry with less); longer ones close the connection at once.
+    public static let maxDrainedOptionLength = 1 << 20
     /// The close reason of NBD_OPT_ABORT, the normal end of a client that only asked (nbdinfo, --list).
     public static let abortReason = "client sent NBD_OPT_ABORT"
 
@@ -188,6 +191,17 @@ public struct HandshakeStateMachine {
                     state = .finished
                     return out + [
                         .close(reason: "NBD_OPT_EXPORT_NAME of \(length) bytes is longer than any export name")
+                    ]
+                }
+                if Int(length) > Self.maxDrainedOptionLength {
+                    // Longer than any option could usefully be: draining it (up to 4 GiB from a
+                    // peer that has not even chosen an export) is work for nothing (issue #31).
+                    state = .finished
+                    return out + [
+                        .close(
+                            reason:
+                                "option \(option) of \(length) bytes is far longer than any this server accepts (\(Self.maxOptionLength) bytes)"
+                        )
                     ]
                 }
                 if Int(length) > Self.maxOptionLength {

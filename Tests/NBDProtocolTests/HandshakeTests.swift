@@ -281,6 +281,23 @@ final class HandshakeTests: XCTestCase {
         XCTAssertEqual(startedExports(b).map(\.name), ["other"])
     }
 
+    /// An option a little over the limit is drained and refused with ERR_TOO_BIG; one far over it
+    /// (an announced 4 GiB) closes the connection without reading it.
+    func testOverlongOptionsAreRefusedOrEndTheConnection() {
+        var n = Negotiation()
+        let big = HandshakeStateMachine.maxOptionLength + 1
+        let a = n.start(Client.option(Spec.optList, [UInt8](repeating: 0x41, count: big)))
+        XCTAssertEqual(decodeOptionReplies(sentBytes(a)).map(\.type), [Spec.errTooBig])
+        XCTAssertTrue(closeReasons(a).isEmpty)
+        for length in [UInt32(HandshakeStateMachine.maxDrainedOptionLength + 1), UInt32.max] {
+            var m = Negotiation()
+            let b = m.start(Client.option(Spec.optInfo, lengthOverride: length))
+            XCTAssertTrue(sentBytes(b).isEmpty, "nothing answered for \(length)")
+            XCTAssertEqual(closeReasons(b).count, 1, "closed for \(length)")
+            XCTAssertTrue(m.sm.isFinished)
+        }
+    }
+
     func testGoUnknownExportIsErrUnknownAndNegotiationContinues() {
         for opt in [Spec.optGo, Spec.optInfo] {
             var n = Negotiation()

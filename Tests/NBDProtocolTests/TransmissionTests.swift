@@ -119,6 +119,25 @@ final class TransmissionTests: XCTestCase {
         XCTAssertEqual(d.readableBytes, 4096)
     }
 
+    /// Beyond the maximum and the spec's 2^25 courtesy, a WRITE ends the connection instead of being
+    /// drained; at 2^25 exactly it is still drained, whatever the maximum.
+    func testWriteBeyondTheCourtesyPayloadDisconnects() throws {
+        for (maxPayload, length, disconnects) in [
+            (4096, UInt32(1 << 25), false), (4096, UInt32(1 << 25) + 1, true), (64 << 20, UInt32(64 << 20) + 1, true),
+            (64 << 20, UInt32.max, true),
+        ] {
+            var p = TransmissionParser(maximumPayload: maxPayload)
+            var input = buffer(Client.request(type: Spec.cmdWrite, cookie: 1, offset: 0, length: length))
+            if disconnects {
+                XCTAssertThrowsError(try p.next(&input), "max \(maxPayload), length \(length)") { e in
+                    XCTAssertEqual(e as? TransmissionError, .payloadTooLarge(UInt64(length)))
+                }
+            } else {
+                XCTAssertNil(try p.next(&input), "max \(maxPayload), length \(length): drained, not refused")
+            }
+        }
+    }
+
     func testOversizedWriteIsRejectedAndDrainedWithoutBuffering() throws {
         let maxPayload = 4096
         var p = TransmissionParser(maximumPayload: maxPayload)
