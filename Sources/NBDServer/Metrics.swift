@@ -23,6 +23,8 @@ public final class ExportMetrics: Sendable {
         public static let kicks = "virtnbd_virtqueue_kicks_total"
         public static let interrupts = "virtnbd_virtqueue_interrupts_total"
         public static let deviceErrors = "virtnbd_device_errors_total"
+        /// Made by the server: clients closed before the greeting, by reason (`limit`: --max-connections).
+        public static let connectionsRefused = "virtnbd_connections_refused_total"
         /// Made by the executable: SIGHUP reloads, by result.
         public static let configReloads = "virtnbd_config_reloads_total"
         /// Made by the metrics endpoint: 1, with the version, commit and compiler as labels.
@@ -47,6 +49,8 @@ public final class ExportMetrics: Sendable {
             "Device interrupts the virtio-blk driver's completion thread woke up for, sampled at scrape time.",
         Name.deviceErrors:
             "virtio-blk requests the device completed with IOERR, UNSUPP or no status, sampled at scrape time.",
+        Name.connectionsRefused:
+            "Clients closed before the greeting because --max-connections (limits.max-connections) was reached.",
         Name.configReloads: "SIGHUP reloads of the configuration file, by result (ok, error).",
         Name.buildInfo:
             "Always 1; the labels name virtnbd's version, the git commit it was built from, and the Swift compiler.",

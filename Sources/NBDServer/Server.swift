@@ -61,7 +61,7 @@ func clientName(_ channel: Channel) -> String {
 /// Per-connection limits.
 public struct ServerLimits: Sendable {
     /// Clients beyond this many are closed before the greeting (0 = unlimited).
-    public var maxConnections = 0
+    public var maxConnections = 1024
     /// A client that has not finished negotiating after this long is dropped.
     public var handshakeTimeout: TimeAmount = .seconds(10)
     /// STARTTLS policy and credentials.
@@ -163,6 +163,8 @@ public final class NBDServer: Sendable {
     private let logger: Logger
     private let registry = ConnectionRegistry()
     private let listeners = Locked<[Channel]>([])
+    /// Clients refused at --max-connections: counted, and logged once per burst.
+    private let refusals = RefusalLog()
     /// The Unix socket files `listen` created, removed by `shutdown` (only if they are still ours).
     private let sockets = Locked<[UnixSocketClaim]>([])
 
@@ -237,6 +239,7 @@ public final class NBDServer: Sendable {
         let registry = self.registry
         let logger = self.logger
         let maxConnections = limits.maxConnections
+        let refusals = self.refusals
         let allow = limits.allow
         let keepalive = limits.keepalive
         let bootstrap = ServerBootstrap(group: group)
@@ -255,9 +258,7 @@ public final class NBDServer: Sendable {
             .childChannelInitializer { channel in
                 guard allow.admits(channel.remoteAddress, logger: logger) else { return channel.close() }
                 if maxConnections > 0 && registry.count >= maxConnections {
-                    logger.warning(
-                        "refusing \(clientName(channel)): the limit of \(maxConnections) connection(s) (--max-connections / limits.max-connections) is reached; closed before the greeting",
-                        metadata: ["conn": "\(registry.nextID())"])
+                    refusals.refused(clientName(channel), limit: maxConnections, logger: logger)
                     return channel.close()
                 }
                 let id = registry.add(channel)

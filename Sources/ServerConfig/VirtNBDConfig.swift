@@ -144,13 +144,19 @@ public struct ExportConfig: Sendable, Equatable {
 
 public struct VirtNBDConfig: Sendable, Equatable {
     public struct Limits: Sendable, Equatable {
-        /// 0 = no limit (`--max-connections`).
-        public var maxConnections = 0
+        /// 0 = no limit (`--max-connections`). The default bounds what the clients together can
+        /// hold (issue #31): 1024 idle or negotiating connections cost about 8 MiB; see
+        /// docs/operations.md "Limits".
+        public static let defaultMaxConnections = 1024
+        public var maxConnections = Limits.defaultMaxConnections
         /// Seconds (`--handshake-timeout`).
         public var handshakeTimeout = 10
         /// TCP keepalive on accepted TCP connections (`--keepalive`, `limits.keepalive`).
         public var keepalive = Keepalive()
-        public init(maxConnections: Int = 0, handshakeTimeout: Int = 10, keepalive: Keepalive = .init()) {
+        public init(
+            maxConnections: Int = Limits.defaultMaxConnections, handshakeTimeout: Int = 10,
+            keepalive: Keepalive = .init()
+        ) {
             self.maxConnections = maxConnections
             self.handshakeTimeout = handshakeTimeout
             self.keepalive = keepalive

@@ -132,3 +132,31 @@ struct PidFile {
         unlink(path)
     }
 }
+
+/// The descriptor limit: every client is one descriptor, so the soft RLIMIT_NOFILE (often 1024)
+/// must hold --max-connections plus the server's own (the device, eventfds, listeners, logs).
+enum FileLimit {
+    /// Descriptors the server keeps for itself besides its clients.
+    static let reserve = 256
+
+    /// Raises the soft limit towards the hard one when `connections` need it; says so at notice,
+    /// and warns when even the hard limit is too low (0 connections: no limit, raise to the hard one).
+    static func ensure(connections: Int, logger: Logger) {
+        var r = rlimit()
+        let resource = __rlimit_resource_t(RLIMIT_NOFILE.rawValue)
+        guard getrlimit(resource, &r) == 0 else { return }
+        let want = connections == 0 ? r.rlim_max : rlim_t(connections + reserve)
+        guard r.rlim_cur < want else { return }
+        let before = r.rlim_cur
+        r.rlim_cur = min(want, r.rlim_max)
+        if setrlimit(resource, &r) == 0 && r.rlim_cur != before {
+            logger.debug(
+                "raised the open-file limit from \(before) to \(r.rlim_cur) for --max-connections \(connections)")
+        }
+        if r.rlim_cur < want && connections > 0 {
+            logger.warning(
+                "the open-file limit is \(r.rlim_cur), too low for --max-connections \(connections) (each client is a descriptor); raise it (ulimit -n, LimitNOFILE=) or lower --max-connections"
+            )
+        }
+    }
+}

@@ -63,7 +63,7 @@ enum Usage {
                 "unknown option \(flag); virtnbd always keeps serving after a client leaves, until it is stopped, so drop it"
         case "--shared":
             return
-                "unknown option \(flag) (qemu-nbd's client limit); virtnbd's is --max-connections N (default 0 = no limit)"
+                "unknown option \(flag) (qemu-nbd's client limit); virtnbd's is --max-connections N (default 1024; 0 = no limit)"
         case "--pid-file":
             return "unknown option --pid-file; virtnbd's is -P/--pidfile FILE"
         case "--tls-creds":

@@ -189,8 +189,9 @@ struct ServeOptions: ParsableArguments {
     @Option(
         name: .long, help: "Run CMD with $uri, $unixsocket, $port set, then stop the server and exit with CMD's status."
     ) var run: String?
-    @Option(name: .long, help: "Refuse clients beyond this many at once (default 0 = no limit).") var maxConnections:
-        Int?
+    @Option(
+        name: .long, help: "Refuse clients beyond this many at once, before the greeting (default 1024; 0 = no limit).")
+    var maxConnections: Int?
     @Option(name: .long, help: "Drop clients that have not finished negotiating after this many seconds (default 10).")
     var handshakeTimeout: Int?
     @Flag(
@@ -533,6 +534,7 @@ struct ServeOptions: ParsableArguments {
             throw ExitCode(1)
         }
         let logger = Self.bootstrapLogging(plan.level)
+        FileLimit.ensure(connections: plan.maxConnections, logger: logger)
         // Before any export exists: each export makes its metrics through the bootstrapped factory.
         let registry = plan.metrics != nil ? MetricsBackend.bootstrap() : nil
         let reloads = ReloadCounters(

@@ -37,10 +37,14 @@ final class RawClientTests: XCTestCase {
     /// bug in the server") when a reply arrives for a command it is still sending. nbdkit reads
     /// the whole oversized payload before replying.
     func testOversizedWriteIsAnsweredOnlyAfterItsPayloadIsReceived() async throws {
-        try await TestServer.with(try await TestServer.ram(size: 1 << 20)) { s in
+        // Over the advertised maximum, but within the 32 MiB the spec asks every server to take:
+        // drained and answered, and the connection stays in sync.
+        let disk = try TestDisk.ram(size: 1 << 20)
+        let spec = TestServer.ExportSpec(name: "disk", disk: disk, maximumPayload: 1 << 20)
+        try await TestServer.with(try await TestServer.start([spec])) { s in
             let c = try RawClient(path: s.socketPath)
             _ = try c.negotiate(export: "disk")
-            let len = (64 << 20) + 4096 // advertised maximum payload is 64 MiB
+            let len = (1 << 20) + 4096 // advertised maximum payload is 1 MiB
             let chunk = [UInt8](repeating: 0x33, count: 1 << 20)
             try c.send(RawClient.request(type: 1, cookie: 42, offset: 0, length: UInt32(len)))
             try c.send(chunk) // 1 MiB of the payload so far
@@ -62,6 +66,18 @@ final class RawClientTests: XCTestCase {
             XCTAssertEqual(rr.cookie, 43)
             XCTAssertEqual(rr.error, 0)
             XCTAssertEqual(try c.recv(8), [UInt8](repeating: 0, count: 8))
+        }
+    }
+
+    /// Over both the maximum (64 MiB here) and the 32 MiB courtesy: a hard disconnect at the header,
+    /// as the spec allows, instead of draining up to 4 GiB.
+    func testWriteFarOverTheMaximumEndsTheConnection() async throws {
+        try await TestServer.with(try await TestServer.ram(size: 1 << 20)) { s in
+            let c = try RawClient(path: s.socketPath)
+            _ = try c.negotiate(export: "disk")
+            try c.send(RawClient.request(type: 1, cookie: 42, offset: 0, length: UInt32((64 << 20) + 4096)))
+            XCTAssertTrue(c.hasData(withinMilliseconds: 5000), "the server must hang up (EOF is readable)")
+            XCTAssertThrowsError(try c.recv(1), "no reply, only the end of the connection")
         }
     }
 

@@ -44,7 +44,9 @@ final class KeepaliveConfigTests: XCTestCase {
             .init(enabled: true, idle: 30, interval: 5, count: 4))
         XCTAssertEqual(try parse("  keepalive-idle: 7").limits.keepalive, .init(idle: 7))
         XCTAssertEqual(try parse("  keepalive: false").limits.keepalive.enabled, false)
-        XCTAssertEqual(try parse("  keepalive: false").limits.maxConnections, 0, "other limits keep their defaults")
+        XCTAssertEqual(
+            try parse("  keepalive: false").limits.maxConnections, VirtNBDConfig.Limits.defaultMaxConnections,
+            "other limits keep their defaults")
     }
 
     func testFileErrorsNameTheLine() {

@@ -32,7 +32,7 @@ final class GoodConfigTests: XCTestCase {
                 size: 64M
             """)
         XCTAssertEqual(c.listeners, [.tcp(host: "127.0.0.1", port: 10809)])
-        XCTAssertEqual(c.limits, .init(maxConnections: 0, handshakeTimeout: 10))
+        XCTAssertEqual(c.limits, .init(maxConnections: 1024, handshakeTimeout: 10))
         XCTAssertEqual(c.logLevel, .info)
         XCTAssertNil(c.metrics)
         XCTAssertEqual(c.tls, .init())

@@ -52,6 +52,26 @@ PY
 run_py_checks "$T/maxconn.py" "$URI"
 stop_server
 
+# A flood of refusals: every one counted in metrics, one log line per burst (issue #31).
+mport=$(free_tcp_port) || die "no free port"
+start_server --size 1M --max-connections 1 --metrics "127.0.0.1:$mport"
+sock=${URI#*socket=}
+/usr/bin/python3 - "$sock" <<'PY'
+import socket, sys, time
+held = socket.socket(socket.AF_UNIX); held.connect(sys.argv[1]); held.recv(18)
+for i in range(30):
+    s = socket.socket(socket.AF_UNIX); s.connect(sys.argv[1]); s.settimeout(5); s.recv(18); s.close()
+held.close()
+PY
+sleep 0.3
+check_eq "30 refused clients: counted in virtnbd_connections_refused_total" 30 \
+    "$(curl -s "http://127.0.0.1:$mport/metrics" | sed -n 's/^virtnbd_connections_refused_total{reason="limit"} //p')"
+check_eq "... and logged once for the burst, not once each" 1 "$(grep -c 'refusing a client' "$SERVER_ERR")"
+stop_server
+start_server --size 1M
+check_match "the default limit is 1024 connections" 'limits: max-connections 1024,' "$(cat "$SERVER_ERR")"
+stop_server
+
 # A client that connects and never negotiates is dropped after --handshake-timeout.
 start_server --size 1M --handshake-timeout 1
 sock=${URI#*socket=}

@@ -124,7 +124,7 @@ for line in open(sys.argv[1]):
     if not help.get(family): problems.append(f"{family}: no HELP text")
     labels = re.findall(r'([a-zA-Z_][a-zA-Z0-9_]*)="', m.group(3) or "")
     # Bounded labels only: a label per client, address or connection would grow without limit.
-    for l in set(labels) - {"export", "op", "result", "le", "version", "commit", "swift"}:
+    for l in set(labels) - {"export", "op", "result", "reason", "le", "version", "commit", "swift"}:
         problems.append(f"{name}: label {l} is not one of the known bounded ones")
 for f, t in typ.items():
     if t == "counter" and not f.endswith("_total"): problems.append(f"{f}: a counter not ending _total")

@@ -68,10 +68,10 @@ check_match "the refusal names the client and the limit" 'refusing a client of U
 check_match "the file's handshake-timeout: 1 and queue-size: 64 are in effect" 'handshake-timeout 1 s' "$(cat "$T/base.err")"
 check_match "... queue-size 64" 'queue-size=64 ' "$(cat "$T/base.err")"
 stop_cfg
-start_cfg flags --max-connections 0 --handshake-timeout 10 --queue-size 256
-check_eq "--max-connections 0 (its default) lifts the file's limit" "both" \
+start_cfg flags --max-connections 1024 --handshake-timeout 10 --queue-size 256
+check_eq "--max-connections 1024 (its default) lifts the file's limit of 1" "both" \
     "$(/usr/bin/python3 -c "$two_clients" "nbd+unix:///a?socket=$sock" 2>&1)"
-check_match "--handshake-timeout 10 (its default) beats the file's 1" 'limits: max-connections 0 \(no limit\), handshake-timeout 10 s' "$(cat "$T/flags.err")"
+check_match "--handshake-timeout 10 (its default) beats the file's 1" 'limits: max-connections 1024, handshake-timeout 10 s' "$(cat "$T/flags.err")"
 check_match "--queue-size 256 (its default) beats the file's 64" 'queue-size=256 ' "$(cat "$T/flags.err")"
 stop_cfg
 
