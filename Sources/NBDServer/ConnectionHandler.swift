@@ -62,11 +62,24 @@ final class NBDConnectionHandler: ChannelDuplexHandler {
     /// The server's bytes in flight, shared with every other connection.
     private let budget: ByteBudget
 
+    /// On shutdown (or the removal of its export), how long queued replies may take to reach a
+    /// client that reads slowly or not at all before the connection is closed anyway.
+    private let drainTimeout: TimeAmount
+    /// The queued replies are being flushed before the close.
+    private var flushingToClose = false
+    /// Closes the connection if its replies are not taken within `drainTimeout`.
+    private var drainTimer: Scheduled<Void>?
+    /// Shutdown sent FIN after the last reply: input is now read only to be dropped, until EOF.
+    private var outputClosed = false
+    /// Bytes of input that had arrived when the shutdown began: their requests are still served.
+    private var receivedBeforeQuiesce = 0
+
     init(
         directory: ExportDirectory, id: Int, handshakeTimeout: TimeAmount, tls: TLSSettings, logger: Logger,
-        budget: ByteBudget = ByteBudget()
+        budget: ByteBudget = ByteBudget(), drainTimeout: TimeAmount = .seconds(30)
     ) {
         self.budget = budget
+        self.drainTimeout = drainTimeout
         self.handshakeTimeout = handshakeTimeout
         self.tls = tls
         self.phase = .handshake(HandshakeStateMachine(catalog: directory.catalog, tls: tls.policy))
@@ -109,10 +122,22 @@ final class NBDConnectionHandler: ChannelDuplexHandler {
             attached = nil
         }
         handshakeTimer?.cancel()
+        drainTimer?.cancel()
         context.fireChannelInactive()
     }
 
+    /// After the last reply of a shutdown, what the client had sent has now been read and
+    /// dropped: the full close sends no reset.
+    func channelReadComplete(context: ChannelHandlerContext) {
+        if outputClosed {
+            context.close(promise: nil)
+            return
+        }
+        context.fireChannelReadComplete()
+    }
+
     func channelRead(context: ChannelHandlerContext, data: NIOAny) {
+        if outputClosed { return } // after the last reply of a shutdown: dropped
         var bytes = unwrapInboundIn(data)
         if input.readableBytes == 0 { input = bytes } else { input.writeBuffer(&bytes) }
         process(context: context)
@@ -238,13 +263,15 @@ final class NBDConnectionHandler: ChannelDuplexHandler {
         _ context: ChannelHandlerContext, _ p: TransmissionParser, _ export: NBDExport, _ rules: TransmissionRules
     ) -> Bool {
         // Parse no further while requests, their bytes or unsent replies are at their bounds.
-        if quiescing || inFlight >= Self.maxInFlight || inFlightBytes >= inFlightByteLimit
+        // (Quiescing, the requests already received are still served; nothing more is read.)
+        if inFlight >= Self.maxInFlight || inFlightBytes >= inFlightByteLimit
             || overBudget || heldFull || !context.channel.isWritable
         {
             return false
         }
         var parser = p
         let event: TransmissionEvent?
+        let unparsed = input.readableBytes
         do {
             event = try parser.next(&input)
         } catch {
@@ -262,6 +289,14 @@ final class NBDConnectionHandler: ChannelDuplexHandler {
             return answer(context, r, rules.decide(reason), payload: nil, export: export, rules: rules)
         case .request(let r, let payload):
             export.metrics.request(ExportMetrics.Op(r.command))
+            // Shutting down: requests received before it are served; later ones (their bytes came
+            // after the quiesce) get NBD_ESHUTDOWN, as the spec asks, and touch nothing.
+            let receivedBefore = receivedBeforeQuiesce > 0
+            receivedBeforeQuiesce = max(0, receivedBeforeQuiesce - (unparsed - input.readableBytes))
+            if quiescing && !receivedBefore && r.command != .disc {
+                fail(context, r, rules, .shutdown, "the server is shutting down")
+                return true
+            }
             return answer(context, r, rules.decide(r), payload: payload, export: export, rules: rules)
         }
     }
@@ -562,7 +597,8 @@ final class NBDConnectionHandler: ChannelDuplexHandler {
             return
         }
         if quiescing {
-            closeWhenDrained(context: context)
+            if input.readableBytes > 0 { process(context: context) }
+            closeWhenFlushed(context: context)
             return
         }
         if readPending && mayRead(context) {
@@ -578,13 +614,66 @@ final class NBDConnectionHandler: ChannelDuplexHandler {
         if context.channel.isActive { context.close(promise: nil) }
     }
 
+    /// Shutdown: the requests already received are served (nothing more is read), their replies
+    /// are written in full, then the connection closes. NIO's close fails writes still queued, which
+    /// cut replies short (issue #31: 19 of 64 MiB, then EOF mid-reply). The flush may free the
+    /// connection to parse requests it had received but held back (its replies were at their
+    /// bound), so after each flush it looks again. A client that does not take its replies within
+    /// the drain timeout (`--shutdown-timeout`) is closed anyway.
+    private func closeWhenFlushed(context: ChannelHandlerContext) {
+        guard inFlight == 0, !flushingToClose, context.channel.isActive else { return }
+        flushingToClose = true
+        if drainTimer == nil {
+            let channel = context.channel
+            let logger = self.logger
+            let timeout = drainTimeout
+            drainTimer = context.eventLoop.scheduleTask(in: timeout) {
+                guard channel.isActive else { return }
+                logger.warning(
+                    "closing: the client was still connected \(timeout.nanoseconds / 1_000_000_000) s after the shutdown began, its replies not all taken or its side not closed (--shutdown-timeout)"
+                )
+                channel.close(promise: nil)
+            }
+        }
+        let bound = NIOLoopBound((self, context), eventLoop: context.eventLoop)
+        context.writeAndFlush(wrapOutboundOut(ByteBuffer())).whenComplete { _ in
+            let (this, context) = bound.value
+            this.flushingToClose = false
+            guard context.channel.isActive else { return }
+            let before = this.input.readableBytes
+            if before > 0 { this.process(context: context) }
+            guard this.inFlight == 0 else { return } // their completions call closeWhenFlushed again
+            if this.input.readableBytes == before {
+                // Nothing more could be parsed: every request received has its reply on the wire.
+                // Half-close, so the client reads them all and then EOF; a full close with its
+                // unread requests in our socket would send a reset, which can discard replies in
+                // its receive queue. What it still sends is read and dropped until it closes (or
+                // the drain timer does).
+                this.outputClosed = true
+                let channel = context.channel
+                let done = context.eventLoop.makePromise(of: Void.self)
+                done.futureResult.whenFailure { _ in channel.close(promise: nil) } // TLS: no half-close
+                context.close(mode: .output, promise: done)
+                // Then the full close, once what the client had sent is read (channelReadComplete)
+                // or soon after if it sent nothing: an idle client must not hold the shutdown.
+                this.drainTimer?.cancel()
+                this.drainTimer = context.eventLoop.scheduleTask(in: .milliseconds(500)) { channel.close(promise: nil) }
+                context.read()
+            } else {
+                this.closeWhenFlushed(context: context) // answered at once (errors): flush and look again
+            }
+        }
+    }
+
     // MARK: backpressure and shutdown
 
     /// Backpressure: the socket is read only while requests in flight, their bytes, unparsed
     /// input and unsent replies are all bounded. A client that floods requests without reading
     /// replies fills its own socket buffers instead of the server's memory.
     private func mayRead(_ context: ChannelHandlerContext) -> Bool {
-        !quiescing && inFlight < Self.maxInFlight && inFlightBytes < inFlightByteLimit && !overBudget
+        if outputClosed { return true } // reading only to see the client's EOF
+        // Quiescing, reading goes on, so that what the client sends is answered (NBD_ESHUTDOWN).
+        return inFlight < Self.maxInFlight && inFlightBytes < inFlightByteLimit && !overBudget
             && !heldFull && input.readableBytes < maxBufferedInput && context.channel.isWritable
     }
 
@@ -626,8 +715,9 @@ final class NBDConnectionHandler: ChannelDuplexHandler {
         }
         if event is QuiesceEvent {
             quiescing = true
+            receivedBeforeQuiesce = input.readableBytes
             switch phase {
-            case .transmission: closeWhenDrained(context: context)
+            case .transmission: closeWhenFlushed(context: context)
             default: context.close(promise: nil)
             }
             return

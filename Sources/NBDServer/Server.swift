@@ -62,6 +62,8 @@ func clientName(_ channel: Channel) -> String {
 public struct ServerLimits: Sendable {
     /// Clients beyond this many are closed before the greeting (0 = unlimited).
     public var maxConnections = 1024
+    /// On shutdown, how long a client may take to read the replies already queued for it.
+    public var shutdownTimeout: TimeAmount = .seconds(30)
     /// A client that has not finished negotiating after this long is dropped.
     public var handshakeTimeout: TimeAmount = .seconds(10)
     /// STARTTLS policy and credentials.
@@ -217,7 +219,7 @@ public final class NBDServer: Sendable {
     private func makeHandler(id: Int) -> NBDConnectionHandler {
         NBDConnectionHandler(
             directory: directory, id: id, handshakeTimeout: limits.handshakeTimeout, tls: limits.tls, logger: logger,
-            budget: budget)
+            budget: budget, drainTimeout: limits.shutdownTimeout)
     }
 
     /// Serves exactly one client on stdin/stdout (`-s`); returns when it disconnects.

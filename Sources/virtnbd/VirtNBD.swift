@@ -192,6 +192,11 @@ struct ServeOptions: ParsableArguments {
     @Option(
         name: .long, help: "Refuse clients beyond this many at once, before the greeting (default 1024; 0 = no limit).")
     var maxConnections: Int?
+    @Option(
+        name: .long,
+        help:
+            "On SIGTERM/SIGINT, how many seconds a client may take to read the replies already queued for it before it is closed anyway (default 30)."
+    ) var shutdownTimeout: Int = 30
     @Option(name: .long, help: "Drop clients that have not finished negotiating after this many seconds (default 10).")
     var handshakeTimeout: Int?
     @Flag(
@@ -261,6 +266,9 @@ struct ServeOptions: ParsableArguments {
         }
         if let m = maxConnections, m < 0 {
             throw ValidationError("--max-connections must be 0 (no limit) or more, not \(m)")
+        }
+        guard (1...3600).contains(shutdownTimeout) else {
+            throw ValidationError("--shutdown-timeout must be 1 to 3600 seconds, not \(shutdownTimeout)")
         }
         if let h = handshakeTimeout, h <= 0 {
             throw ValidationError("--handshake-timeout must be at least 1 second, not \(h)")
@@ -551,10 +559,11 @@ struct ServeOptions: ParsableArguments {
         }
 
         // What can fail without touching anything comes before the exports, which may create files.
-        let limits: ServerLimits
+        var limits: ServerLimits
         do { limits = try Self.serverLimits(plan) } catch {
             throw Self.startFailure("\(error)")
         }
+        limits.shutdownTimeout = .seconds(Int64(shutdownTimeout))
         if let path = pidfile, let problem = PidFile.directoryProblem(path) {
             throw Self.startFailure("\(problem)")
         }

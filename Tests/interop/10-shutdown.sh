@@ -79,4 +79,44 @@ signal_then_release INT
 head -c $MiB /dev/zero | tr '\0' '\245' >>"$T/expect"
 if cmp -n $((2 * MiB)) "$T/expect" "$disk" >"$T/cmp.out" 2>&1; then pass "both writes are in the file after SIGINT"; else fail "both writes are in the file after SIGINT" "$(cat "$T/cmp.out")"; fi
 check_eq "file size unchanged" $((8 * MiB)) "$(stat -c %s "$disk")"
+
+# --- SIGTERM while 4 READs of 16 MiB are queued for a client that reads slowly (issue #31): every
+# reply arrives whole, then EOF, and the server exits 0. (Before: 19 of 64 MiB, then EOF.)
+cat >"$T/slowread.py" <<'PY'
+import os, signal, socket, struct, sys, time
+path, pid = sys.argv[1], int(sys.argv[2])
+s = socket.socket(socket.AF_UNIX); s.connect(path)
+s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+def recvn(n):
+    b = bytearray()
+    while len(b) < n:
+        c = s.recv(min(n - len(b), 1 << 20))
+        if not c: break
+        b += c
+    return bytes(b)
+recvn(18); s.sendall(struct.pack(">I", 3))
+s.sendall(b"IHAVEOPT" + struct.pack(">II", 7, 6) + struct.pack(">IH", 0, 0))
+while True:
+    magic, o, typ, ln = struct.unpack(">QIII", recvn(20)); recvn(ln)
+    if typ == 1: break
+L = 16 << 20
+s.sendall(b"".join(struct.pack(">IHHQQI", 0x25609513, 0, 0, i, i * L, L) for i in range(4)))
+time.sleep(1)
+os.kill(pid, signal.SIGTERM)
+time.sleep(0.5)
+data = shut = 0
+for i in range(4):
+    h = recvn(16)
+    if len(h) < 16: break
+    magic, err, cookie = struct.unpack(">IIQ", h)
+    if err == 108: shut += 1; continue
+    if err == 0 and len(recvn(L)) == L: data += 1
+    else: break
+print("%d whole, %d ESHUTDOWN, EOF %s" % (data, shut, recvn(1) == b""))
+PY
+start_server --size 64M
+got=$(/usr/bin/python3 "$T/slowread.py" "$SOCK" "$SERVER_PID" 2>&1)
+# The four were received before the signal, so all four are served with their data.
+check_eq "SIGTERM with 64 MiB of READ replies queued: all four arrive whole, then EOF" "4 whole, 0 ESHUTDOWN, EOF True" "$got"
+wait_server_exit "$SERVER_PID" "SIGTERM with replies queued"
 finish
