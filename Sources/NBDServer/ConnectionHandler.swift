@@ -646,7 +646,15 @@ final class NBDConnectionHandler: ChannelDuplexHandler {
             let before = this.input.readableBytes
             if before > 0 { this.process(context: context) }
             guard this.inFlight == 0 else { return } // their completions call closeWhenFlushed again
-            if this.input.readableBytes == before {
+            if this.input.readableBytes == before && before >= TransmissionParser.requestSize {
+                // A received request could not be parsed yet: its room (held READ pages, freed as
+                // NIO releases the written buffers) is on its way back. Look again shortly.
+                let loop = context.eventLoop
+                loop.scheduleTask(in: .milliseconds(5)) {
+                    let (this, context) = bound.value
+                    this.closeWhenFlushed(context: context)
+                }
+            } else if this.input.readableBytes == before {
                 // Nothing more could be parsed: every request received has its reply on the wire.
                 // Half-close, so the client reads them all and then EOF; a full close with its
                 // unread requests in our socket would send a reset, which can discard replies in
