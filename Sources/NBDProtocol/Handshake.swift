@@ -152,6 +152,11 @@ public struct HandshakeStateMachine {
 
     public var isFinished: Bool { state == .finished }
 
+    /// The server is shutting down ("Option haggling": it "SHOULD error further options received
+    /// (other than an NBD_OPT_ABORT) with NBD_REP_ERR_SHUTDOWN"; the client then disconnects).
+    /// NBD_OPT_EXPORT_NAME, which has no error reply, ends the session.
+    public var shuttingDown = false
+
     /// The 18-byte greeting the server sends first.
     public func greeting() -> ByteBuffer {
         var b = ByteBuffer()
@@ -230,6 +235,13 @@ public struct HandshakeStateMachine {
     }
 
     private mutating func handle(option: UInt32, data: ByteBuffer) -> [HandshakeAction] {
+        if shuttingDown && option != NBDOption.abort.rawValue {
+            if option == NBDOption.exportName.rawValue {
+                state = .finished
+                return [.close(reason: "NBD_OPT_EXPORT_NAME while the server is shutting down")]
+            }
+            return [.send(Self.optionReply(option, NBDReply.errShutdown, message: "the server is shutting down"))]
+        }
         if let refused = refuseWithoutTLS(option) { return refused }
         guard let opt = NBDOption(rawValue: option) else {
             return [.send(Self.optionReply(option, NBDReply.errUnsup, message: "option \(option) is not supported"))]

@@ -59,8 +59,17 @@ final class NBDConnectionHandler: ChannelDuplexHandler {
     /// READs this long and longer are answered from the device's pages, without a copy.
     static let heldReadMinimum = 64 << 10
 
-    /// The server's bytes in flight, shared with every other connection.
+    /// The server-wide memory budget, shared with every other connection.
     private let budget: ByteBudget
+    /// Unparsed input counted in the budget now.
+    private var charged = 0
+    /// A wake-up is registered with the budget.
+    private var waitingForBudget = false
+    /// A client silent this long with a request unfinished (`--payload-timeout`) is closed.
+    private let payloadTimeout: TimeAmount
+    /// When input last arrived while a request was unfinished.
+    private var lastInput = NIODeadline.now()
+    private var stallTimer: Scheduled<Void>?
 
     /// On shutdown (or the removal of its export), how long queued replies may take to reach a
     /// client that reads slowly or not at all before the connection is closed anyway.
@@ -76,9 +85,11 @@ final class NBDConnectionHandler: ChannelDuplexHandler {
 
     init(
         directory: ExportDirectory, id: Int, handshakeTimeout: TimeAmount, tls: TLSSettings, logger: Logger,
-        budget: ByteBudget = ByteBudget(), drainTimeout: TimeAmount = .seconds(30)
+        budget: ByteBudget = ByteBudget(), drainTimeout: TimeAmount = .seconds(30),
+        payloadTimeout: TimeAmount = .seconds(30)
     ) {
         self.budget = budget
+        self.payloadTimeout = payloadTimeout
         self.drainTimeout = drainTimeout
         self.handshakeTimeout = handshakeTimeout
         self.tls = tls
@@ -123,6 +134,10 @@ final class NBDConnectionHandler: ChannelDuplexHandler {
         }
         handshakeTimer?.cancel()
         drainTimer?.cancel()
+        stallTimer?.cancel()
+        input = Self.empty
+        budget.give(charged)
+        charged = 0
         context.fireChannelInactive()
     }
 
@@ -142,6 +157,54 @@ final class NBDConnectionHandler: ChannelDuplexHandler {
         if input.readableBytes == 0 { input = bytes } else { input.writeBuffer(&bytes) }
         process(context: context)
         release()
+        if input.readableBytes > 0, case .transmission = phase { watchForStall(context) }
+    }
+
+    /// A request is unfinished (its header or payload partly received): a client that sends
+    /// nothing more for `payloadTimeout` while the server is reading is closed, so that it cannot
+    /// keep its part of the memory budget forever. One timer per stall, not one per read.
+    private func watchForStall(_ context: ChannelHandlerContext) {
+        lastInput = .now()
+        guard stallTimer == nil else { return }
+        armStallTimer(context, in: payloadTimeout)
+    }
+
+    private func armStallTimer(_ context: ChannelHandlerContext, in delay: TimeAmount) {
+        let bound = NIOLoopBound((self, context), eventLoop: context.eventLoop)
+        stallTimer = context.eventLoop.scheduleTask(in: delay) {
+            let (this, context) = bound.value
+            this.stallTimer = nil
+            guard context.channel.isActive, this.input.readableBytes > 0, case .transmission = this.phase else {
+                return
+            }
+            // Waiting on the server (requests in flight, replies not taken, reading paused by a
+            // per-connection bound) is not a stall. Paused by the memory budget, it is: the
+            // connections that filled the budget first time out first, and give it back.
+            if this.inFlight > 0 || (this.readPending && !this.inputOverBudget) {
+                this.lastInput = .now()
+                return this.armStallTimer(context, in: this.payloadTimeout)
+            }
+            let silent = NIODeadline.now() - this.lastInput
+            guard silent >= this.payloadTimeout else {
+                return this.armStallTimer(context, in: this.payloadTimeout - silent)
+            }
+            this.logger.warning(
+                "closing: the client sent nothing for \(this.payloadTimeout.nanoseconds / 1_000_000_000) s in the middle of a request (\(this.input.readableBytes) bytes of it received); a write it had not finished is not done (--payload-timeout)"
+            )
+            this.phase = .closing
+            context.close(promise: nil)
+        }
+    }
+
+    /// Counts the unparsed input in the server-wide budget.
+    private func recharge() {
+        let now = input.readableBytes
+        if now > charged {
+            budget.take(now - charged)
+        } else if now < charged {
+            budget.give(charged - now)
+        }
+        charged = now
     }
 
     /// Lets go of NIO's receive buffer between reads, so that a connection that waits holds only
@@ -168,6 +231,7 @@ final class NBDConnectionHandler: ChannelDuplexHandler {
     private static let compactAbove = 32 << 10
 
     private func process(context: ChannelHandlerContext) {
+        defer { recharge() }
         while true {
             switch phase {
             case .closing, .awaitingTLS:
@@ -604,10 +668,7 @@ final class NBDConnectionHandler: ChannelDuplexHandler {
             closeWhenFlushed(context: context)
             return
         }
-        if readPending && mayRead(context) {
-            readPending = false
-            context.read()
-        }
+        resumeReading(context)
         // Parsing may have stopped at the in-flight limit with requests still buffered.
         if input.readableBytes > 0 { process(context: context) }
     }
@@ -685,8 +746,12 @@ final class NBDConnectionHandler: ChannelDuplexHandler {
         if outputClosed { return true } // reading only to see the client's EOF
         // Quiescing, reading goes on, so that what the client sends is answered (NBD_ESHUTDOWN).
         return inFlight < Self.maxInFlight && inFlightBytes < inFlightByteLimit && !overBudget
-            && !heldFull && input.readableBytes < maxBufferedInput && context.channel.isWritable
+            && !inputOverBudget && !heldFull && input.readableBytes < maxBufferedInput && context.channel.isWritable
     }
+
+    /// The server-wide budget is spent and this connection holds more than its reserve of
+    /// unparsed input: it reads no more until the budget has room (`ByteBudget`).
+    private var inputOverBudget: Bool { input.readableBytes > ByteBudget.reserve && budget.exhausted }
 
     /// This connection holds its share of device pages in READs not yet written.
     private var heldFull: Bool { heldBytes > 0 && heldBytes >= heldLimit }
@@ -698,18 +763,46 @@ final class NBDConnectionHandler: ChannelDuplexHandler {
     func read(context: ChannelHandlerContext) {
         guard mayRead(context) else {
             readPending = true
+            if inputOverBudget { waitForBudget(context) }
             return
         }
         context.read()
     }
 
+    /// Stopped by the budget with nothing in flight (no completion will look again): asks the
+    /// budget to wake this connection, on its event loop, once it has room.
+    private func waitForBudget(_ context: ChannelHandlerContext) {
+        guard !waitingForBudget else { return }
+        waitingForBudget = true
+        let loop = context.eventLoop
+        let bound = NIOLoopBound((self, context), eventLoop: loop)
+        budget.whenAvailable {
+            loop.execute {
+                let (this, context) = bound.value
+                this.waitingForBudget = false
+                guard context.channel.isActive else { return }
+                this.resumeReading(context) // or wait again: spent again meanwhile
+            }
+        }
+    }
+
+    /// Reads again if reading was paused and the bounds now allow it; a connection still held
+    /// back by the budget waits for it.
+    private func resumeReading(_ context: ChannelHandlerContext) {
+        guard readPending else { return }
+        if mayRead(context) {
+            readPending = false
+            if stallTimer != nil { lastInput = .now() } // its silence so far was the server's doing
+            context.read()
+        } else if inputOverBudget {
+            waitForBudget(context)
+        }
+    }
+
     func channelWritabilityChanged(context: ChannelHandlerContext) {
         if context.channel.isWritable {
             if input.readableBytes > 0 { process(context: context) }
-            if readPending && mayRead(context) {
-                readPending = false
-                context.read()
-            }
+            resumeReading(context)
         }
         context.fireChannelWritabilityChanged()
     }
@@ -729,6 +822,14 @@ final class NBDConnectionHandler: ChannelDuplexHandler {
             receivedBeforeQuiesce = input.readableBytes
             switch phase {
             case .transmission: closeWhenFlushed(context: context)
+            case .handshake(var hs):
+                // Options from now on are answered NBD_REP_ERR_SHUTDOWN, to which a client answers
+                // NBD_OPT_ABORT; one that sends nothing is closed after a second.
+                hs.shuttingDown = true
+                phase = .handshake(hs)
+                if input.readableBytes > 0 { process(context: context) }
+                let channel = context.channel
+                context.eventLoop.scheduleTask(in: .seconds(1)) { channel.close(promise: nil) }
             default: context.close(promise: nil)
             }
             return

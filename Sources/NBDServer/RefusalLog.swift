@@ -16,7 +16,15 @@ final class RefusalLog: Sendable {
         var unlogged = 0
     }
     private let state = Locked(State())
-    private let counter = Counter(label: ExportMetrics.Name.connectionsRefused, dimensions: [("reason", "limit")])
+    private let counter: Counter
+    /// What was reached, for the log line: "connection(s) (--max-connections / limits.max-connections)".
+    private let what: String
+
+    /// `reason` labels the counter: "limit" (--max-connections) or "per-address".
+    init(reason: String = "limit", what: String = "connection(s) (--max-connections / limits.max-connections)") {
+        counter = Counter(label: ExportMetrics.Name.connectionsRefused, dimensions: [("reason", reason)])
+        self.what = what
+    }
 
     func refused(_ client: String, limit: Int, logger: Logger) {
         counter.increment()
@@ -34,7 +42,7 @@ final class RefusalLog: Sendable {
         }
         guard let earlier else { return }
         logger.warning(
-            "refusing \(client): the limit of \(limit) connection(s) (--max-connections / limits.max-connections) is reached; closed before the greeting\(earlier > 0 ? " (\(earlier) more refused since the last such line)" : ""); refusals in the next \(Self.window.nanoseconds / 1_000_000_000) s are counted, not logged"
+            "refusing \(client): the limit of \(limit) \(what) is reached; closed before the greeting\(earlier > 0 ? " (\(earlier) more refused since the last such line)" : ""); refusals in the next \(Self.window.nanoseconds / 1_000_000_000) s are counted, not logged"
         )
     }
 }

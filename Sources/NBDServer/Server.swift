@@ -62,6 +62,8 @@ func clientName(_ channel: Channel) -> String {
 public struct ServerLimits: Sendable {
     /// Clients beyond this many are closed before the greeting (0 = unlimited).
     public var maxConnections = 1024
+    /// TCP connections from one address beyond this many are closed before the greeting (0 = unlimited).
+    public var maxConnectionsPerAddress = 0
     /// On shutdown, how long a client may take to read the replies already queued for it.
     public var shutdownTimeout: TimeAmount = .seconds(30)
     /// A client that has not finished negotiating after this long is dropped.
@@ -73,22 +75,14 @@ public struct ServerLimits: Sendable {
     /// TCP keepalive on accepted TCP connections (nil = off); Unix-socket clients are not affected.
     /// The default is virtnbd's (`VirtNBDConfig.Keepalive`): a vanished client is closed after 120 s.
     public var keepalive: TCPKeepalive? = TCPKeepalive(idle: 60, interval: 10, count: 6)
-    /// Request bytes (WRITE payloads, READ data) all connections together may have in flight
-    /// before those with requests outstanding stop reading; bounds the server's buffers
-    /// whatever the number of clients (a connection with nothing in flight always proceeds).
-    public var inFlightBytes = ByteBudget.defaultLimit
+    /// What all connections together may make the server hold (`--memory-budget`): input not yet
+    /// parsed (a WRITE's payload as it arrives, a partial option) and request bytes in flight
+    /// (WRITE payloads, READ data). See `ByteBudget`.
+    public var memoryBudget = ByteBudget.defaultLimit
+    /// A client that sends nothing for this long in the middle of a request (a WRITE's payload)
+    /// is disconnected (`--payload-timeout`).
+    public var payloadTimeout: TimeAmount = .seconds(30)
     public init() {}
-}
-
-/// Bytes in flight across every connection of a server (`ServerLimits.inFlightBytes`).
-public final class ByteBudget: Sendable {
-    public static let defaultLimit = 16 << 20
-    public let limit: Int
-    private let used = Atomic<Int>(0)
-    public init(limit: Int = ByteBudget.defaultLimit) { self.limit = limit }
-    var exhausted: Bool { used.load(ordering: .relaxed) >= limit }
-    func take(_ n: Int) { if n > 0 { used.add(n, ordering: .relaxed) } }
-    func give(_ n: Int) { if n > 0 { used.subtract(n, ordering: .relaxed) } }
 }
 
 /// The exports being served, swapped as a whole on reload. A connection reads the current
@@ -167,6 +161,10 @@ public final class NBDServer: Sendable {
     private let listeners = Locked<[Channel]>([])
     /// Clients refused at --max-connections: counted, and logged once per burst.
     private let refusals = RefusalLog()
+    private let addressRefusals = RefusalLog(
+        reason: "per-address", what: "connection(s) from one address (--max-connections-per-address)")
+    /// Open TCP connections by client address (kept only with --max-connections-per-address).
+    private let perAddress = Locked<[String: Int]>([:])
     /// The Unix socket files `listen` created, removed by `shutdown` (only if they are still ours).
     private let sockets = Locked<[UnixSocketClaim]>([])
 
@@ -183,13 +181,16 @@ public final class NBDServer: Sendable {
         // and (for drivers the caller reaps) the loop that submits to a queue also completes it.
         for (i, loop) in group.makeIterator().enumerated() { loop.execute { VirtioBlkDriver.useLane(i) } }
         reapers = QueueReapers(group: group, logger: logger)
-        budget = ByteBudget(limit: limits.inFlightBytes)
+        budget = ByteBudget(limit: limits.memoryBudget)
         for e in exports { reapers.attach(e.device.driver) }
     }
 
     /// Stops completing `export`'s device requests on the event loops: call it after the device
     /// is shut down (a removed export's device; the loops must reap until its last request).
     public func release(_ export: NBDExport) { reapers.detach(export.device.driver) }
+
+    /// The server-wide memory budget's limit, in bytes (`ServerLimits.memoryBudget`).
+    public var memoryBudget: Int { budget.limit }
 
     /// Clients in transmission on `export` now.
     public func clientCount(of export: NBDExport) -> Int { directory.userCount(export) }
@@ -219,7 +220,7 @@ public final class NBDServer: Sendable {
     private func makeHandler(id: Int) -> NBDConnectionHandler {
         NBDConnectionHandler(
             directory: directory, id: id, handshakeTimeout: limits.handshakeTimeout, tls: limits.tls, logger: logger,
-            budget: budget, drainTimeout: limits.shutdownTimeout)
+            budget: budget, drainTimeout: limits.shutdownTimeout, payloadTimeout: limits.payloadTimeout)
     }
 
     /// Serves exactly one client on stdin/stdout (`-s`); returns when it disconnects.
@@ -242,6 +243,9 @@ public final class NBDServer: Sendable {
         let logger = self.logger
         let maxConnections = limits.maxConnections
         let refusals = self.refusals
+        let addressRefusals = self.addressRefusals
+        let perAddressLimit = limits.maxConnectionsPerAddress
+        let perAddress = self.perAddress
         let allow = limits.allow
         let keepalive = limits.keepalive
         let bootstrap = ServerBootstrap(group: group)
@@ -262,6 +266,23 @@ public final class NBDServer: Sendable {
                 if maxConnections > 0 && registry.count >= maxConnections {
                     refusals.refused(clientName(channel), limit: maxConnections, logger: logger)
                     return channel.close()
+                }
+                if perAddressLimit > 0, let ip = channel.remoteAddress?.ipAddress {
+                    let admitted = perAddress.withLock { counts in
+                        guard counts[ip, default: 0] < perAddressLimit else { return false }
+                        counts[ip, default: 0] += 1
+                        return true
+                    }
+                    guard admitted else {
+                        addressRefusals.refused(clientName(channel), limit: perAddressLimit, logger: logger)
+                        return channel.close()
+                    }
+                    channel.closeFuture.whenComplete { _ in
+                        perAddress.withLock { counts in
+                            counts[ip, default: 1] -= 1
+                            if counts[ip] == 0 { counts[ip] = nil }
+                        }
+                    }
                 }
                 let id = registry.add(channel)
                 channel.closeFuture.whenComplete { _ in registry.remove(id) }

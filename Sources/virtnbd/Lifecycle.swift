@@ -4,6 +4,7 @@ import CVirtShim
 import Dispatch
 import Foundation
 import Logging
+import Synchronization
 
 enum ServerEvent: Sendable {
     /// SIGINT or SIGTERM (also the parent-death signal of --exit-with-parent): drain and exit 0.
@@ -29,6 +30,17 @@ final class ServerEvents: Sendable {
 
     func post(_ e: ServerEvent) { continuation.yield(e) }
 
+    /// Set once the server drains its clients before exiting: a SIGINT or SIGTERM then exits at
+    /// once (as nbdkit and qemu-nbd do on a second signal), without waiting for slow clients.
+    private let draining = Atomic<Bool>(false)
+    private let loggerForExit = Mutex<Logger?>(nil)
+
+    /// From now on a SIGINT or SIGTERM ends the process at once, with status 1.
+    func beginDrain(logger: Logger) {
+        loggerForExit.withLock { $0 = logger }
+        draining.store(true, ordering: .sequentiallyConsistent)
+    }
+
     /// Turns SIGINT and SIGTERM (and SIGHUP when `reload`) into events: a handler installed with
     /// sigaction (`vshim_signal_pipe`) writes each signal to a pipe that one thread reads. Not a
     /// DispatchSource: on Linux libdispatch reads signals from a signalfd, and one delivered to a
@@ -48,6 +60,13 @@ final class ServerEvents: Sendable {
                 if n < 0 && errno == EINTR { continue }
                 guard n == 1 else { return }
                 let sig = Int32(b)
+                if sig != SIGHUP && draining.load(ordering: .sequentiallyConsistent) {
+                    let name = sig == SIGINT ? "SIGINT" : "SIGTERM"
+                    loggerForExit.withLock { $0 }?.warning(
+                        "\(name) again while draining: exiting now; replies still being written to clients are cut short"
+                    )
+                    exit(1)
+                }
                 post(sig == SIGHUP ? .reload : .terminate(signal: sig))
             }
         }

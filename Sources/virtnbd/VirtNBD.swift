@@ -197,6 +197,22 @@ struct ServeOptions: ParsableArguments {
         help:
             "On SIGTERM/SIGINT, how many seconds a client may take to read the replies already queued for it before it is closed anyway (default 30)."
     ) var shutdownTimeout: Int = 30
+    @Option(
+        name: .long, parsing: .unconditional,
+        help: ArgumentHelp(
+            "What all clients together may make the server hold in unparsed input and requests in flight (default 96M); beyond it, connections holding the most stop reading.",
+            valueName: "size"),
+        transform: ByteSize.parse) var memoryBudget: ByteSize?
+    @Option(
+        name: .long,
+        help:
+            "Close a client that sends nothing for this many seconds in the middle of a request, e.g. a WRITE's payload (default 30)."
+    ) var payloadTimeout: Int = 30
+    @Option(
+        name: .long,
+        help:
+            "Refuse a TCP client address's connections beyond this many at once, before the greeting (default 0 = only --max-connections applies)."
+    ) var maxConnectionsPerAddress: Int = 0
     @Option(name: .long, help: "Drop clients that have not finished negotiating after this many seconds (default 10).")
     var handshakeTimeout: Int?
     @Flag(
@@ -269,6 +285,16 @@ struct ServeOptions: ParsableArguments {
         }
         guard (1...3600).contains(shutdownTimeout) else {
             throw ValidationError("--shutdown-timeout must be 1 to 3600 seconds, not \(shutdownTimeout)")
+        }
+        guard (1...86400).contains(payloadTimeout) else {
+            throw ValidationError("--payload-timeout must be 1 to 86400 seconds, not \(payloadTimeout)")
+        }
+        if let b = memoryBudget, b.bytes < 1 << 20 {
+            throw ValidationError("--memory-budget must be at least 1M, not \(b.bytes) bytes")
+        }
+        guard maxConnectionsPerAddress >= 0 else {
+            throw ValidationError(
+                "--max-connections-per-address must be 0 (no limit) or more, not \(maxConnectionsPerAddress)")
         }
         if let h = handshakeTimeout, h <= 0 {
             throw ValidationError("--handshake-timeout must be at least 1 second, not \(h)")
@@ -564,6 +590,9 @@ struct ServeOptions: ParsableArguments {
             throw Self.startFailure("\(error)")
         }
         limits.shutdownTimeout = .seconds(Int64(shutdownTimeout))
+        limits.payloadTimeout = .seconds(Int64(payloadTimeout))
+        if let b = memoryBudget { limits.memoryBudget = Int(clamping: b.bytes) }
+        limits.maxConnectionsPerAddress = maxConnectionsPerAddress
         if let path = pidfile, let problem = PidFile.directoryProblem(path) {
             throw Self.startFailure("\(problem)")
         }
@@ -585,6 +614,7 @@ struct ServeOptions: ParsableArguments {
         }
         let status = await eventLoop(
             events, &exports, &plan, running, activated: activated, reloads: reloads, logger: logger)
+        events.beginDrain(logger: logger)
         await running.teardown(exports)
         logger.info("stopped; \(exports.live.map(\.disk.statsSummary).joined(separator: " | "))")
         if status != 0 { throw ExitCode(status) }
@@ -732,7 +762,7 @@ struct ServeOptions: ParsableArguments {
             }
         }
         logger.info(
-            "limits: max-connections \(plan.maxConnections == 0 ? "0 (no limit)" : "\(plan.maxConnections)"), handshake-timeout \(plan.handshakeTimeout) s, keepalive \(plan.keepalive)"
+            "limits: max-connections \(plan.maxConnections == 0 ? "0 (no limit)" : "\(plan.maxConnections)"), handshake-timeout \(plan.handshakeTimeout) s, keepalive \(plan.keepalive), memory-budget \(running.server.memoryBudget >> 20) MiB, payload-timeout \(payloadTimeout) s\(maxConnectionsPerAddress > 0 ? ", max-connections-per-address \(maxConnectionsPerAddress)" : "")"
         )
         for l in exports.live { logServing(l, exports.live, running.addresses, tls: plan.tls, logger) }
     }

@@ -438,6 +438,33 @@ final class HandshakeTests: XCTestCase {
         XCTAssertEqual(decodeOptionReplies(sentBytes(b)).last?.type, Spec.repAck)
     }
 
+    /// "Option haggling": a server being shut down "SHOULD error further options received (other
+    /// than an NBD_OPT_ABORT) with NBD_REP_ERR_SHUTDOWN"; EXPORT_NAME, without an error reply, closes.
+    func testOptionsDuringShutdownGetErrShutdownAndAbortIsStillAcked() {
+        let errShutdown: UInt32 = 0x8000_0007 // spelled from the spec: 2^31 + 7
+        var n = Negotiation()
+        n.start()
+        n.sm.shuttingDown = true
+        for opt in [Spec.optList, Spec.optGo, Spec.optInfo, Spec.optStructuredReply, 0x4242] {
+            let data = opt == Spec.optGo || opt == Spec.optInfo ? Client.goData(name: "disk", infos: []) : []
+            let a = n.feed(Client.option(opt, data))
+            XCTAssertEqual(decodeOptionReplies(sentBytes(a)).map(\.type), [errShutdown], "option \(opt)")
+            XCTAssertTrue(startedExports(a).isEmpty)
+            XCTAssertTrue(closeReasons(a).isEmpty)
+        }
+        let abort = n.feed(Client.option(Spec.optAbort))
+        XCTAssertEqual(decodeOptionReplies(sentBytes(abort)).map(\.type), [Spec.repAck])
+        XCTAssertTrue(n.sm.isFinished)
+
+        var e = Negotiation()
+        e.start()
+        e.sm.shuttingDown = true
+        let a = e.feed(Client.option(Spec.optExportName, Array("disk".utf8)))
+        XCTAssertTrue(sentBytes(a).isEmpty)
+        XCTAssertEqual(closeReasons(a).count, 1)
+        XCTAssertTrue(startedExports(a).isEmpty)
+    }
+
     func testAbortIsAckedThenCloses() {
         for data: [UInt8] in [[], [9, 9, 9]] { // "a server SHOULD ignore any data"
             var n = Negotiation()

@@ -119,4 +119,73 @@ got=$(/usr/bin/python3 "$T/slowread.py" "$SOCK" "$SERVER_PID" 2>&1)
 # The four were received before the signal, so all four are served with their data.
 check_eq "SIGTERM with 64 MiB of READ replies queued: all four arrive whole, then EOF" "4 whole, 0 ESHUTDOWN, EOF True" "$got"
 wait_server_exit "$SERVER_PID" "SIGTERM with replies queued"
+# --- A client still negotiating when SIGTERM arrives: its next option is answered
+# NBD_REP_ERR_SHUTDOWN (spec, "Option haggling"), its ABORT is acknowledged, then EOF.
+cat >"$T/haggle.py" <<'PY'
+import os, signal, socket, struct, sys, time
+path, pid = sys.argv[1], int(sys.argv[2])
+s = socket.socket(socket.AF_UNIX); s.connect(path); s.settimeout(10)
+def recvn(n):
+    b = b""
+    while len(b) < n:
+        c = s.recv(n - len(b))
+        if not c: break
+        b += c
+    return b
+recvn(18); s.sendall(struct.pack(">I", 3))
+os.kill(pid, signal.SIGTERM)
+time.sleep(0.3)
+s.sendall(b"IHAVEOPT" + struct.pack(">II", 3, 0))  # NBD_OPT_LIST
+magic, o, typ, ln = struct.unpack(">QIII", recvn(20)); recvn(ln)
+s.sendall(b"IHAVEOPT" + struct.pack(">II", 2, 0))  # NBD_OPT_ABORT
+m2, o2, typ2, ln2 = struct.unpack(">QIII", recvn(20))
+print("LIST 0x%x, ABORT 0x%x, EOF %s" % (typ, typ2, recvn(1) == b""))
+PY
+start_server --size 8M
+got=$(/usr/bin/python3 "$T/haggle.py" "$SOCK" "$SERVER_PID" 2>&1)
+check_eq "an option sent during shutdown gets NBD_REP_ERR_SHUTDOWN, ABORT its ACK, then EOF" "LIST 0x80000007, ABORT 0x1, EOF True" "$got"
+wait_server_exit "$SERVER_PID" "SIGTERM during a handshake"
+
+# --- A second SIGTERM while the drain waits for a client that does not read its replies: the
+# server exits at once, status 1, saying so (the first one alone would wait --shutdown-timeout).
+cat >"$T/noread.py" <<'PY'
+import socket, struct, sys, time
+s = socket.socket(socket.AF_UNIX); s.connect(sys.argv[1])
+s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+def recvn(n):
+    b = b""
+    while len(b) < n:
+        c = s.recv(n - len(b))
+        if not c: break
+        b += c
+    return b
+recvn(18); s.sendall(struct.pack(">I", 3))
+s.sendall(b"IHAVEOPT" + struct.pack(">II", 7, 6) + struct.pack(">IH", 0, 0))
+while True:
+    magic, o, typ, ln = struct.unpack(">QIII", recvn(20)); recvn(ln)
+    if typ == 1: break
+L = 16 << 20
+s.sendall(b"".join(struct.pack(">IHHQQI", 0x25609513, 0, 0, i, i * L, L) for i in range(4)))
+print("sent", flush=True)
+time.sleep(60)
+PY
+start_server --size 64M
+/usr/bin/python3 "$T/noread.py" "$SOCK" >"$T/noread.out" 2>&1 &
+NOREAD=$!
+for _ in $(seq 100); do grep -q sent "$T/noread.out" && break; sleep 0.05; done
+sleep 0.5
+kill -TERM "$SERVER_PID"
+sleep 1
+if kill -0 "$SERVER_PID" 2>/dev/null; then pass "one SIGTERM waits for the client's unread replies"; else fail "one SIGTERM waits for the client's unread replies" "the server had exited"; fi
+kill -TERM "$SERVER_PID" 2>/dev/null
+rc=0; deadline=$((SECONDS + 5))
+while kill -0 "$SERVER_PID" 2>/dev/null && ((SECONDS < deadline)); do sleep 0.05; done
+if kill -0 "$SERVER_PID" 2>/dev/null; then
+    fail "a second SIGTERM exits at once" "still running 5 s later"; kill -KILL "$SERVER_PID"
+fi
+wait "$SERVER_PID" 2>/dev/null || rc=$?
+_forget_pid "$SERVER_PID"
+check_eq "a second SIGTERM exits with status 1" 1 "$rc"
+expect_log 1 "SIGTERM again while draining: exiting now" "the second SIGTERM is logged"
+kill "$NOREAD" 2>/dev/null; wait "$NOREAD" 2>/dev/null
 finish

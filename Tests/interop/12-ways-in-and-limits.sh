@@ -72,6 +72,38 @@ start_server --size 1M
 check_match "the default limit is 1024 connections" 'limits: max-connections 1024,' "$(cat "$SERVER_ERR")"
 stop_server
 
+# --max-connections-per-address 2 (TCP): a third connection from 127.0.0.1 is refused before the
+# greeting and counted apart; 127.0.0.2 (another address) is still admitted.
+mport=$(free_tcp_port) || die "no free port"
+start_server --tcp --size 1M --max-connections-per-address 2 --metrics "127.0.0.1:$mport"
+got=$(/usr/bin/python3 - "$PORT" <<'PY'
+import socket, sys
+port = int(sys.argv[1])
+def conn(src):
+    s = socket.socket(); s.bind((src, 0)); s.settimeout(5); s.connect(("127.0.0.1", port))
+    b = b""
+    try:
+        while len(b) < 18:
+            c = s.recv(18 - len(b))
+            if not c: break
+            b += c
+    except ConnectionResetError:
+        pass
+    return s, len(b) == 18
+a, ga = conn("127.0.0.1"); b, gb = conn("127.0.0.1"); c, gc = conn("127.0.0.1"); d, gd = conn("127.0.0.2")
+a.close()
+import time; time.sleep(0.3)
+e, ge = conn("127.0.0.1")
+print("greeted %s %s %s %s, after one left %s" % (ga, gb, gc, gd, ge))
+PY
+)
+check_eq "per-address limit 2: the third from 127.0.0.1 refused, 127.0.0.2 admitted, a slot frees on close" \
+    "greeted True True False True, after one left True" "$got"
+check_eq "... counted as reason=\"per-address\"" 1 \
+    "$(curl -s "http://127.0.0.1:$mport/metrics" | sed -n 's/^virtnbd_connections_refused_total{reason="per-address"} //p')"
+expect_log 1 'the limit of 2 connection\(s\) from one address \(--max-connections-per-address\) is reached' "... and logged with the flag to change"
+stop_server
+
 # A client that connects and never negotiates is dropped after --handshake-timeout.
 start_server --size 1M --handshake-timeout 1
 sock=${URI#*socket=}

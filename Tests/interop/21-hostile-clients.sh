@@ -407,4 +407,37 @@ check_match "the well-behaved client saw no error throughout ($good)" '^ops=[1-9
 worst=$(sed -n 's/.* worst=\([0-9.]*\).*/\1/p' <<<"$good")
 if awk -v w="${worst:-99}" 'BEGIN { exit !(w < 10) }'; then pass "its slowest write+read took ${worst}s (< 10 s)"; else fail "its slowest write+read took ${worst}s (< 10 s)"; fi
 stop_server "$SPID"
+# --payload-timeout: a client that stops in the middle of a WRITE's payload is closed once it has
+# sent nothing for that long, with a warning; the server keeps serving (issue #31).
+start_server --size 8M --payload-timeout 1
+got=$(/usr/bin/python3 - "${URI#*socket=}" <<'PY'
+import socket, struct, sys, time
+def session():
+    s = socket.socket(socket.AF_UNIX); s.connect(sys.argv[1]); s.settimeout(10)
+    s.recv(18); s.sendall(struct.pack(">I", 3))
+    s.sendall(b"IHAVEOPT" + struct.pack(">II", 7, 6) + struct.pack(">IH", 0, 0))
+    while True:
+        hdr = b""
+        while len(hdr) < 20: hdr += s.recv(20 - len(hdr))
+        magic, o, typ, ln = struct.unpack(">QIII", hdr)
+        while ln: ln -= len(s.recv(ln))
+        if typ == 1: return s
+s = session()
+s.sendall(struct.pack(">IHHQQI", 0x25609513, 0, 1, 1, 0, 1 << 20) + b"\7" * (1 << 19))
+t0 = time.monotonic()
+try:
+    eof = s.recv(1) == b""
+except ConnectionResetError:
+    eof = True
+g = session()
+g.sendall(struct.pack(">IHHQQI", 0x25609513, 0, 0, 2, 0, 512))
+r = b""
+while len(r) < 16 + 512: r += g.recv(16 + 512 - len(r))
+err = struct.unpack(">IIQ", r[:16])[1]
+print("closed %s, data untouched %s" % (eof, err == 0 and r[16:] == bytes(512)))
+PY
+)
+check_eq "a WRITE stalled half-way is closed after --payload-timeout; nothing of it was written" "closed True, data untouched True" "$got"
+expect_log 1 'closing: the client sent nothing for 1 s in the middle of a request \(524288 bytes of it received\)' "... with one warning that names the flag"
+stop_server
 finish
