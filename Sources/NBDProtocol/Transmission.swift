@@ -64,6 +64,13 @@ public struct TransmissionParser {
         self.extendedHeaders = extendedHeaders
     }
 
+    /// The payload length of the WRITE whose header has been parsed and whose payload is still
+    /// arriving (nil otherwise): how big a buffer that payload is gathered in needs to be.
+    public var awaitedPayload: Int? {
+        if case .payload(let r) = state { return Int(r.length) }
+        return nil
+    }
+
     /// Parses the next event from `input`, or returns nil when more bytes are needed.
     public mutating func next(_ input: inout ByteBuffer) throws(TransmissionError) -> TransmissionEvent? {
         while true {
