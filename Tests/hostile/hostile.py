@@ -857,6 +857,11 @@ def stalled_writers(ctx):
     n, size = ctx.cfg.writers, ctx.cfg.writer_size
     mp = ctx.server.export.max_payload or 32 * MiB
     size = min(size, mp)
+    # A server without a bound holds all of it: leave 4 GiB of the machine to everyone else.
+    while n * size + 4 * GiB > _mem_available() and n > 8:
+        n //= 2
+    if n != ctx.cfg.writers:
+        ctx.note("scaled down to %d connections to fit this machine's memory" % n)
     socks, total, complete, why = stall_writers(ctx, n, size, 90 if ctx.cfg.full else 15)
     hold_and_sample(ctx, 2.0)
     peak_abs = ctx.sampler.peak
@@ -1341,9 +1346,6 @@ def compare(cfg):
     servers = ["virtnbd", "nbdkit", "qemu-nbd"]
     cfg.full = True
     cfg.flood, cfg.drip, cfg.writers, cfg.writer_size = 1000, 200, 256, 64 * MiB
-    avail = _mem_available()
-    while cfg.writers * cfg.writer_size + 6 * GiB > avail and cfg.writers > 16:  # room for everyone else
-        cfg.writers //= 2
     res = {}
     for sv in servers:
         cfg.server = sv
