@@ -19,7 +19,6 @@ wrapper). Exit status 1 when a case failed.
 """
 
 import argparse
-import errno
 import json
 import os
 import random
@@ -1410,7 +1409,7 @@ def main():
         return good_client_main(cfg)
     if cfg.list:
         for c in CASES:
-            print("%-22s %s" % (c["name"], (c["fn"].__doc__ or "").split(".")[0].strip().replace("\n", " ")))
+            print("%-22s %s" % (c["name"], " ".join((c["fn"].__doc__ or "").split(".")[0].split())))
         return 0
     raise_nofile()
     cfg.size = int(cfg.size)
