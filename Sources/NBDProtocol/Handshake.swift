@@ -87,6 +87,11 @@ public struct HandshakeStateMachine {
     /// Options a little longer than `maxOptionLength` are drained and answered NBD_REP_ERR_TOO_BIG
     /// (a client may retry with less); longer ones close the connection at once.
     public static let maxDrainedOptionLength = 1 << 20
+    /// Options one negotiation may send. A client needs a handful (nbdinfo --list sends a few
+    /// per export); 10^5 pipelined options whose replies were never read held 29 MiB of queued
+    /// replies (issue #31). Past this many the server hangs up, as "Option haggling" lets it when
+    /// "a client's behaviour constitutes a denial of service" (nbdkit stops at 64).
+    public static let maxOptions = 4096
     /// The close reason of NBD_OPT_ABORT, the normal end of a client that only asked (nbdinfo, --list).
     public static let abortReason = "client sent NBD_OPT_ABORT"
 
@@ -115,6 +120,8 @@ public struct HandshakeStateMachine {
     }
 
     private(set) var state: State = .awaitingClientFlags
+    /// Options received so far (`maxOptions`).
+    private var optionCount = 0
     public private(set) var clientNoZeroes = false
     public private(set) var structuredReplies = false
     public private(set) var extendedHeaders = false
@@ -147,6 +154,7 @@ public struct HandshakeStateMachine {
         tlsActive = true
         self.peer = peer
         clientNoZeroes = previous.clientNoZeroes
+        optionCount = previous.optionCount
         state = .awaitingOption
     }
 
@@ -190,6 +198,13 @@ public struct HandshakeStateMachine {
                 guard magic == NBDMagic.ihaveopt else {
                     state = .finished
                     return out + [.close(reason: "bad option magic 0x\(String(magic, radix: 16))")]
+                }
+                optionCount += 1
+                guard optionCount <= Self.maxOptions else {
+                    state = .finished
+                    return out + [
+                        .close(reason: "more than \(Self.maxOptions) options without choosing an export")
+                    ]
                 }
                 if Int(length) > Self.maxOptionLength && option == NBDOption.exportName.rawValue {
                     // EXPORT_NAME has no error reply: "the server MUST terminate the session".

@@ -237,7 +237,7 @@ final class NBDConnectionHandler: ChannelDuplexHandler {
     private func release() {
         if input.readableBytes == 0 {
             input = Self.empty
-        } else if negotiating && input.capacity > Self.compactAbove {
+        } else if negotiating && input.capacity > max(Self.compactAbove, 2 * input.readableBytes) {
             // A partial option (a slow or hostile client): keep its bytes, not the buffer.
             var small = ByteBufferAllocator().buffer(capacity: input.readableBytes)
             small.writeBuffer(&input)
@@ -247,8 +247,9 @@ final class NBDConnectionHandler: ChannelDuplexHandler {
 
     /// One shared empty buffer: an idle connection points at it instead of owning storage.
     private static let empty = ByteBuffer()
-    /// Negotiation input kept in a buffer larger than this is copied out (options are at most 16 KiB).
-    private static let compactAbove = 32 << 10
+    /// Negotiation input kept in a buffer larger than this (and than twice its bytes) is copied
+    /// out: a client dripping its handshake a byte a second otherwise holds a receive buffer.
+    private static let compactAbove = 256
 
     private func process(context: ChannelHandlerContext) {
         defer { recharge() }
@@ -272,9 +273,20 @@ final class NBDConnectionHandler: ChannelDuplexHandler {
         hs.catalog = directory.catalog
         let actions = hs.receive(&input)
         phase = .handshake(hs)
+        // The replies to every option of this read go out as one buffer: many tiny buffers queued
+        // for a client that does not read them cost far more than their bytes.
+        var replies: ByteBuffer?
         for a in actions {
+            if case .send(var b) = a {
+                if replies == nil { replies = b } else { replies!.writeBuffer(&b) }
+                continue
+            }
+            if let r = replies {
+                context.write(wrapOutboundOut(r), promise: nil)
+                replies = nil
+            }
             switch a {
-            case .send(let b): context.write(wrapOutboundOut(b), promise: nil)
+            case .send: break
             case .report(let fact): logger.info("\(fact)")
             case .close(let reason):
                 // ABORT is how a client that only asked (nbdinfo, --list) says goodbye: nothing to report.
@@ -306,6 +318,7 @@ final class NBDConnectionHandler: ChannelDuplexHandler {
                 guard startTransmission(context, session) else { return false }
             }
         }
+        if let r = replies { context.write(wrapOutboundOut(r), promise: nil) }
         context.flush()
         if case .handshake = phase { return false }
         return true
@@ -720,8 +733,7 @@ final class NBDConnectionHandler: ChannelDuplexHandler {
             }
         }
         let bound = NIOLoopBound((self, context), eventLoop: context.eventLoop)
-        context.writeAndFlush(wrapOutboundOut(ByteBuffer())).whenComplete { _ in
-            let (this, context) = bound.value
+        afterRepliesWritten(context) { this, context in
             this.flushingToClose = false
             guard context.channel.isActive else { return }
             let before = this.input.readableBytes
@@ -753,6 +765,31 @@ final class NBDConnectionHandler: ChannelDuplexHandler {
                 context.read()
             } else {
                 this.closeWhenFlushed(context: context) // answered at once (errors): flush and look again
+            }
+        }
+    }
+
+    /// Calls `body` once every reply queued so far has been handed to the socket. A promise on
+    /// an empty write is no such signal: NIO completed it while a 16 MiB READ reply queued
+    /// before it was still being written, and the half-close that followed cut that reply
+    /// short (issue #31's hostile suite, a client reading at 12.5 MiB/s). Shutdown only: it
+    /// looks at the channel's buffered bytes every 5 ms until they are gone.
+    private func afterRepliesWritten(
+        _ context: ChannelHandlerContext, _ body: @escaping (NBDConnectionHandler, ChannelHandlerContext) -> Void
+    ) {
+        context.flush()
+        let pending = (try? context.channel.syncOptions?.getOption(.bufferedWritableBytes)) ?? 0
+        let bound = NIOLoopBound((self, context), eventLoop: context.eventLoop)
+        if pending == 0 {
+            context.eventLoop.execute {
+                let (this, context) = bound.value
+                body(this, context)
+            }
+        } else {
+            context.eventLoop.scheduleTask(in: .milliseconds(5)) {
+                let (this, context) = bound.value
+                guard context.channel.isActive else { return body(this, context) }
+                this.afterRepliesWritten(context, body)
             }
         }
     }

@@ -465,6 +465,22 @@ final class HandshakeTests: XCTestCase {
         XCTAssertTrue(startedExports(a).isEmpty)
     }
 
+    /// More options than `maxOptions` in one negotiation end it (a denial of service: "Option
+    /// haggling" allows a hard disconnect); up to the limit each is answered.
+    func testTooManyOptionsCloseTheNegotiation() {
+        var n = Negotiation()
+        n.start()
+        let limit = HandshakeStateMachine.maxOptions
+        let one = Client.option(0x4242)
+        let under = n.feed(Array((0..<limit).map { _ in one }.joined()))
+        XCTAssertEqual(decodeOptionReplies(sentBytes(under)).count, limit)
+        XCTAssertTrue(closeReasons(under).isEmpty)
+        let over = n.feed(one)
+        XCTAssertTrue(sentBytes(over).isEmpty)
+        XCTAssertEqual(closeReasons(over), ["more than \(limit) options without choosing an export"])
+        XCTAssertTrue(n.sm.isFinished)
+    }
+
     func testAbortIsAckedThenCloses() {
         for data: [UInt8] in [[], [9, 9, 9]] { // "a server SHOULD ignore any data"
             var n = Negotiation()

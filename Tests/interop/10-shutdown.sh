@@ -87,12 +87,13 @@ import os, signal, socket, struct, sys, time
 path, pid = sys.argv[1], int(sys.argv[2])
 s = socket.socket(socket.AF_UNIX); s.connect(path)
 s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
-def recvn(n):
+def recvn(n, rate=None):
     b = bytearray()
     while len(b) < n:
-        c = s.recv(min(n - len(b), 1 << 20))
+        c = s.recv(min(n - len(b), 1 << 16))
         if not c: break
         b += c
+        if rate: time.sleep(len(c) / rate)  # a slow reader: 12.5 MB/s
     return bytes(b)
 recvn(18); s.sendall(struct.pack(">I", 3))
 s.sendall(b"IHAVEOPT" + struct.pack(">II", 7, 6) + struct.pack(">IH", 0, 0))
@@ -110,11 +111,13 @@ for i in range(4):
     if len(h) < 16: break
     magic, err, cookie = struct.unpack(">IIQ", h)
     if err == 108: shut += 1; continue
-    if err == 0 and len(recvn(L)) == L: data += 1
+    if err == 0 and len(recvn(L, 12.5e6)) == L: data += 1
     else: break
 print("%d whole, %d ESHUTDOWN, EOF %s" % (data, shut, recvn(1) == b""))
 PY
-start_server --size 64M
+# A 16 MiB budget: the READs are served one after another, each reply queued while the last
+# is still being written (the hostile suite's slow reader saw the fourth cut short).
+start_server --size 64M --memory-budget 16M
 got=$(/usr/bin/python3 "$T/slowread.py" "$SOCK" "$SERVER_PID" 2>&1)
 # The four were received before the signal, so all four are served with their data.
 check_eq "SIGTERM with 64 MiB of READ replies queued: all four arrive whole, then EOF" "4 whole, 0 ESHUTDOWN, EOF True" "$got"
