@@ -25,6 +25,12 @@ public protocol MMIOBus: AnyObject, Sendable {
     var interrupt: EventFD { get }
     /// The interrupt of one queue (an MSI-X vector per queue); buses with one line return `interrupt`.
     func interrupt(forQueue queue: Int) -> EventFD
+    /// A notify write serves the queue before it returns (`QueueDoorbells.completesOnKick`).
+    var completesOnNotify: Bool { get }
+}
+
+extension MMIOBus {
+    public var completesOnNotify: Bool { false }
 }
 
 extension MMIOBus {
@@ -104,7 +110,8 @@ public final class VirtioMMIOTransport: VirtioTransport, @unchecked Sendable {
         let bus = self.bus
         let q = UInt32(index)
         return QueueDoorbells(
-            kick: { bus.write32(MMIORegister.queueNotify, q) }, interrupt: bus.interrupt(forQueue: index))
+            kick: { bus.write32(MMIORegister.queueNotify, q) }, interrupt: bus.interrupt(forQueue: index),
+            completesOnKick: bus.completesOnNotify)
     }
     public func readConfig(offset: Int, width: Int) -> UInt64 {
         var v: UInt64 = 0

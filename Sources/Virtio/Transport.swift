@@ -37,9 +37,14 @@ public struct QueueDoorbells: Sendable {
     public let kick: @Sendable () -> Void
     /// Readable when the device has raised an interrupt for this queue (cleared by draining).
     public let interrupt: EventFD
-    public init(kick: @escaping @Sendable () -> Void, interrupt: EventFD) {
+    /// The device has served the queue by the time `kick` returns (an in-process device that runs
+    /// to completion on the notifying thread): the driver may reap at once instead of waiting for
+    /// the interrupt to come round its event loop.
+    public let completesOnKick: Bool
+    public init(kick: @escaping @Sendable () -> Void, interrupt: EventFD, completesOnKick: Bool = false) {
         self.kick = kick
         self.interrupt = interrupt
+        self.completesOnKick = completesOnKick
     }
 }
 

@@ -128,6 +128,12 @@ extension VirtioBlkDriver {
         if let d = kick {
             stats.kicks.add(1, ordering: .relaxed)
             d.kick()
+            // The device ran to completion on this thread: its completions are in the used ring
+            // now, so take them here rather than after the interrupt's trip round the event loop.
+            if d.completesOnKick && reapedByCaller {
+                var finished: [(Slot, UInt8)] = []
+                reap(lane, into: &finished)
+            }
         }
     }
 

@@ -23,14 +23,16 @@ public struct EmulatedDisk: Sendable {
     /// exact size.
     ///   - devicePollMicroseconds: the device keeps polling a drained queue this long before it
     ///     sleeps on the kick eventfd (`EmulatorConfiguration.pollMicroseconds`).
+    ///   - inline: the device serves a queue on the thread that notifies it (`EmulatorConfiguration.inline`).
     public init(
         backend: BlockBackend, holes: [Range<UInt64>], discardReadsZero: Bool, serial: String = "virtnbd-emulator",
-        options: DriverOptions, devicePollMicroseconds: Int = 0, logger: Logger
+        options: DriverOptions, devicePollMicroseconds: Int = 0, inline: Bool = false, logger: Logger
     ) throws {
         var cfg = EmulatorConfiguration()
         cfg.serial = serial
         cfg.queues = options.queues
         cfg.pollMicroseconds = devicePollMicroseconds
+        cfg.inline = inline
         try self.init(
             backend: backend, configuration: cfg, options: options, holes: holes, discardReadsZero: discardReadsZero,
             logger: logger)

@@ -41,6 +41,11 @@ public struct EmulatorConfiguration: Sendable {
     /// After draining a queue, keep polling it this long before re-enabling notifications and
     /// sleeping on the kick eventfd (0 = sleep at once).
     public var pollMicroseconds = 0
+    /// Run to completion: a notify processes its queue at once, on the thread that wrote the
+    /// doorbell (as a hypervisor without ioeventfd runs the device's notify handler on the vCPU
+    /// that wrote it), instead of waking the queue's device thread. Still only through shared
+    /// memory. For backends that do not block (RAM): no thread hop, no kick, no polling.
+    public var inline = false
     public init() {}
 }
 
@@ -60,6 +65,7 @@ public final class VirtioBlkEmulator: MMIOBus, @unchecked Sendable {
     public let stats = EmulatorStats()
     /// Interrupt of queue 0 (virtio-mmio's one line); `interrupt(forQueue:)` has the others (as MSI-X vectors would).
     public var interrupt: EventFD { interrupts[0] }
+    public var completesOnNotify: Bool { config.inline }
     private let interrupts: [EventFD]
     private let kicks: [EventFD]
     /// Held by queue i's device thread while it works through a batch of that queue. A reset
@@ -159,6 +165,11 @@ public final class VirtioBlkEmulator: MMIOBus, @unchecked Sendable {
             let t = Thread.named("virtio-blk-dev\(q)") { [unowned self] in self.run(queue: q) }
             threads.append(t)
             t.start()
+        }
+        if configuration.inline {
+            logger.info(
+                "the device runs to completion on the notifying thread (--device-inline); its threads only answer status changes"
+            )
         }
     }
 
@@ -260,7 +271,12 @@ public final class VirtioBlkEmulator: MMIOBus, @unchecked Sendable {
 
     public func write32(_ offset: Int, _ value: UInt32) {
         if offset == MMIORegister.queueNotify {
-            if Int(value) < kicks.count { kicks[Int(value)].signal() }
+            guard Int(value) < kicks.count else { return }
+            if config.inline {
+                drain(queue: Int(value), window: .zero)
+            } else {
+                kicks[Int(value)].signal()
+            }
             return
         }
         regs.withLock { r in
@@ -353,62 +369,68 @@ public final class VirtioBlkEmulator: MMIOBus, @unchecked Sendable {
 
     private func run(queue index: Int) {
         defer { done.signal() }
-        var chain = DescriptorChain()
-        var completed: [(id: UInt16, slots: Int, length: UInt32)] = []
-        var header = [UInt8](repeating: 0, count: 16)
         let kick = kicks[index]
         while true {
             let (_, stop) = kick.wait(orUntil: stopFD)
             if stop { return }
             kick.drain()
-            stats.kicks.add(1, ordering: .relaxed)
-            // The queue is looked up inside the batch lock, so a reset either comes before (the
-            // lookup finds no queue) or waits for the batch to end.
-            processing[index].withLock { _ in
-                let (queue, driverOK, features) = regs.withLock { r in
-                    (
-                        r.live[index],
-                        r.status & UInt32(VirtioStatus.driverOK.rawValue) != 0
-                            && r.status & UInt32(VirtioStatus.deviceNeedsReset.rawValue) == 0,
-                        VirtioFeatures(rawValue: r.driverFeatures)
-                    )
-                }
-                guard let q = queue, driverOK else { return }
-                let window = Duration.microseconds(config.pollMicroseconds)
-                do {
+            drain(queue: index, window: .microseconds(config.pollMicroseconds))
+        }
+    }
+
+    /// Serves queue `index` until it has nothing available: on its device thread after a kick,
+    /// or inline on the notifying thread (`EmulatorConfiguration.inline`). With a `window` it
+    /// keeps polling that long after the last request before it turns notifications back on.
+    private func drain(queue index: Int, window: Duration) {
+        stats.kicks.add(1, ordering: .relaxed)
+        var chain = DescriptorChain()
+        var completed: [(id: UInt16, slots: Int, length: UInt32)] = []
+        var header = [UInt8](repeating: 0, count: 16)
+        // The queue is looked up inside the batch lock, so a reset either comes before (the
+        // lookup finds no queue) or waits for the batch to end.
+        processing[index].withLock { _ in
+            let (queue, driverOK, features) = regs.withLock { r in
+                (
+                    r.live[index],
+                    r.status & UInt32(VirtioStatus.driverOK.rawValue) != 0
+                        && r.status & UInt32(VirtioStatus.deviceNeedsReset.rawValue) == 0,
+                    VirtioFeatures(rawValue: r.driverFeatures)
+                )
+            }
+            guard let q = queue, driverOK else { return }
+            do {
+                repeat {
+                    q.setNotifications(enabled: false)
+                    var deadline = ContinuousClock.now + window
                     repeat {
-                        q.setNotifications(enabled: false)
-                        var deadline = ContinuousClock.now + window
-                        repeat {
-                            var got = false
-                            while try q.pop(into: &chain) {
-                                got = true
-                                #if DEBUG
-                                    switch checkFaults() {
-                                    case .swallow: continue
-                                    case .needsReset: throw DeviceFault.injected
-                                    case .none: break
-                                    }
-                                #endif
-                                let len = process(chain: chain, mem: q.mem, header: &header, features: features)
-                                completed.append((chain.head, chain.ringSlots, len))
-                                if completed.count >= 64 { flushCompleted(&completed, q, index) }
-                            }
-                            flushCompleted(&completed, q, index)
-                            if got { deadline = .now + window } else if window > .zero { sched_yield() }
-                        } while window > .zero && ContinuousClock.now < deadline
-                        q.setNotifications(enabled: true)
-                    } while q.hasAvailable
-                } catch {
-                    stats.badChains.add(1, ordering: .relaxed)
-                    logger.error("virtqueue \(index) is broken: \(error); setting DEVICE_NEEDS_RESET")
-                    flushCompleted(&completed, q, index)
-                    regs.withLock { r in
-                        r.status |= UInt32(VirtioStatus.deviceNeedsReset.rawValue)
-                        for i in r.live.indices { r.live[i] = nil }
-                    }
-                    raiseInterrupt(queue: nil)
+                        var got = false
+                        while try q.pop(into: &chain) {
+                            got = true
+                            #if DEBUG
+                                switch checkFaults() {
+                                case .swallow: continue
+                                case .needsReset: throw DeviceFault.injected
+                                case .none: break
+                                }
+                            #endif
+                            let len = process(chain: chain, mem: q.mem, header: &header, features: features)
+                            completed.append((chain.head, chain.ringSlots, len))
+                            if completed.count >= 64 { flushCompleted(&completed, q, index) }
+                        }
+                        flushCompleted(&completed, q, index)
+                        if got { deadline = .now + window } else if window > .zero { sched_yield() }
+                    } while window > .zero && ContinuousClock.now < deadline
+                    q.setNotifications(enabled: true)
+                } while q.hasAvailable
+            } catch {
+                stats.badChains.add(1, ordering: .relaxed)
+                logger.error("virtqueue \(index) is broken: \(error); setting DEVICE_NEEDS_RESET")
+                flushCompleted(&completed, q, index)
+                regs.withLock { r in
+                    r.status |= UInt32(VirtioStatus.deviceNeedsReset.rawValue)
+                    for i in r.live.indices { r.live[i] = nil }
                 }
+                raiseInterrupt(queue: nil)
             }
         }
     }

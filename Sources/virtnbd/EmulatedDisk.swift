@@ -19,7 +19,7 @@ struct EmulatorExport {
     /// `sizeKey` names where `size` came from (`--size`, or the file's key) for a size-mismatch message.
     init(
         size: UInt64?, sizeKey: String = "--size", file: String?, readOnly: Bool, options: DriverOptions,
-        devicePollMicroseconds: Int = 0, logger: Logger
+        devicePollMicroseconds: Int = 0, deviceInline: Bool = false, logger: Logger
     ) throws {
         let backend: BlockBackend
         // What the server knows about zeroes at start: a fresh RAM disk is all hole, a file has its holes.
@@ -46,7 +46,7 @@ struct EmulatorExport {
             disk = try EmulatedDisk(
                 backend: backend, holes: holes, discardReadsZero: true,
                 serial: file == nil && size == nil ? "virtnbd-simulated" : "virtnbd-emulator", options: options,
-                devicePollMicroseconds: devicePollMicroseconds, logger: logger)
+                devicePollMicroseconds: devicePollMicroseconds, inline: deviceInline && file == nil, logger: logger)
         } catch {
             for f in createdFiles { unlink(f) }
             throw error

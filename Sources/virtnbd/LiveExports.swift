@@ -23,7 +23,7 @@ struct LiveExport {
         do {
             d = try p.device.open(
                 size: p.size, sizeKey: p.sizeKey, file: p.file, readOnly: p.readOnly, options: p.driver,
-                devicePollMicroseconds: p.devicePollMicroseconds, logger: elog)
+                devicePollMicroseconds: p.devicePollMicroseconds, deviceInline: p.deviceInline, logger: elog)
         } catch { throw ExportOpenError(name: p.name, underlying: "\(error)") }
         var created = d.createdFiles
         let bitmapFile = p.file.map { $0 + ".bitmaps" }

@@ -98,13 +98,13 @@ enum DeviceSpec: Equatable {
 
     func open(
         size: UInt64?, sizeKey: String = "--size", file: String?, readOnly: Bool, options: DriverOptions,
-        devicePollMicroseconds: Int = 0, logger: Logger
+        devicePollMicroseconds: Int = 0, deviceInline: Bool = false, logger: Logger
     ) throws -> ServedDisk {
         switch self {
         case .emulator:
             return try EmulatorExport(
                 size: size, sizeKey: sizeKey, file: file, readOnly: readOnly, options: options,
-                devicePollMicroseconds: devicePollMicroseconds, logger: logger)
+                devicePollMicroseconds: devicePollMicroseconds, deviceInline: deviceInline, logger: logger)
         case .vhostUser(let path):
             return try TransportDisk.vhostUser(socketPath: path, options: options, logger: logger)
         case .vfio(let bdf): return try TransportDisk.vfio(pciAddress: bdf, options: options, logger: logger)

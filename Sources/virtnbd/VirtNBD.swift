@@ -148,6 +148,14 @@ struct ServeOptions: ParsableArguments {
                 "A QD1 client's next request then needs no kick and no device wake-up. The device yields the CPU between looks, and an idle server costs nothing (the window ends)."
         ))
     var devicePollMicroseconds: Int = 50
+    @Flag(
+        name: .long,
+        help: ArgumentHelp(
+            "RAM exports: the in-process device serves its queue on the event loop that notified it, run to completion, instead of on a device thread (no kick, no polling).",
+            discussion:
+                "Measured: 4 KiB random reads at QD32 1.5x the IOPS at 0.65x the CPU per request of the device thread; at QD1 on an idle machine the latency is higher than the polling device thread's. Files keep the device thread (their I/O would block the loop)."
+        ))
+    var deviceInline = false
     @Option(
         name: .long,
         help: "Reset the device and resubmit when a request takes longer than this many seconds (0 = never).")
@@ -377,6 +385,8 @@ struct ServeOptions: ParsableArguments {
         var driver: DriverOptions
         /// The emulator's poll window (`--device-poll-us`); other devices poll as they do.
         var devicePollMicroseconds = 50
+        /// RAM exports: the emulator runs to completion on the notifying loop (`--device-inline`).
+        var deviceInline = false
         /// NBD_INFO_BLOCK_SIZE's maximum payload.
         var maxPayload: UInt32
         /// Where `size` came from, for messages: `--size` or `exports[1].size in FILE`.
@@ -419,7 +429,9 @@ struct ServeOptions: ParsableArguments {
             note("max-payload", maxPayload, o.maxPayload)
             note("snapshot", snapshot, o.snapshot)
             note("bitmaps", bitmaps, o.bitmaps)
-            if driver != o.driver || devicePollMicroseconds != o.devicePollMicroseconds {
+            if driver != o.driver || devicePollMicroseconds != o.devicePollMicroseconds
+                || deviceInline != o.deviceInline
+            {
                 d.append("virtqueue settings")
             }
             if d.isEmpty { d.append("device settings") }
@@ -494,6 +506,7 @@ struct ServeOptions: ParsableArguments {
                 name: e.name, description: e.description, device: .emulator, size: nil, file: nil, readOnly: e.readOnly,
                 driver: driverOptions(queueSize: e.queueSize), maxPayload: e.maxPayload)
             p.devicePollMicroseconds = devicePollMicroseconds
+            p.deviceInline = deviceInline
             if let path = config, e.name != flagExport { p.sizeKey = "exports[\(i)].size in \(path)" }
             p.requiresTLS = cfg.effectiveTLS(for: e) == .require
             p.snapshot = e.snapshot

@@ -34,8 +34,11 @@ final class MatrixTests: XCTestCase {
         return out
     }
 
-    func makeRig(_ c: Cell, queueSize: Int = 256) throws -> EmulatedDisk {
+    func makeRig(
+        _ c: Cell, queueSize: Int = 256, inline: Bool = false, completions: CompletionDelivery? = nil
+    ) throws -> EmulatedDisk {
         var cfg = EmulatorConfiguration()
+        cfg.inline = inline
         cfg.completionOrder = .reversed
         cfg.queues = 4
         var o = DriverOptions()
@@ -45,6 +48,7 @@ final class MatrixTests: XCTestCase {
         o.queues = c.queues
         o.queueSize = queueSize
         o.ioPages = 1024
+        if let c = completions { o.completions = c }
         let disk = try EmulatedDisk(
             backend: try RAMBackend(size: UInt64(Self.diskSize)), configuration: cfg, options: o)
         let drv = disk.driver
@@ -66,6 +70,23 @@ final class MatrixTests: XCTestCase {
             XCTAssertEqual(disk.emulator.stats.badChains.load(ordering: .relaxed), 0, "\(c)")
             XCTAssertEqual(disk.driver.stats.errors.load(ordering: .relaxed), 0, "\(c)")
             disk.shutdown()
+        }
+    }
+
+    /// The device run to completion on the notifying thread (`--device-inline`), with completion
+    /// threads and with the caller reaping: in the second, no reaper runs at all, so every
+    /// request completes only because the driver reaps right after its kick.
+    func testMatrixWithTheDeviceInline() throws {
+        for c in Self.cells where c.indirect && c.eventIdx {
+            for completions in [CompletionDelivery.threads, .caller] {
+                let disk = try makeRig(c, inline: true, completions: completions)
+                try randomWorkload(disk.device, cell: c, seed: TestSeed.seed("MatrixTests inline \(c)"))
+                try wrapIndices(disk.driver, cell: c, requests: 3 * 256 + 77)
+                try randomWorkload(disk.device, cell: c, seed: 7)
+                XCTAssertEqual(disk.emulator.stats.badChains.load(ordering: .relaxed), 0, "\(c)")
+                XCTAssertEqual(disk.driver.stats.errors.load(ordering: .relaxed), 0, "\(c)")
+                disk.shutdown()
+            }
         }
     }
 
