@@ -83,7 +83,9 @@ public final class VirtioBlkEmulator: MMIOBus, @unchecked Sendable {
     /// of the requests the batch still finds available plus the poll window (`pollMicroseconds`).
     /// A resetting driver submits nothing more, so that is bounded. Other register accesses take
     /// `regs`, never this lock.
-    private let processing: [Locked<Void>]
+    /// One per queue: held while a batch is served (a reset waits for it), and the batch's
+    /// working storage, kept between batches so that serving one allocates nothing.
+    private let processing: [Locked<BatchScratch>]
     private let stopFD: EventFD
     private let backend: BlockBackend
     private let config: EmulatorConfiguration
@@ -152,7 +154,7 @@ public final class VirtioBlkEmulator: MMIOBus, @unchecked Sendable {
         offered = f
         interrupts = try (0..<n).map { _ in try EventFD() }
         kicks = try (0..<n).map { _ in try EventFD() }
-        processing = (0..<n).map { _ in Locked(()) }
+        processing = (0..<n).map { _ in Locked(BatchScratch()) }
         stopFD = try EventFD()
         deviceBytes = (backend.size + 511) & ~511
         capacity = Atomic(deviceBytes)
@@ -383,12 +385,9 @@ public final class VirtioBlkEmulator: MMIOBus, @unchecked Sendable {
     /// keeps polling that long after the last request before it turns notifications back on.
     private func drain(queue index: Int, window: Duration) {
         stats.kicks.add(1, ordering: .relaxed)
-        var chain = DescriptorChain()
-        var completed: [(id: UInt16, slots: Int, length: UInt32)] = []
-        var header = [UInt8](repeating: 0, count: 16)
         // The queue is looked up inside the batch lock, so a reset either comes before (the
         // lookup finds no queue) or waits for the batch to end.
-        processing[index].withLock { _ in
+        processing[index].withLock { scratch in
             let (queue, driverOK, features) = regs.withLock { r in
                 (
                     r.live[index],
@@ -404,7 +403,7 @@ public final class VirtioBlkEmulator: MMIOBus, @unchecked Sendable {
                     var deadline = ContinuousClock.now + window
                     repeat {
                         var got = false
-                        while try q.pop(into: &chain) {
+                        while try q.pop(into: &scratch.chain) {
                             got = true
                             #if DEBUG
                                 switch checkFaults() {
@@ -413,11 +412,12 @@ public final class VirtioBlkEmulator: MMIOBus, @unchecked Sendable {
                                 case .none: break
                                 }
                             #endif
-                            let len = process(chain: chain, mem: q.mem, header: &header, features: features)
-                            completed.append((chain.head, chain.ringSlots, len))
-                            if completed.count >= 64 { flushCompleted(&completed, q, index) }
+                            let len = process(
+                                chain: scratch.chain, mem: q.mem, header: &scratch.header, features: features)
+                            scratch.completed.append((scratch.chain.head, scratch.chain.ringSlots, len))
+                            if scratch.completed.count >= 64 { flushCompleted(&scratch.completed, q, index) }
                         }
-                        flushCompleted(&completed, q, index)
+                        flushCompleted(&scratch.completed, q, index)
                         if got { deadline = .now + window } else if window > .zero { sched_yield() }
                     } while window > .zero && ContinuousClock.now < deadline
                     q.setNotifications(enabled: true)
@@ -425,7 +425,7 @@ public final class VirtioBlkEmulator: MMIOBus, @unchecked Sendable {
             } catch {
                 stats.badChains.add(1, ordering: .relaxed)
                 logger.error("virtqueue \(index) is broken: \(error); setting DEVICE_NEEDS_RESET")
-                flushCompleted(&completed, q, index)
+                flushCompleted(&scratch.completed, q, index)
                 regs.withLock { r in
                     r.status |= UInt32(VirtioStatus.deviceNeedsReset.rawValue)
                     for i in r.live.indices { r.live[i] = nil }
@@ -433,6 +433,13 @@ public final class VirtioBlkEmulator: MMIOBus, @unchecked Sendable {
                 raiseInterrupt(queue: nil)
             }
         }
+    }
+
+    /// A batch's working storage (`processing`).
+    private struct BatchScratch {
+        var chain = DescriptorChain()
+        var completed: [(id: UInt16, slots: Int, length: UInt32)] = []
+        var header = [UInt8](repeating: 0, count: 16)
     }
 
     #if DEBUG

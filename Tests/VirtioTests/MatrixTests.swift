@@ -62,15 +62,19 @@ final class MatrixTests: XCTestCase {
 
     func testMatrix() throws {
         for c in Self.cells {
-            let disk = try makeRig(c)
-            try randomWorkload(disk.device, cell: c, seed: TestSeed.seed("MatrixTests \(c)"))
-            try wrapIndices(disk.driver, cell: c, requests: 3 * 256 + 77)
-            // The data is still right after all that.
-            try randomWorkload(disk.device, cell: c, seed: 7)
-            XCTAssertEqual(disk.emulator.stats.badChains.load(ordering: .relaxed), 0, "\(c)")
-            XCTAssertEqual(disk.driver.stats.errors.load(ordering: .relaxed), 0, "\(c)")
-            disk.shutdown()
+            try exercise(try makeRig(c), cell: c, seedName: "MatrixTests \(c)")
         }
+    }
+
+    /// The workload, the index wraps, the workload again (the data is still right after all
+    /// that), no bad chain and no error; then the disk is shut down.
+    func exercise(_ disk: EmulatedDisk, cell c: Cell, seedName: String) throws {
+        try randomWorkload(disk.device, cell: c, seed: TestSeed.seed(seedName))
+        try wrapIndices(disk.driver, cell: c, requests: 3 * 256 + 77)
+        try randomWorkload(disk.device, cell: c, seed: 7)
+        XCTAssertEqual(disk.emulator.stats.badChains.load(ordering: .relaxed), 0, "\(c)")
+        XCTAssertEqual(disk.driver.stats.errors.load(ordering: .relaxed), 0, "\(c)")
+        disk.shutdown()
     }
 
     /// The device run to completion on the notifying thread (`--device-inline`), with completion
@@ -79,13 +83,9 @@ final class MatrixTests: XCTestCase {
     func testMatrixWithTheDeviceInline() throws {
         for c in Self.cells where c.indirect && c.eventIdx {
             for completions in [CompletionDelivery.threads, .caller] {
-                let disk = try makeRig(c, inline: true, completions: completions)
-                try randomWorkload(disk.device, cell: c, seed: TestSeed.seed("MatrixTests inline \(c)"))
-                try wrapIndices(disk.driver, cell: c, requests: 3 * 256 + 77)
-                try randomWorkload(disk.device, cell: c, seed: 7)
-                XCTAssertEqual(disk.emulator.stats.badChains.load(ordering: .relaxed), 0, "\(c)")
-                XCTAssertEqual(disk.driver.stats.errors.load(ordering: .relaxed), 0, "\(c)")
-                disk.shutdown()
+                try exercise(
+                    try makeRig(c, inline: true, completions: completions), cell: c,
+                    seedName: "MatrixTests inline \(completions) \(c)")
             }
         }
     }

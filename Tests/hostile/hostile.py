@@ -519,12 +519,19 @@ def flood_idle(ctx):
     most 16 MiB of what they took."""
     n = ctx.cfg.flood
     socks = [ctx.server.connect() for _ in range(n)]
+    flood_measure(ctx, socks, "idle", "idle connections")
+
+
+def flood_measure(ctx, socks, label, what):
+    """Holds the flood 2 s while RSS is sampled, then closes it: at most 32 KiB per connection,
+    at most 16 MiB kept afterwards."""
+    n = len(socks)
     hold_and_sample(ctx, 2.0)
     each = per_conn_kb(ctx, n)
     ctx.metrics["per_conn_kb"] = each
     close_all(socks)
-    ctx.note("%d idle: %.1f KiB each" % (n, each))
-    ctx.check(each <= 32, "%d idle connections cost at most 32 KiB each" % n, "%.1f KiB each" % each)
+    ctx.note("%d %s: %.1f KiB each" % (n, label, each))
+    ctx.check(each <= 32, "%d %s cost at most 32 KiB each" % (n, what), "%.1f KiB each" % each)
     ctx.after_bound_kb = 16 * KiB
 
 
@@ -538,13 +545,7 @@ def flood_flags(ctx):
         s = ctx.server.connect()
         s.sendall(struct.pack(">I", CLIENT_FLAGS))
         socks.append(s)
-    hold_and_sample(ctx, 2.0)
-    each = per_conn_kb(ctx, n)
-    ctx.metrics["per_conn_kb"] = each
-    close_all(socks)
-    ctx.note("%d after flags: %.1f KiB each" % (n, each))
-    ctx.check(each <= 32, "%d connections silent after their flags cost at most 32 KiB each" % n, "%.1f KiB each" % each)
-    ctx.after_bound_kb = 16 * KiB
+    flood_measure(ctx, socks, "after flags", "connections silent after their flags")
 
 
 def drip(ctx, socks_data, seconds):

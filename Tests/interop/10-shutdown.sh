@@ -82,24 +82,39 @@ check_eq "file size unchanged" $((8 * MiB)) "$(stat -c %s "$disk")"
 
 # --- SIGTERM while 4 READs of 16 MiB are queued for a client that reads slowly (issue #31): every
 # reply arrives whole, then EOF, and the server exits 0. (Before: 19 of 64 MiB, then EOF.)
-cat >"$T/slowread.py" <<'PY'
-import os, signal, socket, struct, sys, time
-path, pid = sys.argv[1], int(sys.argv[2])
-s = socket.socket(socket.AF_UNIX); s.connect(path)
-s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
-def recvn(n, rate=None):
+# rawnbd.py: what the raw clients below share (a Unix-socket connection, exact reads, OPT_GO).
+cat >"$T/rawnbd.py" <<'PY'
+import socket, struct, time
+def connect(path, rcvbuf=None):
+    s = socket.socket(socket.AF_UNIX)
+    if rcvbuf: s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
+    s.connect(path); s.settimeout(60)
+    return s
+def recvn(s, n, rate=None):
+    """n bytes, fewer at EOF; with `rate` (bytes/s) read as slowly as that."""
     b = bytearray()
     while len(b) < n:
         c = s.recv(min(n - len(b), 1 << 16))
         if not c: break
         b += c
-        if rate: time.sleep(len(c) / rate)  # a slow reader: 12.5 MB/s
+        if rate: time.sleep(len(c) / rate)
     return bytes(b)
-recvn(18); s.sendall(struct.pack(">I", 3))
-s.sendall(b"IHAVEOPT" + struct.pack(">II", 7, 6) + struct.pack(">IH", 0, 0))
-while True:
-    magic, o, typ, ln = struct.unpack(">QIII", recvn(20)); recvn(ln)
-    if typ == 1: break
+def greet(s):
+    recvn(s, 18); s.sendall(struct.pack(">I", 3))
+def go(s):
+    s.sendall(b"IHAVEOPT" + struct.pack(">II", 7, 6) + struct.pack(">IH", 0, 0))
+    while True:
+        magic, o, typ, ln = struct.unpack(">QIII", recvn(s, 20)); recvn(s, ln)
+        if typ == 1: return
+PY
+
+cat >"$T/slowread.py" <<'PY'
+import os, signal, struct, sys, time
+from rawnbd import connect, recvn as _recvn, greet, go
+path, pid = sys.argv[1], int(sys.argv[2])
+s = connect(path, rcvbuf=4096)
+def recvn(n, rate=None): return _recvn(s, n, rate)  # rate: a slow reader, 12.5 MB/s
+greet(s); go(s)
 L = 16 << 20
 s.sendall(b"".join(struct.pack(">IHHQQI", 0x25609513, 0, 0, i, i * L, L) for i in range(4)))
 time.sleep(1)
@@ -125,17 +140,12 @@ wait_server_exit "$SERVER_PID" "SIGTERM with replies queued"
 # --- A client still negotiating when SIGTERM arrives: its next option is answered
 # NBD_REP_ERR_SHUTDOWN (spec, "Option haggling"), its ABORT is acknowledged, then EOF.
 cat >"$T/haggle.py" <<'PY'
-import os, signal, socket, struct, sys, time
+import os, signal, struct, sys, time
+from rawnbd import connect, recvn as _recvn, greet
 path, pid = sys.argv[1], int(sys.argv[2])
-s = socket.socket(socket.AF_UNIX); s.connect(path); s.settimeout(10)
-def recvn(n):
-    b = b""
-    while len(b) < n:
-        c = s.recv(n - len(b))
-        if not c: break
-        b += c
-    return b
-recvn(18); s.sendall(struct.pack(">I", 3))
+s = connect(path)
+def recvn(n): return _recvn(s, n)
+greet(s)
 os.kill(pid, signal.SIGTERM)
 time.sleep(0.3)
 s.sendall(b"IHAVEOPT" + struct.pack(">II", 3, 0))  # NBD_OPT_LIST
@@ -152,21 +162,10 @@ wait_server_exit "$SERVER_PID" "SIGTERM during a handshake"
 # --- A second SIGTERM while the drain waits for a client that does not read its replies: the
 # server exits at once, status 1, saying so (the first one alone would wait --shutdown-timeout).
 cat >"$T/noread.py" <<'PY'
-import socket, struct, sys, time
-s = socket.socket(socket.AF_UNIX); s.connect(sys.argv[1])
-s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
-def recvn(n):
-    b = b""
-    while len(b) < n:
-        c = s.recv(n - len(b))
-        if not c: break
-        b += c
-    return b
-recvn(18); s.sendall(struct.pack(">I", 3))
-s.sendall(b"IHAVEOPT" + struct.pack(">II", 7, 6) + struct.pack(">IH", 0, 0))
-while True:
-    magic, o, typ, ln = struct.unpack(">QIII", recvn(20)); recvn(ln)
-    if typ == 1: break
+import struct, sys, time
+from rawnbd import connect, greet, go
+s = connect(sys.argv[1], rcvbuf=4096)
+greet(s); go(s)
 L = 16 << 20
 s.sendall(b"".join(struct.pack(">IHHQQI", 0x25609513, 0, 0, i, i * L, L) for i in range(4)))
 print("sent", flush=True)
