@@ -60,7 +60,7 @@ int vshim_set_thread_name(const char *name);
 /// runs on whichever thread the kernel picks, so no signal is lost to a thread that has it
 /// unblocked (libdispatch's signal sources on Linux can lose one that way). SA_RESTART is set.
 int vshim_signal_pipe(int sig);
-/* bufpool.c: reply buffers for large READs (NIO's custom ByteBuffer allocator). Blocks of 64 KiB
+/* bufpool.c: reply buffers for READs (NIO's custom ByteBuffer allocator). Blocks of 4 KiB
  * to 64 MiB come from power-of-two classes whose freed blocks are cached, 24 MiB at most;
  * everything else is malloc. */
 void *vshim_pool_alloc(size_t n);
