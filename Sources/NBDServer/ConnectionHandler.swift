@@ -48,7 +48,15 @@ final class NBDConnectionHandler: ChannelDuplexHandler {
     private let handshakeTimeout: TimeAmount
     private var handshakeTimer: Scheduled<Void>?
     private let tls: TLSSettings
-    private let mailbox = CompletionMailbox()
+    /// Where the device's completions go (made at the first device request; dropped when the
+    /// handler is removed, which breaks its reference back to the handler).
+    private var sink: CompletionSink?
+    /// The requests the device is working on, by slot.
+    private var inFlightTable = InFlightTable()
+    /// The batch of completions being answered (its storage is kept between batches).
+    private var completed: [CompletionSink.Completed] = []
+    /// The transmission rules of the session, once transmission starts (replies are framed by them).
+    private var sessionRules: TransmissionRules?
     private var batching = false
     private var needsFlush = false
     /// READ bytes this connection holds in device pages (dispatched, or replied and not yet
@@ -139,6 +147,10 @@ final class NBDConnectionHandler: ChannelDuplexHandler {
         budget.give(charged)
         charged = 0
         context.fireChannelInactive()
+    }
+
+    func handlerRemoved(context: ChannelHandlerContext) {
+        sink = nil // completions still to come hold the sink, and through it this handler, until they arrive
     }
 
     /// After the last reply of a shutdown, what the client had sent has now been read and
@@ -350,9 +362,11 @@ final class NBDConnectionHandler: ChannelDuplexHandler {
         let facts = ExportFacts(
             size: info.size, flags: info.flags, maximumPayload: UInt64(info.maximumPayload),
             canFastZero: e.stack.capabilities.canFastZero)
+        let rules = TransmissionRules(session: session, export: facts)
+        sessionRules = rules
         phase = .transmission(
             TransmissionParser(maximumPayload: Int(info.maximumPayload), extendedHeaders: session.extendedHeaders),
-            e, TransmissionRules(session: session, export: facts))
+            e, rules)
         return true
     }
 
@@ -422,90 +436,146 @@ final class NBDConnectionHandler: ChannelDuplexHandler {
         return true
     }
 
-    /// Runs one valid request on the device; its completion sends the one reply.
+    /// Runs one valid request on the device: it waits in the in-flight table, and the device's
+    /// completion, posted to the sink, sends its one reply (`complete`). One closure per request.
     private func execute(
         _ context: ChannelHandlerContext, _ r: NBDRequest, _ op: TransmissionOperation, payload: ByteBuffer?,
         export: NBDExport, rules: TransmissionRules
     ) {
         let device = export.stack
-        let metrics = export.metrics
+        let sink = completionSink(context)
         switch op {
         case .read(let offset, let length, let shape)
         where Int(length) >= Self.heldReadMinimum && Int(length) <= heldLimit:
             let n = Int(length)
             heldBytes += n
-            start(context, .read, bytes: n) { done in
-                device.readHeld(
-                    offset: offset, length: n, sparse: shape == .sparse, allocator: ReplyBuffers.allocator, done)
-            } completion: { this, ctx, result in
-                switch result {
-                case .success(.held(let h)):
-                    metrics.read(bytes: n)
-                    this.replyHeld(context: ctx, request: r, rules: rules, shape: shape, held: h)
-                    return
-                case .success(.extents(let extents)):
-                    metrics.read(bytes: n)
-                    this.replyExtents(context: ctx, request: r, rules: rules, extents: extents)
-                case .success(.data(let data)):
-                    metrics.read(bytes: data.readableBytes)
-                    this.replyData(context: ctx, request: r, rules: rules, shape: shape, data: data)
-                case .failure(let e): this.fail(ctx, r, rules, e.nbdErrno, "\(e)")
-                }
-                this.heldBytes -= n
+            let slot = admit(r, export, bytes: n)
+            device.readHeld(offset: offset, length: n, sparse: shape == .sparse, allocator: ReplyBuffers.allocator) {
+                sink.post(slot, .read($0, shape))
             }
         case .read(let offset, let length, .sparse):
-            start(context, .read, bytes: Int(length)) { done in
-                device.readExtents(offset: offset, length: Int(length), allocator: ReplyBuffers.allocator, done)
-            } completion: { this, ctx, result in
-                switch result {
-                case .success(let extents):
-                    metrics.read(bytes: Int(length))
-                    this.replyExtents(context: ctx, request: r, rules: rules, extents: extents)
-                case .failure(let e): this.fail(ctx, r, rules, e.nbdErrno, "\(e)")
-                }
+            let slot = admit(r, export, bytes: Int(length))
+            device.readExtents(offset: offset, length: Int(length), allocator: ReplyBuffers.allocator) {
+                sink.post(slot, .extents($0))
             }
         case .read(let offset, let length, let shape):
-            start(context, .read, bytes: Int(length)) { done in
-                device.read(offset: offset, length: Int(length), allocator: ReplyBuffers.allocator, done)
-            } completion: { this, ctx, result in
-                switch result {
-                case .success(let data):
-                    metrics.read(bytes: data.readableBytes)
-                    this.replyData(context: ctx, request: r, rules: rules, shape: shape, data: data)
-                case .failure(let e): this.fail(ctx, r, rules, e.nbdErrno, "\(e)")
-                }
+            let slot = admit(r, export, bytes: Int(length))
+            device.read(offset: offset, length: Int(length), allocator: ReplyBuffers.allocator) {
+                sink.post(slot, .data($0, shape))
             }
         case .write(let offset, let length, let fua):
             let data = payload ?? ByteBuffer()
             precondition(data.readableBytes == Int(length), "the parser hands over exactly the announced payload")
-            startVoid(context, r, rules, bytes: Int(length), wrote: Int(length)) { done in
-                device.write(offset: offset, data: data, fua: fua, done)
-            }
+            let slot = admit(r, export, bytes: Int(length))
+            device.write(offset: offset, data: data, fua: fua) { sink.post(slot, .status($0, wrote: Int(length))) }
         case .flush:
-            startVoid(context, r, rules) { done in device.flush(done) }
+            let slot = admit(r, export, bytes: 0)
+            device.flush { sink.post(slot, .status($0, wrote: 0)) }
         case .trim(let offset, let length, let fua):
-            startVoid(context, r, rules) { done in
-                device.trim(offset: offset, length: length) { res in
-                    guard fua, case .success = res else { return done(res) }
-                    device.flush(done)
-                }
+            let slot = admit(r, export, bytes: 0)
+            device.trim(offset: offset, length: length) { res in
+                guard fua, case .success = res else { return sink.post(slot, .status(res, wrote: 0)) }
+                device.flush { sink.post(slot, .status($0, wrote: 0)) }
             }
         case .writeZeroes(let offset, let length, let fua, let mayUnmap):
-            startVoid(context, r, rules) { done in
-                device.writeZeroes(offset: offset, length: length, mayUnmap: mayUnmap, fua: fua, done)
+            let slot = admit(r, export, bytes: 0)
+            device.writeZeroes(offset: offset, length: length, mayUnmap: mayUnmap, fua: fua) {
+                sink.post(slot, .status($0, wrote: 0))
             }
         case .blockStatus(let offset, let length, let contexts, let reqOne):
-            guard context.channel.isActive else { return }
-            var b = context.channel.allocator.buffer(capacity: 64 * contexts.count)
-            for (i, c) in contexts.enumerated() {
-                let descriptors = BlockStatusDescriptors.merge(
-                    Self.statusRuns(export, c.name, offset, length), offset: offset, length: length,
-                    extended: rules.extendedHeaders, reqOne: reqOne)
-                rules.replies.blockStatus(
-                    r, context: c.id, descriptors: descriptors, done: i == contexts.count - 1, into: &b)
-            }
-            emit(context, b)
+            replyBlockStatus(context, r, rules, export, offset, length, contexts, reqOne)
         }
+    }
+
+    /// The connection's completion sink, made when its first device request starts.
+    private func completionSink(_ context: ChannelHandlerContext) -> CompletionSink {
+        if let s = sink { return s }
+        let s = CompletionSink(handler: self, context: context)
+        sink = s
+        return s
+    }
+
+    /// Counts a request in flight (against the connection's bounds and the server's budget) and
+    /// gives it a slot in the table.
+    private func admit(_ r: NBDRequest, _ export: NBDExport, bytes: Int) -> Int {
+        inFlight += 1
+        inFlightBytes += bytes
+        budget.take(bytes)
+        export.metrics.started()
+        return inFlightTable.admit(InFlightRequest(request: r, bytes: bytes, began: .now(), metrics: export.metrics))
+    }
+
+    /// Answers the completions that have arrived, then flushes the socket once (coalesced
+    /// replies, one wake-up per batch) and reads on if the bounds allow.
+    func drain(_ sink: CompletionSink, context: ChannelHandlerContext) {
+        batching = true
+        while sink.take(into: &completed) {
+            for c in completed { complete(c.slot, c.outcome, context) }
+            completed.removeAll(keepingCapacity: true)
+        }
+        batching = false
+        if needsFlush {
+            needsFlush = false
+            context.flush()
+        }
+        afterCompletion(context: context)
+    }
+
+    /// Sends the one reply of a request the device has completed.
+    private func complete(_ slot: Int, _ outcome: DeviceOutcome, _ context: ChannelHandlerContext) {
+        let entry = inFlightTable.remove(slot)
+        let r = entry.request
+        let metrics = entry.metrics
+        inFlight -= 1
+        inFlightBytes -= entry.bytes
+        budget.give(entry.bytes)
+        metrics.finished(
+            ExportMetrics.Op(r.command), nanoseconds: UInt64(clamping: (NIODeadline.now() - entry.began).nanoseconds))
+        guard let rules = sessionRules else { preconditionFailure("a request completed before transmission") }
+        switch outcome {
+        case .status(.success, let wrote):
+            if wrote > 0 { metrics.wrote(bytes: wrote) }
+            succeed(context, r, rules)
+        case .data(.success(let data), let shape):
+            metrics.read(bytes: data.readableBytes)
+            replyData(context: context, request: r, rules: rules, shape: shape, data: data)
+        case .extents(.success(let extents)):
+            metrics.read(bytes: entry.bytes)
+            replyExtents(context: context, request: r, rules: rules, extents: extents)
+        case .read(let result, let shape):
+            switch result {
+            case .success(.held(let h)):
+                metrics.read(bytes: entry.bytes)
+                return replyHeld(context: context, request: r, rules: rules, shape: shape, held: h)
+            case .success(.extents(let extents)):
+                metrics.read(bytes: entry.bytes)
+                replyExtents(context: context, request: r, rules: rules, extents: extents)
+            case .success(.data(let data)):
+                metrics.read(bytes: data.readableBytes)
+                replyData(context: context, request: r, rules: rules, shape: shape, data: data)
+            case .failure(let e): fail(context, r, rules, e.nbdErrno, "\(e)")
+            }
+            heldBytes -= entry.bytes
+        case .status(.failure(let e), _), .data(.failure(let e), _), .extents(.failure(let e)):
+            fail(context, r, rules, e.nbdErrno, "\(e)")
+        }
+    }
+
+    /// BLOCK_STATUS: answered from the allocation map and the bitmaps, on the event loop.
+    private func replyBlockStatus(
+        _ context: ChannelHandlerContext, _ r: NBDRequest, _ rules: TransmissionRules, _ export: NBDExport,
+        _ offset: UInt64, _ length: UInt64, _ contexts: [NBDMetaContextID], _ reqOne: Bool
+    ) {
+        guard context.channel.isActive else { return }
+        var b = context.channel.allocator.buffer(capacity: 64 * contexts.count)
+        for (i, c) in contexts.enumerated() {
+            let descriptors = BlockStatusDescriptors.merge(
+                Self.statusRuns(export, c.name, offset, length), offset: offset, length: length,
+                extended: rules.extendedHeaders, reqOne: reqOne)
+            rules.replies.blockStatus(
+                r, context: c.id, descriptors: descriptors, done: i == contexts.count - 1, into: &b)
+        }
+        emit(context, b)
     }
 
     /// One context's status over [offset, offset+length), as runs that cover it.
@@ -618,77 +688,10 @@ final class NBDConnectionHandler: ChannelDuplexHandler {
         if batching { needsFlush = true } else { context.flush() }
     }
 
-    /// Runs a block operation. Its completion is posted to this connection's mailbox; the first
-    /// post of a batch schedules one drain on the event loop, which answers every completion that
-    /// has arrived and flushes the socket once (coalesced replies, one wakeup per batch).
-    private func start<T: Sendable>(
-        _ context: ChannelHandlerContext, _ kind: ExportMetrics.Op, bytes: Int = 0,
-        _ op: (@escaping @Sendable (Result<T, BlkError>) -> Void) -> Void,
-        completion: @escaping (NBDConnectionHandler, ChannelHandlerContext, Result<T, BlkError>) -> Void
-    ) {
-        inFlight += 1
-        inFlightBytes += bytes
-        budget.take(bytes)
-        let loop = context.eventLoop
-        let bound = NIOLoopBound((self, context, completion), eventLoop: loop)
-        let mailbox = self.mailbox
-        // Latency: from dispatch until the completion is taken up on the event loop (before the reply is written).
-        let metrics = attached?.metrics
-        let began = NIODeadline.now()
-        metrics?.started()
-        op { result in
-            let first = mailbox.post {
-                let (this, ctx, completion) = bound.value
-                this.inFlight -= 1
-                this.inFlightBytes -= bytes
-                this.budget.give(bytes)
-                metrics?.finished(kind, nanoseconds: UInt64(clamping: (NIODeadline.now() - began).nanoseconds))
-                completion(this, ctx, result)
-            }
-            if first {
-                loop.execute {
-                    let (this, ctx, _) = bound.value
-                    this.drainMailbox(context: ctx)
-                }
-            }
-        }
-    }
-
-    private func drainMailbox(context: ChannelHandlerContext) {
-        batching = true
-        while true {
-            let items = mailbox.take()
-            if items.isEmpty { break }
-            for item in items { item() }
-        }
-        batching = false
-        if needsFlush {
-            needsFlush = false
-            context.flush()
-        }
-        afterCompletion(context: context)
-    }
-
     /// Writes a reply; flushes now, or once at the end of the current completion batch.
     private func emit(_ context: ChannelHandlerContext, _ b: ByteBuffer) {
         context.write(wrapOutboundOut(b), promise: nil)
         if batching { needsFlush = true } else { context.flush() }
-    }
-
-    /// Runs a command whose reply has no data; `wrote` bytes are counted in the export's metrics
-    /// when it succeeds (a count, not a closure: one allocation less per WRITE).
-    private func startVoid(
-        _ context: ChannelHandlerContext, _ r: NBDRequest, _ rules: TransmissionRules, bytes: Int = 0,
-        wrote: Int? = nil, _ op: (@escaping @Sendable (Result<Void, BlkError>) -> Void) -> Void
-    ) {
-        start(context, ExportMetrics.Op(r.command), bytes: bytes, op) { this, ctx, result in
-            switch result {
-            case .success:
-                if let n = wrote { this.attached?.metrics.wrote(bytes: n) }
-                this.succeed(ctx, r, rules)
-            case .failure(let e): this.fail(ctx, r, rules, e.nbdErrno, "\(e)")
-            }
-        }
     }
 
     private func afterCompletion(context: ChannelHandlerContext) {
@@ -907,24 +910,3 @@ final class NBDConnectionHandler: ChannelDuplexHandler {
 
 /// Sent to every connection on shutdown: finish what is in flight, then close.
 struct QuiesceEvent {}
-
-/// Completions posted from the driver's thread for one connection, drained on its event loop.
-final class CompletionMailbox: Sendable {
-    private let items = Locked<[@Sendable () -> Void]>([])
-
-    /// Adds an item; returns true if the mailbox was empty (the caller schedules a drain).
-    func post(_ item: @escaping @Sendable () -> Void) -> Bool {
-        items.withLock { i in
-            i.append(item)
-            return i.count == 1
-        }
-    }
-
-    func take() -> [@Sendable () -> Void] {
-        items.withLock { i in
-            let out = i
-            i = []
-            return out
-        }
-    }
-}

@@ -63,7 +63,9 @@ extension VirtioBlkDriver {
         stats.interrupts.add(1, ordering: .relaxed)
         if i == 0 { checkConfig() }
         var finished: [(Slot, UInt8)] = []
+        lane.reapScratch.withLock { swap(&$0, &finished) }
         reap(lane, into: &finished)
+        lane.reapScratch.withLock { swap(&$0, &finished) }
     }
 
     /// Once a second on queue `i`'s thread when the caller reaps: a configuration change missed

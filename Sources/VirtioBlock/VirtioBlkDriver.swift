@@ -183,6 +183,10 @@ public final class VirtioBlkDriver: @unchecked Sendable {
         let tableStride: Int
         let addresses: QueueAddresses
         let state: Locked<LaneState>
+        /// The completions array `serviceQueue` reaps into, kept between calls so that a reap
+        /// does not allocate and grow a fresh one (a reaper swaps it out and back; a second
+        /// reaper at the same time finds it empty and uses its own).
+        let reapScratch = Locked<[(Slot, UInt8)]>([])
         init(
             index: Int, headers: DMARegion, tables: DMARegion?, tableStride: Int, addresses: QueueAddresses,
             state: sending LaneState
