@@ -27,12 +27,15 @@ public enum StructuredReply {
         cookie: UInt64, type: UInt16, done: Bool, length: Int, framing: ReplyFraming = .structured,
         into b: inout ByteBuffer
     ) {
-        // One writeMultipleIntegers per header (one capacity check, not one per field).
+        // Magic, flags and type are one big-endian u64: NIO stores each integer separately (a
+        // bounds and exclusivity check each), and a header goes out with every reply.
+        let flags = UInt64(done ? flagDone : 0)
         if framing.extended {
-            b.writeMultipleIntegers(
-                NBDMagic.extendedReply, done ? flagDone : 0, type, cookie, framing.requestOffset, UInt64(length))
+            let lead = UInt64(NBDMagic.extendedReply) << 32 | flags << 16 | UInt64(type)
+            b.writeMultipleIntegers(lead, cookie, framing.requestOffset, UInt64(length))
         } else {
-            b.writeMultipleIntegers(NBDMagic.structuredReply, done ? flagDone : 0, type, cookie, UInt32(length))
+            let lead = UInt64(NBDMagic.structuredReply) << 32 | flags << 16 | UInt64(type)
+            b.writeMultipleIntegers(lead, cookie, UInt32(length))
         }
     }
 

@@ -156,6 +156,7 @@ public struct TransmissionParser {
 
     /// "Simple reply message": magic, error, cookie.
     public static func simpleReply(cookie: UInt64, error: NBDErrno?, into b: inout ByteBuffer) {
-        b.writeMultipleIntegers(NBDMagic.simpleReply, error?.rawValue ?? 0, cookie)
+        // Magic and error as one big-endian u64 (one store fewer per reply).
+        b.writeMultipleIntegers(UInt64(NBDMagic.simpleReply) << 32 | UInt64(error?.rawValue ?? 0), cookie)
     }
 }

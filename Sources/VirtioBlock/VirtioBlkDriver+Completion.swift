@@ -103,8 +103,7 @@ extension VirtioBlkDriver {
             guard !s.resetting, s.broken == nil else { return false }
             do throws(VirtqueueError) {
                 while let (id, _) = try s.queue.nextUsed() {
-                    guard let slot = s.slots[Int(id)] else { continue }
-                    s.slots[Int(id)] = nil
+                    guard let slot = s.slots[Int(id)].take() else { continue } // moved out, not copied
                     let at = BlkRequestSlot(id: Int(id), base: lane.headers.offset, device: 0).offset
                     finished.append((slot, mem.load8(at + BlkRequestSlot.status)))
                 }
