@@ -303,47 +303,9 @@ public final class VirtioBlkEmulator: MMIOBus, @unchecked Sendable {
             case MMIORegister.queueDriverHigh where valid: high(&r.queues[sel].driver)
             case MMIORegister.queueDeviceLow where valid: low(&r.queues[sel].device)
             case MMIORegister.queueDeviceHigh where valid: high(&r.queues[sel].device)
-            case MMIORegister.queueReady where valid:
-                if value == 0 {
-                    r.queues[sel].ready = false
-                    r.live[sel] = nil
-                    break
-                }
-                let features = VirtioFeatures(rawValue: r.driverFeatures)
-                let q = r.queues[sel]
-                guard let mem = r.memory, Int(q.num) <= config.maxQueueSize,
-                    let dq = makeQueue(packed: features.contains(.ringPacked), mem: mem, q)
-                else {
-                    logger.warning(
-                        "driver configured queue \(sel) with an invalid size or placement; queue stays disabled")
-                    break
-                }
-                dq.eventIndex = features.contains(.eventIdx)
-                dq.indirect = features.contains(.indirectDesc)
-                r.queues[sel].ready = true
-                r.live[sel] = dq
+            case MMIORegister.queueReady where valid: setQueueReady(&r, sel, value != 0)
             case MMIORegister.interruptACK: r.interruptStatus &= ~value
-            case MMIORegister.status:
-                if value == 0 {
-                    var fresh = Registers(
-                        queues: r.queues.count, memory: r.memory, generation: r.generation &+ 1,
-                        configSpace: r.configSpace, capacityBytes: r.capacityBytes)
-                    #if DEBUG
-                        fresh.faults = r.faults
-                        fresh.requests = r.requests // injected faults outlive resets
-                    #endif
-                    r = fresh
-                    return
-                }
-                var v = value
-                let drv = VirtioFeatures(rawValue: r.driverFeatures)
-                if v & UInt32(VirtioStatus.featuresOK.rawValue) != 0
-                    && (!offered.isSuperset(of: drv) || !drv.contains(.version1))
-                {
-                    v &= ~UInt32(VirtioStatus.featuresOK.rawValue) // §2.2.2: refuse unsupported feature sets
-                }
-                // The device's own NEEDS_RESET bit survives driver status writes until reset.
-                r.status = v | (r.status & UInt32(VirtioStatus.deviceNeedsReset.rawValue))
+            case MMIORegister.status: setStatus(&r, value)
             default: break
             }
         }
@@ -352,6 +314,52 @@ public final class VirtioBlkEmulator: MMIOBus, @unchecked Sendable {
             for p in processing { p.withLock { _ in } }
         }
         if offset == MMIORegister.status { for k in kicks { k.signal() } } // DRIVER_OK may make work available
+    }
+
+    /// QueueReady (§4.2.2): a ready queue is built over the ring the driver placed; 0 takes it down.
+    private func setQueueReady(_ r: inout Registers, _ sel: Int, _ ready: Bool) {
+        guard ready else {
+            r.queues[sel].ready = false
+            r.live[sel] = nil
+            return
+        }
+        let features = VirtioFeatures(rawValue: r.driverFeatures)
+        let q = r.queues[sel]
+        guard let mem = r.memory, Int(q.num) <= config.maxQueueSize,
+            let dq = makeQueue(packed: features.contains(.ringPacked), mem: mem, q)
+        else {
+            logger.warning("driver configured queue \(sel) with an invalid size or placement; queue stays disabled")
+            return
+        }
+        dq.eventIndex = features.contains(.eventIdx)
+        dq.indirect = features.contains(.indirectDesc)
+        r.queues[sel].ready = true
+        r.live[sel] = dq
+    }
+
+    /// Device status (§2.1): 0 resets the registers; FEATURES_OK is refused for a feature set
+    /// the device does not offer.
+    private func setStatus(_ r: inout Registers, _ value: UInt32) {
+        if value == 0 {
+            var fresh = Registers(
+                queues: r.queues.count, memory: r.memory, generation: r.generation &+ 1,
+                configSpace: r.configSpace, capacityBytes: r.capacityBytes)
+            #if DEBUG
+                fresh.faults = r.faults
+                fresh.requests = r.requests // injected faults outlive resets
+            #endif
+            r = fresh
+            return
+        }
+        var v = value
+        let drv = VirtioFeatures(rawValue: r.driverFeatures)
+        if v & UInt32(VirtioStatus.featuresOK.rawValue) != 0
+            && (!offered.isSuperset(of: drv) || !drv.contains(.version1))
+        {
+            v &= ~UInt32(VirtioStatus.featuresOK.rawValue) // §2.2.2: refuse unsupported feature sets
+        }
+        // The device's own NEEDS_RESET bit survives driver status writes until reset.
+        r.status = v | (r.status & UInt32(VirtioStatus.deviceNeedsReset.rawValue))
     }
 
     /// The queue format the driver negotiated, placed where it said (nil: bad size or placement).
