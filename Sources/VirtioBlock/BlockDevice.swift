@@ -75,12 +75,38 @@ public final class BlockDevice: Sendable {
         if length == 0 { return done(.success(allocator.buffer(capacity: 0))) }
         let lo = Self.down(offset)
         let hi = Self.up(offset + UInt64(length))
+        if let token = locks.tryAcquire(lo, hi, exclusive: false) {
+            let pages = Int((hi - lo) / Self.block)
+            if pages <= driver.maxPagesPerRequest {
+                // One device request, whose completion does the rest: one closure for the whole READ.
+                return driver.submit(.read(sector: lo / 512, pages: pages)) { r in
+                    self.locks.release(token)
+                    done(r.map { Self.copied($0, from: lo, range: offset, length, allocator) })
+                }
+            }
+            return readLocked(offset: offset, length: length, allocator: allocator) { r in
+                self.locks.release(token)
+                done(r)
+            }
+        }
         locks.acquire(lo, hi, exclusive: false) { token in
             self.readLocked(offset: offset, length: length, allocator: allocator) { r in
                 self.locks.release(token)
                 done(r)
             }
         }
+    }
+
+    /// The bytes [offset, offset+length) of one device request's pages (from disk offset `lo`),
+    /// copied into a new buffer.
+    private static func copied(
+        _ io: IOPages, from lo: UInt64, range offset: UInt64, _ length: Int, _ allocator: ByteBufferAllocator
+    ) -> ByteBuffer {
+        var buf = allocator.buffer(capacity: length)
+        buf.moveWriterIndex(to: length)
+        let pages = Int((up(offset + UInt64(length)) - lo) / block)
+        copyOut(io, pages: pages, from: lo, range: offset, length, into: &buf)
+        return buf
     }
 
     /// One piece of a sparse read.
@@ -117,6 +143,15 @@ public final class BlockDevice: Sendable {
         let end = offset + UInt64(length)
         // The common case, all data: one read, no bookkeeping for pieces.
         if self.allocation.isAllData(Self.down(offset), Self.up(end)) {
+            let lo = Self.down(offset)
+            let pages = Int((Self.up(end) - lo) / Self.block)
+            if pages <= driver.maxPagesPerRequest {
+                // One device request (every 4 KiB read), whose completion does the rest.
+                return driver.submit(.read(sector: lo / 512, pages: pages)) { r in
+                    self.locks.release(token)
+                    done(r.map { [.data(offset: offset, Self.copied($0, from: lo, range: offset, length, allocator))] })
+                }
+            }
             self.readLocked(offset: offset, length: length, allocator: allocator) { r in
                 self.locks.release(token)
                 done(r.map { [.data(offset: offset, $0)] })
@@ -173,15 +208,7 @@ public final class BlockDevice: Sendable {
             // One device request (every 4 KiB read): the buffer is made and filled in its
             // completion and handed on, with no shared join state.
             driver.submit(.read(sector: lo / 512, pages: pagesTotal)) { r in
-                switch r {
-                case .success(let io):
-                    var buf = allocator.buffer(capacity: length)
-                    buf.moveWriterIndex(to: length)
-                    Self.copyOut(io, pages: pagesTotal, from: lo, range: offset, length, into: &buf)
-                    done(.success(buf))
-                case .failure(let e):
-                    done(.failure(e))
-                }
+                done(r.map { Self.copied($0, from: lo, range: offset, length, allocator) })
             }
             return
         }

@@ -11,6 +11,8 @@ extension VirtioBlkDriver {
 
     enum Decision {
         case launch([Int32])
+        /// On the ring already (a request with nothing to fill: a READ, FLUSH): ring the doorbell if given.
+        case placed(QueueDoorbells?)
         case wait
         case fail(BlkError)
     }
@@ -42,6 +44,11 @@ extension VirtioBlkDriver {
             if s.closing { return .fail(.shutdown) }
             s.inFlight += 1
             if !s.resetting, s.waiting.isEmpty, let pages = reserve(&s, lane, command) {
+                // Nothing to copy in first: onto the ring under this same lock (one lock per request).
+                if fill == nil {
+                    s.reservedDescriptors -= ringCost(lane, command)
+                    return .placed(enqueue(&s, lane, p, pages))
+                }
                 return .launch(pages)
             }
             s.waiting.append(p)
@@ -49,6 +56,7 @@ extension VirtioBlkDriver {
         }
         switch d {
         case .launch(let pages): launch(lane, p, pages)
+        case .placed(let kick): notify(lane, kick)
         case .fail(let e): done(.failure(e))
         case .wait: break
         }
@@ -83,17 +91,9 @@ extension VirtioBlkDriver {
     /// Fills data (outside the lock), builds the chain, publishes it and kicks if the device wants.
     func launch(_ lane: Lane, _ p: Pending, _ pages: [Int32]) {
         if p.pages == nil, let fill = p.fill { fill(IOPages(pages: pages, memory: arena.memory, arena: arena)) }
-        let mem = arena.memory
-        let lastPageBytes = lastPageLength(p.command)
-        if lastPageBytes < Self.pageSize, case .read = p.command {
-            // The device fills only the sectors it has; the rest of the page reads as zero.
-            mem.zero(arena.pageOffset(pages[pages.count - 1]) + lastPageBytes, count: Self.pageSize - lastPageBytes)
-        }
         var failed: DeviceFailure?
         let kick: QueueDoorbells? = lane.state.withLock { s in
-            let n = descriptorCount(p.command)
-            let indirect = goesIndirect(lane, p.command)
-            s.reservedDescriptors -= ringDescriptors(segments: n, indirect: indirect)
+            s.reservedDescriptors -= ringCost(lane, p.command)
             if let why = s.broken {
                 // A reset failed between reserve and launch: the request is in neither the slots
                 // nor the waiting list the failure went through, so it fails here (else it would
@@ -110,21 +110,41 @@ extension VirtioBlkDriver {
                 s.waiting.append(again)
                 return nil
             }
-            // Header and status live in the per-id slot of the chain add() is about to build.
-            let id = Int(s.queue.nextFreeID)
-            let slot = BlkRequestSlot(id: id, base: lane.headers.offset, device: lane.headers.deviceAddress)
-            writeSlot(slot, p.command)
-            let table = indirect ? lane.tables!.slice(at: lane.tableStride * id, length: lane.tableStride) : nil
-            let got = s.queue.add(count: n, indirect: table) { k in
-                chainSegment(k, of: n, slot: slot, command: p.command, pages: pages, lastPageBytes: lastPageBytes)
-            }
-            precondition(got.map(Int.init) == id, "reserved descriptors must be available")
-            s.slots[id] = Slot(
-                pages: pages, done: p.done, command: p.command, submitted: .now, resubmissions: p.resubmissions,
-                keep: p.keep)
-            return s.queue.publish() ? s.doorbells : nil
+            return enqueue(&s, lane, p, pages)
         }
         if let why = failed { return p.done(.failure(.deviceBroken(why))) }
+        notify(lane, kick)
+    }
+
+    /// Builds the request's chain in its per-id slot, adds it to the ring (descriptors reserved)
+    /// and publishes it; returns the doorbell if the device wants a notification. Under the lane's lock.
+    /// The caller has given back the descriptors `reserve` set aside for it (they are taken now).
+    private func enqueue(_ s: inout LaneState, _ lane: Lane, _ p: Pending, _ pages: [Int32]) -> QueueDoorbells? {
+        let n = descriptorCount(p.command)
+        let indirect = goesIndirect(lane, p.command)
+        let lastPageBytes = lastPageLength(p.command)
+        if lastPageBytes < Self.pageSize, case .read = p.command {
+            // The device fills only the sectors it has; the rest of the page reads as zero.
+            arena.memory.zero(
+                arena.pageOffset(pages[pages.count - 1]) + lastPageBytes, count: Self.pageSize - lastPageBytes)
+        }
+        // Header and status live in the per-id slot of the chain add() is about to build.
+        let id = Int(s.queue.nextFreeID)
+        let slot = BlkRequestSlot(id: id, base: lane.headers.offset, device: lane.headers.deviceAddress)
+        writeSlot(slot, p.command)
+        let table = indirect ? lane.tables!.slice(at: lane.tableStride * id, length: lane.tableStride) : nil
+        let got = s.queue.add(count: n, indirect: table) { k in
+            chainSegment(k, of: n, slot: slot, command: p.command, pages: pages, lastPageBytes: lastPageBytes)
+        }
+        precondition(got.map(Int.init) == id, "reserved descriptors must be available")
+        s.slots[id] = Slot(
+            pages: pages, done: p.done, command: p.command, submitted: .now, resubmissions: p.resubmissions,
+            keep: p.keep)
+        return s.queue.publish() ? s.doorbells : nil
+    }
+
+    /// Rings the doorbell the ring asked for.
+    private func notify(_ lane: Lane, _ kick: QueueDoorbells?) {
         if let d = kick {
             stats.kicks.add(1, ordering: .relaxed)
             d.kick()
