@@ -226,11 +226,16 @@ public final class SplitVirtqueue: DriverVirtqueue {
     /// The head id the next `add` will use (the first free descriptor).
     public var nextFreeID: UInt16 { freeHead }
 
-    /// Without EVENT_IDX: VIRTQ_AVAIL_F_NO_INTERRUPT (§2.7.7). With it, used_event simply stops
-    /// moving, so the device interrupts at most once more.
+    /// Without EVENT_IDX: VIRTQ_AVAIL_F_NO_INTERRUPT (§2.7.7). With it, used_event goes one
+    /// behind the used entries taken: the device's check (`needEvent`, §2.7.10) is then false for
+    /// any new entries, since the driver has seen everything up to its last check and more.
     public func disableInterrupts() {
         interruptsOn = false
-        if !eventIndex { mem.store16(availRing.offset, 1) }
+        if eventIndex {
+            mem.store16(availRing.offset + 4 + 2 * size, lastUsedIdx &- 1)
+        } else {
+            mem.store16(availRing.offset, 1)
+        }
     }
 
     public func enableInterrupts() -> Bool {

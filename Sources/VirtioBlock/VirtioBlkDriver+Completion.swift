@@ -62,6 +62,11 @@ extension VirtioBlkDriver {
         let lane = lanes[i]
         stats.interrupts.add(1, ordering: .relaxed)
         if i == 0 { checkConfig() }
+        reapNow(lane)
+    }
+
+    /// Reaps `lane` on the calling thread, into the lane's kept array.
+    func reapNow(_ lane: Lane) {
         var finished: [(Slot, UInt8)] = []
         lane.reapScratch.withLock { swap(&$0, &finished) }
         reap(lane, into: &finished)
@@ -102,10 +107,17 @@ extension VirtioBlkDriver {
         let usable = lane.state.withLock { s -> Bool in
             guard !s.resetting, s.broken == nil else { return false }
             do throws(VirtqueueError) {
-                while let (id, _) = try s.queue.nextUsed() {
-                    guard let slot = s.slots[Int(id)].take() else { continue } // moved out, not copied
-                    let at = BlkRequestSlot(id: Int(id), base: lane.headers.offset, device: 0).offset
-                    finished.append((slot, mem.load8(at + BlkRequestSlot.status)))
+                while true {
+                    while let (id, _) = try s.queue.nextUsed() {
+                        guard let slot = s.slots[Int(id)].take() else { continue } // moved out, not copied
+                        let at = BlkRequestSlot(id: Int(id), base: lane.headers.offset, device: 0).offset
+                        finished.append((slot, mem.load8(at + BlkRequestSlot.status)))
+                    }
+                    // After a quiet kick: interrupts on again, and whatever the device used
+                    // before they were is taken now (it will not interrupt for it).
+                    guard s.quietKick else { break }
+                    s.quietKick = false
+                    if s.polled || !s.queue.enableInterrupts() { break }
                 }
             } catch {
                 failure = .ring(error)

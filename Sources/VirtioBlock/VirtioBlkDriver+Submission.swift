@@ -140,7 +140,14 @@ extension VirtioBlkDriver {
         s.slots[id] = Slot(
             pages: pages, done: p.done, command: p.command, submitted: .now, resubmissions: p.resubmissions,
             keep: p.keep)
-        return s.queue.publish() ? s.doorbells : nil
+        guard s.queue.publish() else { return nil }
+        if s.doorbells.completesOnKick && reapedByCaller && !s.polled && !s.quietKick {
+            // The device completes this on the kick and the kicker reaps at once: an interrupt
+            // would only wake the event loop for nothing (three system calls per request at QD1).
+            s.queue.disableInterrupts()
+            s.quietKick = true
+        }
+        return s.doorbells
     }
 
     /// Rings the doorbell the ring asked for.
@@ -150,10 +157,7 @@ extension VirtioBlkDriver {
             d.kick()
             // The device ran to completion on this thread: its completions are in the used ring
             // now, so take them here rather than after the interrupt's trip round the event loop.
-            if d.completesOnKick && reapedByCaller {
-                var finished: [(Slot, UInt8)] = []
-                reap(lane, into: &finished)
-            }
+            if d.completesOnKick && reapedByCaller { reapNow(lane) }
         }
     }
 

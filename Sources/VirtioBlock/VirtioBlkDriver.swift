@@ -173,6 +173,9 @@ public final class VirtioBlkDriver: @unchecked Sendable {
         var resetting = false
         /// A caller reaps this queue itself (`pollCompletions`); interrupts stay off.
         var polled = false
+        /// Interrupts are off for a kick to a device that completes on it (`completesOnKick`):
+        /// the kicking thread reaps right after, and that reap turns them on again.
+        var quietKick = false
     }
     final class Lane: @unchecked Sendable {
         let index: Int
