@@ -37,8 +37,8 @@ extension VirtioBlkDriver {
 
     private func submit(_ command: BlkCommand, on lane: Lane, fill: Fill?, keep: Bool, done: @escaping Completion) {
         precondition(command.pages <= maxPagesPerRequest, "callers split requests to maxPagesPerRequest")
-        var p = Pending(command: command, fill: fill, done: done)
-        p.keep = keep
+        // A `let`: a `var` the lock's closure captures would be boxed on the heap, per request.
+        let p = Pending(command: command, fill: fill, done: done, keep: keep)
         let d: Decision = lane.state.withLock { s in
             if let b = s.broken { return .fail(.deviceBroken(b)) }
             if s.closing { return .fail(.shutdown) }
