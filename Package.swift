@@ -111,7 +111,8 @@ let package = Package(
         .testTarget(
             name: "FuzzRegressionTests",
             dependencies: [
-                "NBDProtocol", "Virtio", "VirtioEmulator", .product(name: "NIOCore", package: "swift-nio"),
+                "NBDProtocol", "NBDServer", "TestSupport", "Virtio", "VirtioEmulator",
+                .product(name: "NIOCore", package: "swift-nio"), .product(name: "NIOEmbedded", package: "swift-nio"),
                 .product(name: "Logging", package: "swift-log"),
             ],
             path: "Tests/fuzz", exclude: ["corpus", "regressions", "make-seeds.py"], sources: ["targets", "replay"],
@@ -127,8 +128,13 @@ let package = Package(
             ]),
         .testTarget(name: "ServerConfigTests", dependencies: ["ServerConfig", "AccessControl"]),
         .testTarget(name: "AccessControlTests", dependencies: ["AccessControl"]),
-        // Shared by the test targets (a seeded generator, NBD wire bytes, a blocking NBD client); not a product.
-        .target(name: "TestSupport", path: "Tests/TestSupport"),
+        // Shared by the test targets (a seeded generator, NBD wire bytes and replies, a blocking NBD
+        // client, the synchronous device); not a product.
+        .target(
+            name: "TestSupport",
+            dependencies: [
+                "VirtioBlock", "VirtioDisk", "VirtioEmulator", .product(name: "Logging", package: "swift-log"),
+            ], path: "Tests/TestSupport"),
         .testTarget(
             name: "VirtioTests",
             dependencies: [

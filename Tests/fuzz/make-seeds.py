@@ -73,6 +73,27 @@ tr = [
 for cfg, body in tr:
     save("transmission", bytes([cfg, 0x25, 0x11]) + body)
 
+# ---------------------------------------------------------------- handler
+# The transmission bodies, after a negotiation chosen by the first byte (the handler target's
+# layout: bit 0 extended, bit 1 structured, bit 2 read-only, bit 3 base:allocation, bits 4-5
+# maximum payload), plus WRITE / READ back / FLUSH / DISC sessions the handler runs on its device.
+hd = [body for _, body in tr] + [
+    req(1, 0, 8, 1, 1, b"ABCDEFGH") + req(0, 0, 8, 0, 2) + req(3, 0, 0, 0, 3) + req(2, 0, 0, 0, 4) + req(0, 0, 8, 0, 5),
+    req(1, 4095, 3, 0, 1, b"xyz") + req(0, 4094, 5, 4, 2) + req(0, 0, 65536, 0, 3) + req(0, 1 << 20, 3072, 0, 4),
+    req(6, 0, 1 << 20, 0, 1) + req(4, 4096, 8192, 1, 2) + req(7, 0, 1 << 20, 0, 3) + req(5, 0, 4096, 0, 4),
+    req(1, 0, 5000, 0, 1, b"w" * 5000) + req(0, 0, 70000, 4, 2) + req(0, 1048000, 4096, 0, 3),
+]
+ehd = [
+    ereq(1, 0, 8, 0x21, 1, b"ABCDEFGH") + ereq(0, 0, 8, 0, 2) + ereq(3, 0, 0, 0, 3) + ereq(2, 0, 0, 0, 4),
+    ereq(0, 0, 1 << 20, 4, 1) + ereq(7, 0, 1 << 20, 0, 2) + ereq(1, 1 << 20, 8, 0x20, 3, b"12345678"),
+]
+for body in hd:
+    for cfg in (0x00, 0x02, 0x0A, 0x16, 0x32):
+        save("handler", bytes([cfg, 0x27, 0x5a]) + body)
+for body in ehd:
+    for cfg in (0x01, 0x09, 0x3D):
+        save("handler", bytes([cfg, 0x27, 0x5a]) + body)
+
 # ---------------------------------------------------------------- device
 def device_seed(sel, size_code, chains, data_extra=b"", avail_flags=0):
     size = 1 << size_code

@@ -29,6 +29,26 @@ final class FuzzRegressionTests: XCTestCase {
 
     func testTransmissionRegressions() throws { try replay("transmission", fuzzTransmission) }
     func testDeviceRegressions() throws { try replay("device", fuzzDevice) }
+
+    /// The handler target (the real NBDConnectionHandler over the synchronous device): its
+    /// corpus and regressions, and every saved transmission input read as a handler input.
+    func testHandlerCorpusAndTransmissionInputs() throws {
+        let root = Self.regressions.deletingLastPathComponent()
+        var all: [(String, [UInt8])] = []
+        for dir in ["regressions/handler", "corpus/handler", "regressions/transmission", "corpus/transmission"] {
+            let d = root.appendingPathComponent(dir)
+            let names = (try? FileManager.default.contentsOfDirectory(atPath: d.path).sorted()) ?? []
+            for n in names { all.append(("\(dir)/\(n)", Array(try Data(contentsOf: d.appendingPathComponent(n))))) }
+        }
+        XCTAssertGreaterThan(all.count, 100, "the handler corpus and the transmission inputs")
+        for (name, bytes) in all {
+            let rc = bytes.withUnsafeBufferPointer { b in
+                fuzzHandler(b.baseAddress ?? UnsafePointer(bitPattern: 1)!, b.count)
+            }
+            XCTAssertEqual(rc, 0, name)
+        }
+    }
+
     func testHandshakeCorpusSeeds() throws {
         // No handshake regression has been saved; replay the seed corpus instead.
         let dir = Self.regressions.deletingLastPathComponent().appendingPathComponent("corpus/handshake")
