@@ -763,9 +763,29 @@ final class NBDConnectionHandler: ChannelDuplexHandler {
         if input.readableBytes > 0 { process(context: context) }
     }
 
+    /// After NBD_CMD_DISC: every request before it is answered, and its reply written, before
+    /// the close (NBD spec, "Terminating the transmission phase"). NIO's close drops writes still
+    /// queued: a 16 MiB READ sent just before DISC reached a slow reader as 212 KiB and EOF. A
+    /// client that does not take its replies within the drain timeout is closed anyway.
     private func closeWhenDrained(context: ChannelHandlerContext) {
-        guard inFlight == 0 else { return }
-        if context.channel.isActive { context.close(promise: nil) }
+        guard inFlight == 0, !flushingToClose, context.channel.isActive else { return }
+        flushingToClose = true
+        if drainTimer == nil {
+            let channel = context.channel
+            let logger = self.logger
+            let timeout = drainTimeout
+            drainTimer = context.eventLoop.scheduleTask(in: timeout) {
+                guard channel.isActive else { return }
+                logger.notice(
+                    "closing: the client sent NBD_CMD_DISC but had not taken its replies \(timeout.nanoseconds / 1_000_000_000) s later"
+                )
+                channel.close(promise: nil)
+            }
+        }
+        afterRepliesWritten(context) { this, context in
+            this.drainTimer?.cancel()
+            if context.channel.isActive { context.close(promise: nil) }
+        }
     }
 
     /// Shutdown: the requests already received are served (later ones get NBD_ESHUTDOWN), their
@@ -829,8 +849,8 @@ final class NBDConnectionHandler: ChannelDuplexHandler {
     /// Calls `body` once every reply queued so far has been handed to the socket. A promise on
     /// an empty write is no such signal: NIO completed it while a 16 MiB READ reply queued
     /// before it was still being written, and the half-close that followed cut that reply
-    /// short (issue #31's hostile suite, a client reading at 12.5 MiB/s). Shutdown only: it
-    /// looks at the channel's buffered bytes every 5 ms until they are gone.
+    /// short (issue #31's hostile suite, a client reading at 12.5 MiB/s). Shutdown and DISC only:
+    /// it looks at the channel's buffered bytes every 5 ms until they are gone.
     private func afterRepliesWritten(
         _ context: ChannelHandlerContext, _ body: @escaping (NBDConnectionHandler, ChannelHandlerContext) -> Void
     ) {

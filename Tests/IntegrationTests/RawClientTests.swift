@@ -36,6 +36,26 @@ final class RawClientTests: XCTestCase {
     /// one, drops the connection ("no matching cookie found for server reply, this is probably a
     /// bug in the server") when a reply arrives for a command it is still sending. nbdkit reads
     /// the whole oversized payload before replying.
+    /// NBD_CMD_DISC right behind a large READ, and a client that takes its replies late: the
+    /// whole reply arrives before the close. (The close used to drop NIO's queued writes: 212 KiB
+    /// of the 16 MiB arrived, then EOF.)
+    func testDiscAfterALargeReadDeliversTheWholeReplyFirst() async throws {
+        try await TestServer.with(try await TestServer.ram(size: 32 << 20)) { s in
+            let c = try RawClient(path: s.socketPath)
+            _ = try c.negotiate(export: "disk")
+            let n = 16 << 20
+            try c.send(
+                RawClient.request(type: 0, cookie: 1, offset: 0, length: UInt32(n))
+                    + RawClient.request(type: 2, cookie: 2, offset: 0, length: 0))
+            usleep(500_000) // the server has queued the reply and seen the DISC by now
+            let r = try c.simpleReply()
+            XCTAssertEqual(r.error, 0)
+            XCTAssertEqual(r.cookie, 1)
+            XCTAssertEqual(try c.recv(n).count, n, "the whole READ reply arrives before the close")
+            XCTAssertThrowsError(try c.recv(1), "then the server closes the connection")
+        }
+    }
+
     func testOversizedWriteIsAnsweredOnlyAfterItsPayloadIsReceived() async throws {
         // Over the advertised maximum, but within the 32 MiB the spec asks every server to take:
         // drained and answered, and the connection stays in sync.
