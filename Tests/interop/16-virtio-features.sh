@@ -37,14 +37,19 @@ if grep -qE 'EVENT_IDX|INDIRECT_DESC' <<<"$ready"; then fail "EVENT_IDX or INDIR
 else pass "neither EVENT_IDX nor INDIRECT_DESC negotiated"; fi
 
 round_trip "packed, odd queue size 100, adaptive polling" --ring packed --queue-size 100 --poll-us 50
-round_trip "split, the device sleeping as soon as its queue is empty" --device-poll-us 0
-round_trip "packed, driver and device both polling" --ring packed --poll-us 20 --device-poll-us 50
-# --device-inline: the RAM device runs to completion on the notifying event loop, which reaps at once.
-round_trip "split, device inline" --device-inline
+# --no-device-inline: the RAM device on a thread of its own (the default is run to completion).
+round_trip "split, device thread" --no-device-inline
+if grep -q 'runs to completion on the notifying thread' "$SERVER_ERR"; then fail "--no-device-inline still ran the device inline" "$(cat "$SERVER_ERR")"
+else pass "--no-device-inline: the device has its own thread"; fi
+round_trip "split, device thread sleeping as soon as its queue is empty" --no-device-inline --device-poll-us 0
+round_trip "packed, driver and device thread both polling" --ring packed --poll-us 20 --no-device-inline --device-poll-us 50
+round_trip "packed, 4 queues, device thread" --ring packed --queues 4 --no-device-inline
+# The default: the RAM device runs to completion on the notifying event loop, which reaps at once.
+round_trip "split, device inline (the default)"
 check_match "device inline: said at start" 'runs to completion on the notifying thread' "$(cat "$SERVER_ERR")"
-round_trip "packed, 4 queues, device inline" --ring packed --queues 4 --device-inline
-round_trip "one queue shared by both event loops, device inline" --queues 1 --device-inline
-round_trip "device inline, driver completion threads" --device-inline --poll-us 20
+round_trip "split, --device-inline said explicitly" --device-inline
+round_trip "one queue shared by both event loops, device inline" --queues 1
+round_trip "device inline, driver completion threads" --poll-us 20
 
 # Bad switches are refused before anything starts.
 expect_fail "--queue-size 100 with a split ring is refused" 'power of two' "$VIRTNBD" --size 1M --ring split --queue-size 100 -U "$T/x.sock"
