@@ -72,7 +72,9 @@ check_eq "device_errors_total 0" 0 "$(val "$T/after" virtnbd_device_errors_total
 kicks=$(delta virtnbd_virtqueue_kicks_total export=m)
 irqs=$(delta virtnbd_virtqueue_interrupts_total export=m)
 check_match "virtqueue kicks moved (≥ 1; EVENT_IDX may suppress some; got $kicks)" '^[1-9][0-9]*$' "$kicks"
-check_match "virtqueue interrupts moved (≥ 1; got $irqs)" '^[1-9][0-9]*$' "$irqs"
+# The RAM device runs inside the kick and the kicker reaps at once, with the interrupt turned off
+# for that kick (quiet kicks): none is raised. (A device thread, --no-device-inline, raises them.)
+check_eq "virtqueue interrupts: none for a device that completes on the kick (got $irqs)" 0 "$irqs"
 check_match "latency buckets are exported" 'virtnbd_request_duration_seconds_bucket\{export="m",op="write",le="0.0001"\}' "$(cat "$T/after")"
 
 # A connection open during a scrape is counted as active.
