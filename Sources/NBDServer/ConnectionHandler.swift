@@ -770,17 +770,8 @@ final class NBDConnectionHandler: ChannelDuplexHandler {
     private func closeWhenDrained(context: ChannelHandlerContext) {
         guard inFlight == 0, !flushingToClose, context.channel.isActive else { return }
         flushingToClose = true
-        if drainTimer == nil {
-            let channel = context.channel
-            let logger = self.logger
-            let timeout = drainTimeout
-            drainTimer = context.eventLoop.scheduleTask(in: timeout) {
-                guard channel.isActive else { return }
-                logger.notice(
-                    "closing: the client sent NBD_CMD_DISC but had not taken its replies \(timeout.nanoseconds / 1_000_000_000) s later"
-                )
-                channel.close(promise: nil)
-            }
+        armDrainTimer(context, level: .notice) {
+            "closing: the client sent NBD_CMD_DISC but had not taken its replies \($0) s later"
         }
         afterRepliesWritten(context) { this, context in
             this.drainTimer?.cancel()
@@ -797,17 +788,8 @@ final class NBDConnectionHandler: ChannelDuplexHandler {
     private func closeWhenFlushed(context: ChannelHandlerContext) {
         guard inFlight == 0, !flushingToClose, context.channel.isActive else { return }
         flushingToClose = true
-        if drainTimer == nil {
-            let channel = context.channel
-            let logger = self.logger
-            let timeout = drainTimeout
-            drainTimer = context.eventLoop.scheduleTask(in: timeout) {
-                guard channel.isActive else { return }
-                logger.warning(
-                    "closing: the client was still connected \(timeout.nanoseconds / 1_000_000_000) s after the shutdown began, its replies not all taken or its side not closed (--shutdown-timeout)"
-                )
-                channel.close(promise: nil)
-            }
+        armDrainTimer(context, level: .warning) {
+            "closing: the client was still connected \($0) s after the shutdown began, its replies not all taken or its side not closed (--shutdown-timeout)"
         }
         let bound = NIOLoopBound((self, context), eventLoop: context.eventLoop)
         afterRepliesWritten(context) { this, context in
@@ -843,6 +825,22 @@ final class NBDConnectionHandler: ChannelDuplexHandler {
             } else {
                 this.closeWhenFlushed(context: context) // answered at once (errors): flush and look again
             }
+        }
+    }
+
+    /// Closes the connection if it is still open `drainTimeout` after a close began (DISC or
+    /// shutdown) and its replies are not all taken; `message` gets the timeout in seconds.
+    private func armDrainTimer(
+        _ context: ChannelHandlerContext, level: Logger.Level, _ message: @escaping @Sendable (Int64) -> String
+    ) {
+        guard drainTimer == nil else { return }
+        let channel = context.channel
+        let logger = self.logger
+        let seconds = drainTimeout.nanoseconds / 1_000_000_000
+        drainTimer = context.eventLoop.scheduleTask(in: drainTimeout) {
+            guard channel.isActive else { return }
+            logger.log(level: level, "\(message(seconds))")
+            channel.close(promise: nil)
         }
     }
 
