@@ -20,11 +20,21 @@ final class NBDConnectionHandler: ChannelDuplexHandler {
     /// Bytes of request payload and reply data in flight before parsing pauses (at least one
     /// maximum payload: a request is never split to fit).
     static let maxInFlightBytes = 64 << 20
-    private var inFlightByteLimit: Int { max(Self.maxInFlightBytes, attached.map { Int($0.maximumPayload) } ?? 0) }
-    /// Unparsed input buffered before the socket is no longer read: one maximum request (its
-    /// header and payload) once transmission starts, 1 MiB during the handshake (options are at
-    /// most 16 KiB; longer ones are drained).
-    private var maxBufferedInput: Int { attached.map { Int($0.info.maximumPayload) + 64 } ?? 1 << 20 }
+
+    /// The bounds while negotiating: 1 MiB of unparsed input (options are at most 16 KiB;
+    /// longer ones are drained).
+    static let handshakeLimits = TransmissionFlow.Limits(
+        requests: maxInFlight, bytes: maxInFlightBytes, heldBytes: 0, bufferedInput: 1 << 20,
+        inputReserve: ByteBudget.reserve)
+
+    /// The bounds in transmission: at least one maximum payload in flight, one maximum request
+    /// (its header and payload) of unparsed input, and the stack's share of device pages held.
+    static func transmissionLimits(_ e: NBDExport) -> TransmissionFlow.Limits {
+        TransmissionFlow.Limits(
+            requests: maxInFlight, bytes: max(maxInFlightBytes, Int(e.maximumPayload)),
+            heldBytes: e.stack.heldReadLimit, bufferedInput: Int(e.info.maximumPayload) + 64,
+            inputReserve: ByteBudget.reserve)
+    }
 
     private enum Phase {
         case handshake(HandshakeStateMachine)
@@ -40,10 +50,8 @@ final class NBDConnectionHandler: ChannelDuplexHandler {
     // dynamic exclusivity checks (about 80 instructions each, 1,400 per request with them).
     @exclusivity(unchecked) private var phase: Phase
     @exclusivity(unchecked) private var input = ByteBuffer()
-    private var inFlight = 0
-    private var readPending = false
-    private var inFlightBytes = 0
-    private var quiescing = false
+    /// Requests and bytes in flight, held READ pages, paused reads and the ending (NBDProtocol).
+    @exclusivity(unchecked) private var flow = TransmissionFlow(limits: handshakeLimits)
     private let directory: ExportDirectory
     /// The export this connection is attached to, once transmission starts.
     private var attached: NBDExport?
@@ -67,11 +75,6 @@ final class NBDConnectionHandler: ChannelDuplexHandler {
     /// The replies of the current completion batch not yet written, and the capacity a fresh one gets.
     @exclusivity(unchecked) private var batchOut: ByteBuffer?
     private var batchCapacity = 0
-    /// READ bytes this connection holds in device pages (dispatched, or replied and not yet
-    /// written). At the stack's `heldReadLimit` parsing pauses until writes drain, so a client
-    /// that stops reading holds at most that share of its lane's pages.
-    private var heldBytes = 0
-    private var heldLimit = 0
     /// READs this long and longer are answered from the device's pages, without a copy.
     static let heldReadMinimum = 64 << 10
 
@@ -90,14 +93,8 @@ final class NBDConnectionHandler: ChannelDuplexHandler {
     /// On shutdown (or the removal of its export), how long queued replies may take to reach a
     /// client that reads slowly or not at all before the connection is closed anyway.
     private let drainTimeout: TimeAmount
-    /// The queued replies are being flushed before the close.
-    private var flushingToClose = false
     /// Closes the connection if its replies are not taken within `drainTimeout`.
     private var drainTimer: Scheduled<Void>?
-    /// Shutdown sent FIN after the last reply: input is now read only to be dropped, until EOF.
-    private var outputClosed = false
-    /// Bytes of input that had arrived when the shutdown began: their requests are still served.
-    private var receivedBeforeQuiesce = 0
 
     init(
         directory: ExportDirectory, id: Int, handshakeTimeout: TimeAmount, tls: TLSSettings, logger: Logger,
@@ -142,7 +139,7 @@ final class NBDConnectionHandler: ChannelDuplexHandler {
     }
 
     func channelInactive(context: ChannelHandlerContext) {
-        logger.debug("client disconnected", metadata: ["in-flight": "\(inFlight)"])
+        logger.debug("client disconnected", metadata: ["in-flight": "\(flow.inFlight)"])
         phase = .closing
         if let e = attached {
             directory.detach(e, connection: id)
@@ -164,7 +161,7 @@ final class NBDConnectionHandler: ChannelDuplexHandler {
     /// After the last reply of a shutdown, what the client had sent has now been read and
     /// dropped: the full close sends no reset.
     func channelReadComplete(context: ChannelHandlerContext) {
-        if outputClosed {
+        if flow.ending == .outputClosed {
             context.close(promise: nil)
             return
         }
@@ -172,7 +169,7 @@ final class NBDConnectionHandler: ChannelDuplexHandler {
     }
 
     func channelRead(context: ChannelHandlerContext, data: NIOAny) {
-        if outputClosed { return } // after the last reply of a shutdown: dropped
+        if flow.ending == .outputClosed { return } // after the last reply of a shutdown: dropped
         var bytes = unwrapInboundIn(data)
         if input.readableBytes == 0 { input = bytes } else { gather(&bytes, context) }
         process(context: context)
@@ -200,7 +197,9 @@ final class NBDConnectionHandler: ChannelDuplexHandler {
             // Waiting on the server (requests in flight, replies not taken, reading paused by a
             // per-connection bound) is not a stall. Paused by the memory budget, it is: the
             // connections that filled the budget first time out first, and give it back.
-            if this.inFlight > 0 || (this.readPending && !this.inputOverBudget) {
+            if this.flow.inFlight > 0
+                || (this.flow.readPaused && !this.flow.inputOverBudget(this.surroundings(context)))
+            {
                 this.lastInput = .now()
                 return this.armStallTimer(context, in: this.payloadTimeout)
             }
@@ -358,7 +357,7 @@ final class NBDConnectionHandler: ChannelDuplexHandler {
             return false
         }
         attached = e
-        heldLimit = e.stack.heldReadLimit
+        flow.limits = Self.transmissionLimits(e)
         logger[metadataKey: "export"] = "\(info.name)"
         logger.debug(
             "transmission started",
@@ -385,11 +384,7 @@ final class NBDConnectionHandler: ChannelDuplexHandler {
         // Parse no further while requests, their bytes or unsent replies are at their bounds.
         // (Quiescing changes nothing here: what was received before is served, what comes after
         // is answered NBD_ESHUTDOWN below.)
-        if inFlight >= Self.maxInFlight || inFlightBytes >= inFlightByteLimit
-            || overBudget || heldFull || !context.channel.isWritable
-        {
-            return false
-        }
+        guard flow.mayParse(surroundings(context)) else { return false }
         var parser = p
         let event: TransmissionEvent?
         let unparsed = input.readableBytes
@@ -403,8 +398,7 @@ final class NBDConnectionHandler: ChannelDuplexHandler {
         }
         phase = .transmission(parser, export, rules)
         // Whether this request's bytes had arrived before a shutdown began.
-        let receivedBefore = receivedBeforeQuiesce > 0
-        receivedBeforeQuiesce = max(0, receivedBeforeQuiesce - (unparsed - input.readableBytes))
+        let receivedBefore = flow.consumed(unparsed - input.readableBytes)
         guard let ev = event else { return false }
         switch ev {
         case .rejected(let r, let reason):
@@ -415,7 +409,7 @@ final class NBDConnectionHandler: ChannelDuplexHandler {
             export.metrics.request(ExportMetrics.Op(r.command))
             // Shutting down: requests received before it are served; later ones (their bytes came
             // after the quiesce) get NBD_ESHUTDOWN, as the spec asks, and touch nothing.
-            if quiescing && !receivedBefore && r.command != .disc {
+            if flow.refusesAfterShutdown(r, receivedBefore: receivedBefore) {
                 fail(context, r, rules, .shutdown, "the server is shutting down")
                 return true
             }
@@ -454,10 +448,9 @@ final class NBDConnectionHandler: ChannelDuplexHandler {
         let sink = completionSink(context)
         switch op {
         case .read(let offset, let length, let shape)
-        where Int(length) >= Self.heldReadMinimum && Int(length) <= heldLimit:
+        where Int(length) >= Self.heldReadMinimum && Int(length) <= flow.limits.heldBytes:
             let n = Int(length)
-            heldBytes += n
-            let slot = admit(r, export, bytes: n)
+            let slot = admit(r, export, bytes: n, held: true)
             device.readHeld(offset: offset, length: n, sparse: shape == .sparse, allocator: ReplyBuffers.allocator) {
                 sink.post(slot, .read($0, shape))
             }
@@ -505,9 +498,8 @@ final class NBDConnectionHandler: ChannelDuplexHandler {
 
     /// Counts a request in flight (against the connection's bounds and the server's budget) and
     /// gives it a slot in the table.
-    private func admit(_ r: NBDRequest, _ export: NBDExport, bytes: Int) -> Int {
-        inFlight += 1
-        inFlightBytes += bytes
+    private func admit(_ r: NBDRequest, _ export: NBDExport, bytes: Int, held: Bool = false) -> Int {
+        flow.started(bytes: bytes, held: held)
         budget.take(bytes)
         export.metrics.started()
         return inFlightTable.admit(InFlightRequest(request: r, bytes: bytes, began: .now(), metrics: export.metrics))
@@ -538,8 +530,7 @@ final class NBDConnectionHandler: ChannelDuplexHandler {
         let entry = inFlightTable.remove(slot)
         let r = entry.request
         let metrics = entry.metrics
-        inFlight -= 1
-        inFlightBytes -= entry.bytes
+        flow.finished(bytes: entry.bytes)
         budget.give(entry.bytes)
         metrics.finished(
             ExportMetrics.Op(r.command), nanoseconds: UInt64(clamping: (NIODeadline.now() - entry.began).nanoseconds))
@@ -567,7 +558,7 @@ final class NBDConnectionHandler: ChannelDuplexHandler {
                 replyData(context: context, request: r, rules: rules, shape: shape, data: data)
             case .failure(let e): fail(context, r, rules, e.nbdErrno, "\(e)")
             }
-            heldBytes -= entry.bytes
+            flow.released(held: entry.bytes)
         case .status(.failure(let e), _), .data(.failure(let e), _), .extents(.failure(let e)):
             fail(context, r, rules, e.nbdErrno, "\(e)")
         }
@@ -722,14 +713,14 @@ final class NBDConnectionHandler: ChannelDuplexHandler {
     }
 
     /// A READ answered from the device's pages: its header, then the lent buffers (one writev
-    /// copies them into the socket). `heldBytes` drops once they are written (or the write failed).
+    /// copies them into the socket). The flow releases its held bytes once they are written (or the write failed).
     private func replyHeld(
         context: ChannelHandlerContext, request r: NBDRequest, rules: TransmissionRules, shape: ReadReplyShape,
         held: BlockDevice.HeldRead
     ) {
         let n = held.length
         guard context.channel.isActive else {
-            heldBytes -= n
+            flow.released(held: n)
             return
         }
         send(context, capacity: 48) {
@@ -742,9 +733,7 @@ final class NBDConnectionHandler: ChannelDuplexHandler {
         let bound = NIOLoopBound((self, context), eventLoop: context.eventLoop)
         written.futureResult.whenComplete { _ in
             let (this, ctx) = bound.value
-            let wasFull = this.heldFull
-            this.heldBytes -= n
-            if wasFull && !this.heldFull { this.afterCompletion(context: ctx) }
+            if this.flow.released(held: n) { this.afterCompletion(context: ctx) }
         }
     }
 
@@ -753,7 +742,7 @@ final class NBDConnectionHandler: ChannelDuplexHandler {
             closeWhenDrained(context: context)
             return
         }
-        if quiescing {
+        if flow.quiescing {
             if input.readableBytes > 0 { process(context: context) }
             closeWhenFlushed(context: context)
             return
@@ -768,8 +757,7 @@ final class NBDConnectionHandler: ChannelDuplexHandler {
     /// queued: a 16 MiB READ sent just before DISC reached a slow reader as 212 KiB and EOF. A
     /// client that does not take its replies within the drain timeout is closed anyway.
     private func closeWhenDrained(context: ChannelHandlerContext) {
-        guard inFlight == 0, !flushingToClose, context.channel.isActive else { return }
-        flushingToClose = true
+        guard context.channel.isActive, flow.beginFlush() else { return }
         armDrainTimer(context, level: .notice) {
             "closing: the client sent NBD_CMD_DISC but had not taken its replies \($0) s later"
         }
@@ -786,18 +774,17 @@ final class NBDConnectionHandler: ChannelDuplexHandler {
     /// bound), so after each flush it looks again. A client that does not take its replies within
     /// the drain timeout (`--shutdown-timeout`) is closed anyway.
     private func closeWhenFlushed(context: ChannelHandlerContext) {
-        guard inFlight == 0, !flushingToClose, context.channel.isActive else { return }
-        flushingToClose = true
+        guard context.channel.isActive, flow.beginFlush() else { return }
         armDrainTimer(context, level: .warning) {
             "closing: the client was still connected \($0) s after the shutdown began, its replies not all taken or its side not closed (--shutdown-timeout)"
         }
         let bound = NIOLoopBound((self, context), eventLoop: context.eventLoop)
         afterRepliesWritten(context) { this, context in
-            this.flushingToClose = false
+            this.flow.flushed()
             guard context.channel.isActive else { return }
             let before = this.input.readableBytes
             if before > 0 { this.process(context: context) }
-            guard this.inFlight == 0 else { return } // their completions call closeWhenFlushed again
+            guard this.flow.inFlight == 0 else { return } // their completions call closeWhenFlushed again
             if this.input.readableBytes == before && before >= TransmissionParser.requestSize {
                 // A received request could not be parsed yet: its room (held READ pages, freed as
                 // NIO releases the written buffers) is on its way back. Look again shortly.
@@ -812,7 +799,7 @@ final class NBDConnectionHandler: ChannelDuplexHandler {
                 // unread requests in our socket would send a reset, which can discard replies in
                 // its receive queue. What it still sends is read and dropped until it closes (or
                 // the drain timer does).
-                this.outputClosed = true
+                this.flow.closeOutput()
                 let channel = context.channel
                 let done = context.eventLoop.makePromise(of: Void.self)
                 done.futureResult.whenFailure { _ in channel.close(promise: nil) } // TLS: no half-close
@@ -871,34 +858,20 @@ final class NBDConnectionHandler: ChannelDuplexHandler {
 
     // MARK: backpressure and shutdown
 
-    /// Backpressure: the socket is read only while requests in flight, their bytes, unparsed
-    /// input and unsent replies are all bounded. A client that floods requests without reading
-    /// replies fills its own socket buffers instead of the server's memory.
-    private func mayRead(_ context: ChannelHandlerContext) -> Bool {
-        if outputClosed { return true } // reading only to see the client's EOF
-        // Quiescing, reading goes on, so that what the client sends is answered (NBD_ESHUTDOWN).
-        return inFlight < Self.maxInFlight && inFlightBytes < inFlightByteLimit && !overBudget
-            && !inputOverBudget && !heldFull && input.readableBytes < maxBufferedInput && context.channel.isWritable
+    /// What the flow decides with: the socket's writability, the server-wide budget, the
+    /// unparsed input. Backpressure: the socket is read only while requests in flight, their
+    /// bytes, unparsed input and unsent replies are all bounded (`TransmissionFlow.mayRead`).
+    private func surroundings(_ context: ChannelHandlerContext) -> TransmissionFlow.Surroundings {
+        TransmissionFlow.Surroundings(
+            writable: context.channel.isWritable, budgetSpent: budget.exhausted, unparsed: input.readableBytes)
     }
 
-    /// The server-wide budget is spent and this connection holds more than its reserve of
-    /// unparsed input: it reads no more until the budget has room (`ByteBudget`).
-    private var inputOverBudget: Bool { input.readableBytes > ByteBudget.reserve && budget.exhausted }
-
-    /// This connection holds its share of device pages in READs not yet written.
-    private var heldFull: Bool { heldBytes > 0 && heldBytes >= heldLimit }
-
-    /// The server-wide budget is spent and this connection has requests of its own in flight,
-    /// whose completions will look again (one with nothing in flight always proceeds).
-    private var overBudget: Bool { inFlight > 0 && budget.exhausted }
-
     func read(context: ChannelHandlerContext) {
-        guard mayRead(context) else {
-            readPending = true
-            if inputOverBudget { waitForBudget(context) }
-            return
+        switch flow.readRequested(surroundings(context)) {
+        case .read: context.read()
+        case .pause: break
+        case .waitForBudget: waitForBudget(context)
         }
-        context.read()
     }
 
     /// Stopped by the budget with nothing in flight (no completion will look again): asks the
@@ -921,13 +894,12 @@ final class NBDConnectionHandler: ChannelDuplexHandler {
     /// Reads again if reading was paused and the bounds now allow it; a connection still held
     /// back by the budget waits for it.
     private func resumeReading(_ context: ChannelHandlerContext) {
-        guard readPending else { return }
-        if mayRead(context) {
-            readPending = false
+        switch flow.resume(surroundings(context)) {
+        case nil, .pause?: break
+        case .read?:
             if stallTimer != nil { lastInput = .now() } // its silence so far was the server's doing
             context.read()
-        } else if inputOverBudget {
-            waitForBudget(context)
+        case .waitForBudget?: waitForBudget(context)
         }
     }
 
@@ -950,8 +922,7 @@ final class NBDConnectionHandler: ChannelDuplexHandler {
             if input.readableBytes > 0 { process(context: context) }
         }
         if event is QuiesceEvent {
-            quiescing = true
-            receivedBeforeQuiesce = input.readableBytes
+            flow.quiesce(unparsed: input.readableBytes)
             switch phase {
             case .transmission: closeWhenFlushed(context: context)
             case .handshake(var hs):
