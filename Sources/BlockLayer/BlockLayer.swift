@@ -51,6 +51,10 @@ public protocol BlockLayer: AnyObject, Sendable {
         _ done: @escaping @Sendable (Result<BlockDevice.ReadReply, BlkError>) -> Void)
     /// The most bytes one connection may hold in `.held` replies not yet sent; 0: never ask.
     var heldReadLimit: Int { get }
+    /// Holds the device's doorbell for the calling thread's requests until `unplug()`, so that
+    /// a batch of requests reaches the device with one notification. Layers pass it down.
+    func plug()
+    func unplug()
 }
 
 extension BlockLayer {
@@ -65,6 +69,8 @@ extension BlockLayer {
         }
     }
     public var heldReadLimit: Int { 0 }
+    public func plug() {}
+    public func unplug() {}
 }
 
 extension BlockDevice: BlockLayer {
@@ -77,4 +83,6 @@ extension BlockDevice: BlockLayer {
     public func allocationRuns(_ start: UInt64, _ end: UInt64) -> [AllocationMap.Run] {
         allocation.extents(start, end)
     }
+    public func plug() { driver.plug() }
+    public func unplug() { driver.unplug() }
 }

@@ -6,6 +6,8 @@ import VirtioBlock
 
 public final class DirtyTracking: BlockLayer {
     public let inner: BlockLayer
+    public func plug() { inner.plug() }
+    public func unplug() { inner.unplug() }
     public let bitmaps: DirtyBitmaps
 
     public init(over inner: BlockLayer, bitmaps: DirtyBitmaps) {

@@ -18,6 +18,8 @@ import VirtioBlock
 public final class SnapshotOverlay: BlockLayer {
     public static let block: UInt64 = 4096
     public let inner: BlockLayer
+    public func plug() { inner.plug() }
+    public func unplug() { inner.unplug() }
 
     /// Where overlaid bytes are kept.
     public enum Storage: Sendable, Equatable {

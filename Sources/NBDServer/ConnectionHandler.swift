@@ -272,6 +272,11 @@ final class NBDConnectionHandler: ChannelDuplexHandler {
 
     private func process(context: ChannelHandlerContext) {
         defer { recharge() }
+        // The requests parsed from this input reach the device with one doorbell, rung when
+        // parsing stops; a device that completes on the kick then answers them in one pass.
+        let plugged = attached?.stack
+        plugged?.plug()
+        defer { plugged?.unplug() }
         while true {
             switch phase {
             case .closing, .awaitingTLS:

@@ -141,6 +141,16 @@ extension VirtioBlkDriver {
             pages: pages, done: p.done, command: p.command, submitted: .now, resubmissions: p.resubmissions,
             keep: p.keep)
         guard s.queue.publish() else { return nil }
+        return doorbell(&s)
+    }
+
+    /// The doorbell a publish asked for: none yet while plugged (the unplug rings it). Under the lane's lock.
+    private func doorbell(_ s: inout LaneState) -> QueueDoorbells? {
+        if s.plugs > 0 {
+            // Plugged: the requests that follow go on the ring first, then one doorbell.
+            s.deferredKick = true
+            return nil
+        }
         if s.doorbells.completesOnKick && reapedByCaller && !s.polled && !s.quietKick {
             // The device completes this on the kick and the kicker reaps at once: an interrupt
             // would only wake the event loop for nothing (three system calls per request at QD1).
@@ -148,6 +158,27 @@ extension VirtioBlkDriver {
             s.quietKick = true
         }
         return s.doorbells
+    }
+
+    /// Holds the calling thread's lane's doorbell until `unplug()`: the requests issued meanwhile
+    /// (one socket read's worth, say) reach the device with one notification, and a device that
+    /// completes on the kick answers them in one pass, reaped once (Linux's block-layer plugging).
+    /// Every `plug()` must be matched by an `unplug()` on the same thread.
+    public func plug() {
+        lanes[IOLane.current % lanes.count].state.withLock { $0.plugs += 1 }
+    }
+
+    /// Lets the doorbell go: rings it if a request published while plugged asked for it.
+    public func unplug() {
+        let lane = lanes[IOLane.current % lanes.count]
+        let kick: QueueDoorbells? = lane.state.withLock { s in
+            precondition(s.plugs > 0, "unplug without plug")
+            s.plugs -= 1
+            guard s.plugs == 0, s.deferredKick else { return nil }
+            s.deferredKick = false
+            return doorbell(&s)
+        }
+        notify(lane, kick)
     }
 
     /// Rings the doorbell the ring asked for.

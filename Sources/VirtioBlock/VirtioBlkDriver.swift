@@ -176,6 +176,10 @@ public final class VirtioBlkDriver: @unchecked Sendable {
         /// Interrupts are off for a kick to a device that completes on it (`completesOnKick`):
         /// the kicking thread reaps right after, and that reap turns them on again.
         var quietKick = false
+        /// Plugs held on this lane (`plug()`): doorbells wait for the last `unplug()`.
+        var plugs = 0
+        /// A doorbell the ring asked for while plugged, rung at the unplug.
+        var deferredKick = false
     }
     final class Lane: @unchecked Sendable {
         let index: Int

@@ -1,7 +1,8 @@
 // The synchronous device for tests (issue #32): a RAM virtio-blk disk, the same stack the server
 // serves (RAMBackend → VirtioBlkEmulator → VirtioMMIOTransport → VirtioBlkDriver → BlockDevice,
 // built by EmulatedDisk), configured so that every request completes on the thread that issues
-// it, before the call that issued it returns.
+// it: before the call that issued it returns, or, with the driver plugged (`plug()`, as the
+// handler does while it parses one read's requests), before the `unplug()` returns.
 //
 // Two switches make it so, neither of them a test-only path:
 //   - the emulator runs inline (`EmulatorConfiguration.inline`, `--device-inline`): the doorbell
