@@ -41,7 +41,8 @@ final class NBDConnectionHandler: ChannelDuplexHandler {
         /// STARTTLS acknowledged, TLS handshake under way: input is buffered, not parsed, until the
         /// handshake completes and the client's identity (for allow-listed exports) is known.
         case awaitingTLS(HandshakeStateMachine, identity: () -> NBDPeerIdentity)
-        case transmission(TransmissionParser, NBDExport, TransmissionRules)
+        /// Requests are parsed (`parser`) and served on `attached` under `sessionRules`.
+        case transmission
         case closing
     }
     // The connection's state is touched on its event loop only, through this handler (NIO calls a
@@ -50,6 +51,8 @@ final class NBDConnectionHandler: ChannelDuplexHandler {
     // dynamic exclusivity checks (about 80 instructions each, 1,400 per request with them).
     @exclusivity(unchecked) private var phase: Phase
     @exclusivity(unchecked) private var input = ByteBuffer()
+    /// The transmission phase's parser, parsing `input` in place (set when transmission starts).
+    @exclusivity(unchecked) private var parser = TransmissionParser(maximumPayload: 0)
     /// Requests and bytes in flight, held READ pages, paused reads and the ending (NBDProtocol).
     @exclusivity(unchecked) private var flow = TransmissionFlow(limits: handshakeLimits)
     private let directory: ExportDirectory
@@ -239,7 +242,7 @@ final class NBDConnectionHandler: ChannelDuplexHandler {
             return
         }
         var size = input.readableBytes + bytes.readableBytes
-        if case .transmission(let parser, _, _) = phase, let payload = parser.awaitedPayload {
+        if case .transmission = phase, let payload = parser.awaitedPayload {
             size = max(size, payload)
         }
         var fresh = context.channel.allocator.buffer(capacity: size)
@@ -283,8 +286,13 @@ final class NBDConnectionHandler: ChannelDuplexHandler {
                 return
             case .handshake(let hs):
                 guard negotiate(context, hs) else { return }
-            case .transmission(let parser, let export, let rules):
-                guard transmit(context, parser, export, rules) else { return }
+            case .transmission:
+                // The export and the rules are taken once per read, not once per request.
+                guard let export = attached, let rules = sessionRules else {
+                    preconditionFailure("transmission without an export")
+                }
+                while case .transmission = phase, transmit(context, export, rules) {}
+                return
             }
         }
     }
@@ -376,21 +384,17 @@ final class NBDConnectionHandler: ChannelDuplexHandler {
             canFastZero: e.stack.capabilities.canFastZero)
         let rules = TransmissionRules(session: session, export: facts)
         sessionRules = rules
-        phase = .transmission(
-            TransmissionParser(maximumPayload: Int(info.maximumPayload), extendedHeaders: session.extendedHeaders),
-            e, rules)
+        parser = TransmissionParser(maximumPayload: Int(info.maximumPayload), extendedHeaders: session.extendedHeaders)
+        phase = .transmission
         return true
     }
 
     /// Parses the next request, if the bounds allow one, and answers it. False: stop parsing for now.
-    private func transmit(
-        _ context: ChannelHandlerContext, _ p: TransmissionParser, _ export: NBDExport, _ rules: TransmissionRules
-    ) -> Bool {
+    private func transmit(_ context: ChannelHandlerContext, _ export: NBDExport, _ rules: TransmissionRules) -> Bool {
         // Parse no further while requests, their bytes or unsent replies are at their bounds.
         // (Quiescing changes nothing here: what was received before is served, what comes after
         // is answered NBD_ESHUTDOWN below.)
         guard flow.mayParse(surroundings(context)) else { return false }
-        var parser = p
         let event: TransmissionEvent?
         let unparsed = input.readableBytes
         do {
@@ -401,7 +405,6 @@ final class NBDConnectionHandler: ChannelDuplexHandler {
             context.close(promise: nil)
             return false
         }
-        phase = .transmission(parser, export, rules)
         // Whether this request's bytes had arrived before a shutdown began.
         let receivedBefore = flow.consumed(unparsed - input.readableBytes)
         guard let ev = event else { return false }

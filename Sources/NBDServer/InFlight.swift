@@ -41,19 +41,18 @@ struct InFlightTable {
     private var slots: [InFlightRequest?] = []
     private var free: [Int] = []
 
-    mutating func admit(_ entry: InFlightRequest) -> Int {
+    mutating func admit(_ entry: consuming InFlightRequest) -> Int {
         if let s = free.popLast() {
-            slots[s] = entry
+            slots[s] = consume entry
             return s
         }
-        slots.append(entry)
+        slots.append(consume entry)
         return slots.count - 1
     }
 
     /// Takes the request out of its slot; each slot is completed once.
     mutating func remove(_ slot: Int) -> InFlightRequest {
-        guard let entry = slots[slot] else { preconditionFailure("slot \(slot) completed twice") }
-        slots[slot] = nil
+        guard let entry = slots[slot].take() else { preconditionFailure("slot \(slot) completed twice") }
         free.append(slot)
         return entry
     }

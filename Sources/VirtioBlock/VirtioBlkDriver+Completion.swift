@@ -12,7 +12,7 @@ extension VirtioBlkDriver {
     func completionLoop(_ lane: Lane) {
         defer { threadsDone.signal() }
         IOLane.set(lane.index) // follow-up requests issued from completions stay on this queue
-        var finished: [(Slot, UInt8)] = []
+        var finished = Reaped()
         let timeout = options.requestTimeoutSeconds
         // The timeout sweep scans every slot of the lane under its lock: once a second is enough
         // (a request is late after `timeout` seconds, so finding it up to 1 s later is fine).
@@ -67,7 +67,7 @@ extension VirtioBlkDriver {
 
     /// Reaps `lane` on the calling thread, into the lane's kept array.
     func reapNow(_ lane: Lane) {
-        var finished: [(Slot, UInt8)] = []
+        var finished = Reaped()
         lane.reapScratch.withLock { swap(&$0, &finished) }
         reap(lane, into: &finished)
         lane.reapScratch.withLock { swap(&$0, &finished) }
@@ -94,13 +94,13 @@ extension VirtioBlkDriver {
                 s.queue.disableInterrupts()
             }
         }
-        var finished: [(Slot, UInt8)] = []
+        var finished = Reaped()
         return reap(lane, into: &finished, checkStatus: false)
     }
 
     /// Completes what the device has used; returns how many.
     @discardableResult
-    func reap(_ lane: Lane, into finished: inout [(Slot, UInt8)], checkStatus: Bool = true) -> Int {
+    func reap(_ lane: Lane, into finished: inout Reaped, checkStatus: Bool = true) -> Int {
         let mem = arena.memory
         var failure: ResetCause?
         let seen = epoch.load(ordering: .acquiring)
@@ -111,7 +111,7 @@ extension VirtioBlkDriver {
                     while let (id, _) = try s.queue.nextUsed() {
                         guard let slot = s.slots[Int(id)].take() else { continue } // moved out, not copied
                         let at = BlkRequestSlot(id: Int(id), base: lane.headers.offset, device: 0).offset
-                        finished.append((slot, mem.load8(at + BlkRequestSlot.status)))
+                        finished.slots.append((consume slot, mem.load8(at + BlkRequestSlot.status)))
                     }
                     // After a quiet kick: interrupts on again, and whatever the device used
                     // before they were is taken now (it will not interrupt for it).
@@ -125,11 +125,17 @@ extension VirtioBlkDriver {
             return true
         }
         guard usable else { return 0 }
-        if checkStatus, failure == nil, finished.isEmpty, transport.readStatus().contains(.deviceNeedsReset) {
+        if checkStatus, failure == nil, finished.slots.isEmpty, transport.readStatus().contains(.deviceNeedsReset) {
             failure = .needsReset
         }
-        let count = finished.count
-        for (slot, status) in finished {
+        let count = finished.slots.count
+        // Each slot is moved out of its place (`take`), in arrival order, not copied: a copy
+        // retains and releases its pages, completion and command.
+        for i in finished.slots.indices {
+            guard let slot = finished.slots[i].0.take() else { continue }
+            let status = finished.slots[i].1
+            // A held read's pages come back through `giveBack` when its `HeldPages` goes (data sent).
+            if !(slot.keep && status == BlkStatus.ok) { finished.pages.append(contentsOf: slot.pages) }
             let io = IOPages(pages: slot.pages, memory: mem, arena: arena)
             switch status {
             case BlkStatus.ok: slot.done(.success(io))
@@ -146,12 +152,12 @@ extension VirtioBlkDriver {
         }
         // Return pages, then start whatever now fits.
         let toLaunch: [(Pending, [Int32])] = lane.state.withLock { s in
-            // A held read's pages come back through `giveBack` when its `HeldPages` goes (data sent).
-            for (slot, status) in finished where !(slot.keep && status == BlkStatus.ok) { s.pool.give(slot.pages) }
-            s.inFlight -= finished.count
+            s.pool.give(finished.pages)
+            s.inFlight -= count
             return takeWaiting(&s, lane)
         }
-        finished.removeAll(keepingCapacity: true)
+        finished.slots.removeAll(keepingCapacity: true)
+        finished.pages.removeAll(keepingCapacity: true)
         for (p, pages) in toLaunch { launch(lane, p, pages) }
         if let f = failure { requestRecovery(reason: f, seenEpoch: seen) }
         return count

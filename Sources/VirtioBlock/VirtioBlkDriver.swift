@@ -154,6 +154,13 @@ public final class VirtioBlkDriver: @unchecked Sendable {
         var resubmissions: Int
         var keep: Bool
     }
+    /// What a reap collects: the completed slots with their status bytes, and their pages to
+    /// give back to the pool in one go (both kept between reaps by their owner).
+    struct Reaped {
+        /// Optional so that each can be moved out (`take()`) rather than copied.
+        var slots: [(Slot?, UInt8)] = []
+        var pages: [Int32] = []
+    }
     struct LaneState {
         var queue: any DriverVirtqueue
         var doorbells: QueueDoorbells
@@ -193,7 +200,7 @@ public final class VirtioBlkDriver: @unchecked Sendable {
         /// The completions array `serviceQueue` reaps into, kept between calls so that a reap
         /// does not allocate and grow a fresh one (a reaper swaps it out and back; a second
         /// reaper at the same time finds it empty and uses its own).
-        let reapScratch = Locked<[(Slot, UInt8)]>([])
+        let reapScratch = Locked(Reaped())
         init(
             index: Int, headers: DMARegion, tables: DMARegion?, tableStride: Int, addresses: QueueAddresses,
             state: sending LaneState
@@ -451,7 +458,7 @@ public final class VirtioBlkDriver: @unchecked Sendable {
     /// Reaps every queue on the calling thread, when the caller reaps (see `shutdown`).
     func reapFromShutdown() {
         guard reapedByCaller else { return }
-        var finished: [(Slot, UInt8)] = []
+        var finished = Reaped()
         for lane in lanes { reap(lane, into: &finished) }
     }
 
