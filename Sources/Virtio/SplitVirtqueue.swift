@@ -83,7 +83,7 @@ public final class SplitVirtqueue: DriverVirtqueue {
     @exclusivity(unchecked) private var lastKickIdx: UInt16 = 0 // avail.idx at the last notification decision
     @exclusivity(unchecked) private var lastUsedIdx: UInt16 = 0
     /// Whether VIRTIO_F_EVENT_IDX was negotiated (§2.7.10).
-    public var eventIndex = false
+    @exclusivity(unchecked) public var eventIndex = false
     @exclusivity(unchecked) private var interruptsOn = true
 
     public init(arena: DMAArena, size: Int) throws {

@@ -13,6 +13,9 @@ struct PagePool {
     /// Bit i of word w set: page first + 64·w + i is free. Bits past `capacity` stay clear.
     private var words: [UInt64]
     private(set) var count: Int
+    /// A one-page list for every page, made once: a single-page request (every 4 KiB one) shares
+    /// its page's list instead of allocating one (lists are values, never changed in place).
+    private let singles: [[Int32]]
 
     /// Every page of [first, first + capacity) free.
     init(first: Int32, capacity: Int) {
@@ -23,6 +26,7 @@ struct PagePool {
         if capacity % 64 != 0 { w.append((UInt64(1) << UInt64(capacity % 64)) - 1) }
         words = w
         count = capacity
+        singles = (0..<capacity).map { [first + Int32($0)] }
     }
 
     /// `n` free pages, consecutive and ascending when such a run is free; nil when fewer than `n` are free.
@@ -33,7 +37,7 @@ struct PagePool {
                 let b = words[w].trailingZeroBitCount
                 words[w] &= words[w] - 1
                 count -= 1
-                return [first + Int32(w * 64 + b)]
+                return singles[w * 64 + b]
             }
             preconditionFailure("PagePool count says a page is free but no bit is set")
         }

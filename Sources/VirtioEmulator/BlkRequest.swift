@@ -83,9 +83,17 @@ struct BlkRequestParser {
         let status = last.offset + last.length - 1
         let dataIn = chain.writableBytes - 1
         guard chain.readableBytes >= 16 else { return .fault(.shortHeader(status: status)) }
-        gather(chain.readable, skip: 0, count: 16, mem: mem, into: &header)
-        let type = le32(header, 0)
-        let sector = le64(header, 8)
+        let type: UInt32
+        let sector: UInt64
+        if let first = chain.readable.first, first.length >= 16 {
+            // The usual layout, the whole header in one descriptor: two loads, not 16 byte loads.
+            type = mem.load32(first.offset)
+            sector = mem.load64(first.offset + 8)
+        } else {
+            gather(chain.readable, skip: 0, count: 16, mem: mem, into: &header)
+            type = le32(header, 0)
+            sector = le64(header, 8)
+        }
         let dataOut = chain.readableBytes - 16
         func refuse(_ why: BlkRefusal) -> ParsedChain { .refused(why, status: status) }
         func run(_ r: BlkRequest) -> ParsedChain { .request(r, status: status) }
