@@ -48,6 +48,21 @@ final class BlkRequestParserTests: XCTestCase {
 
     func parse(_ c: DescriptorChain) -> ParsedChain { parser.parse(c, mem: mem, header: &header) }
 
+    /// A header split over two descriptors (8 + 8 bytes, the second part elsewhere in memory)
+    /// parses as one in a single descriptor does (§2.7.4: the device must not assume a layout).
+    func testAHeaderSplitOverTwoDescriptorsParsesTheSame() throws {
+        mem.store32(0, BlkRequestType.in)
+        mem.store32(4, 0)
+        mem.store64(2048, 24) // the sector, in the second descriptor
+        var c = DescriptorChain()
+        c.reset(head: 0)
+        try c.append(mem: mem, address: Self.base, length: 8, writable: false, index: 0)
+        try c.append(mem: mem, address: Self.base + 2048, length: 8, writable: false, index: 1)
+        try c.append(mem: mem, address: Self.base + 8192, length: 4096, writable: true, index: 2)
+        try c.append(mem: mem, address: Self.base + 61440, length: 1, writable: true, index: 3)
+        XCTAssertEqual(parse(c), .request(.read(sector: 24, bytes: 4096), status: 61440))
+    }
+
     func testReadAndWriteParseToTheirSectorsAndLengths() throws {
         XCTAssertEqual(
             parse(try chain(type: BlkRequestType.in, sector: 8, writable: 4096)),
