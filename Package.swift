@@ -150,7 +150,7 @@ let package = Package(
         .testTarget(
             name: "IntegrationTests",
             dependencies: [
-                "TestSupport", "CNBD", "NBDServer", "VirtioBlock", "VirtioEmulator", "VirtioDisk",
+                "TestSupport", "CNBD", "NBDServer", "BlockLayer", "VirtioBlock", "VirtioEmulator", "VirtioDisk",
                 .product(name: "NIOPosix", package: "swift-nio"),
                 .product(name: "NIOEmbedded", package: "swift-nio"),
                 .product(name: "CoreMetrics", package: "swift-metrics"),

@@ -465,12 +465,22 @@ public struct HandshakeStateMachine {
     func flags(for e: NBDExportInfo) -> NBDTransmissionFlags {
         var f = e.flags
         if !structuredReplies { f.remove(.sendDF) }
+        // "NBD_FLAG_BLOCK_STATUS_PAYLOAD": "MUST NOT advertise this bit unless the client
+        // successfully negotiates extended headers", "SHOULD NOT ... if the client does not
+        // negotiate metacontexts" (for this export).
+        f.remove(.blockStatusPayload)
+        if extendedHeaders && !contexts(for: e).isEmpty { f.insert(.blockStatusPayload) }
         return f
     }
 
-    func session(for e: NBDExportInfo) -> NBDSession {
+    /// The contexts SET_META_CONTEXT selected, if it named this export.
+    private func contexts(for e: NBDExportInfo) -> [NBDMetaContextID] {
         // Contexts chosen for another export do not carry over ("NBD_OPT_SET_META_CONTEXT").
-        let chosen = metaExport.flatMap { catalog.lookup($0)?.name } == e.name ? selectedContexts : []
+        metaExport.flatMap { catalog.lookup($0)?.name } == e.name ? selectedContexts : []
+    }
+
+    func session(for e: NBDExportInfo) -> NBDSession {
+        let chosen = contexts(for: e)
         let ctx = chosen.first { $0.name == NBDMetaContext.baseAllocation }?.id
         let others = chosen.filter { $0.name != NBDMetaContext.baseAllocation }
         var export = e

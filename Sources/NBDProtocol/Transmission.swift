@@ -58,10 +58,15 @@ public struct TransmissionParser {
     public let maximumPayload: Int
     /// 32-byte extended requests (NBD_OPT_EXTENDED_HEADERS) instead of 28-byte compact ones.
     public let extendedHeaders: Bool
+    /// The longest BLOCK_STATUS payload taken (NBD_FLAG_BLOCK_STATUS_PAYLOAD: an effect length
+    /// and each negotiated context id once, 8 + 4n bytes); 0: the payload form is not offered.
+    /// A longer one is consumed and refused (it must repeat or invent an id).
+    public let blockStatusPayloadLimit: Int
 
-    public init(maximumPayload: Int, extendedHeaders: Bool = false) {
+    public init(maximumPayload: Int, extendedHeaders: Bool = false, blockStatusPayloadLimit: Int = 0) {
         self.maximumPayload = maximumPayload
         self.extendedHeaders = extendedHeaders
+        self.blockStatusPayloadLimit = blockStatusPayloadLimit
     }
 
     /// The payload length of the WRITE whose header has been parsed and whose payload is still
@@ -147,6 +152,13 @@ public struct TransmissionParser {
         r.flags.remove(.payloadLen)
         if type == NBDCommand.write.rawValue {
             state = .payload(r)
+        } else if type == NBDCommand.blockStatus.rawValue && length <= UInt64(blockStatusPayloadLimit) {
+            // The filtered form (NBD_FLAG_BLOCK_STATUS_PAYLOAD): the rules read its context ids.
+            state = .payload(r)
+        } else if type == NBDCommand.blockStatus.rawValue && blockStatusPayloadLimit > 0 {
+            state = .discarding(
+                r, remaining: length,
+                reason: .blockStatusPayloadTooLong(length: length, maximum: blockStatusPayloadLimit))
         } else {
             // A payload on a command that takes none: "gracefully consume" it, then EINVAL.
             state = .discarding(r, remaining: length, reason: .unexpectedPayload(type: type, length: length))

@@ -14,6 +14,9 @@ public enum RequestRejection: Sendable, Equatable {
     /// NBD_CMD_FLAG_PAYLOAD_LEN on a command that takes no payload (extension: the server
     /// "gracefully consumes" it and answers EINVAL).
     case unexpectedPayload(type: UInt16, length: UInt64)
+    /// A filtered BLOCK_STATUS payload longer than an effect length and every negotiated context
+    /// id once: it repeats or invents ids ("duplicate or unknown metacontext ids": EINVAL).
+    case blockStatusPayloadTooLong(length: UInt64, maximum: Int)
 
     public var errno: NBDErrno { .inval }
 
@@ -26,6 +29,9 @@ public enum RequestRejection: Sendable, Equatable {
         case .unexpectedPayload(let t, let n):
             return
                 "command \(NBDCommand(rawValue: t).map { "\($0)" } ?? "\(t)") takes no payload, but \(n) bytes were sent"
+        case .blockStatusPayloadTooLong(let n, let max):
+            return
+                "BLOCK_STATUS payload of \(n) bytes is longer than an effect length and each negotiated context id once (\(max) bytes): an id is repeated or unknown"
         }
     }
 }
@@ -193,6 +199,38 @@ public struct TransmissionRules: Sendable, Equatable {
         case .resize:
             return .fail(.inval, "RESIZE is not supported")
         }
+    }
+
+    /// The decision for a request with a payload: a WRITE's data goes to `decide(_:)` with it;
+    /// a BLOCK_STATUS payload (NBD_FLAG_BLOCK_STATUS_PAYLOAD, extension branch) is "64 bits,
+    /// effect length" then "n * 32 bits, list of metacontext ids to use": the reply covers those
+    /// contexts only, in the client's order. "Duplicate or unknown metacontext ids" are EINVAL.
+    public func decide(_ r: NBDRequest, payload: ByteBuffer?) -> RequestDecision {
+        guard var p = payload, r.command == .blockStatus else { return decide(r) }
+        guard export.flags.contains(.blockStatusPayload) else {
+            return .fail(.inval, "BLOCK_STATUS with a payload, but NBD_FLAG_BLOCK_STATUS_PAYLOAD was not offered")
+        }
+        guard p.readableBytes >= 12, (p.readableBytes - 8) % 4 == 0 else {
+            return .fail(
+                .inval,
+                "BLOCK_STATUS payload of \(p.readableBytes) bytes is not an effect length and at least one context id")
+        }
+        let effect: UInt64 = p.readInteger()!
+        var chosen: [NBDMetaContextID] = []
+        while let id: UInt32 = p.readInteger() {
+            guard let c = contexts.first(where: { $0.id == id }) else {
+                return .fail(.inval, "BLOCK_STATUS names context id \(id), which was not negotiated")
+            }
+            guard !chosen.contains(where: { $0.id == id }) else {
+                return .fail(.inval, "BLOCK_STATUS names context id \(id) twice")
+            }
+            chosen.append(c)
+        }
+        var effective = r
+        effective.length = effect
+        let d = decide(effective)
+        guard case .run(.blockStatus(let offset, let length, _, let reqOne)) = d else { return d }
+        return .run(.blockStatus(offset: offset, length: length, contexts: chosen, reqOne: reqOne))
     }
 
     /// The decision for a request the parser refused.

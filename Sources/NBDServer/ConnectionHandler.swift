@@ -384,7 +384,10 @@ final class NBDConnectionHandler: ChannelDuplexHandler {
             canFastZero: e.stack.capabilities.canFastZero)
         let rules = TransmissionRules(session: session, export: facts)
         sessionRules = rules
-        parser = TransmissionParser(maximumPayload: Int(info.maximumPayload), extendedHeaders: session.extendedHeaders)
+        parser = TransmissionParser(
+            maximumPayload: Int(info.maximumPayload), extendedHeaders: session.extendedHeaders,
+            blockStatusPayloadLimit: rules.export.flags.contains(.blockStatusPayload)
+                ? 8 + 4 * session.contexts.count : 0)
         phase = .transmission
         return true
     }
@@ -421,7 +424,7 @@ final class NBDConnectionHandler: ChannelDuplexHandler {
                 fail(context, r, rules, .shutdown, "the server is shutting down")
                 return true
             }
-            return answer(context, r, rules.decide(r), payload: payload, export: export, rules: rules)
+            return answer(context, r, rules.decide(r, payload: payload), payload: payload, export: export, rules: rules)
         }
     }
 

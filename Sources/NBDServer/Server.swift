@@ -117,7 +117,7 @@ final class ExportDirectory: Sendable {
         // have been changed by a reload meanwhile without changing the export.
         func facts(_ i: NBDExportInfo) -> [String] {
             var flags = i.flags
-            flags.remove(.sendDF)
+            flags.subtract([.sendDF, .blockStatusPayload]) // per session, not per export
             return [
                 i.name, "\(i.size)", "\(flags.rawValue)", "\(i.minimumBlockSize)", "\(i.preferredBlockSize)",
                 "\(i.maximumPayload)",

@@ -1,6 +1,7 @@
 // In-process server + libnbd client plumbing for the integration tests.
 // Disks are VirtioDisk's EmulatedDisk, built as the server builds its default export:
 // backend → VirtioBlkEmulator → VirtioMMIOTransport → VirtioBlkDriver → BlockDevice → NBDExport.
+import BlockLayer
 import CNBD
 import Foundation
 import Logging
@@ -63,6 +64,8 @@ final class TestServer: @unchecked Sendable {
         var disk: TestDisk
         var forceReadOnly = false
         var maximumPayload: UInt32 = 64 << 20
+        /// Dirty bitmaps to offer as `qemu:dirty-bitmap:NAME` (a DirtyTracking layer over the disk).
+        var bitmaps: [String] = []
     }
 
     private init(group: MultiThreadedEventLoopGroup, server: NBDServer, socketPath: String, disks: [TestDisk]) {
@@ -76,10 +79,18 @@ final class TestServer: @unchecked Sendable {
         let group = MultiThreadedEventLoopGroup(numberOfThreads: System.coreCount)
         var log = Logger(label: "test.server")
         log.logLevel = .warning
-        let nbdExports = exports.map {
-            NBDExport(
-                name: $0.name, description: $0.description, device: $0.disk.device, forceReadOnly: $0.forceReadOnly,
-                maximumPayload: $0.maximumPayload)
+        let nbdExports = try exports.map { e in
+            var bitmaps: DirtyBitmaps?
+            if !e.bitmaps.isEmpty {
+                let b = try DirtyBitmaps(size: e.disk.device.size, file: nil, logger: log)
+                for name in e.bitmaps { try b.add(name) }
+                bitmaps = b
+            }
+            return NBDExport(
+                name: e.name, description: e.description, device: e.disk.device, forceReadOnly: e.forceReadOnly,
+                maximumPayload: e.maximumPayload,
+                stack: bitmaps.map { DirtyTracking(over: e.disk.device, bitmaps: $0) },
+                bitmaps: bitmaps)
         }
         let server = NBDServer(exports: nbdExports, group: group, logger: log)
         let n = counter.add(1, ordering: .relaxed).newValue
