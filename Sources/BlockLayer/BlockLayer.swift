@@ -8,6 +8,26 @@
 import NIOCore
 import VirtioBlock
 
+/// A run of `qemu:allocation-depth` values.
+public typealias DepthRun = ValueRun<UInt32>
+
+/// A byte range [start, end) and what holds for it.
+public struct ValueRun<Value: Equatable & Sendable>: Sendable, Equatable {
+    public var start: UInt64
+    public var end: UInt64
+    public var value: Value
+    public init(start: UInt64, end: UInt64, value: Value) {
+        self.start = start
+        self.end = end
+        self.value = value
+    }
+}
+
+extension Allocation {
+    /// Holds data of its own in this layer (written or zeroed in place), as opposed to a hole.
+    public var isAllocated: Bool { self == .data || self == .zero }
+}
+
 /// What a stack of layers can do, as the transmission flags advertise it.
 public struct BlockCapabilities: Sendable, Equatable {
     public var readOnly: Bool
@@ -51,6 +71,12 @@ public protocol BlockLayer: AnyObject, Sendable {
         _ done: @escaping @Sendable (Result<BlockDevice.ReadReply, BlkError>) -> Void)
     /// The most bytes one connection may hold in `.held` replies not yet sent; 0: never ask.
     var heldReadLimit: Int { get }
+    /// `qemu:allocation-depth` over [start, end): consecutive runs of 0 (allocated in no layer),
+    /// 1 (in the top layer), 2 (in the layer below), as QEMU 5.2 defines it. Only stacks that
+    /// have layers offer it (`allocationDepthOffered`).
+    func allocationDepthRuns(_ start: UInt64, _ end: UInt64) -> [DepthRun]
+    /// Whether this stack has layers whose depth `allocationDepthRuns` can tell apart.
+    var allocationDepthOffered: Bool { get }
     /// Holds the device's doorbell for the calling thread's requests until `unplug()`, so that
     /// a batch of requests reaches the device with one notification. Layers pass it down.
     func plug()
@@ -69,6 +95,11 @@ extension BlockLayer {
         }
     }
     public var heldReadLimit: Int { 0 }
+    /// One layer: allocated blocks are depth 1, holes 0.
+    public func allocationDepthRuns(_ start: UInt64, _ end: UInt64) -> [DepthRun] {
+        allocationRuns(start, end).map { DepthRun(start: $0.start, end: $0.end, value: $0.state.isAllocated ? 1 : 0) }
+    }
+    public var allocationDepthOffered: Bool { false }
     public func plug() {}
     public func unplug() {}
 }

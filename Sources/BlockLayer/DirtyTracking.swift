@@ -54,6 +54,10 @@ public final class DirtyTracking: BlockLayer {
     public func allocationRuns(_ start: UInt64, _ end: UInt64) -> [AllocationMap.Run] {
         inner.allocationRuns(start, end)
     }
+    public func allocationDepthRuns(_ start: UInt64, _ end: UInt64) -> [DepthRun] {
+        inner.allocationDepthRuns(start, end)
+    }
+    public var allocationDepthOffered: Bool { inner.allocationDepthOffered }
 
     private func tracked(
         _ offset: UInt64, _ length: UInt64, _ done: @escaping BlockDevice.Completion,

@@ -396,12 +396,42 @@ public final class SnapshotOverlay: BlockLayer {
         return Self.paint(paint, over: base)
     }
 
+    /// `qemu:allocation-depth`: blocks the overlay holds (written, trimmed or zeroed since the
+    /// snapshot) are depth 1; the others are the device's: 2 where it holds data, 0 in its holes.
+    public func allocationDepthRuns(_ start: UInt64, _ end: UInt64) -> [DepthRun] {
+        let base = inner.allocationRuns(start, end).map {
+            DepthRun(start: $0.start, end: $0.end, value: $0.state.isAllocated ? 2 : 0)
+        }
+        var top: [DepthRun] = []
+        for (i, _) in slots(start / Self.block, (end + Self.block - 1) / Self.block).sorted(by: { $0.0 < $1.0 }) {
+            let a = max(i * Self.block, start)
+            let b = min((i + 1) * Self.block, end, size)
+            guard a < b else { continue }
+            if let l = top.last, l.end == a {
+                top[top.count - 1].end = b
+            } else {
+                top.append(DepthRun(start: a, end: b, value: 1))
+            }
+        }
+        return Self.paint(top, over: base)
+    }
+    public var allocationDepthOffered: Bool { true }
+
     /// `top` (disjoint, ascending) over `base` (consecutive, ascending), as consecutive runs.
     public static func paint(_ top: [AllocationMap.Run], over base: [AllocationMap.Run]) -> [AllocationMap.Run] {
-        var out: [AllocationMap.Run] = []
-        func add(_ r: AllocationMap.Run) {
+        let spans = paint(
+            top.map { ValueRun(start: $0.start, end: $0.end, value: $0.state) },
+            over: base.map { ValueRun(start: $0.start, end: $0.end, value: $0.state) })
+        return spans.map { AllocationMap.Run(start: $0.start, end: $0.end, state: $0.value) }
+    }
+
+    /// `top` (disjoint, ascending) over `base` (consecutive, ascending), as consecutive spans,
+    /// neighbours of equal value merged.
+    public static func paint<V>(_ top: [ValueRun<V>], over base: [ValueRun<V>]) -> [ValueRun<V>] {
+        var out: [ValueRun<V>] = []
+        func add(_ r: ValueRun<V>) {
             guard r.start < r.end else { return }
-            if let l = out.last, l.end == r.start, l.state == r.state {
+            if let l = out.last, l.end == r.start, l.value == r.value {
                 out[out.count - 1].end = r.end
             } else {
                 out.append(r)
@@ -414,11 +444,11 @@ public final class SnapshotOverlay: BlockLayer {
                 while t < top.count && top[t].end <= at { t += 1 }
                 if t < top.count && top[t].start <= at {
                     let e = min(top[t].end, r.end)
-                    add(AllocationMap.Run(start: at, end: e, state: top[t].state))
+                    add(ValueRun(start: at, end: e, value: top[t].value))
                     at = e
                 } else {
                     let e = t < top.count ? min(top[t].start, r.end) : r.end
-                    add(AllocationMap.Run(start: at, end: e, state: r.state))
+                    add(ValueRun(start: at, end: e, value: r.value))
                     at = e
                 }
             }

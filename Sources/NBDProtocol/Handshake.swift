@@ -69,6 +69,8 @@ public enum NBDMetaContext {
     public static let baseAllocationID: UInt32 = 1
     /// QEMU's namespace for dirty bitmaps: `qemu:dirty-bitmap:NAME`, flag bit 0 = dirty.
     public static let dirtyBitmapPrefix = "qemu:dirty-bitmap:"
+    /// QEMU 5.2's `qemu:allocation-depth`: 0 unallocated, 1 in the top layer, 2 in the one below.
+    public static let allocationDepth = "qemu:allocation-depth"
 
     /// Whether a LIST query names `context`: exactly, or as its namespace ("base:", "qemu:") or,
     /// for QEMU's, a leading part ending in ':' ("qemu:dirty-bitmap:") — "the server SHOULD

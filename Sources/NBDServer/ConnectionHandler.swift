@@ -600,6 +600,10 @@ final class NBDConnectionHandler: ChannelDuplexHandler {
             return export.stack.allocationRuns(BlockDevice.down(offset), BlockDevice.up(offset + length))
                 .map { ($0.start, $0.end, $0.state.baseAllocationFlags) }
         }
+        if context == NBDMetaContext.allocationDepth {
+            return export.stack.allocationDepthRuns(BlockDevice.down(offset), BlockDevice.up(offset + length))
+                .map { ($0.start, $0.end, $0.value) }
+        }
         let name = String(context.dropFirst(NBDMetaContext.dirtyBitmapPrefix.count))
         // A bitmap removed since the client selected it: every block may have changed.
         return export.bitmaps?.runs(name, offset, offset + length) ?? [(offset, offset + length, 1)]

@@ -106,7 +106,13 @@ final class ExportDirectory: Sendable {
     var catalog: NBDExportCatalog {
         let exports = self.exports
         var contexts: [String: [String]] = [:]
-        for e in exports { if let b = e.bitmaps { contexts[e.info.name] = b.contextNames } }
+        for e in exports {
+            // Bitmaps first (their ids stay as they were), then allocation depth for a layered stack.
+            let names =
+                (e.bitmaps?.contextNames ?? [])
+                + (e.stack.allocationDepthOffered ? [NBDMetaContext.allocationDepth] : [])
+            if !names.isEmpty { contexts[e.info.name] = names }
+        }
         return NBDExportCatalog(exports.map(\.info), otherContexts: contexts)
     }
 
