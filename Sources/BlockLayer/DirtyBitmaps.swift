@@ -74,7 +74,49 @@ public struct BitmapInfo: Sendable, Equatable, Codable {
     public var persistent: Bool
 }
 
+/// What a bitmap file holds, read without a server and without changing it
+/// (`virtnbd bitmap list --file IMAGE`): offline incremental backup starts here.
+public struct BitmapFileReport: Sendable, Equatable, Codable {
+    public enum State: String, Sendable, Codable {
+        /// The last server closed it cleanly.
+        case clean
+        /// A server has it open, or stopped without closing it, on this boot: every mark of an
+        /// acknowledged write reached the page cache, so the bitmaps are exact.
+        case openOnThisBoot = "open-this-boot"
+        /// Left open, and the host has rebooted since: a write may have reached the image
+        /// without its mark. A server that opens it marks every active bitmap all dirty.
+        case openOnAnotherBoot = "open-other-boot"
+    }
+    public struct Bitmap: Sendable, Equatable, Codable {
+        public var info: BitmapInfo
+        /// Whether its bits can be trusted as they stand (frozen bitmaps always can: no write
+        /// marks them).
+        public var consistent: Bool
+    }
+    public var path: String
+    public var state: State
+    /// The export size the file was made for.
+    public var size: UInt64
+    public var bitmaps: [Bitmap]
+}
+
 public final class DirtyBitmaps: Sendable {
+    /// Reads IMAGE.bitmaps as it is (nil if there is none): for a stopped export, or beside a
+    /// running one. Nothing is written.
+    public static func inspect(file path: String) throws(BitmapError) -> BitmapFileReport? {
+        guard let c = try BitmapFile.load(path) else { return nil }
+        let state: BitmapFileReport.State =
+            c.cleanlyClosed ? .clean : (c.bootID == BitmapFile.currentBootID() ? .openOnThisBoot : .openOnAnotherBoot)
+        let bitmaps = c.bitmaps.map {
+            BitmapFileReport.Bitmap(
+                info: BitmapInfo(
+                    name: $0.name, granularity: $0.granularity, frozen: $0.frozen, dirtyBytes: $0.dirtyBytes,
+                    persistent: true),
+                consistent: $0.frozen || state != .openOnAnotherBoot)
+        }
+        return BitmapFileReport(path: path, state: state, size: c.size, bitmaps: bitmaps)
+    }
+
     public static let contextPrefix = "qemu:dirty-bitmap:"
     /// Meta context names are NBD strings, at most 4096 bytes ("Option haggling").
     public static let maximumNameBytes = 4096 - contextPrefix.utf8.count
