@@ -16,6 +16,7 @@ CEPH_BRIDGE=vnbr-ceph
 export CEPH_MON_PORT=${CEPH_MON_PORT:-16789}
 _OWN_CLUSTER=""
 _IMAGES=()
+_CEPH_ATEXIT=() # commands (strings) run after the servers stop, before the images go
 
 ceph_bridge_up() {
     ip link show "$CEPH_BRIDGE" >/dev/null 2>&1 && return 0
@@ -32,6 +33,7 @@ _ceph_cleanup() {
         wait "$i" 2>/dev/null
     done
     _ALL_PIDS=()
+    for i in "${_CEPH_ATEXIT[@]}"; do eval "$i" >/dev/null 2>&1; done
     for i in "${_IMAGES[@]}"; do timeout 60 rbd rm --no-progress "$i" >/dev/null 2>&1; done
     if [[ -n $_OWN_CLUSTER ]]; then
         "$REPO_ROOT/Scripts/ceph-cluster" stop "$_OWN_CLUSTER" >/dev/null 2>&1
