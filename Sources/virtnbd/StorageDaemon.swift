@@ -129,15 +129,34 @@ final class StorageDaemon: Sendable {
         return nil
     }
 
-    /// A new directory, mode 0700, in TMPDIR (or /tmp when its path would not leave room for the socket).
+    /// A new directory, mode 0700, `virtnbd-rbd.PID.XXXXXX` in TMPDIR (or /tmp when its path would
+    /// not leave room for the socket). The directories of virtnbd processes that are gone (SIGKILL)
+    /// are removed first.
     private static func privateDirectory() throws(StorageDaemonError) -> String {
         var base = ProcessInfo.processInfo.environment["TMPDIR"] ?? "/tmp"
         if base.isEmpty || base.utf8.count > 60 { base = "/tmp" }
-        var template = Array((base + "/virtnbd-rbd.XXXXXX").utf8CString)
+        removeAbandoned(in: base)
+        var template = Array((base + "/virtnbd-rbd.\(getpid()).XXXXXX").utf8CString)
         guard let p = template.withUnsafeMutableBufferPointer({ mkdtemp($0.baseAddress!) }) else {
             throw .privateDirectory("mkdtemp in \(base): \(String(cString: strerror(errno)))")
         }
         return String(cString: p)
+    }
+
+    /// Removes `virtnbd-rbd.PID.*` directories of ours whose virtnbd no longer runs.
+    static func removeAbandoned(in base: String) {
+        guard let names = try? FileManager.default.contentsOfDirectory(atPath: base) else { return }
+        for name in names where name.hasPrefix("virtnbd-rbd.") {
+            let parts = name.split(separator: ".")
+            guard parts.count == 3, let pid = pid_t(parts[1]), pid > 0, kill(pid, 0) != 0, errno == ESRCH else {
+                continue
+            }
+            let dir = base + "/" + name
+            var st = stat()
+            guard lstat(dir, &st) == 0, st.st_mode & S_IFMT == S_IFDIR, st.st_uid == getuid() else { continue }
+            for f in ["vhost.sock", "qemu-storage-daemon.log"] { unlink(dir + "/" + f) }
+            rmdir(dir)
+        }
     }
 
     /// Polls for the socket; fails when the first daemon exits or the time runs out.

@@ -88,6 +88,7 @@ PY
 
 fa=$(new_image a 64M); fb=$(new_image b 64M)
 front_end a 10809 "$fa"; A_PID=$FE_PID; A_URI=$FE_URI; A_QSD=$(qsd_of "$A_PID")
+A_DIR=$(tr '\0' '\n' <"/proc/$A_QSD/cmdline" | sed -nE 's/.*addr\.path=([^,]*)\/vhost\.sock.*/\1/p')
 front_end b 10809 "$fb"; B_PID=$FE_PID; B_URI=$FE_URI; B_ERR=$FE_ERR
 check_eq "host a's daemon runs in host a's namespace" "${NS[a]}" "$(ip netns identify "$A_QSD" 2>&1)"
 check_eq "host b's daemon runs in host b's namespace" "${NS[b]}" "$(ip netns identify "$(qsd_of "$B_PID")" 2>&1)"
@@ -111,6 +112,8 @@ check_eq "host b: image b reads back as written" "$(sha256_of "$T/b.raw")" "$(sh
 
 front_end b 10810 "$fa"; C_PID=$FE_PID; C_URI=$FE_URI
 log "a new front end on host b (pid $C_PID) serves image a at $C_URI"
+check_eq "the new front end removed the private directory the killed one left" "absent" \
+    "$([[ -e $A_DIR ]] && echo present || echo absent)"
 run_py_checks "$T/fo.py" check "$C_URI" "$T/acked.log" "$SEED"
 expect_ok "the new front end takes writes (pwrite with FUA, read back)" \
     nbdsh -u "$C_URI" -c 'h.pwrite(b"N" * 4096, 0, nbd.CMD_FLAG_FUA); assert h.pread(4096, 0) == b"N" * 4096'
