@@ -110,8 +110,9 @@ check_eq "host a's daemon ended with its virtnbd (PR_SET_PDEATHSIG)" "" "$(ps -o
 expect_ok "host b kept serving image b: nbdcopy out" nbdcopy "$B_URI" "$T/b.back"
 check_eq "host b: image b reads back as written" "$(sha256_of "$T/b.raw")" "$(sha256_of "$T/b.back")"
 
+t0=$(date +%s.%N)
 front_end b 10810 "$fa"; C_PID=$FE_PID; C_URI=$FE_URI
-log "a new front end on host b (pid $C_PID) serves image a at $C_URI"
+log "a new front end on host b (pid $C_PID) serves image a at $C_URI, answering $(awk -v a="$t0" -v b="$(date +%s.%N)" 'BEGIN { printf "%.2f", b - a }') s after it was started (not a check)"
 check_eq "the new front end removed the private directory the killed one left" "absent" \
     "$([[ -e $A_DIR ]] && echo present || echo absent)"
 run_py_checks "$T/fo.py" check "$C_URI" "$T/acked.log" "$SEED"
