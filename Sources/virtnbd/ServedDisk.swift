@@ -1,3 +1,4 @@
+import Glibc
 import Logging
 import ServerConfig
 import VFIO
@@ -75,13 +76,21 @@ struct TransportDisk: ServedDisk {
         let daemon = try StorageDaemon.start(image, readOnly: readOnly, queues: options.queues, logger: qlog)
         var tlog = logger
         tlog[metadataKey: "component"] = "vhost-user"
+        // The socket file appears at bind(), a moment before listen(): a refused first connect is retried.
+        var attempt = 0
         let t: VhostUserTransport
-        do {
-            t = try VhostUserTransport(
-                socketPath: daemon.socketPath, logger: tlog, reconnect: options.reconnectTimeoutSeconds > 0)
-        } catch {
-            daemon.stop()
-            throw error
+        while true {
+            do {
+                t = try VhostUserTransport(
+                    socketPath: daemon.socketPath, logger: tlog, reconnect: options.reconnectTimeoutSeconds > 0)
+                break
+            } catch VhostUserError.connectFailed(_, let e) where e == ECONNREFUSED && attempt < 20 {
+                attempt += 1
+                usleep(50_000)
+            } catch {
+                daemon.stop()
+                throw error
+            }
         }
         return try TransportDisk(
             transport: t,

@@ -186,6 +186,7 @@ final class StorageDaemon: Sendable {
             let started = Date()
             let pid = spawn(logFD: logFD)
             if logFD >= 0 { close(logFD) }
+            if pid == -ECANCELED { return } // stop() came first
             guard pid > 0 else {
                 let why = "fork failed: \(String(cString: strerror(-pid)))"
                 if !exported(failure: why) { return }
