@@ -25,8 +25,8 @@
 // Export flags select an export by -e NAME (default "").
 //   With a device flag (--size, --file or --device): the flags define a whole export named NAME,
 //   exactly as without --config (--file, with --size to create it; --size alone: a RAM disk;
-//   --device vhost-user:SOCK or vfio:BDF; --device emulator alone: the simulated disk). It replaces the
-//   file's export of that name in place, or is appended after the file's exports. Nothing of the
+//   --device vhost-user:SOCK, vfio:BDF or rbd:POOL/IMAGE[@CONF]; --device emulator alone: the
+//   simulated disk). It replaces the file's export of that name in place, or is appended after the file's exports. Nothing of the
 //   replaced export is kept.
 //   Without a device flag, with -e NAME: -r, --description, --queue-size and --max-payload modify
 //   the file's export NAME; it is an error if the file has none.
@@ -76,7 +76,7 @@ public struct CommandLineOverrides: Sendable, Equatable {
     public var readOnly = false
     public var size: UInt64?
     public var file: String?
-    /// `--device`: emulator, vhost-user:SOCKET or vfio:PCI-ADDRESS.
+    /// `--device`: emulator, vhost-user:SOCKET, vfio:PCI-ADDRESS or rbd:POOL/IMAGE[@CONF].
     public var device: String?
     public var queueSize: Int?
     /// `--max-payload` in bytes.
@@ -129,6 +129,7 @@ public struct CommandLineOverrides: Sendable, Equatable {
         if s == "emulator" { return .some(nil) }
         if s.hasPrefix("vhost-user:"), s.count > 11 { return .vhostUser(socket: String(s.dropFirst(11))) }
         if s.hasPrefix("vfio:"), let a = Values.pciAddress(String(s.dropFirst(5))) { return .vfio(pciAddress: a) }
+        if s.hasPrefix("rbd:"), let r = Device.rbd(spec: String(s.dropFirst(4))) { return r }
         return nil
     }
 
@@ -254,7 +255,7 @@ extension VirtNBDConfig {
             guard let parsed = CommandLineOverrides.parseDevice(d) else {
                 throw fail(
                     .badValue, "--device", "\(Values.quoted(d)) is not a device",
-                    "use emulator, vhost-user:/path/to.sock or vfio:0000:00:05.0")
+                    "use emulator, vhost-user:/path/to.sock, vfio:0000:00:05.0 or rbd:POOL/IMAGE[@/etc/ceph/ceph.conf]")
             }
             if parsed != nil && (flags.size != nil || flags.file != nil) {
                 throw fail(
@@ -403,7 +404,7 @@ extension VirtNBDConfig {
                         : "use e.g. \(Values.nearestPowerOfTwo(e.queueSize)), or --ring packed, which takes any size from 2 to 32768"
                 )
             }
-            if case .vhostUser = e.device, e.queueSize > 1024 {
+            if ["vhost-user", "rbd"].contains(e.device.kind), e.queueSize > 1024 {
                 throw fail(
                     .badValue, "--queue-size",
                     "\(e.queueSize) is more than the 1024 a vhost-user ring holds (exports[\(i)] \(Values.quoted(e.name)))",

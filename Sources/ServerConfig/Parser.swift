@@ -49,12 +49,14 @@ enum Keys {
     static let tls = ["policy", "certificates", "psk", "verify-peer"]
     static let export = [
         "name", "description", "device", "size", "path", "socket", "pci", "read-only", "tls", "queue-size",
-        "max-payload", "allow-dn", "allow-psk", "snapshot", "snapshot-overlay", "bitmaps", "bitmap-granularity",
+        "max-payload", "allow-dn", "allow-psk", "snapshot", "snapshot-overlay", "bitmaps", "bitmap-granularity", "pool",
+        "image", "conf",
     ]
-    static let devices = ["ram", "file", "vhost-user", "vfio", "simulated"]
+    static let devices = ["ram", "file", "vhost-user", "vfio", "rbd", "simulated"]
     /// Device parameters and the devices that take them.
     static let deviceParameters: [String: [String]] = [
-        "size": ["ram", "file"], "path": ["file"], "socket": ["vhost-user"], "pci": ["vfio"],
+        "size": ["ram", "file"], "path": ["file"], "socket": ["vhost-user"], "pci": ["vfio"], "pool": ["rbd"],
+        "image": ["rbd"], "conf": ["rbd"],
     ]
 }
 
@@ -569,9 +571,12 @@ struct ConfigParser {
                 case .vhostUser(let s):
                     (what, rule) = (s, "a vhost-user backend serves one front end; start another backend")
                 case .vfio(let a): (what, rule) = (a, "a PCI device can be driven by one export only")
+                case .rbd(let p, let i, _):
+                    (what, rule) = ("\(p)/\(i)", "two exports may share an RBD image only if both are read-only")
                 default: (what, rule) = ("", "")
                 }
-                let key = ["file": "path", "vhost-user": "socket", "vfio": "pci"][e.device.kind] ?? "device"
+                let key =
+                    ["file": "path", "vhost-user": "socket", "vfio": "pci", "rbd": "image"][e.device.kind] ?? "device"
                 throw error(
                     .sharedDevice, l.device, "exports[\(i)].\(key)",
                     "\(what) is also served by exports[\(j)] (line \(lines[j].device ?? 0))", rule)
@@ -589,6 +594,7 @@ struct ConfigParser {
             return Values.normalisePath(p) == Values.normalisePath(q) && !(a.readOnly && b.readOnly)
         case (.vhostUser(let p), .vhostUser(let q)): return Values.normalisePath(p) == Values.normalisePath(q)
         case (.vfio(let p), .vfio(let q)): return p == q
+        case (.rbd(let p, let i, _), .rbd(let q, let j, _)): return p == q && i == j && !(a.readOnly && b.readOnly)
         default: return false
         }
     }
@@ -720,7 +726,8 @@ struct ConfigParser {
         _ t: Table, _ node: Node, _ path: String, into e: inout ExportConfig, lines: inout ExportLines
     ) throws(ConfigError) {
         guard let deviceNode = t["device"] else {
-            throw error(.missingDevice, node, path, "no device", "add device: ram, file, vhost-user, vfio or simulated")
+            throw error(
+                .missingDevice, node, path, "no device", "add device: ram, file, vhost-user, vfio, rbd or simulated")
         }
         let kind = try oneOf(deviceNode, t.path("device"), Keys.devices)
         lines.device = deviceNode.mark?.line
@@ -767,8 +774,36 @@ struct ConfigParser {
             }
             e.device = .vfio(pciAddress: full)
             lines.device = a.mark?.line
+        case "rbd":
+            try rbdDevice(t, required: required, into: &e, lines: &lines)
         default:
             e.device = .simulated
+        }
+    }
+
+    /// `device: rbd` with `pool`, `image` and optionally `conf` (a ceph.conf).
+    func rbdDevice(
+        _ t: Table, required: (String, String) throws(ConfigError) -> Node, into e: inout ExportConfig,
+        lines: inout ExportLines
+    ) throws(ConfigError) {
+        let p = try required("pool", "rbd")
+        let i = try required("image", "disk1")
+        let pool = try string(p, t.path("pool"), fix: "write the pool's name, e.g. pool: rbd")
+        let image = try string(i, t.path("image"), fix: "write the image's name, e.g. image: disk1")
+        let conf = try t["conf"].map { (c) throws(ConfigError) in
+            try filePath(c, t.path("conf"), example: "/etc/ceph/ceph.conf")
+        }
+        for (name, node, key) in [(pool, p, "pool"), (image, i, "image")] where !Values.rbdName(Substring(name)) {
+            throw error(
+                .badValue, node, t.path(key), "\(Values.quoted(name)) is not an RBD \(key) name",
+                "write a name without \"/\", \"@\" or control characters")
+        }
+        e.device = .rbd(pool: pool, image: image, conf: conf)
+        lines.device = i.mark?.line
+        if let v = t["queue-size"], e.queueSize > 1024 {
+            throw error(
+                .badValue, v, t.path("queue-size"), "\(e.queueSize) is more than the 1024 a vhost-user ring holds",
+                "use 1024 or less (an rbd device is reached over vhost-user)")
         }
     }
 }

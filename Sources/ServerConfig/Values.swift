@@ -97,6 +97,27 @@ enum Values {
         return full
     }
 
+    /// `POOL/IMAGE[@CONF]` (what follows `rbd:` in `--device`): a pool and an image name, neither
+    /// empty, the image without `/` or `@`; CONF, if there, a ceph.conf path. Nil when malformed.
+    static func rbdImage(_ s: String) -> (pool: String, image: String, conf: String?)? {
+        let (target, conf): (Substring, String?)
+        if let at = s.firstIndex(of: "@") {
+            target = s[..<at]
+            conf = String(s[s.index(after: at)...])
+            if conf?.isEmpty ?? true { return nil }
+        } else {
+            (target, conf) = (Substring(s), nil)
+        }
+        let parts = target.split(separator: "/", omittingEmptySubsequences: false)
+        guard parts.count == 2, rbdName(parts[0]), rbdName(parts[1]) else { return nil }
+        return (String(parts[0]), String(parts[1]), conf)
+    }
+
+    /// A pool or image name: not empty, no `/`, `@` or control characters.
+    static func rbdName(_ s: Substring) -> Bool {
+        !s.isEmpty && !s.contains { $0 == "/" || $0 == "@" || $0.isNewline || ($0.asciiValue ?? 32) < 32 }
+    }
+
     static func isPowerOfTwoQueueSize(_ n: Int) -> Bool { n > 0 && n <= 32768 && n & (n - 1) == 0 }
 
     /// Why a virtqueue cannot have `n` entries: split rings (the default) need a power of two

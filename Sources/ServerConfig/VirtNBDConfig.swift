@@ -44,6 +44,14 @@ public enum Device: Sendable, Equatable, CustomStringConvertible {
     case vhostUser(socket: String)
     /// A virtio-blk PCI device bound to vfio-pci, full form `0000:00:05.0`.
     case vfio(pciAddress: String)
+    /// An RBD image (Ceph), opened by a qemu-storage-daemon that virtnbd starts and supervises and
+    /// reaches over vhost-user; `conf` is the ceph.conf (nil: librbd's default, /etc/ceph/ceph.conf).
+    case rbd(pool: String, image: String, conf: String?)
+
+    /// `POOL/IMAGE[@CONF]`, what follows `rbd:` in `--device`; nil when malformed.
+    public static func rbd(spec: String) -> Device? {
+        Values.rbdImage(spec).map { .rbd(pool: $0.pool, image: $0.image, conf: $0.conf) }
+    }
 
     /// The value of the `device:` key.
     public var kind: String {
@@ -53,6 +61,7 @@ public enum Device: Sendable, Equatable, CustomStringConvertible {
         case .file: return "file"
         case .vhostUser: return "vhost-user"
         case .vfio: return "vfio"
+        case .rbd: return "rbd"
         }
     }
 
@@ -63,6 +72,7 @@ public enum Device: Sendable, Equatable, CustomStringConvertible {
         case .file(let p, let s): return s.map { "file \(p) (created with \($0) bytes if missing)" } ?? "file \(p)"
         case .vhostUser(let s): return "vhost-user \(s)"
         case .vfio(let a): return "VFIO \(a)"
+        case .rbd(let p, let i, let c): return "RBD \(p)/\(i)" + (c.map { " (\($0))" } ?? "")
         }
     }
 }

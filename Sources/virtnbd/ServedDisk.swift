@@ -1,4 +1,6 @@
+import Glibc
 import Logging
+import ServerConfig
 import VFIO
 import VhostUser
 import Virtio
@@ -66,6 +68,38 @@ struct TransportDisk: ServedDisk {
             transport: t, close: { t.close() }, label: "vhost-user \(socketPath)", options: options, logger: logger)
     }
 
+    /// An RBD image: a supervised qemu-storage-daemon opens it and exports it over vhost-user
+    /// (StorageDaemon); the transport is closed first, then the daemon stopped.
+    static func rbd(_ image: RBDImage, readOnly: Bool, options: DriverOptions, logger: Logger) throws -> TransportDisk {
+        var qlog = logger
+        qlog[metadataKey: "component"] = "qemu-storage-daemon"
+        let daemon = try StorageDaemon.start(image, readOnly: readOnly, queues: options.queues, logger: qlog)
+        var tlog = logger
+        tlog[metadataKey: "component"] = "vhost-user"
+        // The socket file appears at bind(), a moment before listen(): a refused first connect is retried.
+        var attempt = 0
+        let t: VhostUserTransport
+        while true {
+            do {
+                t = try VhostUserTransport(
+                    socketPath: daemon.socketPath, logger: tlog, reconnect: options.reconnectTimeoutSeconds > 0)
+                break
+            } catch VhostUserError.connectFailed(_, let e) where e == ECONNREFUSED && attempt < 20 {
+                attempt += 1
+                usleep(50_000)
+            } catch {
+                daemon.stop()
+                throw error
+            }
+        }
+        return try TransportDisk(
+            transport: t,
+            close: {
+                t.close()
+                daemon.stop()
+            }, label: "\(image) via qemu-storage-daemon", options: options, logger: logger)
+    }
+
     /// A virtio-blk PCI device bound to vfio-pci (e.g. 0000:00:05.0).
     static func vfio(pciAddress: String, options: DriverOptions, logger: Logger) throws -> TransportDisk {
         var tlog = logger
@@ -83,6 +117,8 @@ enum DeviceSpec: Equatable {
     case emulator
     case vhostUser(path: String)
     case vfio(address: String)
+    /// A Ceph RBD image behind a qemu-storage-daemon that virtnbd supervises.
+    case rbd(RBDImage)
 
     init?(_ s: String) {
         if s == "emulator" {
@@ -91,6 +127,8 @@ enum DeviceSpec: Equatable {
             self = .vhostUser(path: String(s.dropFirst(11)))
         } else if s.hasPrefix("vfio:"), s.count > 5 {
             self = .vfio(address: String(s.dropFirst(5)))
+        } else if s.hasPrefix("rbd:"), case .rbd(let p, let i, let c)? = Device.rbd(spec: String(s.dropFirst(4))) {
+            self = .rbd(RBDImage(pool: p, image: i, conf: c))
         } else {
             return nil
         }
@@ -108,6 +146,7 @@ enum DeviceSpec: Equatable {
         case .vhostUser(let path):
             return try TransportDisk.vhostUser(socketPath: path, options: options, logger: logger)
         case .vfio(let bdf): return try TransportDisk.vfio(pciAddress: bdf, options: options, logger: logger)
+        case .rbd(let image): return try TransportDisk.rbd(image, readOnly: readOnly, options: options, logger: logger)
         }
     }
 }

@@ -165,7 +165,13 @@ struct ServeOptions: ParsableArguments {
         help:
             "vhost-user: when the backend exits, hold requests and reconnect to its socket for this many seconds before failing them with EIO (0 = fail at once); it reconnects whenever the backend returns."
     ) var reconnectTimeout: Double = 30
-    @Option(name: .long, help: "The virtio-blk device: emulator (default), vhost-user:SOCKET, or vfio:PCI-ADDRESS.")
+    @Option(
+        name: .long,
+        help: ArgumentHelp(
+            "The virtio-blk device: emulator (default), vhost-user:SOCKET, vfio:PCI-ADDRESS or rbd:POOL/IMAGE[@CEPH.CONF].",
+            discussion:
+                "rbd: virtnbd starts a qemu-storage-daemon that opens the Ceph RBD image (qemu-block-extra's rbd driver) and exports it over vhost-user in a private directory, restarts it if it exits, and stops it at exit."
+        ))
     var device: String?
     @Flag(
         name: .long,
@@ -310,7 +316,8 @@ struct ServeOptions: ParsableArguments {
         if let d = device {
             guard let spec = DeviceSpec(d) else {
                 throw ValidationError(
-                    "--device must be emulator, vhost-user:/path/to.sock or vfio:0000:00:05.0, not \"\(d)\"")
+                    "--device must be emulator, vhost-user:/path/to.sock, vfio:0000:00:05.0 or rbd:POOL/IMAGE[@CEPH.CONF], not \"\(d)\""
+                )
             }
             if spec != .emulator && (size != nil || file != nil) {
                 throw ValidationError(
@@ -526,6 +533,7 @@ struct ServeOptions: ParsableArguments {
                 p.size = sz
             case .vhostUser(let sock): p.device = .vhostUser(path: sock)
             case .vfio(let a): p.device = .vfio(address: a)
+            case .rbd(let pool, let image, let conf): p.device = .rbd(RBDImage(pool: pool, image: image, conf: conf))
             }
             exports.append(p)
         }

@@ -269,7 +269,8 @@ final class ConfigErrorTests: XCTestCase {
                     size: 1M
                   - name: b
                     size: 1M
-                """), "virtnbd.yaml:5: exports[1]: no device; add device: ram, file, vhost-user, vfio or simulated")
+                """), "virtnbd.yaml:5: exports[1]: no device; add device: ram, file, vhost-user, vfio, rbd or simulated"
+        )
         XCTAssertEqual(
             message(
                 """
@@ -301,7 +302,7 @@ final class ConfigErrorTests: XCTestCase {
                   - name: a
                     device: disk
                 """),
-            #"virtnbd.yaml:3: exports[0].device: "disk" is not one of ram, file, vhost-user, vfio, simulated; use ram, file, vhost-user, vfio or simulated"#
+            #"virtnbd.yaml:3: exports[0].device: "disk" is not one of ram, file, vhost-user, vfio, rbd, simulated; use ram, file, vhost-user, vfio, rbd or simulated"#
         )
         XCTAssertEqual(
             message(
@@ -705,7 +706,7 @@ final class MergeTests: XCTestCase {
         XCTAssertThrowsError(try VirtNBDConfig.fromCommandLine(.init(device: "vfio:nope"))) { e in
             XCTAssertEqual(
                 (e as? ConfigError)?.description,
-                #"command line: --device: "vfio:nope" is not a device; use emulator, vhost-user:/path/to.sock or vfio:0000:00:05.0"#
+                #"command line: --device: "vfio:nope" is not a device; use emulator, vhost-user:/path/to.sock, vfio:0000:00:05.0 or rbd:POOL/IMAGE[@/etc/ceph/ceph.conf]"#
             )
         }
         XCTAssertThrowsError(try VirtNBDConfig.fromCommandLine(.init(tls: .require))) { e in
