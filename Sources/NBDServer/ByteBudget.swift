@@ -1,4 +1,5 @@
 import Synchronization
+import Virtio
 
 /// The server-wide memory budget (issue #31, `--memory-budget`): the bytes that all clients
 /// together make the server hold. It counts input received and not yet parsed (a WRITE's payload
@@ -32,7 +33,7 @@ public final class ByteBudget: Sendable {
     private let used = Atomic<Int>(0)
     /// Registered wake-ups, counted apart so that `give` looks at the lock only when there are some.
     private let waiting = Atomic<Int>(0)
-    private let wakeups = Mutex<[@Sendable () -> Void]>([])
+    private let wakeups = Locked<[@Sendable () -> Void]>([])
 
     public init(limit: Int = ByteBudget.defaultLimit) { self.limit = limit }
 

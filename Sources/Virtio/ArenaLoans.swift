@@ -4,7 +4,6 @@
 // pages. Growing or copying such a buffer moves it to malloc'd memory first.
 import CVirtShim
 @_spi(CustomByteBufferAllocator) import NIOCore
-import Synchronization
 
 #if canImport(Glibc)
     import Glibc
@@ -12,7 +11,7 @@ import Synchronization
 
 enum ArenaLoans {
     /// Lent storage → who keeps it out of the pool until the buffer is freed.
-    private static let owners = Mutex<[UInt: AnyObject & Sendable]>([:])
+    private static let owners = Locked<[UInt: AnyObject & Sendable]>([:])
 
     static func lend(_ bytes: UnsafeMutableRawBufferPointer, to owner: AnyObject & Sendable) -> ByteBuffer {
         let key = UInt(bitPattern: bytes.baseAddress!)

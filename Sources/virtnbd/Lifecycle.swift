@@ -5,6 +5,7 @@ import Dispatch
 import Foundation
 import Logging
 import Synchronization
+import Virtio
 
 enum ServerEvent: Sendable {
     /// SIGINT or SIGTERM (also the parent-death signal of --exit-with-parent): drain and exit 0.
@@ -33,7 +34,7 @@ final class ServerEvents: Sendable {
     /// Set once the server drains its clients before exiting: a SIGINT or SIGTERM then exits at
     /// once (as nbdkit and qemu-nbd do on a second signal), without waiting for slow clients.
     private let draining = Atomic<Bool>(false)
-    private let loggerForExit = Mutex<Logger?>(nil)
+    private let loggerForExit = Locked<Logger?>(nil)
 
     /// From now on a SIGINT or SIGTERM ends the process at once, with status 1.
     func beginDrain(logger: Logger) {

@@ -8,7 +8,7 @@
 import CVirtShim
 import Foundation
 import Logging
-import Synchronization
+import Virtio
 
 /// An RBD image: `rbd:POOL/IMAGE[@CONF]`.
 struct RBDImage: Equatable, Sendable, CustomStringConvertible {
@@ -71,7 +71,7 @@ final class StorageDaemon: Sendable {
     private let logPath: String
     private let argv: [String]
     private let logger: Logger
-    private let state = Mutex(State())
+    private let state = Locked(State())
     /// Signalled by the supervising thread when it ends.
     private let finished = DispatchSemaphore(value: 0)
 

@@ -67,4 +67,15 @@ void *vshim_pool_alloc(size_t n);
 void *vshim_pool_realloc(void *p, size_t old_size, size_t new_size);
 void vshim_pool_release(void *p);
 
+// Starting a helper process that must not outlive virtnbd (the qemu-storage-daemon of an rbd:
+// export, spawn_shim.c): posix_spawn cannot ask for PR_SET_PDEATHSIG, so this forks and execs by hand.
+#include <sys/types.h>
+/// Forks; the child resets the signal mask and the dispositions of SIGINT, SIGTERM, SIGHUP,
+/// SIGPIPE and SIGQUIT, asks for SIGTERM when the calling *thread* exits (PR_SET_PDEATHSIG; a
+/// SIGKILL of virtnbd ends the thread too), puts stdin on /dev/null and stdout and stderr on
+/// `logfd` (when >= 0), and execv()s `path` with `argv` (NULL-terminated). The child uses only
+/// async-signal-safe calls. Returns the child's pid, or -errno if the fork failed. A failed exec
+/// ends the child with status 127.
+pid_t vshim_spawn_tied(const char *path, char *const argv[], int logfd);
+
 #endif
