@@ -152,7 +152,9 @@ public struct TransmissionParser {
         r.flags.remove(.payloadLen)
         if type == NBDCommand.write.rawValue {
             state = .payload(r)
-        } else if type == NBDCommand.blockStatus.rawValue && length <= UInt64(blockStatusPayloadLimit) {
+        } else if type == NBDCommand.blockStatus.rawValue && blockStatusPayloadLimit > 0
+            && length <= UInt64(blockStatusPayloadLimit)
+        {
             // The filtered form (NBD_FLAG_BLOCK_STATUS_PAYLOAD): the rules read its context ids.
             state = .payload(r)
         } else if type == NBDCommand.blockStatus.rawValue && blockStatusPayloadLimit > 0 {

@@ -91,6 +91,20 @@ final class FilteredBlockStatusTests: XCTestCase {
         }
     }
 
+    /// PAYLOAD_LEN with a zero length (found by the transmission fuzz target): not offered, it is
+    /// an unexpected payload; offered, the empty payload reaches the rules, which refuse it.
+    func testAnEmptyPayloadIsRefused() throws {
+        let request = extendedRequest(
+            flags: Self.payloadLen, type: Self.cmdBlockStatus, cookie: 5, offset: 0, length: 0)
+        guard case .rejected(_, .unexpectedPayload(7, 0))? = try parse(limit: 0, request).first else {
+            return XCTFail("not offered: expected an unexpected payload")
+        }
+        guard case .request(let r, let p?)? = try parse(limit: 16, request).first else {
+            return XCTFail("offered: expected the request with an empty payload")
+        }
+        guard case .fail(.inval, _) = rules().decide(r, payload: p) else { return XCTFail("expected EINVAL") }
+    }
+
     func testTheRepliesCoverTheNamedContextsInTheClientsOrder() {
         let r = rules()
         XCTAssertEqual(
