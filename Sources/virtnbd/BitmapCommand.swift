@@ -109,9 +109,7 @@ struct BitmapCommand: AsyncParsableCommand {
             return
         }
         if json {
-            let e = JSONEncoder()
-            e.outputFormatting = [.sortedKeys]
-            var d = try e.encode(report)
+            var d = try ControlReply.encoder.encode(report)
             d.append(UInt8(ascii: "\n"))
             Console.out(d)
             return

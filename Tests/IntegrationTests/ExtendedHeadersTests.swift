@@ -89,15 +89,7 @@ final class ExtendedHeadersTests: XCTestCase {
         XCTAssertEqual(meta.map(\.0), [4, 1])
         var m = WireReader(meta[0].1)
         let ctx = try XCTUnwrap(m.u32())
-        var go = Wire()
-        go.u32(4)
-        go.str("disk")
-        go.u16(0)
-        let r = try c.extOption(7, go.bytes)
-        XCTAssertEqual(r.last?.0, 1)
-        var info = WireReader(r[0].1)
-        XCTAssertEqual(info.u16(), 0)
-        XCTAssertEqual(info.u64(), Self.size)
+        XCTAssertEqual(try Self.go(c).size, Self.size)
         return (c, ctx)
     }
 
@@ -240,7 +232,7 @@ final class ExtendedHeadersTests: XCTestCase {
             _ = try plain.recv(18)
             try plain.send([0, 0, 0, 3])
             XCTAssertEqual(try plain.extOption(11).map(\.0), [1])
-            XCTAssertEqual(try Self.goFlags(plain) & (1 << 12), 0, "no contexts: BLOCK_STATUS_PAYLOAD not offered")
+            XCTAssertEqual(try Self.go(plain).flags & (1 << 12), 0, "no contexts: BLOCK_STATUS_PAYLOAD not offered")
 
             let c = try RawClient(path: s.socketPath)
             _ = try c.recv(18)
@@ -264,7 +256,7 @@ final class ExtendedHeadersTests: XCTestCase {
             }
             let base = try XCTUnwrap(ids["base:allocation"])
             let dirty = try XCTUnwrap(ids["qemu:dirty-bitmap:b0"])
-            XCTAssertNotEqual(try Self.goFlags(c) & (1 << 12), 0, "extended headers and contexts: offered")
+            XCTAssertNotEqual(try Self.go(c).flags & (1 << 12), 0, "extended headers and contexts: offered")
 
             // Dirty one block, so the bitmap's answer differs from "all clean".
             try c.sendExtRequest(
@@ -312,8 +304,8 @@ final class ExtendedHeadersTests: XCTestCase {
         }
     }
 
-    /// NBD_OPT_GO for "disk"; the transmission flags of its NBD_INFO_EXPORT.
-    static func goFlags(_ c: RawClient) throws -> UInt16 {
+    /// NBD_OPT_GO for "disk"; the size and transmission flags of its NBD_INFO_EXPORT.
+    static func go(_ c: RawClient) throws -> (size: UInt64, flags: UInt16) {
         var go = Wire()
         go.u32(4)
         go.str("disk")
@@ -321,9 +313,8 @@ final class ExtendedHeadersTests: XCTestCase {
         let r = try c.extOption(7, go.bytes)
         XCTAssertEqual(r.last?.0, 1)
         var info = WireReader(r[0].1)
-        XCTAssertEqual(info.u16(), 0)
-        _ = info.u64()
-        return try XCTUnwrap(info.u16())
+        XCTAssertEqual(info.u16(), 0, "NBD_INFO_EXPORT")
+        return (try XCTUnwrap(info.u64()), try XCTUnwrap(info.u16()))
     }
 
     func testNegotiationRules() async throws {
